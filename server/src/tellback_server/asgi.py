@@ -1,0 +1,120 @@
+"""``create_app(settings)``: the one place the Litestar application is assembled."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import ScalarRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
+
+from tellback_server.db.engine import Database
+from tellback_server.domain.agents.controllers import AdminAgentsController, AgentMeController
+from tellback_server.domain.apps.controllers import AdminAppsController
+from tellback_server.domain.conversations.controllers import (
+    AgentConversationsController,
+    ClientConversationsController,
+)
+from tellback_server.domain.identity.controllers import MeController, SessionsController
+from tellback_server.domain.ops.controllers import healthz, metrics, readyz
+from tellback_server.http.deps import DEPENDENCIES
+from tellback_server.http.errors import exception_handlers
+from tellback_server.http.middleware import request_id_middleware
+from tellback_server.jobs.notify import JobNotifier
+from tellback_server.jobs.registry import JobRegistry
+from tellback_server.jobs.worker import Worker
+from tellback_server.metrics import Metrics
+from tellback_server.security import Sealer
+from tellback_server.settings import Settings
+from tellback_server.state import AppState
+
+API_VERSION = "1.0.0"
+
+
+def build_state(settings: Settings) -> AppState:
+    if settings.secret_key is None:
+        raise ValueError("settings.secret_key must be resolved before building the app")
+    db = Database(settings)
+    notifier = JobNotifier()
+    notifier.install_commit_hook(db.session_class)
+    return AppState(
+        settings=settings,
+        db=db,
+        metrics=Metrics(),
+        sealer=Sealer(settings.secret_key),
+        notifier=notifier,
+    )
+
+
+def openapi_config() -> OpenAPIConfig:
+    bearer = SecurityScheme(type="http", scheme="bearer")
+    return OpenAPIConfig(
+        title="Tellback API",
+        version=API_VERSION,
+        description=(
+            "In-app feedback and support. Client endpoints take a session token, agent "
+            "endpoints an agent token, admin endpoints an admin token, all as "
+            "`Authorization: Bearer`. Errors are RFC 9457 problem+json with a stable `code`."
+        ),
+        path="/schema",
+        render_plugins=[ScalarRenderPlugin()],
+        components=Components(
+            security_schemes={"sessionToken": bearer, "agentToken": bearer, "adminToken": bearer}
+        ),
+        use_handler_docstrings=True,
+    )
+
+
+def create_app(
+    settings: Settings,
+    *,
+    registry: JobRegistry | None = None,
+    run_worker: bool = False,
+    state: AppState | None = None,
+) -> Litestar:
+    app_state = state or build_state(settings)
+    registry = registry or JobRegistry()
+
+    @asynccontextmanager
+    async def lifespan(_app: Litestar) -> AsyncIterator[None]:
+        stop = asyncio.Event()
+        task = None
+        if run_worker:
+            task = asyncio.create_task(Worker(app_state, registry).run(stop))
+        try:
+            yield
+        finally:
+            stop.set()
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait_for(task, timeout=15)
+            await app_state.db.dispose()
+
+    return Litestar(
+        route_handlers=[
+            healthz,
+            readyz,
+            metrics,
+            SessionsController,
+            MeController,
+            ClientConversationsController,
+            AgentConversationsController,
+            AgentMeController,
+            AdminAppsController,
+            AdminAgentsController,
+        ],
+        dependencies=DEPENDENCIES,
+        exception_handlers=exception_handlers(),
+        middleware=[request_id_middleware(app_state.metrics)],
+        openapi_config=openapi_config(),
+        request_max_body_size=settings.max_request_body_bytes,
+        state=State({"tb": app_state, "registry": registry}),
+        lifespan=[lifespan],
+        debug=False,
+        logging_config=None,
+    )

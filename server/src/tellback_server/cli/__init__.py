@@ -1,0 +1,250 @@
+"""The ``tellback`` command: serve, worker, migrate, admin, openapi."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+import structlog
+from sqlalchemy import func, select
+
+from tellback_server.logging import configure_logging
+from tellback_server.settings import Settings, SettingsError, load_settings, resolve_secret_key
+
+T = TypeVar("T")
+log = structlog.get_logger("tellback.cli")
+
+
+def _settings(need_secret: bool = True) -> Settings:
+    try:
+        settings = load_settings()
+        configure_logging(settings.log_level, settings.log_format)
+        if need_secret:
+            settings, from_file = resolve_secret_key(settings)
+            if from_file and not settings.is_embedded_default:
+                log.warning(
+                    "settings.secret_key_from_data_dir",
+                    path=str(settings.data_dir / "secret_key"),
+                    hint="set TELLBACK_SECRET_KEY: every node must share one key",
+                )
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    return settings
+
+
+def _run(coro_fn: Callable[[], Any]) -> Any:
+    try:
+        return asyncio.run(coro_fn())
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group()
+@click.version_option(package_name="tellback-server")
+def main() -> None:
+    """Tellback: self-hostable in-app feedback and support."""
+
+
+async def _migrate(settings: Settings) -> str | None:
+    from tellback_server.db.engine import Database
+    from tellback_server.db.migrate import current_revision, upgrade
+
+    db = Database(settings, pool_size=1)
+    try:
+        await upgrade(db.engine)
+        return await current_revision(db.engine)
+    finally:
+        await db.dispose()
+
+
+@main.command()
+def migrate() -> None:
+    """Apply database migrations (idempotent; safe to run from several processes)."""
+    settings = _settings(need_secret=False)
+    revision = _run(lambda: _migrate(settings))
+    click.echo(f"database at revision {revision}")
+
+
+async def _create_admin_token(settings: Settings, name: str) -> str:
+    from tellback_server.db.engine import Database
+    from tellback_server.db.models import AdminToken
+    from tellback_server.security import ADMIN_TOKEN_PREFIX, hash_token, new_token
+
+    db = Database(settings, pool_size=1)
+    try:
+        token = new_token(ADMIN_TOKEN_PREFIX)
+        async with db.session(write=True) as session:
+            session.add(AdminToken(name=name, token_hash=hash_token(token)))
+        return token
+    finally:
+        await db.dispose()
+
+
+@main.group()
+def admin() -> None:
+    """Operator commands."""
+
+
+@admin.command("create-token")
+@click.option("--name", default="cli", show_default=True, help="A label for the token.")
+def create_token(name: str) -> None:
+    """Create an admin token; it is printed alone on the last line of stdout."""
+    settings = _settings(need_secret=False)
+    if settings.is_embedded_default:
+        _run(lambda: _migrate(settings))
+    token = _run(lambda: _create_admin_token(settings, name))
+    click.echo("New admin token (shown once; store it now):", err=True)
+    click.echo(token)
+
+
+async def _first_start_token(settings: Settings) -> str | None:
+    from tellback_server.db.engine import Database
+    from tellback_server.db.models import AdminToken
+
+    db = Database(settings, pool_size=1)
+    try:
+        async with db.session(write=True) as session:
+            if await session.scalar(select(func.count()).select_from(AdminToken)):
+                return None
+        return await _create_admin_token(settings, "first-start")
+    finally:
+        await db.dispose()
+
+
+async def _check_revision(settings: Settings) -> None:
+    from alembic.script import ScriptDirectory
+
+    from tellback_server.db.engine import Database
+    from tellback_server.db.migrate import alembic_config, current_revision
+
+    db = Database(settings, pool_size=1)
+    try:
+        current = await current_revision(db.engine)
+    finally:
+        await db.dispose()
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    if current != head:
+        raise SettingsError(
+            f"TELLBACK_DATABASE_URL: database is at revision {current}, code expects {head}; "
+            "run `tellback migrate` (or pass --migrate)"
+        )
+
+
+@main.command()
+@click.option("--host", default=None, help="Bind address (default TELLBACK_HOST or 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (default TELLBACK_PORT or 8080).")
+@click.option("--no-worker", is_flag=True, help="Do not run the job worker in this process.")
+@click.option(
+    "--migrate/--no-migrate",
+    "do_migrate",
+    default=None,
+    help="Apply migrations first (default: yes on SQLite, no on PostgreSQL).",
+)
+@click.option(
+    "--plugin", "plugins", multiple=True, help="module:function registering job handlers."
+)
+def serve(
+    host: str | None,
+    port: int | None,
+    no_worker: bool,
+    do_migrate: bool | None,
+    plugins: tuple[str, ...],
+) -> None:
+    """Run the API (and, unless --no-worker, the in-process job worker)."""
+    import uvicorn
+
+    from tellback_server.asgi import create_app
+    from tellback_server.plugins import build_registry
+
+    settings = _settings()
+    if host is not None or port is not None:
+        from dataclasses import replace
+
+        settings = replace(settings, host=host or settings.host, port=port or settings.port)
+    migrate_first = settings.is_sqlite if do_migrate is None else do_migrate
+
+    async def start() -> None:
+        if migrate_first:
+            await _migrate(settings)
+        else:
+            await _check_revision(settings)
+        token = await _first_start_token(settings)
+        if token is not None:
+            click.echo(
+                "First start: an admin token was created (shown once; store it now):", err=True
+            )
+            click.echo(token)
+            sys.stdout.flush()
+        app = create_app(settings, registry=build_registry(plugins), run_worker=not no_worker)
+        config = uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=10,
+            server_header=False,
+        )
+        log.info(
+            "serve.listening",
+            url=f"http://{settings.host}:{settings.port}",
+            database="sqlite" if settings.is_sqlite else "postgresql",
+            worker=not no_worker,
+        )
+        await uvicorn.Server(config).serve()
+
+    _run(start)
+
+
+@main.command()
+@click.option("--concurrency", type=int, default=None, help="Jobs run at once (default 4).")
+@click.option(
+    "--plugin", "plugins", multiple=True, help="module:function registering job handlers."
+)
+@click.option("--once", is_flag=True, help="Run due jobs until none is left, then exit.")
+def worker(concurrency: int | None, plugins: tuple[str, ...], once: bool) -> None:
+    """Run only the job worker (scale out with several of these on PostgreSQL)."""
+    from tellback_server.asgi import build_state
+    from tellback_server.jobs.worker import Worker
+    from tellback_server.plugins import build_registry
+
+    settings = _settings()
+    registry = build_registry(plugins)
+
+    async def run() -> None:
+        if settings.is_sqlite:
+            await _migrate(settings)
+        else:
+            await _check_revision(settings)
+        state = build_state(settings)
+        w = Worker(state, registry, concurrency=concurrency)
+        try:
+            if once:
+                count = await w.run_until_idle()
+                click.echo(f"ran {count} job(s)")
+                return
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await w.run(stop)
+        finally:
+            await state.db.dispose()
+
+    _run(run)
+
+
+@main.command()
+def openapi() -> None:
+    """Print the OpenAPI 3.1 document (what /schema/openapi.json serves)."""
+    from tellback_server.asgi import create_app
+    from tellback_server.settings import Settings
+
+    app = create_app(Settings(database_url="sqlite+aiosqlite:///:memory:", secret_key="x" * 32))
+    click.echo(json.dumps(app.openapi_schema.to_schema(), indent=2, sort_keys=True))

@@ -1,0 +1,16 @@
+"""Declarative bases: UUIDv7 ids, audit columns and advanced-alchemy's naming convention."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from advanced_alchemy.base import UUIDv7AuditBase, UUIDv7Base, orm_registry
+from advanced_alchemy.types import GUID, DateTimeUTC, JsonB
+from sqlalchemy import MetaData
+
+metadata: MetaData = orm_registry.metadata
+
+# JSON column that is JSONB on PostgreSQL and JSON text on SQLite.
+JSON: Any = JsonB
+
+__all__ = ["GUID", "JSON", "DateTimeUTC", "UUIDv7AuditBase", "UUIDv7Base", "metadata"]

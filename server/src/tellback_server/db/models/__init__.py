@@ -1,0 +1,22 @@
+"""All ORM models; importing this package registers every table on the metadata."""
+
+from tellback_server.db.models.agents import Agent, AgentApp
+from tellback_server.db.models.apps import AdminToken, App, AppIdentitySecret
+from tellback_server.db.models.conversations import Conversation, Message
+from tellback_server.db.models.identity import ClientSession, EndUser, Installation
+from tellback_server.db.models.ops import IdempotencyKey, Job
+
+__all__ = [
+    "AdminToken",
+    "Agent",
+    "AgentApp",
+    "App",
+    "AppIdentitySecret",
+    "ClientSession",
+    "Conversation",
+    "EndUser",
+    "IdempotencyKey",
+    "Installation",
+    "Job",
+    "Message",
+]

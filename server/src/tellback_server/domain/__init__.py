@@ -1,0 +1,1 @@
+"""Domain packages: controllers -> services -> database."""

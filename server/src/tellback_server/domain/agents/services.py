@@ -1,0 +1,109 @@
+"""Agents: created by admins, each with a token shown once and a set of apps."""
+
+from __future__ import annotations
+
+import datetime as dt
+from uuid import UUID
+
+import msgspec
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from tellback_server.db.models import Agent, AgentApp, App
+from tellback_server.domain.agents.schemas import AgentCreate, AgentCreated, AgentOut, AgentUpdate
+from tellback_server.http.errors import NotFound, ValidationFailed
+from tellback_server.http.pagination import Page, check_limit, decode_cursor, next_cursor_for
+from tellback_server.security import AGENT_TOKEN_PREFIX, hash_token, new_token
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class AgentService:
+    def __init__(self, db: AsyncSession) -> None:
+        self.db = db
+
+    async def _app_ids(self, agent_id: UUID) -> list[UUID]:
+        rows = await self.db.scalars(
+            select(AgentApp.app_id).where(AgentApp.agent_id == agent_id).order_by(AgentApp.app_id)
+        )
+        return list(rows)
+
+    async def _out(self, agent: Agent) -> AgentOut:
+        return AgentOut(
+            id=agent.id,
+            name=agent.name,
+            email=agent.email,
+            app_ids=await self._app_ids(agent.id),
+            disabled=agent.disabled_at is not None,
+            created_at=agent.created_at,
+            updated_at=agent.updated_at,
+        )
+
+    async def _get(self, agent_id: UUID) -> Agent:
+        agent = await self.db.get(Agent, agent_id)
+        if agent is None:
+            raise NotFound("no such agent")
+        return agent
+
+    async def _set_apps(self, agent_id: UUID, app_ids: list[UUID]) -> None:
+        wanted = set(app_ids)
+        found = (
+            set(await self.db.scalars(select(App.id).where(App.id.in_(wanted))))
+            if wanted
+            else set()
+        )
+        if missing := wanted - found:
+            raise ValidationFailed.field(
+                "app_ids", f"unknown app id {sorted(map(str, missing))[0]}"
+            )
+        await self.db.execute(delete(AgentApp).where(AgentApp.agent_id == agent_id))
+        self.db.add_all(AgentApp(agent_id=agent_id, app_id=a) for a in sorted(wanted))
+        await self.db.flush()
+
+    async def create(self, data: AgentCreate) -> AgentCreated:
+        token = new_token(AGENT_TOKEN_PREFIX)
+        agent = Agent(name=data.name, email=data.email, token_hash=hash_token(token))
+        self.db.add(agent)
+        await self.db.flush()
+        await self._set_apps(agent.id, data.app_ids)
+        out = await self._out(agent)
+        return AgentCreated(**msgspec.structs.asdict(out), token=token)
+
+    async def list(self, cursor: str | None, limit: int) -> Page[AgentOut]:
+        check_limit(limit)
+        stmt = select(Agent).order_by(Agent.created_at, Agent.id).limit(limit + 1)
+        if (c := decode_cursor(cursor)) is not None:
+            stmt = stmt.where(
+                (Agent.created_at > c.at) | ((Agent.created_at == c.at) & (Agent.id > c.id))
+            )
+        rows = list(await self.db.scalars(stmt))
+        nxt = next_cursor_for([(a.created_at, a.id) for a in rows], limit)
+        return Page(items=[await self._out(a) for a in rows[:limit]], next_cursor=nxt)
+
+    async def get(self, agent_id: UUID) -> AgentOut:
+        return await self._out(await self._get(agent_id))
+
+    async def update(self, agent_id: UUID, data: AgentUpdate) -> AgentOut:
+        agent = await self._get(agent_id)
+        if data.name is not msgspec.UNSET:
+            agent.name = data.name
+        if data.email is not msgspec.UNSET:
+            agent.email = data.email
+        if data.disabled is not msgspec.UNSET:
+            agent.disabled_at = (agent.disabled_at or _now()) if data.disabled else None
+        if data.app_ids is not msgspec.UNSET:
+            await self._set_apps(agent.id, data.app_ids)
+        agent.updated_at = _now()
+        await self.db.flush()
+        return await self._out(agent)
+
+    async def rotate_token(self, agent_id: UUID) -> AgentCreated:
+        agent = await self._get(agent_id)
+        token = new_token(AGENT_TOKEN_PREFIX)
+        agent.token_hash = hash_token(token)
+        agent.updated_at = _now()
+        await self.db.flush()
+        out = await self._out(agent)
+        return AgentCreated(**msgspec.structs.asdict(out), token=token)

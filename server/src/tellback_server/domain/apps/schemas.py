@@ -1,0 +1,99 @@
+"""Wire types for apps and their settings."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Literal
+from uuid import UUID
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+Name = Annotated[str, Meta(min_length=1, max_length=200)]
+FieldKey = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+Category = Annotated[str, Meta(min_length=1, max_length=100)]
+OptionalIdentifier = Annotated[str, Meta(min_length=1, max_length=255)] | None
+
+
+class CustomFieldDefinition(Struct, forbid_unknown_fields=True):
+    """A field the app attaches to feedback, e.g. an order id or a plan name."""
+
+    key: FieldKey
+    type: Literal["string", "number", "integer", "boolean", "select", "multiselect"]
+    label: str | None = None
+    required: bool = False
+    options: list[Annotated[str, Meta(min_length=1, max_length=100)]] | None = None
+    max_length: Annotated[int, Meta(ge=1, le=10000)] | None = None
+
+
+class RateLimits(Struct, forbid_unknown_fields=True):
+    """Requests per minute: for the whole app, and for each end user (0 disables)."""
+
+    app_per_minute: Annotated[int, Meta(ge=0, le=10_000_000)] = 6000
+    user_per_minute: Annotated[int, Meta(ge=0, le=100_000)] = 120
+
+
+class AppSettings(Struct, forbid_unknown_fields=True):
+    identity_mode: Literal["optional", "required"] = "optional"
+    categories: list[Category] = msgspec.field(default_factory=list)
+    custom_fields: list[CustomFieldDefinition] = msgspec.field(default_factory=list)
+    keep_photo_location: bool = False
+    content_free_push: bool = False
+    rate_limits: RateLimits = msgspec.field(default_factory=RateLimits)
+
+
+class AppSettingsUpdate(Struct, forbid_unknown_fields=True):
+    identity_mode: Literal["optional", "required"] | UnsetType = UNSET
+    categories: list[Category] | UnsetType = UNSET
+    custom_fields: list[CustomFieldDefinition] | UnsetType = UNSET
+    keep_photo_location: bool | UnsetType = UNSET
+    content_free_push: bool | UnsetType = UNSET
+    rate_limits: RateLimits | UnsetType = UNSET
+
+
+class AppCreate(Struct, forbid_unknown_fields=True):
+    name: Name
+    bundle_id: OptionalIdentifier = None
+    android_package: OptionalIdentifier = None
+    settings: AppSettings | None = None
+
+
+class AppUpdate(Struct, forbid_unknown_fields=True):
+    name: Name | UnsetType = UNSET
+    bundle_id: OptionalIdentifier | UnsetType = UNSET
+    android_package: OptionalIdentifier | UnsetType = UNSET
+    settings: AppSettingsUpdate | UnsetType = UNSET
+
+
+class AppOut(Struct):
+    id: UUID
+    name: str
+    bundle_id: str | None
+    android_package: str | None
+    app_key: str
+    previous_app_key: str | None
+    identity_kids: list[str]
+    settings: AppSettings
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+class AppCreated(AppOut):
+    """Returned once at creation: ``identity_secret`` is never shown again."""
+
+    identity_secret: str = ""
+    identity_kid: str = ""
+
+
+class RotateKeys(Struct, forbid_unknown_fields=True):
+    identity_secret: bool = True
+    app_key: bool = False
+    revoke_previous: bool = False
+
+
+class KeysRotated(Struct):
+    app_key: str
+    previous_app_key: str | None
+    identity_kids: list[str]
+    identity_secret: str | None = None
+    identity_kid: str | None = None

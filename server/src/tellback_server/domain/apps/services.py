@@ -1,0 +1,198 @@
+"""Apps: creation with keys, settings, and key rotation."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+from uuid import UUID
+
+import msgspec
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from tellback_server.db.models import App, AppIdentitySecret
+from tellback_server.domain.apps.schemas import (
+    AppCreate,
+    AppCreated,
+    AppOut,
+    AppSettings,
+    AppUpdate,
+    KeysRotated,
+    RotateKeys,
+)
+from tellback_server.http.errors import NotFound, ValidationFailed
+from tellback_server.http.pagination import Page, check_limit, decode_cursor, next_cursor_for
+from tellback_server.security import (
+    APP_KEY_PREFIX,
+    IDENTITY_SECRET_PREFIX,
+    Sealer,
+    new_token,
+)
+
+IDENTITY_PURPOSE = "identity-secret"
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def parse_settings(raw: dict[str, Any] | None) -> AppSettings:
+    return msgspec.convert(raw or {}, AppSettings)
+
+
+def check_settings(settings: AppSettings) -> None:
+    keys = [f.key for f in settings.custom_fields]
+    if len(keys) != len(set(keys)):
+        raise ValidationFailed.field("settings.custom_fields", "field keys must be unique")
+    for i, f in enumerate(settings.custom_fields):
+        if f.type in {"select", "multiselect"} and not f.options:
+            raise ValidationFailed.field(
+                f"settings.custom_fields[{i}].options", f"a {f.type} field needs options"
+            )
+    if len(settings.categories) != len(set(settings.categories)):
+        raise ValidationFailed.field("settings.categories", "categories must be unique")
+
+
+class AppService:
+    def __init__(self, db: AsyncSession, sealer: Sealer) -> None:
+        self.db = db
+        self.sealer = sealer
+
+    async def _kids(self, app_id: UUID) -> list[str]:
+        rows = await self.db.scalars(
+            select(AppIdentitySecret.kid)
+            .where(AppIdentitySecret.app_id == app_id, AppIdentitySecret.revoked_at.is_(None))
+            .order_by(AppIdentitySecret.created_at)
+        )
+        return list(rows)
+
+    async def _out(self, app: App) -> AppOut:
+        return AppOut(
+            id=app.id,
+            name=app.name,
+            bundle_id=app.bundle_id,
+            android_package=app.android_package,
+            app_key=app.app_key,
+            previous_app_key=app.previous_app_key,
+            identity_kids=await self._kids(app.id),
+            settings=parse_settings(app.settings),
+            created_at=app.created_at,
+            updated_at=app.updated_at,
+        )
+
+    async def _get(self, app_id: UUID) -> App:
+        app = await self.db.get(App, app_id)
+        if app is None:
+            raise NotFound("no such app")
+        return app
+
+    async def _new_identity_secret(self, app_id: UUID) -> tuple[str, str]:
+        secret = new_token(IDENTITY_SECRET_PREFIX)
+        kid = new_token("k_", 6)
+        self.db.add(
+            AppIdentitySecret(
+                app_id=app_id,
+                kid=kid,
+                secret_sealed=self.sealer.seal(secret.encode(), f"{IDENTITY_PURPOSE}:{app_id}"),
+            )
+        )
+        await self.db.flush()
+        return kid, secret
+
+    async def create(self, data: AppCreate) -> AppCreated:
+        settings = data.settings or AppSettings()
+        check_settings(settings)
+        app = App(
+            name=data.name,
+            bundle_id=data.bundle_id,
+            android_package=data.android_package,
+            app_key=new_token(APP_KEY_PREFIX, 18),
+            settings=msgspec.to_builtins(settings),
+        )
+        self.db.add(app)
+        await self.db.flush()
+        kid, secret = await self._new_identity_secret(app.id)
+        out = await self._out(app)
+        return AppCreated(**msgspec.structs.asdict(out), identity_secret=secret, identity_kid=kid)
+
+    async def get(self, app_id: UUID) -> AppOut:
+        return await self._out(await self._get(app_id))
+
+    async def list(self, cursor: str | None, limit: int) -> Page[AppOut]:
+        check_limit(limit)
+        stmt = select(App).order_by(App.created_at, App.id).limit(limit + 1)
+        if (c := decode_cursor(cursor)) is not None:
+            stmt = stmt.where(
+                (App.created_at > c.at) | ((App.created_at == c.at) & (App.id > c.id))
+            )
+        apps = list(await self.db.scalars(stmt))
+        nxt = next_cursor_for([(a.created_at, a.id) for a in apps], limit)
+        return Page(items=[await self._out(a) for a in apps[:limit]], next_cursor=nxt)
+
+    async def update(self, app_id: UUID, data: AppUpdate) -> AppOut:
+        app = await self._get(app_id)
+        for name in ("name", "bundle_id", "android_package"):
+            value = getattr(data, name)
+            if value is not msgspec.UNSET:
+                setattr(app, name, value)
+        if data.settings is not msgspec.UNSET:
+            merged = msgspec.to_builtins(parse_settings(app.settings))
+            merged.update(msgspec.to_builtins(data.settings))
+            settings = parse_settings(merged)
+            check_settings(settings)
+            app.settings = msgspec.to_builtins(settings)
+        app.updated_at = _now()
+        await self.db.flush()
+        return await self._out(app)
+
+    async def rotate_keys(self, app_id: UUID, data: RotateKeys) -> KeysRotated:
+        app = await self._get(app_id)
+        kid = secret = None
+        if data.app_key:
+            app.previous_app_key = None if data.revoke_previous else app.app_key
+            app.app_key = new_token(APP_KEY_PREFIX, 18)
+        elif data.revoke_previous:
+            app.previous_app_key = None
+        if data.identity_secret:
+            if data.revoke_previous:
+                await self._revoke_kids(app_id)
+            kid, secret = await self._new_identity_secret(app_id)
+        app.updated_at = _now()
+        await self.db.flush()
+        return KeysRotated(
+            app_key=app.app_key,
+            previous_app_key=app.previous_app_key,
+            identity_kids=await self._kids(app_id),
+            identity_secret=secret,
+            identity_kid=kid,
+        )
+
+    async def _revoke_kids(self, app_id: UUID, kid: str | None = None) -> int:
+        stmt = update(AppIdentitySecret).where(
+            AppIdentitySecret.app_id == app_id, AppIdentitySecret.revoked_at.is_(None)
+        )
+        if kid is not None:
+            stmt = stmt.where(AppIdentitySecret.kid == kid)
+        result = await self.db.execute(stmt.values(revoked_at=_now()))
+        return int(getattr(result, "rowcount", 0) or 0)
+
+    async def revoke_identity_secret(self, app_id: UUID, kid: str) -> None:
+        await self._get(app_id)
+        if kid not in await self._kids(app_id):
+            raise NotFound("no such active identity secret")
+        if len(await self._kids(app_id)) == 1:
+            raise ValidationFailed.field(
+                "kid", "the last identity secret cannot be revoked; rotate first"
+            )
+        await self._revoke_kids(app_id, kid)
+
+
+async def identity_secrets(db: AsyncSession, sealer: Sealer, app_id: UUID) -> dict[str, bytes]:
+    """Active identity secrets of an app by kid, newest last."""
+    rows = await db.execute(
+        select(AppIdentitySecret.kid, AppIdentitySecret.secret_sealed)
+        .where(AppIdentitySecret.app_id == app_id, AppIdentitySecret.revoked_at.is_(None))
+        .order_by(AppIdentitySecret.created_at)
+    )
+    purpose = f"{IDENTITY_PURPOSE}:{app_id}"
+    return {kid: sealer.open(sealed, purpose) for kid, sealed in rows}

@@ -1,0 +1,62 @@
+"""Client API: sessions, the end user, the SDK's configuration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Request, get, patch, post
+from litestar.di import Provide
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from tellback_server.domain.identity.schemas import (
+    ClientConfig,
+    EndUserOut,
+    MeUpdate,
+    SessionCreate,
+    SessionCreated,
+)
+from tellback_server.domain.identity.services import IdentityService
+from tellback_server.http.deps import CLIENT, ClientPrincipal, app_state, enforce_rate_limits
+
+
+def provide_identity(request: Request[Any, Any, Any], db: AsyncSession) -> IdentityService:
+    state = app_state(request)
+    return IdentityService(db, state.sealer, state.settings.session_ttl_seconds)
+
+
+class SessionsController(Controller):
+    path = "/v1/client/sessions"
+    tags = ["client"]
+    dependencies = {"identity": Provide(provide_identity, sync_to_thread=False)}
+
+    @post("/", status_code=201, summary="Start a session (anonymous or identified)")
+    async def create_session(
+        self, request: Request[Any, Any, Any], identity: IdentityService, data: SessionCreate
+    ) -> SessionCreated:
+        """Creates or resumes the installation's end user. With `user_token`, the
+        anonymous user of this installation is merged into the identified one."""
+        app = await identity.find_app(data.app_key)
+        enforce_rate_limits(request, app.id, app.settings or {}, None)
+        return await identity.create_session(app, data)
+
+
+class MeController(Controller):
+    path = "/v1/client"
+    tags = ["client"]
+    dependencies = {**CLIENT, "identity": Provide(provide_identity, sync_to_thread=False)}
+
+    @get("/me", summary="The current end user")
+    async def get_me(self, client: ClientPrincipal, identity: IdentityService) -> EndUserOut:
+        return await identity.me(client)
+
+    @patch("/me", summary="Update name, email or attributes")
+    async def update_me(
+        self, client: ClientPrincipal, identity: IdentityService, data: MeUpdate
+    ) -> EndUserOut:
+        """`attributes` are merged; a key set to null is removed. An identified user's
+        `external_id` comes only from the signed token and cannot be changed here."""
+        return await identity.update_me(client, data)
+
+    @get("/config", summary="What the SDK must know before submitting")
+    async def get_config(self, client: ClientPrincipal, identity: IdentityService) -> ClientConfig:
+        return await identity.config(client)

@@ -1,0 +1,251 @@
+"""Sessions and identity: anonymous installations, signed identities, merge and logout.
+
+Rules (see sdk-spec/identity.md):
+- An installation without a user token gets its own anonymous end user.
+- A verified user token maps to the identified end user (app, sub). The
+  installation's anonymous user, if any, is merged into it (its
+  conversations move) and retired, so a later logout (a new anonymous
+  session) starts from a fresh anonymous user and never sees the identified
+  user's conversations.
+- A new session for another user on an installation revokes the
+  installation's older sessions of other users.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+from uuid import UUID
+
+import msgspec
+from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+from uuid_utils.compat import uuid7
+
+from tellback_server.db.models import (
+    App,
+    ClientSession,
+    Conversation,
+    EndUser,
+    Installation,
+    Message,
+)
+from tellback_server.domain.apps.services import identity_secrets, parse_settings
+from tellback_server.domain.identity.schemas import (
+    AppInfo,
+    ClientConfig,
+    EndUserOut,
+    MeUpdate,
+    SessionCreate,
+    SessionCreated,
+)
+from tellback_server.domain.identity.tokens import InvalidIdentityToken, verify_identity_token
+from tellback_server.http.deps import ClientPrincipal
+from tellback_server.http.errors import NotFound, Unauthenticated, ValidationFailed
+from tellback_server.security import SESSION_TOKEN_PREFIX, Sealer, hash_token, new_token
+
+MAX_ATTRIBUTES = 50
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def user_out(user: EndUser) -> EndUserOut:
+    return EndUserOut(
+        id=user.id,
+        external_id=user.external_id,
+        name=user.name,
+        email=user.email,
+        attributes=dict(user.attributes or {}),
+    )
+
+
+class IdentityService:
+    def __init__(self, db: AsyncSession, sealer: Sealer, session_ttl_seconds: int) -> None:
+        self.db = db
+        self.sealer = sealer
+        self.session_ttl = dt.timedelta(seconds=session_ttl_seconds)
+
+    def _insert(self) -> Any:
+        return (
+            postgresql.insert if self.db.get_bind().dialect.name == "postgresql" else sqlite.insert
+        )
+
+    async def find_app(self, app_key: str) -> App:
+        app = await self.db.scalar(
+            select(App).where((App.app_key == app_key) | (App.previous_app_key == app_key))
+        )
+        if app is None:
+            raise Unauthenticated("unknown app_key")
+        return app
+
+    async def create_session(self, app: App, data: SessionCreate) -> SessionCreated:
+        now = _now()
+        device = msgspec.to_builtins(data.device) if data.device is not None else {}
+        installation = await self._installation(app.id, data.installation_id, device, now)
+        if data.user_token is not None:
+            user = await self._identified_user(app.id, data.user_token)
+            if installation.anonymous_user_id is not None:
+                await self._merge(installation.anonymous_user_id, user)
+                installation.anonymous_user_id = None
+        else:
+            if parse_settings(app.settings).identity_mode == "required":
+                raise Unauthenticated("this app requires a signed user_token")
+            user = await self._anonymous_user(app.id, installation)
+        # Logout isolation: another user's sessions on this installation end here.
+        await self.db.execute(
+            update(ClientSession)
+            .where(
+                ClientSession.installation_pk == installation.id,
+                ClientSession.end_user_id != user.id,
+                ClientSession.revoked_at.is_(None),
+            )
+            .values(revoked_at=now, updated_at=now)
+        )
+        installation.current_user_id = user.id
+        token = new_token(SESSION_TOKEN_PREFIX)
+        expires_at = now + self.session_ttl
+        self.db.add(
+            ClientSession(
+                app_id=app.id,
+                end_user_id=user.id,
+                installation_pk=installation.id,
+                token_hash=hash_token(token),
+                expires_at=expires_at,
+            )
+        )
+        await self.db.flush()
+        return SessionCreated(session_token=token, expires_at=expires_at, user=user_out(user))
+
+    async def _installation(
+        self, app_id: UUID, installation_id: str, device: dict[str, Any], now: dt.datetime
+    ) -> Installation:
+        await self.db.execute(
+            self._insert()(Installation)
+            .values(
+                id=uuid7(),
+                app_id=app_id,
+                installation_id=installation_id,
+                device=device,
+                created_at=now,
+                updated_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=["app_id", "installation_id"])
+        )
+        inst = await self.db.scalar(
+            select(Installation)
+            .where(Installation.app_id == app_id, Installation.installation_id == installation_id)
+            .execution_options(populate_existing=True)
+        )
+        assert inst is not None
+        if device:
+            inst.device = device
+        inst.updated_at = now
+        return inst
+
+    async def _identified_user(self, app_id: UUID, token: str) -> EndUser:
+        try:
+            claims = verify_identity_token(
+                token, await identity_secrets(self.db, self.sealer, app_id)
+            )
+        except InvalidIdentityToken as exc:
+            raise Unauthenticated(exc.reason) from None
+        now = _now()
+        await self.db.execute(
+            self._insert()(EndUser)
+            .values(
+                id=uuid7(),
+                app_id=app_id,
+                external_id=claims.sub,
+                attributes={},
+                created_at=now,
+                updated_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=["app_id", "external_id"])
+        )
+        user = await self.db.scalar(
+            select(EndUser)
+            .where(EndUser.app_id == app_id, EndUser.external_id == claims.sub)
+            .execution_options(populate_existing=True)
+        )
+        assert user is not None
+        # The developer's backend is the source of truth for identified users.
+        if claims.name is not None:
+            user.name = claims.name
+        if claims.email is not None:
+            user.email = claims.email
+        return user
+
+    async def _anonymous_user(self, app_id: UUID, installation: Installation) -> EndUser:
+        if installation.anonymous_user_id is not None:
+            user = await self.db.get(EndUser, installation.anonymous_user_id)
+            if user is not None:
+                return user
+        user = EndUser(app_id=app_id, attributes={})
+        self.db.add(user)
+        await self.db.flush()
+        installation.anonymous_user_id = user.id
+        return user
+
+    async def _merge(self, anon_id: UUID, user: EndUser) -> None:
+        if anon_id == user.id:
+            return
+        anon = await self.db.get(EndUser, anon_id)
+        if anon is None or anon.external_id is not None:
+            return
+        await self.db.execute(
+            update(Conversation)
+            .where(Conversation.end_user_id == anon_id)
+            .values(end_user_id=user.id)
+        )
+        await self.db.execute(
+            update(Message).where(Message.author_user_id == anon_id).values(author_user_id=user.id)
+        )
+        user.name = user.name or anon.name
+        user.email = user.email or anon.email
+        user.attributes = {**(anon.attributes or {}), **(user.attributes or {})}
+        anon.merged_into_id = user.id
+
+    async def me(self, principal: ClientPrincipal) -> EndUserOut:
+        user = await self.db.get(EndUser, principal.end_user_id)
+        if user is None:
+            raise NotFound("no such user")
+        return user_out(user)
+
+    async def update_me(self, principal: ClientPrincipal, data: MeUpdate) -> EndUserOut:
+        user = await self.db.get(EndUser, principal.end_user_id)
+        if user is None:
+            raise NotFound("no such user")
+        if data.name is not msgspec.UNSET:
+            user.name = data.name
+        if data.email is not msgspec.UNSET:
+            user.email = data.email
+        if data.attributes is not msgspec.UNSET:
+            attrs = dict(user.attributes or {})
+            for key, value in data.attributes.items():
+                if value is None:
+                    attrs.pop(key, None)
+                elif isinstance(value, str) and len(value) > 1000:
+                    raise ValidationFailed.field(f"attributes.{key}", "at most 1000 characters")
+                else:
+                    attrs[key] = value
+            if len(attrs) > MAX_ATTRIBUTES:
+                raise ValidationFailed.field("attributes", f"at most {MAX_ATTRIBUTES} attributes")
+            user.attributes = attrs
+        user.updated_at = _now()
+        await self.db.flush()
+        return user_out(user)
+
+    async def config(self, principal: ClientPrincipal) -> ClientConfig:
+        app = await self.db.get(App, principal.app_id)
+        if app is None:
+            raise NotFound("no such app")
+        settings = parse_settings(app.settings)
+        return ClientConfig(
+            app=AppInfo(id=app.id, name=app.name),
+            identity_mode=settings.identity_mode,
+            categories=settings.categories,
+            custom_fields=settings.custom_fields,
+        )

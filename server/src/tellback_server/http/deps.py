@@ -1,0 +1,180 @@
+"""Request dependencies: the transaction, and who is calling.
+
+A request is one transaction (committed after the handler returns, before the
+response is built, so a failed commit is an error response). Principals are
+resolved inside that transaction from hashed bearer tokens.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import structlog
+from litestar import Request
+from litestar.di import Provide
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from tellback_server.db.models import AdminToken, Agent, AgentApp, App, ClientSession
+from tellback_server.http.errors import RateLimited, Unauthenticated
+from tellback_server.security import (
+    ADMIN_TOKEN_PREFIX,
+    AGENT_TOKEN_PREFIX,
+    SESSION_TOKEN_PREFIX,
+    hash_token,
+)
+from tellback_server.state import AppState
+
+_READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+@dataclass(frozen=True, slots=True)
+class AdminPrincipal:
+    token_id: UUID
+
+    @property
+    def scope(self) -> str:
+        return f"admin:{self.token_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentPrincipal:
+    agent_id: UUID
+    name: str
+    app_ids: frozenset[UUID]
+
+    @property
+    def scope(self) -> str:
+        return f"agent:{self.agent_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientPrincipal:
+    session_id: UUID
+    app_id: UUID
+    end_user_id: UUID
+    installation_pk: UUID
+    app_settings: dict[str, Any]
+
+    @property
+    def scope(self) -> str:
+        return f"user:{self.end_user_id}"
+
+
+def app_state(request: Request[Any, Any, Any]) -> AppState:
+    state: AppState = request.app.state["tb"]
+    return state
+
+
+async def provide_db(request: Request[Any, Any, Any]) -> AsyncIterator[AsyncSession]:
+    state = app_state(request)
+    async with state.db.session(write=request.method not in _READ_METHODS) as session:
+        yield session
+
+
+def _bearer(request: Request[Any, Any, Any], prefix: str, what: str) -> str:
+    header = request.headers.get("authorization")
+    if not header:
+        raise Unauthenticated(f"missing Authorization: Bearer <{what}>")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthenticated(f"expected Authorization: Bearer <{what}>")
+    if not token.startswith(prefix):
+        raise Unauthenticated(f"this endpoint takes a {what}")
+    return token
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+async def provide_admin(request: Request[Any, Any, Any], db: AsyncSession) -> AdminPrincipal:
+    token = _bearer(request, ADMIN_TOKEN_PREFIX, "admin token")
+    row = await db.scalar(
+        select(AdminToken.id).where(
+            AdminToken.token_hash == hash_token(token), AdminToken.revoked_at.is_(None)
+        )
+    )
+    if row is None:
+        raise Unauthenticated("the admin token is not valid")
+    structlog.contextvars.bind_contextvars(admin_token_id=str(row))
+    return AdminPrincipal(token_id=row)
+
+
+async def provide_agent(request: Request[Any, Any, Any], db: AsyncSession) -> AgentPrincipal:
+    token = _bearer(request, AGENT_TOKEN_PREFIX, "agent token")
+    agent = (
+        await db.execute(
+            select(Agent.id, Agent.name).where(
+                Agent.token_hash == hash_token(token), Agent.disabled_at.is_(None)
+            )
+        )
+    ).first()
+    if agent is None:
+        raise Unauthenticated("the agent token is not valid")
+    app_ids = frozenset(
+        (await db.scalars(select(AgentApp.app_id).where(AgentApp.agent_id == agent.id))).all()
+    )
+    structlog.contextvars.bind_contextvars(agent_id=str(agent.id))
+    return AgentPrincipal(agent_id=agent.id, name=agent.name, app_ids=app_ids)
+
+
+async def provide_client(request: Request[Any, Any, Any], db: AsyncSession) -> ClientPrincipal:
+    token = _bearer(request, SESSION_TOKEN_PREFIX, "session token")
+    row = (
+        await db.execute(
+            select(
+                ClientSession.id,
+                ClientSession.app_id,
+                ClientSession.end_user_id,
+                ClientSession.installation_pk,
+                ClientSession.expires_at,
+                App.settings,
+            )
+            .join(App, App.id == ClientSession.app_id)
+            .where(
+                ClientSession.token_hash == hash_token(token), ClientSession.revoked_at.is_(None)
+            )
+        )
+    ).first()
+    if row is None or row.expires_at <= _now():
+        raise Unauthenticated("the session is not valid or has expired; create a new session")
+    request.scope["state"]["app_id"] = str(row.app_id)
+    structlog.contextvars.bind_contextvars(app_id=str(row.app_id))
+    principal = ClientPrincipal(
+        session_id=row.id,
+        app_id=row.app_id,
+        end_user_id=row.end_user_id,
+        installation_pk=row.installation_pk,
+        app_settings=row.settings or {},
+    )
+    enforce_rate_limits(request, principal.app_id, principal.app_settings, principal.end_user_id)
+    return principal
+
+
+def enforce_rate_limits(
+    request: Request[Any, Any, Any],
+    app_id: UUID,
+    settings: dict[str, Any],
+    end_user_id: UUID | None,
+) -> None:
+    limits = settings.get("rate_limits") or {}
+    limiter = app_state(request).limiter
+    wait = limiter.hit(f"app:{app_id}", int(limits.get("app_per_minute", 6000)))
+    if wait is None and end_user_id is not None:
+        wait = limiter.hit(f"user:{end_user_id}", int(limits.get("user_per_minute", 120)))
+    if wait is not None:
+        raise RateLimited("too many requests; retry after the given delay", retry_after=wait)
+
+
+DEPENDENCIES = {
+    "db": Provide(provide_db),
+}
+ADMIN = {"admin": Provide(provide_admin)}
+AGENT = {"agent": Provide(provide_agent)}
+CLIENT = {"client": Provide(provide_client)}

@@ -1,0 +1,263 @@
+"""One error tree, rendered as RFC 9457 problem+json in one place.
+
+Every 4xx/5xx leaves the server through :func:`problem_response`. Database
+connectivity failures become 503 (never 409 or 500), and a 5xx body never
+carries exception text, SQL or a stack trace.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+import msgspec
+import structlog
+from litestar import Request, Response
+from litestar.exceptions import (
+    HTTPException,
+    MethodNotAllowedException,
+    NotAuthorizedException,
+    NotFoundException,
+    PermissionDeniedException,
+    SerializationException,
+    ValidationException,
+)
+from litestar.types import ExceptionHandlersMap
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+log = structlog.get_logger("tellback.http")
+
+PROBLEM_JSON = "application/problem+json"
+
+
+class FieldError(msgspec.Struct):
+    field: str
+    message: str
+
+
+class Problem(msgspec.Struct, omit_defaults=True):
+    """An RFC 9457 problem document with Tellback's stable ``code``."""
+
+    type: str
+    title: str
+    status: int
+    code: str
+    detail: str | None = None
+    errors: list[FieldError] | None = None
+    request_id: str | None = None
+
+
+class AppError(Exception):
+    status_code: int = 500
+    code: str = "internal_error"
+    retry_after: int | None = None
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        errors: list[FieldError] | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(detail or self.code)
+        self.detail = detail
+        self.errors = errors
+        if retry_after is not None:
+            self.retry_after = retry_after
+
+
+class BadRequest(AppError):
+    status_code, code = 400, "bad_request"
+
+
+class Unauthenticated(AppError):
+    status_code, code = 401, "unauthenticated"
+
+
+class Forbidden(AppError):
+    status_code, code = 403, "forbidden"
+
+
+class NotFound(AppError):
+    status_code, code = 404, "not_found"
+
+
+class Conflict(AppError):
+    status_code, code = 409, "conflict"
+
+
+class IdempotencyKeyReused(AppError):
+    status_code, code = 409, "idempotency_key_reused"
+
+
+class IdempotencyKeyInProgress(AppError):
+    status_code, code = 409, "idempotency_key_in_progress"
+    retry_after = 1
+
+
+class PayloadTooLarge(AppError):
+    status_code, code = 413, "payload_too_large"
+
+
+class UnsupportedMediaType(AppError):
+    status_code, code = 415, "unsupported_media_type"
+
+
+class ValidationFailed(AppError):
+    status_code, code = 422, "validation_failed"
+
+    @classmethod
+    def field(cls, field: str, message: str) -> ValidationFailed:
+        return cls(f"{field}: {message}", errors=[FieldError(field=field, message=message)])
+
+
+class RateLimited(AppError):
+    status_code, code = 429, "rate_limited"
+
+
+class ServiceUnavailable(AppError):
+    status_code, code = 503, "service_unavailable"
+    retry_after = 5
+
+
+class StorageUnavailable(AppError):
+    status_code, code = 503, "storage_unavailable"
+    retry_after = 5
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def problem_response(
+    request: Request[Any, Any, Any] | None,
+    status: int,
+    code: str,
+    detail: str | None = None,
+    *,
+    errors: list[FieldError] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response[bytes]:
+    request_id = request.scope.get("state", {}).get("request_id") if request is not None else None
+    body = Problem(
+        type="about:blank",
+        title=HTTPStatus(status).phrase,
+        status=status,
+        code=code,
+        detail=detail,
+        errors=errors,
+        request_id=request_id,
+    )
+    return Response(
+        content=_encoder.encode(body),
+        status_code=status,
+        media_type=PROBLEM_JSON,
+        headers=headers,
+    )
+
+
+def _app_error(request: Request[Any, Any, Any], exc: AppError) -> Response[bytes]:
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+    if exc.status_code >= 500:
+        log.warning("http.app_error", code=exc.code, status=exc.status_code)
+    return problem_response(
+        request, exc.status_code, exc.code, exc.detail, errors=exc.errors, headers=headers
+    )
+
+
+def _validation_errors(extra: Any) -> list[FieldError]:
+    errors: list[FieldError] = []
+    if isinstance(extra, list):
+        for item in extra:
+            if not isinstance(item, dict):
+                continue
+            key = str(item.get("key") or "body")
+            message = str(item.get("message") or "invalid value")
+            errors.append(FieldError(field=key.removeprefix("$."), message=message))
+    return errors
+
+
+def _is_malformed(exc: BaseException) -> bool:
+    cause = exc.__cause__
+    while cause is not None:
+        if isinstance(cause, msgspec.DecodeError) and not isinstance(
+            cause, msgspec.ValidationError
+        ):
+            return True
+        cause = cause.__cause__
+    return "malformed" in str(getattr(exc, "detail", "")).lower()
+
+
+def _litestar_validation(
+    request: Request[Any, Any, Any], exc: ValidationException
+) -> Response[bytes]:
+    if _is_malformed(exc):
+        return problem_response(request, 400, "bad_request", "the request body is not valid JSON")
+    errors = _validation_errors(exc.extra)
+    detail = "; ".join(f"{e.field}: {e.message}" for e in errors) or "the request is invalid"
+    return problem_response(request, 422, "validation_failed", detail, errors=errors or None)
+
+
+def _http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    status = exc.status_code
+    mapping = {
+        400: "bad_request",
+        401: "unauthenticated",
+        403: "forbidden",
+        404: "not_found",
+        405: "method_not_allowed",
+        413: "payload_too_large",
+        415: "unsupported_media_type",
+        429: "rate_limited",
+    }
+    code = mapping.get(status, "internal_error" if status >= 500 else "bad_request")
+    if isinstance(exc, NotFoundException):
+        detail: str | None = "no such resource"
+    elif isinstance(exc, MethodNotAllowedException):
+        detail = "method not allowed on this resource"
+    elif isinstance(exc, NotAuthorizedException | PermissionDeniedException):
+        detail = exc.detail
+    elif status == 413:
+        detail = "the request body is too large"
+    elif status >= 500:
+        detail = None
+    else:
+        detail = exc.detail
+    headers = dict(exc.headers or {})
+    return problem_response(request, status, code, detail, headers=headers or None)
+
+
+def _serialization(request: Request[Any, Any, Any], exc: SerializationException) -> Response[bytes]:
+    return problem_response(request, 400, "bad_request", "the request body is not valid JSON")
+
+
+def is_database_unavailable(exc: BaseException) -> bool:
+    if isinstance(exc, OperationalError | DisconnectionError | PoolTimeoutError):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, ConnectionError | OSError) and not isinstance(exc, FileNotFoundError)
+
+
+def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    if is_database_unavailable(exc):
+        log.error("db.unavailable", error_type=type(exc).__name__)
+        return problem_response(
+            request,
+            503,
+            "service_unavailable",
+            "the database is unavailable; retry shortly",
+            headers={"Retry-After": "5"},
+        )
+    log.error("http.unhandled_error", error_type=type(exc).__name__, exc_info=exc)
+    return problem_response(request, 500, "internal_error", "an internal error occurred")
+
+
+def exception_handlers() -> ExceptionHandlersMap:
+    return {
+        AppError: _app_error,
+        ValidationException: _litestar_validation,
+        SerializationException: _serialization,
+        HTTPException: _http_exception,
+        Exception: _unexpected,
+    }

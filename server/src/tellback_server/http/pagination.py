@@ -1,0 +1,59 @@
+"""Keyset pagination: opaque cursors over (timestamp, id), stable under concurrent inserts."""
+
+from __future__ import annotations
+
+import binascii
+import datetime as dt
+from collections.abc import Sequence
+from typing import Generic, TypeVar
+from uuid import UUID
+
+import msgspec
+
+from tellback_server.http.errors import BadRequest
+from tellback_server.security import b64url, b64url_decode
+
+T = TypeVar("T")
+
+DEFAULT_LIMIT = 25
+MAX_LIMIT = 100
+
+
+class Page(msgspec.Struct, Generic[T]):
+    items: list[T]
+    next_cursor: str | None
+
+
+class Cursor(msgspec.Struct, array_like=True, frozen=True):
+    at: dt.datetime
+    id: UUID
+
+
+_cursor_decoder = msgspec.json.Decoder(Cursor)
+
+
+def encode_cursor(at: dt.datetime, id_: UUID) -> str:
+    return b64url(msgspec.json.encode(Cursor(at=at, id=id_)))
+
+
+def decode_cursor(cursor: str | None) -> Cursor | None:
+    if cursor is None or cursor == "":
+        return None
+    try:
+        return _cursor_decoder.decode(b64url_decode(cursor))
+    except (msgspec.DecodeError, binascii.Error, ValueError):
+        raise BadRequest("cursor is not valid; pass the next_cursor of a previous page") from None
+
+
+def check_limit(limit: int) -> int:
+    if not 1 <= limit <= MAX_LIMIT:
+        raise BadRequest(f"limit must be from 1 to {MAX_LIMIT}")
+    return limit
+
+
+def next_cursor_for(rows: Sequence[tuple[dt.datetime, UUID]], limit: int) -> str | None:
+    """Given ``limit + 1`` fetched keys, the cursor of the last returned row (or None)."""
+    if len(rows) <= limit:
+        return None
+    at, id_ = rows[limit - 1]
+    return encode_cursor(at, id_)

@@ -1,0 +1,72 @@
+"""Handlers by job kind. Later capabilities (media, push, webhooks) register here."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+if TYPE_CHECKING:
+    from tellback_server.state import AppState
+
+
+class RetryLater(Exception):
+    """Raised by a handler to retry; ``delay`` (seconds) honours e.g. a provider's Retry-After."""
+
+    def __init__(self, reason: str, delay: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.delay = delay
+
+
+class PermanentFailure(Exception):
+    """Raised by a handler when retrying cannot help; the job goes straight to ``failed``."""
+
+
+@dataclass(frozen=True, slots=True)
+class JobContext:
+    job_id: UUID
+    kind: str
+    attempt: int
+    max_attempts: int
+    created_at: dt.datetime
+    state: AppState
+
+
+Handler = Callable[[JobContext, dict[str, Any]], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class JobKind:
+    handler: Handler
+    max_attempts: int = 10
+    timeout_s: float = 30.0
+    base_delay_s: float = 1.0
+    max_delay_s: float = 300.0
+
+
+class JobRegistry:
+    def __init__(self) -> None:
+        self._kinds: dict[str, JobKind] = {}
+
+    def register(
+        self,
+        kind: str,
+        handler: Handler,
+        *,
+        max_attempts: int = 10,
+        timeout_s: float = 30.0,
+        base_delay_s: float = 1.0,
+        max_delay_s: float = 300.0,
+    ) -> None:
+        if kind in self._kinds:
+            raise ValueError(f"job kind {kind!r} is already registered")
+        self._kinds[kind] = JobKind(handler, max_attempts, timeout_s, base_delay_s, max_delay_s)
+
+    def get(self, kind: str) -> JobKind | None:
+        return self._kinds.get(kind)
+
+    def kinds(self) -> list[str]:
+        return sorted(self._kinds)

@@ -1,0 +1,297 @@
+"""The outbox worker: claims due jobs, runs their handlers, retries with backoff.
+
+Claiming is one UPDATE ... RETURNING over a ``FOR UPDATE SKIP LOCKED`` subquery
+on PostgreSQL, so any number of workers share the table without handing out
+a job twice; on SQLite the claim runs under ``BEGIN IMMEDIATE``. A claimed job
+carries a lease (``locked_until``) that the worker extends while the handler
+runs; if the worker dies, the lease lapses and another worker retakes the job
+(delivery is at least once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import random
+import socket
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import structlog
+from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy.engine import make_url
+
+from tellback_server.db.models import Job
+from tellback_server.http.idempotency import purge_expired
+from tellback_server.jobs.queue import NOTIFY_CHANNEL
+from tellback_server.jobs.registry import (
+    JobContext,
+    JobKind,
+    JobRegistry,
+    PermanentFailure,
+    RetryLater,
+)
+from tellback_server.state import AppState
+
+log = structlog.get_logger("tellback.jobs")
+
+DONE_RETENTION = dt.timedelta(days=7)
+UNKNOWN_KIND_DELAY = dt.timedelta(seconds=60)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
+    """Exponential backoff with jitter: about ``base`` after the first failure, doubling, capped."""
+    raw = min(cap, base * float(2 ** max(0, attempt - 1)))
+    jitter: float = (rng or random).uniform(0.75, 1.25)
+    return raw * jitter
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedJob:
+    id: UUID
+    kind: str
+    payload: dict[str, Any]
+    attempts: int
+    max_attempts: int
+    created_at: dt.datetime
+
+
+class Worker:
+    def __init__(
+        self,
+        state: AppState,
+        registry: JobRegistry,
+        *,
+        concurrency: int | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.state = state
+        self.registry = registry
+        self.concurrency = concurrency or state.settings.worker_concurrency
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self.lease = dt.timedelta(seconds=state.settings.job_lease_seconds)
+        self._running: set[asyncio.Task[None]] = set()
+        self._last_maintenance = 0.0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Work until ``stop`` is set, then let running jobs finish (their leases cover a kill)."""
+        log.info("jobs.worker_started", worker=self.name, concurrency=self.concurrency)
+        listener: asyncio.Task[None] | None = None
+        if not self.state.db.is_sqlite:
+            listener = asyncio.create_task(
+                self.state.notifier.listen_postgres(_asyncpg_dsn(self.state.db.url), NOTIFY_CHANNEL)
+            )
+        stop_waiter = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                claimed = await self._claim_safely()
+                for job in claimed:
+                    task = asyncio.create_task(self._execute(job))
+                    self._running.add(task)
+                    task.add_done_callback(self._running.discard)
+                await self._maintenance()
+                if claimed and len(self._running) < self.concurrency:
+                    continue  # there may be more due work right now
+                # Sleep until a commit wakes us, a slot frees up, we are stopped, or the poll.
+                poll = self.state.settings.worker_poll_seconds
+                wake = asyncio.create_task(self.state.notifier.wait(poll))
+                waits: set[asyncio.Future[Any]] = {wake, stop_waiter}
+                if len(self._running) >= self.concurrency:
+                    waits |= set(self._running)
+                await asyncio.wait(waits, timeout=poll, return_when=asyncio.FIRST_COMPLETED)
+                wake.cancel()
+        finally:
+            stop_waiter.cancel()
+            if self._running:
+                await asyncio.wait(self._running, timeout=10)
+            if listener is not None:
+                listener.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await listener
+            log.info("jobs.worker_stopped", worker=self.name)
+
+    async def run_until_idle(self, max_rounds: int = 100) -> int:
+        """Run due jobs until none is left (tests and ``tellback worker --once``)."""
+        total = 0
+        for _ in range(max_rounds):
+            claimed = await self._claim(self.concurrency)
+            if not claimed:
+                break
+            total += len(claimed)
+            await asyncio.gather(*(self._execute(job) for job in claimed))
+        return total
+
+    async def _claim_safely(self) -> list[ClaimedJob]:
+        free = self.concurrency - len(self._running)
+        if free <= 0:
+            return []
+        try:
+            return await self._claim(free)
+        except Exception as exc:  # noqa: BLE001 (a database outage must not kill the worker)
+            log.warning("jobs.claim_failed", error_type=type(exc).__name__)
+            await asyncio.sleep(1.0)
+            return []
+
+    async def _claim(self, limit: int) -> list[ClaimedJob]:
+        now = _now()
+        due = or_(
+            and_(Job.status == "queued", Job.run_after <= now),
+            and_(Job.status == "running", Job.locked_until < now),
+        )
+        pick = select(Job.id).where(due).order_by(Job.run_after).limit(limit)
+        if not self.state.db.is_sqlite:
+            pick = pick.with_for_update(skip_locked=True)
+        stmt = (
+            update(Job)
+            .where(Job.id.in_(pick.scalar_subquery()))
+            .values(
+                status="running",
+                locked_by=self.name,
+                locked_until=now + self.lease,
+                attempts=Job.attempts + 1,
+                updated_at=now,
+            )
+            .returning(
+                Job.id, Job.kind, Job.payload, Job.attempts, Job.max_attempts, Job.created_at
+            )
+            .execution_options(synchronize_session=False)
+        )
+        async with self.state.db.session(write=True) as db:
+            rows = (await db.execute(stmt)).all()
+        return [
+            ClaimedJob(r.id, r.kind, r.payload or {}, r.attempts, r.max_attempts, r.created_at)
+            for r in rows
+        ]
+
+    async def _execute(self, job: ClaimedJob) -> None:
+        structlog.contextvars.bind_contextvars(job_id=str(job.id), job_kind=job.kind)
+        try:
+            kind = self.registry.get(job.kind)
+            if kind is None:
+                log.warning("jobs.unknown_kind")
+                await self._release(
+                    job, _now() + UNKNOWN_KIND_DELAY, "no handler for this kind", uncount=True
+                )
+                return
+            await self._execute_kind(job, kind)
+        except Exception:
+            log.exception("jobs.bookkeeping_failed")
+        finally:
+            structlog.contextvars.unbind_contextvars("job_id", "job_kind")
+
+    async def _execute_kind(self, job: ClaimedJob, kind: JobKind) -> None:
+        ctx = JobContext(
+            job.id, job.kind, job.attempts, job.max_attempts, job.created_at, self.state
+        )
+        heartbeat = asyncio.create_task(self._heartbeat(job.id))
+        started = asyncio.get_running_loop().time()
+        try:
+            await asyncio.wait_for(kind.handler(ctx, job.payload), kind.timeout_s)
+        except RetryLater as exc:
+            await self._retry_or_fail(job, kind, exc.reason, exc.delay)
+        except PermanentFailure as exc:
+            await self._finish(job, "failed", str(exc)[:2000])
+        except TimeoutError:
+            await self._retry_or_fail(job, kind, f"timed out after {kind.timeout_s}s", None)
+        except Exception as exc:  # noqa: BLE001 (any handler error is retried)
+            log.warning("jobs.handler_error", error_type=type(exc).__name__, error=str(exc)[:500])
+            await self._retry_or_fail(job, kind, f"{type(exc).__name__}: {exc}"[:2000], None)
+        else:
+            elapsed = asyncio.get_running_loop().time() - started
+            await self._finish(job, "done", None)
+            log.info("jobs.done", attempt=job.attempts, duration_ms=round(elapsed * 1000, 1))
+        finally:
+            heartbeat.cancel()
+
+    async def _retry_or_fail(
+        self, job: ClaimedJob, kind: JobKind, reason: str, delay: float | None
+    ) -> None:
+        if job.attempts >= min(job.max_attempts, kind.max_attempts):
+            log.warning("jobs.failed", attempt=job.attempts, reason=reason[:200])
+            await self._finish(job, "failed", reason)
+            return
+        wait = backoff_delay(job.attempts, kind.base_delay_s, kind.max_delay_s)
+        if delay is not None:
+            wait = max(wait, min(delay, 86400.0))
+        log.info(
+            "jobs.retry_scheduled",
+            attempt=job.attempts,
+            delay_s=round(wait, 2),
+            reason=reason[:200],
+        )
+        self.state.metrics.jobs.labels(job.kind, "retried").inc()
+        await self._release(job, _now() + dt.timedelta(seconds=wait), reason)
+
+    async def _finish(self, job: ClaimedJob, status: str, error: str | None) -> None:
+        now = _now()
+        async with self.state.db.session(write=True) as db:
+            await db.execute(
+                update(Job)
+                .where(Job.id == job.id, Job.locked_by == self.name)
+                .values(
+                    status=status,
+                    last_error=error,
+                    finished_at=now,
+                    locked_by=None,
+                    locked_until=None,
+                    updated_at=now,
+                )
+            )
+        self.state.metrics.jobs.labels(job.kind, status).inc()
+
+    async def _release(
+        self, job: ClaimedJob, run_after: dt.datetime, reason: str, *, uncount: bool = False
+    ) -> None:
+        values: dict[str, Any] = {
+            "status": "queued",
+            "run_after": run_after,
+            "last_error": reason,
+            "locked_by": None,
+            "locked_until": None,
+            "updated_at": _now(),
+        }
+        if uncount:
+            values["attempts"] = Job.attempts - 1
+        async with self.state.db.session(write=True) as db:
+            await db.execute(
+                update(Job).where(Job.id == job.id, Job.locked_by == self.name).values(**values)
+            )
+
+    async def _heartbeat(self, job_id: UUID) -> None:
+        interval = max(1.0, self.lease.total_seconds() / 3)
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(Exception):
+                async with self.state.db.session(write=True) as db:
+                    await db.execute(
+                        update(Job)
+                        .where(Job.id == job_id, Job.locked_by == self.name)
+                        .values(locked_until=_now() + self.lease)
+                    )
+
+    async def _maintenance(self) -> None:
+        loop_now = asyncio.get_running_loop().time()
+        if loop_now - self._last_maintenance < 600:
+            return
+        self._last_maintenance = loop_now
+        try:
+            async with self.state.db.session(write=True) as db:
+                await db.execute(
+                    delete(Job).where(
+                        Job.status == "done", Job.finished_at < _now() - DONE_RETENTION
+                    )
+                )
+                await purge_expired(db)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("jobs.maintenance_failed", error_type=type(exc).__name__)
+
+
+def _asyncpg_dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)

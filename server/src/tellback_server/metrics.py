@@ -1,0 +1,39 @@
+"""Prometheus metrics, one registry per app instance (tests build many apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "tellback_http_requests_total",
+            "HTTP requests by method, route and status",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "tellback_http_request_duration_seconds",
+            "HTTP request latency",
+            ["method", "route"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.jobs = Counter(
+            "tellback_jobs_total",
+            "Jobs finished by kind and outcome (done, retried, failed)",
+            ["kind", "outcome"],
+            registry=self.registry,
+        )
+        self.jobs_queued = Gauge(
+            "tellback_jobs_queued", "Jobs waiting to run, by kind", ["kind"], registry=self.registry
+        )
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(method, route).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

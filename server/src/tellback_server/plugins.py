@@ -1,0 +1,24 @@
+"""Loading job-handler plugins named ``module:function`` (CLI ``--plugin``)."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+
+from tellback_server.jobs.registry import JobRegistry
+from tellback_server.settings import SettingsError
+
+
+def build_registry(plugins: Iterable[str] = ()) -> JobRegistry:
+    """The registry of every job kind this process can run: built-ins, then plugins."""
+    registry = JobRegistry()
+    for spec in plugins:
+        module_name, _, attr = spec.partition(":")
+        if not module_name or not attr:
+            raise SettingsError(f"--plugin: expected module:function, got {spec!r}")
+        try:
+            func = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise SettingsError(f"--plugin: cannot load {spec!r}: {exc}") from None
+        func(registry)
+    return registry

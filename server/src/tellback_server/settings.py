@@ -1,0 +1,248 @@
+"""Typed, frozen settings read from ``TELLBACK_*`` environment variables.
+
+Nothing here runs at import time: :func:`load_settings` is called by the CLI
+(or a test) and its result is passed to ``create_app``. A bad value stops the
+start with a :class:`SettingsError` naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+T = TypeVar("T")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True, slots=True)
+class S3Settings:
+    endpoint: str
+    access_key: str
+    secret_key: str
+    bucket: str
+    secure: bool
+    region: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    data_dir: Path = Path("tellback-data")
+    database_url: str = ""
+    secret_key: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_url: str | None = None
+    s3: S3Settings | None = None
+    apns_host: str | None = None
+    apns_port: int | None = None
+    apns_ca_file: Path | None = None
+    fcm_endpoint: str | None = None
+    webhook_allow_private: bool = False
+    log_format: str = "auto"  # auto | json | console
+    log_level: str = "info"
+    session_ttl_seconds: int = 30 * 24 * 3600
+    max_request_body_bytes: int = 1024 * 1024
+    worker_concurrency: int = 4
+    worker_poll_seconds: float = 5.0
+    job_lease_seconds: int = 60
+    idempotency_ttl_seconds: int = 24 * 3600
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def is_embedded_default(self) -> bool:
+        """True when the database is the SQLite file inside the data dir."""
+        return self.is_sqlite
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        if not self.is_sqlite:
+            return None
+        _, _, rest = self.database_url.partition(":///")
+        if not rest or rest.startswith(":memory:"):
+            return None
+        return Path(rest.split("?", 1)[0])
+
+    def with_secret_key(self, key: str) -> Settings:
+        return replace(self, secret_key=key)
+
+    def base_url(self) -> str:
+        return self.public_url or f"http://{self.host}:{self.port}"
+
+
+def _bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise SettingsError(f"{name}: expected true or false, got {raw!r}")
+
+
+def _int_in(lo: int, hi: int) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise SettingsError(f"{name}: expected an integer, got {raw!r}") from None
+        if not lo <= value <= hi:
+            raise SettingsError(f"{name}: expected an integer from {lo} to {hi}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(name: str, raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise SettingsError(f"{name}: expected a number, got {raw!r}") from None
+    if value <= 0:
+        raise SettingsError(f"{name}: expected a positive number, got {value}")
+    return value
+
+
+def _choice(*options: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in options:
+            raise SettingsError(f"{name}: expected one of {', '.join(options)}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _database_url(name: str, raw: str) -> str:
+    value = raw.strip()
+    if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+        raise SettingsError(
+            f"{name}: expected a sqlite+aiosqlite:///path or postgresql+asyncpg://... URL, "
+            f"got {value.split('://', 1)[0]!r}://..."
+        )
+    return value
+
+
+def _http_url(name: str, raw: str) -> str:
+    value = raw.strip().rstrip("/")
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https"} or not parts.netloc:
+        raise SettingsError(f"{name}: expected an http(s):// URL, got {raw!r}")
+    return value
+
+
+def _secret_key(name: str, raw: str) -> str:
+    value = raw.strip()
+    if len(value) < 32:
+        raise SettingsError(f"{name}: must be at least 32 characters (use `openssl rand -hex 32`)")
+    return value
+
+
+class _Env:
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.environ = environ
+
+    def get(self, suffix: str, parse: Callable[[str, str], T], default: T) -> T:
+        name = f"TELLBACK_{suffix}"
+        raw = self.environ.get(name)
+        if raw is None or (raw.strip() == "" and parse is not _bool):
+            return default
+        return parse(name, raw)
+
+    def text(self, suffix: str) -> str | None:
+        raw = self.environ.get(f"TELLBACK_{suffix}")
+        return raw.strip() if raw is not None and raw.strip() else None
+
+
+def _s3(env: _Env) -> S3Settings | None:
+    endpoint = env.text("S3_ENDPOINT")
+    if endpoint is None:
+        return None
+    if "://" in endpoint or "/" in endpoint:
+        raise SettingsError(
+            "TELLBACK_S3_ENDPOINT: expected host:port (set TELLBACK_S3_SECURE for https), "
+            f"got {endpoint!r}"
+        )
+    missing = [f"TELLBACK_S3_{k}" for k in ("ACCESS_KEY", "SECRET_KEY") if env.text(k) is None]
+    missing = [m for m in missing if env.environ.get(m, "").strip() == ""]
+    if missing:
+        raise SettingsError(f"{missing[0]}: required when TELLBACK_S3_ENDPOINT is set")
+    return S3Settings(
+        endpoint=endpoint,
+        access_key=env.environ["TELLBACK_S3_ACCESS_KEY"].strip(),
+        secret_key=env.environ["TELLBACK_S3_SECRET_KEY"].strip(),
+        bucket=env.text("S3_BUCKET") or "tellback",
+        secure=env.get("S3_SECURE", _bool, True),
+        region=env.text("S3_REGION"),
+    )
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build :class:`Settings` from the environment, raising :class:`SettingsError`."""
+    env = _Env(os.environ if environ is None else environ)
+    data_dir = Path(env.text("DATA_DIR") or "tellback-data").expanduser()
+    default_db = f"sqlite+aiosqlite:///{(data_dir / 'tellback.db').absolute()}"
+    apns_ca = env.text("APNS_CA_FILE")
+    if apns_ca is not None and not Path(apns_ca).is_file():
+        raise SettingsError(f"TELLBACK_APNS_CA_FILE: no such file {apns_ca!r}")
+    return Settings(
+        data_dir=data_dir,
+        database_url=env.get("DATABASE_URL", _database_url, default_db),
+        secret_key=env.get("SECRET_KEY", _secret_key, None),
+        host=env.text("HOST") or "127.0.0.1",
+        port=env.get("PORT", _int_in(1, 65535), 8080),
+        public_url=env.get("PUBLIC_URL", _http_url, None),
+        s3=_s3(env),
+        apns_host=env.text("APNS_HOST"),
+        apns_port=env.get("APNS_PORT", _int_in(1, 65535), None),
+        apns_ca_file=Path(apns_ca) if apns_ca else None,
+        fcm_endpoint=env.get("FCM_ENDPOINT", _http_url, None),
+        webhook_allow_private=env.get("WEBHOOK_ALLOW_PRIVATE", _bool, False),
+        log_format=env.get("LOG_FORMAT", _choice("auto", "json", "console"), "auto"),
+        log_level=env.get("LOG_LEVEL", _choice("debug", "info", "warning", "error"), "info"),
+        session_ttl_seconds=env.get("SESSION_TTL_SECONDS", _int_in(60, 365 * 24 * 3600), 2592000),
+        max_request_body_bytes=env.get("MAX_REQUEST_BODY_BYTES", _int_in(1024, 1 << 30), 1 << 20),
+        worker_concurrency=env.get("WORKER_CONCURRENCY", _int_in(1, 256), 4),
+        worker_poll_seconds=env.get("WORKER_POLL_SECONDS", _positive_float, 5.0),
+        job_lease_seconds=env.get("JOB_LEASE_SECONDS", _int_in(5, 3600), 60),
+    )
+
+
+def resolve_secret_key(settings: Settings) -> tuple[Settings, bool]:
+    """Return settings with a secret key, generating one into the data dir if unset.
+
+    The second value is True when the key came from the data dir file rather than the
+    environment (the caller warns when that happens outside the embedded default,
+    because several nodes must share one key).
+    """
+    if settings.secret_key is not None:
+        return settings, False
+    path = settings.data_dir / "secret_key"
+    if path.exists():
+        key = path.read_text().strip()
+        if len(key) < 32:
+            raise SettingsError(f"TELLBACK_SECRET_KEY: the generated key file {path} is damaged")
+        return settings.with_secret_key(key), True
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_hex(32)
+    # O_EXCL: two processes starting at once must agree on one key.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return resolve_secret_key(settings)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key + "\n")
+    return settings.with_secret_key(key), True

@@ -1,0 +1,22 @@
+"""Everything a request or the worker needs, built once per process in ``create_app``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tellback_server.db.engine import Database
+from tellback_server.jobs.notify import JobNotifier
+from tellback_server.metrics import Metrics
+from tellback_server.ratelimit import RateLimiter
+from tellback_server.security import Sealer
+from tellback_server.settings import Settings
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    db: Database
+    metrics: Metrics
+    sealer: Sealer
+    notifier: JobNotifier
+    limiter: RateLimiter = field(default_factory=RateLimiter)
