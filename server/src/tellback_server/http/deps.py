@@ -15,7 +15,8 @@ from uuid import UUID
 
 import structlog
 from litestar import Request
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
+from litestar.params import FromPath
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -93,7 +94,9 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-async def provide_admin(request: Request[Any, Any, Any], db: AsyncSession) -> AdminPrincipal:
+async def provide_admin(
+    request: Request[Any, Any, Any], db: NamedDependency[AsyncSession]
+) -> AdminPrincipal:
     token = _bearer(request, ADMIN_TOKEN_PREFIX, "admin token")
     row = await db.scalar(
         select(AdminToken.id).where(
@@ -106,7 +109,9 @@ async def provide_admin(request: Request[Any, Any, Any], db: AsyncSession) -> Ad
     return AdminPrincipal(token_id=row)
 
 
-async def provide_agent(request: Request[Any, Any, Any], db: AsyncSession) -> AgentPrincipal:
+async def provide_agent(
+    request: Request[Any, Any, Any], db: NamedDependency[AsyncSession]
+) -> AgentPrincipal:
     token = _bearer(request, AGENT_TOKEN_PREFIX, "agent token")
     agent = (
         await db.execute(
@@ -124,7 +129,9 @@ async def provide_agent(request: Request[Any, Any, Any], db: AsyncSession) -> Ag
     return AgentPrincipal(agent_id=agent.id, name=agent.name, app_ids=app_ids)
 
 
-async def provide_client(request: Request[Any, Any, Any], db: AsyncSession) -> ClientPrincipal:
+async def provide_client(
+    request: Request[Any, Any, Any], db: NamedDependency[AsyncSession]
+) -> ClientPrincipal:
     token = _bearer(request, SESSION_TOKEN_PREFIX, "session token")
     row = (
         await db.execute(
@@ -159,7 +166,7 @@ async def provide_client(request: Request[Any, Any, Any], db: AsyncSession) -> C
 
 def enforce_rate_limits(
     request: Request[Any, Any, Any],
-    app_id: UUID,
+    app_id: FromPath[UUID],
     settings: dict[str, Any],
     end_user_id: UUID | None,
 ) -> None:

@@ -23,7 +23,7 @@ from litestar.exceptions import (
     ValidationException,
 )
 from litestar.types import ExceptionHandlersMap
-from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 log = structlog.get_logger("tellback.http")
@@ -231,17 +231,38 @@ def _serialization(request: Request[Any, Any, Any], exc: SerializationException)
     return problem_response(request, 400, "bad_request", "the request body is not valid JSON")
 
 
+_UNAVAILABLE_HINTS = (
+    "database is locked",
+    "unable to open database",
+    "disk i/o error",
+    "connection is closed",
+    "connection was closed",
+    "connectiondoesnotexist",
+    "cannot connect now",
+    "too many connections",
+    "terminating connection",
+    "the database system is",
+    "server closed the connection",
+)
+
+
 def is_database_unavailable(exc: BaseException) -> bool:
-    if isinstance(exc, OperationalError | DisconnectionError | PoolTimeoutError):
+    """True for outages (retry later), False for bugs such as a missing column."""
+    if isinstance(exc, DisconnectionError | PoolTimeoutError):
         return True
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
-    return isinstance(exc, ConnectionError | OSError) and not isinstance(exc, FileNotFoundError)
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        orig = exc.orig
+        text = f"{type(orig).__name__} {orig}".lower()
+        return any(hint in text for hint in _UNAVAILABLE_HINTS)
+    # Drivers raise socket errors on connect before SQLAlchemy can wrap them.
+    return isinstance(exc, ConnectionError | TimeoutError)
 
 
 def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     if is_database_unavailable(exc):
-        log.error("db.unavailable", error_type=type(exc).__name__)
+        log.error("db.unavailable", error_type=type(exc).__name__, exc_info=exc)
         return problem_response(
             request,
             503,

@@ -5,10 +5,11 @@ from __future__ import annotations
 import binascii
 import datetime as dt
 from collections.abc import Sequence
-from typing import Generic, TypeVar
+from typing import Annotated, Generic, TypeVar
 from uuid import UUID
 
 import msgspec
+from litestar.params import QueryParameter
 
 from tellback_server.http.errors import BadRequest
 from tellback_server.security import b64url, b64url_decode
@@ -57,3 +58,6 @@ def next_cursor_for(rows: Sequence[tuple[dt.datetime, UUID]], limit: int) -> str
         return None
     at, id_ = rows[limit - 1]
     return encode_cursor(at, id_)
+
+
+Limit = Annotated[int, QueryParameter(ge=1, le=MAX_LIMIT, description="page size, 1-100")]

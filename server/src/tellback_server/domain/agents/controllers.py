@@ -6,8 +6,8 @@ from typing import Any
 from uuid import UUID
 
 from litestar import Controller, Request, Response, get, patch, post
-from litestar.di import Provide
-from litestar.params import Parameter
+from litestar.di import NamedDependency, Provide
+from litestar.params import FromPath, FromQuery, JSONBody
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tellback_server.domain.agents.schemas import (
@@ -20,10 +20,10 @@ from tellback_server.domain.agents.schemas import (
 from tellback_server.domain.agents.services import AgentService
 from tellback_server.http.deps import ADMIN, AGENT, AdminPrincipal, AgentPrincipal
 from tellback_server.http.idempotency import idempotent
-from tellback_server.http.pagination import DEFAULT_LIMIT, Page
+from tellback_server.http.pagination import DEFAULT_LIMIT, Limit, Page
 
 
-def provide_agents(db: AsyncSession) -> AgentService:
+def provide_agents(db: NamedDependency[AsyncSession]) -> AgentService:
     return AgentService(db)
 
 
@@ -36,10 +36,10 @@ class AdminAgentsController(Controller):
     async def create_agent(
         self,
         request: Request[Any, Any, Any],
-        db: AsyncSession,
-        admin: AdminPrincipal,
-        agents: AgentService,
-        data: AgentCreate,
+        db: NamedDependency[AsyncSession],
+        admin: NamedDependency[AdminPrincipal],
+        agents: NamedDependency[AgentService],
+        data: JSONBody[AgentCreate],
     ) -> Response[bytes]:
         """Returns the agent's `token`, shown only here."""
         return await idempotent(request, db, admin.scope, 201, lambda: agents.create(data))
@@ -47,28 +47,38 @@ class AdminAgentsController(Controller):
     @get("/", summary="List agents")
     async def list_agents(
         self,
-        admin: AdminPrincipal,
-        agents: AgentService,
-        cursor: str | None = None,
-        limit: int = Parameter(default=DEFAULT_LIMIT, ge=1, le=100),
+        admin: NamedDependency[AdminPrincipal],
+        agents: NamedDependency[AgentService],
+        cursor: FromQuery[str | None] = None,
+        limit: Limit = DEFAULT_LIMIT,
     ) -> Page[AgentOut]:
         return await agents.list(cursor, limit)
 
     @get("/{agent_id:uuid}", summary="Get an agent")
     async def get_agent(
-        self, admin: AdminPrincipal, agents: AgentService, agent_id: UUID
+        self,
+        admin: NamedDependency[AdminPrincipal],
+        agents: NamedDependency[AgentService],
+        agent_id: FromPath[UUID],
     ) -> AgentOut:
         return await agents.get(agent_id)
 
     @patch("/{agent_id:uuid}", summary="Rename, disable, or change an agent's apps")
     async def update_agent(
-        self, admin: AdminPrincipal, agents: AgentService, agent_id: UUID, data: AgentUpdate
+        self,
+        admin: NamedDependency[AdminPrincipal],
+        agents: NamedDependency[AgentService],
+        agent_id: FromPath[UUID],
+        data: JSONBody[AgentUpdate],
     ) -> AgentOut:
         return await agents.update(agent_id, data)
 
     @post("/{agent_id:uuid}/rotate-token", status_code=200, summary="Issue a new agent token")
     async def rotate_token(
-        self, admin: AdminPrincipal, agents: AgentService, agent_id: UUID
+        self,
+        admin: NamedDependency[AdminPrincipal],
+        agents: NamedDependency[AgentService],
+        agent_id: FromPath[UUID],
     ) -> AgentCreated:
         """The old token stops working at once."""
         return await agents.rotate_token(agent_id)
@@ -80,5 +90,5 @@ class AgentMeController(Controller):
     dependencies = AGENT
 
     @get("/me", summary="The calling agent")
-    async def me(self, agent: AgentPrincipal) -> AgentMe:
+    async def me(self, agent: NamedDependency[AgentPrincipal]) -> AgentMe:
         return AgentMe(id=agent.agent_id, name=agent.name, app_ids=sorted(agent.app_ids))

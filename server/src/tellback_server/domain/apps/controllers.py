@@ -6,7 +6,8 @@ from typing import Any
 from uuid import UUID
 
 from litestar import Controller, Request, Response, delete, get, patch, post
-from litestar.params import Parameter
+from litestar.di import NamedDependency
+from litestar.params import FromPath, FromQuery, JSONBody
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tellback_server.domain.apps.schemas import (
@@ -20,10 +21,10 @@ from tellback_server.domain.apps.schemas import (
 from tellback_server.domain.apps.services import AppService
 from tellback_server.http.deps import ADMIN, AdminPrincipal, app_state
 from tellback_server.http.idempotency import idempotent
-from tellback_server.http.pagination import DEFAULT_LIMIT, Page
+from tellback_server.http.pagination import DEFAULT_LIMIT, Limit, Page
 
 
-def _service(request: Request[Any, Any, Any], db: AsyncSession) -> AppService:
+def _service(request: Request[Any, Any, Any], db: NamedDependency[AsyncSession]) -> AppService:
     return AppService(db, app_state(request).sealer)
 
 
@@ -36,9 +37,9 @@ class AdminAppsController(Controller):
     async def create_app(
         self,
         request: Request[Any, Any, Any],
-        db: AsyncSession,
-        admin: AdminPrincipal,
-        data: AppCreate,
+        db: NamedDependency[AsyncSession],
+        admin: NamedDependency[AdminPrincipal],
+        data: JSONBody[AppCreate],
     ) -> Response[bytes]:
         """Returns `app_key` and `identity_secret`; the secret is shown only here."""
         return await idempotent(
@@ -49,16 +50,20 @@ class AdminAppsController(Controller):
     async def list_apps(
         self,
         request: Request[Any, Any, Any],
-        db: AsyncSession,
-        admin: AdminPrincipal,
-        cursor: str | None = None,
-        limit: int = Parameter(default=DEFAULT_LIMIT, ge=1, le=100),
+        db: NamedDependency[AsyncSession],
+        admin: NamedDependency[AdminPrincipal],
+        cursor: FromQuery[str | None] = None,
+        limit: Limit = DEFAULT_LIMIT,
     ) -> Page[AppOut]:
         return await _service(request, db).list(cursor, limit)
 
     @get("/{app_id:uuid}", summary="Get an app and its settings")
     async def get_app(
-        self, request: Request[Any, Any, Any], db: AsyncSession, admin: AdminPrincipal, app_id: UUID
+        self,
+        request: Request[Any, Any, Any],
+        db: NamedDependency[AsyncSession],
+        admin: NamedDependency[AdminPrincipal],
+        app_id: FromPath[UUID],
     ) -> AppOut:
         return await _service(request, db).get(app_id)
 
@@ -66,10 +71,10 @@ class AdminAppsController(Controller):
     async def update_app(
         self,
         request: Request[Any, Any, Any],
-        db: AsyncSession,
-        admin: AdminPrincipal,
-        app_id: UUID,
-        data: AppUpdate,
+        db: NamedDependency[AsyncSession],
+        admin: NamedDependency[AdminPrincipal],
+        app_id: FromPath[UUID],
+        data: JSONBody[AppUpdate],
     ) -> AppOut:
         """Settings fields that are present replace the stored ones; absent ones stay."""
         return await _service(request, db).update(app_id, data)
@@ -78,10 +83,10 @@ class AdminAppsController(Controller):
     async def rotate_keys(
         self,
         request: Request[Any, Any, Any],
-        db: AsyncSession,
-        admin: AdminPrincipal,
-        app_id: UUID,
-        data: RotateKeys | None = None,
+        db: NamedDependency[AsyncSession],
+        admin: NamedDependency[AdminPrincipal],
+        app_id: FromPath[UUID],
+        data: JSONBody[RotateKeys | None] = None,
     ) -> KeysRotated:
         """A new identity secret gets a new `kid`; older secrets stay valid until revoked,
         so app versions in the field keep working during the rollover."""
@@ -95,9 +100,9 @@ class AdminAppsController(Controller):
     async def revoke_identity_secret(
         self,
         request: Request[Any, Any, Any],
-        db: AsyncSession,
-        admin: AdminPrincipal,
-        app_id: UUID,
-        kid: str,
+        db: NamedDependency[AsyncSession],
+        admin: NamedDependency[AdminPrincipal],
+        app_id: FromPath[UUID],
+        kid: FromPath[str],
     ) -> None:
         await _service(request, db).revoke_identity_secret(app_id, kid)

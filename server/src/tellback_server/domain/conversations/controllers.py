@@ -6,8 +6,8 @@ from typing import Any, Literal
 from uuid import UUID
 
 from litestar import Controller, Request, Response, get, patch, post
-from litestar.di import Provide
-from litestar.params import Parameter
+from litestar.di import NamedDependency, Provide
+from litestar.params import FromPath, FromQuery, JSONBody, Parameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tellback_server.domain.conversations.schemas import (
@@ -26,12 +26,10 @@ from tellback_server.domain.conversations.schemas import (
 from tellback_server.domain.conversations.services import ConversationService
 from tellback_server.http.deps import AGENT, CLIENT, AgentPrincipal, ClientPrincipal
 from tellback_server.http.idempotency import idempotent
-from tellback_server.http.pagination import DEFAULT_LIMIT, Page
-
-Limit = Parameter(default=DEFAULT_LIMIT, ge=1, le=100, description="page size, 1-100")
+from tellback_server.http.pagination import DEFAULT_LIMIT, Limit, Page
 
 
-def provide_conversations(db: AsyncSession) -> ConversationService:
+def provide_conversations(db: NamedDependency[AsyncSession]) -> ConversationService:
     return ConversationService(db)
 
 
@@ -49,10 +47,10 @@ class ClientConversationsController(Controller):
     async def create_conversation(
         self,
         request: Request[Any, Any, Any],
-        db: AsyncSession,
-        client: ClientPrincipal,
-        conversations: ConversationService,
-        data: ConversationCreate,
+        db: NamedDependency[AsyncSession],
+        client: NamedDependency[ClientPrincipal],
+        conversations: NamedDependency[ConversationService],
+        data: JSONBody[ConversationCreate],
     ) -> Response[bytes]:
         """Creates the conversation with its first message. Send an `Idempotency-Key`:
         a retry with the same key and body replays the first response."""
@@ -63,27 +61,30 @@ class ClientConversationsController(Controller):
     @get("/conversations", summary="My conversations, newest activity first")
     async def list_conversations(
         self,
-        client: ClientPrincipal,
-        conversations: ConversationService,
-        cursor: str | None = None,
-        limit: int = Limit,
+        client: NamedDependency[ClientPrincipal],
+        conversations: NamedDependency[ConversationService],
+        cursor: FromQuery[str | None] = None,
+        limit: Limit = DEFAULT_LIMIT,
     ) -> Page[ConversationOut]:
         return await conversations.client_list(client, cursor, limit)
 
     @get("/conversations/{conversation_id:uuid}", summary="One of my conversations")
     async def get_conversation(
-        self, client: ClientPrincipal, conversations: ConversationService, conversation_id: UUID
+        self,
+        client: NamedDependency[ClientPrincipal],
+        conversations: NamedDependency[ConversationService],
+        conversation_id: FromPath[UUID],
     ) -> ConversationOut:
         return await conversations.client_get(client, conversation_id)
 
     @get("/conversations/{conversation_id:uuid}/messages", summary="Messages, oldest first")
     async def list_messages(
         self,
-        client: ClientPrincipal,
-        conversations: ConversationService,
-        conversation_id: UUID,
-        cursor: str | None = None,
-        limit: int = Limit,
+        client: NamedDependency[ClientPrincipal],
+        conversations: NamedDependency[ConversationService],
+        conversation_id: FromPath[UUID],
+        cursor: FromQuery[str | None] = None,
+        limit: Limit = DEFAULT_LIMIT,
     ) -> Page[MessageOut]:
         return await conversations.client_messages(client, conversation_id, cursor, limit)
 
@@ -96,11 +97,11 @@ class ClientConversationsController(Controller):
     async def create_message(
         self,
         request: Request[Any, Any, Any],
-        db: AsyncSession,
-        client: ClientPrincipal,
-        conversations: ConversationService,
-        conversation_id: UUID,
-        data: MessageCreate,
+        db: NamedDependency[AsyncSession],
+        client: NamedDependency[ClientPrincipal],
+        conversations: NamedDependency[ConversationService],
+        conversation_id: FromPath[UUID],
+        data: JSONBody[MessageCreate],
     ) -> Response[bytes]:
         return await idempotent(
             request,
@@ -113,10 +114,10 @@ class ClientConversationsController(Controller):
     @post("/conversations/{conversation_id:uuid}/read", status_code=204, summary="Mark read")
     async def mark_read(
         self,
-        client: ClientPrincipal,
-        conversations: ConversationService,
-        conversation_id: UUID,
-        data: ReadMarker,
+        client: NamedDependency[ClientPrincipal],
+        conversations: NamedDependency[ConversationService],
+        conversation_id: FromPath[UUID],
+        data: JSONBody[ReadMarker],
     ) -> None:
         """Marks every message up to and including `up_to_message_id` as read.
         Markers only move forward."""
@@ -124,7 +125,9 @@ class ClientConversationsController(Controller):
 
     @get("/unread", summary="Unread agent messages over all my conversations")
     async def unread(
-        self, client: ClientPrincipal, conversations: ConversationService
+        self,
+        client: NamedDependency[ClientPrincipal],
+        conversations: NamedDependency[ConversationService],
     ) -> UnreadOut:
         return await conversations.client_unread(client)
 
@@ -137,16 +140,16 @@ class AgentConversationsController(Controller):
     @get("/", summary="Inbox: conversations of my apps, newest activity first")
     async def list_conversations(
         self,
-        agent: AgentPrincipal,
-        conversations: ConversationService,
-        app_id: UUID | None = None,
-        status: Literal["open", "pending", "solved", "closed"] | None = None,
-        assignee_id: UUID | None = None,
+        agent: NamedDependency[AgentPrincipal],
+        conversations: NamedDependency[ConversationService],
+        app_id: FromQuery[UUID | None] = None,
+        status: FromQuery[Literal["open", "pending", "solved", "closed"] | None] = None,
+        assignee_id: FromQuery[UUID | None] = None,
         q: str | None = Parameter(
             default=None, max_length=200, description="searches subject and bodies"
         ),
-        cursor: str | None = None,
-        limit: int = Limit,
+        cursor: FromQuery[str | None] = None,
+        limit: Limit = DEFAULT_LIMIT,
     ) -> Page[AgentConversation]:
         return await conversations.agent_list(
             agent,
@@ -160,7 +163,10 @@ class AgentConversationsController(Controller):
 
     @get("/{conversation_id:uuid}", summary="A conversation with messages, context and end user")
     async def get_conversation(
-        self, agent: AgentPrincipal, conversations: ConversationService, conversation_id: UUID
+        self,
+        agent: NamedDependency[AgentPrincipal],
+        conversations: NamedDependency[ConversationService],
+        conversation_id: FromPath[UUID],
     ) -> AgentConversationDetail:
         """Includes internal notes and up to 100 messages; page further with `/messages`."""
         return await conversations.agent_get(agent, conversation_id)
@@ -168,11 +174,11 @@ class AgentConversationsController(Controller):
     @get("/{conversation_id:uuid}/messages", summary="Messages including internal notes")
     async def list_messages(
         self,
-        agent: AgentPrincipal,
-        conversations: ConversationService,
-        conversation_id: UUID,
-        cursor: str | None = None,
-        limit: int = Limit,
+        agent: NamedDependency[AgentPrincipal],
+        conversations: NamedDependency[ConversationService],
+        conversation_id: FromPath[UUID],
+        cursor: FromQuery[str | None] = None,
+        limit: Limit = DEFAULT_LIMIT,
     ) -> Page[AgentMessageOut]:
         return await conversations.agent_messages(agent, conversation_id, cursor, limit)
 
@@ -185,11 +191,11 @@ class AgentConversationsController(Controller):
     async def reply(
         self,
         request: Request[Any, Any, Any],
-        db: AsyncSession,
-        agent: AgentPrincipal,
-        conversations: ConversationService,
-        conversation_id: UUID,
-        data: AgentMessageCreate,
+        db: NamedDependency[AsyncSession],
+        agent: NamedDependency[AgentPrincipal],
+        conversations: NamedDependency[ConversationService],
+        conversation_id: FromPath[UUID],
+        data: JSONBody[AgentMessageCreate],
     ) -> Response[bytes]:
         return await idempotent(
             request,
@@ -202,15 +208,18 @@ class AgentConversationsController(Controller):
     @patch("/{conversation_id:uuid}", summary="Change status, assignee, tags or priority")
     async def update_conversation(
         self,
-        agent: AgentPrincipal,
-        conversations: ConversationService,
-        conversation_id: UUID,
-        data: ConversationUpdate,
+        agent: NamedDependency[AgentPrincipal],
+        conversations: NamedDependency[ConversationService],
+        conversation_id: FromPath[UUID],
+        data: JSONBody[ConversationUpdate],
     ) -> AgentConversation:
         return await conversations.agent_update(agent, conversation_id, data)
 
     @post("/{conversation_id:uuid}/read", status_code=204, summary="Mark read for agents")
     async def mark_read(
-        self, agent: AgentPrincipal, conversations: ConversationService, conversation_id: UUID
+        self,
+        agent: NamedDependency[AgentPrincipal],
+        conversations: NamedDependency[ConversationService],
+        conversation_id: FromPath[UUID],
     ) -> None:
         await conversations.agent_read(agent, conversation_id)

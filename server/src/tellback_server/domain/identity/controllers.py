@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Controller, Request, get, patch, post
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
+from litestar.params import JSONBody
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tellback_server.domain.identity.schemas import (
@@ -19,7 +20,9 @@ from tellback_server.domain.identity.services import IdentityService
 from tellback_server.http.deps import CLIENT, ClientPrincipal, app_state, enforce_rate_limits
 
 
-def provide_identity(request: Request[Any, Any, Any], db: AsyncSession) -> IdentityService:
+def provide_identity(
+    request: Request[Any, Any, Any], db: NamedDependency[AsyncSession]
+) -> IdentityService:
     state = app_state(request)
     return IdentityService(db, state.sealer, state.settings.session_ttl_seconds)
 
@@ -31,7 +34,10 @@ class SessionsController(Controller):
 
     @post("/", status_code=201, summary="Start a session (anonymous or identified)")
     async def create_session(
-        self, request: Request[Any, Any, Any], identity: IdentityService, data: SessionCreate
+        self,
+        request: Request[Any, Any, Any],
+        identity: NamedDependency[IdentityService],
+        data: JSONBody[SessionCreate],
     ) -> SessionCreated:
         """Creates or resumes the installation's end user. With `user_token`, the
         anonymous user of this installation is merged into the identified one."""
@@ -46,17 +52,24 @@ class MeController(Controller):
     dependencies = {**CLIENT, "identity": Provide(provide_identity, sync_to_thread=False)}
 
     @get("/me", summary="The current end user")
-    async def get_me(self, client: ClientPrincipal, identity: IdentityService) -> EndUserOut:
+    async def get_me(
+        self, client: NamedDependency[ClientPrincipal], identity: NamedDependency[IdentityService]
+    ) -> EndUserOut:
         return await identity.me(client)
 
     @patch("/me", summary="Update name, email or attributes")
     async def update_me(
-        self, client: ClientPrincipal, identity: IdentityService, data: MeUpdate
+        self,
+        client: NamedDependency[ClientPrincipal],
+        identity: NamedDependency[IdentityService],
+        data: JSONBody[MeUpdate],
     ) -> EndUserOut:
         """`attributes` are merged; a key set to null is removed. An identified user's
         `external_id` comes only from the signed token and cannot be changed here."""
         return await identity.update_me(client, data)
 
     @get("/config", summary="What the SDK must know before submitting")
-    async def get_config(self, client: ClientPrincipal, identity: IdentityService) -> ClientConfig:
+    async def get_config(
+        self, client: NamedDependency[ClientPrincipal], identity: NamedDependency[IdentityService]
+    ) -> ClientConfig:
         return await identity.config(client)

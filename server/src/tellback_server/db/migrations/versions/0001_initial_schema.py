@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-25 20:45:02.373853
+Create Date: 2026-11-25
 """
 
 from __future__ import annotations
@@ -238,6 +238,14 @@ def upgrade() -> None:
             advanced_alchemy.types.datetime.DateTimeUTC(timezone=True),
             nullable=False,
         ),
+        sa.Column(
+            "last_public_message_id", advanced_alchemy.types.guid.GUID(length=16), nullable=True
+        ),
+        sa.Column(
+            "public_activity_at",
+            advanced_alchemy.types.datetime.DateTimeUTC(timezone=True),
+            nullable=False,
+        ),
         sa.Column("message_count", sa.Integer(), nullable=False),
         sa.Column("user_unread_count", sa.Integer(), nullable=False),
         sa.Column(
@@ -276,7 +284,7 @@ def upgrade() -> None:
         )
         batch_op.create_index(
             "ix_conversations_user_activity",
-            ["end_user_id", "last_activity_at", "id"],
+            ["end_user_id", "public_activity_at", "id"],
             unique=False,
         )
 

