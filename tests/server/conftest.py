@@ -77,7 +77,9 @@ class Api:
         r = await self.http.post("/v1/admin/apps", json=body, headers=self.admin)
         assert r.status_code == 201, r.text
         data = r.json()
-        return AppInfo(data["id"], data["app_key"], data["identity_secret"], data["identity_kid"], data)
+        return AppInfo(
+            data["id"], data["app_key"], data["identity_secret"], data["identity_kid"], data
+        )
 
     async def session(
         self,
@@ -110,8 +112,12 @@ class Api:
         assert r.status_code == 201, r.text
         return r.json()["id"], self.bearer(r.json()["token"])
 
-    async def feedback(self, headers: dict[str, str], body: str = "The app crashes", **extra: Any) -> dict[str, Any]:
-        r = await self.http.post("/v1/client/conversations", json={"body": body, **extra}, headers=headers)
+    async def feedback(
+        self, headers: dict[str, str], body: str = "The app crashes", **extra: Any
+    ) -> dict[str, Any]:
+        r = await self.http.post(
+            "/v1/client/conversations", json={"body": body, **extra}, headers=headers
+        )
         assert r.status_code == 201, r.text
         data: dict[str, Any] = r.json()
         return data
@@ -135,9 +141,10 @@ async def api(database_url: str, tmp_path: Path, registry: JobRegistry) -> Async
     state = build_state(settings)
     app = create_app(settings, registry=registry, state=state)
     # Same event loop as the test, so tests may also use state.db directly.
+    transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
     async with (
         lifespan(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://tellback.test") as client,
+        httpx.AsyncClient(transport=transport, base_url="http://tellback.test") as client,
     ):
         yield Api(http=client, state=state, admin_token=await _admin_token(state))
 
@@ -153,7 +160,9 @@ async def lifespan(app: Litestar) -> AsyncIterator[None]:
             await stop.wait()
 
     task = asyncio.create_task(run())
-    await asyncio.wait([task, asyncio.create_task(started.wait())], return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait(
+        [task, asyncio.create_task(started.wait())], return_when=asyncio.FIRST_COMPLETED
+    )
     if task.done():
         task.result()
     try:
