@@ -30,6 +30,7 @@ def provide_agents(db: NamedDependency[AsyncSession]) -> AgentService:
 class AdminAgentsController(Controller):
     path = "/v1/admin/agents"
     tags = ["admin"]
+    security = [{"adminToken": []}]
     dependencies = {**ADMIN, "agents": Provide(provide_agents, sync_to_thread=False)}
 
     @post("/", status_code=201, response_model=AgentCreated, summary="Create an agent")
@@ -87,6 +88,7 @@ class AdminAgentsController(Controller):
 class AgentMeController(Controller):
     path = "/v1/agent"
     tags = ["agent"]
+    security = [{"agentToken": []}]
     dependencies = AGENT
 
     @get("/me", summary="The calling agent")

@@ -32,6 +32,7 @@ class AdminAppsController(Controller):
     path = "/v1/admin/apps"
     tags = ["admin"]
     dependencies = ADMIN
+    security = [{"adminToken": []}]
 
     @post("/", status_code=201, response_model=AppCreated, summary="Create an app")
     async def create_app(

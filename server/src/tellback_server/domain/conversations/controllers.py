@@ -39,6 +39,7 @@ _SERVICE = {"conversations": Provide(provide_conversations, sync_to_thread=False
 class ClientConversationsController(Controller):
     path = "/v1/client"
     tags = ["client"]
+    security = [{"sessionToken": []}]
     dependencies = {**CLIENT, **_SERVICE}
 
     @post(
@@ -135,6 +136,7 @@ class ClientConversationsController(Controller):
 class AgentConversationsController(Controller):
     path = "/v1/agent/conversations"
     tags = ["agent"]
+    security = [{"agentToken": []}]
     dependencies = {**AGENT, **_SERVICE}
 
     @get("/", summary="Inbox: conversations of my apps, newest activity first")

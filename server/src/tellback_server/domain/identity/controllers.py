@@ -49,6 +49,7 @@ class SessionsController(Controller):
 class MeController(Controller):
     path = "/v1/client"
     tags = ["client"]
+    security = [{"sessionToken": []}]
     dependencies = {**CLIENT, "identity": Provide(provide_identity, sync_to_thread=False)}
 
     @get("/me", summary="The current end user")
