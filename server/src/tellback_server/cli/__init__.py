@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import click
 import structlog
+import uvicorn
 from sqlalchemy import func, select
 
 from tellback_server.logging import configure_logging
@@ -156,8 +158,6 @@ def serve(
     plugins: tuple[str, ...],
 ) -> None:
     """Run the API (and, unless --no-worker, the in-process job worker)."""
-    import uvicorn
-
     from tellback_server.asgi import create_app
     from tellback_server.plugins import build_registry
 
@@ -197,9 +197,30 @@ def serve(
             database="sqlite" if settings.is_sqlite else "postgresql",
             worker=not no_worker,
         )
-        await uvicorn.Server(config).serve()
+        server = _Server(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, server.request_exit)
+        await server.serve()
 
     _run(start)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, minus its re-raise of SIGTERM after shutdown.
+
+    A graceful stop on SIGTERM/SIGINT then exits with status 0, which is what
+    process managers expect of a clean shutdown; a second signal forces exit.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    def request_exit(self) -> None:
+        if self.should_exit:
+            self.force_exit = True
+        self.should_exit = True
 
 
 @main.command()

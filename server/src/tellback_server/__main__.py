@@ -1,0 +1,3 @@
+from tellback_server.cli import main
+
+main()
