@@ -25,7 +25,7 @@ class RateLimiter:
         now = time.monotonic() if now is None else now
         interval = 60.0 / per_minute
         # Allow a burst of up to `burst_seconds` worth of requests (at least one).
-        tolerance = max(interval, self._burst_seconds * per_minute / 60.0 * interval)
+        tolerance = max(interval, self._burst_seconds)
         tat = max(self._tat.get(key, now), now)
         if tat - now > tolerance:
             return max(1, math.ceil(tat - now - tolerance))

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from tellback_server.db.models import ClientSession
 from tellback_server.security import hash_token
@@ -31,9 +31,7 @@ def craft_jwt(
     header: dict[str, Any], payload: dict[str, Any], secret: str | None, digest: str = "sha256"
 ) -> str:
     """A JWT assembled by hand, signed with HMAC-``digest`` (or unsigned when no secret)."""
-    signing_input = (
-        f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(payload).encode())}"
-    )
+    signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(payload).encode())}"
     if secret is None:
         return f"{signing_input}."
     sig = hmac.new(secret.encode(), signing_input.encode(), digest).digest()
@@ -191,6 +189,10 @@ INVALID_TOKENS = [
     "revoked_kid",
     "garbage",
     "other_apps_secret",
+    "empty_sub",
+    "numeric_sub",
+    "lowercase_alg",
+    "future_nbf",
 ]
 
 
@@ -234,6 +236,18 @@ async def test_invalid_identity_token_is_unauthenticated(api: Api, case: str) ->
         token = identity_token(secret, "mallory", kid=kid)
     elif case == "garbage":
         token = "this-is-not-a-jwt"
+    elif case == "empty_sub":
+        token = identity_token(secret, "", kid=kid)
+    elif case == "numeric_sub":
+        token = craft_jwt(
+            {"alg": "HS256", "typ": "JWT", "kid": kid},
+            {"sub": 1234, "exp": int(time.time()) + 600},
+            secret,
+        )
+    elif case == "lowercase_alg":
+        token = craft_jwt({"alg": "hs256", "typ": "JWT", "kid": kid}, claims("mallory"), secret)
+    elif case == "future_nbf":
+        token = identity_token(secret, "mallory", kid=kid, nbf=int(time.time()) + 3600)
     else:
         assert case == "other_apps_secret"
         other = await api.create_app("Other")
@@ -246,7 +260,9 @@ async def test_hand_crafted_hs256_token_is_accepted(api: Api) -> None:
     """Control for the hand-crafted invalid tokens: the same construction with HS256 works."""
     app = await api.create_app()
     token = craft_jwt(
-        {"alg": "HS256", "typ": "JWT", "kid": app.identity_kid}, claims("crafted"), app.identity_secret
+        {"alg": "HS256", "typ": "JWT", "kid": app.identity_kid},
+        claims("crafted"),
+        app.identity_secret,
     )
     data = await api.session(app, user_token=token)
     assert data["user"]["external_id"] == "crafted"
@@ -345,9 +361,7 @@ async def test_anonymous_conversations_merge_on_identify(api: Api) -> None:
     assert await conversation_ids(api, ident_headers) == [conv["id"]]
     r = await api.http.get(f"/v1/client/conversations/{conv['id']}", headers=ident_headers)
     assert r.status_code == 200, r.text
-    r = await api.http.get(
-        f"/v1/client/conversations/{conv['id']}/messages", headers=ident_headers
-    )
+    r = await api.http.get(f"/v1/client/conversations/{conv['id']}/messages", headers=ident_headers)
     assert r.status_code == 200, r.text
     assert [m["body"] for m in r.json()["items"]] == ["Before login"]
     # The anonymous user's old session ended with the identification.
@@ -533,6 +547,10 @@ async def test_patch_me(api: Api) -> None:
         {"attributes": {"nested": {"a": 1}}},
         {"attributes": ["plan"]},
         {"name": 42},
+        {"name": "x" * 201},
+        {"attributes": {"long": "x" * 1001}},
+        {"attributes": {f"k{i}": i for i in range(51)}},
+        {"attributes": {"k" * 65: 1}},
     ],
     ids=[
         "bad_email",
@@ -542,6 +560,10 @@ async def test_patch_me(api: Api) -> None:
         "nested_attribute",
         "attributes_not_object",
         "name_not_string",
+        "name_too_long",
+        "attribute_value_too_long",
+        "too_many_attributes",
+        "attribute_key_too_long",
     ],
 )
 async def test_patch_me_invalid(api: Api, body: dict[str, Any]) -> None:
@@ -631,7 +653,8 @@ async def test_client_config_defaults(api: Api) -> None:
 
 async def test_expired_session_token(api: Api) -> None:
     app = await api.create_app()
-    data = await api.session(app)
+    installation = uuid.uuid4().hex
+    data = await api.session(app, installation_id=installation)
     token = data["session_token"]
     other = await api.user_headers(app)
     headers = api.bearer(token)
@@ -650,6 +673,10 @@ async def test_expired_session_token(api: Api) -> None:
     # Other sessions are untouched, and a new session for the installation works again.
     r = await api.http.get("/v1/client/me", headers=other)
     assert r.status_code == 200, r.text
+    renewed = await api.session(app, installation_id=installation)
+    assert renewed["user"]["id"] == data["user"]["id"]
+    r = await api.http.get("/v1/client/me", headers=api.bearer(renewed["session_token"]))
+    assert r.status_code == 200, r.text
 
 
 async def test_session_token_hash_is_stored_not_token(api: Api) -> None:
@@ -657,8 +684,6 @@ async def test_session_token_hash_is_stored_not_token(api: Api) -> None:
     token = (await api.session(app))["session_token"]
     digest = hashlib.sha256(token.encode()).hexdigest()
     async with api.state.db.session(write=False) as db:
-        from sqlalchemy import select
-
         rows = list(await db.scalars(select(ClientSession.token_hash)))
     assert token not in rows
     assert digest in rows
