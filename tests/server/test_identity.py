@@ -177,83 +177,71 @@ async def test_token_within_leeway_is_accepted(api: Api) -> None:
     assert data["user"]["external_id"] == "late"
 
 
-INVALID_TOKENS = [
-    "bad_signature",
-    "expired",
-    "missing_sub",
-    "missing_exp",
-    "alg_none",
-    "hs512",
-    "rs256_header",
-    "unknown_kid",
-    "revoked_kid",
-    "garbage",
-    "other_apps_secret",
-    "empty_sub",
-    "numeric_sub",
-    "lowercase_alg",
-    "future_nbf",
-]
+def forged_tokens(secret: str, kid: str) -> dict[str, str]:
+    """Tokens the server must refuse, each for one reason, for an app with ``secret``/``kid``."""
+    now = int(time.time())
+    return {
+        "bad_signature": identity_token("tbi_" + "x" * 43, "mallory", kid=kid),
+        "expired": identity_token(secret, "mallory", kid=kid, exp_in=-120),
+        "missing_sub": jwt.encode(
+            {"exp": now + 600, "name": "No Sub"}, secret, algorithm="HS256", headers={"kid": kid}
+        ),
+        "missing_exp": jwt.encode(
+            {"sub": "mallory"}, secret, algorithm="HS256", headers={"kid": kid}
+        ),
+        "empty_sub": identity_token(secret, "", kid=kid),
+        "numeric_sub": craft_jwt(
+            {"alg": "HS256", "typ": "JWT", "kid": kid}, {"sub": 1234, "exp": now + 600}, secret
+        ),
+        "alg_none": craft_jwt({"alg": "none", "typ": "JWT", "kid": kid}, claims("mallory"), None),
+        "alg_none_no_kid": craft_jwt({"alg": "none", "typ": "JWT"}, claims("mallory"), None),
+        "hs512": craft_jwt(
+            {"alg": "HS512", "typ": "JWT", "kid": kid}, claims("mallory"), secret, "sha512"
+        ),
+        # Algorithm confusion: an HMAC made with the secret, under an RS256 header.
+        "rs256_header": craft_jwt(
+            {"alg": "RS256", "typ": "JWT", "kid": kid}, claims("mallory"), secret
+        ),
+        "lowercase_alg": craft_jwt(
+            {"alg": "hs256", "typ": "JWT", "kid": kid}, claims("mallory"), secret
+        ),
+        "unknown_kid": identity_token(secret, "mallory", kid="k_doesnotexist"),
+        "future_nbf": identity_token(secret, "mallory", kid=kid, nbf=now + 3600),
+        "garbage": "this-is-not-a-jwt",
+        "garbage_three_parts": "aaa.bbb.ccc",
+    }
+
+
+INVALID_TOKENS = [*forged_tokens("s", "k"), "revoked_kid", "other_apps_secret"]
 
 
 @pytest.mark.parametrize("case", INVALID_TOKENS)
 async def test_invalid_identity_token_is_unauthenticated(api: Api, case: str) -> None:
     app = await api.create_app()
-    kid = app.identity_kid
-    secret = app.identity_secret
-    token: str
-    if case == "bad_signature":
-        token = identity_token("tbi_" + "x" * 43, "mallory", kid=kid)
-    elif case == "expired":
-        token = identity_token(secret, "mallory", kid=kid, exp_in=-120)
-    elif case == "missing_sub":
-        token = jwt.encode(
-            {"exp": int(time.time()) + 600, "name": "No Sub"},
-            secret,
-            algorithm="HS256",
-            headers={"kid": kid},
-        )
-    elif case == "missing_exp":
-        token = jwt.encode({"sub": "mallory"}, secret, algorithm="HS256", headers={"kid": kid})
-    elif case == "alg_none":
-        token = craft_jwt({"alg": "none", "typ": "JWT", "kid": kid}, claims("mallory"), None)
-    elif case == "hs512":
-        token = craft_jwt(
-            {"alg": "HS512", "typ": "JWT", "kid": kid}, claims("mallory"), secret, "sha512"
-        )
-    elif case == "rs256_header":
-        # Algorithm confusion: an HMAC made with the secret, under an RS256 header.
-        token = craft_jwt({"alg": "RS256", "typ": "JWT", "kid": kid}, claims("mallory"), secret)
-    elif case == "unknown_kid":
-        token = identity_token(secret, "mallory", kid="k_doesnotexist")
-    elif case == "revoked_kid":
+    if case == "revoked_kid":
         rotated = await rotate(api, app)
-        assert rotated["identity_kid"] != kid
+        assert rotated["identity_kid"] != app.identity_kid
         r = await api.http.delete(
-            f"/v1/admin/apps/{app.id}/identity-secrets/{kid}", headers=api.admin
+            f"/v1/admin/apps/{app.id}/identity-secrets/{app.identity_kid}", headers=api.admin
         )
         assert r.status_code == 204, r.text
-        token = identity_token(secret, "mallory", kid=kid)
-    elif case == "garbage":
-        token = "this-is-not-a-jwt"
-    elif case == "empty_sub":
-        token = identity_token(secret, "", kid=kid)
-    elif case == "numeric_sub":
-        token = craft_jwt(
-            {"alg": "HS256", "typ": "JWT", "kid": kid},
-            {"sub": 1234, "exp": int(time.time()) + 600},
-            secret,
-        )
-    elif case == "lowercase_alg":
-        token = craft_jwt({"alg": "hs256", "typ": "JWT", "kid": kid}, claims("mallory"), secret)
-    elif case == "future_nbf":
-        token = identity_token(secret, "mallory", kid=kid, nbf=int(time.time()) + 3600)
-    else:
-        assert case == "other_apps_secret"
+        token = identity_token(app.identity_secret, "mallory", kid=app.identity_kid)
+    elif case == "other_apps_secret":
         other = await api.create_app("Other")
         token = identity_token(other.identity_secret, "mallory", kid=other.identity_kid)
-    r = await post_session(api, app.app_key, user_token=token)
+    else:
+        token = forged_tokens(app.identity_secret, app.identity_kid)[case]
+    installation = uuid.uuid4().hex
+    anon = await api.session(app, installation_id=installation)
+    anon_headers = api.bearer(anon["session_token"])
+    conv = await api.feedback(anon_headers)
+    r = await post_session(api, app.app_key, installation_id=installation, user_token=token)
     assert_problem(r, 401, "unauthenticated")
+    # The refused identity changed nothing: no merge, no logout of the anonymous user.
+    assert await conversation_ids(api, anon_headers) == [conv["id"]]
+    again = await api.session(app, installation_id=installation)
+    assert again["user"]["id"] == anon["user"]["id"]
+    assert again["user"]["external_id"] is None
 
 
 async def test_hand_crafted_hs256_token_is_accepted(api: Api) -> None:

@@ -114,7 +114,9 @@ async def snapshot(api: Api, world: World) -> dict[str, Any]:
         ("stranger", world.stranger, world.agent_b),
     ):
         cid = party.conversation_id
-        seen[f"{name}.client.list"] = await _get_json(api, "/v1/client/conversations", party.headers)
+        seen[f"{name}.client.list"] = await _get_json(
+            api, "/v1/client/conversations", party.headers
+        )
         seen[f"{name}.client.get"] = await _get_json(
             api, f"/v1/client/conversations/{cid}", party.headers
         )
@@ -122,9 +124,7 @@ async def snapshot(api: Api, world: World) -> dict[str, Any]:
             api, f"/v1/client/conversations/{cid}/messages", party.headers
         )
         seen[f"{name}.client.unread"] = await _get_json(api, "/v1/client/unread", party.headers)
-        seen[f"{name}.agent.get"] = await _get_json(
-            api, f"/v1/agent/conversations/{cid}", agent
-        )
+        seen[f"{name}.agent.get"] = await _get_json(api, f"/v1/agent/conversations/{cid}", agent)
         seen[f"{name}.agent.messages"] = await _get_json(
             api, f"/v1/agent/conversations/{cid}/messages", agent
         )
@@ -425,9 +425,7 @@ async def test_agent_inbox_shows_only_assigned_apps(api: Api) -> None:
 
 
 @pytest.mark.parametrize("app_filter", ["foreign_app", "unknown_app"])
-async def test_agent_inbox_app_filter_outside_own_apps_is_empty(
-    api: Api, app_filter: str
-) -> None:
+async def test_agent_inbox_app_filter_outside_own_apps_is_empty(api: Api, app_filter: str) -> None:
     world = await build_world(api)
     app_id = world.app_b.id if app_filter == "foreign_app" else _random_id()
     page = await _get_json(api, f"/v1/agent/conversations?app_id={app_id}", world.agent_a)
@@ -520,9 +518,7 @@ class RoleEndpoint:
 ROLE_ENDPOINTS = [
     RoleEndpoint("client_list", "client", "GET", "/v1/client/conversations", None),
     RoleEndpoint("client_get", "client", "GET", "/v1/client/conversations/{conv}", None),
-    RoleEndpoint(
-        "client_create", "client", "POST", "/v1/client/conversations", {"body": "sneaky"}
-    ),
+    RoleEndpoint("client_create", "client", "POST", "/v1/client/conversations", {"body": "sneaky"}),
     RoleEndpoint(
         "client_message",
         "client",
@@ -548,9 +544,7 @@ ROLE_ENDPOINTS = [
     RoleEndpoint("admin_list_apps", "admin", "GET", "/v1/admin/apps", None),
     RoleEndpoint("admin_get_app", "admin", "GET", "/v1/admin/apps/{app}", None),
     RoleEndpoint("admin_create_app", "admin", "POST", "/v1/admin/apps", {"name": "Sneaky"}),
-    RoleEndpoint(
-        "admin_update_app", "admin", "PATCH", "/v1/admin/apps/{app}", {"name": "Sneaky"}
-    ),
+    RoleEndpoint("admin_update_app", "admin", "PATCH", "/v1/admin/apps/{app}", {"name": "Sneaky"}),
     RoleEndpoint("admin_list_agents", "admin", "GET", "/v1/admin/agents", None),
     RoleEndpoint(
         "admin_create_agent",

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
+from collections.abc import Iterator
 from pathlib import Path
 
 from alembic import command
@@ -20,12 +24,52 @@ def alembic_config(url: str | None = None) -> Config:
     return cfg
 
 
+_LOCKS: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
+
+
+def _process_lock() -> asyncio.Lock:
+    # Alembic's `context`/`op` are process-wide proxies: one migration at a time per process.
+    loop = asyncio.get_running_loop()
+    return _LOCKS.setdefault(loop, asyncio.Lock())
+
+
+@contextlib.contextmanager
+def _sqlite_file_lock(engine: AsyncEngine) -> Iterator[None]:
+    """An advisory lock beside the SQLite file, so `serve` and `worker` starting together
+    do not both create the schema."""
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database.startswith(":memory:"):
+        yield
+        return
+    lock_path = Path(database).with_name(Path(database).name + ".migrate-lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
     """Upgrade the database behind ``engine`` to ``revision``.
 
-    On PostgreSQL an advisory lock makes concurrent starts (several ``serve``
-    processes) apply migrations once; SQLite serialises through its file lock.
+    Concurrent starts apply migrations once: PostgreSQL through an advisory lock,
+    SQLite through a lock file beside the database.
     """
+    async with _process_lock():
+        if engine.dialect.name == "sqlite":
+            lock = _sqlite_file_lock(engine)
+            await asyncio.to_thread(lock.__enter__)
+            try:
+                await _upgrade(engine, revision)
+            finally:
+                lock.__exit__(None, None, None)
+        else:
+            await _upgrade(engine, revision)
+
+
+async def _upgrade(engine: AsyncEngine, revision: str) -> None:
     async with engine.connect() as conn:
         if conn.dialect.name == "postgresql":
             await conn.exec_driver_sql("SELECT pg_advisory_lock(727274)")

@@ -19,7 +19,8 @@ def _run(connection: Connection) -> None:
         connection=connection,
         target_metadata=metadata,
         render_as_batch=connection.dialect.name == "sqlite",
-        compare_type=True,
+        # SQLite reflects every custom type by affinity (GUID -> NUMERIC): compare types on PG only.
+        compare_type=connection.dialect.name != "sqlite",
     )
     with context.begin_transaction():
         context.run_migrations()
