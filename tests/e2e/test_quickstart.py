@@ -171,7 +171,7 @@ def test_postgresql_migrate_then_serve(
         timeout=60,
         check=True,
     )
-    assert "revision 0001" in migrated.stdout
+    assert "database at revision 0" in migrated.stdout
     token = (
         subprocess.run(
             [sys.executable, "-m", "tellback_server", "admin", "create-token"],

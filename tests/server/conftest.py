@@ -170,3 +170,34 @@ async def lifespan(app: Litestar) -> AsyncIterator[None]:
     finally:
         stop.set()
         await task
+
+
+@pytest.fixture(params=["local", "s3"])
+async def storage_api(
+    request: pytest.FixtureRequest, database_url: str, tmp_path: Path
+) -> AsyncIterator[Api]:
+    """Like `api`, with the built-in job kinds, once on local disk and once on a real S3."""
+    from tellback_server.plugins import build_registry
+    from tellback_server.settings import S3Settings
+    from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
+
+    overrides: dict[str, Any] = {"port": 8080}
+    if request.param == "s3":
+        endpoint: str = request.getfixturevalue("s3_endpoint")
+        overrides["s3"] = S3Settings(
+            endpoint=endpoint,
+            access_key=S3_ACCESS_KEY,
+            secret_key=S3_SECRET_KEY,
+            bucket=f"tb-{uuid.uuid4().hex[:12]}",
+            secure=False,
+            region="us-east-1",
+        )
+    settings = make_settings(database_url, tmp_path / "data", **overrides)
+    state = build_state(settings)
+    app = create_app(settings, registry=build_registry(), state=state)
+    transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+    async with (
+        lifespan(app),
+        httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8080") as client,
+    ):
+        yield Api(http=client, state=state, admin_token=await _admin_token(state))

@@ -11,12 +11,13 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import tellback_server.db.models  # noqa: F401 (registers every table)
 from tellback_server.db.base import metadata
-from tellback_server.db.migrate import current_revision, upgrade
+from tellback_server.db.migrate import alembic_config, current_revision, upgrade
 from tests.conftest import _admin_exec, _db_url
 
 
@@ -30,6 +31,9 @@ def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[s
     asyncio.run(_admin_exec(server, f"CREATE DATABASE {name}"))
     yield _db_url(server, name)
     asyncio.run(_admin_exec(server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+HEAD = ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
 def _diff(sync_conn: Any) -> list[Any]:
@@ -49,7 +53,7 @@ async def test_upgrade_from_empty_matches_models(empty_database: str) -> None:
         assert await current_revision(engine) is None
         await upgrade(engine)
         await upgrade(engine)  # a second run is a no-op
-        assert await current_revision(engine) == "0001"
+        assert await current_revision(engine) == HEAD
         async with engine.connect() as conn:
             tables = await conn.run_sync(_tables)
             diff = await conn.run_sync(_diff)
@@ -63,7 +67,7 @@ async def test_concurrent_upgrades_apply_once(empty_database: str) -> None:
     engines = [create_async_engine(empty_database) for _ in range(3)]
     try:
         await asyncio.gather(*(upgrade(e) for e in engines))
-        assert await current_revision(engines[0]) == "0001"
+        assert await current_revision(engines[0]) == HEAD
     finally:
         for e in engines:
             await e.dispose()

@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import structlog
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
@@ -16,6 +17,11 @@ from litestar.openapi.spec import Components, SecurityScheme
 from tellback_server.db.engine import Database
 from tellback_server.domain.agents.controllers import AdminAgentsController, AgentMeController
 from tellback_server.domain.apps.controllers import AdminAppsController
+from tellback_server.domain.attachments.controllers import (
+    AgentAttachmentsController,
+    ClientUploadsController,
+    StorageController,
+)
 from tellback_server.domain.conversations.controllers import (
     AgentConversationsController,
     ClientConversationsController,
@@ -32,6 +38,11 @@ from tellback_server.metrics import Metrics
 from tellback_server.security import Sealer
 from tellback_server.settings import Settings
 from tellback_server.state import AppState
+from tellback_server.storage.base import ObjectStore, StorageError
+from tellback_server.storage.local import LocalStore
+from tellback_server.storage.s3 import S3Store
+
+log = structlog.get_logger("tellback.app")
 
 API_VERSION = "1.0.0"
 
@@ -48,7 +59,15 @@ def build_state(settings: Settings) -> AppState:
         metrics=Metrics(),
         sealer=Sealer(settings.secret_key),
         notifier=notifier,
+        store=build_store(settings),
     )
+
+
+def build_store(settings: Settings) -> ObjectStore:
+    if settings.s3 is not None:
+        return S3Store(settings.s3)
+    assert settings.secret_key is not None
+    return LocalStore(settings.data_dir / "blobs", settings.secret_key, settings.base_url())
 
 
 def openapi_config() -> OpenAPIConfig:
@@ -84,6 +103,10 @@ def create_app(
     async def lifespan(_app: Litestar) -> AsyncIterator[None]:
         stop = asyncio.Event()
         task = None
+        try:
+            await app_state.store.ensure_ready()
+        except StorageError as exc:
+            log.exception("storage.not_ready", error=str(exc))
         if run_worker:
             task = asyncio.create_task(Worker(app_state, registry).run(stop))
         try:
@@ -105,6 +128,9 @@ def create_app(
             ClientConversationsController,
             AgentConversationsController,
             AgentMeController,
+            ClientUploadsController,
+            AgentAttachmentsController,
+            StorageController,
             AdminAppsController,
             AdminAgentsController,
         ],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Iterable
 
+from tellback_server.domain.attachments.media import register as register_media
 from tellback_server.jobs.registry import JobRegistry
 from tellback_server.settings import SettingsError
 
@@ -12,6 +13,7 @@ from tellback_server.settings import SettingsError
 def build_registry(plugins: Iterable[str] = ()) -> JobRegistry:
     """The registry of every job kind this process can run: built-ins, then plugins."""
     registry = JobRegistry()
+    register_media(registry)
     for spec in plugins:
         module_name, _, attr = spec.partition(":")
         if not module_name or not attr:

@@ -10,6 +10,7 @@ from tellback_server.metrics import Metrics
 from tellback_server.ratelimit import RateLimiter
 from tellback_server.security import Sealer
 from tellback_server.settings import Settings
+from tellback_server.storage.base import ObjectStore
 
 
 @dataclass
@@ -19,4 +20,5 @@ class AppState:
     metrics: Metrics
     sealer: Sealer
     notifier: JobNotifier
+    store: ObjectStore
     limiter: RateLimiter = field(default_factory=RateLimiter)

@@ -26,6 +26,8 @@ from litestar.types import ExceptionHandlersMap
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from tellback_server.storage.base import StorageError
+
 log = structlog.get_logger("tellback.http")
 
 PROBLEM_JSON = "application/problem+json"
@@ -274,9 +276,21 @@ def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[byt
     return problem_response(request, 500, "internal_error", "an internal error occurred")
 
 
+def _storage(request: Request[Any, Any, Any], exc: StorageError) -> Response[bytes]:
+    log.error("storage.unavailable", error=str(exc))
+    return problem_response(
+        request,
+        503,
+        "storage_unavailable",
+        "object storage is unavailable; retry shortly",
+        headers={"Retry-After": "5"},
+    )
+
+
 def exception_handlers() -> ExceptionHandlersMap:
     return {
         AppError: _app_error,
+        StorageError: _storage,
         ValidationException: _litestar_validation,
         SerializationException: _serialization,
         HTTPException: _http_exception,

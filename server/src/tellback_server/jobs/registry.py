@@ -47,9 +47,20 @@ class JobKind:
     max_delay_s: float = 300.0
 
 
+Periodic = Callable[["AppState"], Awaitable[Any]]
+
+
 class JobRegistry:
     def __init__(self) -> None:
         self._kinds: dict[str, JobKind] = {}
+        self._periodic: dict[str, tuple[float, Periodic]] = {}
+
+    def periodic(self, name: str, interval_s: float, fn: Periodic) -> None:
+        """Run ``fn(state)`` about every ``interval_s`` in each worker (it must be idempotent)."""
+        self._periodic[name] = (interval_s, fn)
+
+    def periodic_tasks(self) -> dict[str, tuple[float, Periodic]]:
+        return dict(self._periodic)
 
     def register(
         self,

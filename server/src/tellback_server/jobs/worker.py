@@ -79,6 +79,7 @@ class Worker:
         self.lease = dt.timedelta(seconds=state.settings.job_lease_seconds)
         self._running: set[asyncio.Task[None]] = set()
         self._last_maintenance = 0.0
+        self._last_periodic: dict[str, float] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set, then let running jobs finish (their leases cover a kill)."""
@@ -278,6 +279,15 @@ class Worker:
 
     async def _maintenance(self) -> None:
         loop_now = asyncio.get_running_loop().time()
+        for name, (interval, fn) in self.registry.periodic_tasks().items():
+            last = self._last_periodic.get(name)
+            if last is not None and loop_now - last < interval:
+                continue
+            self._last_periodic[name] = loop_now
+            try:
+                await fn(self.state)
+            except Exception as exc:  # noqa: BLE001 (a periodic task must not stop the worker)
+                log.warning("jobs.periodic_failed", task=name, error_type=type(exc).__name__)
         if loop_now - self._last_maintenance < 600:
             return
         self._last_maintenance = loop_now

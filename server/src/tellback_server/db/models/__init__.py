@@ -2,7 +2,7 @@
 
 from tellback_server.db.models.agents import Agent, AgentApp
 from tellback_server.db.models.apps import AdminToken, App, AppIdentitySecret
-from tellback_server.db.models.conversations import Conversation, Message
+from tellback_server.db.models.conversations import Attachment, Conversation, Message
 from tellback_server.db.models.identity import ClientSession, EndUser, Installation
 from tellback_server.db.models.ops import IdempotencyKey, Job
 
@@ -12,6 +12,7 @@ __all__ = [
     "AgentApp",
     "App",
     "AppIdentitySecret",
+    "Attachment",
     "ClientSession",
     "Conversation",
     "EndUser",

@@ -4,7 +4,7 @@ import datetime as dt
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import Boolean, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from tellback_server.db.base import GUID, JSON, DateTimeUTC, UUIDv7AuditBase
@@ -62,3 +62,39 @@ class Message(UUIDv7AuditBase):
     internal: Mapped[bool] = mapped_column(Boolean, default=False)
     attachment_ids: Mapped[list[str]] = mapped_column(JSON, default=list)
     location: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class Attachment(UUIDv7AuditBase):
+    """An upload and, once complete, the attachment it becomes (photo, video, file, log)."""
+
+    __tablename__ = "attachments"
+    __table_args__ = (
+        Index("ix_attachments_status_expires", "status", "expires_at"),
+        Index("ix_attachments_uploader", "app_id", "uploader_user_id"),
+    )
+
+    app_id: Mapped[UUID] = mapped_column(GUID, ForeignKey("apps.id", ondelete="CASCADE"))
+    uploader_user_id: Mapped[UUID | None] = mapped_column(
+        GUID, ForeignKey("end_users.id", ondelete="CASCADE")
+    )
+    message_id: Mapped[UUID | None] = mapped_column(GUID, index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    filename: Mapped[str] = mapped_column(String(255))
+    content_type: Mapped[str] = mapped_column(String(100))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    storage_key: Mapped[str] = mapped_column(String(400))
+    method: Mapped[str] = mapped_column(String(16))  # single | multipart
+    multipart_upload_id: Mapped[str | None] = mapped_column(String(1024))
+    part_size: Mapped[int | None] = mapped_column(BigInteger)
+    part_count: Mapped[int] = mapped_column(Integer, default=1)
+    # pending -> processing -> ready | rejected; pending -> expired | aborted
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    reason: Mapped[str | None] = mapped_column(String(500))
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    duration_s: Mapped[float | None] = mapped_column(Float)
+    codec: Mapped[str | None] = mapped_column(String(64))
+    thumbnail_key: Mapped[str | None] = mapped_column(String(400))
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTimeUTC(timezone=True))
+    completed_at: Mapped[dt.datetime | None] = mapped_column(DateTimeUTC(timezone=True))

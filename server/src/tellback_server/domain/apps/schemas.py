@@ -33,6 +33,27 @@ class RateLimits(Struct, forbid_unknown_fields=True):
     user_per_minute: Annotated[int, Meta(ge=0, le=100_000)] = 120
 
 
+MIB = 1024 * 1024
+IMAGE_TYPES = ["image/jpeg", "image/png", "image/heic", "image/heif", "image/webp", "image/gif"]
+VIDEO_TYPES = ["video/mp4", "video/quicktime"]
+FILE_TYPES = ["text/plain", "application/json", "application/zip", "application/pdf"]
+ContentType = Annotated[str, Meta(min_length=3, max_length=100)]
+
+
+class KindLimits(Struct, forbid_unknown_fields=True):
+    max_bytes: Annotated[int, Meta(ge=1, le=5 * 1024 * MIB)]
+    content_types: list[ContentType]
+
+
+class AttachmentLimits(Struct, forbid_unknown_fields=True):
+    """Per kind: the largest accepted upload and the allowed content types."""
+
+    photo: KindLimits = msgspec.field(default_factory=lambda: KindLimits(20 * MIB, IMAGE_TYPES))
+    video: KindLimits = msgspec.field(default_factory=lambda: KindLimits(512 * MIB, VIDEO_TYPES))
+    file: KindLimits = msgspec.field(default_factory=lambda: KindLimits(25 * MIB, FILE_TYPES))
+    log: KindLimits = msgspec.field(default_factory=lambda: KindLimits(25 * MIB, FILE_TYPES))
+
+
 class AppSettings(Struct, forbid_unknown_fields=True):
     identity_mode: Literal["optional", "required"] = "optional"
     categories: list[Category] = msgspec.field(default_factory=list)
@@ -40,6 +61,7 @@ class AppSettings(Struct, forbid_unknown_fields=True):
     keep_photo_location: bool = False
     content_free_push: bool = False
     rate_limits: RateLimits = msgspec.field(default_factory=RateLimits)
+    attachments: AttachmentLimits = msgspec.field(default_factory=AttachmentLimits)
 
 
 class AppSettingsUpdate(Struct, forbid_unknown_fields=True):
@@ -49,6 +71,7 @@ class AppSettingsUpdate(Struct, forbid_unknown_fields=True):
     keep_photo_location: bool | UnsetType = UNSET
     content_free_push: bool | UnsetType = UNSET
     rate_limits: RateLimits | UnsetType = UNSET
+    attachments: AttachmentLimits | UnsetType = UNSET
 
 
 class AppCreate(Struct, forbid_unknown_fields=True):

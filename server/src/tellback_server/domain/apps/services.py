@@ -12,6 +12,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from tellback_server.db.models import App, AppIdentitySecret
 from tellback_server.domain.apps.schemas import (
+    FILE_TYPES,
+    IMAGE_TYPES,
+    VIDEO_TYPES,
     AppCreate,
     AppCreated,
     AppOut,
@@ -49,6 +52,20 @@ def check_settings(settings: AppSettings) -> None:
             raise ValidationFailed.field(
                 f"settings.custom_fields[{i}].options", f"a {f.type} field needs options"
             )
+    allowed = {
+        "photo": set(IMAGE_TYPES),
+        "video": set(VIDEO_TYPES),
+        "file": set(FILE_TYPES),
+        "log": set(FILE_TYPES),
+    }
+    for kind, types in allowed.items():
+        limits = getattr(settings.attachments, kind)
+        for ct in limits.content_types:
+            if ct not in types:
+                raise ValidationFailed.field(
+                    f"settings.attachments.{kind}.content_types",
+                    f"{ct} is not supported for {kind}s (supported: {', '.join(sorted(types))})",
+                )
     if len(settings.categories) != len(set(settings.categories)):
         raise ValidationFailed.field("settings.categories", "categories must be unique")
 

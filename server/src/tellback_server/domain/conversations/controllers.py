@@ -10,6 +10,7 @@ from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, FromQuery, JSONBody, Parameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from tellback_server.domain.attachments.services import AttachmentService
 from tellback_server.domain.conversations.schemas import (
     AgentConversation,
     AgentConversationDetail,
@@ -24,13 +25,15 @@ from tellback_server.domain.conversations.schemas import (
     UnreadOut,
 )
 from tellback_server.domain.conversations.services import ConversationService
-from tellback_server.http.deps import AGENT, CLIENT, AgentPrincipal, ClientPrincipal
+from tellback_server.http.deps import AGENT, CLIENT, AgentPrincipal, ClientPrincipal, app_state
 from tellback_server.http.idempotency import idempotent
 from tellback_server.http.pagination import DEFAULT_LIMIT, Limit, Page
 
 
-def provide_conversations(db: NamedDependency[AsyncSession]) -> ConversationService:
-    return ConversationService(db)
+def provide_conversations(
+    request: Request[Any, Any, Any], db: NamedDependency[AsyncSession]
+) -> ConversationService:
+    return ConversationService(db, AttachmentService(db, app_state(request).store))
 
 
 _SERVICE = {"conversations": Provide(provide_conversations, sync_to_thread=False)}

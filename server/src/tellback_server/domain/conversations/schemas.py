@@ -9,6 +9,7 @@ from uuid import UUID
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
+from tellback_server.domain.attachments.schemas import AttachmentOut
 from tellback_server.domain.identity.schemas import EndUserOut
 
 Body = Annotated[str, Meta(min_length=1, max_length=10000)]
@@ -79,7 +80,7 @@ class MessageOut(Struct):
     conversation_id: UUID
     author: Author
     body: str | None
-    attachments: list[dict[str, Any]]
+    attachments: list[AttachmentOut]
     location: Location | None
     created_at: dt.datetime
 

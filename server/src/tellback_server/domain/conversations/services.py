@@ -17,8 +17,18 @@ from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import ColumnElement
 
-from tellback_server.db.models import Agent, AgentApp, App, Conversation, EndUser, Message
+from tellback_server.db.models import (
+    Agent,
+    AgentApp,
+    App,
+    Attachment,
+    Conversation,
+    EndUser,
+    Message,
+)
 from tellback_server.domain.apps.services import parse_settings
+from tellback_server.domain.attachments.schemas import AttachmentOut
+from tellback_server.domain.attachments.services import AttachmentService
 from tellback_server.domain.conversations.rules import (
     clean_body,
     clean_tags,
@@ -77,27 +87,20 @@ def _like(q: str) -> str:
     return f"%{escaped}%"
 
 
-async def resolve_attachments(
-    db: AsyncSession, app_id: UUID, owner_user_id: UUID | None, ids: Sequence[str]
-) -> list[str]:
-    """Check that attachment ids name ready uploads of this uploader.
+class _Related:
+    """Batch lookup of what messages point at: author names and attachments."""
 
-    The attachments capability plugs in here; until it exists no id can be valid.
-    """
-    if ids:
-        raise ValidationFailed.field("attachment_ids", "unknown attachment id")
-    return []
-
-
-class _Authors:
-    """Batch lookup of author names for a set of messages."""
-
-    def __init__(self, db: AsyncSession) -> None:
+    def __init__(self, db: AsyncSession, attachments: AttachmentService) -> None:
         self.db = db
+        self.attachment_service = attachments
         self.users: dict[UUID, str | None] = {}
         self.agents: dict[UUID, str | None] = {}
+        self.attachments: dict[UUID, list[AttachmentOut]] = {}
 
     async def load(self, messages: Iterable[Message]) -> None:
+        messages = list(messages)
+        with_files = [m.id for m in messages if m.attachment_ids and m.id not in self.attachments]
+        self.attachments.update(await self.attachment_service.for_messages(with_files))
         user_ids = {m.author_user_id for m in messages if m.author_user_id} - self.users.keys()
         agent_ids = {m.author_agent_id for m in messages if m.author_agent_id} - self.agents.keys()
         if user_ids:
@@ -121,26 +124,27 @@ class _Authors:
         return Author(type="system", id=None, name=None)
 
 
-def _message_out(m: Message, authors: _Authors) -> MessageOut:
+def _message_out(m: Message, authors: _Related) -> MessageOut:
     return MessageOut(
         id=m.id,
         conversation_id=m.conversation_id,
         author=authors.author(m),
         body=m.body,
-        attachments=[],
+        attachments=authors.attachments.get(m.id, []),
         location=_location(m.location),
         created_at=m.created_at,
     )
 
 
-def _agent_message_out(m: Message, authors: _Authors) -> AgentMessageOut:
+def _agent_message_out(m: Message, authors: _Related) -> AgentMessageOut:
     base = _message_out(m, authors)
     return AgentMessageOut(**msgspec.structs.asdict(base), internal=m.internal)
 
 
 class ConversationService:
-    def __init__(self, db: AsyncSession) -> None:
+    def __init__(self, db: AsyncSession, attachments: AttachmentService) -> None:
         self.db = db
+        self.attachments = attachments
 
     # ----- shared -------------------------------------------------------------------------
 
@@ -152,7 +156,7 @@ class ConversationService:
         body: str | None,
         user_id: UUID | None = None,
         agent_id: UUID | None = None,
-        attachment_ids: list[str] | None = None,
+        attachments: Sequence[Attachment] = (),
         location: Location | None = None,
         internal: bool = False,
         now: dt.datetime,
@@ -165,13 +169,15 @@ class ConversationService:
             author_agent_id=agent_id,
             body=body,
             internal=internal,
-            attachment_ids=attachment_ids or [],
+            attachment_ids=[str(a.id) for a in attachments],
             location=msgspec.to_builtins(location) if location is not None else None,
             created_at=now,
             updated_at=now,
         )
         self.db.add(message)
         await self.db.flush()
+        for att in attachments:
+            att.message_id = message.id
         conv.message_count += 1
         conv.last_message_id = message.id
         conv.last_activity_at = now
@@ -222,7 +228,7 @@ class ConversationService:
 
     async def _client_outs(self, convs: Sequence[Conversation]) -> list[ConversationOut]:
         last = await self._messages_by_id(c.last_public_message_id for c in convs)
-        authors = _Authors(self.db)
+        authors = _Related(self.db, self.attachments)
         await authors.load(last.values())
         return [
             ConversationOut(
@@ -253,8 +259,8 @@ class ConversationService:
         custom_fields = validate_custom_fields(settings, data.custom_fields)
         context = validate_context(data.context)
         body = clean_body(data.body, required=True)
-        attachments = await resolve_attachments(
-            self.db, client.app_id, client.end_user_id, data.attachment_ids
+        attachments = await self.attachments.claim(
+            client.app_id, client.end_user_id, data.attachment_ids
         )
         now = _now()
         conv = Conversation(
@@ -283,7 +289,7 @@ class ConversationService:
             author_type="user",
             user_id=client.end_user_id,
             body=body,
-            attachment_ids=attachments,
+            attachments=attachments,
             location=data.location,
             now=now,
         )
@@ -318,7 +324,7 @@ class ConversationService:
     ) -> Page[MessageOut]:
         conv = await self._client_conv(client, conv_id)
         rows, nxt = await self._messages_page(conv.id, cursor, limit, include_internal=False)
-        authors = _Authors(self.db)
+        authors = _Related(self.db, self.attachments)
         await authors.load(rows)
         return Page(items=[_message_out(m, authors) for m in rows], next_cursor=nxt)
 
@@ -333,8 +339,8 @@ class ConversationService:
         conv = await self._client_conv(client, conv_id, lock=True)
         if conv.status == "closed":
             raise ConversationClosed("this conversation is closed; start a new one")
-        attachments = await resolve_attachments(
-            self.db, client.app_id, client.end_user_id, data.attachment_ids
+        attachments = await self.attachments.claim(
+            client.app_id, client.end_user_id, data.attachment_ids
         )
         now = _now()
         message = await self._add_message(
@@ -342,14 +348,14 @@ class ConversationService:
             author_type="user",
             user_id=client.end_user_id,
             body=body,
-            attachment_ids=attachments,
+            attachments=attachments,
             location=data.location,
             now=now,
         )
         if conv.status in {"pending", "solved"}:
             conv.status = "open"
         conv.agent_unread_count += 1
-        authors = _Authors(self.db)
+        authors = _Related(self.db, self.attachments)
         await authors.load([message])
         return _message_out(message, authors)
 
@@ -408,7 +414,7 @@ class ConversationService:
 
     async def _agent_outs(self, convs: Sequence[Conversation]) -> list[AgentConversation]:
         last = await self._messages_by_id(c.last_message_id for c in convs)
-        authors = _Authors(self.db)
+        authors = _Related(self.db, self.attachments)
         await authors.load(last.values())
         users = (
             {
@@ -490,7 +496,7 @@ class ConversationService:
         conv = await self._agent_conv(agent, conv_id)
         summary = (await self._agent_outs([conv]))[0]
         rows, nxt = await self._messages_page(conv.id, None, DETAIL_MESSAGES, include_internal=True)
-        authors = _Authors(self.db)
+        authors = _Related(self.db, self.attachments)
         await authors.load(rows)
         return AgentConversationDetail(
             **msgspec.structs.asdict(summary),
@@ -506,7 +512,7 @@ class ConversationService:
     ) -> Page[AgentMessageOut]:
         conv = await self._agent_conv(agent, conv_id)
         rows, nxt = await self._messages_page(conv.id, cursor, limit, include_internal=True)
-        authors = _Authors(self.db)
+        authors = _Related(self.db, self.attachments)
         await authors.load(rows)
         return Page(items=[_agent_message_out(m, authors) for m in rows], next_cursor=nxt)
 
@@ -517,14 +523,14 @@ class ConversationService:
             raise ValidationFailed.field("body", "a reply needs a body or attachments")
         body = clean_body(data.body, required=False)
         conv = await self._agent_conv(agent, conv_id, lock=True)
-        attachments = await resolve_attachments(self.db, conv.app_id, None, data.attachment_ids)
+        attachments = await self.attachments.claim(conv.app_id, None, data.attachment_ids)
         now = _now()
         message = await self._add_message(
             conv,
             author_type="agent",
             agent_id=agent.agent_id,
             body=body,
-            attachment_ids=attachments,
+            attachments=attachments,
             internal=data.internal,
             now=now,
         )
@@ -533,7 +539,7 @@ class ConversationService:
             conv.agent_unread_count = 0
             if conv.status == "open":
                 conv.status = "pending"
-        authors = _Authors(self.db)
+        authors = _Related(self.db, self.attachments)
         await authors.load([message])
         return _agent_message_out(message, authors)
 

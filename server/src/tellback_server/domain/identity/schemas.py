@@ -9,6 +9,7 @@ from uuid import UUID
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from tellback_server.domain.apps.schemas import CustomFieldDefinition
+from tellback_server.domain.attachments.schemas import AttachmentConfig
 
 Short = Annotated[str, Meta(max_length=100)]
 InstallationId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-]{8,64}$")]
@@ -65,6 +66,7 @@ class AppInfo(Struct):
 
 class ClientConfig(Struct):
     app: AppInfo
+    attachments: AttachmentConfig
     identity_mode: Literal["optional", "required"]
     categories: list[str]
     custom_fields: list[CustomFieldDefinition]

@@ -32,6 +32,7 @@ from tellback_server.db.models import (
     Message,
 )
 from tellback_server.domain.apps.services import identity_secrets, parse_settings
+from tellback_server.domain.attachments.services import attachment_config
 from tellback_server.domain.identity.schemas import (
     AppInfo,
     ClientConfig,
@@ -245,6 +246,7 @@ class IdentityService:
         settings = parse_settings(app.settings)
         return ClientConfig(
             app=AppInfo(id=app.id, name=app.name),
+            attachments=attachment_config(settings),
             identity_mode=settings.identity_mode,
             categories=settings.categories,
             custom_fields=settings.custom_fields,

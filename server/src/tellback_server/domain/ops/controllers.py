@@ -10,6 +10,7 @@ from sqlalchemy import text
 
 from tellback_server.http.deps import app_state
 from tellback_server.http.errors import problem_response
+from tellback_server.storage.base import StorageError
 
 
 class Health(msgspec.Struct):
@@ -33,6 +34,16 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[Any]:
             503,
             "service_unavailable",
             "database unreachable",
+            headers={"Retry-After": "5"},
+        )
+    try:
+        await state.store.ping()
+    except StorageError:
+        return problem_response(
+            request,
+            503,
+            "storage_unavailable",
+            "object storage unreachable",
             headers={"Retry-After": "5"},
         )
     return Response(content=Health(status="ready"))

@@ -1,0 +1,270 @@
+"""Background processing of completed uploads (job kind ``media.process``).
+
+Photos (Pillow, HEIC/HEIF through pillow-heif): the format must be the
+declared one, the pixel count is capped before any decoding (decompression
+bombs), the image must decode fully (truncated files fail), EXIF orientation
+is applied and EXIF GPS removed unless the app keeps photo locations (the
+original is then re-encoded), and a 512 px JPEG thumbnail is stored beside
+it. Videos (PyAV, whose wheels carry FFmpeg): duration, dimensions and codec
+are read and a poster frame is stored as the thumbnail; container metadata
+(including any recorded location) is never exposed. Anything that fails these
+checks becomes ``rejected`` with a reason — nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import av
+import pillow_heif
+import structlog
+from PIL import Image, ImageOps
+from sqlalchemy import select, update
+
+from tellback_server.db.models import App, Attachment
+from tellback_server.domain.apps.services import parse_settings
+from tellback_server.jobs.registry import JobContext, JobRegistry, PermanentFailure
+from tellback_server.state import AppState
+
+log = structlog.get_logger("tellback.media")
+
+pillow_heif.register_heif_opener()
+# We check pixel counts ourselves before decoding; Pillow's own guard stays as a backstop.
+Image.MAX_IMAGE_PIXELS = 100_000_000
+MAX_PIXELS = 50_000_000
+THUMB_PX = 512
+GPS_TAG = 0x8825
+ORIENTATION_TAG = 0x0112
+PIL_FORMATS = {
+    "image/jpeg": {"JPEG", "MPO"},
+    "image/png": {"PNG"},
+    "image/gif": {"GIF"},
+    "image/webp": {"WEBP"},
+    "image/heic": {"HEIF"},
+    "image/heif": {"HEIF"},
+}
+SAVE_OPTIONS: dict[str, dict[str, Any]] = {
+    "JPEG": {"quality": 95},
+    "MPO": {"quality": 95},
+    "WEBP": {"quality": 95},
+    "HEIF": {"quality": 95},
+    "PNG": {},
+    "GIF": {},
+}
+
+
+@dataclass
+class Outcome:
+    ready: bool
+    reason: str | None = None
+    width: int | None = None
+    height: int | None = None
+    duration_s: float | None = None
+    codec: str | None = None
+    thumbnail: Path | None = None
+    rewritten: Path | None = None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _save_thumbnail(image: Image.Image, target: Path) -> Path:
+    thumb = image.copy()
+    thumb.thumbnail((THUMB_PX, THUMB_PX))
+    if thumb.mode not in {"RGB", "L"}:
+        thumb = thumb.convert("RGB")
+    thumb.save(target, "JPEG", quality=80)
+    return target
+
+
+def analyse_photo(src: Path, content_type: str, workdir: Path, keep_location: bool) -> Outcome:
+    try:
+        with Image.open(src) as image:
+            if image.format not in PIL_FORMATS.get(content_type, set()):
+                return Outcome(
+                    False, f"the file is {image.format or 'unknown'}, not {content_type}"
+                )
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                return Outcome(False, f"the image is too large ({width}x{height} pixels)")
+            image.load()
+            exif = image.getexif()
+            fmt = image.format
+            oriented = ImageOps.exif_transpose(image) or image
+            thumbnail = _save_thumbnail(oriented, workdir / "thumb.jpg")
+            needs_rewrite = (GPS_TAG in exif and not keep_location) or exif.get(
+                ORIENTATION_TAG, 1
+            ) != 1
+            rewritten = None
+            if needs_rewrite and fmt is not None:
+                if not keep_location:
+                    exif.pop(GPS_TAG, None)
+                exif[ORIENTATION_TAG] = 1
+                rewritten = workdir / "rewritten"
+                options = dict(SAVE_OPTIONS.get(fmt, {}))
+                save_format = "JPEG" if fmt == "MPO" else fmt
+                oriented.save(rewritten, save_format, exif=exif.tobytes(), **options)
+            return Outcome(
+                True,
+                width=oriented.width,
+                height=oriented.height,
+                thumbnail=thumbnail,
+                rewritten=rewritten,
+            )
+    except Image.DecompressionBombError:
+        return Outcome(False, "the image is too large to decode safely")
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        return Outcome(False, f"the image could not be decoded ({type(exc).__name__})")
+
+
+def analyse_video(src: Path, workdir: Path) -> Outcome:
+    try:
+        with av.open(str(src), metadata_errors="ignore") as container:
+            if not container.streams.video:
+                return Outcome(False, "the file has no video stream")
+            stream = container.streams.video[0]
+            duration = None
+            if container.duration is not None:
+                duration = container.duration / av.time_base
+            elif stream.duration is not None and stream.time_base is not None:
+                duration = float(stream.duration * stream.time_base)
+            codec = stream.codec_context.name
+            poster = None
+            for frame in container.decode(stream):
+                picture = frame.to_image()  # type: ignore[no-untyped-call]
+                poster = _save_thumbnail(picture, workdir / "poster.jpg")
+                break
+            if poster is None:
+                return Outcome(False, "the video has no decodable frame")
+            return Outcome(
+                True,
+                width=stream.codec_context.width,
+                height=stream.codec_context.height,
+                duration_s=round(duration, 3) if duration is not None else None,
+                codec=codec,
+                thumbnail=poster,
+            )
+    except (av.FFmpegError, OSError, ValueError, IndexError) as exc:
+        return Outcome(False, f"the video could not be read ({type(exc).__name__})")
+
+
+def analyse(
+    kind: str, content_type: str, src: Path, workdir: Path, keep_location: bool, sha256: str | None
+) -> Outcome:
+    if sha256 is not None and _sha256(src) != sha256:
+        return Outcome(False, "the file does not match its declared sha256")
+    if kind == "photo":
+        return analyse_photo(src, content_type, workdir, keep_location)
+    if kind == "video":
+        return analyse_video(src, workdir)
+    return Outcome(True)
+
+
+async def process_attachment(ctx: JobContext, payload: dict[str, Any]) -> None:
+    state = ctx.state
+    attachment_id = UUID(str(payload["attachment_id"]))
+    async with state.db.session(write=False) as db:
+        row = (
+            await db.execute(
+                select(Attachment, App.settings)
+                .join(App, App.id == Attachment.app_id)
+                .where(Attachment.id == attachment_id)
+            )
+        ).first()
+    if row is None:
+        raise PermanentFailure("attachment no longer exists")
+    att, app_settings = row
+    if att.status != "processing":
+        return  # already handled by an earlier attempt
+    keep_location = parse_settings(app_settings).keep_photo_location
+    store = state.store
+    with tempfile.TemporaryDirectory(prefix="tellback-media-") as tmp:
+        workdir = Path(tmp)
+        src = workdir / "original"
+        await store.download(att.storage_key, src)
+        outcome = await asyncio.to_thread(
+            analyse, att.kind, att.content_type, src, workdir, keep_location, att.sha256
+        )
+        thumbnail_key = None
+        if outcome.ready:
+            if outcome.rewritten is not None:
+                await store.upload_file(att.storage_key, outcome.rewritten, att.content_type)
+            if outcome.thumbnail is not None:
+                thumbnail_key = att.storage_key.rsplit("/", 1)[0] + "/thumb.jpg"
+                await store.upload_file(thumbnail_key, outcome.thumbnail, "image/jpeg")
+        else:
+            await store.delete(att.storage_key)
+        size = outcome.rewritten.stat().st_size if outcome.rewritten is not None else None
+    values: dict[str, Any] = {
+        "status": "ready" if outcome.ready else "rejected",
+        "reason": outcome.reason,
+        "width": outcome.width,
+        "height": outcome.height,
+        "duration_s": outcome.duration_s,
+        "codec": outcome.codec,
+        "thumbnail_key": thumbnail_key,
+    }
+    if size is not None:
+        values["size"] = size
+    async with state.db.session(write=True) as db:
+        await db.execute(
+            update(Attachment)
+            .where(Attachment.id == att.id, Attachment.status == "processing")
+            .values(**values)
+        )
+    log.info(
+        "media.processed",
+        attachment_id=str(att.id),
+        kind=att.kind,
+        ready=outcome.ready,
+        reason=outcome.reason,
+    )
+
+
+async def delete_objects(ctx: JobContext, payload: dict[str, Any]) -> None:
+    for key in payload.get("keys", []):
+        await ctx.state.store.delete(str(key))
+
+
+async def expire_abandoned_uploads(state: AppState) -> int:
+    """Abort uploads never completed within their 24 h and free their storage."""
+    now = dt.datetime.now(dt.UTC)
+    async with state.db.session(write=False) as db:
+        rows = list(
+            await db.scalars(
+                select(Attachment)
+                .where(Attachment.status == "pending", Attachment.expires_at <= now)
+                .limit(500)
+            )
+        )
+    for att in rows:
+        if att.multipart_upload_id:
+            await state.store.abort_multipart(att.storage_key, att.multipart_upload_id)
+        await state.store.delete(att.storage_key)
+        async with state.db.session(write=True) as db:
+            await db.execute(
+                update(Attachment)
+                .where(Attachment.id == att.id, Attachment.status == "pending")
+                .values(status="expired", reason="never completed", multipart_upload_id=None)
+            )
+    if rows:
+        log.info("media.uploads_expired", count=len(rows))
+    return len(rows)
+
+
+def register(registry: JobRegistry) -> None:
+    registry.register("media.process", process_attachment, max_attempts=5, timeout_s=300)
+    registry.register("storage.delete", delete_objects, max_attempts=20)
+    registry.periodic("uploads.expire", 600, expire_abandoned_uploads)

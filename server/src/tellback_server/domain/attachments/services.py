@@ -1,0 +1,432 @@
+"""Uploads and attachments: plan, presign, verify on complete, hand to processing.
+
+Flow: ``create_upload`` checks the app's limits and presigns (single PUT up
+to 16 MiB, else multipart with parts of at least 8 MiB and at most 10,000
+parts); the client PUTs bytes straight to storage; ``complete`` checks that
+every byte arrived and that the leading bytes match the declared type, then
+queues ``media.process`` in the same transaction. Every state change is
+visible (``pending -> processing -> ready | rejected``, with a reason).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import unicodedata
+from collections.abc import Iterable, Sequence
+from uuid import UUID
+
+from sqlalchemy import or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from tellback_server.db.models import Attachment, Conversation, Message
+from tellback_server.domain.apps.schemas import MIB, AppSettings, KindLimits
+from tellback_server.domain.apps.services import parse_settings
+from tellback_server.domain.attachments import sniff
+from tellback_server.domain.attachments.schemas import (
+    AttachmentConfig,
+    AttachmentOut,
+    KindLimitsOut,
+    MultipartUpload,
+    PartUrl,
+    SingleUpload,
+    UploadComplete,
+    UploadCreate,
+    UploadCreated,
+    UploadedPartOut,
+    UploadStatus,
+)
+from tellback_server.http.deps import AgentPrincipal, ClientPrincipal
+from tellback_server.http.errors import (
+    AppError,
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
+from tellback_server.jobs.queue import enqueue
+from tellback_server.storage.base import ObjectStore, UploadedPart
+
+SINGLE_MAX = 16 * MIB
+MIN_PART = 8 * MIB
+MAX_PARTS = 10_000
+UPLOAD_TTL = dt.timedelta(hours=24)
+UPLOAD_URL_TTL = dt.timedelta(hours=1)
+DOWNLOAD_URL_TTL = dt.timedelta(minutes=15)
+PROCESS_JOB = "media.process"
+DELETE_JOB = "storage.delete"
+USABLE = {"processing", "ready"}
+
+
+class UploadIncomplete(AppError):
+    status_code, code = 409, "upload_incomplete"
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def plan(size: int) -> tuple[str, int, int]:
+    """(method, part_size, part_count) for an upload of ``size`` bytes."""
+    if size <= SINGLE_MAX:
+        return "single", size, 1
+    part_size = max(MIN_PART, math.ceil(size / MAX_PARTS / MIB) * MIB)
+    return "multipart", part_size, math.ceil(size / part_size)
+
+
+def clean_filename(raw: str) -> str:
+    """A display name: last path component, no control characters, NFC, at most 255 chars.
+
+    It is shown to agents and used in download headers, never as a storage key.
+    """
+    name = unicodedata.normalize("NFC", raw).replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(c for c in name if unicodedata.category(c)[0] != "C").strip().strip(".")
+    return name[:255] or "file"
+
+
+def kind_limits(settings: AppSettings, kind: str) -> KindLimits:
+    limits: KindLimits = getattr(settings.attachments, kind)
+    return limits
+
+
+def attachment_config(settings: AppSettings) -> AttachmentConfig:
+    def out(kind: str) -> KindLimitsOut:
+        limits = kind_limits(settings, kind)
+        return KindLimitsOut(max_bytes=limits.max_bytes, content_types=list(limits.content_types))
+
+    return AttachmentConfig(
+        photo=out("photo"),
+        video=out("video"),
+        file=out("file"),
+        log=out("log"),
+        multipart_threshold_bytes=SINGLE_MAX,
+    )
+
+
+class AttachmentService:
+    def __init__(self, db: AsyncSession, store: ObjectStore) -> None:
+        self.db = db
+        self.store = store
+
+    # ----- uploads (end users) ------------------------------------------------------------
+
+    async def _own_upload(self, client: ClientPrincipal, upload_id: UUID) -> Attachment:
+        att = await self.db.scalar(
+            select(Attachment).where(
+                Attachment.id == upload_id,
+                Attachment.app_id == client.app_id,
+                Attachment.uploader_user_id == client.end_user_id,
+            )
+        )
+        if att is None:
+            raise NotFound("no such upload")
+        return att
+
+    async def create_upload(self, client: ClientPrincipal, data: UploadCreate) -> UploadCreated:
+        settings = parse_settings(client.app_settings)
+        limits = kind_limits(settings, data.kind)
+        content_type = data.content_type.lower().split(";", 1)[0].strip()
+        if content_type not in limits.content_types:
+            raise UnsupportedMediaType(
+                f"{content_type} is not allowed for {data.kind}s "
+                f"(allowed: {', '.join(limits.content_types)})"
+            )
+        if data.size > limits.max_bytes:
+            raise PayloadTooLarge(
+                f"a {data.kind} may be at most {limits.max_bytes} bytes; this one is {data.size}"
+            )
+        method, part_size, part_count = plan(data.size)
+        now = _now()
+        att = Attachment(
+            app_id=client.app_id,
+            uploader_user_id=client.end_user_id,
+            kind=data.kind,
+            filename=clean_filename(data.filename),
+            content_type=content_type,
+            size=data.size,
+            sha256=data.sha256.lower() if data.sha256 else None,
+            storage_key="",
+            method=method,
+            part_size=part_size,
+            part_count=part_count,
+            status="pending",
+            expires_at=now + UPLOAD_TTL,
+        )
+        self.db.add(att)
+        await self.db.flush()
+        att.storage_key = f"apps/{client.app_id}/att/{att.id}/original"
+        if method == "multipart":
+            att.multipart_upload_id = await self.store.create_multipart(
+                att.storage_key, content_type
+            )
+        await self.db.flush()
+        single, multipart = await self._urls(att, done=set())
+        return UploadCreated(
+            upload_id=att.id,
+            expires_at=att.expires_at,
+            method="single" if method == "single" else "multipart",
+            single=single,
+            multipart=multipart,
+        )
+
+    async def _urls(
+        self, att: Attachment, done: set[int]
+    ) -> tuple[SingleUpload | None, MultipartUpload | None]:
+        if att.method == "single":
+            req = await self.store.presign_put(
+                att.storage_key, att.content_type, att.size, UPLOAD_URL_TTL
+            )
+            return SingleUpload(url=req.url, headers=req.headers), None
+        assert att.multipart_upload_id is not None
+        assert att.part_size is not None
+        parts = [
+            PartUrl(
+                part_number=n,
+                url=await self.store.presign_part(
+                    att.storage_key, att.multipart_upload_id, n, att.part_size, UPLOAD_URL_TTL
+                ),
+            )
+            for n in range(1, att.part_count + 1)
+            if n not in done
+        ]
+        return None, MultipartUpload(
+            part_size=att.part_size, part_count=att.part_count, parts=parts
+        )
+
+    async def _uploaded_parts(self, att: Attachment) -> list[UploadedPart]:
+        if att.method != "multipart" or att.status != "pending" or not att.multipart_upload_id:
+            return []
+        return await self.store.list_parts(att.storage_key, att.multipart_upload_id)
+
+    async def upload_status(self, client: ClientPrincipal, upload_id: UUID) -> UploadStatus:
+        att = await self._own_upload(client, upload_id)
+        parts = await self._uploaded_parts(att)
+        single = multipart = None
+        if att.status == "pending":
+            single, multipart = await self._urls(att, done={p.part_number for p in parts})
+        return UploadStatus(
+            upload_id=att.id,
+            status=att.status,  # type: ignore[arg-type]
+            kind=att.kind,  # type: ignore[arg-type]
+            filename=att.filename,
+            content_type=att.content_type,
+            size=att.size,
+            method=att.method,  # type: ignore[arg-type]
+            expires_at=att.expires_at,
+            uploaded_parts=[UploadedPartOut(p.part_number, p.etag, p.size) for p in parts],
+            reason=att.reason,
+            single=single,
+            multipart=multipart,
+        )
+
+    def _expected_part_size(self, att: Attachment, number: int) -> int:
+        assert att.part_size is not None
+        if number < att.part_count:
+            return att.part_size
+        return att.size - att.part_size * (att.part_count - 1)
+
+    async def _finish_multipart(self, att: Attachment, data: UploadComplete) -> None:
+        assert att.multipart_upload_id is not None
+        stored = {
+            p.part_number: p
+            for p in await self.store.list_parts(att.storage_key, att.multipart_upload_id)
+        }
+        wanted = range(1, att.part_count + 1)
+        missing = [n for n in wanted if n not in stored]
+        if missing:
+            raise UploadIncomplete(f"parts not uploaded yet: {missing[:20]}")
+        for n in wanted:
+            expected = self._expected_part_size(att, n)
+            if stored[n].size != expected:
+                raise UploadIncomplete(f"part {n} has {stored[n].size} bytes, expected {expected}")
+        if data.parts:
+            given = {p.part_number: p.etag.strip('"') for p in data.parts}
+            if set(given) != set(wanted) or any(given[n] != stored[n].etag for n in wanted):
+                raise UploadIncomplete("the parts listed do not match the uploaded parts")
+        try:
+            await self.store.complete_multipart(
+                att.storage_key, att.multipart_upload_id, [(n, stored[n].etag) for n in wanted]
+            )
+        except ValueError as exc:
+            raise UploadIncomplete(f"storage refused to assemble the parts: {exc}") from None
+
+    async def complete(
+        self, client: ClientPrincipal, upload_id: UUID, data: UploadComplete
+    ) -> tuple[AttachmentOut, str | None]:
+        """Verify and queue processing. Returns the attachment and, if its bytes are not
+        what the type claims, the rejection reason (the caller answers 415 but the
+        rejection itself is committed, so the user and agents can see it)."""
+        att = await self._own_upload(client, upload_id)
+        if att.status != "pending":
+            return await self.out(att), None  # completing twice is harmless
+        if att.expires_at <= _now():
+            raise NotFound("this upload has expired; start a new one")
+        if att.method == "multipart":
+            await self._finish_multipart(att, data)
+        info = await self.store.stat(att.storage_key)
+        if info is None:
+            raise UploadIncomplete("no bytes have been uploaded")
+        if info.size != att.size:
+            raise UploadIncomplete(f"{info.size} bytes stored, {att.size} declared")
+        head = await self.store.read_head(att.storage_key, sniff.HEAD_BYTES)
+        now = _now()
+        att.completed_at = now
+        att.multipart_upload_id = None
+        if not sniff.matches(att.content_type, head):
+            reason = f"the file's content is not {att.content_type}"
+            att.status, att.reason = "rejected", reason
+            await self.store.delete(att.storage_key)
+            await self.db.flush()
+            return await self.out(att), reason
+        att.status = "processing"
+        await self.db.flush()
+        await enqueue(self.db, PROCESS_JOB, {"attachment_id": str(att.id)}, max_attempts=5)
+        return await self.out(att), None
+
+    async def abort(self, client: ClientPrincipal, upload_id: UUID) -> None:
+        att = await self._own_upload(client, upload_id)
+        if att.status != "pending":
+            if att.message_id is not None:
+                raise ValidationFailed.field("upload_id", "this attachment is part of a message")
+            await self._schedule_delete(att)
+            att.status = "aborted"
+            return
+        if att.multipart_upload_id:
+            await self.store.abort_multipart(att.storage_key, att.multipart_upload_id)
+        await self.store.delete(att.storage_key)
+        att.status = "aborted"
+        att.multipart_upload_id = None
+
+    async def _schedule_delete(self, att: Attachment) -> None:
+        keys = [k for k in (att.storage_key, att.thumbnail_key) if k]
+        await enqueue(self.db, DELETE_JOB, {"keys": keys})
+
+    # ----- reading ------------------------------------------------------------------------
+
+    async def out(self, att: Attachment) -> AttachmentOut:
+        url = thumb = None
+        expires = None
+        if att.status in USABLE:
+            expires = _now() + DOWNLOAD_URL_TTL
+            url = await self.store.presign_get(
+                att.storage_key,
+                DOWNLOAD_URL_TTL,
+                filename=att.filename,
+                content_type=att.content_type,
+            )
+            if att.thumbnail_key:
+                thumb = await self.store.presign_get(
+                    att.thumbnail_key, DOWNLOAD_URL_TTL, filename=None, content_type="image/jpeg"
+                )
+        return AttachmentOut(
+            id=att.id,
+            kind=att.kind,  # type: ignore[arg-type]
+            filename=att.filename,
+            content_type=att.content_type,
+            size=att.size,
+            status=att.status,  # type: ignore[arg-type]
+            reason=att.reason,
+            width=att.width,
+            height=att.height,
+            duration_s=att.duration_s,
+            url=url,
+            thumbnail_url=thumb,
+            expires_at=expires,
+            created_at=att.created_at,
+        )
+
+    async def get_for_client(self, client: ClientPrincipal, attachment_id: UUID) -> AttachmentOut:
+        on_own_conversation = (
+            select(Message.id)
+            .join(Conversation, Conversation.id == Message.conversation_id)
+            .where(
+                Message.id == Attachment.message_id,
+                Message.internal.is_(False),
+                Conversation.end_user_id == client.end_user_id,
+            )
+            .exists()
+        )
+        att = await self.db.scalar(
+            select(Attachment).where(
+                Attachment.id == attachment_id,
+                Attachment.app_id == client.app_id,
+                or_(Attachment.uploader_user_id == client.end_user_id, on_own_conversation),
+            )
+        )
+        if att is None:
+            raise NotFound("no such attachment")
+        return await self.out(att)
+
+    async def get_for_agent(self, agent: AgentPrincipal, attachment_id: UUID) -> AttachmentOut:
+        if not agent.app_ids:
+            raise NotFound("no such attachment")
+        att = await self.db.scalar(
+            select(Attachment).where(
+                Attachment.id == attachment_id,
+                Attachment.app_id.in_(agent.app_ids),
+                Attachment.message_id.is_not(None),
+            )
+        )
+        if att is None:
+            raise NotFound("no such attachment")
+        return await self.out(att)
+
+    async def for_messages(self, message_ids: Iterable[UUID]) -> dict[UUID, list[AttachmentOut]]:
+        ids = set(message_ids)
+        if not ids:
+            return {}
+        rows = await self.db.scalars(
+            select(Attachment)
+            .where(Attachment.message_id.in_(ids))
+            .order_by(Attachment.created_at, Attachment.id)
+        )
+        result: dict[UUID, list[AttachmentOut]] = {}
+        for att in rows:
+            assert att.message_id is not None
+            result.setdefault(att.message_id, []).append(await self.out(att))
+        return result
+
+    # ----- attaching to messages ----------------------------------------------------------
+
+    async def claim(
+        self, app_id: UUID, uploader_user_id: UUID | None, ids: Sequence[str]
+    ) -> list[Attachment]:
+        """Check that ``ids`` are the uploader's own completed, unattached uploads."""
+        if not ids:
+            return []
+        if uploader_user_id is None:
+            raise ValidationFailed.field("attachment_ids", "agents cannot attach uploads yet")
+        parsed: list[UUID] = []
+        for i, raw in enumerate(ids):
+            try:
+                parsed.append(UUID(raw))
+            except ValueError:
+                raise ValidationFailed.field(
+                    f"attachment_ids[{i}]", "unknown attachment id"
+                ) from None
+        if len(set(parsed)) != len(parsed):
+            raise ValidationFailed.field("attachment_ids", "an attachment is listed twice")
+        rows = {
+            a.id: a
+            for a in await self.db.scalars(
+                select(Attachment).where(
+                    Attachment.id.in_(parsed),
+                    Attachment.app_id == app_id,
+                    Attachment.uploader_user_id == uploader_user_id,
+                )
+            )
+        }
+        claimed = []
+        for i, att_id in enumerate(parsed):
+            att = rows.get(att_id)
+            field = f"attachment_ids[{i}]"
+            if att is None:
+                raise ValidationFailed.field(field, "unknown attachment id")
+            if att.message_id is not None:
+                raise ValidationFailed.field(field, "already attached to a message")
+            if att.status == "rejected":
+                raise ValidationFailed.field(field, f"the attachment was rejected: {att.reason}")
+            if att.status not in USABLE:
+                raise ValidationFailed.field(field, "upload not completed yet")
+            claimed.append(att)
+        return claimed

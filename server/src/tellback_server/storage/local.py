@@ -1,0 +1,255 @@
+"""Local-disk storage for the embedded default.
+
+Clients upload to the server itself (``PUT /v1/storage/<key>?...&sig=``) with
+URLs that are HMAC-signed with a key derived from ``TELLBACK_SECRET_KEY`` and
+expire; the same shape as S3 presigned URLs, so the SDK flow is identical.
+Bytes are streamed to a temp file in chunks (never held whole in memory) and
+renamed into place; the signed maximum size is enforced while streaming.
+Multipart parts live under ``.multipart/<upload id>/`` until completion
+concatenates them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlencode
+
+from tellback_server.security import b64url, signing_key
+from tellback_server.storage.base import ObjectInfo, PresignedRequest, StorageError, UploadedPart
+
+_KEY = re.compile(r"^[a-z0-9][a-z0-9/_.\-]{0,400}$")
+_UPLOAD_ID = re.compile(r"^[A-Za-z0-9_\-]{16,64}$")
+CHUNK = 256 * 1024
+
+
+class BadSignature(Exception):
+    """The storage URL is tampered with, expired, or for another operation."""
+
+
+class TooLarge(Exception):
+    """More bytes arrived than the signed URL allows."""
+
+
+@dataclass(frozen=True, slots=True)
+class SignedOp:
+    op: str  # put | get
+    key: str
+    max_size: int
+    upload_id: str
+    part: int
+    filename: str
+    content_type: str
+
+
+def _check_key(key: str) -> str:
+    if not _KEY.match(key) or ".." in key or "//" in key:
+        raise ValueError(f"invalid storage key {key!r}")
+    return key
+
+
+class LocalStore:
+    kind = "local"
+
+    def __init__(self, root: Path, secret_key: str, base_url: str) -> None:
+        self.root = root
+        self.base_url = base_url.rstrip("/")
+        self._sign_key = signing_key(secret_key, "local-storage")
+
+    # ----- paths --------------------------------------------------------------------------
+
+    def path(self, key: str) -> Path:
+        return self.root / _check_key(key)
+
+    def _parts_dir(self, upload_id: str) -> Path:
+        if not _UPLOAD_ID.match(upload_id):
+            raise ValueError("invalid upload id")
+        return self.root / ".multipart" / upload_id
+
+    # ----- signing ------------------------------------------------------------------------
+
+    def _signature(self, op: SignedOp, exp: int) -> str:
+        message = "\n".join(
+            [
+                op.op,
+                op.key,
+                str(exp),
+                str(op.max_size),
+                op.upload_id,
+                str(op.part),
+                op.filename,
+                op.content_type,
+            ]
+        )
+        return b64url(hmac.new(self._sign_key, message.encode(), hashlib.sha256).digest())
+
+    def sign(self, op: SignedOp, expires: dt.timedelta) -> str:
+        exp = int(time.time() + expires.total_seconds())
+        query = {
+            "op": op.op,
+            "exp": str(exp),
+            "max": str(op.max_size),
+            "uid": op.upload_id,
+            "part": str(op.part),
+            "fn": op.filename,
+            "ct": op.content_type,
+            "sig": self._signature(op, exp),
+        }
+        return f"{self.base_url}/v1/storage/{op.key}?{urlencode(query)}"
+
+    def verify(self, key: str, query: dict[str, str], op: str) -> SignedOp:
+        try:
+            signed = SignedOp(
+                op=query["op"],
+                key=_check_key(key),
+                max_size=int(query["max"]),
+                upload_id=query["uid"],
+                part=int(query["part"]),
+                filename=query["fn"],
+                content_type=query["ct"],
+            )
+            exp = int(query["exp"])
+            sig = query["sig"]
+        except (KeyError, ValueError):
+            raise BadSignature("malformed storage URL") from None
+        if signed.op != op or not hmac.compare_digest(sig, self._signature(signed, exp)):
+            raise BadSignature("storage URL signature does not match")
+        if exp < time.time():
+            raise BadSignature("storage URL has expired")
+        return signed
+
+    # ----- receiving bytes ----------------------------------------------------------------
+
+    async def receive(self, signed: SignedOp, chunks: AsyncIterator[bytes]) -> str:
+        """Stream an upload (whole object or one part) to disk; return its ETag (MD5 hex)."""
+        if signed.upload_id:
+            target = self._parts_dir(signed.upload_id) / f"{signed.part:05d}"
+            if not target.parent.is_dir():
+                raise BadSignature("this multipart upload no longer exists")
+        else:
+            target = self.path(signed.key)
+            target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+        md5 = hashlib.md5(usedforsecurity=False)
+        size = 0
+        try:
+            with tmp.open("wb") as fh:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > signed.max_size:
+                        raise TooLarge(f"more than the {signed.max_size} bytes this URL allows")
+                    fh.write(chunk)
+                    md5.update(chunk)
+            etag = md5.hexdigest()
+            if signed.upload_id:
+                (target.parent / f"{signed.part:05d}.etag").write_text(etag)
+            os.replace(tmp, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        return etag
+
+    # ----- ObjectStore --------------------------------------------------------------------
+
+    async def ensure_ready(self) -> None:
+        try:
+            (self.root / ".multipart").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create {self.root}: {exc.strerror}") from exc
+
+    async def ping(self) -> None:
+        if not os.access(self.root, os.W_OK):
+            raise StorageError(f"{self.root} is not writable")
+
+    async def presign_put(
+        self, key: str, content_type: str, size: int, expires: dt.timedelta
+    ) -> PresignedRequest:
+        url = self.sign(SignedOp("put", key, size, "", 0, "", content_type), expires)
+        return PresignedRequest(url=url, headers={"Content-Type": content_type})
+
+    async def create_multipart(self, key: str, content_type: str) -> str:
+        _check_key(key)
+        upload_id = secrets.token_urlsafe(24)
+        self._parts_dir(upload_id).mkdir(parents=True)
+        return upload_id
+
+    async def presign_part(
+        self, key: str, upload_id: str, part_number: int, part_size: int, expires: dt.timedelta
+    ) -> str:
+        return self.sign(SignedOp("put", key, part_size, upload_id, part_number, "", ""), expires)
+
+    async def list_parts(self, key: str, upload_id: str) -> list[UploadedPart]:
+        folder = self._parts_dir(upload_id)
+        if not folder.is_dir():
+            return []
+        parts = []
+        for etag_file in sorted(folder.glob("*.etag")):
+            data = folder / etag_file.stem
+            if data.is_file():
+                parts.append(
+                    UploadedPart(int(etag_file.stem), etag_file.read_text(), data.stat().st_size)
+                )
+        return parts
+
+    async def complete_multipart(
+        self, key: str, upload_id: str, parts: list[tuple[int, str]]
+    ) -> None:
+        folder = self._parts_dir(upload_id)
+        stored = {p.part_number: p.etag for p in await self.list_parts(key, upload_id)}
+        for number, etag in parts:
+            if stored.get(number) != etag.strip('"'):
+                raise ValueError("InvalidPart")
+        target = self.path(key)
+
+        def concatenate() -> None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+            with tmp.open("wb") as out:
+                for number, _ in parts:
+                    with (folder / f"{number:05d}").open("rb") as src:
+                        shutil.copyfileobj(src, out, CHUNK)
+            os.replace(tmp, target)
+            shutil.rmtree(folder, ignore_errors=True)
+
+        await asyncio.to_thread(concatenate)
+
+    async def abort_multipart(self, key: str, upload_id: str) -> None:
+        await asyncio.to_thread(shutil.rmtree, self._parts_dir(upload_id), True)
+
+    async def stat(self, key: str) -> ObjectInfo | None:
+        try:
+            return ObjectInfo(size=self.path(key).stat().st_size)
+        except FileNotFoundError:
+            return None
+
+    async def read_head(self, key: str, length: int) -> bytes:
+        with self.path(key).open("rb") as fh:
+            return fh.read(length)
+
+    async def download(self, key: str, target: Path) -> None:
+        await asyncio.to_thread(shutil.copyfile, self.path(key), target)
+
+    async def upload_file(self, key: str, source: Path, content_type: str) -> None:
+        dest = self.path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(shutil.copyfile, source, dest)
+
+    async def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path(key).unlink()
+
+    async def presign_get(
+        self, key: str, expires: dt.timedelta, *, filename: str | None, content_type: str
+    ) -> str:
+        return self.sign(SignedOp("get", key, 0, "", 0, filename or "", content_type), expires)

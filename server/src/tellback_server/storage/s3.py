@@ -1,0 +1,219 @@
+"""S3-compatible storage through the ``minio`` SDK (MinIO, AWS S3, SeaweedFS, R2).
+
+minio's multipart calls (create, list parts, complete, abort) are private
+methods (``_create_multipart_upload`` etc.): its public API only offers
+"upload this whole stream", which would put every byte through the server.
+We call the private methods deliberately, pin minio to 7.2.x, and run the
+whole flow against a real S3 server (SeaweedFS) in the tests, so an SDK
+change that breaks them fails CI instead of users' uploads.
+
+minio is synchronous (urllib3); every call runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import urllib3
+from minio import Minio
+from minio.datatypes import Part
+from minio.error import MinioException, S3Error
+
+from tellback_server.settings import S3Settings
+from tellback_server.storage.base import ObjectInfo, PresignedRequest, StorageError, UploadedPart
+
+T = TypeVar("T")
+_MISSING = {"NoSuchKey", "NoSuchUpload", "NoSuchObject"}
+
+
+class S3Store:
+    kind = "s3"
+
+    def __init__(self, settings: S3Settings) -> None:
+        self.bucket = settings.bucket
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=3.0, read=60.0),
+            retries=urllib3.Retry(
+                total=2, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)
+            ),
+            maxsize=16,
+        )
+        self.client = Minio(
+            settings.endpoint,
+            access_key=settings.access_key,
+            secret_key=settings.secret_key,
+            secure=settings.secure,
+            region=settings.region,
+            http_client=http,
+        )
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except S3Error:
+            raise
+        except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise StorageError(f"object storage unavailable: {type(exc).__name__}") from exc
+
+    async def ensure_ready(self) -> None:
+        try:
+            if not await self._call(self.client.bucket_exists, self.bucket):
+                await self._call(self.client.make_bucket, self.bucket)
+        except S3Error as exc:
+            if exc.code not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+                raise StorageError(f"cannot create bucket: {exc.code}") from exc
+
+    async def ping(self) -> None:
+        try:
+            await self._call(self.client.bucket_exists, self.bucket)
+        except S3Error as exc:
+            raise StorageError(f"object storage error: {exc.code}") from exc
+
+    async def presign_put(
+        self, key: str, content_type: str, size: int, expires: dt.timedelta
+    ) -> PresignedRequest:
+        url = await self._call(self.client.get_presigned_url, "PUT", self.bucket, key, expires)
+        return PresignedRequest(url=url, headers={"Content-Type": content_type})
+
+    async def create_multipart(self, key: str, content_type: str) -> str:
+        try:
+            upload_id: str = await self._call(
+                self.client._create_multipart_upload,
+                self.bucket,
+                key,
+                {"Content-Type": content_type},
+            )
+        except S3Error as exc:
+            raise StorageError(f"object storage error: {exc.code}") from exc
+        return upload_id
+
+    async def presign_part(
+        self, key: str, upload_id: str, part_number: int, part_size: int, expires: dt.timedelta
+    ) -> str:
+        return await self._call(
+            self.client.get_presigned_url,
+            "PUT",
+            self.bucket,
+            key,
+            expires,
+            extra_query_params={"partNumber": str(part_number), "uploadId": upload_id},
+        )
+
+    async def list_parts(self, key: str, upload_id: str) -> list[UploadedPart]:
+        parts: list[UploadedPart] = []
+        marker: str | None = None
+        while True:
+            try:
+                result = await self._call(
+                    self.client._list_parts,
+                    self.bucket,
+                    key,
+                    upload_id,
+                    max_parts=1000,
+                    part_number_marker=marker,
+                )
+            except S3Error as exc:
+                if exc.code in _MISSING:
+                    return []
+                raise StorageError(f"object storage error: {exc.code}") from exc
+            parts.extend(
+                UploadedPart(p.part_number, p.etag.strip('"'), int(p.size or 0))
+                for p in result.parts
+            )
+            if not result.is_truncated or not result.next_part_number_marker:
+                return parts
+            marker = result.next_part_number_marker
+
+    async def complete_multipart(
+        self, key: str, upload_id: str, parts: list[tuple[int, str]]
+    ) -> None:
+        try:
+            await self._call(
+                self.client._complete_multipart_upload,
+                self.bucket,
+                key,
+                upload_id,
+                [Part(n, etag) for n, etag in parts],
+            )
+        except S3Error as exc:
+            if exc.code in {"InvalidPart", "InvalidPartOrder", "EntityTooSmall", *_MISSING}:
+                raise ValueError(exc.code) from exc
+            raise StorageError(f"object storage error: {exc.code}") from exc
+
+    async def abort_multipart(self, key: str, upload_id: str) -> None:
+        try:
+            await self._call(self.client._abort_multipart_upload, self.bucket, key, upload_id)
+        except S3Error as exc:
+            if exc.code not in _MISSING:
+                raise StorageError(f"object storage error: {exc.code}") from exc
+
+    async def stat(self, key: str) -> ObjectInfo | None:
+        try:
+            obj = await self._call(self.client.stat_object, self.bucket, key)
+        except S3Error as exc:
+            if exc.code in _MISSING:
+                return None
+            raise StorageError(f"object storage error: {exc.code}") from exc
+        return ObjectInfo(size=int(obj.size or 0))
+
+    async def read_head(self, key: str, length: int) -> bytes:
+        def read() -> bytes:
+            response = self.client.get_object(self.bucket, key, offset=0, length=length)
+            try:
+                data: bytes = response.read()
+                return data
+            finally:
+                response.close()
+                response.release_conn()
+
+        try:
+            return await self._call(read)
+        except S3Error as exc:
+            raise StorageError(f"object storage error: {exc.code}") from exc
+
+    async def download(self, key: str, target: Path) -> None:
+        try:
+            await self._call(self.client.fget_object, self.bucket, key, str(target))
+        except S3Error as exc:
+            raise StorageError(f"object storage error: {exc.code}") from exc
+
+    async def upload_file(self, key: str, source: Path, content_type: str) -> None:
+        try:
+            await self._call(
+                self.client.fput_object, self.bucket, key, str(source), content_type=content_type
+            )
+        except S3Error as exc:
+            raise StorageError(f"object storage error: {exc.code}") from exc
+
+    async def delete(self, key: str) -> None:
+        try:
+            await self._call(self.client.remove_object, self.bucket, key)
+        except S3Error as exc:
+            if exc.code not in _MISSING:
+                raise StorageError(f"object storage error: {exc.code}") from exc
+
+    async def presign_get(
+        self, key: str, expires: dt.timedelta, *, filename: str | None, content_type: str
+    ) -> str:
+        headers = {"response-content-type": content_type}
+        if filename is not None:
+            headers["response-content-disposition"] = content_disposition(filename)
+        return await self._call(
+            self.client.get_presigned_url,
+            "GET",
+            self.bucket,
+            key,
+            expires,
+            response_headers=headers,
+        )
+
+
+def content_disposition(filename: str) -> str:
+    """An attachment disposition safe for any filename (RFC 6266 / 5987)."""
+    ascii_name = filename.encode("ascii", "replace").decode().replace('"', "'").replace("\\", "_")
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename)}"

@@ -1,0 +1,166 @@
+"""The upload flow end to end, on local disk and on a real S3 server (SeaweedFS)."""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import httpx
+from PIL import Image
+
+from tellback_server.jobs.worker import Worker
+from tellback_server.plugins import build_registry
+from tests.server.conftest import Api
+
+
+async def put(
+    api: Api, url: str, data: bytes, headers: dict[str, str] | None = None
+) -> httpx.Response:
+    """PUT to a presigned URL: the app itself (local disk) or the S3 server over the network."""
+    if url.startswith(str(api.http.base_url).rstrip("/")):
+        return await api.http.put(url, content=data, headers=headers)
+    async with httpx.AsyncClient() as raw:
+        return await raw.put(url, content=data, headers=headers)
+
+
+async def get(api: Api, url: str) -> httpx.Response:
+    if url.startswith(str(api.http.base_url).rstrip("/")):
+        return await api.http.get(url)
+    async with httpx.AsyncClient() as raw:
+        return await raw.get(url)
+
+
+def jpeg_with_gps(width: int = 1200, height: int = 800) -> bytes:
+    image = Image.new("RGB", (width, height), (200, 30, 30))
+    exif = Image.Exif()
+    exif[0x0110] = "TestPhone"  # Model
+    gps = exif.get_ifd(0x8825)
+    gps[1] = "N"
+    gps[2] = (48.0, 8.0, 0.0)
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", exif=exif)
+    return buf.getvalue()
+
+
+async def run_jobs(api: Api) -> int:
+    return await Worker(api.state, build_registry()).run_until_idle()
+
+
+async def start_upload(api: Api, user: dict[str, str], **body: Any) -> dict[str, Any]:
+    r = await api.http.post("/v1/client/uploads", json=body, headers=user)
+    assert r.status_code == 201, r.text
+    data: dict[str, Any] = r.json()
+    return data
+
+
+async def test_photo_single_upload_processed_and_gps_stripped(storage_api: Api) -> None:
+    api = storage_api
+    app = await api.create_app()
+    user = await api.user_headers(app)
+    photo = jpeg_with_gps()
+    up = await start_upload(
+        api,
+        user,
+        filename="../../etc/IMG_0001.JPG",
+        content_type="image/jpeg",
+        size=len(photo),
+        kind="photo",
+    )
+    assert up["method"] == "single"
+    r = await put(api, up["single"]["url"], photo, up["single"]["headers"])
+    assert r.status_code == 200, r.text
+    r = await api.http.post(f"/v1/client/uploads/{up['upload_id']}/complete", json={}, headers=user)
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "processing"
+    assert r.json()["filename"] == "IMG_0001.JPG"
+    assert await run_jobs(api) == 1
+    r = await api.http.get(f"/v1/client/attachments/{up['upload_id']}", headers=user)
+    att = r.json()
+    assert att["status"] == "ready", att
+    assert (att["width"], att["height"]) == (1200, 800)
+    assert att["thumbnail_url"]
+    original = await get(api, att["url"])
+    assert original.status_code == 200
+    stored = Image.open(io.BytesIO(original.content))
+    assert 0x8825 not in stored.getexif()
+    assert stored.getexif().get(0x0110) == "TestPhone"
+    thumb = Image.open(io.BytesIO((await get(api, att["thumbnail_url"])).content))
+    assert max(thumb.size) == 512
+
+    # attach it to feedback; the message carries it
+    conv = await api.feedback(user, attachment_ids=[up["upload_id"]])
+    assert [a["id"] for a in conv["last_message"]["attachments"]] == [up["upload_id"]]
+    # ... and it cannot be attached twice
+    r = await api.http.post(
+        "/v1/client/conversations",
+        json={"body": "again", "attachment_ids": [up["upload_id"]]},
+        headers=user,
+    )
+    assert r.status_code == 422
+
+
+async def test_multipart_resume_lists_parts_and_completes(storage_api: Api) -> None:
+    api = storage_api
+    app = await api.create_app()
+    user = await api.user_headers(app)
+    size = 17 * 1024 * 1024 + 123
+    blob = b"PK\x03\x04" + os.urandom(size - 4)
+    up = await start_upload(
+        api, user, filename="logs.zip", content_type="application/zip", size=size, kind="file"
+    )
+    assert up["method"] == "multipart"
+    mp = up["multipart"]
+    assert mp["part_size"] == 8 * 1024 * 1024
+    assert [p["part_number"] for p in mp["parts"]] == [1, 2, 3]
+    part_size = mp["part_size"]
+    chunks = {n: blob[(n - 1) * part_size : n * part_size] for n in (1, 2, 3)}
+    etags = {}
+    for part in mp["parts"]:
+        if part["part_number"] == 2:
+            continue  # "the network dropped"
+        r = await put(api, part["url"], chunks[part["part_number"]])
+        assert r.status_code == 200, r.text
+        etags[part["part_number"]] = r.headers["etag"].strip('"')
+    # completing now is refused: a part is missing
+    r = await api.http.post(f"/v1/client/uploads/{up['upload_id']}/complete", json={}, headers=user)
+    assert r.status_code == 409
+    assert r.json()["code"] == "upload_incomplete"
+    # resume: the server says which parts it has and hands out a URL for the rest
+    r = await api.http.get(f"/v1/client/uploads/{up['upload_id']}", headers=user)
+    status = r.json()
+    assert sorted(p["part_number"] for p in status["uploaded_parts"]) == [1, 3]
+    assert {p["part_number"]: p["etag"] for p in status["uploaded_parts"]} == etags
+    assert [p["part_number"] for p in status["multipart"]["parts"]] == [2]
+    r = await put(api, status["multipart"]["parts"][0]["url"], chunks[2])
+    assert r.status_code == 200
+    etags[2] = r.headers["etag"].strip('"')
+    parts = [{"part_number": n, "etag": etags[n]} for n in (1, 2, 3)]
+    r = await api.http.post(
+        f"/v1/client/uploads/{up['upload_id']}/complete", json={"parts": parts}, headers=user
+    )
+    assert r.status_code == 200, r.text
+    await run_jobs(api)
+    att = (await api.http.get(f"/v1/client/attachments/{up['upload_id']}", headers=user)).json()
+    assert att["status"] == "ready"
+    assert att["size"] == size
+    assert (await get(api, att["url"])).content == blob
+
+
+async def test_script_named_jpg_is_rejected_and_visible(storage_api: Api) -> None:
+    api = storage_api
+    app = await api.create_app()
+    user = await api.user_headers(app)
+    script = b"#!/bin/sh\nrm -rf /\n"
+    up = await start_upload(
+        api, user, filename="cat.jpg", content_type="image/jpeg", size=len(script), kind="photo"
+    )
+    assert (await put(api, up["single"]["url"], script)).status_code == 200
+    r = await api.http.post(f"/v1/client/uploads/{up['upload_id']}/complete", json={}, headers=user)
+    assert r.status_code == 415
+    assert r.json()["code"] == "unsupported_media_type"
+    att = (await api.http.get(f"/v1/client/attachments/{up['upload_id']}", headers=user)).json()
+    assert att["status"] == "rejected"
+    assert "image/jpeg" in att["reason"]
+    assert att["url"] is None
+    assert await api.state.store.stat(f"apps/{app.id}/att/{up['upload_id']}/original") is None
