@@ -28,6 +28,7 @@ from tellback_server.domain.conversations.controllers import (
 )
 from tellback_server.domain.identity.controllers import MeController, SessionsController
 from tellback_server.domain.ops.controllers import healthz, metrics, readyz
+from tellback_server.domain.users.controllers import AdminUsersController
 from tellback_server.http.deps import DEPENDENCIES
 from tellback_server.http.errors import exception_handlers
 from tellback_server.http.middleware import request_id_middleware
@@ -133,6 +134,7 @@ def create_app(
             StorageController,
             AdminAppsController,
             AdminAgentsController,
+            AdminUsersController,
         ],
         dependencies=DEPENDENCIES,
         exception_handlers=exception_handlers(),

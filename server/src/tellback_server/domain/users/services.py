@@ -1,0 +1,89 @@
+"""End users as the operator sees them: lookup and erasure (GDPR "right to be forgotten")."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from sqlalchemy import delete, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from tellback_server.db.models import App, Attachment, Conversation, EndUser, Message
+from tellback_server.domain.attachments.services import DELETE_JOB
+from tellback_server.domain.identity.schemas import EndUserOut
+from tellback_server.domain.identity.services import user_out
+from tellback_server.http.errors import NotFound
+from tellback_server.http.pagination import Page, check_limit, decode_cursor, next_cursor_for
+from tellback_server.jobs.queue import enqueue
+
+KEYS_PER_JOB = 500
+
+
+class EndUserService:
+    def __init__(self, db: AsyncSession) -> None:
+        self.db = db
+
+    async def _app(self, app_id: UUID) -> None:
+        if await self.db.scalar(select(App.id).where(App.id == app_id)) is None:
+            raise NotFound("no such app")
+
+    async def list(
+        self, app_id: UUID, external_id: str | None, cursor: str | None, limit: int
+    ) -> Page[EndUserOut]:
+        check_limit(limit)
+        await self._app(app_id)
+        stmt = select(EndUser).where(EndUser.app_id == app_id, EndUser.merged_into_id.is_(None))
+        if external_id is not None:
+            stmt = stmt.where(EndUser.external_id == external_id)
+        if (c := decode_cursor(cursor)) is not None:
+            stmt = stmt.where(
+                (EndUser.created_at > c.at) | ((EndUser.created_at == c.at) & (EndUser.id > c.id))
+            )
+        rows = list(
+            await self.db.scalars(stmt.order_by(EndUser.created_at, EndUser.id).limit(limit + 1))
+        )
+        nxt = next_cursor_for([(u.created_at, u.id) for u in rows], limit)
+        return Page(items=[user_out(u) for u in rows[:limit]], next_cursor=nxt)
+
+    async def erase(self, app_id: UUID, user_id: UUID) -> None:
+        """Delete the user, everything they wrote, their conversations and their files.
+
+        Rows go in this transaction; stored objects are deleted by a job queued in
+        the same transaction, so a crash cannot leave files without their owner row
+        being gone too (the job retries until storage confirms).
+        """
+        user = await self.db.scalar(
+            select(EndUser).where(EndUser.id == user_id, EndUser.app_id == app_id)
+        )
+        if user is None:
+            raise NotFound("no such end user")
+        ids = [
+            user_id,
+            *await self.db.scalars(select(EndUser.id).where(EndUser.merged_into_id == user_id)),
+        ]
+        conversations = select(Conversation.id).where(Conversation.end_user_id.in_(ids))
+        on_their_messages = select(Message.id).where(Message.conversation_id.in_(conversations))
+        rows = await self.db.execute(
+            select(Attachment.storage_key, Attachment.thumbnail_key).where(
+                Attachment.app_id == app_id,
+                or_(
+                    Attachment.uploader_user_id.in_(ids),
+                    Attachment.message_id.in_(on_their_messages),
+                ),
+            )
+        )
+        keys = [k for row in rows for k in row if k]
+        for i in range(0, len(keys), KEYS_PER_JOB):
+            await enqueue(
+                self.db, DELETE_JOB, {"keys": keys[i : i + KEYS_PER_JOB]}, max_attempts=20
+            )
+        await self.db.execute(
+            delete(Attachment).where(
+                Attachment.app_id == app_id,
+                or_(
+                    Attachment.uploader_user_id.in_(ids),
+                    Attachment.message_id.in_(on_their_messages),
+                ),
+            )
+        )
+        await self.db.execute(delete(Conversation).where(Conversation.end_user_id.in_(ids)))
+        await self.db.execute(delete(EndUser).where(EndUser.id.in_(ids)))
