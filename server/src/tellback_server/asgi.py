@@ -119,7 +119,7 @@ def create_app(
                     await asyncio.wait_for(task, timeout=15)
             await app_state.db.dispose()
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             healthz,
             readyz,
@@ -138,7 +138,6 @@ def create_app(
         ],
         dependencies=DEPENDENCIES,
         exception_handlers=exception_handlers(),
-        middleware=[request_id_middleware(app_state.metrics)],
         openapi_config=openapi_config(),
         request_max_body_size=settings.max_request_body_bytes,
         state=State({"tb": app_state, "registry": registry}),
@@ -146,3 +145,6 @@ def create_app(
         debug=False,
         logging_config=None,
     )
+    # Around the whole app, not per route: 404/405 from the router carry the id too.
+    app.asgi_handler = request_id_middleware(app_state.metrics)(app.asgi_handler)
+    return app

@@ -7,6 +7,7 @@ carries exception text, SQL or a stack trace.
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 from typing import Any
 
@@ -167,16 +168,40 @@ def _app_error(request: Request[Any, Any, Any], exc: AppError) -> Response[bytes
     )
 
 
+_MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
+
+
+def _field_name(key: str, message: str) -> str:
+    """The request's own field path: Litestar names the whole body `data`."""
+    key = key.removeprefix("$.")
+    if key == "data" or key.startswith("data."):
+        key = key.removeprefix("data").lstrip(".")
+    if (missing := _MISSING_FIELD.search(message)) is not None:
+        key = f"{key}.{missing.group(1)}" if key else missing.group(1)
+    return key or "body"
+
+
 def _validation_errors(extra: Any) -> list[FieldError]:
     errors: list[FieldError] = []
     if isinstance(extra, list):
         for item in extra:
             if not isinstance(item, dict):
                 continue
-            key = str(item.get("key") or "body")
             message = str(item.get("message") or "invalid value")
-            errors.append(FieldError(field=key.removeprefix("$."), message=message))
+            field = _field_name(str(item.get("key") or ""), message)
+            errors.append(FieldError(field=field, message=message))
     return errors
+
+
+def _body_missing(exc: ValidationException) -> bool:
+    """Litestar reports an empty body as a missing `data` argument (a KeyError text)."""
+    extra = exc.extra if isinstance(exc.extra, list) else []
+    return any(
+        isinstance(item, dict)
+        and item.get("key") == "data"
+        and "'data'" in str(item.get("message"))
+        for item in extra
+    )
 
 
 def _is_malformed(exc: BaseException) -> bool:
@@ -195,6 +220,8 @@ def _litestar_validation(
 ) -> Response[bytes]:
     if _is_malformed(exc):
         return problem_response(request, 400, "bad_request", "the request body is not valid JSON")
+    if _body_missing(exc):
+        return problem_response(request, 400, "bad_request", "a JSON request body is required")
     errors = _validation_errors(exc.extra)
     detail = "; ".join(f"{e.field}: {e.message}" for e in errors) or "the request is invalid"
     return problem_response(request, 422, "validation_failed", detail, errors=errors or None)

@@ -26,7 +26,7 @@ class Page(msgspec.Struct, Generic[T]):
 
 
 class Cursor(msgspec.Struct, array_like=True, frozen=True):
-    at: dt.datetime
+    at: Annotated[dt.datetime, msgspec.Meta(tz=True)]
     id: UUID
 
 

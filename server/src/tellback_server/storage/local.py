@@ -5,8 +5,9 @@ URLs that are HMAC-signed with a key derived from ``TELLBACK_SECRET_KEY`` and
 expire; the same shape as S3 presigned URLs, so the SDK flow is identical.
 Bytes are streamed to a temp file in chunks (never held whole in memory) and
 renamed into place; the signed maximum size is enforced while streaming.
-Multipart parts live under ``.multipart/<upload id>/`` until completion
-concatenates them.
+Multipart parts are written straight into one file at their offsets
+(``.multipart/<upload id>/data``; a part's ETag and size are recorded only once
+all its bytes arrived), so completing an upload is a rename, not a copy.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from tellback_server.storage.base import ObjectInfo, PresignedRequest, StorageEr
 
 _KEY = re.compile(r"^[a-z0-9][a-z0-9/_.\-]{0,400}$")
 _UPLOAD_ID = re.compile(r"^[A-Za-z0-9_\-]{16,64}$")
-CHUNK = 256 * 1024
 
 
 class BadSignature(Exception):
@@ -134,30 +134,34 @@ class LocalStore:
     async def receive(self, signed: SignedOp, chunks: AsyncIterator[bytes]) -> str:
         """Stream an upload (whole object or one part) to disk; return its ETag (MD5 hex)."""
         if signed.upload_id:
-            target = self._parts_dir(signed.upload_id) / f"{signed.part:05d}"
-            if not target.parent.is_dir():
-                raise BadSignature("this multipart upload no longer exists")
-        else:
-            target = self.path(signed.key)
-            target.parent.mkdir(parents=True, exist_ok=True)
+            return await self._receive_part(signed, chunks)
+        target = self.path(signed.key)
+        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
-        md5 = hashlib.md5(usedforsecurity=False)
-        size = 0
         try:
             with tmp.open("wb") as fh:
-                async for chunk in chunks:
-                    size += len(chunk)
-                    if size > signed.max_size:
-                        raise TooLarge(f"more than the {signed.max_size} bytes this URL allows")
-                    fh.write(chunk)
-                    md5.update(chunk)
-            etag = md5.hexdigest()
-            if signed.upload_id:
-                (target.parent / f"{signed.part:05d}.etag").write_text(etag)
+                etag, _ = await _stream(chunks, signed.max_size, fh.fileno(), 0)
             os.replace(tmp, target)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+        return etag
+
+    async def _receive_part(self, signed: SignedOp, chunks: AsyncIterator[bytes]) -> str:
+        folder = self._parts_dir(signed.upload_id)
+        if not folder.is_dir():
+            raise BadSignature("this multipart upload no longer exists")
+        record = folder / f"{signed.part:05d}.etag"
+        record.unlink(missing_ok=True)  # a part being re-sent is not done until it is
+        fd = os.open(folder / "data", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            offset = (signed.part - 1) * signed.max_size
+            etag, size = await _stream(chunks, signed.max_size, fd, offset)
+        finally:
+            os.close(fd)
+        tmp = record.with_name(f".{record.name}.{secrets.token_hex(6)}")
+        tmp.write_text(f"{etag} {size}")
+        os.replace(tmp, record)
         return etag
 
     # ----- ObjectStore --------------------------------------------------------------------
@@ -194,12 +198,9 @@ class LocalStore:
         if not folder.is_dir():
             return []
         parts = []
-        for etag_file in sorted(folder.glob("*.etag")):
-            data = folder / etag_file.stem
-            if data.is_file():
-                parts.append(
-                    UploadedPart(int(etag_file.stem), etag_file.read_text(), data.stat().st_size)
-                )
+        for record in sorted(folder.glob("[0-9]*.etag")):
+            etag, size = record.read_text().split()
+            parts.append(UploadedPart(int(record.name.split(".")[0]), etag, int(size)))
         return parts
 
     async def complete_multipart(
@@ -211,18 +212,14 @@ class LocalStore:
             if stored.get(number) != etag.strip('"'):
                 raise ValueError("InvalidPart")
         target = self.path(key)
-
-        def concatenate() -> None:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
-            with tmp.open("wb") as out:
-                for number, _ in parts:
-                    with (folder / f"{number:05d}").open("rb") as src:
-                        shutil.copyfileobj(src, out, CHUNK)
-            os.replace(tmp, target)
-            shutil.rmtree(folder, ignore_errors=True)
-
-        await asyncio.to_thread(concatenate)
+        total = sum(p.size for p in await self.list_parts(key, upload_id))
+        data = folder / "data"
+        if data.stat().st_size != total:
+            # Only when a part was re-sent shorter than before: drop the stale tail.
+            os.truncate(data, total)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(data, target)
+        await asyncio.to_thread(shutil.rmtree, folder, True)
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:
         await asyncio.to_thread(shutil.rmtree, self._parts_dir(upload_id), True)
@@ -253,3 +250,22 @@ class LocalStore:
         self, key: str, expires: dt.timedelta, *, filename: str | None, content_type: str
     ) -> str:
         return self.sign(SignedOp("get", key, 0, "", 0, filename or "", content_type), expires)
+
+
+async def _stream(
+    chunks: AsyncIterator[bytes], max_size: int, fd: int, offset: int
+) -> tuple[str, int]:
+    """Write ``chunks`` at ``offset`` of ``fd``; return (MD5 hex, size). Enforces ``max_size``."""
+    md5 = hashlib.md5(usedforsecurity=False)
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > max_size:
+            raise TooLarge(f"more than the {max_size} bytes this URL allows")
+        view = memoryview(chunk)
+        while view:
+            written = os.pwrite(fd, view, offset)
+            offset += written
+            view = view[written:]
+        md5.update(chunk)
+    return md5.hexdigest(), size

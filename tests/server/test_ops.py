@@ -1,0 +1,549 @@
+"""Operations: health, readiness, metrics, OpenAPI, rate limits, database outages, and
+pagination that stays stable while rows are being inserted."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from litestar import Litestar
+from litestar.routes import HTTPRoute
+from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
+
+from tellback_server.asgi import build_state, create_app
+from tellback_server.ratelimit import RateLimiter
+from tellback_server.security import (
+    ADMIN_TOKEN_PREFIX,
+    AGENT_TOKEN_PREFIX,
+    SESSION_TOKEN_PREFIX,
+    new_token,
+)
+from tests.server.conftest import Api, AppInfo, lifespan, make_settings
+
+PROBLEM_JSON = "application/problem+json"
+UNLIMITED: dict[str, int] = {"app_per_minute": 0, "user_per_minute": 0}
+
+
+def assert_problem(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    assert r.headers.get("content-type", "").split(";")[0].strip() == PROBLEM_JSON
+    body = r.json()
+    assert isinstance(body, dict)
+    for member in ("type", "title", "status", "code", "detail"):
+        assert member in body, f"problem lacks {member!r}: {body}"
+    assert body["status"] == status
+    assert body["code"] == code, body
+    assert isinstance(body["detail"], str)
+    assert body["detail"]
+    rid = r.headers.get("x-request-id")
+    assert rid, "every response carries X-Request-Id"
+    assert body.get("request_id") == rid
+    return body
+
+
+def retry_after(r: httpx.Response) -> int:
+    raw = r.headers.get("retry-after")
+    assert raw is not None, "Retry-After is required here"
+    assert re.fullmatch(r"\d+", raw.strip()), f"Retry-After must be delay-seconds, got {raw!r}"
+    seconds = int(raw)
+    assert seconds >= 1
+    return seconds
+
+
+# ----- health, readiness, metrics ---------------------------------------------------------------
+
+
+async def test_healthz(api: Api) -> None:
+    r = await api.http.get("/healthz")
+    assert r.status_code == 200, r.text
+    assert r.json() == {"status": "ok"}
+    assert r.headers.get("x-request-id")
+
+
+async def test_readyz(api: Api) -> None:
+    r = await api.http.get("/readyz")
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.json() == {"status": "ready"}
+
+
+def _request_counts(text: str) -> dict[tuple[str, str, str], float]:
+    counts: dict[tuple[str, str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "tellback_http_requests_total":
+                key = (sample.labels["method"], sample.labels["route"], sample.labels["status"])
+                counts[key] = sample.value
+    return counts
+
+
+async def test_metrics_is_prometheus_text_counting_requests(api: Api) -> None:
+    app = await api.create_app(rate_limits=UNLIMITED)
+    user = await api.user_headers(app)
+    conv = await api.feedback(user)
+    r = await api.http.get(f"/v1/client/conversations/{conv['id']}", headers=user)
+    assert r.status_code == 200
+    assert (await api.http.get("/healthz")).status_code == 200
+
+    r = await api.http.get("/metrics")
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/plain")
+    assert "# TYPE tellback_http_requests_total counter" in r.text
+    assert "tellback_http_request_duration_seconds_bucket" in r.text
+    counts = _request_counts(r.text)
+    assert counts[("GET", "/healthz", "200")] == 1
+    assert counts[("POST", "/v1/client/conversations", "201")] == 1
+    # Routes are templates, not concrete paths: ids would explode the label cardinality.
+    assert conv["id"] not in r.text
+    assert any(
+        method == "GET" and route.startswith("/v1/client/conversations/{") and status == "200"
+        for method, route, status in counts
+    ), counts
+
+    assert (await api.http.get("/healthz")).status_code == 200
+    r = await api.http.get("/metrics")
+    assert _request_counts(r.text)[("GET", "/healthz", "200")] == 2
+
+
+# ----- OpenAPI ----------------------------------------------------------------------------------
+
+# Endpoints of API.md that the controllers implement today.
+REQUIRED_OPERATIONS = {
+    ("post", "/v1/client/sessions"),
+    ("patch", "/v1/client/me"),
+    ("get", "/v1/client/config"),
+    ("post", "/v1/client/conversations"),
+    ("get", "/v1/client/conversations"),
+    ("get", "/v1/client/conversations/{conversation_id}"),
+    ("get", "/v1/client/conversations/{conversation_id}/messages"),
+    ("post", "/v1/client/conversations/{conversation_id}/messages"),
+    ("post", "/v1/client/conversations/{conversation_id}/read"),
+    ("get", "/v1/client/unread"),
+    ("get", "/v1/agent/conversations"),
+    ("get", "/v1/agent/conversations/{conversation_id}"),
+    ("post", "/v1/agent/conversations/{conversation_id}/messages"),
+    ("patch", "/v1/agent/conversations/{conversation_id}"),
+    ("post", "/v1/admin/apps"),
+    ("get", "/v1/admin/apps"),
+    ("get", "/v1/admin/apps/{app_id}"),
+    ("patch", "/v1/admin/apps/{app_id}"),
+    ("post", "/v1/admin/apps/{app_id}/rotate-keys"),
+    ("post", "/v1/admin/agents"),
+}
+HTTP_METHODS = {"get", "put", "post", "patch", "delete"}
+
+
+def _openapi_path(route_path: str) -> str:
+    """``/x/{id:uuid}`` (Litestar) -> ``/x/{id}`` (OpenAPI)."""
+    return re.sub(r"\{(\w+):[^}]+\}", r"{\1}", route_path)
+
+
+def _controller_operations(app: Litestar) -> set[tuple[str, str]]:
+    """(method, path) of every /v1 handler not deliberately hidden from the schema."""
+    operations: set[tuple[str, str]] = set()
+    for route in app.routes:
+        if not isinstance(route, HTTPRoute) or not route.path.startswith("/v1/"):
+            continue
+        for handler in route.route_handlers:
+            if not handler.resolve_include_in_schema():
+                continue  # e.g. signed local-storage URLs, which are not called directly
+            for method in handler.http_methods:
+                if method.lower() in HTTP_METHODS:
+                    operations.add((method.lower(), _openapi_path(route.path)))
+    return operations
+
+
+async def test_openapi_31_lists_every_v1_path(tmp_path: Path) -> None:
+    settings = make_settings(f"sqlite+aiosqlite:///{tmp_path / 'unused.db'}", tmp_path / "data")
+    app = create_app(settings)
+    transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+    async with (
+        lifespan(app),
+        httpx.AsyncClient(transport=transport, base_url="http://tellback.test") as http,
+    ):
+        r = await http.get("/schema/openapi.json")
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        page = await http.get("/schema")
+        assert page.status_code == 200
+        assert page.headers["content-type"].startswith("text/html")
+    assert str(doc["openapi"]).startswith("3.1"), doc["openapi"]
+    assert doc["info"]["title"]
+    assert doc["info"]["version"]
+
+    documented = {
+        (method, path)
+        for path, item in doc["paths"].items()
+        for method in item
+        if method in HTTP_METHODS
+    }
+    served = _controller_operations(app)
+    assert served >= REQUIRED_OPERATIONS, REQUIRED_OPERATIONS - served
+    missing = served - documented
+    assert not missing, f"served but not in OpenAPI: {sorted(missing)}"
+    assert {p for _, p in served} <= set(doc["paths"])
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert path in doc["paths"], path
+    for method, path in served:
+        operation = doc["paths"][path][method]
+        assert operation.get("responses"), (method, path)
+
+
+# ----- rate limits ------------------------------------------------------------------------------
+
+
+class ShiftedClock:
+    """Wraps the app's limiter so a test can move its clock forward."""
+
+    def __init__(self, limiter: RateLimiter) -> None:
+        self.offset = 0.0
+        self._hit = limiter.hit
+
+    def hit(self, key: str, per_minute: int, now: float | None = None) -> int | None:
+        return self._hit(key, per_minute, time.monotonic() + self.offset if now is None else now)
+
+
+async def _agent_total(api: Api, agent: dict[str, str]) -> int:
+    r = await api.http.get("/v1/agent/conversations", params={"limit": 100}, headers=agent)
+    assert r.status_code == 200, r.text
+    return len(r.json()["items"])
+
+
+async def test_user_rate_limit(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = ShiftedClock(api.state.limiter)
+    monkeypatch.setattr(api.state.limiter, "hit", clock.hit)
+    per_minute = 3
+    app = await api.create_app(rate_limits={"user_per_minute": per_minute})
+    _, agent = await api.create_agent(app)
+    installation = uuid.uuid4().hex
+    user = await api.user_headers(app, installation_id=installation)
+
+    admitted = 0
+    limited: httpx.Response | None = None
+    for i in range(per_minute + 5):
+        r = await api.http.post("/v1/client/conversations", json={"body": f"n{i}"}, headers=user)
+        if r.status_code == 429:
+            limited = r
+            break
+        assert r.status_code == 201, r.text
+        admitted += 1
+    assert limited is not None, "the user limit never kicked in"
+    assert 1 <= admitted <= per_minute
+    assert_problem(limited, 429, "rate_limited")
+    wait = retry_after(limited)
+    assert wait <= 60, "a per-minute limit never asks for more than a minute"
+    # The refused request created nothing.
+    assert await _agent_total(api, agent) == admitted
+
+    # Still limited, on any endpoint and through a fresh session of the same end user.
+    r = await api.http.get("/v1/client/unread", headers=user)
+    assert_problem(r, 429, "rate_limited")
+    retry_after(r)
+    same_user = await api.user_headers(app, installation_id=installation)
+    r = await api.http.get("/v1/client/conversations", headers=same_user)
+    assert_problem(r, 429, "rate_limited")
+
+    # Another end user of the same app is not limited.
+    other = await api.user_headers(app)
+    for _ in range(admitted - 1):
+        r = await api.http.get("/v1/client/unread", headers=other)
+        assert r.status_code == 200, r.text
+    await api.feedback(other)
+    assert await _agent_total(api, agent) == admitted + 1
+
+    # Once Retry-After has passed, the user is let through again.
+    clock.offset += wait
+    r = await api.http.get("/v1/client/unread", headers=user)
+    assert r.status_code == 200, r.text
+
+
+async def test_app_rate_limit_covers_all_users(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = ShiftedClock(api.state.limiter)
+    monkeypatch.setattr(api.state.limiter, "hit", clock.hit)
+    app = await api.create_app(rate_limits={"app_per_minute": 6000, "user_per_minute": 1000})
+    other_app = await api.create_app(name="Other")
+    users = [await api.user_headers(app), await api.user_headers(app)]
+    outsider = await api.user_headers(other_app)
+
+    per_minute = 3
+    r = await api.http.patch(
+        f"/v1/admin/apps/{app.id}",
+        json={"settings": {"rate_limits": {"app_per_minute": per_minute, "user_per_minute": 1000}}},
+        headers=api.admin,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["settings"]["rate_limits"]["app_per_minute"] == per_minute
+
+    admitted = wait = 0
+    limited_index: int | None = None
+    for i in range(per_minute + 6):
+        r = await api.http.get("/v1/client/unread", headers=users[i % 2])
+        if r.status_code == 429:
+            limited_index = i
+            assert_problem(r, 429, "rate_limited")
+            wait = retry_after(r)
+            assert wait <= 60
+            break
+        assert r.status_code == 200, r.text
+        admitted += 1
+    assert limited_index is not None, "the app limit never kicked in"
+    assert 1 <= admitted <= per_minute
+    # Every user of the app is now limited, including one who has sent little or nothing.
+    for headers in users:
+        r = await api.http.get("/v1/client/unread", headers=headers)
+        assert_problem(r, 429, "rate_limited")
+    r = await api.http.post(
+        "/v1/client/sessions",
+        json={"app_key": app.app_key, "installation_id": uuid.uuid4().hex},
+    )
+    assert_problem(r, 429, "rate_limited")
+    retry_after(r)
+    # Other apps are not affected.
+    r = await api.http.get("/v1/client/unread", headers=outsider)
+    assert r.status_code == 200, r.text
+
+    clock.offset += wait
+    r = await api.http.get("/v1/client/unread", headers=users[1])
+    assert r.status_code == 200, r.text
+
+
+async def test_default_limits_admit_normal_use(api: Api) -> None:
+    """Without rate_limits settings a user can send a handful of requests in a row."""
+    app = await api.create_app()
+    user = await api.user_headers(app)
+    for _ in range(10):
+        r = await api.http.get("/v1/client/unread", headers=user)
+        assert r.status_code == 200, r.text
+
+
+# ----- database outage -------------------------------------------------------------------------
+
+LEAKS = ("127.0.0.1", "Connect call failed", "refused", "unable to open", "asyncpg", "sqlite3")
+
+
+@pytest.mark.parametrize("kind", ["postgres-down", "sqlite-unopenable"])
+async def test_database_outage_is_503(tmp_path: Path, kind: str) -> None:
+    if kind == "postgres-down":
+        url = "postgresql+asyncpg://postgres@127.0.0.1:1/none"
+    else:
+        directory = tmp_path / "a-directory-not-a-database"
+        directory.mkdir()
+        url = f"sqlite+aiosqlite:///{directory}"
+    settings = make_settings(url, tmp_path / "data")
+    state = build_state(settings)
+    app = create_app(settings, state=state)
+    transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+    admin = {"Authorization": f"Bearer {new_token(ADMIN_TOKEN_PREFIX)}"}
+    client = {"Authorization": f"Bearer {new_token(SESSION_TOKEN_PREFIX)}"}
+    agent = {"Authorization": f"Bearer {new_token(AGENT_TOKEN_PREFIX)}"}
+    requests: list[tuple[str, str, dict[str, str], Any]] = [
+        ("POST", "/v1/admin/apps", admin, {"name": "Demo"}),
+        ("GET", "/v1/admin/apps", admin, None),
+        ("POST", "/v1/client/sessions", {}, {"app_key": "tbk_x", "installation_id": "install-1"}),
+        ("GET", "/v1/client/conversations", client, None),
+        ("POST", "/v1/client/conversations", client, {"body": "hello"}),
+        ("GET", "/v1/agent/conversations", agent, None),
+    ]
+    # capture_logs: the error log is expected, and rendering its traceback is slow.
+    with capture_logs() as logs:
+        async with (
+            lifespan(app),
+            httpx.AsyncClient(transport=transport, base_url="http://tellback.test") as http,
+        ):
+            for method, path, headers, body in requests:
+                r = await http.request(method, path, headers=headers, json=body)
+                assert_problem(r, 503, "service_unavailable")
+                retry_after(r)
+                for leak in LEAKS:
+                    assert leak not in r.text, (path, r.text)
+            r = await http.get("/readyz")
+            assert_problem(r, 503, "service_unavailable")
+            retry_after(r)
+            r = await http.get("/healthz")
+            assert r.status_code == 200, "the process itself is up"
+    assert any(e.get("log_level") == "error" for e in logs), "outages are logged for operators"
+
+
+# ----- pagination under concurrent inserts ------------------------------------------------------
+
+
+def _ts(value: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+async def _walk(
+    api: Api,
+    path: str,
+    headers: dict[str, str],
+    between_pages: Any,
+    params: dict[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """All items of a list endpoint, 7 at a time, calling ``between_pages`` after each page."""
+    items: list[dict[str, Any]] = []
+    cursor: str | None = None
+    for _ in range(30):
+        query: dict[str, str] = {**(params or {}), "limit": "7"}
+        if cursor is not None:
+            query["cursor"] = cursor
+        r = await api.http.get(path, params=query, headers=headers)
+        assert r.status_code == 200, r.text
+        page = r.json()
+        assert set(page) >= {"items", "next_cursor"}
+        assert len(page["items"]) <= 7
+        items.extend(page["items"])
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return items
+        assert page["items"], "a page with a next_cursor is not empty"
+        await between_pages()
+    raise AssertionError("the walk never ended")
+
+
+async def _unlimited_app(api: Api) -> tuple[AppInfo, dict[str, str], dict[str, str]]:
+    app = await api.create_app(rate_limits=UNLIMITED)
+    _, agent = await api.create_agent(app)
+    return app, await api.user_headers(app), agent
+
+
+async def test_client_conversation_pages_are_stable_under_inserts(api: Api) -> None:
+    app, user, _ = await _unlimited_app(api)
+    other_user = await api.user_headers(app)
+    originals = [(await api.feedback(user, body=f"original {i}"))["id"] for i in range(30)]
+    inserted: list[str] = []
+
+    async def insert() -> None:
+        inserted.append((await api.feedback(user, body="inserted"))["id"])
+        await api.feedback(other_user, body="someone else")
+
+    seen = await _walk(api, "/v1/client/conversations", user, insert)
+    ids = [c["id"] for c in seen]
+    assert len(ids) == len(set(ids)), "an item was repeated"
+    assert [i for i in ids if i in set(originals)] == originals[::-1]
+    assert set(ids) <= set(originals) | set(inserted), "another user's conversation leaked"
+    times = [_ts(c["updated_at"]) for c in seen]
+    assert times == sorted(times, reverse=True), "not newest activity first"
+    for c in seen:
+        assert {"id", "status", "subject", "created_at", "updated_at"} <= set(c)
+        assert {"last_message", "unread_count"} <= set(c)
+    assert inserted, "nothing was inserted during the walk"
+
+    # A fresh walk sees everything exactly once, the inserted ones first.
+    async def nothing() -> None:
+        return None
+
+    again = [c["id"] for c in await _walk(api, "/v1/client/conversations", user, nothing)]
+    assert again == inserted[::-1] + originals[::-1]
+
+
+@pytest.mark.parametrize("by_app", [False, True])
+async def test_agent_conversation_pages_are_stable_under_inserts(api: Api, by_app: bool) -> None:
+    app, user, agent = await _unlimited_app(api)
+    other_user = await api.user_headers(app)
+    originals = [(await api.feedback(user, body=f"original {i}"))["id"] for i in range(30)]
+    inserted: list[str] = []
+
+    async def insert() -> None:
+        inserted.append((await api.feedback(user, body="inserted"))["id"])
+        inserted.append((await api.feedback(other_user, body="inserted"))["id"])
+
+    params = {"app_id": app.id} if by_app else None
+    seen = await _walk(api, "/v1/agent/conversations", agent, insert, params)
+    ids = [c["id"] for c in seen]
+    assert len(ids) == len(set(ids)), "an item was repeated"
+    assert [i for i in ids if i in set(originals)] == originals[::-1]
+    assert set(ids) <= set(originals) | set(inserted)
+    times = [_ts(c["last_activity_at"]) for c in seen]
+    assert times == sorted(times, reverse=True), "not newest activity first"
+    assert inserted
+
+
+async def _conversation_with_messages(
+    api: Api, user: dict[str, str], agent: dict[str, str]
+) -> tuple[str, list[str], list[str]]:
+    """A conversation of 30 messages: (id, ids the user sees, ids the agent sees)."""
+    conv = await api.feedback(user, body="message 0")
+    public = [conv["last_message"]["id"]]
+    everything = list(public)
+    for i in range(1, 30):
+        if i % 5 == 0:
+            r = await api.http.post(
+                f"/v1/agent/conversations/{conv['id']}/messages",
+                json={"body": f"note {i}", "internal": True},
+                headers=agent,
+            )
+            assert r.status_code == 201, r.text
+            everything.append(r.json()["id"])
+            continue
+        r = await api.http.post(
+            f"/v1/client/conversations/{conv['id']}/messages",
+            json={"body": f"message {i}"},
+            headers=user,
+        )
+        assert r.status_code == 201, r.text
+        public.append(r.json()["id"])
+        everything.append(r.json()["id"])
+    return conv["id"], public, everything
+
+
+async def test_message_pages_are_stable_under_appends(api: Api) -> None:
+    _, user, agent = await _unlimited_app(api)
+    conv_id, public, _ = await _conversation_with_messages(api, user, agent)
+    appended_public: list[str] = []
+    path = f"/v1/client/conversations/{conv_id}/messages"
+
+    async def append() -> None:
+        r = await api.http.post(path, json={"body": "appended"}, headers=user)
+        assert r.status_code == 201, r.text
+        appended_public.append(r.json()["id"])
+        r = await api.http.post(
+            f"/v1/agent/conversations/{conv_id}/messages", json={"body": "reply"}, headers=agent
+        )
+        assert r.status_code == 201, r.text
+        appended_public.append(r.json()["id"])
+        r = await api.http.post(
+            f"/v1/agent/conversations/{conv_id}/messages",
+            json={"body": "secret note", "internal": True},
+            headers=agent,
+        )
+        assert r.status_code == 201, r.text
+
+    seen = await _walk(api, path, user, append)
+    ids = [m["id"] for m in seen]
+    assert len(ids) == len(set(ids)), "a message was repeated"
+    assert ids == public + appended_public, "oldest first, nothing skipped, no internal notes"
+    times = [_ts(m["created_at"]) for m in seen]
+    assert times == sorted(times)
+    assert all(m["body"] != "secret note" for m in seen)
+    assert appended_public
+
+
+async def test_agent_message_pages_are_stable_under_appends(api: Api) -> None:
+    _, user, agent = await _unlimited_app(api)
+    conv_id, _, everything = await _conversation_with_messages(api, user, agent)
+    appended: list[str] = []
+    path = f"/v1/agent/conversations/{conv_id}/messages"
+
+    async def append() -> None:
+        r = await api.http.post(
+            f"/v1/client/conversations/{conv_id}/messages", json={"body": "more"}, headers=user
+        )
+        assert r.status_code == 201, r.text
+        appended.append(r.json()["id"])
+        r = await api.http.post(path, json={"body": "note", "internal": True}, headers=agent)
+        assert r.status_code == 201, r.text
+        appended.append(r.json()["id"])
+
+    seen = await _walk(api, path, agent, append)
+    ids = [m["id"] for m in seen]
+    assert len(ids) == len(set(ids)), "a message was repeated"
+    assert ids == everything + appended
+    times = [_ts(m["created_at"]) for m in seen]
+    assert times == sorted(times)
+    assert appended
