@@ -105,7 +105,9 @@ class S3Store:
         )
 
     async def list_parts(self, key: str, upload_id: str) -> list[UploadedPart]:
-        parts: list[UploadedPart] = []
+        """Parts storage holds, once per part number (the last one listed wins: some
+        servers list a re-sent part twice, while S3 replaces it)."""
+        parts: dict[int, UploadedPart] = {}
         marker: str | None = None
         while True:
             try:
@@ -121,12 +123,11 @@ class S3Store:
                 if exc.code in _MISSING:
                     return []
                 raise StorageError(f"object storage error: {exc.code}") from exc
-            parts.extend(
-                UploadedPart(p.part_number, p.etag.strip('"'), int(p.size or 0))
-                for p in result.parts
-            )
+            for p in result.parts:
+                etag = p.etag.strip('"')
+                parts[p.part_number] = UploadedPart(p.part_number, etag, int(p.size or 0))
             if not result.is_truncated or not result.next_part_number_marker:
-                return parts
+                return [parts[n] for n in sorted(parts)]
             marker = result.next_part_number_marker
 
     async def complete_multipart(

@@ -136,6 +136,9 @@ class AttachmentService:
                 f"a {data.kind} may be at most {limits.max_bytes} bytes; this one is {data.size}"
             )
         method, part_size, part_count = plan(data.size)
+        if method == "single":
+            # Presigning is offline; make sure storage is there before promising a URL.
+            await self.store.ping()
         now = _now()
         att = Attachment(
             app_id=client.app_id,
@@ -257,6 +260,8 @@ class AttachmentService:
         what the type claims, the rejection reason (the caller answers 415 but the
         rejection itself is committed, so the user and agents can see it)."""
         att = await self._own_upload(client, upload_id)
+        if att.status in {"aborted", "expired"}:
+            raise NotFound(f"this upload was {att.status}; start a new one")
         if att.status != "pending":
             return await self.out(att), None  # completing twice is harmless
         if att.expires_at <= _now():
