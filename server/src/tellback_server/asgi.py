@@ -28,6 +28,12 @@ from tellback_server.domain.conversations.controllers import (
 )
 from tellback_server.domain.identity.controllers import MeController, SessionsController
 from tellback_server.domain.ops.controllers import healthz, metrics, readyz
+from tellback_server.domain.push.controllers import (
+    AdminPushController,
+    AgentDevicesController,
+    ClientDevicesController,
+)
+from tellback_server.domain.push.delivery import close_clients
 from tellback_server.domain.users.controllers import AdminUsersController
 from tellback_server.http.deps import DEPENDENCIES
 from tellback_server.http.errors import exception_handlers
@@ -117,6 +123,7 @@ def create_app(
             if task is not None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait_for(task, timeout=15)
+            await close_clients(app_state)
             await app_state.db.dispose()
 
     app = Litestar(
@@ -135,6 +142,9 @@ def create_app(
             AdminAppsController,
             AdminAgentsController,
             AdminUsersController,
+            ClientDevicesController,
+            AgentDevicesController,
+            AdminPushController,
         ],
         dependencies=DEPENDENCIES,
         exception_handlers=exception_handlers(),

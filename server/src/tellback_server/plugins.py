@@ -6,6 +6,7 @@ import importlib
 from collections.abc import Iterable
 
 from tellback_server.domain.attachments.media import register as register_media
+from tellback_server.domain.push.delivery import register as register_push
 from tellback_server.jobs.registry import JobRegistry
 from tellback_server.settings import SettingsError
 
@@ -14,6 +15,7 @@ def build_registry(plugins: Iterable[str] = ()) -> JobRegistry:
     """The registry of every job kind this process can run: built-ins, then plugins."""
     registry = JobRegistry()
     register_media(registry)
+    register_push(registry)
     for spec in plugins:
         module_name, _, attr = spec.partition(":")
         if not module_name or not attr:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from tellback_server.db.engine import Database
 from tellback_server.jobs.notify import JobNotifier
@@ -22,3 +23,5 @@ class AppState:
     notifier: JobNotifier
     store: ObjectStore
     limiter: RateLimiter = field(default_factory=RateLimiter)
+    # Per-process caches owned by capabilities (e.g. open push clients).
+    extras: dict[str, Any] = field(default_factory=dict)

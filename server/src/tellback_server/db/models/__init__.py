@@ -5,6 +5,7 @@ from tellback_server.db.models.apps import AdminToken, App, AppIdentitySecret
 from tellback_server.db.models.conversations import Attachment, Conversation, Message
 from tellback_server.db.models.identity import ClientSession, EndUser, Installation
 from tellback_server.db.models.ops import IdempotencyKey, Job
+from tellback_server.db.models.push import Device, PushCredential, PushDelivery
 
 __all__ = [
     "AdminToken",
@@ -15,9 +16,12 @@ __all__ = [
     "Attachment",
     "ClientSession",
     "Conversation",
+    "Device",
     "EndUser",
     "IdempotencyKey",
     "Installation",
     "Job",
     "Message",
+    "PushCredential",
+    "PushDelivery",
 ]

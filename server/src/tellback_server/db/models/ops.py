@@ -30,6 +30,8 @@ class Job(UUIDv7AuditBase):
     __table_args__ = (Index("ix_jobs_claim", "status", "run_after"),)
 
     kind: Mapped[str] = mapped_column(String(64))
+    # Optional: a second job with the same key is not queued (e.g. one push per device+message).
+    dedupe_key: Mapped[str | None] = mapped_column(String(200), unique=True)
     payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     status: Mapped[str] = mapped_column(String(16), default="queued")  # queued|running|done|failed
     attempts: Mapped[int] = mapped_column(Integer, default=0)

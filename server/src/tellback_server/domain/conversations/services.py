@@ -51,6 +51,7 @@ from tellback_server.domain.conversations.schemas import (
     UnreadOut,
 )
 from tellback_server.domain.identity.services import user_out
+from tellback_server.domain.push.delivery import queue_fanout
 from tellback_server.http.deps import AgentPrincipal, ClientPrincipal
 from tellback_server.http.errors import AppError, NotFound, ValidationFailed
 from tellback_server.http.pagination import (
@@ -284,7 +285,7 @@ class ConversationService:
         )
         self.db.add(conv)
         await self.db.flush()
-        await self._add_message(
+        message = await self._add_message(
             conv,
             author_type="user",
             user_id=client.end_user_id,
@@ -293,6 +294,7 @@ class ConversationService:
             location=data.location,
             now=now,
         )
+        await queue_fanout(self.db, message.id, "agents")
         return (await self._client_outs([conv]))[0]
 
     async def client_list(
@@ -355,6 +357,7 @@ class ConversationService:
         if conv.status in {"pending", "solved"}:
             conv.status = "open"
         conv.agent_unread_count += 1
+        await queue_fanout(self.db, message.id, "agents")
         authors = _Related(self.db, self.attachments)
         await authors.load([message])
         return _message_out(message, authors)
@@ -535,6 +538,7 @@ class ConversationService:
             now=now,
         )
         if not data.internal:
+            await queue_fanout(self.db, message.id, "user")
             conv.user_unread_count += 1
             conv.agent_unread_count = 0
             if conv.status == "open":

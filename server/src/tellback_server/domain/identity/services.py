@@ -27,6 +27,7 @@ from tellback_server.db.models import (
     App,
     ClientSession,
     Conversation,
+    Device,
     EndUser,
     Installation,
     Message,
@@ -106,6 +107,12 @@ class IdentityService:
             .values(revoked_at=now, updated_at=now)
         )
         installation.current_user_id = user.id
+        # The installation's phone now belongs to this user (logout/login moves it).
+        await self.db.execute(
+            update(Device)
+            .where(Device.installation_pk == installation.id)
+            .values(end_user_id=user.id)
+        )
         token = new_token(SESSION_TOKEN_PREFIX)
         expires_at = now + self.session_ttl
         self.db.add(

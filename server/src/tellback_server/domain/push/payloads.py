@@ -1,0 +1,58 @@
+"""What reaches a phone: APNs and FCM payloads built from one notification.
+
+Pure functions, shared with the SDK spec's test vectors (sdk-spec/push.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+SNIPPET_CHARS = 178
+APNS_MAX_BYTES = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    type: str  # message.created | conversation.created
+    conversation_id: str
+    message_id: str
+    title: str
+    body: str
+    badge: int
+    has_image: bool = False
+
+
+def snippet(text: str | None, limit: int = SNIPPET_CHARS) -> str:
+    flat = " ".join((text or "").split())
+    return flat if len(flat) <= limit else flat[: limit - 1].rstrip() + "…"
+
+
+def custom_keys(n: Notification) -> dict[str, str]:
+    return {"type": n.type, "conversation_id": n.conversation_id, "message_id": n.message_id}
+
+
+def apns_payload(n: Notification) -> dict[str, Any]:
+    aps: dict[str, Any] = {
+        "alert": {"title": n.title, "body": n.body},
+        "badge": n.badge,
+        "sound": "default",
+        "thread-id": n.conversation_id,
+    }
+    if n.has_image:
+        aps["mutable-content"] = 1
+    return {"aps": aps, "tellback": custom_keys(n)}
+
+
+def fcm_message(token: str, n: Notification) -> dict[str, Any]:
+    """The HTTP v1 `message` object (everything in `data` is a string, as FCM requires)."""
+    return {
+        "token": token,
+        "notification": {"title": n.title, "body": n.body},
+        "data": {**custom_keys(n), "badge": str(n.badge)},
+        "android": {
+            "priority": "high",
+            "collapse_key": n.conversation_id,
+            "notification": {"tag": n.conversation_id, "notification_count": n.badge},
+        },
+    }

@@ -1,0 +1,320 @@
+"""Devices, push credentials and the delivery log."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+from uuid import UUID
+
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from google.oauth2 import service_account
+from sqlalchemy import delete, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+from uuid_utils.compat import uuid7
+
+from tellback_server.db.models import App, Device, PushCredential, PushDelivery
+from tellback_server.domain.push.schemas import (
+    AgentDeviceRegister,
+    ApnsCredentialsIn,
+    DeviceOut,
+    DeviceRegister,
+    FcmCredentialsIn,
+    PushDeliveryOut,
+    PushProviderStatus,
+    PushStatus,
+)
+from tellback_server.http.deps import AgentPrincipal, ClientPrincipal
+from tellback_server.http.errors import NotFound, ValidationFailed
+from tellback_server.http.pagination import Page, check_limit, decode_cursor, next_cursor_for
+from tellback_server.security import Sealer
+
+CREDENTIAL_PURPOSE = "push-credentials"
+DELIVERY_STATUSES = {"sent", "retrying", "failed", "skipped", "invalid_token"}
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def device_out(d: Device) -> DeviceOut:
+    return DeviceOut(
+        id=d.id,
+        platform=d.platform,
+        push_provider=d.provider,
+        push_token_suffix=d.token[-8:],
+        apns_environment=d.apns_environment,
+        app_version=d.app_version,
+        locale=d.locale,
+        active=d.active,
+        created_at=d.created_at,
+        updated_at=d.updated_at,
+    )
+
+
+def _check_pairing(data: DeviceRegister) -> str | None:
+    if data.platform == "android" and data.push_provider == "apns":
+        raise ValidationFailed.field("push_provider", "android devices use fcm")
+    if data.push_provider == "apns":
+        return data.apns_environment or "production"
+    if data.apns_environment is not None:
+        raise ValidationFailed.field("apns_environment", "only for push_provider apns")
+    return None
+
+
+class DeviceService:
+    def __init__(self, db: AsyncSession) -> None:
+        self.db = db
+
+    async def _upsert(
+        self, owner_key: str, app_id: UUID, data: DeviceRegister, **owner: Any
+    ) -> DeviceOut:
+        environment = _check_pairing(data)
+        now = _now()
+        # A token that moved to another installation leaves the old one.
+        await self.db.execute(
+            delete(Device).where(
+                Device.provider == data.push_provider,
+                Device.token == data.push_token,
+                Device.owner_key != owner_key,
+            )
+        )
+        values = {
+            "app_id": app_id,
+            "platform": data.platform,
+            "provider": data.push_provider,
+            "token": data.push_token,
+            "apns_environment": environment,
+            "app_version": data.app_version,
+            "locale": data.locale,
+            "active": True,
+            "deactivated_reason": None,
+            "deactivated_at": None,
+            "updated_at": now,
+            **owner,
+        }
+        dialect_insert = (
+            postgresql.insert if self.db.get_bind().dialect.name == "postgresql" else sqlite.insert
+        )
+        stmt = dialect_insert(Device).values(
+            id=uuid7(), owner_key=owner_key, created_at=now, **values
+        )
+        await self.db.execute(stmt.on_conflict_do_update(index_elements=["owner_key"], set_=values))
+        device = await self.db.scalar(
+            select(Device)
+            .where(Device.owner_key == owner_key)
+            .execution_options(populate_existing=True)
+        )
+        assert device is not None
+        return device_out(device)
+
+    async def register_client(self, client: ClientPrincipal, data: DeviceRegister) -> DeviceOut:
+        return await self._upsert(
+            f"inst:{client.installation_pk}",
+            client.app_id,
+            data,
+            installation_pk=client.installation_pk,
+            end_user_id=client.end_user_id,
+            agent_id=None,
+        )
+
+    async def remove_client(self, client: ClientPrincipal) -> None:
+        await self.db.execute(
+            delete(Device).where(Device.owner_key == f"inst:{client.installation_pk}")
+        )
+
+    async def register_agent(self, agent: AgentPrincipal, data: AgentDeviceRegister) -> DeviceOut:
+        if data.app_id is None:
+            if len(agent.app_ids) != 1:
+                raise ValidationFailed.field(
+                    "app_id", "name the app whose push credentials reach this phone"
+                )
+            app_id = next(iter(agent.app_ids))
+        elif data.app_id in agent.app_ids:
+            app_id = data.app_id
+        else:
+            raise ValidationFailed.field("app_id", "not one of your apps")
+        return await self._upsert(
+            f"agent:{agent.agent_id}:{data.installation_id}",
+            app_id,
+            data,
+            installation_pk=None,
+            end_user_id=None,
+            agent_id=agent.agent_id,
+        )
+
+    async def remove_agent(self, agent: AgentPrincipal, installation_id: str) -> None:
+        await self.db.execute(
+            delete(Device).where(Device.owner_key == f"agent:{agent.agent_id}:{installation_id}")
+        )
+
+
+def _validate_apns(data: ApnsCredentialsIn) -> None:
+    try:
+        key = load_pem_private_key(data.private_key.encode(), password=None)
+    except (ValueError, TypeError):
+        raise ValidationFailed.field(
+            "private_key", "not a PEM private key (the .p8 file)"
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+        raise ValidationFailed.field("private_key", "APNs keys are P-256 (ES256) keys")
+
+
+def _validate_fcm(info: dict[str, Any]) -> None:
+    missing = [
+        k for k in ("project_id", "private_key", "client_email", "token_uri") if not info.get(k)
+    ]
+    if info.get("type") != "service_account" or missing:
+        raise ValidationFailed.field(
+            "service_account",
+            "expected a Firebase service-account JSON"
+            + (f" (missing {', '.join(missing)})" if missing else ""),
+        )
+    try:
+        service_account.Credentials.from_service_account_info(info)  # type: ignore[no-untyped-call]
+    except (ValueError, KeyError) as exc:
+        raise ValidationFailed.field("service_account", f"cannot be loaded: {exc}") from None
+
+
+class CredentialService:
+    def __init__(self, db: AsyncSession, sealer: Sealer) -> None:
+        self.db = db
+        self.sealer = sealer
+
+    async def _app(self, app_id: UUID) -> None:
+        if await self.db.scalar(select(App.id).where(App.id == app_id)) is None:
+            raise NotFound("no such app")
+
+    async def _store(
+        self, app_id: UUID, provider: str, secret: dict[str, Any], summary: str
+    ) -> None:
+        await self._app(app_id)
+        sealed = self.sealer.seal(
+            json.dumps(secret).encode(), f"{CREDENTIAL_PURPOSE}:{app_id}:{provider}"
+        )
+        row = await self.db.scalar(
+            select(PushCredential).where(
+                PushCredential.app_id == app_id, PushCredential.provider == provider
+            )
+        )
+        if row is None:
+            self.db.add(
+                PushCredential(app_id=app_id, provider=provider, sealed=sealed, summary=summary)
+            )
+        else:
+            row.sealed, row.summary, row.updated_at = sealed, summary, _now()
+            row.last_error = row.last_error_at = None
+        await self.db.flush()
+
+    async def put_apns(self, app_id: UUID, data: ApnsCredentialsIn) -> PushStatus:
+        _validate_apns(data)
+        secret = {
+            "team_id": data.team_id,
+            "key_id": data.key_id,
+            "private_key": data.private_key,
+            "topic": data.topic,
+        }
+        await self._store(
+            app_id, "apns", secret, f"team {data.team_id}, key {data.key_id}, topic {data.topic}"
+        )
+        return await self.status(app_id)
+
+    async def put_fcm(self, app_id: UUID, data: FcmCredentialsIn) -> PushStatus:
+        _validate_fcm(data.service_account)
+        info = data.service_account
+        await self._store(
+            app_id, "fcm", info, f"project {info['project_id']}, {info['client_email']}"
+        )
+        return await self.status(app_id)
+
+    async def remove(self, app_id: UUID, provider: str) -> None:
+        await self._app(app_id)
+        await self.db.execute(
+            delete(PushCredential).where(
+                PushCredential.app_id == app_id, PushCredential.provider == provider
+            )
+        )
+
+    async def status(self, app_id: UUID) -> PushStatus:
+        await self._app(app_id)
+        rows = {
+            r.provider: r
+            for r in await self.db.scalars(
+                select(PushCredential).where(PushCredential.app_id == app_id)
+            )
+        }
+
+        def one(provider: str) -> PushProviderStatus:
+            r = rows.get(provider)
+            if r is None:
+                return PushProviderStatus(provider=provider, configured=False)  # type: ignore[arg-type]
+            return PushProviderStatus(
+                provider=provider,  # type: ignore[arg-type]
+                configured=True,
+                summary=r.summary,
+                last_error=r.last_error,
+                last_error_at=r.last_error_at,
+                last_success_at=r.last_success_at,
+                updated_at=r.updated_at,
+            )
+
+        return PushStatus(apns=one("apns"), fcm=one("fcm"))
+
+    async def deliveries(
+        self, app_id: UUID, status: str | None, cursor: str | None, limit: int
+    ) -> Page[PushDeliveryOut]:
+        check_limit(limit)
+        await self._app(app_id)
+        stmt = select(PushDelivery).where(PushDelivery.app_id == app_id)
+        if status is not None:
+            stmt = stmt.where(PushDelivery.status == status)
+        if (c := decode_cursor(cursor)) is not None:
+            stmt = stmt.where(
+                (PushDelivery.created_at < c.at)
+                | ((PushDelivery.created_at == c.at) & (PushDelivery.id < c.id))
+            )
+        rows = list(
+            await self.db.scalars(
+                stmt.order_by(PushDelivery.created_at.desc(), PushDelivery.id.desc()).limit(
+                    limit + 1
+                )
+            )
+        )
+        nxt = next_cursor_for([(r.created_at, r.id) for r in rows], limit)
+        return Page(
+            items=[
+                PushDeliveryOut(
+                    id=r.id,
+                    status=r.status,
+                    provider=r.provider,
+                    audience=r.audience,
+                    device_id=r.device_id,
+                    message_id=r.message_id,
+                    conversation_id=r.conversation_id,
+                    reason=r.reason,
+                    http_status=r.http_status,
+                    latency_ms=r.latency_ms,
+                    attempt=r.attempt,
+                    created_at=r.created_at,
+                )
+                for r in rows[:limit]
+            ],
+            next_cursor=nxt,
+        )
+
+
+async def load_credentials(
+    db: AsyncSession, sealer: Sealer, app_id: UUID, provider: str
+) -> tuple[dict[str, Any], dt.datetime] | None:
+    row = await db.scalar(
+        select(PushCredential).where(
+            PushCredential.app_id == app_id, PushCredential.provider == provider
+        )
+    )
+    if row is None:
+        return None
+    plain = sealer.open(row.sealed, f"{CREDENTIAL_PURPOSE}:{app_id}:{provider}")
+    secret: dict[str, Any] = json.loads(plain)
+    return secret, row.updated_at
