@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
+import gc
 import hashlib
 import hmac
 import json
@@ -15,6 +17,7 @@ import httpx
 import jwt
 import pytest
 from sqlalchemy import select, update
+from sqlalchemy.pool import QueuePool
 
 from tellback_server.db.models import ClientSession
 from tellback_server.security import hash_token
@@ -466,14 +469,25 @@ async def test_identified_users_never_see_each_other(api: Api) -> None:
 async def test_same_sub_in_another_app_is_another_user(api: Api) -> None:
     app_a = await api.create_app("A")
     app_b = await api.create_app("B")
+    installation = uuid.uuid4().hex  # the same device id in both apps, too
+    anon_a = await api.session(app_a, installation_id=installation)
+    anon_b = await api.session(app_b, installation_id=installation)
+    assert anon_a["user"]["id"] != anon_b["user"]["id"]
     a = await api.session(
-        app_a, user_token=identity_token(app_a.identity_secret, "same", kid=app_a.identity_kid)
+        app_a,
+        installation_id=installation,
+        user_token=identity_token(app_a.identity_secret, "same", kid=app_a.identity_kid),
     )
     conv = await api.feedback(api.bearer(a["session_token"]))
     b = await api.session(
-        app_b, user_token=identity_token(app_b.identity_secret, "same", kid=app_b.identity_kid)
+        app_b,
+        installation_id=installation,
+        user_token=identity_token(app_b.identity_secret, "same", kid=app_b.identity_kid),
     )
     assert b["user"]["id"] != a["user"]["id"]
+    # Signing in to app B did not end the session in app A.
+    r = await api.http.get("/v1/client/me", headers=api.bearer(a["session_token"]))
+    assert r.status_code == 200, r.text
     assert await conversation_ids(api, api.bearer(b["session_token"])) == []
     r = await api.http.get(
         f"/v1/client/conversations/{conv['id']}", headers=api.bearer(b["session_token"])
@@ -675,3 +689,94 @@ async def test_session_token_hash_is_stored_not_token(api: Api) -> None:
         rows = list(await db.scalars(select(ClientSession.token_hash)))
     assert token not in rows
     assert digest in rows
+
+
+# --- refused requests must not hold the database ------------------------------------------
+
+
+def checked_out_connections(api: Api) -> int:
+    pool = api.state.db.engine.pool
+    assert isinstance(pool, QueuePool)
+    return pool.checkedout()
+
+
+async def assert_database_released(api: Api, what: str) -> None:
+    """No connection is still checked out, and a write can start at once."""
+    await asyncio.sleep(0.05)  # let finalizers that were already scheduled run
+    held = checked_out_connections(api)
+    assert held == 0, f"{held} database connection(s) still held after {what}"
+    try:
+        r = await asyncio.wait_for(
+            api.http.post("/v1/admin/apps", json={"name": "probe"}, headers=api.admin), 10
+        )
+    except TimeoutError:
+        pytest.fail(f"a write hangs after {what}: the refused request kept the write lock")
+    assert r.status_code == 201, r.text
+
+
+REFUSED_CLIENT_REQUESTS = {
+    "get_me_forged": ("GET", "/v1/client/me", "forged"),
+    "get_me_no_header": ("GET", "/v1/client/me", "none"),
+    "patch_me_forged": ("PATCH", "/v1/client/me", "forged"),
+    "patch_me_expired": ("PATCH", "/v1/client/me", "expired"),
+    "config_forged": ("GET", "/v1/client/config", "forged"),
+    "create_conversation_forged": ("POST", "/v1/client/conversations", "forged"),
+    "list_conversations_forged": ("GET", "/v1/client/conversations", "forged"),
+    "patch_me_rate_limited": ("PATCH", "/v1/client/me", "rate_limited"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_CLIENT_REQUESTS))
+async def test_refused_client_request_releases_the_database(api: Api, case: str) -> None:
+    """A 401/429 must end the request's transaction when the response is sent.
+
+    The garbage collector is paused so that cleanup which only happens when it
+    collects a reference cycle (minutes later, or never under low load) shows.
+    """
+    method, path, kind = REFUSED_CLIENT_REQUESTS[case]
+    app = await api.create_app(rate_limits={"app_per_minute": 0, "user_per_minute": 1})
+    headers: dict[str, str] = {}
+    expected = (401, "unauthenticated")
+    if kind == "forged":
+        headers = api.bearer("tbs_forged-session-token")
+    elif kind == "expired":
+        token = (await api.session(app))["session_token"]
+        async with api.state.db.session(write=True) as db:
+            await db.execute(
+                update(ClientSession)
+                .where(ClientSession.token_hash == hash_token(token))
+                .values(expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5))
+            )
+        headers = api.bearer(token)
+    elif kind == "rate_limited":
+        headers = await api.user_headers(app)
+        statuses = []
+        for _ in range(10):  # use up the allowance (and its small burst)
+            r = await api.http.get("/v1/client/me", headers=headers)
+            statuses.append(r.status_code)
+            if r.status_code != 200:
+                break
+        assert statuses[-1] == 429, statuses
+        expected = (429, "rate_limited")
+    body = {"body": "hello"} if method == "POST" else {"name": "x"}
+    gc.collect()
+    await asyncio.sleep(0.05)
+    assert checked_out_connections(api) == 0
+    gc.disable()
+    try:
+        for attempt in range(2):
+            try:
+                r = await asyncio.wait_for(
+                    api.http.request(
+                        method, path, json=body if method != "GET" else None, headers=headers
+                    ),
+                    10,
+                )
+            except TimeoutError:
+                pytest.fail(f"refused request #{attempt + 1} hangs: the first kept the write lock")
+            assert_problem(r, *expected)
+        await assert_database_released(api, f"{method} {path} -> {expected[0]}")
+    finally:
+        gc.enable()
+        gc.collect()  # whatever leaked is finalized here, not in a later test
+        await asyncio.sleep(0.1)

@@ -15,7 +15,9 @@ from uuid import UUID
 
 import structlog
 from litestar import Request
-from litestar.di import NamedDependency, Provide
+from litestar.connection import ASGIConnection
+from litestar.di import Provide
+from litestar.handlers.base import BaseRouteHandler
 from litestar.params import FromPath
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -77,7 +79,7 @@ async def provide_db(request: Request[Any, Any, Any]) -> AsyncIterator[AsyncSess
         yield session
 
 
-def _bearer(request: Request[Any, Any, Any], prefix: str, what: str) -> str:
+def _bearer(request: ASGIConnection[Any, Any, Any, Any], prefix: str, what: str) -> str:
     header = request.headers.get("authorization")
     if not header:
         raise Unauthenticated(f"missing Authorization: Bearer <{what}>")
@@ -94,64 +96,73 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-async def provide_admin(
-    request: Request[Any, Any, Any], db: NamedDependency[AsyncSession]
-) -> AdminPrincipal:
-    token = _bearer(request, ADMIN_TOKEN_PREFIX, "admin token")
-    row = await db.scalar(
-        select(AdminToken.id).where(
-            AdminToken.token_hash == hash_token(token), AdminToken.revoked_at.is_(None)
+# Authentication runs in guards, before any dependency: a refused request (401, 429)
+# never opens the request's transaction, so it can neither hold SQLite's writer
+# lock nor strand a pooled connection. Each guard looks the token up in a short
+# read-only session of its own and leaves the principal on the request state.
+
+
+def _conn_state(connection: ASGIConnection[Any, Any, Any, Any]) -> AppState:
+    state: AppState = connection.app.state["tb"]
+    return state
+
+
+async def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    token = _bearer(connection, ADMIN_TOKEN_PREFIX, "admin token")
+    async with _conn_state(connection).db.session(write=False) as db:
+        row = await db.scalar(
+            select(AdminToken.id).where(
+                AdminToken.token_hash == hash_token(token), AdminToken.revoked_at.is_(None)
+            )
         )
-    )
     if row is None:
         raise Unauthenticated("the admin token is not valid")
     structlog.contextvars.bind_contextvars(admin_token_id=str(row))
-    return AdminPrincipal(token_id=row)
+    connection.state.principal = AdminPrincipal(token_id=row)
 
 
-async def provide_agent(
-    request: Request[Any, Any, Any], db: NamedDependency[AsyncSession]
-) -> AgentPrincipal:
-    token = _bearer(request, AGENT_TOKEN_PREFIX, "agent token")
-    agent = (
-        await db.execute(
-            select(Agent.id, Agent.name).where(
-                Agent.token_hash == hash_token(token), Agent.disabled_at.is_(None)
+async def agent_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    token = _bearer(connection, AGENT_TOKEN_PREFIX, "agent token")
+    async with _conn_state(connection).db.session(write=False) as db:
+        agent = (
+            await db.execute(
+                select(Agent.id, Agent.name).where(
+                    Agent.token_hash == hash_token(token), Agent.disabled_at.is_(None)
+                )
             )
+        ).first()
+        if agent is None:
+            raise Unauthenticated("the agent token is not valid")
+        app_ids = frozenset(
+            (await db.scalars(select(AgentApp.app_id).where(AgentApp.agent_id == agent.id))).all()
         )
-    ).first()
-    if agent is None:
-        raise Unauthenticated("the agent token is not valid")
-    app_ids = frozenset(
-        (await db.scalars(select(AgentApp.app_id).where(AgentApp.agent_id == agent.id))).all()
-    )
     structlog.contextvars.bind_contextvars(agent_id=str(agent.id))
-    return AgentPrincipal(agent_id=agent.id, name=agent.name, app_ids=app_ids)
+    connection.state.principal = AgentPrincipal(agent_id=agent.id, name=agent.name, app_ids=app_ids)
 
 
-async def provide_client(
-    request: Request[Any, Any, Any], db: NamedDependency[AsyncSession]
-) -> ClientPrincipal:
-    token = _bearer(request, SESSION_TOKEN_PREFIX, "session token")
-    row = (
-        await db.execute(
-            select(
-                ClientSession.id,
-                ClientSession.app_id,
-                ClientSession.end_user_id,
-                ClientSession.installation_pk,
-                ClientSession.expires_at,
-                App.settings,
+async def client_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    token = _bearer(connection, SESSION_TOKEN_PREFIX, "session token")
+    async with _conn_state(connection).db.session(write=False) as db:
+        row = (
+            await db.execute(
+                select(
+                    ClientSession.id,
+                    ClientSession.app_id,
+                    ClientSession.end_user_id,
+                    ClientSession.installation_pk,
+                    ClientSession.expires_at,
+                    App.settings,
+                )
+                .join(App, App.id == ClientSession.app_id)
+                .where(
+                    ClientSession.token_hash == hash_token(token),
+                    ClientSession.revoked_at.is_(None),
+                )
             )
-            .join(App, App.id == ClientSession.app_id)
-            .where(
-                ClientSession.token_hash == hash_token(token), ClientSession.revoked_at.is_(None)
-            )
-        )
-    ).first()
+        ).first()
     if row is None or row.expires_at <= _now():
         raise Unauthenticated("the session is not valid or has expired; create a new session")
-    request.scope["state"]["app_id"] = str(row.app_id)
+    connection.scope["state"]["app_id"] = str(row.app_id)
     structlog.contextvars.bind_contextvars(app_id=str(row.app_id))
     principal = ClientPrincipal(
         session_id=row.id,
@@ -160,18 +171,33 @@ async def provide_client(
         installation_pk=row.installation_pk,
         app_settings=row.settings or {},
     )
-    enforce_rate_limits(request, principal.app_id, principal.app_settings, principal.end_user_id)
+    enforce_rate_limits(connection, principal.app_id, principal.app_settings, principal.end_user_id)
+    connection.state.principal = principal
+
+
+def provide_admin(request: Request[Any, Any, Any]) -> AdminPrincipal:
+    principal: AdminPrincipal = request.state.principal
+    return principal
+
+
+def provide_agent(request: Request[Any, Any, Any]) -> AgentPrincipal:
+    principal: AgentPrincipal = request.state.principal
+    return principal
+
+
+def provide_client(request: Request[Any, Any, Any]) -> ClientPrincipal:
+    principal: ClientPrincipal = request.state.principal
     return principal
 
 
 def enforce_rate_limits(
-    request: Request[Any, Any, Any],
+    request: ASGIConnection[Any, Any, Any, Any],
     app_id: FromPath[UUID],
     settings: dict[str, Any],
     end_user_id: UUID | None,
 ) -> None:
     limits = settings.get("rate_limits") or {}
-    limiter = app_state(request).limiter
+    limiter = _conn_state(request).limiter
     wait = limiter.hit(f"app:{app_id}", int(limits.get("app_per_minute", 6000)))
     if wait is None and end_user_id is not None:
         wait = limiter.hit(f"user:{end_user_id}", int(limits.get("user_per_minute", 120)))
@@ -182,6 +208,10 @@ def enforce_rate_limits(
 DEPENDENCIES = {
     "db": Provide(provide_db),
 }
-ADMIN = {"admin": Provide(provide_admin)}
-AGENT = {"agent": Provide(provide_agent)}
-CLIENT = {"client": Provide(provide_client)}
+# Controllers use both: the guard authenticates, the dependency hands over the principal.
+ADMIN = {"admin": Provide(provide_admin, sync_to_thread=False)}
+AGENT = {"agent": Provide(provide_agent, sync_to_thread=False)}
+CLIENT = {"client": Provide(provide_client, sync_to_thread=False)}
+ADMIN_GUARDS = [admin_guard]
+AGENT_GUARDS = [agent_guard]
+CLIENT_GUARDS = [client_guard]

@@ -18,7 +18,14 @@ from tellback_server.domain.agents.schemas import (
     AgentUpdate,
 )
 from tellback_server.domain.agents.services import AgentService
-from tellback_server.http.deps import ADMIN, AGENT, AdminPrincipal, AgentPrincipal
+from tellback_server.http.deps import (
+    ADMIN,
+    ADMIN_GUARDS,
+    AGENT,
+    AGENT_GUARDS,
+    AdminPrincipal,
+    AgentPrincipal,
+)
 from tellback_server.http.idempotency import idempotent
 from tellback_server.http.pagination import DEFAULT_LIMIT, Limit, Page
 
@@ -32,6 +39,7 @@ class AdminAgentsController(Controller):
     tags = ["admin"]
     security = [{"adminToken": []}]
     dependencies = {**ADMIN, "agents": Provide(provide_agents, sync_to_thread=False)}
+    guards = ADMIN_GUARDS
 
     @post("/", status_code=201, response_model=AgentCreated, summary="Create an agent")
     async def create_agent(
@@ -90,6 +98,7 @@ class AgentMeController(Controller):
     tags = ["agent"]
     security = [{"agentToken": []}]
     dependencies = AGENT
+    guards = AGENT_GUARDS
 
     @get("/me", summary="The calling agent")
     async def me(self, agent: NamedDependency[AgentPrincipal]) -> AgentMe:

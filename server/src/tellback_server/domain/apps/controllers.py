@@ -19,7 +19,7 @@ from tellback_server.domain.apps.schemas import (
     RotateKeys,
 )
 from tellback_server.domain.apps.services import AppService
-from tellback_server.http.deps import ADMIN, AdminPrincipal, app_state
+from tellback_server.http.deps import ADMIN, ADMIN_GUARDS, AdminPrincipal, app_state
 from tellback_server.http.idempotency import idempotent
 from tellback_server.http.pagination import DEFAULT_LIMIT, Limit, Page
 
@@ -32,6 +32,7 @@ class AdminAppsController(Controller):
     path = "/v1/admin/apps"
     tags = ["admin"]
     dependencies = ADMIN
+    guards = ADMIN_GUARDS
     security = [{"adminToken": []}]
 
     @post("/", status_code=201, response_model=AppCreated, summary="Create an app")

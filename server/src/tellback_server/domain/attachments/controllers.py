@@ -19,7 +19,15 @@ from tellback_server.domain.attachments.schemas import (
     UploadStatus,
 )
 from tellback_server.domain.attachments.services import AttachmentService
-from tellback_server.http.deps import AGENT, CLIENT, AgentPrincipal, ClientPrincipal, app_state
+from tellback_server.http.deps import (
+    AGENT,
+    AGENT_GUARDS,
+    CLIENT,
+    CLIENT_GUARDS,
+    AgentPrincipal,
+    ClientPrincipal,
+    app_state,
+)
 from tellback_server.http.errors import Forbidden, NotFound, PayloadTooLarge, problem_response
 from tellback_server.http.idempotency import idempotent
 from tellback_server.storage.local import BadSignature, LocalStore, TooLarge
@@ -39,6 +47,7 @@ class ClientUploadsController(Controller):
     tags = ["client"]
     security = [{"sessionToken": []}]
     dependencies = {**CLIENT, **ATTACHMENTS}
+    guards = CLIENT_GUARDS
 
     @post("/uploads", status_code=201, response_model=UploadCreated, summary="Start an upload")
     async def create_upload(
@@ -108,6 +117,7 @@ class AgentAttachmentsController(Controller):
     tags = ["agent"]
     security = [{"agentToken": []}]
     dependencies = {**AGENT, **ATTACHMENTS}
+    guards = AGENT_GUARDS
 
     @get("/{attachment_id:uuid}", summary="An attachment with download URLs")
     async def get_attachment(

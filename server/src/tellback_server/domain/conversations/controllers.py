@@ -25,7 +25,15 @@ from tellback_server.domain.conversations.schemas import (
     UnreadOut,
 )
 from tellback_server.domain.conversations.services import ConversationService
-from tellback_server.http.deps import AGENT, CLIENT, AgentPrincipal, ClientPrincipal, app_state
+from tellback_server.http.deps import (
+    AGENT,
+    AGENT_GUARDS,
+    CLIENT,
+    CLIENT_GUARDS,
+    AgentPrincipal,
+    ClientPrincipal,
+    app_state,
+)
 from tellback_server.http.idempotency import idempotent
 from tellback_server.http.pagination import DEFAULT_LIMIT, Limit, Page
 
@@ -44,6 +52,7 @@ class ClientConversationsController(Controller):
     tags = ["client"]
     security = [{"sessionToken": []}]
     dependencies = {**CLIENT, **_SERVICE}
+    guards = CLIENT_GUARDS
 
     @post(
         "/conversations", status_code=201, response_model=ConversationOut, summary="Send feedback"
@@ -141,6 +150,7 @@ class AgentConversationsController(Controller):
     tags = ["agent"]
     security = [{"agentToken": []}]
     dependencies = {**AGENT, **_SERVICE}
+    guards = AGENT_GUARDS
 
     @get("/", summary="Inbox: conversations of my apps, newest activity first")
     async def list_conversations(

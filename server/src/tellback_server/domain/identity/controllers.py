@@ -17,7 +17,13 @@ from tellback_server.domain.identity.schemas import (
     SessionCreated,
 )
 from tellback_server.domain.identity.services import IdentityService
-from tellback_server.http.deps import CLIENT, ClientPrincipal, app_state, enforce_rate_limits
+from tellback_server.http.deps import (
+    CLIENT,
+    CLIENT_GUARDS,
+    ClientPrincipal,
+    app_state,
+    enforce_rate_limits,
+)
 
 
 def provide_identity(
@@ -51,6 +57,7 @@ class MeController(Controller):
     tags = ["client"]
     security = [{"sessionToken": []}]
     dependencies = {**CLIENT, "identity": Provide(provide_identity, sync_to_thread=False)}
+    guards = CLIENT_GUARDS
 
     @get("/me", summary="The current end user")
     async def get_me(

@@ -22,8 +22,11 @@ from tellback_server.domain.push.schemas import (
 from tellback_server.domain.push.services import CredentialService, DeviceService
 from tellback_server.http.deps import (
     ADMIN,
+    ADMIN_GUARDS,
     AGENT,
+    AGENT_GUARDS,
     CLIENT,
+    CLIENT_GUARDS,
     AdminPrincipal,
     AgentPrincipal,
     ClientPrincipal,
@@ -50,6 +53,7 @@ class ClientDevicesController(Controller):
     tags = ["client"]
     security = [{"sessionToken": []}]
     dependencies = {**CLIENT, **DEVICES}
+    guards = CLIENT_GUARDS
 
     @put("/", summary="Register this installation for push")
     async def register(
@@ -75,6 +79,7 @@ class AgentDevicesController(Controller):
     tags = ["agent"]
     security = [{"agentToken": []}]
     dependencies = {**AGENT, **DEVICES}
+    guards = AGENT_GUARDS
 
     @put("/", summary="Register the agent's phone for push")
     async def register(
@@ -102,6 +107,7 @@ class AdminPushController(Controller):
     tags = ["admin"]
     security = [{"adminToken": []}]
     dependencies = {**ADMIN, "credentials": Provide(provide_credentials, sync_to_thread=False)}
+    guards = ADMIN_GUARDS
 
     @get("/push", summary="Push configuration status (never the secrets)")
     async def status(
