@@ -28,6 +28,7 @@ import asyncpg
 import pytest
 from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from tellback_server.asgi import build_state, create_app
 from tellback_server.db.models import AdminToken, Job
@@ -80,10 +81,17 @@ async def state(database_url: str, tmp_path: Path) -> AsyncIterator[AppState]:
 # --- database helpers -------------------------------------------------------------------
 
 
+async def enqueue_one(db: AsyncSession, kind: str, payload: dict[str, Any], **kwargs: Any) -> UUID:
+    """``enqueue`` without a dedupe key: always queues, so always returns the job's id."""
+    job_id = await enqueue(db, kind, payload, **kwargs)
+    assert job_id is not None
+    return job_id
+
+
 async def add_job(state: AppState, kind: str, payload: dict[str, Any], **kwargs: Any) -> UUID:
     """Enqueue one job in a transaction of its own and commit it."""
     async with state.db.session(write=True) as db:
-        return await enqueue(db, kind, payload, **kwargs)
+        return await enqueue_one(db, kind, payload, **kwargs)
 
 
 async def add_job_silently(state: AppState, kind: str, payload: dict[str, Any]) -> UUID:
@@ -133,7 +141,7 @@ async def make_due(state: AppState, job_id: UUID) -> None:
 async def wait_until(
     check: Callable[[], Awaitable[bool]],
     *,
-    timeout: float,
+    within: float,
     what: str,
     interval: float = 0.02,
     proc: asyncio.subprocess.Process | None = None,
@@ -148,8 +156,8 @@ async def wait_until(
             raise AssertionError(
                 f"worker exited ({proc.returncode}) while waiting for {what}:\n{log_tail(log)}"
             )
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"gave up after {timeout}s waiting for {what}\n{log_tail(log)}")
+        if time.monotonic() - start > within:
+            raise AssertionError(f"gave up after {within}s waiting for {what}\n{log_tail(log)}")
         await asyncio.sleep(interval)
 
 
@@ -250,6 +258,14 @@ def asyncpg_dsn(url: str) -> str:
 # --- enqueue: the transactional outbox ---------------------------------------------------
 
 
+async def enqueue_then_fail(state: AppState, **kwargs: Any) -> None:
+    """A request that writes data and a job, then fails before its transaction commits."""
+    async with state.db.session(write=True) as db:
+        db.add(AdminToken(name="doomed", token_hash=hash_token("tbadm_doomed")))
+        await enqueue(db, "test.append", {"path": "/nonexistent", "line": "x"}, **kwargs)
+        raise RuntimeError("the request failed")
+
+
 async def test_enqueue_commits_and_rolls_back_with_the_callers_data(state: AppState) -> None:
     notified: asyncio.Queue[str] = asyncio.Queue()
     listener: Any = None
@@ -259,10 +275,7 @@ async def test_enqueue_commits_and_rolls_back_with_the_callers_data(state: AppSt
         await listener.add_listener(NOTIFY_CHANNEL, lambda *a: notified.put_nowait(a[2]))
     try:
         with pytest.raises(RuntimeError, match="the request failed"):
-            async with state.db.session(write=True) as db:
-                db.add(AdminToken(name="doomed", token_hash=hash_token("tbadm_doomed")))
-                await enqueue(db, "test.append", {"path": "/nonexistent", "line": "x"})
-                raise RuntimeError("the request failed")
+            await enqueue_then_fail(state)
         assert await count_jobs(state) == 0
         async with state.db.session(write=False) as db:
             assert await db.scalar(select(func.count()).select_from(AdminToken)) == 0
@@ -276,7 +289,7 @@ async def test_enqueue_commits_and_rolls_back_with_the_callers_data(state: AppSt
 
         async with state.db.session(write=True) as db:
             db.add(AdminToken(name="kept", token_hash=hash_token("tbadm_kept")))
-            job_id = await enqueue(db, "test.append", {"path": "/nonexistent", "line": "x"})
+            job_id = await enqueue_one(db, "test.append", {"path": "/nonexistent", "line": "x"})
         job = await load_job(state, job_id)
         assert (job.kind, job.status, job.attempts, job.max_attempts) == (
             "test.append",
@@ -331,6 +344,30 @@ async def test_job_is_not_run_before_its_run_after(state: AppState, tmp_path: Pa
     await make_due(state, job_id)
     assert await worker.run_until_idle() == 1
     assert read_lines(out) == ["later"]
+
+
+async def test_dedupe_key_queues_a_job_once(state: AppState, tmp_path: Path) -> None:
+    out = tmp_path / "out.txt"
+    async with state.db.session(write=True) as db:
+        first = await enqueue(db, "test.append", {"path": str(out), "line": "one"}, dedupe_key="k1")
+        same_tx = await enqueue(
+            db, "test.append", {"path": str(out), "line": "dup"}, dedupe_key="k1"
+        )
+    assert first is not None
+    assert same_tx is None
+    async with state.db.session(write=True) as db:
+        assert await enqueue(db, "test.append", {"path": str(out)}, dedupe_key="k1") is None
+    # A rolled-back enqueue does not hold on to its key.
+    with pytest.raises(RuntimeError, match="the request failed"):
+        await enqueue_then_fail(state, dedupe_key="k2")
+    async with state.db.session(write=True) as db:
+        second = await enqueue(
+            db, "test.append", {"path": str(out), "line": "two"}, dedupe_key="k2"
+        )
+    assert second is not None
+    assert await count_jobs(state) == 2
+    assert await Worker(state, plugin_registry()).run_until_idle() == 2
+    assert sorted(read_lines(out)) == ["one", "two"]
 
 
 # --- retries, budget, failure ------------------------------------------------------------
@@ -415,13 +452,14 @@ async def test_retry_delays_carry_jitter(state: AppState) -> None:
     registry = JobRegistry()
     registry.register("test.boom", boom, base_delay_s=100.0)
     async with state.db.session(write=True) as db:
-        ids = [await enqueue(db, "test.boom", {"n": n}) for n in range(8)]
+        ids = [await enqueue_one(db, "test.boom", {"n": n}) for n in range(8)]
     before = _now()
     worker = Worker(state, registry, concurrency=8)
     assert await worker.run_until_idle() == 8
     delays = [((await load_job(state, i)).run_after - before).total_seconds() for i in ids]
     assert all(75.0 - 0.05 <= d <= 125.0 + 1.0 for d in delays), delays
-    assert len({round(d, 3) for d in delays}) > 1, f"no jitter: {delays}"
+    # Released within milliseconds of each other: only jitter spreads them by seconds.
+    assert max(delays) - min(delays) > 1.0, f"no jitter: {delays}"
 
 
 def test_backoff_delay_doubles_with_jitter_and_is_capped() -> None:
@@ -523,7 +561,14 @@ async def test_commit_wakes_an_idle_worker_at_once(state: AppState, tmp_path: Pa
     out = tmp_path / "out.txt"
     assert state.settings.worker_poll_seconds == IDLE_POLL_S
     async with running(Worker(state, plugin_registry(), name="idle")):
-        await asyncio.sleep(1.0)  # past its first claim (and, on PostgreSQL, its LISTEN)
+        if not state.db.is_sqlite:
+            # Its LISTEN connection wakes it once on connecting: let that happen first.
+
+            async def listening() -> bool:
+                return await listening_backends(state) >= 1
+
+            await wait_until(listening, within=20, what="LISTEN")
+        await asyncio.sleep(0.5)  # past its first claim: it now sleeps for the 30 s poll
         # Control: a row that arrives without enqueue's wake-up waits for the (30 s) poll.
         silent = await add_job_silently(state, "test.append", {"path": str(out), "line": "silent"})
         await asyncio.sleep(0.7)
@@ -534,7 +579,7 @@ async def test_commit_wakes_an_idle_worker_at_once(state: AppState, tmp_path: Pa
         async def done() -> bool:
             return (await load_job(state, job_id)).status == "done"
 
-        latency = await wait_until(done, timeout=10, what="the woken job")
+        latency = await wait_until(done, within=10, what="the woken job")
         assert latency < 1.0, f"picked up after {latency:.2f}s"
         assert (await load_job(state, silent)).status == "done"  # a wake-up claims all due work
     assert sorted(read_lines(out)) == ["silent", "woken"]
@@ -560,7 +605,7 @@ async def test_app_runs_the_worker_unless_disabled(state: AppState, tmp_path: Pa
         async def done() -> bool:
             return (await load_job(state, second)).status == "done"
 
-        latency = await wait_until(done, timeout=10, what="the app's worker")
+        latency = await wait_until(done, within=10, what="the app's worker")
         assert latency < 1.0
         assert (await load_job(state, first)).status == "done"
     assert sorted(read_lines(out)) == ["one", "two"]
@@ -577,7 +622,7 @@ async def test_notify_wakes_a_worker_in_another_process(
         async def listening() -> bool:
             return await listening_backends(state) >= 1
 
-        await wait_until(listening, timeout=30, what="LISTEN", proc=proc, log=log)
+        await wait_until(listening, within=30, what="LISTEN", proc=proc, log=log)
         await asyncio.sleep(0.5)  # let the catch-up claim after LISTEN finish
 
         # Control: without NOTIFY the other process sleeps through its 60 s poll.
@@ -590,7 +635,7 @@ async def test_notify_wakes_a_worker_in_another_process(
         async def done() -> bool:
             return (await load_job(state, job_id)).status == "done"
 
-        latency = await wait_until(done, timeout=15, what="the notified job", proc=proc, log=log)
+        latency = await wait_until(done, within=15, what="the notified job", proc=proc, log=log)
         assert latency < 2.0, f"picked up after {latency:.2f}s"
         assert (await load_job(state, silent)).status == "done"
         assert proc.returncode is None
@@ -617,7 +662,7 @@ async def test_two_workers_run_each_job_exactly_once(
 ) -> None:
     out = tmp_path / "out.txt"
     async with state.db.session(write=True) as db:
-        ids = {str(await enqueue(db, "test.tagged", {"path": str(out)})) for _ in range(50)}
+        ids = {str(await enqueue_one(db, "test.tagged", {"path": str(out)})) for _ in range(50)}
     # Two workers with engines (and, on SQLite, writer locks) of their own, as two processes.
     other = build_state(job_settings(database_url, tmp_path / "data2"))
     try:
@@ -628,7 +673,7 @@ async def test_two_workers_run_each_job_exactly_once(
             async def all_done() -> bool:
                 return await count_jobs(state, "done") == 50
 
-            await wait_until(all_done, timeout=40, what="50 jobs done", interval=0.05)
+            await wait_until(all_done, within=40, what="50 jobs done", interval=0.05)
     finally:
         await other.db.dispose()
     lines = [line.split() for line in read_lines(out)]
@@ -656,19 +701,19 @@ async def test_two_worker_processes_run_each_job_exactly_once(
         async def both_listening() -> bool:
             return await listening_backends(state) >= 2
 
-        await wait_until(both_listening, timeout=30, what="two LISTENs", proc=p1, log=log1)
+        await wait_until(both_listening, within=30, what="two LISTENs", proc=p1, log=log1)
         await asyncio.sleep(0.5)
         assert p2.returncode is None, log_tail(log2)
         async with state.db.session(write=True) as db:
             ids = {
-                str(await enqueue(db, "test.record", {"path": str(out), "sleep": 0.05}))
+                str(await enqueue_one(db, "test.record", {"path": str(out), "sleep": 0.05}))
                 for _ in range(50)
             }
 
         async def all_done() -> bool:
             return await count_jobs(state, "done") == 50
 
-        await wait_until(all_done, timeout=30, what="50 jobs done", interval=0.05, proc=p2)
+        await wait_until(all_done, within=30, what="50 jobs done", interval=0.05, proc=p2)
         assert p1.returncode is None, log_tail(log1)
     lines = [line.split() for line in read_lines(out)]
     recorded = [job_id for job_id, _, _ in lines]
@@ -693,7 +738,7 @@ async def test_killed_workers_job_is_retaken_after_its_lease(
             job = await load_job(state, job_id)
             return job.status == "running" and len(read_lines(out)) == 1
 
-        await wait_until(claimed_and_started, timeout=30, what="the claim", proc=proc, log=log)
+        await wait_until(claimed_and_started, within=30, what="the claim", proc=proc, log=log)
         await asyncio.sleep(0.3)
         proc.send_signal(signal.SIGKILL)
         assert await asyncio.wait_for(proc.wait(), 10) == -signal.SIGKILL
@@ -726,6 +771,43 @@ async def test_killed_workers_job_is_retaken_after_its_lease(
         f"start {job_id} {me} 2",
         f"done {job_id} {me} 2",
     ]
+
+
+@pytest.mark.timeout(30)
+async def test_a_live_workers_lease_is_extended_while_its_job_runs(
+    state: AppState, tmp_path: Path
+) -> None:
+    """A job running longer than the lease is not retaken while its worker is alive."""
+    short = build_state(replace(state.settings, job_lease_seconds=2))
+    try:
+        started = asyncio.Event()
+
+        async def long_job(_ctx: JobContext, _payload: dict[str, Any]) -> None:
+            started.set()
+            await asyncio.sleep(2 * 2 + 0.5)  # more than two leases
+
+        registry = JobRegistry()
+        registry.register("test.long", long_job)
+        job_id = await add_job(short, "test.long", {})
+        holder = asyncio.create_task(Worker(short, registry, name="holder").run_until_idle())
+        try:
+            await asyncio.wait_for(started.wait(), 10)
+            thief = Worker(state, plugin_registry(), name="thief")
+            while not holder.done():
+                assert await thief.run_until_idle() == 0, "a live worker's job was retaken"
+                job = await load_job(state, job_id)
+                if job.status == "running":
+                    assert job.locked_by == "holder"
+                await asyncio.sleep(0.25)
+            assert await holder == 1
+        finally:
+            holder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await holder
+    finally:
+        await short.db.dispose()
+    job = await load_job(state, job_id)
+    assert (job.status, job.attempts) == ("done", 1)
 
 
 async def test_lapsed_lease_on_the_last_attempt_does_not_exceed_the_budget(

@@ -188,6 +188,12 @@ class Worker:
             structlog.contextvars.unbind_contextvars("job_id", "job_kind")
 
     async def _execute_kind(self, job: ClaimedJob, kind: JobKind) -> None:
+        if job.attempts > min(job.max_attempts, kind.max_attempts):
+            # Retaken after a lapsed lease with no budget left: the worker died (crash,
+            # OOM kill) during the last allowed attempt. Do not run it again.
+            log.warning("jobs.failed", attempt=job.attempts, reason="worker lost on last attempt")
+            await self._finish(job, "failed", "the worker was lost during the last attempt")
+            return
         ctx = JobContext(
             job.id, job.kind, job.attempts, job.max_attempts, job.created_at, self.state
         )
