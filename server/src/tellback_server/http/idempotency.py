@@ -24,6 +24,7 @@ from uuid_utils.compat import uuid7
 
 from tellback_server.db.models import IdempotencyKey
 from tellback_server.http.errors import BadRequest, IdempotencyKeyInProgress, IdempotencyKeyReused
+from tellback_server.security import Sealer
 
 HEADER = "idempotency-key"
 REPLAYED = "Idempotent-Replayed"
@@ -51,6 +52,7 @@ async def idempotent(
         return json_response(await produce(), status)
     if not _valid_key(key):
         raise BadRequest("Idempotency-Key must be 1-255 printable ASCII characters")
+    sealer: Sealer = request.app.state["tb"].sealer
     body = await request.body()
     digest = hashlib.sha256(f"{request.method} {request.url.path}\n".encode() + body).hexdigest()
     now = dt.datetime.now(dt.UTC)
@@ -60,7 +62,12 @@ async def idempotent(
             await db.execute(
                 update(IdempotencyKey)
                 .where(IdempotencyKey.scope == scope, IdempotencyKey.key == key)
-                .values(response_status=status, response_body=response.content, updated_at=now)
+                .values(
+                    response_status=status,
+                    # Responses may carry secrets shown once (tokens, identity secrets).
+                    response_body=sealer.seal(response.content, f"idempotency:{scope}:{key}"),
+                    updated_at=now,
+                )
             )
             return response
         existing = (
@@ -89,7 +96,7 @@ async def idempotent(
         if existing.response_status is None or existing.response_body is None:
             raise IdempotencyKeyInProgress("a request with this Idempotency-Key is still running")
         return Response(
-            content=existing.response_body,
+            content=sealer.open(existing.response_body, f"idempotency:{scope}:{key}"),
             status_code=existing.response_status,
             media_type="application/json",
             headers={REPLAYED: "true"},

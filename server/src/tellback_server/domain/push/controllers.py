@@ -142,15 +142,23 @@ class AdminPushController(Controller):
         """`service_account` is the Firebase service-account JSON. Stored encrypted."""
         return await credentials.put_fcm(app_id, data)
 
-    @delete("/push/{provider:str}", status_code=204, summary="Remove push credentials")
-    async def remove(
+    @delete("/push/apns", status_code=204, summary="Remove APNs credentials")
+    async def remove_apns(
         self,
         admin: NamedDependency[AdminPrincipal],
         credentials: NamedDependency[CredentialService],
         app_id: FromPath[UUID],
-        provider: FromPath[Literal["apns", "fcm"]],
     ) -> None:
-        await credentials.remove(app_id, provider)
+        await credentials.remove(app_id, "apns")
+
+    @delete("/push/fcm", status_code=204, summary="Remove FCM credentials")
+    async def remove_fcm(
+        self,
+        admin: NamedDependency[AdminPrincipal],
+        credentials: NamedDependency[CredentialService],
+        app_id: FromPath[UUID],
+    ) -> None:
+        await credentials.remove(app_id, "fcm")
 
     @get("/push-deliveries", summary="The push delivery log, newest first")
     async def deliveries(
