@@ -12,13 +12,14 @@ credential errors fail the job and are shown on the app's push status.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
 import structlog
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 
 from tellback_server.db.models import (
     Agent,
@@ -37,7 +38,8 @@ from tellback_server.domain.push.payloads import Notification, apns_payload, fcm
 from tellback_server.domain.push.providers import ApnsSender, FcmSender, Outcome
 from tellback_server.domain.push.services import load_credentials
 from tellback_server.jobs.queue import enqueue
-from tellback_server.jobs.registry import JobContext, JobRegistry, PermanentFailure, RetryLater
+from tellback_server.jobs.registry import JobContext, JobRegistry, RetryLater
+from tellback_server.jobs.worker import backoff_delay
 from tellback_server.state import AppState
 
 log = structlog.get_logger("tellback.push")
@@ -45,6 +47,7 @@ log = structlog.get_logger("tellback.push")
 FANOUT_JOB = "push.fanout"
 SEND_JOB = "push.send"
 APNS_TTL_S = 24 * 3600
+SEND_CONCURRENCY = 500  # streams in flight per client (APNs allows ~1000 per connection)
 
 
 @dataclass
@@ -110,70 +113,26 @@ async def queue_fanout(db: Any, message_id: UUID, audience: str) -> None:
     )
 
 
-async def fanout(ctx: JobContext, payload: dict[str, Any]) -> None:
-    state = ctx.state
-    message_id = UUID(payload["message_id"])
-    audience = payload["audience"]
-    async with state.db.session(write=True) as db:
-        row = (
-            await db.execute(
-                select(
-                    Message.id,
-                    Message.internal,
-                    Conversation.id.label("conv_id"),
-                    Conversation.app_id,
-                    Conversation.end_user_id,
-                )
-                .join(Conversation, Conversation.id == Message.conversation_id)
-                .where(Message.id == message_id)
-            )
-        ).first()
-        if row is None or row.internal:
-            return
-        devices = select(Device).where(Device.active.is_(True))
-        if audience == "user":
-            devices = devices.where(Device.end_user_id == row.end_user_id)
-        else:
-            agents = (
-                select(AgentApp.agent_id)
-                .join(Agent, Agent.id == AgentApp.agent_id)
-                .where(AgentApp.app_id == row.app_id, Agent.disabled_at.is_(None))
-            )
-            devices = devices.where(Device.agent_id.in_(agents))
-        configured = {
-            (r.app_id, r.provider)
-            for r in await db.execute(select(PushCredential.app_id, PushCredential.provider))
-        }
-        for device in await db.scalars(devices):
-            if (device.app_id, device.provider) not in configured:
-                db.add(
-                    PushDelivery(
-                        app_id=device.app_id,
-                        device_id=device.id,
-                        message_id=message_id,
-                        conversation_id=row.conv_id,
-                        job_id=ctx.job_id,
-                        provider=device.provider,
-                        audience=audience,
-                        status="skipped",
-                        attempt=1,
-                        reason=f"the app has no {device.provider.upper()} credentials",
-                    )
-                )
-                continue
-            await enqueue(
-                db,
-                SEND_JOB,
-                {"device_id": str(device.id), "message_id": str(message_id), "audience": audience},
-                max_attempts=8,
-                dedupe_key=f"push:{message_id}:{device.id}",
-            )
+@dataclass
+class _Facts:
+    """What every notification for one message shares, loaded once."""
+
+    message: Message
+    conv: Conversation
+    app: App
+    content_free: bool
+    has_image: bool
+    text: str
+    agent_name: str | None
+    user_name: str | None
 
 
-async def _notification(db: Any, device: Device, message: Message, audience: str) -> Notification:
+async def _facts(db: Any, message_id: UUID) -> _Facts | None:
+    message = await db.get(Message, message_id)
+    if message is None or message.internal:
+        return None
     conv = await db.get(Conversation, message.conversation_id)
     app = await db.get(App, conv.app_id)
-    settings = parse_settings(app.settings)
     has_image = bool(
         await db.scalar(
             select(func.count())
@@ -181,140 +140,74 @@ async def _notification(db: Any, device: Device, message: Message, audience: str
             .where(Attachment.message_id == message.id, Attachment.kind == "photo")
         )
     )
-    text = snippet(message.body) or ("Sent a photo" if has_image else "Sent an attachment")
-    if audience == "user":
-        badge = await db.scalar(
-            select(func.coalesce(func.sum(Conversation.user_unread_count), 0)).where(
-                Conversation.end_user_id == conv.end_user_id
-            )
-        )
-        agent_name = await db.scalar(select(Agent.name).where(Agent.id == message.author_agent_id))
-        title = app.name if settings.content_free_push else (agent_name or app.name)
-        body = "You have a new reply" if settings.content_free_push else text
-        kind = "message.created"
-    else:
-        apps = select(AgentApp.app_id).where(AgentApp.agent_id == device.agent_id)
-        badge = await db.scalar(
-            select(func.count())
-            .select_from(Conversation)
-            .where(Conversation.app_id.in_(apps), Conversation.agent_unread_count > 0)
-        )
-        first = conv.message_count <= 1
-        kind = "conversation.created" if first else "message.created"
-        who = await db.scalar(select(EndUser.name).where(EndUser.id == conv.end_user_id))
-        if settings.content_free_push:
-            title, body = app.name, "New feedback" if first else "New reply"
-        else:
-            title = f"New feedback in {app.name}" if first else f"Reply from {who or 'a user'}"
-            body = text
-    return Notification(
-        type=kind,
-        conversation_id=str(conv.id),
-        message_id=str(message.id),
-        title=title,
-        body=body,
-        badge=int(badge or 0),
+    agent_name = (
+        await db.scalar(select(Agent.name).where(Agent.id == message.author_agent_id))
+        if message.author_agent_id
+        else None
+    )
+    user_name = await db.scalar(select(EndUser.name).where(EndUser.id == conv.end_user_id))
+    return _Facts(
+        message=message,
+        conv=conv,
+        app=app,
+        content_free=parse_settings(app.settings).content_free_push,
         has_image=has_image,
+        text=snippet(message.body) or ("Sent a photo" if has_image else "Sent an attachment"),
+        agent_name=agent_name,
+        user_name=user_name,
     )
 
 
-async def _record(
-    state: AppState,
-    ctx: JobContext,
-    device: Device,
-    message: Message,
-    audience: str,
-    status: str,
-    outcome: Outcome | None,
-    reason: str | None,
-) -> None:
-    async with state.db.session(write=True) as db:
-        db.add(
-            PushDelivery(
-                app_id=device.app_id,
-                device_id=device.id,
-                message_id=message.id,
-                conversation_id=message.conversation_id,
-                job_id=ctx.job_id,
-                provider=device.provider,
-                audience=audience,
-                status=status,
-                reason=reason,
-                http_status=outcome.http_status if outcome else None,
-                latency_ms=round(outcome.latency_ms, 2) if outcome and outcome.latency_ms else None,
-                attempt=ctx.attempt,
+async def _badges(db: Any, facts: _Facts, audience: str, devices: list[Device]) -> dict[UUID, int]:
+    """Badge per device: the user's unread total, or per agent the conversations to read."""
+    if audience == "user":
+        total = await db.scalar(
+            select(func.coalesce(func.sum(Conversation.user_unread_count), 0)).where(
+                Conversation.end_user_id == facts.conv.end_user_id
             )
         )
-        now = dt.datetime.now(dt.UTC)
-        cred = (PushCredential.app_id == device.app_id) & (
-            PushCredential.provider == device.provider
+        return {d.id: int(total or 0) for d in devices}
+    per_agent: dict[UUID, int] = {}
+    for agent_id in {d.agent_id for d in devices if d.agent_id is not None}:
+        apps = select(AgentApp.app_id).where(AgentApp.agent_id == agent_id)
+        per_agent[agent_id] = int(
+            await db.scalar(
+                select(func.count())
+                .select_from(Conversation)
+                .where(Conversation.app_id.in_(apps), Conversation.agent_unread_count > 0)
+            )
+            or 0
         )
-        if status == "sent":
-            await db.execute(
-                update(PushCredential)
-                .where(
-                    cred,
-                    (PushCredential.last_success_at.is_(None))
-                    | (PushCredential.last_success_at < now - dt.timedelta(seconds=60)),
-                )
-                .values(last_success_at=now)
-            )
-        elif status == "failed" and outcome is not None and outcome.kind == "auth_error":
-            await db.execute(
-                update(PushCredential).where(cred).values(last_error=reason, last_error_at=now)
-            )
-        elif status == "invalid_token":
-            await db.execute(
-                update(Device)
-                .where(Device.id == device.id)
-                .values(active=False, deactivated_reason=reason, deactivated_at=now)
-            )
+    return {d.id: per_agent.get(d.agent_id, 0) if d.agent_id else 0 for d in devices}
 
 
-async def send(ctx: JobContext, payload: dict[str, Any]) -> None:
-    state = ctx.state
-    audience = payload["audience"]
-    async with state.db.session(write=False) as db:
-        device = await db.get(Device, UUID(payload["device_id"]))
-        message = await db.get(Message, UUID(payload["message_id"]))
-        if device is None or message is None or not device.active:
-            return
-        notification = await _notification(db, device, message, audience)
-    clients = _clients(state)
-    outcome = await _send_once(state, clients, device, notification)
-    if outcome.kind == "expired_provider_token":
-        # Mint a new provider token (new connection) and try once more.
-        await clients.drop(device.app_id, device.provider, device.apns_environment)
-        outcome = await _send_once(state, clients, device, notification)
-    reason = outcome.reason
-    last_try = ctx.attempt >= ctx.max_attempts
-    if outcome.kind == "sent":
-        await _record(state, ctx, device, message, audience, "sent", outcome, None)
-        return
-    if outcome.kind == "invalid_token":
-        await _record(state, ctx, device, message, audience, "invalid_token", outcome, reason)
-        log.info("push.device_deactivated", device_id=str(device.id), reason=reason)
-        return
-    if outcome.kind == "retry" and not last_try:
-        await _record(state, ctx, device, message, audience, "retrying", outcome, reason)
-        raise RetryLater(reason or "provider unavailable", delay=outcome.retry_after)
-    await _record(state, ctx, device, message, audience, "failed", outcome, reason)
-    if outcome.kind == "auth_error":
-        log.error(
-            "push.credentials_rejected",
-            app_id=str(device.app_id),
-            provider=device.provider,
-            reason=reason,
-        )
-    raise PermanentFailure(reason or "push failed")
+def _notification(facts: _Facts, audience: str, badge: int) -> Notification:
+    app_name = facts.app.name
+    if audience == "user":
+        kind = "message.created"
+        title = app_name if facts.content_free else (facts.agent_name or app_name)
+        body = "You have a new reply" if facts.content_free else facts.text
+    else:
+        first = facts.conv.message_count <= 1
+        kind = "conversation.created" if first else "message.created"
+        if facts.content_free:
+            title, body = app_name, "New feedback" if first else "New reply"
+        else:
+            who = facts.user_name or "a user"
+            title = f"New feedback in {app_name}" if first else f"Reply from {who}"
+            body = facts.text
+    return Notification(
+        type=kind,
+        conversation_id=str(facts.conv.id),
+        message_id=str(facts.message.id),
+        title=title,
+        body=body,
+        badge=badge,
+        has_image=facts.has_image,
+    )
 
 
-async def _send_once(
-    state: AppState, clients: PushClients, device: Device, n: Notification
-) -> Outcome:
-    sender = await clients.get(state, device.app_id, device.provider, device.apns_environment)
-    if sender is None:
-        return Outcome("failed", None, f"the app has no {device.provider.upper()} credentials")
+async def _send_one(sender: ApnsSender | FcmSender, device: Device, n: Notification) -> Outcome:
     if isinstance(sender, ApnsSender):
         return await sender.send(
             device.token, apns_payload(n), collapse_id=n.message_id, ttl_s=APNS_TTL_S
@@ -322,12 +215,230 @@ async def _send_once(
     return await sender.send(fcm_message(device.token, n))
 
 
+async def _send_group(
+    state: AppState, clients: PushClients, devices: list[Device], notes: dict[UUID, Notification]
+) -> dict[UUID, Outcome]:
+    """Send to devices sharing one app/provider/environment, concurrently on one client."""
+    first = devices[0]
+    key = (first.app_id, first.provider, first.apns_environment)
+    outcomes: dict[UUID, Outcome] = {}
+    sem = asyncio.Semaphore(SEND_CONCURRENCY)
+    for _ in range(2):
+        sender = await clients.get(state, *key)
+        if sender is None:
+            missing = Outcome(
+                "failed", None, f"the app has no {first.provider.upper()} credentials"
+            )
+            return {d.id: missing for d in devices}
+
+        async def one(
+            device: Device, s: ApnsSender | FcmSender = sender, sem: asyncio.Semaphore = sem
+        ) -> tuple[UUID, Outcome]:
+            async with sem:
+                return device.id, await _send_one(s, device, notes[device.id])
+
+        outcomes.update(await asyncio.gather(*(one(d) for d in devices)))
+        expired = [d for d in devices if outcomes[d.id].kind == "expired_provider_token"]
+        if not expired:
+            break
+        # Mint a new provider token (a new connection) and send those once more.
+        await clients.drop(*key)
+        devices = expired
+    return outcomes
+
+
+async def _deliver(
+    state: AppState,
+    ctx: JobContext,
+    facts: _Facts,
+    audience: str,
+    devices: list[Device],
+    *,
+    final: bool,
+) -> list[tuple[Device, Outcome]]:
+    """Send one message to ``devices``, record every outcome; return the ones to retry."""
+    async with state.db.session(write=False) as db:
+        badges = await _badges(db, facts, audience, devices)
+    notes = {d.id: _notification(facts, audience, badges[d.id]) for d in devices}
+    groups: dict[tuple[UUID, str, str | None], list[Device]] = {}
+    for d in devices:
+        groups.setdefault((d.app_id, d.provider, d.apns_environment), []).append(d)
+    clients = _clients(state)
+    outcomes: dict[UUID, Outcome] = {}
+    for group in groups.values():
+        outcomes.update(await _send_group(state, clients, group, notes))
+    retry = [(d, outcomes[d.id]) for d in devices if outcomes[d.id].kind == "retry" and not final]
+    await _record(state, ctx, facts, audience, devices, outcomes, retrying={d.id for d, _ in retry})
+    return retry
+
+
+def _status(outcome: Outcome, retrying: bool) -> str:
+    if outcome.kind in {"sent", "invalid_token"}:
+        return outcome.kind
+    return "retrying" if retrying else "failed"
+
+
+async def _record(
+    state: AppState,
+    ctx: JobContext,
+    facts: _Facts,
+    audience: str,
+    devices: list[Device],
+    outcomes: dict[UUID, Outcome],
+    retrying: set[UUID],
+) -> None:
+    now = dt.datetime.now(dt.UTC)
+    rows = []
+    for d in devices:
+        o = outcomes[d.id]
+        rows.append(
+            {
+                "app_id": d.app_id,
+                "device_id": d.id,
+                "message_id": facts.message.id,
+                "conversation_id": facts.conv.id,
+                "job_id": ctx.job_id,
+                "provider": d.provider,
+                "audience": audience,
+                "status": _status(o, d.id in retrying),
+                "reason": o.reason,
+                "http_status": o.http_status,
+                "latency_ms": round(o.latency_ms, 2) if o.latency_ms else None,
+                "attempt": ctx.attempt,
+            }
+        )
+    invalid = [d.id for d in devices if outcomes[d.id].kind == "invalid_token"]
+    auth_errors = {
+        (d.app_id, d.provider): outcomes[d.id].reason
+        for d in devices
+        if outcomes[d.id].kind == "auth_error"
+    }
+    sent_to = {(d.app_id, d.provider) for d in devices if outcomes[d.id].kind == "sent"}
+    async with state.db.session(write=True) as db:
+        await db.execute(insert(PushDelivery), rows)
+        if invalid:
+            await db.execute(
+                update(Device)
+                .where(Device.id.in_(invalid))
+                .values(
+                    active=False,
+                    deactivated_reason="the provider rejected the token",
+                    deactivated_at=now,
+                )
+            )
+        for (app_id, provider), reason in auth_errors.items():
+            log.error(
+                "push.credentials_rejected", app_id=str(app_id), provider=provider, reason=reason
+            )
+            await db.execute(
+                update(PushCredential)
+                .where(PushCredential.app_id == app_id, PushCredential.provider == provider)
+                .values(last_error=reason, last_error_at=now)
+            )
+        for app_id, provider in sent_to:
+            await db.execute(
+                update(PushCredential)
+                .where(
+                    PushCredential.app_id == app_id,
+                    PushCredential.provider == provider,
+                    (PushCredential.last_success_at.is_(None))
+                    | (PushCredential.last_success_at < now - dt.timedelta(seconds=60)),
+                )
+                .values(last_success_at=now)
+            )
+    if invalid:
+        log.info("push.devices_deactivated", count=len(invalid))
+
+
+async def fanout(ctx: JobContext, payload: dict[str, Any]) -> None:
+    """Send one message to every device that should hear of it, then queue retries.
+
+    Re-runs (at-least-once) skip devices already recorded as sent for the message.
+    """
+    state = ctx.state
+    message_id = UUID(payload["message_id"])
+    audience = payload["audience"]
+    async with state.db.session(write=True) as db:
+        facts = await _facts(db, message_id)
+        if facts is None:
+            return
+        stmt = select(Device).where(Device.active.is_(True))
+        if audience == "user":
+            stmt = stmt.where(Device.end_user_id == facts.conv.end_user_id)
+        else:
+            agents = (
+                select(AgentApp.agent_id)
+                .join(Agent, Agent.id == AgentApp.agent_id)
+                .where(AgentApp.app_id == facts.conv.app_id, Agent.disabled_at.is_(None))
+            )
+            stmt = stmt.where(Device.agent_id.in_(agents))
+        done = select(PushDelivery.device_id).where(
+            PushDelivery.message_id == message_id, PushDelivery.status.in_(("sent", "skipped"))
+        )
+        devices = list(await db.scalars(stmt.where(Device.id.not_in(done))))
+        configured = {
+            (r.app_id, r.provider)
+            for r in await db.execute(select(PushCredential.app_id, PushCredential.provider))
+        }
+        for d in devices:
+            if (d.app_id, d.provider) not in configured:
+                db.add(
+                    PushDelivery(
+                        app_id=d.app_id,
+                        device_id=d.id,
+                        message_id=message_id,
+                        conversation_id=facts.conv.id,
+                        job_id=ctx.job_id,
+                        provider=d.provider,
+                        audience=audience,
+                        status="skipped",
+                        attempt=1,
+                        reason=f"the app has no {d.provider.upper()} credentials",
+                    )
+                )
+        devices = [d for d in devices if (d.app_id, d.provider) in configured]
+    if not devices:
+        return
+    retry = await _deliver(state, ctx, facts, audience, devices, final=False)
+    if retry:
+        async with state.db.session(write=True) as db:
+            for device, outcome in retry:
+                wait = max(backoff_delay(1, 1.0, 300.0), outcome.retry_after or 0.0)
+                await enqueue(
+                    db,
+                    SEND_JOB,
+                    {
+                        "device_id": str(device.id),
+                        "message_id": str(message_id),
+                        "audience": audience,
+                    },
+                    max_attempts=7,
+                    run_after=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=wait),
+                    dedupe_key=f"push:{message_id}:{device.id}",
+                )
+
+
+async def send(ctx: JobContext, payload: dict[str, Any]) -> None:
+    """Retry one device (queued by the fan-out after a temporary failure)."""
+    state = ctx.state
+    async with state.db.session(write=False) as db:
+        device = await db.get(Device, UUID(payload["device_id"]))
+        facts = await _facts(db, UUID(payload["message_id"]))
+    if device is None or facts is None or not device.active:
+        return
+    final = ctx.attempt >= ctx.max_attempts
+    retry = await _deliver(state, ctx, facts, payload["audience"], [device], final=final)
+    if retry:
+        _, outcome = retry[0]
+        raise RetryLater(outcome.reason or "provider unavailable", delay=outcome.retry_after)
+
+
 async def close_clients(state: AppState) -> None:
     await _clients(state).close()
 
 
 def register(registry: JobRegistry) -> None:
-    registry.register(FANOUT_JOB, fanout, max_attempts=10, timeout_s=60)
+    registry.register(FANOUT_JOB, fanout, max_attempts=10, timeout_s=300)
     registry.register(
-        SEND_JOB, send, max_attempts=8, timeout_s=30, base_delay_s=1.0, max_delay_s=300
+        SEND_JOB, send, max_attempts=7, timeout_s=60, base_delay_s=2.0, max_delay_s=300
     )
