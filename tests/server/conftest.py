@@ -137,14 +137,21 @@ def registry() -> JobRegistry:
 
 @pytest.fixture
 async def api(database_url: str, tmp_path: Path, registry: JobRegistry) -> AsyncIterator[Api]:
-    settings = make_settings(database_url, tmp_path / "data")
+    async with serve_app(make_settings(database_url, tmp_path / "data"), registry) as api:
+        yield api
+
+
+@asynccontextmanager
+async def serve_app(
+    settings: Settings, registry: JobRegistry, base_url: str = "http://tellback.test"
+) -> AsyncIterator[Api]:
+    """The app in this event loop (tests may also use state.db), with an admin token."""
     state = build_state(settings)
     app = create_app(settings, registry=registry, state=state)
-    # Same event loop as the test, so tests may also use state.db directly.
     transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
     async with (
         lifespan(app),
-        httpx.AsyncClient(transport=transport, base_url="http://tellback.test") as client,
+        httpx.AsyncClient(transport=transport, base_url=base_url) as client,
     ):
         yield Api(http=client, state=state, admin_token=await _admin_token(state))
 

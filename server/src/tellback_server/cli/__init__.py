@@ -15,6 +15,7 @@ import structlog
 import uvicorn
 from sqlalchemy import func, select
 
+from tellback_server.cli.dev import dev
 from tellback_server.logging import configure_logging
 from tellback_server.settings import Settings, SettingsError, load_settings, resolve_secret_key
 
@@ -269,3 +270,6 @@ def openapi() -> None:
 
     app = create_app(Settings(database_url="sqlite+aiosqlite:///:memory:", secret_key="x" * 32))
     click.echo(json.dumps(app.openapi_schema.to_schema(), indent=2, sort_keys=True))
+
+
+main.add_command(dev)

@@ -17,6 +17,7 @@ a worker thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
 import time
@@ -67,6 +68,20 @@ class Outcome:
     latency_ms: float | None = None
 
 
+class _AckingProtocol(APNsProductionClientProtocol):
+    """aioapns's protocol, returning HTTP/2 flow-control credit for response bodies.
+
+    aioapns never acknowledges DATA frames, so after ~64 KiB of error bodies on one
+    connection (about 1,300 `410 Unregistered` answers in a fan-out to stale tokens)
+    APNs may not send another body and every later error on that connection hangs.
+    """
+
+    def on_data_received(self, raw_data: bytes, stream_id: int) -> None:
+        with contextlib.suppress(Exception):  # the stream may already be closed
+            self.conn.acknowledge_received_data(len(raw_data), stream_id)
+        super().on_data_received(raw_data, stream_id)
+
+
 class ApnsSender:
     def __init__(self, creds: dict[str, str], sandbox: bool, settings: Settings) -> None:
         ssl_context = ssl.create_default_context()
@@ -91,7 +106,7 @@ class ApnsSender:
         # aioapns reads host and port from the protocol class; give this client its own.
         protocol = type(
             "TellbackApnsProtocol",
-            (APNsProductionClientProtocol,),
+            (_AckingProtocol,),
             {"APNS_SERVER": host, "APNS_PORT": port},
         )
         self.client.pool.protocol_class = protocol
@@ -111,7 +126,9 @@ class ApnsSender:
         try:
             result = await asyncio.wait_for(self.client.send_notification(request), SEND_TIMEOUT_S)
         except TimeoutError:
-            return Outcome("retry", None, f"no answer from APNs within {SEND_TIMEOUT_S:.0f}s")
+            # aioapns keeps the dead request's state on the connection: start afresh.
+            await self.close()
+            return Outcome("retry", None, f"no answer from APNs within {SEND_TIMEOUT_S:g}s")
         except (ApnsConnectionError, MaxAttemptsExceeded, OSError, ssl.SSLError) as exc:
             return Outcome("retry", None, f"cannot reach APNs ({type(exc).__name__})")
         latency = (time.perf_counter() - started) * 1000

@@ -1,0 +1,409 @@
+"""Push delivery end to end: the real aioapns and pyfcm clients against local fakes."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+
+from tellback_server.db.models import Job
+from tellback_server.dev.apns_fake import ApnsFake
+from tellback_server.dev.fcm_fake import FcmFake
+from tellback_server.domain.push import providers
+from tellback_server.jobs.worker import Worker
+from tellback_server.plugins import build_registry
+from tests.server.conftest import Api, AppInfo, identity_token, make_settings, serve_app
+
+TOPIC = "com.example.feedback"
+TEAM = "TEAM123456"
+
+
+@dataclass
+class Push:
+    api: Api
+    apns: ApnsFake
+    fcm: FcmFake
+    app: AppInfo
+    user: dict[str, str]
+    agent: dict[str, str]
+    agent_id: str
+
+    async def run_jobs(self) -> int:
+        return await Worker(self.api.state, build_registry()).run_until_idle()
+
+    async def set_apns(self, key_id: str | None = None) -> None:
+        private_pem, public_pem = ApnsFake.generate_key()
+        key_id = key_id or ApnsFake.generate_key_id()
+        self.apns.add_key(TEAM, key_id, public_pem)
+        r = await self.api.http.put(
+            f"/v1/admin/apps/{self.app.id}/push/apns",
+            json={"team_id": TEAM, "key_id": key_id, "private_key": private_pem, "topic": TOPIC},
+            headers=self.api.admin,
+        )
+        assert r.status_code == 200, r.text
+
+    async def set_fcm(self) -> None:
+        r = await self.api.http.put(
+            f"/v1/admin/apps/{self.app.id}/push/fcm",
+            json={"service_account": self.fcm.service_account("tellback-test")},
+            headers=self.api.admin,
+        )
+        assert r.status_code == 200, r.text
+
+    async def register(self, headers: dict[str, str], provider: str = "apns", **extra: Any) -> str:
+        token = ApnsFake.make_token() if provider == "apns" else FcmFake.make_token()
+        body = {
+            "platform": "ios" if provider == "apns" else "android",
+            "push_provider": provider,
+            "push_token": token,
+            **extra,
+        }
+        path = (
+            "/v1/agent/devices/current" if headers is self.agent else "/v1/client/devices/current"
+        )
+        r = await self.api.http.put(path, json=body, headers=headers)
+        assert r.status_code == 200, r.text
+        return token
+
+    async def reply(self, conversation_id: str, body: str = "Fixed in 2.3.2") -> dict[str, Any]:
+        r = await self.api.http.post(
+            f"/v1/agent/conversations/{conversation_id}/messages",
+            json={"body": body},
+            headers=self.agent,
+        )
+        assert r.status_code == 201, r.text
+        data: dict[str, Any] = r.json()
+        return data
+
+    async def deliveries(self, status: str | None = None) -> list[dict[str, Any]]:
+        params = {"status": status} if status else {}
+        r = await self.api.http.get(
+            f"/v1/admin/apps/{self.app.id}/push-deliveries", params=params, headers=self.api.admin
+        )
+        assert r.status_code == 200, r.text
+        items: list[dict[str, Any]] = r.json()["items"]
+        return items
+
+
+@pytest.fixture
+async def push(database_url: str, tmp_path: Path) -> AsyncIterator[Push]:
+    async with ApnsFake(topics=[TOPIC]) as apns, FcmFake() as fcm:
+        settings = make_settings(
+            database_url,
+            tmp_path / "data",
+            apns_host="127.0.0.1",
+            apns_port=apns.port,
+            apns_ca_file=Path(apns.ca_file),
+            fcm_endpoint=fcm.base_url,
+        )
+        async with serve_app(settings, build_registry()) as api:
+            app = await api.create_app("Feedback Demo")
+            user = await api.user_headers(app)
+            agent_id, agent = await api.create_agent(app)
+            yield Push(api, apns, fcm, app, user, agent, agent_id)
+
+
+async def test_agent_reply_reaches_the_users_iphone(push: Push) -> None:
+    await push.set_apns()
+    token = await push.register(push.user, apns_environment="sandbox")
+    conv = await push.api.feedback(push.user, body="The checkout button does nothing")
+    reply = await push.reply(conv["id"], "Thanks! Fixed in 2.3.2.")
+    await push.run_jobs()
+    assert push.apns.received_count == 1
+    note = push.apns.received[0]
+    assert note.token == token
+    assert note.headers["apns-push-type"] == "alert"
+    assert note.headers["apns-topic"] == TOPIC
+    assert note.headers["apns-collapse-id"] == reply["id"]
+    assert int(note.headers["apns-expiration"]) > dt.datetime.now(dt.UTC).timestamp() + 3600
+    assert note.payload == {
+        "aps": {
+            "alert": {"title": "Ada", "body": "Thanks! Fixed in 2.3.2."},
+            "badge": 1,
+            "sound": "default",
+            "thread-id": conv["id"],
+        },
+        "tellback": {
+            "type": "message.created",
+            "conversation_id": conv["id"],
+            "message_id": reply["id"],
+        },
+    }
+    sent = await push.deliveries("sent")
+    assert len(sent) == 1
+    assert sent[0]["provider"] == "apns"
+    assert sent[0]["http_status"] == 200
+    assert sent[0]["latency_ms"] > 0
+
+
+async def test_android_gets_fcm_with_string_data(push: Push) -> None:
+    await push.set_fcm()
+    token = await push.register(push.user, provider="fcm")
+    conv = await push.api.feedback(push.user)
+    reply = await push.reply(conv["id"])
+    await push.run_jobs()
+    assert push.fcm.received_count == 1
+    msg = push.fcm.received[0]
+    assert msg.token == token
+    assert msg.notification == {"title": "Ada", "body": "Fixed in 2.3.2"}
+    assert msg.data == {
+        "type": "message.created",
+        "conversation_id": conv["id"],
+        "message_id": reply["id"],
+        "badge": "1",
+    }
+    assert all(isinstance(v, str) for v in msg.data.values())
+
+
+async def test_new_feedback_reaches_the_agents_phone(push: Push) -> None:
+    await push.set_apns()
+    await push.register(push.agent)
+    conv = await push.api.feedback(push.user, body="Crash on launch")
+    await push.run_jobs()
+    assert push.apns.received_count == 1
+    payload = push.apns.received[0].payload
+    assert payload["tellback"]["type"] == "conversation.created"
+    assert payload["tellback"]["conversation_id"] == conv["id"]
+    assert payload["aps"]["alert"] == {
+        "title": "New feedback in Feedback Demo",
+        "body": "Crash on launch",
+    }
+    assert payload["aps"]["badge"] == 1
+
+
+async def test_content_free_mode_sends_no_message_text(push: Push) -> None:
+    r = await push.api.http.patch(
+        f"/v1/admin/apps/{push.app.id}",
+        json={"settings": {"content_free_push": True}},
+        headers=push.api.admin,
+    )
+    assert r.status_code == 200
+    await push.set_apns()
+    await push.register(push.user)
+    conv = await push.api.feedback(push.user)
+    await push.reply(conv["id"], "Your card number 4242 is blocked")
+    await push.run_jobs()
+    alert = push.apns.received[0].payload["aps"]["alert"]
+    assert alert == {"title": "Feedback Demo", "body": "You have a new reply"}
+
+
+async def test_without_credentials_the_delivery_is_skipped_with_a_reason(push: Push) -> None:
+    await push.register(push.user)
+    conv = await push.api.feedback(push.user)
+    await push.reply(conv["id"])
+    await push.run_jobs()
+    assert push.apns.attempt_count == 0
+    skipped = await push.deliveries("skipped")
+    assert [d["reason"] for d in skipped] == ["the app has no APNS credentials"]
+
+
+async def test_unregistered_token_deactivates_the_device(push: Push) -> None:
+    await push.set_apns()
+    token = await push.register(push.user)
+    push.apns.unregister(token)
+    conv = await push.api.feedback(push.user)
+    await push.reply(conv["id"])
+    await push.run_jobs()
+    invalid = await push.deliveries("invalid_token")
+    assert len(invalid) == 1
+    assert invalid[0]["http_status"] == 410
+    assert invalid[0]["reason"] == "Unregistered"
+    await push.reply(conv["id"], "second reply")
+    await push.run_jobs()
+    assert push.apns.attempt_count == 1  # the deactivated device gets nothing more
+    # registering again reactivates it
+    r = await push.api.http.put(
+        "/v1/client/devices/current",
+        json={"platform": "ios", "push_provider": "apns", "push_token": ApnsFake.make_token()},
+        headers=push.user,
+    )
+    assert r.json()["active"] is True
+
+
+async def _make_due(api: Api) -> None:
+    async with api.state.db.session(write=True) as db:
+        await db.execute(
+            update(Job).where(Job.status == "queued").values(run_after=dt.datetime.now(dt.UTC))
+        )
+
+
+async def test_apns_503_is_retried_then_delivered(push: Push) -> None:
+    await push.set_apns()
+    await push.register(push.user)
+    push.apns.fail_next(503, "ServiceUnavailable")
+    conv = await push.api.feedback(push.user)
+    await push.reply(conv["id"])
+    await push.run_jobs()
+    assert push.apns.received_count == 0
+    assert [d["status"] for d in await push.deliveries()] == ["retrying"]
+    await _make_due(push.api)
+    await push.run_jobs()
+    assert push.apns.received_count == 1
+    statuses = [d["status"] for d in await push.deliveries()]
+    assert statuses == ["sent", "retrying"]
+
+
+async def test_fcm_quota_retry_after_is_honoured(push: Push) -> None:
+    await push.set_fcm()
+    await push.register(push.user, provider="fcm")
+    push.fcm.fail_next("QUOTA_EXCEEDED", retry_after=120)
+    conv = await push.api.feedback(push.user)
+    await push.reply(conv["id"])
+    started = dt.datetime.now(dt.UTC)
+    await push.run_jobs()
+    async with push.api.state.db.session(write=False) as db:
+        job = await db.scalar(select(Job).where(Job.kind == "push.send"))
+    assert job is not None
+    assert job.status == "queued"
+    assert job.run_after >= started + dt.timedelta(seconds=119)
+
+
+async def test_rejected_credentials_fail_and_show_on_the_app(push: Push) -> None:
+    await push.set_apns()
+    push.apns.remove_key(next(iter(push.apns._keys)))  # the key was revoked at Apple
+    await push.register(push.user)
+    conv = await push.api.feedback(push.user)
+    await push.reply(conv["id"])
+    await push.run_jobs()
+    failed = await push.deliveries("failed")
+    assert [(d["http_status"], d["reason"]) for d in failed] == [(403, "InvalidProviderToken")]
+    status = (
+        await push.api.http.get(f"/v1/admin/apps/{push.app.id}/push", headers=push.api.admin)
+    ).json()
+    assert status["apns"]["configured"] is True
+    assert status["apns"]["last_error"] == "InvalidProviderToken"
+    assert "private_key" not in str(status)
+
+
+async def test_an_answer_without_body_times_out_and_is_retried(
+    push: Push, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(providers, "SEND_TIMEOUT_S", 0.5)
+    await push.set_apns()
+    await push.register(push.user)
+    push.apns.fail_next_without_body(500)
+    conv = await push.api.feedback(push.user)
+    await push.reply(conv["id"])
+    await push.run_jobs()
+    retrying = await push.deliveries("retrying")
+    assert len(retrying) == 1
+    assert "no answer" in retrying[0]["reason"]
+
+
+async def test_internal_notes_and_logged_out_users_get_nothing(push: Push) -> None:
+    await push.set_apns()
+    installation = "install-logout-0001"
+    signed = identity_token(push.app.identity_secret, "user-42", kid=push.app.identity_kid)
+    user = await push.api.user_headers(push.app, installation_id=installation, user_token=signed)
+    await push.register(user)
+    conv = await push.api.feedback(user)
+    r = await push.api.http.post(
+        f"/v1/agent/conversations/{conv['id']}/messages",
+        json={"body": "note", "internal": True},
+        headers=push.agent,
+    )
+    assert r.status_code == 201
+    await push.run_jobs()
+    assert push.apns.received_count == 0
+    # logout: a new anonymous session on the same installation takes the device along
+    await push.api.session(push.app, installation_id=installation)
+    await push.reply(conv["id"])
+    await push.run_jobs()
+    assert push.apns.received_count == 0
+
+
+async def test_a_token_moving_to_another_installation_leaves_the_old_one(push: Push) -> None:
+    token = ApnsFake.make_token()
+    body = {"platform": "ios", "push_provider": "apns", "push_token": token}
+    other = await push.api.user_headers(push.app)
+    assert (
+        await push.api.http.put("/v1/client/devices/current", json=body, headers=push.user)
+    ).status_code == 200
+    assert (
+        await push.api.http.put("/v1/client/devices/current", json=body, headers=other)
+    ).status_code == 200
+    await push.set_apns()
+    conv = await push.api.feedback(push.user)
+    await push.reply(conv["id"])
+    await push.run_jobs()
+    assert push.apns.received_count == 0  # the first user's installation no longer has it
+
+
+async def test_bad_registrations_and_credentials_are_422(push: Push) -> None:
+    r = await push.api.http.put(
+        "/v1/client/devices/current",
+        json={"platform": "android", "push_provider": "apns", "push_token": ApnsFake.make_token()},
+        headers=push.user,
+    )
+    assert r.status_code == 422
+    r = await push.api.http.put(
+        f"/v1/admin/apps/{push.app.id}/push/apns",
+        json={
+            "team_id": TEAM,
+            "key_id": "KEY1234567",
+            "private_key": "-----BEGIN PRIVATE KEY-----\n" + "A" * 200,
+            "topic": TOPIC,
+        },
+        headers=push.api.admin,
+    )
+    assert r.status_code == 422
+    r = await push.api.http.put(
+        f"/v1/admin/apps/{push.app.id}/push/fcm",
+        json={"service_account": {"type": "user"}},
+        headers=push.api.admin,
+    )
+    assert r.status_code == 422
+
+
+async def test_a_fanout_to_many_stale_tokens_does_not_stall_the_connection(
+    push: Push, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """~1,300 `410` bodies exhaust HTTP/2 flow control unless the client returns credit;
+    then every later error on the connection would hang (aioapns never does it)."""
+    import uuid as uuid_mod
+
+    from tellback_server.db.models import Device
+
+    monkeypatch.setattr(providers, "SEND_TIMEOUT_S", 3.0)
+    await push.set_apns()
+    stale = [ApnsFake.make_token() for _ in range(1500)]
+    for token in stale:
+        push.apns.unregister(token)
+    async with push.api.state.db.session(write=True) as db:
+        db.add_all(
+            Device(
+                app_id=uuid_mod.UUID(push.app.id),
+                owner_key=f"agent:{push.agent_id}:p{i}",
+                agent_id=uuid_mod.UUID(push.agent_id),
+                platform="ios",
+                provider="apns",
+                token=token,
+                apns_environment="production",
+                active=True,
+            )
+            for i, token in enumerate(stale)
+        )
+    await push.api.feedback(push.user, body="Crash on launch")
+    await push.run_jobs()
+    invalid = 0
+    cursor = None
+    while True:
+        params = {
+            "status": "invalid_token",
+            "limit": "100",
+            **({"cursor": cursor} if cursor else {}),
+        }
+        r = await push.api.http.get(
+            f"/v1/admin/apps/{push.app.id}/push-deliveries", params=params, headers=push.api.admin
+        )
+        invalid += len(r.json()["items"])
+        cursor = r.json()["next_cursor"]
+        if cursor is None:
+            break
+    assert invalid == 1500
+    assert await push.deliveries("retrying") == []
