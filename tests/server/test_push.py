@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -407,3 +408,19 @@ async def test_a_fanout_to_many_stale_tokens_does_not_stall_the_connection(
             break
     assert invalid == 1500
     assert await push.deliveries("retrying") == []
+
+
+async def test_an_expired_provider_token_is_replaced_and_the_push_sent(push: Push) -> None:
+    await push.set_apns()
+    await push.register(push.user)
+    conv = await push.api.feedback(push.user)
+    await push.reply(conv["id"], "first")
+    await push.run_jobs()
+    assert push.apns.received_count == 1
+    push.apns.token_max_age = 1.5  # Apple: 60 minutes; aioapns reuses its JWT for 30
+    await asyncio.sleep(2.6)
+    await push.reply(conv["id"], "second")
+    await push.run_jobs()
+    assert [a.reason for a in push.apns.attempts] == [None, "ExpiredProviderToken", None]
+    assert push.apns.received_count == 2
+    assert [d["status"] for d in await push.deliveries()] == ["sent", "sent"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -47,6 +48,8 @@ log = structlog.get_logger("tellback.push")
 FANOUT_JOB = "push.fanout"
 SEND_JOB = "push.send"
 APNS_TTL_S = 24 * 3600
+# New or removed credentials reach running workers within this many seconds.
+CREDENTIALS_RECHECK_S = 10.0
 SEND_CONCURRENCY = 500  # streams in flight per client (APNs allows ~1000 per connection)
 
 
@@ -57,10 +60,18 @@ class PushClients:
     clients: dict[tuple[UUID, str, str | None], tuple[dt.datetime, ApnsSender | FcmSender]] = field(
         default_factory=dict
     )
+    # When each client's credentials were last compared with the database.
+    checked: dict[tuple[UUID, str, str | None], float] = field(default_factory=dict)
 
     async def get(
         self, state: AppState, app_id: UUID, provider: str, environment: str | None
     ) -> ApnsSender | FcmSender | None:
+        key = (app_id, provider, environment)
+        cached = self.clients.get(key)
+        now = time.monotonic()
+        if cached is not None and now - self.checked.get(key, 0.0) < CREDENTIALS_RECHECK_S:
+            return cached[1]
+        self.checked[key] = now
         async with state.db.session(write=False) as db:
             version = await db.scalar(
                 select(PushCredential.updated_at).where(
@@ -68,9 +79,8 @@ class PushClients:
                 )
             )
             if version is None:
+                await self.drop(*key)
                 return None
-            key = (app_id, provider, environment)
-            cached = self.clients.get(key)
             if cached is not None and cached[0] == version:
                 return cached[1]
             loaded = await load_credentials(db, state.sealer, app_id, provider)
@@ -88,6 +98,7 @@ class PushClients:
         return sender
 
     async def drop(self, app_id: UUID, provider: str, environment: str | None) -> None:
+        self.checked.pop((app_id, provider, environment), None)
         cached = self.clients.pop((app_id, provider, environment), None)
         if cached is not None:
             await cached[1].close()
@@ -358,7 +369,7 @@ async def fanout(ctx: JobContext, payload: dict[str, Any]) -> None:
     state = ctx.state
     message_id = UUID(payload["message_id"])
     audience = payload["audience"]
-    async with state.db.session(write=True) as db:
+    async with state.db.session(write=False) as db:
         facts = await _facts(db, message_id)
         if facts is None:
             return
@@ -380,23 +391,25 @@ async def fanout(ctx: JobContext, payload: dict[str, Any]) -> None:
             (r.app_id, r.provider)
             for r in await db.execute(select(PushCredential.app_id, PushCredential.provider))
         }
-        for d in devices:
-            if (d.app_id, d.provider) not in configured:
-                db.add(
-                    PushDelivery(
-                        app_id=d.app_id,
-                        device_id=d.id,
-                        message_id=message_id,
-                        conversation_id=facts.conv.id,
-                        job_id=ctx.job_id,
-                        provider=d.provider,
-                        audience=audience,
-                        status="skipped",
-                        attempt=1,
-                        reason=f"the app has no {d.provider.upper()} credentials",
-                    )
+    unconfigured = [d for d in devices if (d.app_id, d.provider) not in configured]
+    if unconfigured:
+        async with state.db.session(write=True) as db:
+            db.add_all(
+                PushDelivery(
+                    app_id=d.app_id,
+                    device_id=d.id,
+                    message_id=message_id,
+                    conversation_id=facts.conv.id,
+                    job_id=ctx.job_id,
+                    provider=d.provider,
+                    audience=audience,
+                    status="skipped",
+                    attempt=1,
+                    reason=f"the app has no {d.provider.upper()} credentials",
                 )
-        devices = [d for d in devices if (d.app_id, d.provider) in configured]
+                for d in unconfigured
+            )
+    devices = [d for d in devices if (d.app_id, d.provider) in configured]
     if not devices:
         return
     retry = await _deliver(state, ctx, facts, audience, devices, final=False)
