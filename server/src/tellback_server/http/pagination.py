@@ -5,11 +5,15 @@ from __future__ import annotations
 import binascii
 import datetime as dt
 from collections.abc import Sequence
-from typing import Annotated, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 from uuid import UUID
 
 import msgspec
 from litestar.params import QueryParameter
+from sqlalchemy import Select, and_, or_
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import InstrumentedAttribute
+from sqlalchemy.sql import ColumnElement
 
 from tellback_server.http.errors import BadRequest
 from tellback_server.security import b64url, b64url_decode
@@ -61,3 +65,30 @@ def next_cursor_for(rows: Sequence[tuple[dt.datetime, UUID]], limit: int) -> str
 
 
 Limit = Annotated[int, QueryParameter(ge=1, le=MAX_LIMIT, description="page size, 1-100")]
+
+
+def after(at_col: Any, id_col: Any, cursor: Cursor, *, descending: bool) -> ColumnElement[bool]:
+    """Rows strictly past ``cursor`` in (at, id) order."""
+    if descending:
+        return or_(at_col < cursor.at, and_(at_col == cursor.at, id_col < cursor.id))
+    return or_(at_col > cursor.at, and_(at_col == cursor.at, id_col > cursor.id))
+
+
+async def keyset_page(
+    db: AsyncSession,
+    stmt: Select[tuple[T]],
+    at_col: InstrumentedAttribute[dt.datetime],
+    id_col: InstrumentedAttribute[UUID],
+    cursor: str | None,
+    limit: int,
+    *,
+    descending: bool = False,
+) -> tuple[list[T], str | None]:
+    """One page of ORM rows in (at, id) order, and the cursor of the next page."""
+    check_limit(limit)
+    if (c := decode_cursor(cursor)) is not None:
+        stmt = stmt.where(after(at_col, id_col, c, descending=descending))
+    order = (at_col.desc(), id_col.desc()) if descending else (at_col, id_col)
+    rows = list(await db.scalars(stmt.order_by(*order).limit(limit + 1)))
+    keys = [(getattr(r, at_col.key), getattr(r, id_col.key)) for r in rows]
+    return rows[:limit], next_cursor_for(keys, limit)

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from tellback_server.db.models import Agent, AgentApp, App
 from tellback_server.domain.agents.schemas import AgentCreate, AgentCreated, AgentOut, AgentUpdate
 from tellback_server.http.errors import NotFound, ValidationFailed
-from tellback_server.http.pagination import Page, check_limit, decode_cursor, next_cursor_for
+from tellback_server.http.pagination import Page, keyset_page
 from tellback_server.security import AGENT_TOKEN_PREFIX, hash_token, new_token
 
 
@@ -72,15 +72,10 @@ class AgentService:
         return AgentCreated(**msgspec.structs.asdict(out), token=token)
 
     async def list(self, cursor: str | None, limit: int) -> Page[AgentOut]:
-        check_limit(limit)
-        stmt = select(Agent).order_by(Agent.created_at, Agent.id).limit(limit + 1)
-        if (c := decode_cursor(cursor)) is not None:
-            stmt = stmt.where(
-                (Agent.created_at > c.at) | ((Agent.created_at == c.at) & (Agent.id > c.id))
-            )
-        rows = list(await self.db.scalars(stmt))
-        nxt = next_cursor_for([(a.created_at, a.id) for a in rows], limit)
-        return Page(items=[await self._out(a) for a in rows[:limit]], next_cursor=nxt)
+        rows, nxt = await keyset_page(
+            self.db, select(Agent), Agent.created_at, Agent.id, cursor, limit
+        )
+        return Page(items=[await self._out(a) for a in rows], next_cursor=nxt)
 
     async def get(self, agent_id: UUID) -> AgentOut:
         return await self._out(await self._get(agent_id))

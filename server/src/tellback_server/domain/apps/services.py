@@ -24,7 +24,7 @@ from tellback_server.domain.apps.schemas import (
     RotateKeys,
 )
 from tellback_server.http.errors import NotFound, ValidationFailed
-from tellback_server.http.pagination import Page, check_limit, decode_cursor, next_cursor_for
+from tellback_server.http.pagination import Page, keyset_page
 from tellback_server.security import (
     APP_KEY_PREFIX,
     IDENTITY_SECRET_PREFIX,
@@ -136,15 +136,8 @@ class AppService:
         return await self._out(await self._get(app_id))
 
     async def list(self, cursor: str | None, limit: int) -> Page[AppOut]:
-        check_limit(limit)
-        stmt = select(App).order_by(App.created_at, App.id).limit(limit + 1)
-        if (c := decode_cursor(cursor)) is not None:
-            stmt = stmt.where(
-                (App.created_at > c.at) | ((App.created_at == c.at) & (App.id > c.id))
-            )
-        apps = list(await self.db.scalars(stmt))
-        nxt = next_cursor_for([(a.created_at, a.id) for a in apps], limit)
-        return Page(items=[await self._out(a) for a in apps[:limit]], next_cursor=nxt)
+        apps, nxt = await keyset_page(self.db, select(App), App.created_at, App.id, cursor, limit)
+        return Page(items=[await self._out(a) for a in apps], next_cursor=nxt)
 
     async def update(self, app_id: UUID, data: AppUpdate) -> AppOut:
         app = await self._get(app_id)

@@ -13,9 +13,8 @@ from typing import Any
 from uuid import UUID
 
 import msgspec
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.sql import ColumnElement
 
 from tellback_server.db.models import (
     Agent,
@@ -54,13 +53,7 @@ from tellback_server.domain.identity.services import user_out
 from tellback_server.domain.push.delivery import queue_fanout
 from tellback_server.http.deps import AgentPrincipal, ClientPrincipal
 from tellback_server.http.errors import AppError, NotFound, ValidationFailed
-from tellback_server.http.pagination import (
-    Cursor,
-    Page,
-    check_limit,
-    decode_cursor,
-    next_cursor_for,
-)
+from tellback_server.http.pagination import Page, check_limit, keyset_page
 
 DETAIL_MESSAGES = 100
 
@@ -75,12 +68,6 @@ def _now() -> dt.datetime:
 
 def _location(raw: dict[str, Any] | None) -> Location | None:
     return msgspec.convert(raw, Location) if raw else None
-
-
-def _after(col_at: Any, col_id: Any, c: Cursor, *, descending: bool) -> ColumnElement[bool]:
-    if descending:
-        return or_(col_at < c.at, and_(col_at == c.at, col_id < c.id))
-    return or_(col_at > c.at, and_(col_at == c.at, col_id > c.id))
 
 
 def _like(q: str) -> str:
@@ -191,16 +178,10 @@ class ConversationService:
     async def _messages_page(
         self, conv_id: UUID, cursor: str | None, limit: int, *, include_internal: bool
     ) -> tuple[list[Message], str | None]:
-        check_limit(limit)
         stmt = select(Message).where(Message.conversation_id == conv_id)
         if not include_internal:
             stmt = stmt.where(Message.internal.is_(False))
-        if (c := decode_cursor(cursor)) is not None:
-            stmt = stmt.where(_after(Message.created_at, Message.id, c, descending=False))
-        rows = list(
-            await self.db.scalars(stmt.order_by(Message.created_at, Message.id).limit(limit + 1))
-        )
-        return rows[:limit], next_cursor_for([(m.created_at, m.id) for m in rows], limit)
+        return await keyset_page(self.db, stmt, Message.created_at, Message.id, cursor, limit)
 
     async def _messages_by_id(self, ids: Iterable[UUID | None]) -> dict[UUID, Message]:
         wanted = {i for i in ids if i is not None}
@@ -300,23 +281,19 @@ class ConversationService:
     async def client_list(
         self, client: ClientPrincipal, cursor: str | None, limit: int
     ) -> Page[ConversationOut]:
-        check_limit(limit)
         stmt = select(Conversation).where(
             Conversation.app_id == client.app_id, Conversation.end_user_id == client.end_user_id
         )
-        if (c := decode_cursor(cursor)) is not None:
-            stmt = stmt.where(
-                _after(Conversation.public_activity_at, Conversation.id, c, descending=True)
-            )
-        rows = list(
-            await self.db.scalars(
-                stmt.order_by(Conversation.public_activity_at.desc(), Conversation.id.desc()).limit(
-                    limit + 1
-                )
-            )
+        rows, nxt = await keyset_page(
+            self.db,
+            stmt,
+            Conversation.public_activity_at,
+            Conversation.id,
+            cursor,
+            limit,
+            descending=True,
         )
-        nxt = next_cursor_for([(r.public_activity_at, r.id) for r in rows], limit)
-        return Page(items=await self._client_outs(rows[:limit]), next_cursor=nxt)
+        return Page(items=await self._client_outs(rows), next_cursor=nxt)
 
     async def client_get(self, client: ClientPrincipal, conv_id: UUID) -> ConversationOut:
         return (await self._client_outs([await self._client_conv(client, conv_id)]))[0]
@@ -481,19 +458,16 @@ class ConversationService:
                 Message.body.ilike(pattern, escape="\\"),
             )
             stmt = stmt.where(or_(Conversation.subject.ilike(pattern, escape="\\"), body_match))
-        if (c := decode_cursor(cursor)) is not None:
-            stmt = stmt.where(
-                _after(Conversation.last_activity_at, Conversation.id, c, descending=True)
-            )
-        rows = list(
-            await self.db.scalars(
-                stmt.order_by(Conversation.last_activity_at.desc(), Conversation.id.desc()).limit(
-                    limit + 1
-                )
-            )
+        rows, nxt = await keyset_page(
+            self.db,
+            stmt,
+            Conversation.last_activity_at,
+            Conversation.id,
+            cursor,
+            limit,
+            descending=True,
         )
-        nxt = next_cursor_for([(r.last_activity_at, r.id) for r in rows], limit)
-        return Page(items=await self._agent_outs(rows[:limit]), next_cursor=nxt)
+        return Page(items=await self._agent_outs(rows), next_cursor=nxt)
 
     async def agent_get(self, agent: AgentPrincipal, conv_id: UUID) -> AgentConversationDetail:
         conv = await self._agent_conv(agent, conv_id)

@@ -28,7 +28,7 @@ from tellback_server.domain.push.schemas import (
 )
 from tellback_server.http.deps import AgentPrincipal, ClientPrincipal
 from tellback_server.http.errors import NotFound, ValidationFailed
-from tellback_server.http.pagination import Page, check_limit, decode_cursor, next_cursor_for
+from tellback_server.http.pagination import Page, keyset_page
 from tellback_server.security import Sealer
 
 CREDENTIAL_PURPOSE = "push-credentials"
@@ -265,24 +265,13 @@ class CredentialService:
     async def deliveries(
         self, app_id: UUID, status: str | None, cursor: str | None, limit: int
     ) -> Page[PushDeliveryOut]:
-        check_limit(limit)
         await self._app(app_id)
         stmt = select(PushDelivery).where(PushDelivery.app_id == app_id)
         if status is not None:
             stmt = stmt.where(PushDelivery.status == status)
-        if (c := decode_cursor(cursor)) is not None:
-            stmt = stmt.where(
-                (PushDelivery.created_at < c.at)
-                | ((PushDelivery.created_at == c.at) & (PushDelivery.id < c.id))
-            )
-        rows = list(
-            await self.db.scalars(
-                stmt.order_by(PushDelivery.created_at.desc(), PushDelivery.id.desc()).limit(
-                    limit + 1
-                )
-            )
+        rows, nxt = await keyset_page(
+            self.db, stmt, PushDelivery.created_at, PushDelivery.id, cursor, limit, descending=True
         )
-        nxt = next_cursor_for([(r.created_at, r.id) for r in rows], limit)
         return Page(
             items=[
                 PushDeliveryOut(
@@ -299,7 +288,7 @@ class CredentialService:
                     attempt=r.attempt,
                     created_at=r.created_at,
                 )
-                for r in rows[:limit]
+                for r in rows
             ],
             next_cursor=nxt,
         )

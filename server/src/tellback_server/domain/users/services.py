@@ -12,7 +12,7 @@ from tellback_server.domain.attachments.services import DELETE_JOB
 from tellback_server.domain.identity.schemas import EndUserOut
 from tellback_server.domain.identity.services import user_out
 from tellback_server.http.errors import NotFound
-from tellback_server.http.pagination import Page, check_limit, decode_cursor, next_cursor_for
+from tellback_server.http.pagination import Page, keyset_page
 from tellback_server.jobs.queue import enqueue
 
 KEYS_PER_JOB = 500
@@ -29,20 +29,12 @@ class EndUserService:
     async def list(
         self, app_id: UUID, external_id: str | None, cursor: str | None, limit: int
     ) -> Page[EndUserOut]:
-        check_limit(limit)
         await self._app(app_id)
         stmt = select(EndUser).where(EndUser.app_id == app_id, EndUser.merged_into_id.is_(None))
         if external_id is not None:
             stmt = stmt.where(EndUser.external_id == external_id)
-        if (c := decode_cursor(cursor)) is not None:
-            stmt = stmt.where(
-                (EndUser.created_at > c.at) | ((EndUser.created_at == c.at) & (EndUser.id > c.id))
-            )
-        rows = list(
-            await self.db.scalars(stmt.order_by(EndUser.created_at, EndUser.id).limit(limit + 1))
-        )
-        nxt = next_cursor_for([(u.created_at, u.id) for u in rows], limit)
-        return Page(items=[user_out(u) for u in rows[:limit]], next_cursor=nxt)
+        rows, nxt = await keyset_page(self.db, stmt, EndUser.created_at, EndUser.id, cursor, limit)
+        return Page(items=[user_out(u) for u in rows], next_cursor=nxt)
 
     async def erase(self, app_id: UUID, user_id: UUID) -> None:
         """Delete the user, everything they wrote, their conversations and their files.
