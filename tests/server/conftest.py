@@ -200,11 +200,6 @@ async def storage_api(
             region="us-east-1",
         )
     settings = make_settings(database_url, tmp_path / "data", **overrides)
-    state = build_state(settings)
-    app = create_app(settings, registry=build_registry(), state=state)
-    transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
-    async with (
-        lifespan(app),
-        httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8080") as client,
-    ):
-        yield Api(http=client, state=state, admin_token=await _admin_token(state))
+    # Local-disk URLs point at http://127.0.0.1:8080, which the client routes to the app.
+    async with serve_app(settings, build_registry(), base_url="http://127.0.0.1:8080") as api:
+        yield api
