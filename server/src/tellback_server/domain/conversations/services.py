@@ -518,6 +518,7 @@ class ConversationService:
             if conv.status == "open":
                 conv.status = "pending"
         authors = _Related(self.db, self.attachments)
+        authors.agents[agent.agent_id] = agent.name  # known from the token: no lookup
         await authors.load([message])
         return _agent_message_out(message, authors)
 
