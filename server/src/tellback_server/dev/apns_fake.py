@@ -63,6 +63,8 @@ from hpack.hpack import decode_integer
 from hpack.huffman_table import HUFFMAN_COMPLETE, HUFFMAN_EMIT_SYMBOL, HUFFMAN_FAIL, HUFFMAN_TABLE
 from hpack.struct import HeaderTuple, NeverIndexedHeaderTuple
 
+from tellback_server.dev.recording import Recorder
+
 log = logging.getLogger("tellback.dev.apns_fake")
 
 HOST = "127.0.0.1"
@@ -185,13 +187,6 @@ class _Key:
 class _Stream:
     headers: list[tuple[bytes, bytes]]
     body: bytearray = field(default_factory=bytearray)
-
-
-@dataclass(slots=True)
-class _Waiter:
-    count: int
-    attempts: bool
-    future: asyncio.Future[None]
 
 
 def _now_utc() -> dt.datetime:
@@ -554,7 +549,7 @@ class _Connection(asyncio.Protocol):
         self.transport.close()
 
 
-class ApnsFake:
+class ApnsFake(Recorder[ApnsNotification, _Failure]):
     """Fake APNs on ``127.0.0.1``: HTTP/2 + TLS, provider-token auth, Apple's errors.
 
     Args:
@@ -581,6 +576,10 @@ class ApnsFake:
 
     host = HOST
 
+    label = "ApnsFake"
+    accepted_noun = "accepted notifications"
+    attempt_noun = "requests"
+
     def __init__(
         self,
         *,
@@ -605,16 +604,11 @@ class ApnsFake:
         self.max_records = max_records
         self.on_request = on_request
 
-        self.received: list[ApnsNotification] = []
-        self.attempts: list[ApnsNotification] = []
-        self.received_count = 0
-        self.attempt_count = 0
+        self._init_recorder()
         self.unregistered: dict[str, int] = {}  # token -> timestamp (ms since the epoch)
 
         self._keys: dict[str, _Key] = {}
         self._auth_cache: dict[str, _Auth] = {}
-        self._failures: list[_Failure] = []
-        self._waiters: list[_Waiter] = []
         self._connections: set[_Connection] = set()
         self._next_connection_id = 0
         self._server: asyncio.Server | None = None
@@ -676,10 +670,7 @@ class ApnsFake:
             if still_open:
                 await asyncio.wait(still_open, timeout=1.0)
         await server.wait_closed()
-        for waiter in self._waiters:
-            if not waiter.future.done():
-                waiter.future.cancel()
-        self._waiters.clear()
+        self._cancel_waiters()
 
     async def __aenter__(self) -> ApnsFake:
         return await self.start()
@@ -785,78 +776,13 @@ class ApnsFake:
         """Never answer the next ``count`` requests (the stream stays open)."""
         self._add_failure(_Failure(0, None, count, None, token, "hang"))
 
-    def clear_failures(self) -> None:
-        self._failures.clear()
-
     def reset(self) -> None:
         """Forget records, failures and unregistered tokens (keys and topics stay)."""
-        self.received.clear()
-        self.attempts.clear()
-        self.received_count = 0
-        self.attempt_count = 0
-        self._failures.clear()
+        self._reset_records()
         self.unregistered.clear()
 
-    def _add_failure(self, failure: _Failure) -> None:
-        if failure.remaining is not None and failure.remaining < 1:
-            raise ValueError("count must be >= 1 (or None for 'until cleared')")
-        self._failures.append(failure)
-
-    def _take_failure(self, token: str) -> _Failure | None:
-        for index, failure in enumerate(self._failures):
-            if failure.token is not None and failure.token != token:
-                continue
-            if failure.remaining is not None:
-                failure.remaining -= 1
-                if failure.remaining <= 0:
-                    del self._failures[index]
-            return failure
-        return None
-
-    # waiting
-
-    async def wait_for(
-        self,
-        count: int = 1,
-        timeout: float = 5.0,  # noqa: ASYNC109 (part of the fakes' API)
-    ) -> list[ApnsNotification]:
-        """Wait until ``count`` notifications were accepted in total; returns :attr:`received`."""
-        await self._wait(count, timeout, attempts=False)
-        return self.received
-
-    async def wait_for_attempts(
-        self,
-        count: int = 1,
-        timeout: float = 5.0,  # noqa: ASYNC109
-    ) -> list[ApnsNotification]:
-        """Wait until ``count`` requests (accepted or not) arrived; returns :attr:`attempts`."""
-        await self._wait(count, timeout, attempts=True)
-        return self.attempts
-
-    async def _wait(self, count: int, timeout: float, *, attempts: bool) -> None:  # noqa: ASYNC109
-        current = self.attempt_count if attempts else self.received_count
-        if current >= count:
-            return
-        waiter = _Waiter(count, attempts, asyncio.get_running_loop().create_future())
-        self._waiters.append(waiter)
-        try:
-            await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
-        except TimeoutError:
-            what = "requests" if attempts else "accepted notifications"
-            got = self.attempt_count if attempts else self.received_count
-            last = [f"{a.status} {a.reason}" for a in self.attempts[-3:]]
-            raise TimeoutError(
-                f"ApnsFake: waited {timeout}s for {count} {what}, got {got} (last answers: {last})"
-            ) from None
-        finally:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-
-    def _wake(self) -> None:
-        for waiter in self._waiters:
-            current = self.attempt_count if waiter.attempts else self.received_count
-            if current >= waiter.count and not waiter.future.done():
-                waiter.future.set_result(None)
+    def _describe(self, record: ApnsNotification) -> str:
+        return f"{record.status} {record.reason}"
 
     # client helpers (aioapns)
 

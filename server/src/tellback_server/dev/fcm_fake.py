@@ -38,6 +38,8 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from tellback_server.dev.recording import Recorder
+
 log = logging.getLogger("tellback.dev.fcm_fake")
 
 HOST = "127.0.0.1"
@@ -198,13 +200,6 @@ class _Failure:
     mode: FailureMode
 
 
-@dataclass(slots=True)
-class _Waiter:
-    count: int
-    attempts: bool
-    future: asyncio.Future[None]
-
-
 class _Response:
     __slots__ = ("body", "headers", "status")
 
@@ -245,7 +240,7 @@ def google_error(
     return {"error": error}
 
 
-class FcmFake:
+class FcmFake(Recorder[FcmMessage, _Failure]):
     """Fake FCM HTTP v1 + OAuth token endpoint on ``127.0.0.1`` (plain HTTP).
 
     Args:
@@ -258,6 +253,10 @@ class FcmFake:
     """
 
     host = HOST
+
+    label = "FcmFake"
+    accepted_noun = "accepted messages"
+    attempt_noun = "sends"
 
     def __init__(
         self,
@@ -274,18 +273,13 @@ class FcmFake:
         self.max_records = max_records
         self.on_request = on_request
 
-        self.received: list[FcmMessage] = []
-        self.attempts: list[FcmMessage] = []
-        self.received_count = 0
-        self.attempt_count = 0
+        self._init_recorder()
         self.token_requests = 0  # calls to the token endpoint
         self.tokens_issued = 0
         self.unregistered: set[str] = set()
 
         self._accounts: dict[str, _Account] = {}
         self._grants: dict[str, _Grant] = {}
-        self._failures: list[_Failure] = []
-        self._waiters: list[_Waiter] = []
         self._server: asyncio.Server | None = None
         self._port: int | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -349,10 +343,7 @@ class FcmFake:
             if pending:
                 await asyncio.wait(pending, timeout=1.0)
         await server.wait_closed()
-        for waiter in self._waiters:
-            if not waiter.future.done():
-                waiter.future.cancel()
-        self._waiters.clear()
+        self._cancel_waiters()
 
     async def __aenter__(self) -> FcmFake:
         return await self.start()
@@ -462,80 +453,15 @@ class FcmFake:
         """Never answer the next ``count`` sends (the connection stays open until stop())."""
         self._add_failure(_Failure("", None, count, None, token, "hang"))
 
-    def clear_failures(self) -> None:
-        self._failures.clear()
-
     def reset(self) -> None:
         """Forget records, failures and unregistered tokens (accounts and grants stay)."""
-        self.received.clear()
-        self.attempts.clear()
-        self.received_count = 0
-        self.attempt_count = 0
+        self._reset_records()
         self.token_requests = 0
         self.tokens_issued = 0
-        self._failures.clear()
         self.unregistered.clear()
 
-    def _add_failure(self, failure: _Failure) -> None:
-        if failure.remaining is not None and failure.remaining < 1:
-            raise ValueError("count must be >= 1 (or None for 'until cleared')")
-        self._failures.append(failure)
-
-    def _take_failure(self, token: str | None) -> _Failure | None:
-        for index, failure in enumerate(self._failures):
-            if failure.token is not None and failure.token != token:
-                continue
-            if failure.remaining is not None:
-                failure.remaining -= 1
-                if failure.remaining <= 0:
-                    del self._failures[index]
-            return failure
-        return None
-
-    # waiting
-
-    async def wait_for(
-        self,
-        count: int = 1,
-        timeout: float = 5.0,  # noqa: ASYNC109 (part of the fakes' API)
-    ) -> list[FcmMessage]:
-        """Wait until ``count`` messages were accepted in total; returns :attr:`received`."""
-        await self._wait(count, timeout, attempts=False)
-        return self.received
-
-    async def wait_for_attempts(
-        self,
-        count: int = 1,
-        timeout: float = 5.0,  # noqa: ASYNC109
-    ) -> list[FcmMessage]:
-        """Wait until ``count`` sends (accepted or not) arrived; returns :attr:`attempts`."""
-        await self._wait(count, timeout, attempts=True)
-        return self.attempts
-
-    async def _wait(self, count: int, timeout: float, *, attempts: bool) -> None:  # noqa: ASYNC109
-        current = self.attempt_count if attempts else self.received_count
-        if current >= count:
-            return
-        waiter = _Waiter(count, attempts, asyncio.get_running_loop().create_future())
-        self._waiters.append(waiter)
-        try:
-            await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
-        except TimeoutError:
-            what = "sends" if attempts else "accepted messages"
-            got = self.attempt_count if attempts else self.received_count
-            last = [f"{a.status} {a.error_code}" for a in self.attempts[-3:]]
-            raise TimeoutError(
-                f"FcmFake: waited {timeout}s for {count} {what}, got {got} (last answers: {last})"
-            ) from None
-        finally:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-
-    def _wake(self) -> None:
-        for waiter in self._waiters:
-            current = self.attempt_count if waiter.attempts else self.received_count
-            if current >= waiter.count and not waiter.future.done():
-                waiter.future.set_result(None)
+    def _describe(self, record: FcmMessage) -> str:
+        return f"{record.status} {record.error_code}"
 
     # HTTP/1.1 plumbing
 
