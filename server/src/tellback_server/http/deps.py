@@ -124,20 +124,19 @@ async def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRou
 async def agent_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     token = _bearer(connection, AGENT_TOKEN_PREFIX, "agent token")
     async with _conn_state(connection).db.session(write=False) as db:
-        agent = (
+        rows = (
             await db.execute(
-                select(Agent.id, Agent.name).where(
-                    Agent.token_hash == hash_token(token), Agent.disabled_at.is_(None)
-                )
+                select(Agent.id, Agent.name, AgentApp.app_id)
+                .outerjoin(AgentApp, AgentApp.agent_id == Agent.id)
+                .where(Agent.token_hash == hash_token(token), Agent.disabled_at.is_(None))
             )
-        ).first()
-        if agent is None:
-            raise Unauthenticated("the agent token is not valid")
-        app_ids = frozenset(
-            (await db.scalars(select(AgentApp.app_id).where(AgentApp.agent_id == agent.id))).all()
-        )
-    structlog.contextvars.bind_contextvars(agent_id=str(agent.id))
-    connection.state.principal = AgentPrincipal(agent_id=agent.id, name=agent.name, app_ids=app_ids)
+        ).all()
+    if not rows:
+        raise Unauthenticated("the agent token is not valid")
+    agent_id, name = rows[0].id, rows[0].name
+    app_ids = frozenset(r.app_id for r in rows if r.app_id is not None)
+    structlog.contextvars.bind_contextvars(agent_id=str(agent_id))
+    connection.state.principal = AgentPrincipal(agent_id=agent_id, name=name, app_ids=app_ids)
 
 
 async def client_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:

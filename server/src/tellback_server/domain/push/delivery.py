@@ -139,24 +139,29 @@ class _Facts:
 
 
 async def _facts(db: Any, message_id: UUID) -> _Facts | None:
-    message = await db.get(Message, message_id)
-    if message is None or message.internal:
-        return None
-    conv = await db.get(Conversation, message.conversation_id)
-    app = await db.get(App, conv.app_id)
-    has_image = bool(
-        await db.scalar(
-            select(func.count())
-            .select_from(Attachment)
-            .where(Attachment.message_id == message.id, Attachment.kind == "photo")
+    # One round trip: this runs for every notified message, on the reply -> push path.
+    has_photo = (
+        select(func.count())
+        .select_from(Attachment)
+        .where(Attachment.message_id == Message.id, Attachment.kind == "photo")
+        .scalar_subquery()
+    )
+    row = (
+        await db.execute(
+            select(Message, Conversation, App, Agent.name, EndUser.name, has_photo)
+            .join(Conversation, Conversation.id == Message.conversation_id)
+            .join(App, App.id == Conversation.app_id)
+            .join(EndUser, EndUser.id == Conversation.end_user_id)
+            .outerjoin(Agent, Agent.id == Message.author_agent_id)
+            .where(Message.id == message_id)
         )
-    )
-    agent_name = (
-        await db.scalar(select(Agent.name).where(Agent.id == message.author_agent_id))
-        if message.author_agent_id
-        else None
-    )
-    user_name = await db.scalar(select(EndUser.name).where(EndUser.id == conv.end_user_id))
+    ).first()
+    if row is None:
+        return None
+    message, conv, app, agent_name, user_name, photos = row
+    if message.internal:
+        return None
+    has_image = bool(photos)
     return _Facts(
         message=message,
         conv=conv,
