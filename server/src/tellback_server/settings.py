@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -56,8 +56,6 @@ class Settings:
     worker_concurrency: int = 4
     worker_poll_seconds: float = 5.0
     job_lease_seconds: int = 60
-    idempotency_ttl_seconds: int = 24 * 3600
-    extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def is_sqlite(self) -> bool:

@@ -857,7 +857,7 @@ class ApnsFake(Recorder[ApnsNotification, _Failure]):
             connection_id=connection.connection_id,
             stream_id=stream_id,
         )
-        self._record(record)
+        self._record(record, record.accepted)
 
         if failure is not None and failure.mode == "hang":
             return
@@ -879,24 +879,6 @@ class ApnsFake(Recorder[ApnsNotification, _Failure]):
             )
         else:
             connection.respond(stream_id, status, apns_id, response, retry_after)
-
-    def _record(self, record: ApnsNotification) -> None:
-        self.attempts.append(record)
-        self.attempt_count += 1
-        if record.status == 200:
-            self.received.append(record)
-            self.received_count += 1
-        if self.max_records is not None:
-            for records in (self.attempts, self.received):
-                if len(records) > self.max_records * 2:
-                    del records[: len(records) - self.max_records]
-        if self._waiters:
-            self._wake()
-        if self.on_request is not None:
-            try:
-                self.on_request(record)
-            except Exception:
-                log.exception("ApnsFake on_request callback failed")
 
     def _validate(  # noqa: PLR0912 (one branch per Apple reason, in Apple's order)
         self,

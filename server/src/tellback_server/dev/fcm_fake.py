@@ -681,41 +681,22 @@ class FcmFake(Recorder[FcmMessage, _Failure]):
                 name = f"projects/{project_id}/messages/{message_id}"
                 response = _Response(200, {"name": name})
 
-        self._record(
-            FcmMessage(
-                project_id=project_id,
-                token=token,
-                message=message,
-                body=body,
-                headers=headers,
-                status=response.status if response is not None else 0,
-                error_code=_error_code(response.body) if response is not None else None,
-                name=name,
-                validate_only=validate_only,
-                client_email=client_email,
-                received_at=received_at,
-                received_wall=received_wall,
-            )
+        record = FcmMessage(
+            project_id=project_id,
+            token=token,
+            message=message,
+            body=body,
+            headers=headers,
+            status=response.status if response is not None else 0,
+            error_code=_error_code(response.body) if response is not None else None,
+            name=name,
+            validate_only=validate_only,
+            client_email=client_email,
+            received_at=received_at,
+            received_wall=received_wall,
         )
+        self._record(record, record.accepted)
         return response
-
-    def _record(self, record: FcmMessage) -> None:
-        self.attempts.append(record)
-        self.attempt_count += 1
-        if record.accepted:
-            self.received.append(record)
-            self.received_count += 1
-        if self.max_records is not None:
-            for records in (self.attempts, self.received):
-                if len(records) > self.max_records * 2:
-                    del records[: len(records) - self.max_records]
-        if self._waiters:
-            self._wake()
-        if self.on_request is not None:
-            try:
-                self.on_request(record)
-            except Exception:
-                log.exception("FcmFake on_request callback failed")
 
     def _authorize(
         self, project_id: str, authorization: str | None

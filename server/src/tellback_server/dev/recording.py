@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Generic, Protocol, TypeVar
 
@@ -11,6 +13,8 @@ class FailureRule(Protocol):
     remaining: int | None  # None: until clear_failures()
     token: str | None  # None: any token
 
+
+log = logging.getLogger("tellback.dev")
 
 R = TypeVar("R")
 F = TypeVar("F", bound=FailureRule)
@@ -31,6 +35,8 @@ class Recorder(Generic[R, F]):
     accepted_noun: ClassVar[str] = "accepted requests"
     attempt_noun: ClassVar[str] = "requests"
 
+    max_records: int | None
+    on_request: Callable[[R], None] | None
     received: list[R]
     attempts: list[R]
     received_count: int
@@ -45,6 +51,25 @@ class Recorder(Generic[R, F]):
         self.attempt_count = 0
         self._failures = []
         self._waiters = []
+
+    def _record(self, record: R, accepted: bool) -> None:
+        """Keep one answered request (trimmed to ``max_records``), wake waiters, call back."""
+        self.attempts.append(record)
+        self.attempt_count += 1
+        if accepted:
+            self.received.append(record)
+            self.received_count += 1
+        if self.max_records is not None:
+            for records in (self.attempts, self.received):
+                if len(records) > self.max_records * 2:
+                    del records[: len(records) - self.max_records]
+        if self._waiters:
+            self._wake()
+        if self.on_request is not None:
+            try:
+                self.on_request(record)
+            except Exception:
+                log.exception("%s on_request callback failed", self.label)
 
     def _describe(self, record: R) -> str:
         """A short "status reason" of an answered request, for timeout messages."""

@@ -19,7 +19,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from tellback_server.db.models import (
     Agent,
     AgentApp,
-    App,
     Attachment,
     Conversation,
     EndUser,
@@ -555,7 +554,3 @@ class ConversationService:
         await self.db.execute(
             update(Conversation).where(Conversation.id == conv.id).values(agent_unread_count=0)
         )
-
-
-async def app_exists(db: AsyncSession, app_id: UUID) -> bool:
-    return await db.scalar(select(App.id).where(App.id == app_id)) is not None
