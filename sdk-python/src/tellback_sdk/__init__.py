@@ -1,4 +1,101 @@
-"""Tellback Python SDK (the client surface lands with its own issue)."""
+"""Tellback Python SDK: the end-user side of in-app feedback.
 
-__version__ = "0.1.0"
-__all__ = ["__version__"]
+    from tellback_sdk import Client
+
+    with Client("https://feedback.example.com", "tbk_...", data_dir="~/.myapp") as tb:
+        conv = tb.conversations.create("The checkout button does nothing",
+                                       attachments=["screenshot.png"])
+        for message in tb.messages.list(conv.id):
+            print(message.author.type, message.body)
+
+``AsyncClient`` is the asyncio twin; ``MobileClient``/``AsyncMobileClient`` queue
+feedback in the offline outbox by default. Errors: see ``tellback_sdk.errors``.
+"""
+
+from tellback_sdk._async_client import AsyncClient, AsyncClientBase, AsyncMobileClient
+from tellback_sdk._client import Client, LogoutResult, MobileClient, SyncClientBase
+from tellback_sdk._outbox_store import AttachmentFile, OutboxFailure, QueuedItem
+from tellback_sdk._retry import RetryPolicy, backoff_delay, parse_retry_after, should_retry
+from tellback_sdk._version import __version__
+from tellback_sdk.errors import (
+    APIConnectionError,
+    APIError,
+    APIStatusError,
+    APITimeoutError,
+    AttachmentLimitError,
+    AttachmentTooLargeError,
+    AttachmentTypeNotAllowedError,
+    AuthenticationError,
+    BadRequestError,
+    ConflictError,
+    ConversationClosedError,
+    IdempotencyKeyInProgressError,
+    IdempotencyKeyReusedError,
+    IdentityRequiredError,
+    InternalServerError,
+    NotFoundError,
+    OutboxError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    RateLimitError,
+    ServiceUnavailableError,
+    TellbackError,
+    UnprocessableEntityError,
+    UnsupportedMediaTypeError,
+    UploadIncompleteError,
+)
+from tellback_sdk.pagination import AsyncPager, Page, SyncPager
+from tellback_sdk.push import PushEvent, parse_push
+from tellback_sdk.resources.outbox import FlushResult
+from tellback_sdk.types import DeviceInfo, Location
+
+__all__ = [
+    "APIConnectionError",
+    "APIError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AsyncClient",
+    "AsyncClientBase",
+    "AsyncMobileClient",
+    "AsyncPager",
+    "AttachmentFile",
+    "AttachmentLimitError",
+    "AttachmentTooLargeError",
+    "AttachmentTypeNotAllowedError",
+    "AuthenticationError",
+    "BadRequestError",
+    "Client",
+    "ConflictError",
+    "ConversationClosedError",
+    "DeviceInfo",
+    "FlushResult",
+    "IdempotencyKeyInProgressError",
+    "IdempotencyKeyReusedError",
+    "IdentityRequiredError",
+    "InternalServerError",
+    "Location",
+    "LogoutResult",
+    "MobileClient",
+    "NotFoundError",
+    "OutboxError",
+    "OutboxFailure",
+    "Page",
+    "PayloadTooLargeError",
+    "PermissionDeniedError",
+    "PushEvent",
+    "QueuedItem",
+    "RateLimitError",
+    "RetryPolicy",
+    "ServiceUnavailableError",
+    "SyncClientBase",
+    "SyncPager",
+    "TellbackError",
+    "UnprocessableEntityError",
+    "UnsupportedMediaTypeError",
+    "UploadIncompleteError",
+    "__version__",
+    "backoff_delay",
+    "parse_push",
+    "parse_retry_after",
+    "should_retry",
+]

@@ -1,0 +1,294 @@
+"""The synchronous client: plain blocking httpx, no event loop behind it."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import httpx
+
+from tellback_sdk._core import (
+    ANONYMOUS,
+    DEFAULT_TIMEOUT,
+    ClientCore,
+    RequestSpec,
+    SessionState,
+    identity_of,
+)
+from tellback_sdk._retry import RetryPolicy, may_repeat, should_retry
+from tellback_sdk.errors import (
+    APIConnectionError,
+    APIError,
+    APIStatusError,
+    APITimeoutError,
+    IdentityRequiredError,
+    make_status_error,
+)
+from tellback_sdk.resources.attachments import Attachments
+from tellback_sdk.resources.config import Config
+from tellback_sdk.resources.conversations import Conversations, QueueingConversations
+from tellback_sdk.resources.devices import Devices
+from tellback_sdk.resources.me import Me
+from tellback_sdk.resources.messages import Messages, QueueingMessages
+from tellback_sdk.resources.outbox import Outbox
+from tellback_sdk.types import DeviceInfo
+
+SyncTokenSource = str | Callable[[], str]
+
+
+@dataclass(frozen=True, slots=True)
+class LogoutResult:
+    """``discarded``: queued items of the previous user that could not be sent first."""
+
+    discarded: int
+
+
+class SyncClientBase:
+    """Tellback end-user client. Sessions, retries and idempotency keys are handled here.
+
+    ``user_token``: an identity JWT from the app's backend, or a callable returning a
+    fresh one (called whenever a session must be created). ``data_dir`` keeps the
+    installation id, the session, resumable uploads and the outbox across restarts.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        app_key: str,
+        *,
+        user_token: SyncTokenSource | None = None,
+        data_dir: str | Path | None = None,
+        device: DeviceInfo | None = None,
+        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        max_retries: int = 4,
+        retry_policy: RetryPolicy | None = None,
+        http_client: httpx.Client | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._core = ClientCore(
+            base_url=base_url,
+            app_key=app_key,
+            data_dir=data_dir,
+            device=device,
+            max_retries=max_retries,
+            retry_policy=retry_policy,
+        )
+        self._owns_http = http_client is None
+        self._http = http_client or httpx.Client(timeout=timeout, transport=transport)
+        self._token_source: SyncTokenSource | None = user_token
+        self._reconciled = False
+        self._identity_lock = threading.RLock()
+        self._session_lock = threading.Lock()
+        self.config = Config(self)
+        self.me = Me(self)
+        self.devices = Devices(self)
+        self.attachments = Attachments(self)
+        self.outbox = Outbox(self)
+        self._init_create_resources()
+
+    def _init_create_resources(self) -> None:
+        raise NotImplementedError
+
+    # ----- lifecycle ----------------------------------------------------------------------
+
+    @property
+    def installation_id(self) -> str:
+        return self._core.installation_id
+
+    def close(self) -> None:
+        if self._owns_http:
+            self._http.close()
+        self._core.store.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ----- the request loop ---------------------------------------------------------------
+
+    def _call(self, spec: RequestSpec, policy: RetryPolicy | None = None) -> httpx.Response:
+        """Send ``spec`` until it succeeds, fails for good, or the retry budget is spent."""
+        policy = policy or self._core.policy
+        repeatable = may_repeat(spec.method, spec.idempotency_key, spec.safe_to_repeat)
+        renewed = False
+        attempt = 0
+        while True:
+            token = self._ensure_session().token if spec.auth else None
+            status: int | None = None
+            headers: httpx.Headers = httpx.Headers()
+            code: str | None = None
+            error: APIError
+            try:
+                response = self._send(spec, token)
+            except httpx.TimeoutException as exc:
+                error = APITimeoutError()
+                error.__cause__ = exc
+            except httpx.TransportError as exc:
+                error = APIConnectionError(f"{type(exc).__name__}: {exc}")
+                error.__cause__ = exc
+            else:
+                if response.is_success:
+                    return response
+                status_error = make_status_error(response)
+                if response.status_code == 401 and spec.auth and not renewed:
+                    renewed = True
+                    self._renew_session(token)
+                    continue
+                error, status, headers, code = (
+                    status_error,
+                    response.status_code,
+                    response.headers,
+                    status_error.code,
+                )
+            attempt += 1
+            delay = should_retry(status, headers, attempt, code=code, policy=policy)
+            if not repeatable or delay is None:
+                raise error
+            time.sleep(delay)
+
+    def _send(self, spec: RequestSpec, token: str | None) -> httpx.Response:
+        content = spec.content() if callable(spec.content) else spec.content
+        url = self._core.base_url + spec.path if spec.path.startswith("/") else spec.path
+        return self._http.request(
+            spec.method,
+            url,
+            content=content,
+            params=spec.params,
+            headers=self._core.headers(spec, token),
+        )
+
+    # ----- sessions and identity ----------------------------------------------------------
+
+    def _ensure_session(self) -> SessionState:
+        if not self._reconciled:
+            with self._identity_lock:
+                if not self._reconciled:
+                    self._reconciled = True
+                    self._reconcile()
+        with self._session_lock:
+            session = self._core.session
+            if session is None or not session.fresh():
+                session = self._start_session()
+            return session
+
+    def _renew_session(self, failed_token: str | None) -> None:
+        with self._session_lock:
+            current = self._core.session
+            if current is None or current.token == failed_token:
+                self._start_session()
+
+    def _start_session(self) -> SessionState:
+        stored = self._core.session
+        source = self._token_source
+        if source is None:
+            source = self._core.store.get("user_token")
+            if source is None and stored is not None and stored.identity != ANONYMOUS:
+                raise IdentityRequiredError(
+                    "the identified user's session must be renewed: pass user_token"
+                )
+        user_token = source() if callable(source) else source
+        spec = self._core.session_spec(user_token)
+        response = self._call(spec)
+        return self._core.save_session(response, identity_of(user_token))
+
+    def _reconcile(self) -> None:
+        """Make the stored session fit the ``user_token`` given to the constructor."""
+        stored = self._core.session
+        source = self._token_source
+        if source is None or stored is None:
+            return
+        if callable(source):
+            if stored.identity == ANONYMOUS:
+                self._identify_locked(source)
+            return
+        if stored.identity != identity_of(source):
+            self._identify_locked(source)
+
+    def identify(self, user_token: SyncTokenSource) -> None:
+        """Log in: from now on the session belongs to the token's user.
+
+        From an anonymous session the server merges the installation's conversations into
+        the user. From another user's session this is a logout of that user first.
+        """
+        with self._identity_lock:
+            self._reconciled = True
+            self._identify_locked(user_token)
+
+    def _identify_locked(self, user_token: SyncTokenSource) -> None:
+        token = user_token() if callable(user_token) else user_token
+        target = identity_of(token)
+        current = self._core.session.identity if self._core.session else ANONYMOUS
+        if current == target and self._core.session is not None:
+            self._set_token_source(user_token)
+            return
+        self._flush_quietly()
+        if current == ANONYMOUS:
+            self.outbox._store.prepare_for_new_user(self._core.owner)
+        else:
+            self.outbox._store.purge(self._core.owner)
+            self._core.new_owner()
+        self._set_token_source(user_token)
+        with self._session_lock:
+            spec = self._core.session_spec(token)
+            self._core.save_session(self._call(spec), target)
+
+    def logout(self) -> LogoutResult:
+        """Forget the user: queued items are sent first if possible, the rest are dropped
+        (they must never be sent as, or shown to, the next user of this device)."""
+        with self._identity_lock:
+            self._reconciled = True
+            if self._core.session is not None:
+                self._flush_quietly()
+            discarded = self.outbox._store.purge(self._core.owner)
+            self._core.new_owner()
+            self._set_token_source(None)
+            with self._session_lock:
+                self._core.forget_session()
+                # Offline: the next call starts the anonymous session.
+                with contextlib.suppress(APIConnectionError):
+                    self._start_session()
+            return LogoutResult(discarded=discarded)
+
+    def _set_token_source(self, source: SyncTokenSource | None) -> None:
+        self._token_source = source
+        self._core.store.set("user_token", source if isinstance(source, str) else None)
+
+    def _flush_quietly(self) -> None:
+        with contextlib.suppress(APIConnectionError, APIStatusError):
+            self.outbox.flush()
+
+
+class Client(SyncClientBase):
+    """``conversations.create`` / ``messages.create`` send at once unless ``queue=True``."""
+
+    conversations: Conversations
+    messages: Messages
+
+    def _init_create_resources(self) -> None:
+        self.conversations = Conversations(self)
+        self.messages = Messages(self)
+
+
+class MobileClient(SyncClientBase):
+    """Like ``Client``, but feedback goes through the offline outbox unless ``queue=False``
+    (the right default on a phone: the user's words are kept even without a network)."""
+
+    conversations: QueueingConversations
+    messages: QueueingMessages
+
+    def _init_create_resources(self) -> None:
+        self.conversations = QueueingConversations(self)
+        self.messages = QueueingMessages(self)

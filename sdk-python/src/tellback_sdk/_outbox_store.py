@@ -1,0 +1,300 @@
+"""The offline outbox's persistent queue (no I/O but the local SQLite file and file copies).
+
+Rules (see the outbox notes in the README / sdk-spec):
+- An item is written, with its idempotency key and copies of its files, before the
+  caller gets its ``QueuedItem``; it is marked sent only after the server answered.
+- The wire body is frozen (stored) before its first send and reused byte for byte,
+  so a resend after a crash is a replay, never a second conversation.
+- Items go out in the order they were queued, per owner (the user who queued them).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import sqlite3
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tellback_sdk._core import encode, new_idempotency_key
+from tellback_sdk._store import Store
+
+LOCAL_PREFIX = "local:"
+SENT_RETENTION = 7 * 24 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class AttachmentFile:
+    """A file to attach; ``kind``/``content_type`` are guessed from the name when omitted."""
+
+    path: str | Path
+    kind: str | None = None
+    content_type: str | None = None
+    filename: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxFailure:
+    status: int | None
+    code: str | None
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedItem:
+    """A queued conversation or message. ``state``: pending | sent | dead."""
+
+    id: str
+    kind: str  # conversation | message
+    state: str
+    body: str | None
+    conversation_id: str | None  # the server's id, once known
+    local_conversation_id: str | None  # a queued conversation this message waits for
+    remote_id: str | None  # the created conversation's / message's id
+    attempts: int
+    error: OutboxFailure | None
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    path: str | None  # where to POST, or None: wait / dead
+    dead_reason: str | None = None
+
+
+class OutboxStore:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    # ----- queueing -----------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        owner: str,
+        kind: str,
+        request: dict[str, Any],
+        conversation_ref: str | None,
+        files: Sequence[AttachmentFile],
+    ) -> QueuedItem:
+        item_id = uuid.uuid4().hex
+        folder = self.store.files_dir / item_id
+        attachments = []
+        if files:
+            folder.mkdir(parents=True, exist_ok=True)
+        for n, f in enumerate(files):
+            src = Path(f.path)
+            # A copy, so the app may delete its original (a camera temp file) at once.
+            dest = folder / f"{n}-{src.name}"
+            shutil.copyfile(src, dest)
+            attachments.append(
+                {
+                    "path": str(dest),
+                    "kind": f.kind,
+                    "content_type": f.content_type,
+                    "filename": f.filename or src.name,
+                    "attachment_id": None,
+                }
+            )
+        now = time.time()
+        with self.store.tx() as db:
+            db.execute(
+                "INSERT INTO outbox (id, owner, kind, conversation_ref, request, attachments, "
+                "idempotency_key, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    item_id,
+                    owner,
+                    kind,
+                    conversation_ref,
+                    encode(request).decode(),
+                    json.dumps(attachments),
+                    new_idempotency_key(),
+                    now,
+                    now,
+                ),
+            )
+        item = self.get(item_id)
+        assert item is not None
+        return item
+
+    # ----- reading ------------------------------------------------------------------------
+
+    def _row(self, item_id: str) -> sqlite3.Row | None:
+        rows = self.store.query("SELECT * FROM outbox WHERE id = ?", (item_id,))
+        return rows[0] if rows else None
+
+    def get(self, item_id: str) -> QueuedItem | None:
+        row = self._row(item_id)
+        return self._item(row) if row is not None else None
+
+    def _item(self, row: sqlite3.Row) -> QueuedItem:
+        ref = row["conversation_ref"]
+        local = ref[len(LOCAL_PREFIX) :] if ref and ref.startswith(LOCAL_PREFIX) else None
+        conversation_id = None if local else ref
+        if row["kind"] == "conversation":
+            conversation_id = row["remote_id"]
+        elif local is not None:
+            parent = self._row(local)
+            conversation_id = parent["remote_id"] if parent is not None else None
+        error = json.loads(row["last_error"]) if row["last_error"] else None
+        return QueuedItem(
+            id=row["id"],
+            kind=row["kind"],
+            state=row["state"],
+            body=json.loads(row["request"]).get("body"),
+            conversation_id=conversation_id,
+            local_conversation_id=local,
+            remote_id=row["remote_id"],
+            attempts=row["attempts"],
+            error=OutboxFailure(**error) if error else None,
+            created_at=dt.datetime.fromtimestamp(row["created_at"], dt.UTC),
+        )
+
+    def items(self, owner: str, state: str) -> list[QueuedItem]:
+        rows = self.store.query(
+            "SELECT * FROM outbox WHERE owner = ? AND state = ? ORDER BY seq", (owner, state)
+        )
+        return [self._item(r) for r in rows]
+
+    def next_pending(self, owner: str) -> sqlite3.Row | None:
+        rows = self.store.query(
+            "SELECT * FROM outbox WHERE owner = ? AND state = 'pending' ORDER BY seq LIMIT 1",
+            (owner,),
+        )
+        return rows[0] if rows else None
+
+    def resolve(self, row: sqlite3.Row) -> Resolved:
+        """Where this item is POSTed; a message for a queued conversation uses its real id."""
+        if row["kind"] == "conversation":
+            return Resolved("/v1/client/conversations")
+        ref: str = row["conversation_ref"]
+        if ref.startswith(LOCAL_PREFIX):
+            parent = self._row(ref[len(LOCAL_PREFIX) :])
+            if parent is None:
+                return Resolved(None, "its conversation was discarded")
+            if parent["state"] == "dead":
+                return Resolved(None, "its conversation could not be sent")
+            if parent["state"] != "sent":
+                return Resolved(None)  # FIFO makes this rare: the parent is still queued
+            ref = parent["remote_id"]
+        return Resolved(f"/v1/client/conversations/{ref}/messages")
+
+    def attachments(self, row: sqlite3.Row) -> list[dict[str, Any]]:
+        value: list[dict[str, Any]] = json.loads(row["attachments"])
+        return value
+
+    # ----- progress of one item -----------------------------------------------------------
+
+    def set_attachment_id(self, item_id: str, index: int, attachment_id: str) -> None:
+        with self.store.tx() as db:
+            raw = db.execute("SELECT attachments FROM outbox WHERE id = ?", (item_id,)).fetchone()
+            atts = json.loads(raw["attachments"])
+            atts[index]["attachment_id"] = attachment_id
+            db.execute(
+                "UPDATE outbox SET attachments = ? WHERE id = ?", (json.dumps(atts), item_id)
+            )
+
+    def wire_body(self, item_id: str) -> bytes:
+        """The bytes to send, frozen on first use so every resend is byte-identical."""
+        with self.store.tx() as db:
+            row = db.execute("SELECT * FROM outbox WHERE id = ?", (item_id,)).fetchone()
+            if row["wire_body"] is not None:
+                frozen: bytes = row["wire_body"]
+                return frozen
+            request = json.loads(row["request"])
+            uploaded = [a["attachment_id"] for a in json.loads(row["attachments"])]
+            ids = list(request.pop("attachment_ids", [])) + uploaded
+            if ids:
+                request["attachment_ids"] = ids
+            body = encode(request)
+            db.execute("UPDATE outbox SET wire_body = ? WHERE id = ?", (body, item_id))
+            return body
+
+    def note_attempt(self, item_id: str) -> None:
+        with self.store.tx() as db:
+            db.execute(
+                "UPDATE outbox SET attempts = attempts + 1, updated_at = ? WHERE id = ?",
+                (time.time(), item_id),
+            )
+
+    def note_failure(self, item_id: str, failure: OutboxFailure, *, dead: bool) -> None:
+        with self.store.tx() as db:
+            db.execute(
+                "UPDATE outbox SET last_error = ?, state = ?, updated_at = ? WHERE id = ?",
+                (
+                    json.dumps(_as_dict(failure)),
+                    "dead" if dead else "pending",
+                    time.time(),
+                    item_id,
+                ),
+            )
+
+    def mark_sent(self, item_id: str, remote_id: str) -> None:
+        now = time.time()
+        with self.store.tx() as db:
+            db.execute(
+                "UPDATE outbox SET state = 'sent', remote_id = ?, last_error = NULL, "
+                "updated_at = ? WHERE id = ?",
+                (remote_id, now, item_id),
+            )
+            db.execute(
+                "DELETE FROM outbox WHERE state = 'sent' AND updated_at < ? AND id NOT IN "
+                "(SELECT substr(conversation_ref, 7) FROM outbox WHERE state != 'sent' "
+                "AND conversation_ref LIKE 'local:%')",
+                (now - SENT_RETENTION,),
+            )
+        shutil.rmtree(self.store.files_dir / item_id, ignore_errors=True)
+
+    # ----- the app's controls -------------------------------------------------------------
+
+    def retry(self, item_id: str) -> bool:
+        """A dead item goes back into the queue at its old position, with its old key
+        (a final 4xx stored nothing under it) and a freshly built body."""
+        with self.store.tx() as db:
+            cur = db.execute(
+                "UPDATE outbox SET state = 'pending', wire_body = NULL, last_error = NULL, "
+                "updated_at = ? WHERE id = ? AND state = 'dead'",
+                (time.time(), item_id),
+            )
+            return cur.rowcount == 1
+
+    def discard(self, item_id: str) -> bool:
+        with self.store.tx() as db:
+            cur = db.execute("DELETE FROM outbox WHERE id = ? AND state != 'sent'", (item_id,))
+        shutil.rmtree(self.store.files_dir / item_id, ignore_errors=True)
+        return cur.rowcount == 1
+
+    def purge(self, owner: str) -> int:
+        """Logout: the previous user's unsent items, upload state and file copies go."""
+        rows = self.store.query("SELECT id, state FROM outbox WHERE owner = ?", (owner,))
+        with self.store.tx() as db:
+            db.execute("DELETE FROM outbox WHERE owner = ?", (owner,))
+            db.execute("DELETE FROM uploads WHERE owner = ?", (owner,))
+        for row in rows:
+            shutil.rmtree(self.store.files_dir / row["id"], ignore_errors=True)
+        return sum(1 for r in rows if r["state"] != "sent")
+
+    def prepare_for_new_user(self, owner: str) -> None:
+        """Anonymous -> identified: unsent items go out as the identified user, whose
+        session cannot attach the anonymous user's uploads; upload those again."""
+        rows = self.store.query(
+            "SELECT id, attachments FROM outbox WHERE owner = ? AND state != 'sent'", (owner,)
+        )
+        with self.store.tx() as db:
+            for row in rows:
+                atts = json.loads(row["attachments"])
+                for a in atts:
+                    a["attachment_id"] = None
+                db.execute(
+                    "UPDATE outbox SET attachments = ?, wire_body = NULL WHERE id = ?",
+                    (json.dumps(atts), row["id"]),
+                )
+            db.execute("DELETE FROM uploads WHERE owner = ?", (owner,))
+
+
+def _as_dict(failure: OutboxFailure) -> dict[str, Any]:
+    return {"status": failure.status, "code": failure.code, "message": failure.message}

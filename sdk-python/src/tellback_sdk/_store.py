@@ -1,0 +1,122 @@
+"""The SDK's local state: one SQLite file in ``data_dir``.
+
+Holds the installation id, the session, resumable uploads and the offline
+outbox. Every write commits with ``synchronous=FULL`` before the SDK acts on
+it (write-ahead), so a crash at any point finds the intent on disk. One
+connection, guarded by a lock, serves sync threads and the async event loop
+alike: the statements are tiny and local.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import sqlite3
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS uploads (
+    resume_key TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    upload_id TEXT,
+    etags TEXT NOT NULL DEFAULT '{}',
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    owner TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    conversation_ref TEXT,
+    request TEXT NOT NULL,
+    attachments TEXT NOT NULL DEFAULT '[]',
+    idempotency_key TEXT NOT NULL,
+    wire_body BLOB,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    remote_id TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+"""
+
+
+class Store:
+    def __init__(self, data_dir: str | Path | None) -> None:
+        self._tmp: str | None = None
+        if data_dir is None:
+            # No persistence asked for: keep state (and outbox file copies) for this process.
+            self._tmp = tempfile.mkdtemp(prefix="tellback-sdk-")
+            data_dir = self._tmp
+        self.data_dir = Path(data_dir).expanduser()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.files_dir = self.data_dir / "outbox-files"
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(
+            self.data_dir / "tellback-sdk.db", check_same_thread=False, isolation_level=None
+        )
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        self.persistent = self._tmp is None
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return list(self._db.execute(sql, args))
+
+    # ----- key/value ----------------------------------------------------------------------
+
+    def get(self, key: str) -> Any:
+        rows = self.query("SELECT value FROM kv WHERE key = ?", (key,))
+        return json.loads(rows[0]["value"]) if rows else None
+
+    def set(self, key: str, value: Any) -> None:
+        with self.tx() as db:
+            if value is None:
+                db.execute("DELETE FROM kv WHERE key = ?", (key,))
+            else:
+                db.execute(
+                    "INSERT INTO kv (key, value) VALUES (?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (key, json.dumps(value)),
+                )
+
+    def installation_id(self) -> str:
+        """A random id made once per install (never derived from hardware)."""
+        with self.tx() as db:
+            row = db.execute("SELECT value FROM kv WHERE key = 'installation_id'").fetchone()
+            if row is not None:
+                value: str = json.loads(row["value"])
+                return value
+            value = uuid.uuid4().hex
+            db.execute(
+                "INSERT INTO kv (key, value) VALUES ('installation_id', ?)", (json.dumps(value),)
+            )
+            return value

@@ -1,0 +1,261 @@
+"""The offline outbox: queued feedback sent in order once the network is back.
+
+``flush()`` sends pending items oldest first. A connection error, 5xx, 429, 408 or an
+in-progress idempotency key stops the flush and keeps the item for later; any other
+4xx moves it to the dead letters, which the app shows (``dead_letters()``) and the
+user retries or discards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from tellback_sdk._core import RequestSpec
+from tellback_sdk._outbox_store import OutboxFailure, OutboxStore, QueuedItem
+from tellback_sdk._retry import backoff_delay, is_retryable_status
+from tellback_sdk.errors import (
+    APIConnectionError,
+    APIStatusError,
+    AttachmentLimitError,
+    IdentityRequiredError,
+    TellbackError,
+)
+from tellback_sdk.resources._base import AsyncAPIResource, SyncAPIResource
+
+if TYPE_CHECKING:
+    from tellback_sdk._async_client import AsyncClientBase
+    from tellback_sdk._client import SyncClientBase
+
+log = logging.getLogger("tellback_sdk.outbox")
+
+# Idle wait of the background flusher between checks when nothing wakes it.
+IDLE_RECHECK = 300.0
+
+
+class _Created(msgspec.Struct):
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class FlushResult:
+    sent: int
+    dead: int
+    pending: int
+    stopped_by: TellbackError | None = None  # why the flush stopped early (keep for later)
+
+    @property
+    def retry_after(self) -> float | None:
+        err = self.stopped_by
+        return getattr(err, "retry_after", None) if isinstance(err, APIStatusError) else None
+
+
+class _Dependency(Exception):
+    """A message whose queued conversation could not be sent."""
+
+
+class _Blocked(TellbackError):
+    """A message whose queued conversation is still waiting: try again later."""
+
+
+def failure_of(exc: BaseException) -> tuple[OutboxFailure, bool]:
+    """How an error is recorded, and whether it is final (dead letter) or transient."""
+    if isinstance(exc, APIStatusError):
+        final = not (is_retryable_status(exc.status_code, exc.code) or exc.status_code == 401)
+        return OutboxFailure(exc.status_code, exc.code, exc.detail or exc.message), final
+    if isinstance(exc, APIConnectionError | IdentityRequiredError):
+        return OutboxFailure(None, None, str(exc)), False
+    if isinstance(exc, AttachmentLimitError | _Dependency | FileNotFoundError):
+        return OutboxFailure(None, "local", str(exc)), True
+    return OutboxFailure(None, None, f"{type(exc).__name__}: {exc}"), False
+
+
+_EXPECTED = (TellbackError, _Dependency, OSError)
+
+
+class _OutboxBase:
+    _store: OutboxStore
+    _owner: str
+
+    def pending(self) -> list[QueuedItem]:
+        return self._store.items(self._owner, "pending")
+
+    def dead_letters(self) -> list[QueuedItem]:
+        return self._store.items(self._owner, "dead")
+
+    def get(self, item_id: str) -> QueuedItem | None:
+        return self._store.get(item_id)
+
+    def discard(self, item_id: str) -> bool:
+        """Drop a pending or dead item for good (e.g. the user deleted the draft)."""
+        return self._store.discard(item_id)
+
+    def _finish(self, row: sqlite3.Row, response_content: bytes) -> None:
+        created = msgspec.json.decode(response_content, type=_Created)
+        self._store.mark_sent(row["id"], created.id)
+
+    def _path(self, row: sqlite3.Row) -> str | None:
+        resolved = self._store.resolve(row)
+        if resolved.dead_reason is not None:
+            raise _Dependency(resolved.dead_reason)
+        return resolved.path
+
+    def _record(self, row: sqlite3.Row, exc: BaseException) -> bool:
+        """Store the failure; True if the flush must stop (transient)."""
+        failure, final = failure_of(exc)
+        self._store.note_failure(row["id"], failure, dead=final)
+        return not final
+
+
+class Outbox(SyncAPIResource, _OutboxBase):
+    def __init__(self, client: SyncClientBase) -> None:
+        super().__init__(client)
+        self._store = OutboxStore(client._core.store)
+        self._lock = threading.Lock()
+
+    @property
+    def _owner(self) -> str:  # type: ignore[override]
+        return self._core.owner
+
+    def retry(self, item_id: str) -> bool:
+        return self._store.retry(item_id)
+
+    def flush(self) -> FlushResult:
+        """Send what is queued, in order. Returns counts; never raises for delivery errors."""
+        with self._lock:
+            sent = dead = 0
+            owner = self._owner
+            while (row := self._store.next_pending(owner)) is not None:
+                try:
+                    self._deliver(row)
+                except _EXPECTED as exc:
+                    if self._record(row, exc):
+                        pending = len(self._store.items(owner, "pending"))
+                        err = exc if isinstance(exc, TellbackError) else TellbackError(str(exc))
+                        return FlushResult(sent, dead, pending, err)
+                    dead += 1
+                    continue
+                sent += 1
+            return FlushResult(sent, dead, 0)
+
+    def _deliver(self, row: sqlite3.Row) -> None:
+        path = self._path(row)
+        if path is None:
+            raise _Blocked("its conversation is not sent yet")
+        for index, att in enumerate(self._store.attachments(row)):
+            if att["attachment_id"] is None:
+                uploaded = self._client.attachments.upload(
+                    att["path"],
+                    kind=att["kind"],
+                    content_type=att["content_type"],
+                    filename=att["filename"],
+                )
+                self._store.set_attachment_id(row["id"], index, uploaded.id)
+        body = self._store.wire_body(row["id"])
+        self._store.note_attempt(row["id"])
+        spec = RequestSpec("POST", path, content=body, idempotency_key=row["idempotency_key"])
+        response = self._client._call(spec, self._core.outbox_policy)
+        self._finish(row, response.content)
+
+
+class AsyncOutbox(AsyncAPIResource, _OutboxBase):
+    def __init__(self, client: AsyncClientBase) -> None:
+        super().__init__(client)
+        self._store = OutboxStore(client._core.store)
+        self._lock: asyncio.Lock | None = None
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def _owner(self) -> str:  # type: ignore[override]
+        return self._core.owner
+
+    def retry(self, item_id: str) -> bool:
+        ok = self._store.retry(item_id)
+        self.wake()
+        return ok
+
+    async def flush(self) -> FlushResult:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            sent = dead = 0
+            owner = self._owner
+            while (row := self._store.next_pending(owner)) is not None:
+                try:
+                    await self._deliver(row)
+                except _EXPECTED as exc:
+                    if self._record(row, exc):
+                        pending = len(self._store.items(owner, "pending"))
+                        err = exc if isinstance(exc, TellbackError) else TellbackError(str(exc))
+                        return FlushResult(sent, dead, pending, err)
+                    dead += 1
+                    continue
+                sent += 1
+            return FlushResult(sent, dead, 0)
+
+    async def _deliver(self, row: sqlite3.Row) -> None:
+        path = self._path(row)
+        if path is None:
+            raise _Blocked("its conversation is not sent yet")
+        for index, att in enumerate(self._store.attachments(row)):
+            if att["attachment_id"] is None:
+                uploaded = await self._client.attachments.upload(
+                    att["path"],
+                    kind=att["kind"],
+                    content_type=att["content_type"],
+                    filename=att["filename"],
+                )
+                self._store.set_attachment_id(row["id"], index, uploaded.id)
+        body = self._store.wire_body(row["id"])
+        self._store.note_attempt(row["id"])
+        spec = RequestSpec("POST", path, content=body, idempotency_key=row["idempotency_key"])
+        response = await self._client._call(spec, self._core.outbox_policy)
+        self._finish(row, response.content)
+
+    # ----- background flushing ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Flush now and whenever something is queued; back off while offline."""
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = asyncio.create_task(self._run(), name="tellback-outbox")
+
+    def wake(self) -> None:
+        """Something was queued: flush soon (starts the background task if enabled)."""
+        if self._client.auto_flush and (self._task is None or self._task.done()):
+            self.start()
+        if self._wake is not None:
+            self._wake.set()
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        failures = 0
+        while True:
+            self._wake.clear()
+            try:
+                result = await self.flush()
+            except Exception as exc:  # the loop must outlive surprises; they are logged
+                log.exception("outbox flush failed")
+                result = FlushResult(0, 0, 0, TellbackError(str(exc)))
+            if result.stopped_by is None:
+                failures, delay = 0, IDLE_RECHECK
+            else:
+                failures += 1
+                delay = result.retry_after or backoff_delay(failures, self._core.outbox_policy)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
