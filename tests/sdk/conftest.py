@@ -34,6 +34,10 @@ FAST = RetryPolicy(
 )
 
 
+class Killed(BaseException):
+    """The app process dies here (no SDK handler catches a BaseException)."""
+
+
 @dataclass
 class Faults:
     """Decides, per request, whether to break it: before the server sees it, after the
@@ -42,24 +46,31 @@ class Faults:
     rng: random.Random = field(default_factory=lambda: random.Random(7))
     drop_before: float = 0.0
     drop_after: float = 0.0
+    kill_after: float = 0.0
     only: Callable[[httpx.Request], bool] = lambda _r: True
     script: list[str] = field(default_factory=list)  # actions consumed one per request
     counts: dict[str, int] = field(default_factory=dict)
+    log: list[str] = field(default_factory=list)  # "METHOD /path" of every request
 
     def action(self, request: httpx.Request) -> str:
+        self.log.append(f"{request.method} {request.url.path}")
         if not self.only(request):
             return "pass"
         if self.script:
             act = self.script.pop(0)
         else:
             roll = self.rng.random()
-            act = (
-                "drop_before"
-                if roll < self.drop_before
-                else "drop_after"
-                if roll < self.drop_before + self.drop_after
-                else "pass"
-            )
+            edges = [
+                ("drop_before", self.drop_before),
+                ("drop_after", self.drop_after),
+                ("kill_after", self.kill_after),
+            ]
+            act, total = "pass", 0.0
+            for name, rate in edges:
+                total += rate
+                if roll < total:
+                    act = name
+                    break
         self.counts[act] = self.counts.get(act, 0) + 1
         return act
 
@@ -87,8 +98,10 @@ class AsyncFaultTransport(httpx.AsyncBaseTransport):
         if act.startswith("status:"):
             return Faults.synthetic(act, request)
         response = await self.inner.handle_async_request(request)
-        if act == "drop_after":
+        if act in {"drop_after", "kill_after"}:
             await response.aread()  # the server finished (and committed) the request
+            if act == "kill_after":
+                raise Killed
             raise httpx.ReadError("injected: connection reset", request=request)
         return response
 
@@ -105,9 +118,11 @@ class SyncFaultTransport(httpx.BaseTransport):
         if act.startswith("status:"):
             return Faults.synthetic(act, request)
         response = self.inner.handle_request(request)
-        if act == "drop_after":
+        if act in {"drop_after", "kill_after"}:
             response.read()
             response.close()
+            if act == "kill_after":
+                raise Killed
             raise httpx.ReadError("injected: connection reset", request=request)
         return response
 
@@ -137,6 +152,10 @@ class InProcess:
             cursor = r.json()["next_cursor"]
             if cursor is None:
                 return items
+
+
+def posts_to(path: str) -> Callable[[httpx.Request], bool]:
+    return lambda r: r.method == "POST" and r.url.path == path
 
 
 @pytest.fixture
