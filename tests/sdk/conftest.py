@@ -51,6 +51,11 @@ class Faults:
     script: list[str] = field(default_factory=list)  # actions consumed one per request
     counts: dict[str, int] = field(default_factory=dict)
     log: list[str] = field(default_factory=list)  # "METHOD /path" of every request
+    stored_parts: list[int] = field(default_factory=list)  # upload parts the server took
+
+    def answered(self, request: httpx.Request, response: httpx.Response) -> None:
+        if request.method == "PUT" and response.status_code == 200:
+            self.stored_parts.append(int(request.url.params.get("part", "0")))
 
     def action(self, request: httpx.Request) -> str:
         self.log.append(f"{request.method} {request.url.path}")
@@ -95,9 +100,14 @@ class AsyncFaultTransport(httpx.AsyncBaseTransport):
         act = self.faults.action(request)
         if act == "drop_before":
             raise httpx.ConnectError("injected: connection refused", request=request)
+        if act == "kill_before":
+            raise Killed
         if act.startswith("status:"):
             return Faults.synthetic(act, request)
         response = await self.inner.handle_async_request(request)
+        if act != "pass":
+            await response.aread()
+        self.faults.answered(request, response)
         if act in {"drop_after", "kill_after"}:
             await response.aread()  # the server finished (and committed) the request
             if act == "kill_after":
@@ -115,9 +125,12 @@ class SyncFaultTransport(httpx.BaseTransport):
         act = self.faults.action(request)
         if act == "drop_before":
             raise httpx.ConnectError("injected: connection refused", request=request)
+        if act == "kill_before":
+            raise Killed
         if act.startswith("status:"):
             return Faults.synthetic(act, request)
         response = self.inner.handle_request(request)
+        self.faults.answered(request, response)
         if act in {"drop_after", "kill_after"}:
             response.read()
             response.close()

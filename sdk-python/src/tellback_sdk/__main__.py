@@ -1,0 +1,3 @@
+from tellback_sdk.cli import main
+
+raise SystemExit(main())
