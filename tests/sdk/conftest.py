@@ -239,8 +239,17 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     env.update(TELLBACK_DATA_DIR=str(base / "data"), TELLBACK_SECRET_KEY="s" * 40)
     out = (base / "stdout").open("w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tellback_server", "serve", "--host", "127.0.0.1"]
-        + ["--port", str(port), "--no-worker"],
+        [
+            sys.executable,
+            "-m",
+            "tellback_server",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-worker",
+        ],
         cwd=base,
         env=env,
         stdout=out,

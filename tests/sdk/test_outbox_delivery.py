@@ -79,7 +79,9 @@ async def test_async_outbox_exactly_once_in_order(server: InProcess, tmp_path: P
         if result.pending == 0:
             break
     await tb.close()
-    assert restarts > 0 and faults.counts["drop_after"] > 0 and faults.counts["drop_before"] > 0
+    assert restarts > 0
+    assert faults.counts["drop_after"] > 0
+    assert faults.counts["drop_before"] > 0
     check_exactly_once(await server.conversations(agent))
 
 
@@ -112,5 +114,6 @@ def test_sync_outbox_exactly_once_in_order(live: Live, tmp_path: Path) -> None:
         if result.pending == 0:
             break
     tb.close()
-    assert restarts > 0 and faults.counts["drop_after"] > 0
+    assert restarts > 0
+    assert faults.counts["drop_after"] > 0
     check_exactly_once(live.conversations(app["id"], agent))

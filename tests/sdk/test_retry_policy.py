@@ -144,6 +144,8 @@ def test_validation_errors_and_retry_after_are_exposed() -> None:
 
 def test_non_json_error_bodies_still_map() -> None:
     request = httpx.Request("PUT", "http://s3/bucket/key")
-    err = make_status_error(httpx.Response(403, text="<Error>AccessDenied</Error>", request=request))
+    err = make_status_error(
+        httpx.Response(403, text="<Error>AccessDenied</Error>", request=request)
+    )
     assert err.status_code == 403
     assert err.code is None

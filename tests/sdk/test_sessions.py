@@ -27,9 +27,7 @@ def client(server: InProcess, data_dir: Path, faults: Faults, **kw: Any) -> Asyn
 
 
 def token(server: InProcess, sub: str, **claims: Any) -> str:
-    return identity_token(
-        server.app.identity_secret, sub, kid=server.app.identity_kid, **claims
-    )
+    return identity_token(server.app.identity_secret, sub, kid=server.app.identity_kid, **claims)
 
 
 async def test_session_is_lazy_and_survives_a_restart(server: InProcess, tmp_path: Path) -> None:

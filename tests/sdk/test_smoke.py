@@ -10,7 +10,10 @@ from tests.sdk.conftest import BASE, FAST, InProcess, Live
 
 async def test_async_feedback_loop(server: InProcess, tmp_path: Path) -> None:
     async with AsyncClient(
-        BASE, server.app.app_key, data_dir=tmp_path / "sdk", transport=server.asgi,
+        BASE,
+        server.app.app_key,
+        data_dir=tmp_path / "sdk",
+        transport=server.asgi,
         retry_policy=FAST,
     ) as tb:
         conv = await tb.conversations.create(

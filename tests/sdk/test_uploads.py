@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -44,7 +45,7 @@ def big_zip(path: Path, size: int = 17 * MIB + 4321) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def is_part_put(n: int) -> object:
+def is_part_put(n: int) -> Callable[[httpx.Request], bool]:
     return lambda r: r.method == "PUT" and r.url.params.get("part") == str(n)
 
 

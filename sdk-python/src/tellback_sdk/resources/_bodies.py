@@ -10,7 +10,7 @@ from typing import Any, TypedDict
 import msgspec
 
 from tellback_sdk._core import RequestSpec
-from tellback_sdk._outbox_store import AttachmentFile, QueuedItem
+from tellback_sdk._outbox_store import AttachmentFile, OutboxStore, QueuedItem
 from tellback_sdk.errors import OutboxError
 from tellback_sdk.pagination import Page
 from tellback_sdk.types import Location, PageBody
@@ -70,14 +70,16 @@ def check_message(text: str | None, fields: MessageFields) -> None:
         raise ValueError("a message needs a body, attachments or a location")
 
 
-def conversation_ref(conversation: str | QueuedItem) -> str:
-    """A real id, or ``local:<item id>`` for a conversation still in the outbox."""
+def conversation_ref(conversation: str | QueuedItem, outbox: OutboxStore) -> str:
+    """A real id, or ``local:<item id>`` for a conversation still in the outbox (the
+    caller's ``QueuedItem`` may be an old snapshot: the store knows if it was sent)."""
     if isinstance(conversation, str):
         return conversation
     if conversation.kind != "conversation":
         raise OutboxError("a message must be queued for a conversation, not a message")
-    if conversation.conversation_id is not None:
-        return conversation.conversation_id
+    current = outbox.get(conversation.id) or conversation
+    if current.conversation_id is not None:
+        return current.conversation_id
     return f"local:{conversation.id}"
 
 

@@ -6,7 +6,7 @@ import asyncio
 from typing import Literal, Unpack, overload
 
 from tellback_sdk._core import RequestSpec, decode
-from tellback_sdk._outbox_store import QueuedItem
+from tellback_sdk._outbox_store import OutboxStore, QueuedItem
 from tellback_sdk.errors import OutboxError
 from tellback_sdk.pagination import AsyncPager, Page, SyncPager
 from tellback_sdk.resources._base import AsyncAPIResource, SyncAPIResource
@@ -25,8 +25,8 @@ from tellback_sdk.types import Message, PageBody
 Target = str | QueuedItem
 
 
-def _immediate_target(conversation: Target) -> str:
-    ref = conversation_ref(conversation)
+def _immediate_target(conversation: Target, outbox: OutboxStore) -> str:
+    ref = conversation_ref(conversation, outbox)
     if ref.startswith("local:"):
         raise OutboxError("that conversation is still queued: queue the message too")
     return ref
@@ -39,11 +39,11 @@ class _SyncMessages(SyncAPIResource):
         check_message(body, fields)
         request, files = body_of(body, fields), files_of(fields)
         if queue:
-            ref = conversation_ref(conversation)
+            ref = conversation_ref(conversation, self._client.outbox._store)
             return self._client.outbox._store.enqueue(
                 self._core.owner, "message", request, ref, files
             )
-        target = _immediate_target(conversation)
+        target = _immediate_target(conversation, self._client.outbox._store)
         uploaded = [
             self._client.attachments.upload(
                 f.path, kind=f.kind, content_type=f.content_type, filename=f.filename
@@ -134,13 +134,13 @@ class _AsyncMessages(AsyncAPIResource):
         check_message(body, fields)
         request, files = body_of(body, fields), files_of(fields)
         if queue:
-            ref = conversation_ref(conversation)
+            ref = conversation_ref(conversation, self._client.outbox._store)
             item = await asyncio.to_thread(
                 self._client.outbox._store.enqueue, self._core.owner, "message", request, ref, files
             )
             self._client.outbox.wake()
             return item
-        target = _immediate_target(conversation)
+        target = _immediate_target(conversation, self._client.outbox._store)
         uploaded = [
             (
                 await self._client.attachments.upload(
