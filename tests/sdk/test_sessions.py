@@ -8,8 +8,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tellback_sdk import AsyncClient, AsyncMobileClient, AuthenticationError
-from tests.sdk.conftest import BASE, FAST, AsyncFaultTransport, Faults, InProcess, posts_to
+from tellback_sdk import AsyncClient, AsyncMobileClient, AuthenticationError, Client
+from tests.sdk.conftest import BASE, FAST, AsyncFaultTransport, Faults, InProcess, Live, posts_to
 from tests.server.conftest import identity_token
 
 SESSIONS = "POST /v1/client/sessions"
@@ -155,3 +155,21 @@ async def test_logout_sends_queued_feedback_first_or_drops_it(
         assert (await tb.outbox.flush()).sent == 0
         assert tb.outbox.pending() == []
     assert len(await server.conversations(agent)) == 1
+
+
+def test_sync_identify_logout_and_persisted_login(live: Live, tmp_path: Path) -> None:
+    app = live.create_app()
+
+    def signed(sub: str) -> str:
+        return identity_token(app["identity_secret"], sub, kid=app["identity_kid"])
+
+    with Client(live.url, app["app_key"], data_dir=tmp_path, retry_policy=FAST) as tb:
+        conv = tb.conversations.create("anonymous, then merged")
+        tb.identify(signed("sync-user"))
+    # A restart without a token keeps the login (the app calls logout() to end it).
+    with Client(live.url, app["app_key"], data_dir=tmp_path, retry_policy=FAST) as tb:
+        assert tb.me.get().external_id == "sync-user"
+        assert [c.id for c in tb.conversations.list()] == [conv.id]
+        tb.logout()
+        assert tb.me.get().external_id is None
+        assert list(tb.conversations.list()) == []
