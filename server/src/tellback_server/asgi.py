@@ -26,6 +26,11 @@ from tellback_server.domain.conversations.controllers import (
     AgentConversationsController,
     ClientConversationsController,
 )
+from tellback_server.domain.events.broker import EventBroker
+from tellback_server.domain.events.controllers import (
+    AgentEventsController,
+    ClientEventsController,
+)
 from tellback_server.domain.identity.controllers import MeController, SessionsController
 from tellback_server.domain.ops.controllers import healthz, metrics, readyz
 from tellback_server.domain.push.controllers import (
@@ -35,12 +40,14 @@ from tellback_server.domain.push.controllers import (
 )
 from tellback_server.domain.push.delivery import close_clients
 from tellback_server.domain.users.controllers import AdminUsersController
+from tellback_server.domain.webhooks.controllers import AdminWebhooksController
+from tellback_server.domain.webhooks.delivery import close_http_client
 from tellback_server.http.deps import DEPENDENCIES
 from tellback_server.http.errors import exception_handlers
 from tellback_server.http.middleware import request_id_middleware
 from tellback_server.jobs.notify import JobNotifier
 from tellback_server.jobs.registry import JobRegistry
-from tellback_server.jobs.worker import Worker
+from tellback_server.jobs.worker import Worker, asyncpg_dsn
 from tellback_server.metrics import Metrics
 from tellback_server.security import Sealer
 from tellback_server.settings import Settings
@@ -60,13 +67,17 @@ def build_state(settings: Settings) -> AppState:
     db = Database(settings)
     notifier = JobNotifier()
     notifier.install_commit_hook(db.session_class)
+    metrics = Metrics()
+    events = EventBroker(metrics)
+    events.install_commit_hook(db.session_class)
     return AppState(
         settings=settings,
         db=db,
-        metrics=Metrics(),
+        metrics=metrics,
         sealer=Sealer(settings.secret_key),
         notifier=notifier,
         store=build_store(settings),
+        events=events,
     )
 
 
@@ -116,14 +127,24 @@ def create_app(
             log.exception("storage.not_ready", error=str(exc))
         if run_worker:
             task = asyncio.create_task(Worker(app_state, registry).run(stop))
+        listener = None
+        if not app_state.db.is_sqlite:
+            dsn = asyncpg_dsn(app_state.db.url)
+            listener = asyncio.create_task(app_state.events.listen_postgres(app_state.db, dsn))
         try:
             yield
         finally:
+            app_state.events.close()
+            if listener is not None:
+                listener.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await listener
             stop.set()
             if task is not None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait_for(task, timeout=15)
             await close_clients(app_state)
+            await close_http_client(app_state)
             await app_state.db.dispose()
 
     app = Litestar(
@@ -145,6 +166,9 @@ def create_app(
             ClientDevicesController,
             AgentDevicesController,
             AdminPushController,
+            ClientEventsController,
+            AgentEventsController,
+            AdminWebhooksController,
         ],
         dependencies=DEPENDENCIES,
         exception_handlers=exception_handlers(),

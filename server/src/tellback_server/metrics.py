@@ -31,6 +31,16 @@ class Metrics:
             "tellback_jobs_queued", "Jobs waiting to run, by kind", ["kind"], registry=self.registry
         )
 
+        self.sse_streams = Gauge(
+            "tellback_sse_streams", "Open live event streams", registry=self.registry
+        )
+        self.webhooks = Counter(
+            "tellback_webhook_attempts_total",
+            "Webhook delivery attempts by outcome (succeeded, retried, failed, refused)",
+            ["outcome"],
+            registry=self.registry,
+        )
+
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()
         self.latency.labels(method, route).observe(seconds)

@@ -56,6 +56,8 @@ class Settings:
     worker_concurrency: int = 4
     worker_poll_seconds: float = 5.0
     job_lease_seconds: int = 60
+    sse_heartbeat_seconds: float = 15.0
+    webhook_timeout_seconds: float = 10.0
 
     @property
     def is_sqlite(self) -> bool:
@@ -216,6 +218,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         worker_concurrency=env.get("WORKER_CONCURRENCY", _int_in(1, 256), 4),
         worker_poll_seconds=env.get("WORKER_POLL_SECONDS", _positive_float, 5.0),
         job_lease_seconds=env.get("JOB_LEASE_SECONDS", _int_in(5, 3600), 60),
+        sse_heartbeat_seconds=env.get("SSE_HEARTBEAT_SECONDS", _positive_float, 15.0),
+        webhook_timeout_seconds=env.get("WEBHOOK_TIMEOUT_SECONDS", _positive_float, 10.0),
     )
 
 

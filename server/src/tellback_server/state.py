@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tellback_server.db.engine import Database
+from tellback_server.domain.events.broker import EventBroker
 from tellback_server.jobs.notify import JobNotifier
 from tellback_server.metrics import Metrics
 from tellback_server.ratelimit import RateLimiter
@@ -22,6 +23,7 @@ class AppState:
     sealer: Sealer
     notifier: JobNotifier
     store: ObjectStore
+    events: EventBroker
     limiter: RateLimiter = field(default_factory=RateLimiter)
     # Per-process caches owned by capabilities (e.g. open push clients).
     extras: dict[str, Any] = field(default_factory=dict)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
@@ -16,6 +15,7 @@ import uvicorn
 from sqlalchemy import func, select
 
 from tellback_server.cli.dev import dev
+from tellback_server.http.server import Server
 from tellback_server.logging import configure_logging
 from tellback_server.settings import Settings, SettingsError, load_settings, resolve_secret_key
 
@@ -198,30 +198,13 @@ def serve(
             database="sqlite" if settings.is_sqlite else "postgresql",
             worker=not no_worker,
         )
-        server = _Server(config)
+        server = Server(config, on_stop=app.state["tb"].events.close)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, server.request_exit)
         await server.serve()
 
     _run(start)
-
-
-class _Server(uvicorn.Server):
-    """uvicorn's server, minus its re-raise of SIGTERM after shutdown.
-
-    A graceful stop on SIGTERM/SIGINT then exits with status 0, which is what
-    process managers expect of a clean shutdown; a second signal forces exit.
-    """
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-    def request_exit(self) -> None:
-        if self.should_exit:
-            self.force_exit = True
-        self.should_exit = True
 
 
 @main.command()

@@ -9,6 +9,7 @@ writers of this process from busy-waiting on each other. Readers never block.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -67,8 +68,13 @@ class Database:
             _configure_sqlite(self.engine)
         # A Session subclass of our own, so commit hooks (job wake-ups) stay per process/app.
         self.session_class: type[Session] = type("TellbackSession", (Session,), {})
+        # Names this process's sessions in cross-process notifications (events).
+        self.instance = uuid.uuid4().hex[:16]
         self.sessionmaker = async_sessionmaker(
-            self.engine, expire_on_commit=False, sync_session_class=self.session_class
+            self.engine,
+            expire_on_commit=False,
+            sync_session_class=self.session_class,
+            info={"instance": self.instance},
         )
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
 

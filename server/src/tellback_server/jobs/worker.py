@@ -87,7 +87,7 @@ class Worker:
         listener: asyncio.Task[None] | None = None
         if not self.state.db.is_sqlite:
             listener = asyncio.create_task(
-                self.state.notifier.listen_postgres(_asyncpg_dsn(self.state.db.url), NOTIFY_CHANNEL)
+                self.state.notifier.listen_postgres(asyncpg_dsn(self.state.db.url), NOTIFY_CHANNEL)
             )
         stop_waiter = asyncio.create_task(stop.wait())
         try:
@@ -309,5 +309,5 @@ class Worker:
             log.warning("jobs.maintenance_failed", error_type=type(exc).__name__)
 
 
-def _asyncpg_dsn(url: str) -> str:
+def asyncpg_dsn(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)

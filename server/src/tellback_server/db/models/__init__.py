@@ -3,6 +3,12 @@
 from tellback_server.db.models.agents import Agent, AgentApp
 from tellback_server.db.models.apps import AdminToken, App, AppIdentitySecret
 from tellback_server.db.models.conversations import Attachment, Conversation, Message
+from tellback_server.db.models.events import (
+    Event,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+)
 from tellback_server.db.models.identity import ClientSession, EndUser, Installation
 from tellback_server.db.models.ops import IdempotencyKey, Job
 from tellback_server.db.models.push import Device, PushCredential, PushDelivery
@@ -18,10 +24,14 @@ __all__ = [
     "Conversation",
     "Device",
     "EndUser",
+    "Event",
     "IdempotencyKey",
     "Installation",
     "Job",
     "Message",
     "PushCredential",
     "PushDelivery",
+    "WebhookAttempt",
+    "WebhookDelivery",
+    "WebhookEndpoint",
 ]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Sequence
-from typing import Any
 from uuid import UUID
 
 import msgspec
@@ -25,7 +24,6 @@ from tellback_server.db.models import (
     Message,
 )
 from tellback_server.domain.apps.services import parse_settings
-from tellback_server.domain.attachments.schemas import AttachmentOut
 from tellback_server.domain.attachments.services import AttachmentService
 from tellback_server.domain.conversations.rules import (
     clean_body,
@@ -39,7 +37,6 @@ from tellback_server.domain.conversations.schemas import (
     AgentConversationDetail,
     AgentMessageCreate,
     AgentMessageOut,
-    Author,
     ConversationCreate,
     ConversationOut,
     ConversationUpdate,
@@ -48,7 +45,15 @@ from tellback_server.domain.conversations.schemas import (
     MessageOut,
     UnreadOut,
 )
-from tellback_server.domain.identity.services import user_out
+from tellback_server.domain.conversations.views import (
+    Related,
+    agent_conversation_out,
+    agent_message_out,
+    client_conversation_out,
+    location_of,
+    message_out,
+)
+from tellback_server.domain.events.records import EventDraft, emit
 from tellback_server.domain.push.delivery import queue_fanout
 from tellback_server.http.deps import AgentPrincipal, ClientPrincipal
 from tellback_server.http.errors import AppError, NotFound, ValidationFailed
@@ -65,67 +70,9 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _location(raw: dict[str, Any] | None) -> Location | None:
-    return msgspec.convert(raw, Location) if raw else None
-
-
 def _like(q: str) -> str:
     escaped = q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return f"%{escaped}%"
-
-
-class _Related:
-    """Batch lookup of what messages point at: author names and attachments."""
-
-    def __init__(self, db: AsyncSession, attachments: AttachmentService) -> None:
-        self.db = db
-        self.attachment_service = attachments
-        self.users: dict[UUID, str | None] = {}
-        self.agents: dict[UUID, str | None] = {}
-        self.attachments: dict[UUID, list[AttachmentOut]] = {}
-
-    async def load(self, messages: Iterable[Message]) -> None:
-        messages = list(messages)
-        with_files = [m.id for m in messages if m.attachment_ids and m.id not in self.attachments]
-        self.attachments.update(await self.attachment_service.for_messages(with_files))
-        user_ids = {m.author_user_id for m in messages if m.author_user_id} - self.users.keys()
-        agent_ids = {m.author_agent_id for m in messages if m.author_agent_id} - self.agents.keys()
-        if user_ids:
-            rows = await self.db.execute(
-                select(EndUser.id, EndUser.name).where(EndUser.id.in_(user_ids))
-            )
-            self.users.update({r.id: r.name for r in rows})
-        if agent_ids:
-            rows = await self.db.execute(
-                select(Agent.id, Agent.name).where(Agent.id.in_(agent_ids))
-            )
-            self.agents.update({r.id: r.name for r in rows})
-
-    def author(self, m: Message) -> Author:
-        if m.author_type == "agent" and m.author_agent_id is not None:
-            return Author(
-                type="agent", id=m.author_agent_id, name=self.agents.get(m.author_agent_id)
-            )
-        if m.author_type == "user" and m.author_user_id is not None:
-            return Author(type="user", id=m.author_user_id, name=self.users.get(m.author_user_id))
-        return Author(type="system", id=None, name=None)
-
-
-def _message_out(m: Message, authors: _Related) -> MessageOut:
-    return MessageOut(
-        id=m.id,
-        conversation_id=m.conversation_id,
-        author=authors.author(m),
-        body=m.body,
-        attachments=authors.attachments.get(m.id, []),
-        location=_location(m.location),
-        created_at=m.created_at,
-    )
-
-
-def _agent_message_out(m: Message, authors: _Related) -> AgentMessageOut:
-    base = _message_out(m, authors)
-    return AgentMessageOut(**msgspec.structs.asdict(base), internal=m.internal)
 
 
 class ConversationService:
@@ -209,28 +156,111 @@ class ConversationService:
 
     async def _client_outs(self, convs: Sequence[Conversation]) -> list[ConversationOut]:
         last = await self._messages_by_id(c.last_public_message_id for c in convs)
-        authors = _Related(self.db, self.attachments)
+        authors = Related(self.db, self.attachments)
         await authors.load(last.values())
         return [
-            ConversationOut(
-                id=c.id,
-                status=c.status,  # type: ignore[arg-type]
-                subject=c.subject,
-                category=c.category,
-                tags=list(c.tags or []),
-                custom_fields=dict(c.custom_fields or {}),
-                location=_location(c.location),
-                created_at=c.created_at,
-                updated_at=c.public_activity_at,
-                last_message=(
-                    _message_out(last[c.last_public_message_id], authors)
-                    if c.last_public_message_id in last
-                    else None
-                ),
-                unread_count=c.user_unread_count,
-            )
+            client_conversation_out(c, last.get(c.last_public_message_id), authors)  # type: ignore[arg-type]
             for c in convs
         ]
+
+    async def _views(
+        self, conv: Conversation, message: Message, agent_name: str | None
+    ) -> tuple[Related, EndUser]:
+        """What the events about ``message`` need, in at most two lookups."""
+        end_user = await self.db.get(EndUser, conv.end_user_id)
+        assert end_user is not None  # conversations go with their user
+        authors = Related(self.db, self.attachments)
+        authors.users[end_user.id] = end_user.name
+        if message.author_agent_id is not None and agent_name is not None:
+            authors.agents[message.author_agent_id] = agent_name  # known from the token
+        await authors.load([message])
+        return authors, end_user
+
+    async def _last_public(self, conv: Conversation, message: Message) -> Message | None:
+        if conv.last_public_message_id == message.id:
+            return message
+        return (await self._messages_by_id([conv.last_public_message_id])).get(
+            conv.last_public_message_id  # type: ignore[arg-type]
+        )
+
+    async def _user_unread_total(self, app_id: UUID, end_user_id: UUID) -> int:
+        total = await self.db.scalar(
+            select(func.coalesce(func.sum(Conversation.user_unread_count), 0)).where(
+                Conversation.app_id == app_id, Conversation.end_user_id == end_user_id
+            )
+        )
+        return int(total or 0)
+
+    async def _message_events(
+        self,
+        conv: Conversation,
+        message: Message,
+        *,
+        created: bool = False,
+        status_changed: bool = False,
+        unread_changed: bool = False,
+        agent_name: str | None = None,
+    ) -> tuple[Related, EndUser]:
+        """Events for a new message: one row per type, with the agent and the user's view."""
+        authors, user = await self._views(conv, message, agent_name)
+        agent_conv = agent_conversation_out(conv, message, authors, user)
+        agent_msg = agent_message_out(message, authors)
+        client_conv = None
+        if not message.internal or created or status_changed:
+            last = await self._last_public(conv, message)
+            client_conv = client_conversation_out(conv, last, authors)
+        client_msg = None if message.internal else message_out(message, authors)
+        drafts: list[EventDraft] = []
+        if created:
+            drafts.append(
+                EventDraft(
+                    "conversation.created",
+                    conv.id,
+                    conv.end_user_id,
+                    {"conversation": agent_conv, "message": agent_msg},
+                    {"conversation": client_conv, "message": client_msg},
+                )
+            )
+        else:
+            drafts.append(
+                EventDraft(
+                    "message.created",
+                    conv.id,
+                    conv.end_user_id,
+                    {"conversation": agent_conv, "message": agent_msg},
+                    None
+                    if client_msg is None
+                    else {"conversation": client_conv, "message": client_msg},
+                )
+            )
+        if status_changed:
+            drafts.append(
+                EventDraft(
+                    "conversation.updated",
+                    conv.id,
+                    conv.end_user_id,
+                    {"conversation": agent_conv},
+                    {"conversation": client_conv},
+                )
+            )
+        if unread_changed:
+            drafts.append(await self._unread_draft(conv))
+        await emit(self.db, conv.app_id, drafts)
+        return authors, user
+
+    async def _unread_draft(self, conv: Conversation) -> EventDraft:
+        total = await self._user_unread_total(conv.app_id, conv.end_user_id)
+        return EventDraft(
+            "unread.changed",
+            conv.id,
+            conv.end_user_id,
+            None,
+            {
+                "unread_count": total,
+                "conversation_id": conv.id,
+                "conversation_unread_count": conv.user_unread_count,
+            },
+        )
 
     async def client_create(
         self, client: ClientPrincipal, data: ConversationCreate
@@ -275,7 +305,8 @@ class ConversationService:
             now=now,
         )
         await queue_fanout(self.db, message.id, "agents")
-        return (await self._client_outs([conv]))[0]
+        authors, _ = await self._message_events(conv, message, created=True)
+        return client_conversation_out(conv, message, authors)
 
     async def client_list(
         self, client: ClientPrincipal, cursor: str | None, limit: int
@@ -302,9 +333,9 @@ class ConversationService:
     ) -> Page[MessageOut]:
         conv = await self._client_conv(client, conv_id)
         rows, nxt = await self._messages_page(conv.id, cursor, limit, include_internal=False)
-        authors = _Related(self.db, self.attachments)
+        authors = Related(self.db, self.attachments)
         await authors.load(rows)
-        return Page(items=[_message_out(m, authors) for m in rows], next_cursor=nxt)
+        return Page(items=[message_out(m, authors) for m in rows], next_cursor=nxt)
 
     async def client_add_message(
         self, client: ClientPrincipal, conv_id: UUID, data: MessageCreate
@@ -330,13 +361,13 @@ class ConversationService:
             location=data.location,
             now=now,
         )
-        if conv.status in {"pending", "solved"}:
+        reopened = conv.status in {"pending", "solved"}
+        if reopened:
             conv.status = "open"
         conv.agent_unread_count += 1
         await queue_fanout(self.db, message.id, "agents")
-        authors = _Related(self.db, self.attachments)
-        await authors.load([message])
-        return _message_out(message, authors)
+        authors, _ = await self._message_events(conv, message, status_changed=reopened)
+        return message_out(message, authors)
 
     async def client_read(self, client: ClientPrincipal, conv_id: UUID, message_id: UUID) -> None:
         conv = await self._client_conv(client, conv_id, lock=True)
@@ -365,14 +396,12 @@ class ConversationService:
             )
             or 0
         )
+        await emit(self.db, conv.app_id, [await self._unread_draft(conv)])
 
     async def client_unread(self, client: ClientPrincipal) -> UnreadOut:
-        total = await self.db.scalar(
-            select(func.coalesce(func.sum(Conversation.user_unread_count), 0)).where(
-                Conversation.app_id == client.app_id, Conversation.end_user_id == client.end_user_id
-            )
+        return UnreadOut(
+            unread_count=await self._user_unread_total(client.app_id, client.end_user_id)
         )
-        return UnreadOut(unread_count=int(total or 0))
 
     # ----- agents -------------------------------------------------------------------------
 
@@ -393,7 +422,7 @@ class ConversationService:
 
     async def _agent_outs(self, convs: Sequence[Conversation]) -> list[AgentConversation]:
         last = await self._messages_by_id(c.last_message_id for c in convs)
-        authors = _Related(self.db, self.attachments)
+        authors = Related(self.db, self.attachments)
         await authors.load(last.values())
         users = (
             {
@@ -406,27 +435,7 @@ class ConversationService:
             else {}
         )
         return [
-            AgentConversation(
-                id=c.id,
-                app_id=c.app_id,
-                status=c.status,  # type: ignore[arg-type]
-                priority=c.priority,  # type: ignore[arg-type]
-                subject=c.subject,
-                category=c.category,
-                tags=list(c.tags or []),
-                assignee_id=c.assignee_id,
-                end_user=user_out(users[c.end_user_id]),
-                last_message=(
-                    _agent_message_out(last[c.last_message_id], authors)
-                    if c.last_message_id in last
-                    else None
-                ),
-                message_count=c.message_count,
-                unread_count=c.agent_unread_count,
-                created_at=c.created_at,
-                updated_at=c.updated_at,
-                last_activity_at=c.last_activity_at,
-            )
+            agent_conversation_out(c, last.get(c.last_message_id), authors, users[c.end_user_id])  # type: ignore[arg-type]
             for c in convs
         ]
 
@@ -472,14 +481,14 @@ class ConversationService:
         conv = await self._agent_conv(agent, conv_id)
         summary = (await self._agent_outs([conv]))[0]
         rows, nxt = await self._messages_page(conv.id, None, DETAIL_MESSAGES, include_internal=True)
-        authors = _Related(self.db, self.attachments)
+        authors = Related(self.db, self.attachments)
         await authors.load(rows)
         return AgentConversationDetail(
             **msgspec.structs.asdict(summary),
             custom_fields=dict(conv.custom_fields or {}),
             context=dict(conv.context or {}),
-            location=_location(conv.location),
-            messages=[_agent_message_out(m, authors) for m in rows],
+            location=location_of(conv.location),
+            messages=[agent_message_out(m, authors) for m in rows],
             messages_next_cursor=nxt,
         )
 
@@ -488,9 +497,9 @@ class ConversationService:
     ) -> Page[AgentMessageOut]:
         conv = await self._agent_conv(agent, conv_id)
         rows, nxt = await self._messages_page(conv.id, cursor, limit, include_internal=True)
-        authors = _Related(self.db, self.attachments)
+        authors = Related(self.db, self.attachments)
         await authors.load(rows)
-        return Page(items=[_agent_message_out(m, authors) for m in rows], next_cursor=nxt)
+        return Page(items=[agent_message_out(m, authors) for m in rows], next_cursor=nxt)
 
     async def agent_reply(
         self, agent: AgentPrincipal, conv_id: UUID, data: AgentMessageCreate
@@ -510,16 +519,22 @@ class ConversationService:
             internal=data.internal,
             now=now,
         )
+        answered = False
         if not data.internal:
             await queue_fanout(self.db, message.id, "user")
             conv.user_unread_count += 1
             conv.agent_unread_count = 0
-            if conv.status == "open":
+            answered = conv.status == "open"
+            if answered:
                 conv.status = "pending"
-        authors = _Related(self.db, self.attachments)
-        authors.agents[agent.agent_id] = agent.name  # known from the token: no lookup
-        await authors.load([message])
-        return _agent_message_out(message, authors)
+        authors, _ = await self._message_events(
+            conv,
+            message,
+            status_changed=answered,
+            unread_changed=not data.internal,
+            agent_name=agent.name,
+        )
+        return agent_message_out(message, authors)
 
     async def agent_update(
         self, agent: AgentPrincipal, conv_id: UUID, data: ConversationUpdate
@@ -547,7 +562,22 @@ class ConversationService:
             conv.priority = data.priority
         conv.updated_at = _now()
         await self.db.flush()
-        return (await self._agent_outs([conv]))[0]
+        out = (await self._agent_outs([conv]))[0]
+        client_out = (await self._client_outs([conv]))[0]
+        await emit(
+            self.db,
+            conv.app_id,
+            [
+                EventDraft(
+                    "conversation.updated",
+                    conv.id,
+                    conv.end_user_id,
+                    {"conversation": out},
+                    {"conversation": client_out},
+                )
+            ],
+        )
+        return out
 
     async def agent_read(self, agent: AgentPrincipal, conv_id: UUID) -> None:
         conv = await self._agent_conv(agent, conv_id)

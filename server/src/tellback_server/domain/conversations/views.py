@@ -1,0 +1,122 @@
+"""Wire views of conversations and messages, built from ORM rows with batched lookups."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+from uuid import UUID
+
+import msgspec
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from tellback_server.db.models import Agent, Conversation, EndUser, Message
+from tellback_server.domain.attachments.schemas import AttachmentOut
+from tellback_server.domain.attachments.services import AttachmentService
+from tellback_server.domain.conversations.schemas import (
+    AgentConversation,
+    AgentMessageOut,
+    Author,
+    ConversationOut,
+    Location,
+    MessageOut,
+)
+from tellback_server.domain.identity.services import user_out
+
+
+def location_of(raw: dict[str, Any] | None) -> Location | None:
+    return msgspec.convert(raw, Location) if raw else None
+
+
+class Related:
+    """Batch lookup of what messages point at: author names and attachments."""
+
+    def __init__(self, db: AsyncSession, attachments: AttachmentService) -> None:
+        self.db = db
+        self.attachment_service = attachments
+        self.users: dict[UUID, str | None] = {}
+        self.agents: dict[UUID, str | None] = {}
+        self.attachments: dict[UUID, list[AttachmentOut]] = {}
+
+    async def load(self, messages: Iterable[Message]) -> None:
+        messages = list(messages)
+        with_files = [m.id for m in messages if m.attachment_ids and m.id not in self.attachments]
+        self.attachments.update(await self.attachment_service.for_messages(with_files))
+        user_ids = {m.author_user_id for m in messages if m.author_user_id} - self.users.keys()
+        agent_ids = {m.author_agent_id for m in messages if m.author_agent_id} - self.agents.keys()
+        if user_ids:
+            rows = await self.db.execute(
+                select(EndUser.id, EndUser.name).where(EndUser.id.in_(user_ids))
+            )
+            self.users.update({r.id: r.name for r in rows})
+        if agent_ids:
+            rows = await self.db.execute(
+                select(Agent.id, Agent.name).where(Agent.id.in_(agent_ids))
+            )
+            self.agents.update({r.id: r.name for r in rows})
+
+    def author(self, m: Message) -> Author:
+        if m.author_type == "agent" and m.author_agent_id is not None:
+            return Author(
+                type="agent", id=m.author_agent_id, name=self.agents.get(m.author_agent_id)
+            )
+        if m.author_type == "user" and m.author_user_id is not None:
+            return Author(type="user", id=m.author_user_id, name=self.users.get(m.author_user_id))
+        return Author(type="system", id=None, name=None)
+
+
+def message_out(m: Message, authors: Related) -> MessageOut:
+    return MessageOut(
+        id=m.id,
+        conversation_id=m.conversation_id,
+        author=authors.author(m),
+        body=m.body,
+        attachments=authors.attachments.get(m.id, []),
+        location=location_of(m.location),
+        created_at=m.created_at,
+    )
+
+
+def agent_message_out(m: Message, authors: Related) -> AgentMessageOut:
+    base = message_out(m, authors)
+    return AgentMessageOut(**msgspec.structs.asdict(base), internal=m.internal)
+
+
+def client_conversation_out(
+    c: Conversation, last: Message | None, authors: Related
+) -> ConversationOut:
+    return ConversationOut(
+        id=c.id,
+        status=c.status,  # type: ignore[arg-type]
+        subject=c.subject,
+        category=c.category,
+        tags=list(c.tags or []),
+        custom_fields=dict(c.custom_fields or {}),
+        location=location_of(c.location),
+        created_at=c.created_at,
+        updated_at=c.public_activity_at,
+        last_message=message_out(last, authors) if last is not None else None,
+        unread_count=c.user_unread_count,
+    )
+
+
+def agent_conversation_out(
+    c: Conversation, last: Message | None, authors: Related, user: EndUser
+) -> AgentConversation:
+    return AgentConversation(
+        id=c.id,
+        app_id=c.app_id,
+        status=c.status,  # type: ignore[arg-type]
+        priority=c.priority,  # type: ignore[arg-type]
+        subject=c.subject,
+        category=c.category,
+        tags=list(c.tags or []),
+        assignee_id=c.assignee_id,
+        end_user=user_out(user),
+        last_message=agent_message_out(last, authors) if last is not None else None,
+        message_count=c.message_count,
+        unread_count=c.agent_unread_count,
+        created_at=c.created_at,
+        updated_at=c.updated_at,
+        last_activity_at=c.last_activity_at,
+    )

@@ -1,0 +1,200 @@
+"""The events broker: committed events to the live streams of this process.
+
+Events committed by this process are published from the SQLAlchemy
+``after_commit`` hook. With PostgreSQL, every transaction that wrote events
+also sent ``NOTIFY tellback_events, '<instance>:<ids>'``; PostgreSQL delivers
+it at commit to every process, and each broker (except the writer's own)
+loads those rows and publishes them. So an event committed by one
+``tellback serve`` reaches a stream held by another.
+
+A stream that cannot keep up (its queue fills) is closed rather than allowed to
+grow: the client reconnects with ``Last-Event-ID`` and replays from the
+database, so a slow reader costs memory of its own bounded queue only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import structlog
+from sqlalchemy import event, select
+from sqlalchemy.orm import Session
+
+from tellback_server.db.engine import Database
+from tellback_server.db.models import Event
+from tellback_server.domain.events.records import (
+    EVENT_COLUMNS,
+    NOTIFY_CHANNEL,
+    PENDING_KEY,
+    EventRecord,
+)
+from tellback_server.metrics import Metrics
+
+log = structlog.get_logger("tellback.events")
+
+QUEUE_SIZE = 256
+
+
+class Subscription:
+    """One live stream's mailbox. ``None`` in the queue means: end the stream."""
+
+    def __init__(self, *, client: bool, key: UUID, app_ids: frozenset[UUID]) -> None:
+        self.client = client
+        self.key = key  # the end user (client streams) or the agent
+        self.app_ids = app_ids
+        self.queue: asyncio.Queue[EventRecord | None] = asyncio.Queue(QUEUE_SIZE)
+        self.ended = False
+
+    def offer(self, record: EventRecord) -> None:
+        if self.ended:
+            return
+        try:
+            self.queue.put_nowait(record)
+        except asyncio.QueueFull:
+            log.warning("events.stream_overflow", client=self.client)
+            self.end()
+
+    def end(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        # Make room for the end marker: the stream stops, the client replays on reconnect.
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.queue.put_nowait(None)
+
+
+class EventBroker:
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self._by_user: dict[UUID, set[Subscription]] = defaultdict(set)
+        self._by_app: dict[UUID, set[Subscription]] = defaultdict(set)
+        self._count = 0
+        self.closed = False
+        self.metrics = metrics
+
+    @property
+    def subscriptions(self) -> int:
+        return self._count
+
+    def subscribe_client(self, app_id: UUID, end_user_id: UUID) -> Subscription:
+        sub = Subscription(client=True, key=end_user_id, app_ids=frozenset({app_id}))
+        self._by_user[end_user_id].add(sub)
+        return self._added(sub)
+
+    def subscribe_agent(self, agent_id: UUID, app_ids: frozenset[UUID]) -> Subscription:
+        sub = Subscription(client=False, key=agent_id, app_ids=app_ids)
+        for app_id in app_ids:
+            self._by_app[app_id].add(sub)
+        return self._added(sub)
+
+    def _added(self, sub: Subscription) -> Subscription:
+        self._count += 1
+        if self.closed:
+            sub.end()
+        self._gauge()
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        index = self._by_user if sub.client else self._by_app
+        keys = [sub.key] if sub.client else list(sub.app_ids)
+        for key in keys:
+            subs = index.get(key)
+            if subs is not None and sub in subs:
+                subs.discard(sub)
+                if not subs:
+                    del index[key]
+        self._count -= 1
+        self._gauge()
+
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.sse_streams.set(self._count)
+
+    def publish(self, records: Iterable[EventRecord]) -> None:
+        for record in records:
+            if record.client_data is not None and record.end_user_id is not None:
+                for sub in tuple(self._by_user.get(record.end_user_id, ())):
+                    if record.app_id in sub.app_ids:
+                        sub.offer(record)
+            if record.data is not None:
+                for sub in tuple(self._by_app.get(record.app_id, ())):
+                    sub.offer(record)
+
+    def close(self) -> None:
+        """End every stream (server shutdown): each closes cleanly, clients reconnect elsewhere."""
+        self.closed = True
+        self.end_all()
+
+    def end_all(self) -> None:
+        for subs in (*self._by_user.values(), *self._by_app.values()):
+            for sub in tuple(subs):
+                sub.end()
+
+    def install_commit_hook(self, session_class: type[Session]) -> None:
+        @event.listens_for(session_class, "after_commit")
+        def _after_commit(session: Session) -> None:
+            records = session.info.pop(PENDING_KEY, None)
+            if records:
+                self.publish(records)
+
+        @event.listens_for(session_class, "after_rollback")
+        def _after_rollback(session: Session) -> None:
+            session.info.pop(PENDING_KEY, None)
+
+    async def listen_postgres(self, db: Database, dsn: str) -> None:
+        """Hold a LISTEN connection; publish events other processes committed."""
+        backoff = 1.0
+        while True:
+            try:
+                conn = await asyncpg.connect(dsn)
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("events.listen_failed", error_type=type(exc).__name__, retry_in=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            backoff = 1.0
+            lost = asyncio.Event()
+            pending: asyncio.Queue[list[int]] = asyncio.Queue()
+
+            def on_notify(*args: Any, pending: asyncio.Queue[list[int]] = pending) -> None:
+                instance, _, ids = str(args[3]).partition(":")
+                if instance != db.instance and ids:
+                    pending.put_nowait([int(i) for i in ids.split(",")])
+
+            loader = asyncio.create_task(self._load_loop(db, pending))
+            try:
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await conn.add_listener(NOTIFY_CHANNEL, on_notify)
+                await lost.wait()
+                # Events committed while we were not listening never reach these streams;
+                # ending them makes their clients reconnect and replay from the database.
+                log.warning("events.listen_connection_lost")
+                self.end_all()
+            finally:
+                loader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loader
+                with contextlib.suppress(Exception):
+                    await conn.close()
+
+    async def _load_loop(self, db: Database, pending: asyncio.Queue[list[int]]) -> None:
+        while True:
+            ids = await pending.get()
+            while not pending.empty():  # one query for everything that arrived meanwhile
+                ids.extend(pending.get_nowait())
+            try:
+                async with db.session(write=False) as session:
+                    rows = await session.execute(
+                        select(*EVENT_COLUMNS).where(Event.id.in_(ids)).order_by(Event.id)
+                    )
+                    records = [EventRecord.from_row(r) for r in rows]
+            except Exception as exc:  # noqa: BLE001 (streams recover by replay on reconnect)
+                log.warning("events.load_failed", error_type=type(exc).__name__)
+                continue
+            self.publish(records)

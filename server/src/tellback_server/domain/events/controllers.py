@@ -1,0 +1,166 @@
+"""``GET /v1/client/events`` and ``GET /v1/agent/events``: Server-Sent Events.
+
+Neither handler takes the request transaction: a stream lives for hours and
+must not hold a database connection (or SQLite's writer lock). Replay and the
+periodic credential re-check use short sessions of their own.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any
+
+from litestar import Controller, Request, get
+from litestar.di import NamedDependency
+from litestar.params import QueryParameter
+from litestar.response import Stream
+from sqlalchemy import select
+
+from tellback_server.db.models import Agent, AgentApp, ClientSession
+from tellback_server.domain.events.records import EventRecord
+from tellback_server.domain.events.streams import (
+    agent_scope,
+    client_scope,
+    parse_last_event_id,
+    replay,
+    stream,
+)
+from tellback_server.http.deps import (
+    AGENT,
+    AGENT_GUARDS,
+    CLIENT,
+    CLIENT_GUARDS,
+    AgentPrincipal,
+    ClientPrincipal,
+    app_state,
+)
+
+_HEADERS = {
+    "Cache-Control": "no-cache, no-transform",
+    # Tell nginx-style proxies not to buffer the stream.
+    "X-Accel-Buffering": "no",
+}
+_DOC = (
+    "Server-Sent Events (`text/event-stream`). Each event has `id:`, `event:` (its type) "
+    "and `data:` (JSON `{id, type, timestamp, data}`). Resume with the `Last-Event-ID` "
+    "header (or `last_event_id` query parameter); a comment heartbeat comes at least "
+    "every 20 s; an `event: reset` means events were missed beyond the replay window "
+    "and the client should reload."
+)
+
+_LastEventId = Annotated[
+    str | None,
+    QueryParameter(description="for clients that cannot send the Last-Event-ID header"),
+]
+
+
+def _last_id(request: Request[Any, Any, Any], query: str | None) -> int | None:
+    return parse_last_event_id(request.headers.get("last-event-id") or query)
+
+
+def _response(content: Any) -> Stream:
+    return Stream(content=content, media_type="text/event-stream", headers=_HEADERS)
+
+
+class ClientEventsController(Controller):
+    path = "/v1/client/events"
+    tags = ["client"]
+    security = [{"sessionToken": []}]
+    dependencies = CLIENT
+    guards = CLIENT_GUARDS
+
+    @get(summary="Live events for this end user", description=_DOC, media_type="text/event-stream")
+    async def events(
+        self,
+        request: Request[Any, Any, Any],
+        client: NamedDependency[ClientPrincipal],
+        last_event_id: _LastEventId = None,
+    ) -> Stream:
+        state = app_state(request)
+        last = _last_id(request, last_event_id)
+        broker = state.events
+        sub = broker.subscribe_client(client.app_id, client.end_user_id)
+        backlog: list[EventRecord] = []
+        reset = None
+        try:
+            if last is not None:
+                scope = client_scope(client.app_id, client.end_user_id)
+                backlog, reset = await replay(state.db, scope, last)
+        except BaseException:
+            broker.unsubscribe(sub)
+            raise
+
+        async def still_valid() -> bool:
+            async with state.db.session(write=False) as db:
+                expires = await db.scalar(
+                    select(ClientSession.expires_at).where(
+                        ClientSession.id == client.session_id, ClientSession.revoked_at.is_(None)
+                    )
+                )
+            return expires is not None and expires > dt.datetime.now(dt.UTC)
+
+        return _response(
+            stream(
+                broker,
+                sub,
+                backlog,
+                reset,
+                heartbeat_s=state.settings.sse_heartbeat_seconds,
+                recheck=still_valid,
+            )
+        )
+
+
+class AgentEventsController(Controller):
+    path = "/v1/agent/events"
+    tags = ["agent"]
+    security = [{"agentToken": []}]
+    dependencies = AGENT
+    guards = AGENT_GUARDS
+
+    @get(
+        summary="Live events for all the agent's apps",
+        description=_DOC,
+        media_type="text/event-stream",
+    )
+    async def events(
+        self,
+        request: Request[Any, Any, Any],
+        agent: NamedDependency[AgentPrincipal],
+        last_event_id: _LastEventId = None,
+    ) -> Stream:
+        state = app_state(request)
+        last = _last_id(request, last_event_id)
+        broker = state.events
+        sub = broker.subscribe_agent(agent.agent_id, agent.app_ids)
+        backlog: list[EventRecord] = []
+        reset = None
+        try:
+            if last is not None and agent.app_ids:
+                backlog, reset = await replay(state.db, agent_scope(agent.app_ids), last)
+        except BaseException:
+            broker.unsubscribe(sub)
+            raise
+
+        async def still_valid() -> bool:
+            # Disabled, or moved to other apps: end the stream; a reconnect gets the new scope.
+            async with state.db.session(write=False) as db:
+                rows = (
+                    await db.execute(
+                        select(AgentApp.app_id)
+                        .join(Agent, Agent.id == AgentApp.agent_id)
+                        .where(Agent.id == agent.agent_id, Agent.disabled_at.is_(None))
+                    )
+                ).all()
+            return frozenset(r.app_id for r in rows) == agent.app_ids
+
+        return _response(
+            stream(
+                broker,
+                sub,
+                backlog,
+                reset,
+                heartbeat_s=state.settings.sse_heartbeat_seconds,
+                recheck=still_valid,
+            )
+        )

@@ -1,0 +1,121 @@
+"""Writing events: in the caller's transaction, published to live streams when it commits.
+
+A service calls :func:`emit` next to the change it makes. The rows are the
+replay log for SSE (``Last-Event-ID``) and the source of webhook deliveries,
+which are queued here too, so an event, its webhooks and the change commit or
+vanish together.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import msgspec
+from sqlalchemy import func, insert, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from tellback_server.db.models import Event
+
+PENDING_KEY = "tellback_events"
+NOTIFY_CHANNEL = "tellback_events"
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    id: int
+    type: str
+    app_id: UUID
+    end_user_id: UUID | None
+    conversation_id: UUID | None
+    data: dict[str, Any] | None  # the agent and webhook view; None: not for agents
+    client_data: dict[str, Any] | None  # the end user's view; None: not for the user
+    created_at: dt.datetime
+
+    def envelope(self, *, client: bool) -> dict[str, Any]:
+        """The JSON both SSE ``data:`` and webhook bodies carry."""
+        return {
+            "id": str(self.id),
+            "type": self.type,
+            "timestamp": self.created_at.isoformat().replace("+00:00", "Z"),
+            "data": self.client_data if client else self.data,
+        }
+
+    @classmethod
+    def from_row(cls, row: Any) -> EventRecord:
+        return cls(
+            id=row.id,
+            type=row.type,
+            app_id=row.app_id,
+            end_user_id=row.end_user_id,
+            conversation_id=row.conversation_id,
+            data=row.data,
+            client_data=row.client_data,
+            created_at=row.created_at,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class EventDraft:
+    """What a service knows about an event before it has an id."""
+
+    type: str
+    conversation_id: UUID | None
+    end_user_id: UUID | None
+    data: msgspec.Struct | dict[str, Any] | None
+    client_data: msgspec.Struct | dict[str, Any] | None = None
+
+
+def _builtins(value: msgspec.Struct | dict[str, Any] | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    out: dict[str, Any] = msgspec.to_builtins(value)
+    return out
+
+
+EVENT_COLUMNS = (
+    Event.id,
+    Event.type,
+    Event.app_id,
+    Event.end_user_id,
+    Event.conversation_id,
+    Event.data,
+    Event.client_data,
+    Event.created_at,
+)
+
+
+async def emit(db: AsyncSession, app_id: UUID, drafts: Sequence[EventDraft]) -> list[EventRecord]:
+    """Write events (one INSERT), queue their webhooks, and publish them at commit."""
+    from tellback_server.domain.webhooks.outbox import queue_deliveries  # noqa: PLC0415
+
+    if not drafts:
+        return []
+    now = dt.datetime.now(dt.UTC)
+    rows = [
+        {
+            "type": d.type,
+            "app_id": app_id,
+            "end_user_id": d.end_user_id,
+            "conversation_id": d.conversation_id,
+            "data": _builtins(d.data),
+            "client_data": _builtins(d.client_data),
+            "created_at": now,
+        }
+        for d in drafts
+    ]
+    result = await db.execute(
+        insert(Event).returning(*EVENT_COLUMNS, sort_by_parameter_order=True), rows
+    )
+    records = [EventRecord.from_row(r) for r in result]
+    db.info.setdefault(PENDING_KEY, []).extend(records)
+    if db.get_bind().dialect.name == "postgresql":
+        # Delivered at commit to every process's broker (ours ignores its own instance).
+        ids = ",".join(str(r.id) for r in records)
+        payload = f"{db.info.get('instance', '')}:{ids}"
+        await db.execute(select(func.pg_notify(NOTIFY_CHANNEL, payload)))
+    await queue_deliveries(db, app_id, [r for r in records if r.data is not None])
+    return records

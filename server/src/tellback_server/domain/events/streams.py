@@ -1,0 +1,127 @@
+"""One SSE stream: replay what the client missed, then live events and heartbeats.
+
+The stream subscribes to the broker *before* it reads the replay from the
+database, so an event committed in between is in one or the other (or both:
+the live copy of a replayed event is skipped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from uuid import UUID
+
+import structlog
+from sqlalchemy import Select, and_, or_, select
+
+from tellback_server.db.engine import Database
+from tellback_server.db.models import Event
+from tellback_server.domain.events.broker import EventBroker, Subscription
+from tellback_server.domain.events.records import EVENT_COLUMNS, EventRecord
+from tellback_server.http.errors import BadRequest
+
+log = structlog.get_logger("tellback.events")
+
+REPLAY_LIMIT = 1000
+# On PostgreSQL ids are taken at insert, not at commit: a transaction that took a
+# lower id may commit just after a higher one was streamed. On resume we also
+# resend events of this many seconds before the client's last id (clients
+# de-duplicate by id); SQLite has one writer, so ids there commit in order.
+COMMIT_GRACE = dt.timedelta(seconds=2)
+RECHECK_SECONDS = 60.0
+RETRY_MS = 2000
+
+Recheck = Callable[[], Awaitable[bool]]
+
+
+def parse_last_event_id(raw: str | None) -> int | None:
+    if raw is None or not raw.strip():
+        return None
+    value = raw.strip()
+    if not value.isdigit() or len(value) > 18:
+        raise BadRequest("Last-Event-ID must be the id of an event from this stream")
+    return int(value)
+
+
+def frame(record: EventRecord, *, client: bool) -> bytes:
+    data = json.dumps(record.envelope(client=client), separators=(",", ":"), default=str)
+    return f"id: {record.id}\nevent: {record.type}\ndata: {data}\n\n".encode()
+
+
+def _reset_frame(reason: str) -> bytes:
+    # Not resumable: the client should reload what it shows, then carry on live.
+    data = json.dumps({"type": "reset", "data": {"reason": reason}})
+    return f"event: reset\ndata: {data}\n\n".encode()
+
+
+async def replay(
+    db: Database, scope: Select[tuple[int]], last_id: int
+) -> tuple[list[EventRecord], str | None]:
+    """Events in ``scope`` after ``last_id``; or a reason the client must reload instead."""
+    async with db.session(write=False) as session:
+        last_at = await session.scalar(select(Event.created_at).where(Event.id == last_id))
+        if last_at is None:
+            return [], "last_event_id_unknown"  # purged (older than retention) or foreign
+        after = Event.id > last_id
+        if not db.is_sqlite:
+            after = or_(after, and_(Event.id < last_id, Event.created_at >= last_at - COMMIT_GRACE))
+        ids = scope.where(after).order_by(Event.id).limit(REPLAY_LIMIT + 1).subquery()
+        rows = (
+            await session.execute(select(*EVENT_COLUMNS).where(Event.id.in_(select(ids.c.id))))
+        ).all()
+    if len(rows) > REPLAY_LIMIT:
+        return [], "too_many_missed_events"
+    return sorted((EventRecord.from_row(r) for r in rows), key=lambda r: r.id), None
+
+
+def client_scope(app_id: UUID, end_user_id: UUID) -> Select[tuple[int]]:
+    return select(Event.id).where(
+        Event.end_user_id == end_user_id,
+        Event.app_id == app_id,
+        Event.client_data.is_not(None),
+    )
+
+
+def agent_scope(app_ids: frozenset[UUID]) -> Select[tuple[int]]:
+    return select(Event.id).where(Event.app_id.in_(app_ids), Event.data.is_not(None))
+
+
+async def stream(
+    broker: EventBroker,
+    sub: Subscription,
+    backlog: list[EventRecord],
+    reset: str | None,
+    *,
+    heartbeat_s: float,
+    recheck: Recheck,
+) -> AsyncIterator[bytes]:
+    try:
+        yield f"retry: {RETRY_MS}\n: connected\n\n".encode()
+        if reset is not None:
+            yield _reset_frame(reset)
+        sent = {r.id for r in backlog}
+        for record in backlog:
+            yield frame(record, client=sub.client)
+        loop = asyncio.get_running_loop()
+        next_check = loop.time() + RECHECK_SECONDS
+        while True:
+            try:
+                live = await asyncio.wait_for(sub.queue.get(), heartbeat_s)
+            except TimeoutError:
+                if loop.time() >= next_check:
+                    next_check = loop.time() + RECHECK_SECONDS
+                    if not await recheck():
+                        log.info("events.stream_revoked", client=sub.client)
+                        return
+                yield b": ping\n\n"
+                continue
+            if live is None:
+                return
+            if live.id in sent:
+                sent.discard(live.id)
+                continue
+            yield frame(live, client=sub.client)
+    finally:
+        broker.unsubscribe(sub)

@@ -1,0 +1,261 @@
+"""Live events over SSE: what each stream carries, resume, heartbeats, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tellback_server.domain.events import streams
+from tellback_server.domain.events.broker import QUEUE_SIZE, EventBroker
+from tellback_server.domain.events.records import EventRecord
+from tests.server.conftest import identity_token, make_settings
+from tests.server.live import LiveApi, SseEvent, SseReader, live_app, sse
+
+CLIENT_EVENTS = "/v1/client/events"
+AGENT_EVENTS = "/v1/agent/events"
+
+
+@pytest.fixture
+async def live(database_url: str, tmp_path: Path) -> AsyncIterator[LiveApi]:
+    settings = make_settings(database_url, tmp_path / "data", sse_heartbeat_seconds=0.3)
+    async with live_app(settings) as api:
+        yield api
+
+
+async def _reply(api: LiveApi, agent: dict[str, str], conv_id: str, **body: Any) -> dict[str, Any]:
+    r = await api.http.post(
+        f"/v1/agent/conversations/{conv_id}/messages",
+        json={"body": "Thanks, fixed in 2.1", **body},
+        headers=agent,
+    )
+    assert r.status_code == 201, r.text
+    data: dict[str, Any] = r.json()
+    return data
+
+
+async def test_user_sees_the_reply_live(live: LiveApi) -> None:
+    app = await live.create_app()
+    user = await live.user_headers(app)
+    _, agent = await live.create_agent(app)
+    conv = await live.feedback(user)
+    async with sse(live.http, CLIENT_EVENTS, user) as stream:
+        reply = await _reply(live, agent, conv["id"])
+        got = await stream.events_until("unread.changed")
+    by_type = {e.event: e for e in got}
+    message = by_type["message.created"]
+    assert message.id is not None
+    assert message.data["id"] == message.id
+    assert message.data["type"] == "message.created"
+    assert message.data["data"]["message"]["id"] == reply["id"]
+    assert message.data["data"]["message"]["body"] == "Thanks, fixed in 2.1"
+    assert "internal" not in message.data["data"]["message"]  # the end user's view
+    assert message.data["data"]["conversation"]["unread_count"] == 1
+    assert by_type["conversation.updated"].data["data"]["conversation"]["status"] == "pending"
+    unread = by_type["unread.changed"].data["data"]
+    assert unread == {
+        "unread_count": 1,
+        "conversation_id": conv["id"],
+        "conversation_unread_count": 1,
+    }
+    ids = [int(e.id or 0) for e in got]
+    assert ids == sorted(ids)
+
+
+async def test_streams_are_scoped_like_the_rest_api(live: LiveApi) -> None:
+    app, other_app = await live.create_app(), await live.create_app("Other")
+    alice, bob = await live.user_headers(app), await live.user_headers(app)
+    _, agent = await live.create_agent(app)
+    _, outsider = await live.create_agent(other_app, name="Eve")
+    conv = await live.feedback(alice)
+    async with (
+        sse(live.http, CLIENT_EVENTS, alice) as alice_stream,
+        sse(live.http, CLIENT_EVENTS, bob) as bob_stream,
+        sse(live.http, AGENT_EVENTS, agent) as agent_stream,
+        sse(live.http, AGENT_EVENTS, outsider) as outsider_stream,
+    ):
+        await _reply(live, agent, conv["id"], body="internal: check logs", internal=True)
+        await _reply(live, agent, conv["id"], body="public answer")
+        alice_got = await alice_stream.events_until("unread.changed")
+        agent_got = [await agent_stream.next(), await agent_stream.next()]
+        # Bob and the other app's agent get only heartbeats while this happens.
+        await asyncio.sleep(0.5)
+        with pytest.raises(TimeoutError):
+            await bob_stream.next(wait=0.3)
+        with pytest.raises(TimeoutError):
+            await outsider_stream.next(wait=0.3)
+    bodies = [e.data["data"]["message"]["body"] for e in alice_got if e.event == "message.created"]
+    assert bodies == ["public answer"]  # never the internal note
+    assert [e.data["data"]["message"]["internal"] for e in agent_got] == [True, False]
+    assert bob_stream.comments  # heartbeats did flow
+    assert outsider_stream.comments
+
+
+async def test_agents_hear_about_new_feedback_and_user_replies(live: LiveApi) -> None:
+    app = await live.create_app()
+    user = await live.user_headers(app)
+    _, agent = await live.create_agent(app)
+    async with sse(live.http, AGENT_EVENTS, agent) as stream:
+        conv = await live.feedback(user, body="Crash on start")
+        created = await stream.next()
+        r = await live.http.post(
+            f"/v1/client/conversations/{conv['id']}/messages",
+            json={"body": "Still crashing"},
+            headers=user,
+        )
+        assert r.status_code == 201
+        message = await stream.next()
+    assert created.event == "conversation.created"
+    assert created.data["data"]["conversation"]["id"] == conv["id"]
+    assert created.data["data"]["message"]["body"] == "Crash on start"
+    assert created.data["data"]["conversation"]["end_user"]["id"]
+    assert message.event == "message.created"
+    assert message.data["data"]["message"]["body"] == "Still crashing"
+    assert message.data["data"]["conversation"]["unread_count"] == 2
+
+
+async def test_resume_with_last_event_id_replays_what_was_missed(live: LiveApi) -> None:
+    app = await live.create_app()
+    user = await live.user_headers(app)
+    _, agent = await live.create_agent(app)
+    conv = await live.feedback(user)
+    async with sse(live.http, CLIENT_EVENTS, user) as stream:
+        await _reply(live, agent, conv["id"], body="first")
+        seen = await stream.events_until("unread.changed")
+    last = seen[-1].id
+    assert last is not None
+    # Offline: two more replies and a status change happen.
+    await _reply(live, agent, conv["id"], body="second")
+    await _reply(live, agent, conv["id"], body="third")
+    resumed = {**user, "Last-Event-ID": last}
+    async with sse(live.http, CLIENT_EVENTS, resumed) as stream:
+        missed = await _fresh(stream, int(last), 4)
+        live_one = await _reply(live, agent, conv["id"], body="fourth")
+        after = await stream.events_until("unread.changed")
+    assert [e.event for e in missed] == [
+        "message.created",
+        "unread.changed",
+        "message.created",
+        "unread.changed",
+    ]
+    assert [e.data["data"]["message"]["body"] for e in missed if e.event == "message.created"] == [
+        "second",
+        "third",
+    ]
+    assert all(int(e.id or 0) > int(last) for e in missed)
+    assert after[0].data["data"]["message"]["id"] == live_one["id"]
+    # The query parameter works too (clients that cannot set headers).
+    async with sse(live.http, CLIENT_EVENTS, user, last_event_id=last) as stream:
+        assert (await _fresh(stream, int(last), 1))[0].data["data"]["message"]["body"] == "second"
+
+
+async def _fresh(stream: SseReader, last: int, n: int) -> list[SseEvent]:
+    """The next ``n`` events after ``last``. On PostgreSQL a resume may also resend events
+    from just before ``last`` (ids are taken before commit); clients drop those by id."""
+    out: list[SseEvent] = []
+    while len(out) < n:
+        event = await stream.next()
+        if int(event.id or 0) > last:
+            out.append(event)
+    return out
+
+
+async def test_unknown_or_purged_last_event_id_asks_the_client_to_reload(live: LiveApi) -> None:
+    app = await live.create_app()
+    user = await live.user_headers(app)
+    async with sse(live.http, CLIENT_EVENTS, {**user, "Last-Event-ID": "999999"}) as stream:
+        reset = await stream.next()
+    assert reset.event == "reset"
+    assert reset.id is None
+    assert reset.data["data"]["reason"] == "last_event_id_unknown"
+    r = await live.http.get(CLIENT_EVENTS, headers={**user, "Last-Event-ID": "abc"})
+    assert r.status_code == 400
+    assert r.json()["code"] == "bad_request"
+
+
+async def test_heartbeats_and_credentials(live: LiveApi) -> None:
+    app = await live.create_app()
+    user = await live.user_headers(app)
+    async with sse(live.http, CLIENT_EVENTS, user) as stream:
+        with pytest.raises(TimeoutError):
+            await stream.next(wait=1.0)
+    assert stream.comments[0] == "connected"
+    assert stream.comments.count("ping") >= 2
+    for headers in ({}, {"Authorization": "Bearer tbs_nope"}):
+        r = await live.http.get(CLIENT_EVENTS, headers=headers)
+        assert r.status_code == 401
+        assert r.headers["content-type"] == "application/problem+json"
+    _, agent = await live.create_agent(app)
+    r = await live.http.get(CLIENT_EVENTS, headers=agent)
+    assert r.status_code == 401
+
+
+async def test_a_revoked_session_ends_its_stream(
+    live: LiveApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(streams, "RECHECK_SECONDS", 0.0)
+    app = await live.create_app()
+    installation = uuid.uuid4().hex
+    token = identity_token(app.identity_secret, "user-42", kid=app.identity_kid)
+    user = await live.user_headers(app, installation_id=installation, user_token=token)
+    async with sse(live.http, CLIENT_EVENTS, user) as stream:
+        await asyncio.sleep(0.5)
+        await live.session(app, installation_id=installation)  # logout: revokes user-42's
+        with pytest.raises(EOFError):
+            await stream.next(wait=5)
+
+
+async def test_an_idempotent_replay_emits_nothing_twice(live: LiveApi) -> None:
+    app = await live.create_app()
+    user = await live.user_headers(app)
+    _, agent = await live.create_agent(app)
+    conv = await live.feedback(user)
+    key = {**agent, "Idempotency-Key": uuid.uuid4().hex}
+    async with sse(live.http, CLIENT_EVENTS, user) as stream:
+        await _reply(live, key, conv["id"])
+        await _reply(live, key, conv["id"])
+        await _reply(live, agent, conv["id"], body="next")
+        got = [await stream.next() for _ in range(5)]
+    bodies = [e.data["data"]["message"]["body"] for e in got if e.event == "message.created"]
+    assert bodies == ["Thanks, fixed in 2.1", "next"]
+
+
+async def test_shutdown_ends_streams_cleanly_and_fast(database_url: str, tmp_path: Path) -> None:
+    settings = make_settings(database_url, tmp_path / "data")
+    async with live_app(settings) as api:
+        app = await api.create_app()
+        user = await api.user_headers(app)
+        async with sse(api.http, CLIENT_EVENTS, user) as stream:
+            await asyncio.sleep(0.2)
+            assert api.server is not None
+            started = asyncio.get_running_loop().time()
+            api.server.should_exit = True
+            with pytest.raises(EOFError):
+                await stream.next(wait=5)
+            assert asyncio.get_running_loop().time() - started < 3
+
+
+def _record(seq: int, user: uuid.UUID, app: uuid.UUID) -> EventRecord:
+    return EventRecord(
+        seq, "unread.changed", app, user, None, None, {"n": seq}, dt.datetime.now(dt.UTC)
+    )
+
+
+async def test_a_stream_that_cannot_keep_up_is_ended_not_buffered() -> None:
+    broker = EventBroker()
+    app, user = uuid.uuid4(), uuid.uuid4()
+    slow = broker.subscribe_client(app, user)
+    other_app = broker.subscribe_client(uuid.uuid4(), user)
+    broker.publish(_record(i, user, app) for i in range(QUEUE_SIZE + 5))
+    assert slow.ended
+    assert slow.queue.qsize() == 1
+    assert slow.queue.get_nowait() is None
+    assert other_app.queue.empty()  # same user id, other app: nothing
+    broker.unsubscribe(slow)
+    broker.unsubscribe(other_app)
+    assert broker.subscriptions == 0
