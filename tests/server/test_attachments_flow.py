@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import uuid
 from typing import Any
 
 import httpx
@@ -11,7 +12,7 @@ from PIL import Image
 
 from tellback_server.jobs.worker import Worker
 from tellback_server.plugins import build_registry
-from tests.server.conftest import Api
+from tests.server.conftest import Api, identity_token
 
 
 async def put(
@@ -164,3 +165,28 @@ async def test_script_named_jpg_is_rejected_and_visible(storage_api: Api) -> Non
     assert "image/jpeg" in att["reason"]
     assert att["url"] is None
     assert await api.state.store.stat(f"apps/{app.id}/att/{up['upload_id']}/original") is None
+
+
+async def test_uploads_made_before_login_can_be_attached_after_it(storage_api: Api) -> None:
+    api = storage_api
+    app = await api.create_app()
+    installation = uuid.uuid4().hex
+    anon = await api.user_headers(app, installation_id=installation)
+    photo = jpeg_with_gps()
+    up = await start_upload(
+        api, anon, filename="a.jpg", content_type="image/jpeg", size=len(photo), kind="photo"
+    )
+    assert (await put(api, up["single"]["url"], photo, up["single"]["headers"])).status_code == 200
+    r = await api.http.post(f"/v1/client/uploads/{up['upload_id']}/complete", json={}, headers=anon)
+    assert r.status_code == 200, r.text
+    token = identity_token(app.identity_secret, "logs-in", kid=app.identity_kid)
+    ident = api.bearer(
+        (await api.session(app, installation_id=installation, user_token=token))["session_token"]
+    )
+    conv = await api.feedback(ident, body="Sent after login", attachment_ids=[up["upload_id"]])
+    assert [a["id"] for a in conv["last_message"]["attachments"]] == [up["upload_id"]]
+    r = await api.http.get(f"/v1/client/attachments/{up['upload_id']}", headers=ident)
+    assert r.status_code == 200, r.text
+    # The retired anonymous session cannot read it any more.
+    r = await api.http.get(f"/v1/client/attachments/{up['upload_id']}", headers=anon)
+    assert r.status_code == 401

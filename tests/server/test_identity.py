@@ -780,3 +780,24 @@ async def test_refused_client_request_releases_the_database(api: Api, case: str)
         gc.enable()
         gc.collect()  # whatever leaked is finalized here, not in a later test
         await asyncio.sleep(0.1)
+
+
+async def test_a_create_resent_after_login_with_the_same_key_replays(api: Api) -> None:
+    # The answer to an anonymous create was lost; the user logs in; the SDK resends the
+    # create with the same Idempotency-Key, now as the identified user.
+    app = await api.create_app()
+    installation = uuid.uuid4().hex
+    anon = await api.user_headers(app, installation_id=installation)
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    body = {"body": "Lost answer"}
+    first = await api.http.post("/v1/client/conversations", json=body, headers={**anon, **key})
+    assert first.status_code == 201, first.text
+    token = identity_token(app.identity_secret, "resender", kid=app.identity_kid)
+    ident = api.bearer(
+        (await api.session(app, installation_id=installation, user_token=token))["session_token"]
+    )
+    again = await api.http.post("/v1/client/conversations", json=body, headers={**ident, **key})
+    assert again.status_code == 201, again.text
+    assert again.headers.get("idempotent-replayed") == "true"
+    assert again.json()["id"] == first.json()["id"]
+    assert await conversation_ids(api, ident) == [first.json()["id"]]

@@ -39,6 +39,10 @@ def _valid_key(key: str) -> bool:
     return 1 <= len(key) <= 255 and all(0x20 <= ord(c) <= 0x7E for c in key)
 
 
+def idempotency_purpose(scope: str, key: str) -> str:
+    return f"idempotency:{scope}:{key}"
+
+
 async def idempotent(
     request: Request[Any, Any, Any],
     db: AsyncSession,
@@ -65,7 +69,7 @@ async def idempotent(
                 .values(
                     response_status=status,
                     # Responses may carry secrets shown once (tokens, identity secrets).
-                    response_body=sealer.seal(response.content, f"idempotency:{scope}:{key}"),
+                    response_body=sealer.seal(response.content, idempotency_purpose(scope, key)),
                     updated_at=now,
                 )
             )
@@ -96,7 +100,7 @@ async def idempotent(
         if existing.response_status is None or existing.response_body is None:
             raise IdempotencyKeyInProgress("a request with this Idempotency-Key is still running")
         return Response(
-            content=sealer.open(existing.response_body, f"idempotency:{scope}:{key}"),
+            content=sealer.open(existing.response_body, idempotency_purpose(scope, key)),
             status_code=existing.response_status,
             media_type="application/json",
             headers={REPLAYED: "true"},

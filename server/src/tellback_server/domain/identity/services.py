@@ -25,10 +25,13 @@ from uuid_utils.compat import uuid7
 
 from tellback_server.db.models import (
     App,
+    Attachment,
     ClientSession,
     Conversation,
     Device,
     EndUser,
+    Event,
+    IdempotencyKey,
     Installation,
     Message,
 )
@@ -45,6 +48,7 @@ from tellback_server.domain.identity.schemas import (
 from tellback_server.domain.identity.tokens import InvalidIdentityToken, verify_identity_token
 from tellback_server.http.deps import ClientPrincipal
 from tellback_server.http.errors import NotFound, Unauthenticated, ValidationFailed
+from tellback_server.http.idempotency import idempotency_purpose
 from tellback_server.security import SESSION_TOKEN_PREFIX, Sealer, hash_token, new_token
 
 MAX_ATTRIBUTES = 50
@@ -211,10 +215,35 @@ class IdentityService:
         await self.db.execute(
             update(Message).where(Message.author_user_id == anon_id).values(author_user_id=user.id)
         )
+        # Uploads made before login can still be attached after it.
+        await self.db.execute(
+            update(Attachment)
+            .where(Attachment.uploader_user_id == anon_id)
+            .values(uploader_user_id=user.id)
+        )
+        await self.db.execute(
+            update(Event).where(Event.end_user_id == anon_id).values(end_user_id=user.id)
+        )
+        # A create whose answer was lost just before login is resent under the identified
+        # user with the same Idempotency-Key: it must replay, not create a duplicate.
+        await self._move_idempotency_keys(f"user:{anon_id}", f"user:{user.id}")
         user.name = user.name or anon.name
         user.email = user.email or anon.email
         user.attributes = {**(anon.attributes or {}), **(user.attributes or {})}
         anon.merged_into_id = user.id
+
+    async def _move_idempotency_keys(self, old_scope: str, new_scope: str) -> None:
+        taken = select(IdempotencyKey.key).where(IdempotencyKey.scope == new_scope)
+        rows = await self.db.scalars(
+            select(IdempotencyKey).where(
+                IdempotencyKey.scope == old_scope, IdempotencyKey.key.not_in(taken)
+            )
+        )
+        for row in rows:
+            if row.response_body is not None:  # sealed to its scope: seal it to the new one
+                plain = self.sealer.open(row.response_body, idempotency_purpose(old_scope, row.key))
+                row.response_body = self.sealer.seal(plain, idempotency_purpose(new_scope, row.key))
+            row.scope = new_scope
 
     async def me(self, principal: ClientPrincipal) -> EndUserOut:
         user = await self.db.get(EndUser, principal.end_user_id)
