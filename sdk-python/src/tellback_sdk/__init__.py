@@ -10,6 +10,8 @@
 
 ``AsyncClient`` is the asyncio twin; ``MobileClient``/``AsyncMobileClient`` queue
 feedback in the offline outbox by default. Errors: see ``tellback_sdk.errors``.
+Live events: ``client.events.stream()`` (see ``tellback_sdk.events``). Verifying
+webhooks in your backend: ``tellback_sdk.webhooks.verify`` (extra ``webhooks``).
 """
 
 from tellback_sdk._async_client import AsyncClient, AsyncClientBase, AsyncMobileClient
@@ -44,8 +46,19 @@ from tellback_sdk.errors import (
     UnsupportedMediaTypeError,
     UploadIncompleteError,
 )
+from tellback_sdk.events import (
+    ConversationCreated,
+    ConversationUpdated,
+    LiveEvent,
+    MessageCreated,
+    Reset,
+    UnknownEvent,
+    UnreadChanged,
+    parse_event,
+)
 from tellback_sdk.pagination import AsyncPager, Page, SyncPager
 from tellback_sdk.push import PushEvent, parse_push
+from tellback_sdk.resources.events import AsyncEventStream, EventStream
 from tellback_sdk.resources.outbox import FlushResult
 from tellback_sdk.types import DeviceInfo, Location
 
@@ -56,6 +69,7 @@ __all__ = [
     "APITimeoutError",
     "AsyncClient",
     "AsyncClientBase",
+    "AsyncEventStream",
     "AsyncMobileClient",
     "AsyncPager",
     "AttachmentFile",
@@ -67,14 +81,19 @@ __all__ = [
     "Client",
     "ConflictError",
     "ConversationClosedError",
+    "ConversationCreated",
+    "ConversationUpdated",
     "DeviceInfo",
+    "EventStream",
     "FlushResult",
     "IdempotencyKeyInProgressError",
     "IdempotencyKeyReusedError",
     "IdentityRequiredError",
     "InternalServerError",
+    "LiveEvent",
     "Location",
     "LogoutResult",
+    "MessageCreated",
     "MobileClient",
     "NotFoundError",
     "OutboxError",
@@ -85,16 +104,20 @@ __all__ = [
     "PushEvent",
     "QueuedItem",
     "RateLimitError",
+    "Reset",
     "RetryPolicy",
     "ServiceUnavailableError",
     "SyncClientBase",
     "SyncPager",
     "TellbackError",
+    "UnknownEvent",
     "UnprocessableEntityError",
+    "UnreadChanged",
     "UnsupportedMediaTypeError",
     "UploadIncompleteError",
     "__version__",
     "backoff_delay",
+    "parse_event",
     "parse_push",
     "parse_retry_after",
     "should_retry",

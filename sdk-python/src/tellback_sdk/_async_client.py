@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
@@ -22,6 +23,7 @@ from tellback_sdk._core import (
     identity_of,
 )
 from tellback_sdk._retry import RetryPolicy, may_repeat, should_retry
+from tellback_sdk._sse import forget_positions
 from tellback_sdk.errors import (
     APIConnectionError,
     APIError,
@@ -34,6 +36,7 @@ from tellback_sdk.resources.attachments import AsyncAttachments
 from tellback_sdk.resources.config import AsyncConfig
 from tellback_sdk.resources.conversations import AsyncConversations, AsyncQueueingConversations
 from tellback_sdk.resources.devices import AsyncDevices
+from tellback_sdk.resources.events import AsyncEvents, AsyncEventStream
 from tellback_sdk.resources.me import AsyncMe
 from tellback_sdk.resources.messages import AsyncMessages, AsyncQueueingMessages
 from tellback_sdk.resources.outbox import AsyncOutbox
@@ -83,6 +86,8 @@ class AsyncClientBase:
         self.devices = AsyncDevices(self)
         self.attachments = AsyncAttachments(self)
         self.outbox = AsyncOutbox(self)
+        self._streams: weakref.WeakSet[AsyncEventStream] = weakref.WeakSet()
+        self.events = AsyncEvents(self)
         self._init_create_resources()
 
     def _init_create_resources(self) -> None:
@@ -112,6 +117,8 @@ class AsyncClientBase:
             self.outbox.start()
 
     async def close(self) -> None:
+        for stream in list(self._streams):
+            await stream.aclose()
         await self.outbox.stop()
         if self._owns_http:
             await self._http.aclose()
@@ -253,6 +260,7 @@ class AsyncClientBase:
         else:
             self.outbox._store.purge(self._core.owner)
             self._core.new_owner()
+            forget_positions(self._core)
         self._set_token_source(user_token)
         async with self._session_lock:
             response = await self._call(self._core.session_spec(token))
@@ -266,6 +274,7 @@ class AsyncClientBase:
                 await self._flush_quietly()
             discarded = self.outbox._store.purge(self._core.owner)
             self._core.new_owner()
+            forget_positions(self._core)
             self._set_token_source(None)
             async with self._session_lock:
                 self._core.forget_session()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from tellback_sdk._core import (
     identity_of,
 )
 from tellback_sdk._retry import RetryPolicy, may_repeat, should_retry
+from tellback_sdk._sse import forget_positions
 from tellback_sdk.errors import (
     APIConnectionError,
     APIError,
@@ -34,6 +36,7 @@ from tellback_sdk.resources.attachments import Attachments
 from tellback_sdk.resources.config import Config
 from tellback_sdk.resources.conversations import Conversations, QueueingConversations
 from tellback_sdk.resources.devices import Devices
+from tellback_sdk.resources.events import Events, EventStream
 from tellback_sdk.resources.me import Me
 from tellback_sdk.resources.messages import Messages, QueueingMessages
 from tellback_sdk.resources.outbox import Outbox
@@ -90,6 +93,8 @@ class SyncClientBase:
         self.devices = Devices(self)
         self.attachments = Attachments(self)
         self.outbox = Outbox(self)
+        self._streams: weakref.WeakSet[EventStream] = weakref.WeakSet()
+        self.events = Events(self)
         self._init_create_resources()
 
     def _init_create_resources(self) -> None:
@@ -102,6 +107,8 @@ class SyncClientBase:
         return self._core.installation_id
 
     def close(self) -> None:
+        for stream in list(self._streams):
+            stream.close()
         if self._owns_http:
             self._http.close()
         self._core.store.close()
@@ -240,6 +247,7 @@ class SyncClientBase:
         else:
             self.outbox._store.purge(self._core.owner)
             self._core.new_owner()
+            forget_positions(self._core)
         self._set_token_source(user_token)
         with self._session_lock:
             spec = self._core.session_spec(token)
@@ -254,6 +262,7 @@ class SyncClientBase:
                 self._flush_quietly()
             discarded = self.outbox._store.purge(self._core.owner)
             self._core.new_owner()
+            forget_positions(self._core)
             self._set_token_source(None)
             with self._session_lock:
                 self._core.forget_session()

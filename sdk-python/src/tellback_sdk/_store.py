@@ -108,6 +108,10 @@ class Store:
                     (key, json.dumps(value)),
                 )
 
+    def delete_prefix(self, prefix: str) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM kv WHERE substr(key, 1, ?) = ?", (len(prefix), prefix))
+
     def installation_id(self) -> str:
         """A random id made once per install (never derived from hardware)."""
         with self.tx() as db:
