@@ -40,9 +40,9 @@ async def server_bodies(server: InProcess) -> dict[str, tuple[str, bytes]]:
     user = await api.user_headers(app)
     _, agent = await api.create_agent(app)
     conv = await api.feedback(user, "Crash on start")
-    for body in ({"body": "Looking into it"}, {"body": "note to self", "internal": True}):
+    for message in ({"body": "Looking into it"}, {"body": "note to self", "internal": True}):
         r = await api.http.post(
-            f"/v1/agent/conversations/{conv['id']}/messages", json=body, headers=agent
+            f"/v1/agent/conversations/{conv['id']}/messages", json=message, headers=agent
         )
         assert r.status_code == 201, r.text
     async with api.state.db.session(write=False) as db:
