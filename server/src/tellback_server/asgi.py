@@ -45,6 +45,7 @@ from tellback_server.domain.webhooks.delivery import close_http_client
 from tellback_server.http.deps import DEPENDENCIES
 from tellback_server.http.errors import exception_handlers
 from tellback_server.http.middleware import request_id_middleware
+from tellback_server.http.openapi import document_responses
 from tellback_server.jobs.notify import JobNotifier
 from tellback_server.jobs.registry import JobRegistry
 from tellback_server.jobs.worker import Worker, asyncpg_dsn
@@ -179,6 +180,7 @@ def create_app(
         debug=False,
         logging_config=None,
     )
+    document_responses(app)
     # Around the whole app, not per route: 404/405 from the router carry the id too.
     app.asgi_handler = request_id_middleware(app_state.metrics)(app.asgi_handler)
     return app

@@ -117,11 +117,11 @@ class AdminWebhooksController(Controller):
         webhooks: NamedDependency[WebhookService],
         app_id: FromPath[UUID],
         webhook_id: FromPath[UUID],
-        data: JSONBody[SecretRotate],
+        data: JSONBody[SecretRotate | None] = None,
     ) -> SecretRotated:
         """The new secret is shown once. For `overlap_seconds` (default 24 h) deliveries
         carry two signatures, old and new, so the receiver can switch at its own pace."""
-        return await webhooks.rotate(app_id, webhook_id, data)
+        return await webhooks.rotate(app_id, webhook_id, data or SecretRotate())
 
     @get("/webhook-deliveries", summary="The webhook delivery log, newest first")
     async def deliveries(

@@ -135,8 +135,10 @@ async def post(state: AppState, url: str, body: bytes, headers: dict[str, str]) 
     except TimeoutError:
         return Outcome(None, took(), f"no answer within {timeout:g} s", None)
     except httpx.HTTPError as exc:
-        return Outcome(None, took(), f"{type(exc).__name__}: {exc}"[:500], None)
-    text = bytes(excerpt[:EXCERPT_BYTES]).decode("utf-8", "replace")
+        reason = f"{type(exc).__name__}: {exc}".replace("\x00", "")
+        return Outcome(None, took(), reason[:500], None)
+    # PostgreSQL text cannot hold NUL: a binary answer must not break the log write.
+    text = bytes(excerpt[:EXCERPT_BYTES]).decode("utf-8", "replace").replace("\x00", "\ufffd")
     code = response.status_code
     error = None
     if 300 <= code < 400:
@@ -206,8 +208,8 @@ async def deliver(ctx: JobContext, payload: dict[str, Any]) -> None:
     if loaded is None:
         return  # the endpoint, its app or the event is gone: nothing left to send
     delivery, endpoint, record = loaded
-    if delivery.status == "succeeded":
-        return  # a duplicate job after a lost lease
+    if delivery.status != "pending":
+        return  # a duplicate job after a lost lease, or ended (endpoint disabled)
     structlog.contextvars.bind_contextvars(webhook_delivery_id=str(delivery_id))
     if not endpoint.enabled:
         outcome = Outcome(None, 0, "the endpoint is disabled", None)
@@ -237,7 +239,8 @@ async def deliver(ctx: JobContext, payload: dict[str, Any]) -> None:
     log.warning("webhooks.attempt_failed", attempt=ctx.attempt, error=outcome.error, final=last)
     if last:
         raise PermanentFailure(outcome.error or "failed")
-    delay = SCHEDULE[min(ctx.attempt, len(SCHEDULE)) - 1] * random.uniform(0.8, 1.2)  # noqa: S311
+    # Jitter only shortens a wait, so the whole schedule stays inside 24 hours.
+    delay = SCHEDULE[min(ctx.attempt, len(SCHEDULE)) - 1] * random.uniform(0.8, 1.0)  # noqa: S311
     if outcome.retry_after is not None:
         delay = max(delay, outcome.retry_after)
     await _set_next(state, delivery_id, delay)

@@ -6,7 +6,7 @@ import datetime as dt
 from uuid import UUID
 
 import msgspec
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tellback_server.db.models import App, Event, WebhookAttempt, WebhookDelivery, WebhookEndpoint
@@ -134,6 +134,19 @@ class WebhookService:
             ep.description = data.description
         if data.enabled is not msgspec.UNSET:
             ep.enabled = data.enabled
+            if not data.enabled:  # end what is waiting now, not at its next retry
+                await self.db.execute(
+                    update(WebhookDelivery)
+                    .where(
+                        WebhookDelivery.endpoint_id == ep.id, WebhookDelivery.status == "pending"
+                    )
+                    .values(
+                        status="failed",
+                        last_error="the endpoint was disabled",
+                        next_attempt_at=None,
+                        updated_at=_now(),
+                    )
+                )
         ep.updated_at = _now()
         await self.db.flush()
         return webhook_out(ep)
@@ -221,11 +234,16 @@ class WebhookService:
 
     async def replay(self, app_id: UUID, delivery_id: UUID) -> WebhookDeliveryOut:
         d = await self._delivery(app_id, delivery_id)
-        if d.status == "pending":
-            raise Conflict("this delivery is still being attempted; replay it once it has ended")
         now = _now()
-        d.status, d.next_attempt_at, d.updated_at = "pending", now, now
-        d.delivered_at = None
+        # One conditional UPDATE: of two concurrent replays only one starts a round.
+        started = await self.db.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id == d.id, WebhookDelivery.status != "pending")
+            .values(status="pending", next_attempt_at=now, delivered_at=None, updated_at=now)
+            .returning(WebhookDelivery.id)
+        )
+        if started.first() is None:
+            raise Conflict("this delivery is still being attempted; replay it once it has ended")
         await enqueue(self.db, JOB_KIND, {"delivery_id": str(d.id)}, max_attempts=len(SCHEDULE) + 1)
-        await self.db.flush()
+        await self.db.refresh(d)
         return delivery_out(d)

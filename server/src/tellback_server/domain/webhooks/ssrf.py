@@ -20,6 +20,9 @@ from urllib.parse import SplitResult, urlsplit
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # Not covered by is_global on every Python: the AWS IPv6 metadata endpoint.
 _EXTRA_BLOCKED = (ipaddress.ip_network("fd00:ec2::/32"),)
+# IPv6 prefixes that carry an IPv4 address: judged by the address they reach.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 
 
 class UnsafeUrl(ValueError):
@@ -41,10 +44,29 @@ def parse_url(url: str) -> SplitResult:
     return parts
 
 
+def _embedded_ipv4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address a translation prefix routes to (mapped, 6to4, NAT64, compatible)."""
+    if addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    if addr.sixtofour is not None:
+        return addr.sixtofour
+    if addr in _NAT64 or addr in _IPV4_COMPATIBLE:
+        return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+    return None
+
+
 def _blocked(addr: IPAddress) -> bool:
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return not addr.is_global or any(addr in net for net in _EXTRA_BLOCKED)
+    if isinstance(addr, ipaddress.IPv6Address):
+        inner = _embedded_ipv4(addr)
+        if inner is not None:
+            return _blocked(inner)
+        if addr.is_site_local:
+            return True
+    return (
+        not addr.is_global
+        or addr.is_multicast  # is_global is True for some multicast ranges
+        or any(addr in net for net in _EXTRA_BLOCKED)
+    )
 
 
 async def resolve(url: str, *, allow_private: bool) -> list[IPAddress]:

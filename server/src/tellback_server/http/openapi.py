@@ -1,0 +1,156 @@
+"""Make the OpenAPI document complete enough for client generators.
+
+Every ``/v1`` operation gets its problem+json error responses (with an example
+each), chosen from what the route can actually answer: 401 behind a guard, 404
+with a path id, 409 on idempotent creates, 413/415/422 with a body, 429 where
+rate limits apply, 503 everywhere (database or storage outage). Handlers that
+build their own response (idempotent creates return stored bytes) declare
+their real success model as ``response_model``; it replaces the ``string``
+Litestar would infer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from litestar import Litestar
+from litestar.handlers import HTTPRouteHandler
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import Example
+
+from tellback_server.http.errors import Problem
+
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+@dataclass(frozen=True, slots=True)
+class _Error:
+    status: int
+    title: str
+    code: str
+    detail: str
+    description: str
+    extra: dict[str, Any] | None = None
+
+    def spec(self) -> ResponseSpec:
+        value: dict[str, Any] = {
+            "type": "about:blank",
+            "title": self.title,
+            "status": self.status,
+            "code": self.code,
+            "detail": self.detail,
+            **(self.extra or {}),
+            "request_id": "5f0c3a9e2b7d4c18a6e1f0b2c3d4e5f6",
+        }
+        return ResponseSpec(
+            data_container=Problem,
+            media_type="application/problem+json",
+            description=self.description,
+            generate_examples=False,
+            examples=[Example(summary=self.code, value=value)],
+        )
+
+
+BAD_REQUEST = _Error(
+    400,
+    "Bad Request",
+    "bad_request",
+    "the body is not valid JSON",
+    "Malformed JSON, header or parameter (`bad_request`)",
+)
+UNAUTHENTICATED = _Error(
+    401,
+    "Unauthorized",
+    "unauthenticated",
+    "the session is not valid or has expired; create a new session",
+    "Missing, wrong or expired credential (`unauthenticated`)",
+)
+NOT_FOUND = _Error(
+    404,
+    "Not Found",
+    "not_found",
+    "no such conversation",
+    "Unknown id, or one of another app or user (`not_found`)",
+)
+CONFLICT = _Error(
+    409,
+    "Conflict",
+    "idempotency_key_reused",
+    "this Idempotency-Key was used with a different request body",
+    "`idempotency_key_reused`, `idempotency_key_in_progress`, or a state conflict "
+    "(`conversation_closed`, `upload_incomplete`)",
+)
+TOO_LARGE = _Error(
+    413,
+    "Content Too Large",
+    "payload_too_large",
+    "the request body is larger than 1048576 bytes",
+    "Body or declared upload larger than allowed (`payload_too_large`)",
+)
+UNSUPPORTED = _Error(
+    415,
+    "Unsupported Media Type",
+    "unsupported_media_type",
+    "the body must be application/json",
+    "Wrong content type, or an upload whose bytes are not its type (`unsupported_media_type`)",
+)
+INVALID = _Error(
+    422,
+    "Unprocessable Content",
+    "validation_failed",
+    "custom field 'order_id' must be a string",
+    "A field failed validation (`validation_failed`, with `errors`)",
+    {"errors": [{"field": "custom_fields.order_id", "message": "expected str"}]},
+)
+RATE_LIMITED = _Error(
+    429,
+    "Too Many Requests",
+    "rate_limited",
+    "too many requests; retry after the given delay",
+    "Over the app's or user's rate limit (`rate_limited`; see `Retry-After`)",
+)
+UNAVAILABLE = _Error(
+    503,
+    "Service Unavailable",
+    "service_unavailable",
+    "the database is unavailable; retry shortly",
+    "Database or storage outage (`service_unavailable`, `storage_unavailable`; see `Retry-After`)",
+)
+
+
+def _errors(handler: HTTPRouteHandler, path: str) -> list[_Error]:
+    methods = set(handler.http_methods)
+    errors = [BAD_REQUEST]
+    if handler.resolve_guards():
+        errors.append(UNAUTHENTICATED)
+    if "{" in path:
+        errors.append(NOT_FOUND)
+    if methods & _BODY_METHODS:
+        errors += [CONFLICT, TOO_LARGE, UNSUPPORTED, INVALID]
+    elif handler.parsed_fn_signature.parameters.keys() - {"self"}:
+        errors.append(INVALID)  # query parameters are validated too
+    if path.startswith("/v1/client"):
+        errors.append(RATE_LIMITED)
+    errors.append(UNAVAILABLE)
+    return errors
+
+
+def document_responses(app: Litestar) -> None:
+    for route in app.routes:
+        if not route.path.startswith("/v1/"):
+            continue
+        for handler in getattr(route, "route_handlers", ()):
+            if not isinstance(handler, HTTPRouteHandler):
+                continue
+            responses: dict[int, ResponseSpec] = dict(handler.responses or {})
+            model = handler.opt.get("response_model")
+            if model is not None:
+                responses[handler.status_code] = ResponseSpec(
+                    data_container=model,
+                    description="Created (replayed for a repeated key)",
+                    generate_examples=False,
+                )
+            for error in _errors(handler, route.path):
+                responses.setdefault(error.status, error.spec())
+            handler.responses = responses
