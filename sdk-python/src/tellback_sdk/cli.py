@@ -3,6 +3,7 @@
     tellback-sdk send "The app crashes on start" --photo shot.png --lat 52.5 --lon 13.4
     tellback-sdk list
     tellback-sdk show CONVERSATION_ID
+    tellback-sdk watch                 # live events until Ctrl-C
 
 Base URL and app key come from --url/--app-key or TELLBACK_URL/TELLBACK_APP_KEY; state
 (installation id, session, resumable uploads) lives in --data-dir (~/.tellback-sdk).
@@ -17,8 +18,19 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import msgspec
+
 from tellback_sdk._client import Client
 from tellback_sdk.errors import TellbackError
+from tellback_sdk.events import (
+    ConversationCreated,
+    ConversationUpdated,
+    LiveEvent,
+    MessageCreated,
+    Reset,
+    UnknownEvent,
+    UnreadChanged,
+)
 from tellback_sdk.types import Location
 
 try:
@@ -46,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="a conversation's messages")
     show.add_argument("conversation_id")
     sub.add_parser("flush", help="send queued feedback")
+    watch = sub.add_parser("watch", help="print live events (replies, status, unread)")
+    watch.add_argument("--from", dest="last_event_id", help="resume after this event id")
+    watch.add_argument("--count", type=int, help="stop after this many events")
+    watch.add_argument("--no-reconnect", action="store_true", help="stop when disconnected")
     return p
 
 
@@ -104,6 +120,39 @@ def _show(tb: Client, conversation_id: str, out: Callable[[str], None]) -> int:
     return 0
 
 
+def describe(event: LiveEvent) -> str:
+    """One line per event (``#id`` is what ``--from`` takes)."""
+    head = f"{event.type} #{event.id}" if event.id else event.type
+    if isinstance(event, MessageCreated | ConversationCreated):
+        message = event.message
+        who = message.author.name or message.author.type
+        files = f" [{len(message.attachments)} attachment(s)]" if message.attachments else ""
+        return f"{head} conversation={event.conversation.id} {who}: {message.body or ''}{files}"
+    if isinstance(event, ConversationUpdated):
+        return f"{head} conversation={event.conversation.id} status={event.conversation.status}"
+    if isinstance(event, UnreadChanged):
+        return f"{head} unread={event.unread_count} conversation={event.data.conversation_id}"
+    if isinstance(event, Reset):
+        return f"{head} reason={event.reason}: events were missed, reload"
+    if isinstance(event, UnknownEvent):
+        return f"{head} {msgspec.json.encode(event.data).decode()}"
+    return head
+
+
+def _watch(tb: Client, args: argparse.Namespace, out: Callable[[str], None]) -> int:
+    seen = 0
+    with tb.events.stream(args.last_event_id, reconnect=not args.no_reconnect) as events:
+        try:
+            for event in events:
+                out(describe(event))
+                seen += 1
+                if args.count is not None and seen >= args.count:
+                    break
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
 def main(argv: Sequence[str] | None = None, **client_options: Any) -> int:
     args = _parser().parse_args(argv)
     if not args.app_key:
@@ -118,6 +167,8 @@ def main(argv: Sequence[str] | None = None, **client_options: Any) -> int:
                 return _list(tb, out)
             if args.command == "show":
                 return _show(tb, args.conversation_id, out)
+            if args.command == "watch":
+                return _watch(tb, args, out)
             result = tb.outbox.flush()
             out(f"sent {result.sent}, failed {result.dead}, still queued {result.pending}")
             return 0
