@@ -1,20 +1,50 @@
-"""Walk the whole feedback loop against a running server, using only the HTTP API.
+"""Walk the whole feedback loop against a running server.
 
 Run `uv run tellback serve` in one terminal, then:
 
     TELLBACK_ADMIN_TOKEN=tba_... uv run python examples/quickstart.py
 
-It creates an app and an agent, starts an end-user session, sends feedback
-with a location, answers it as the agent and reads the unread badge count.
+As the operator (admin API, httpx) it creates an app and an agent. As the end
+user it uses the Python SDK: it opens the live event stream, sends feedback
+with a photo and a location, and waits on the stream for the reply. As the
+agent (agent API, httpx) it answers as soon as the feedback shows up on the
+user's stream. Finally the user reads the unread badge count.
+TELLBACK_URL overrides the server address (default http://127.0.0.1:8080).
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import sys
+import tempfile
 import uuid
+import zlib
+from pathlib import Path
 
 import httpx
+
+from tellback_sdk import Client, DeviceInfo, Location, MessageCreated, Reset
+
+
+def tiny_png(width: int = 32, height: int = 24) -> bytes:
+    """A valid RGB PNG (a blue gradient), made with the standard library."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    rows = b"".join(
+        b"\x00" + b"".join(bytes((10, 120, 8 * x % 256)) for x in range(width))
+        for _ in range(height)
+    )
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
 
 
 def main() -> int:
@@ -24,37 +54,53 @@ def main() -> int:
         print("set TELLBACK_ADMIN_TOKEN to the token `tellback serve` printed", file=sys.stderr)
         return 2
     admin = {"Authorization": f"Bearer {admin_token}"}
-    with httpx.Client(base_url=base, timeout=10) as http:
-        app = http.post("/v1/admin/apps", json={"name": "Quickstart"}, headers=admin).json()
-        agent = http.post(
+    with httpx.Client(base_url=base, timeout=10) as http, tempfile.TemporaryDirectory() as tmp:
+        # --- the operator: an app and an agent ---------------------------------------------
+        r = http.post("/v1/admin/apps", json={"name": "Quickstart"}, headers=admin)
+        r.raise_for_status()
+        app = r.json()
+        r = http.post(
             "/v1/admin/agents", json={"name": "Ada", "app_ids": [app["id"]]}, headers=admin
-        ).json()
-        session = http.post(
-            "/v1/client/sessions",
-            json={
-                "app_key": app["app_key"],
-                "installation_id": uuid.uuid4().hex,
-                "device": {"platform": "ios", "model": "iPhone16,1", "os_version": "18.2"},
-            },
-        ).json()
-        user = {"Authorization": f"Bearer {session['session_token']}"}
-        conv = http.post(
-            "/v1/client/conversations",
-            json={
-                "body": "The checkout button does nothing",
-                "location": {"latitude": 52.52, "longitude": 13.405, "accuracy_m": 15},
-                "context": {"app": {"version": "2.3.1"}, "network": {"type": "wifi"}},
-            },
-            headers={**user, "Idempotency-Key": str(uuid.uuid4())},
-        ).json()
-        print("feedback sent:", conv["id"])
-        reply = http.post(
-            f"/v1/agent/conversations/{conv['id']}/messages",
-            json={"body": "Thanks! Fixed in 2.3.2."},
-            headers={"Authorization": f"Bearer {agent['token']}"},
-        ).json()
-        print("agent replied:", reply["body"])
-        print("badge:", http.get("/v1/client/unread", headers=user).json()["unread_count"])
+        )
+        r.raise_for_status()
+        agent = {"Authorization": f"Bearer {r.json()['token']}"}
+
+        # --- the end user, through the SDK ----------------------------------------------------
+        photo = Path(tmp) / "screenshot.png"
+        photo.write_bytes(tiny_png())
+        device = DeviceInfo(platform="ios", model="iPhone16,1", os_version="18.2")
+        with Client(base, app["app_key"], data_dir=Path(tmp) / "sdk", device=device) as tb:
+            # Open the stream first: nothing that happens from here on can be missed.
+            with tb.events.stream() as events:
+                events.connect()
+                conv = tb.conversations.create(
+                    "The checkout button does nothing",
+                    attachments=[photo],
+                    location=Location(latitude=52.52, longitude=13.405, accuracy_m=15),
+                    context={"app": {"version": "2.3.1"}, "network": {"type": "wifi"}},
+                )
+                print("feedback sent:", conv.id, "with", photo.name)
+
+                # --- the agent answers (agent API) -----------------------------------------
+                r = http.post(
+                    f"/v1/agent/conversations/{conv.id}/messages",
+                    json={"body": "Thanks! Fixed in 2.3.2."},
+                    headers={**agent, "Idempotency-Key": str(uuid.uuid4())},
+                )
+                r.raise_for_status()
+
+                # --- the user sees the reply arrive live -------------------------------------
+                for event in events:
+                    if isinstance(event, Reset):
+                        print("stream reset:", event.reason)
+                    elif (
+                        isinstance(event, MessageCreated)
+                        and event.message.author.type == "agent"
+                        and event.conversation.id == conv.id
+                    ):
+                        print(f"agent replied (live, event {event.id}):", event.message.body)
+                        break
+            print("badge:", tb.me.unread_count())
     return 0
 
 
