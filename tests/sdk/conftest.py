@@ -7,6 +7,7 @@ never see each other's conversations.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -230,31 +231,25 @@ def _free_port() -> int:
         return port
 
 
-@pytest.fixture(scope="session")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    """`tellback serve` on 127.0.0.1 with its own data dir; stopped at session end."""
-    base = tmp_path_factory.mktemp("live-server")
+@contextlib.contextmanager
+def _serve(base: Path, *, worker: bool = False, **env_extra: str) -> Iterator[Live]:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TELLBACK_")}
-    env.update(TELLBACK_DATA_DIR=str(base / "data"), TELLBACK_SECRET_KEY="s" * 40)
+    env.update(TELLBACK_DATA_DIR=str(base / "data"), TELLBACK_SECRET_KEY="s" * 40, **env_extra)
     out = (base / "stdout").open("w+")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tellback_server",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-worker",
-        ],
-        cwd=base,
-        env=env,
-        stdout=out,
-        stderr=subprocess.DEVNULL,
-    )
+    command = [
+        sys.executable,
+        "-m",
+        "tellback_server",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    if not worker:
+        command.append("--no-worker")
+    proc = subprocess.Popen(command, cwd=base, env=env, stdout=out, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -283,3 +278,23 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             proc.kill()
             proc.wait()
         out.close()
+
+
+@pytest.fixture(scope="session")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    """`tellback serve` on 127.0.0.1 with its own data dir; stopped at session end."""
+    with _serve(tmp_path_factory.mktemp("live-server")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def live_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    """`tellback serve` with its job worker (polling fast) and webhooks to 127.0.0.1
+    allowed: for webhook deliveries end to end."""
+    with _serve(
+        tmp_path_factory.mktemp("live-worker"),
+        worker=True,
+        TELLBACK_WEBHOOK_ALLOW_PRIVATE="true",
+        TELLBACK_WORKER_POLL_SECONDS="0.2",
+    ) as server:
+        yield server
