@@ -1,0 +1,393 @@
+"""Ingest and read benchmark: Tellback against the framework ceiling, side by side.
+
+    uv run python tests/bench/bench_ingest.py [--seconds 10] [--connections 32]
+        [--database sqlite|postgresql|both] [--processes 1,2]
+
+Ingest: `POST /v1/client/conversations` with a realistic 1 KiB device/app
+context, session auth and a fresh `Idempotency-Key` per request, against a bare
+Litestar endpoint (`tests/bench/ceiling_app.py`) that decodes the same JSON into
+the same msgspec types and answers the same shape: the most any Litestar app
+can do here. Reads: the conversation list and a message page, against the
+ceiling's GET that returns a same-sized page. Same uvicorn settings, same load.
+
+Load generator: an asyncio HTTP/1.1 keep-alive client over raw sockets
+(`--connections` concurrent, one end user per connection), in this process;
+it shares the machine's CPUs with the server, which is printed with the
+results. Each run warms up, then measures `--seconds`; printed: requests/s,
+p50/p99 latency, and the ratio to the ceiling measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from tests.bench.bench_push import _embedded_postgres, pct  # noqa: E402
+from tests.bench.bench_upload import free_port  # noqa: E402
+
+CONTEXT = {
+    "app": {"version": "4.12.0", "build": "41200", "bundle_id": "com.example.shop", "env": "prod"},
+    "device": {
+        "platform": "ios",
+        "model": "iPhone15,2",
+        "os_version": "18.1.1",
+        "locale": "de_DE",
+        "timezone": "Europe/Berlin",
+        "screen": {"width": 1179, "height": 2556, "scale": 3},
+        "memory_mb": 5734,
+        "jailbroken": False,
+    },
+    "network": {"type": "wifi", "carrier": "Telekom.de", "ip_version": 6, "vpn": False},
+    "battery": {"level": 0.54, "charging": False, "low_power_mode": False},
+    "storage": {"free_mb": 20480, "total_mb": 131072},
+    "extra": {
+        "screen_name": "CheckoutViewController",
+        "cart_items": 3,
+        "experiment_flags": ["new_checkout_v2", "dark_mode_auto", "reorder_button"],
+        "last_actions": [f"tap:button.{i}" for i in range(12)],
+    },
+}
+
+
+def feedback_body() -> bytes:
+    return json.dumps(
+        {
+            "body": "The checkout button does nothing after I change the address. " * 2,
+            "subject": "Checkout stuck",
+            "tags": ["checkout", "ios"],
+            "context": CONTEXT,
+            "location": {"latitude": 52.52, "longitude": 13.405, "accuracy_m": 35.0},
+        }
+    ).encode()
+
+
+def env_for(workdir: Path, database_url: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TELLBACK_")}
+    env.update(
+        TELLBACK_DATA_DIR=str(workdir),
+        TELLBACK_SECRET_KEY="bench-secret-key-0123456789abcdef0123",
+        TELLBACK_LOG_LEVEL="warning",
+        TELLBACK_LOG_FORMAT="json",
+    )
+    if database_url:
+        env["TELLBACK_DATABASE_URL"] = database_url
+    return env
+
+
+async def _wait_ready(url: str) -> None:
+    async with httpx.AsyncClient() as http:
+        for _ in range(300):
+            try:
+                if (await http.get(f"{url}/healthz")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url} did not start")
+
+
+@asynccontextmanager
+async def process(args: list[str], env: dict[str, str], port: int) -> AsyncIterator[str]:
+    proc = await asyncio.create_subprocess_exec(
+        *args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await _wait_ready(url)
+        yield url
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+def serve_args(port: int) -> list[str]:
+    return [sys.executable, "-m", "tellback_server", "serve", "--migrate", "--port", str(port)]
+
+
+def ceiling_args(port: int) -> list[str]:
+    return [sys.executable, str(ROOT / "tests/bench/ceiling_app.py"), "--port", str(port)]
+
+
+@dataclass
+class Result:
+    requests: int
+    seconds: float
+    latencies_ms: list[float]
+    errors: int
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+
+class Conn:
+    """One keep-alive HTTP/1.1 connection; just enough protocol for this benchmark."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, url: str) -> Conn:
+        host, port = url.removeprefix("http://").split(":")
+        return cls(*await asyncio.open_connection(host, int(port)))
+
+    async def request(self, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
+        self.writer.write(head + body)
+        status_line = await self.reader.readline()
+        length = 0
+        while True:
+            line = await self.reader.readline()
+            if line in {b"\r\n", b""}:
+                break
+            name, _, value = line.partition(b":")
+            if name.lower() == b"content-length":
+                length = int(value)
+        payload = await self.reader.readexactly(length)
+        return int(status_line.split()[1]), payload
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+Request = Callable[[int], tuple[bytes, bytes]]  # connection index -> (head, body)
+
+
+async def load(url: str, make: Request, connections: int, seconds: float, warmup: float) -> Result:
+    conns = [await Conn.open(url) for _ in range(connections)]
+    latencies: list[float] = []
+    count = errors = 0
+    start = time.perf_counter()
+    measure_from = start + warmup
+    stop_at = measure_from + seconds
+
+    async def worker(i: int) -> None:
+        nonlocal count, errors
+        conn = conns[i]
+        while True:
+            began = time.perf_counter()
+            if began >= stop_at:
+                return
+            head, body = make(i)
+            status, _ = await conn.request(head, body)
+            done = time.perf_counter()
+            if began >= measure_from:
+                count += 1
+                latencies.append((done - began) * 1000)
+                if status >= 400:
+                    errors += 1
+
+    await asyncio.gather(*(worker(i) for i in range(connections)))
+    for c in conns:
+        c.close()
+    return Result(count, seconds, latencies, errors)
+
+
+def post_head(path: str, host: str, length: int, headers: dict[str, str]) -> bytes:
+    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length}\r\n{extra}\r\n"
+    ).encode()
+
+
+def get_head(path: str, host: str, headers: dict[str, str]) -> bytes:
+    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode()
+
+
+async def setup(url: str, env: dict[str, str], connections: int) -> tuple[list[str], str]:
+    out = subprocess.run(  # noqa: ASYNC221 (setup, before anything is measured)
+        [sys.executable, "-m", "tellback_server", "admin", "create-token"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    admin = {"Authorization": f"Bearer {out.strip().splitlines()[-1]}"}
+    unlimited = {"rate_limits": {"app_per_minute": 0, "user_per_minute": 0}}  # 0: off
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        r = await http.post(
+            "/v1/admin/apps", json={"name": "Bench", "settings": unlimited}, headers=admin
+        )
+        r.raise_for_status()
+        app = r.json()
+        tokens = []
+        for _ in range(connections):
+            s = await http.post(
+                "/v1/client/sessions",
+                json={"app_key": app["app_key"], "installation_id": uuid.uuid4().hex},
+            )
+            s.raise_for_status()
+            tokens.append(s.json()["session_token"])
+        # Something to read: a few conversations with messages for the first user.
+        user = {"Authorization": f"Bearer {tokens[0]}"}
+        conv_id = ""
+        for _ in range(30):
+            r = await http.post("/v1/client/conversations", content=feedback_body(), headers=user)
+            r.raise_for_status()
+            conv_id = r.json()["id"]
+        for i in range(24):
+            r = await http.post(
+                f"/v1/client/conversations/{conv_id}/messages",
+                json={"body": f"more detail {i}"},
+                headers=user,
+            )
+            r.raise_for_status()
+    return tokens, conv_id
+
+
+def row(name: str, ours: Result, ceiling: Result) -> str:
+    return (
+        f"{name:<34} {ours.rps:>8.0f} {ceiling.rps:>8.0f} {ours.rps / ceiling.rps:>6.3f} "
+        f"{pct(ours.latencies_ms, 50):>7.1f} {pct(ours.latencies_ms, 99):>7.1f} "
+        f"{pct(ceiling.latencies_ms, 99):>7.1f} {ours.errors:>5}"
+    )
+
+
+async def run_database(
+    name: str, base: Path, database_url: str | None, args: argparse.Namespace, processes: int
+) -> list[str]:
+    lines: list[str] = []
+    env = env_for(base / f"{name}-{processes}", database_url)
+    ports = [free_port() for _ in range(processes)]
+    ceiling_port = free_port()
+    async with contextlib_stack(
+        [process(serve_args(p), env, p) for p in ports]
+        + [process(ceiling_args(ceiling_port), env, ceiling_port)]
+    ) as urls:
+        *ours, ceiling = urls
+        tokens, conv_id = await setup(ours[0], env, args.connections)
+        body = feedback_body()
+        host = "127.0.0.1"
+
+        def ingest(i: int) -> tuple[bytes, bytes]:
+            headers = {
+                "Authorization": f"Bearer {tokens[i]}",
+                "Idempotency-Key": uuid.uuid4().hex,
+            }
+            return post_head("/v1/client/conversations", host, len(body), headers), body
+
+        def ceiling_ingest(i: int) -> tuple[bytes, bytes]:
+            headers = {"Authorization": f"Bearer {tokens[i]}", "Idempotency-Key": uuid.uuid4().hex}
+            return post_head("/ceiling/conversations", host, len(body), headers), body
+
+        reader = {"Authorization": f"Bearer {tokens[0]}"}
+
+        def list_convs(_: int) -> tuple[bytes, bytes]:
+            return get_head("/v1/client/conversations?limit=25", host, reader), b""
+
+        def list_msgs(_: int) -> tuple[bytes, bytes]:
+            path = f"/v1/client/conversations/{conv_id}/messages?limit=25"
+            return get_head(path, host, reader), b""
+
+        def ceiling_list(_: int) -> tuple[bytes, bytes]:
+            return get_head("/ceiling/conversations?limit=25", host, reader), b""
+
+        label = f"{name}, {processes} process{'es' if processes > 1 else ''}"
+        for title, ours_req, ceiling_req in (
+            ("ingest", ingest, ceiling_ingest),
+            ("conversation list", list_convs, ceiling_list),
+            ("message page", list_msgs, ceiling_list),
+        ):
+            if title != "ingest" and not args.reads:
+                continue
+            ceiling_result = await load(
+                ceiling, ceiling_req, args.connections, args.seconds, args.warmup
+            )
+            ours_result = await _spread(ours, ours_req, args)
+            lines.append(row(f"{label}: {title}", ours_result, ceiling_result))
+    return lines
+
+
+async def _spread(urls: list[str], make: Request, args: argparse.Namespace) -> Result:
+    """Split the connections over the server processes (a load balancer's job)."""
+    per = args.connections // len(urls)
+
+    def shifted(k: int) -> Request:
+        return lambda i: make(k * per + i)
+
+    results = await asyncio.gather(
+        *(load(url, shifted(k), per, args.seconds, args.warmup) for k, url in enumerate(urls))
+    )
+    return Result(
+        sum(r.requests for r in results),
+        args.seconds,
+        [lat for r in results for lat in r.latencies_ms],
+        sum(r.errors for r in results),
+    )
+
+
+@asynccontextmanager
+async def contextlib_stack(managers: list[Any]) -> AsyncIterator[list[str]]:
+    from contextlib import AsyncExitStack
+
+    async with AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(m) for m in managers]
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    base = Path(tempfile.mkdtemp(prefix="tellback-bench-ingest-"))
+    lines: list[str] = []
+    try:
+        if args.database in {"sqlite", "both"}:
+            lines += await run_database("sqlite", base, None, args, 1)
+        if args.database in {"postgresql", "both"}:
+            pg = _embedded_postgres(base)
+            if pg is None:
+                print("embedded-postgres is not installed: skipping PostgreSQL")
+            else:
+                url, server = pg
+                try:
+                    for n in args.processes:
+                        lines += await run_database("postgresql", base, url, args, n)
+                finally:
+                    server.cleanup()
+        print(
+            f"\n{args.connections} connections, {args.seconds:g} s per run after "
+            f"{args.warmup:g} s warm-up, asyncio raw-socket client in the same machine "
+            f"({os.cpu_count()} CPUs)"
+        )
+        print(
+            f"{'':<34} {'req/s':>8} {'ceiling':>8} {'ratio':>6} {'p50 ms':>7} "
+            f"{'p99 ms':>7} {'ceil p99':>7} {'4xx+':>5}"
+        )
+        for line in lines:
+            print(line)
+        _ = statistics  # keep the import for quick interactive use
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--database", choices=["sqlite", "postgresql", "both"], default="both")
+    parser.add_argument(
+        "--processes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2]
+    )
+    parser.add_argument("--no-reads", dest="reads", action="store_false")
+    asyncio.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
