@@ -22,6 +22,8 @@ from tellback_server.domain.attachments.controllers import (
     ClientUploadsController,
     StorageController,
 )
+from tellback_server.domain.console.controllers import ConsoleAuthController, ConsoleController
+from tellback_server.domain.console.pages import template_config
 from tellback_server.domain.conversations.controllers import (
     AgentConversationsController,
     ClientConversationsController,
@@ -170,7 +172,10 @@ def create_app(
             ClientEventsController,
             AgentEventsController,
             AdminWebhooksController,
+            ConsoleAuthController,
+            ConsoleController,
         ],
+        template_config=template_config(),
         dependencies=DEPENDENCIES,
         exception_handlers=exception_handlers(),
         openapi_config=openapi_config(),

@@ -23,6 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tellback_server.db.models import AdminToken, Agent, AgentApp, App, ClientSession
+from tellback_server.domain.console import session as console_session
 from tellback_server.http.errors import RateLimited, Unauthenticated
 from tellback_server.security import (
     ADMIN_TOKEN_PREFIX,
@@ -121,22 +122,47 @@ async def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRou
     connection.state.principal = AdminPrincipal(token_id=row)
 
 
-async def agent_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    token = _bearer(connection, AGENT_TOKEN_PREFIX, "agent token")
-    async with _conn_state(connection).db.session(write=False) as db:
+async def agent_by_token_hash(state: AppState, token_hash: str) -> AgentPrincipal | None:
+    """The active agent whose token has this hash, with its apps (the one agent lookup:
+    the API's guard and the console's sign-in and pages all use it)."""
+    async with state.db.session(write=False) as db:
         rows = (
             await db.execute(
                 select(Agent.id, Agent.name, AgentApp.app_id)
                 .outerjoin(AgentApp, AgentApp.agent_id == Agent.id)
-                .where(Agent.token_hash == hash_token(token), Agent.disabled_at.is_(None))
+                .where(Agent.token_hash == token_hash, Agent.disabled_at.is_(None))
             )
         ).all()
     if not rows:
-        raise Unauthenticated("the agent token is not valid")
-    agent_id, name = rows[0].id, rows[0].name
+        return None
     app_ids = frozenset(r.app_id for r in rows if r.app_id is not None)
-    structlog.contextvars.bind_contextvars(agent_id=str(agent_id))
-    connection.state.principal = AgentPrincipal(agent_id=agent_id, name=name, app_ids=app_ids)
+    return AgentPrincipal(agent_id=rows[0].id, name=rows[0].name, app_ids=app_ids)
+
+
+# The console's EventSource cannot send an Authorization header, so this one read-only
+# stream also accepts the console's session cookie. No other route and no other method
+# does: a cookie riding along on a forged cross-site POST or PATCH authorizes nothing.
+_COOKIE_ROUTE = ("GET", "/v1/agent/events")
+
+
+def _agent_token_hash(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
+    route = (connection.scope.get("method"), connection.scope["path"].rstrip("/"))
+    if "authorization" not in connection.headers and route == _COOKIE_ROUTE:
+        cookie = connection.cookies.get(console_session.COOKIE)
+        if cookie:
+            opened = console_session.open_session(_conn_state(connection).sealer, cookie)
+            if opened is None:
+                raise Unauthenticated("the console session has expired; sign in again")
+            return opened.token_hash
+    return hash_token(_bearer(connection, AGENT_TOKEN_PREFIX, "agent token"))
+
+
+async def agent_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    principal = await agent_by_token_hash(_conn_state(connection), _agent_token_hash(connection))
+    if principal is None:
+        raise Unauthenticated("the agent token is not valid")
+    structlog.contextvars.bind_contextvars(agent_id=str(principal.agent_id))
+    connection.state.principal = principal
 
 
 async def client_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:

@@ -1,0 +1,296 @@
+"""``/console``: the agent console, server-rendered over the agent service layer.
+
+Every page resolves the agent exactly as the agent API does (the token hash in
+the sealed session cookie, looked up by ``agent_by_token_hash``) and reads and
+writes only through ``ConversationService``'s ``agent_*`` methods, so scoping,
+validation, events, pushes and webhooks are the API's own. Every POST checks
+the CSRF token (see ``session.py``) and refuses cross-site fetch metadata.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+from uuid import UUID
+
+import msgspec
+import structlog
+from litestar import Controller, Request, Response, get, post
+from litestar.connection import ASGIConnection
+from litestar.datastructures import Cookie
+from litestar.di import NamedDependency, Provide
+from litestar.handlers.base import BaseRouteHandler
+from litestar.params import FromPath
+from litestar.response import Template
+
+from tellback_server.domain.console import session as cs
+from tellback_server.domain.console.inbox import conversation_context, inbox_page, update_from_form
+from tellback_server.domain.console.pages import (
+    ERROR_HANDLERS,
+    LOGIN_PATH,
+    app_state,
+    is_secure,
+    redirect,
+    render,
+    secret_key,
+    security_headers,
+)
+from tellback_server.domain.console.views import InboxFilters
+from tellback_server.domain.conversations.controllers import provide_conversations
+from tellback_server.domain.conversations.schemas import AgentMessageCreate
+from tellback_server.domain.conversations.services import ConversationService
+from tellback_server.http.deps import AGENT, AgentPrincipal, agent_by_token_hash
+from tellback_server.http.errors import (
+    AppError,
+    Forbidden,
+    NotFound,
+    Unauthenticated,
+    ValidationFailed,
+)
+from tellback_server.security import AGENT_TOKEN_PREFIX, hash_token
+
+_SERVICE = {"conversations": Provide(provide_conversations, sync_to_thread=False)}
+_STATIC = {"console.js": "text/javascript", "console.css": "text/css"}
+_STATIC_CACHE: dict[str, bytes] = {}
+
+
+async def console_guard(
+    connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+) -> None:
+    state = connection.app.state["tb"]
+    value = connection.cookies.get(cs.COOKIE)
+    opened = cs.open_session(state.sealer, value) if value else None
+    principal = await agent_by_token_hash(state, opened.token_hash) if opened else None
+    if principal is None:
+        raise Unauthenticated("sign in to use the console")
+    structlog.contextvars.bind_contextvars(agent_id=str(principal.agent_id))
+    connection.state.principal = principal
+
+
+def _refuse_cross_site(request: Request[Any, Any, Any]) -> None:
+    # Browsers that send fetch metadata tell us where a POST came from; only our own pages
+    # (same-origin) may post. SameSite=Strict and the CSRF token cover the others.
+    if request.headers.get("sec-fetch-site") in {"cross-site", "same-site"}:
+        raise Forbidden("cross-site requests to the console are refused")
+
+
+async def checked_form(request: Request[Any, Any, Any]) -> dict[str, str]:
+    """The posted form, after the CSRF check that every console POST makes."""
+    _refuse_cross_site(request)
+    form = await request.form()
+    given = form.get(cs.CSRF_FIELD) or request.headers.get(cs.CSRF_HEADER)
+    bound = request.cookies.get(cs.COOKIE)
+    if not cs.csrf_matches(secret_key(request), bound, given if isinstance(given, str) else None):
+        raise Forbidden("this form has expired or did not come from the console; reload the page")
+    return {k: v for k, v in form.items() if isinstance(v, str)}
+
+
+def _cookie(request: Request[Any, Any, Any], key: str, value: str, max_age: int) -> Cookie:
+    return Cookie(
+        key=key,
+        value=value,
+        path="/" if key == cs.COOKIE else "/console",
+        max_age=max_age,
+        httponly=True,
+        secure=is_secure(request),
+        samesite="strict",
+    )
+
+
+class ConsoleAuthController(Controller):
+    """Sign-in and static files: the only console routes without a session."""
+
+    path = "/console"
+    include_in_schema = False
+    exception_handlers = ERROR_HANDLERS  # type: ignore[assignment]
+
+    @get("/login")
+    async def login_form(self, request: Request[Any, Any, Any]) -> Template:
+        return self._login_page(request, error=None, status=200)
+
+    def _login_page(
+        self, request: Request[Any, Any, Any], error: str | None, status: int
+    ) -> Template:
+        nonce = cs.new_login_nonce()
+        response = render(
+            request,
+            "login.html",
+            status=status,
+            error=error,
+            login_csrf=cs.csrf_token(secret_key(request), f"login:{nonce}"),
+        )
+        response.cookies.append(_cookie(request, cs.LOGIN_COOKIE, nonce, cs.LOGIN_TTL_S))
+        return response
+
+    @post("/login", status_code=303)
+    async def login(self, request: Request[Any, Any, Any]) -> Response[Any]:
+        _refuse_cross_site(request)
+        form = await request.form()
+        nonce = request.cookies.get(cs.LOGIN_COOKIE)
+        given = form.get(cs.CSRF_FIELD)
+        bound = f"login:{nonce}" if nonce else None
+        if not cs.csrf_matches(
+            secret_key(request), bound, given if isinstance(given, str) else None
+        ):
+            raise Forbidden("the sign-in form has expired; reload the page and try again")
+        token = form.get("token")
+        token = token.strip() if isinstance(token, str) else ""
+        principal = None
+        if token.startswith(AGENT_TOKEN_PREFIX) and len(token) <= 200:
+            principal = await agent_by_token_hash(app_state(request), hash_token(token))
+        if principal is None:
+            return self._login_page(request, error="That agent token is not valid.", status=401)
+        structlog.get_logger("tellback.console").info(
+            "console.signed_in", agent_id=str(principal.agent_id)
+        )
+        sealed = cs.seal_session(app_state(request).sealer, hash_token(token))
+        response = redirect(request, "/console/")
+        response.cookies.append(_cookie(request, cs.COOKIE, sealed, cs.SESSION_TTL_S))
+        response.cookies.append(_cookie(request, cs.LOGIN_COOKIE, "", 0))
+        return response
+
+    @get("/static/{name:str}")
+    async def static(self, request: Request[Any, Any, Any], name: FromPath[str]) -> Response[bytes]:
+        media_type = _STATIC.get(name)
+        if media_type is None:
+            raise NotFound("no such file")
+        if name not in _STATIC_CACHE:
+            files = resources.files("tellback_server.domain.console") / "static" / name
+            _STATIC_CACHE[name] = files.read_bytes()
+        headers = {**security_headers(app_state(request).settings), "Cache-Control": "no-cache"}
+        return Response(_STATIC_CACHE[name], media_type=media_type, headers=headers)
+
+
+class ConsoleController(Controller):
+    path = "/console"
+    include_in_schema = False
+    guards = [console_guard]
+    dependencies = {**AGENT, **_SERVICE}
+    exception_handlers = ERROR_HANDLERS  # type: ignore[assignment]
+
+    @get("/")
+    async def inbox(
+        self,
+        request: Request[Any, Any, Any],
+        agent: NamedDependency[AgentPrincipal],
+        conversations: NamedDependency[ConversationService],
+    ) -> Template:
+        return await self._inbox(request, agent, conversations, "inbox.html")
+
+    @get("/inbox/rows")
+    async def inbox_rows(
+        self,
+        request: Request[Any, Any, Any],
+        agent: NamedDependency[AgentPrincipal],
+        conversations: NamedDependency[ConversationService],
+    ) -> Template:
+        """The inbox table alone, fetched by the page when an event arrives."""
+        return await self._inbox(request, agent, conversations, "_inbox_rows.html")
+
+    async def _inbox(
+        self,
+        request: Request[Any, Any, Any],
+        agent: AgentPrincipal,
+        conversations: ConversationService,
+        template: str,
+    ) -> Template:
+        filters = InboxFilters.parse(dict(request.query_params.items()))
+        items, next_cursor = await inbox_page(conversations, agent, filters)
+        return render(
+            request,
+            template,
+            filters=filters,
+            items=items,
+            app_ids=sorted(str(a) for a in agent.app_ids),
+            next_query=filters.query(cursor=next_cursor) if next_cursor else None,
+            rows_query=filters.query(cursor=filters.cursor),
+        )
+
+    @get("/c/{conversation_id:uuid}")
+    async def conversation(
+        self,
+        request: Request[Any, Any, Any],
+        agent: NamedDependency[AgentPrincipal],
+        conversations: NamedDependency[ConversationService],
+        conversation_id: FromPath[UUID],
+    ) -> Template:
+        context = await conversation_context(conversations, agent, conversation_id)
+        return render(request, "conversation.html", error=None, draft="", **context)
+
+    @get("/c/{conversation_id:uuid}/live")
+    async def conversation_live(
+        self,
+        request: Request[Any, Any, Any],
+        agent: NamedDependency[AgentPrincipal],
+        conversations: NamedDependency[ConversationService],
+        conversation_id: FromPath[UUID],
+    ) -> Template:
+        """The thread alone, fetched by the page when an event about it arrives."""
+        context = await conversation_context(conversations, agent, conversation_id)
+        return render(request, "_thread.html", **context)
+
+    @post("/c/{conversation_id:uuid}/reply", status_code=303)
+    async def reply(
+        self,
+        request: Request[Any, Any, Any],
+        agent: NamedDependency[AgentPrincipal],
+        conversations: NamedDependency[ConversationService],
+        conversation_id: FromPath[UUID],
+    ) -> Response[Any]:
+        form = await checked_form(request)
+        body = form.get("body", "")
+        try:
+            data = msgspec.convert(
+                {"body": body or None, "internal": form.get("internal") == "1"},
+                AgentMessageCreate,
+            )
+            message = await conversations.agent_reply(agent, conversation_id, data)
+        except (msgspec.ValidationError, ValidationFailed) as exc:
+            return await self._with_error(request, agent, conversations, conversation_id, exc, body)
+        return redirect(request, f"/console/c/{conversation_id}#m-{message.id}")
+
+    @post("/c/{conversation_id:uuid}/update", status_code=303)
+    async def update(
+        self,
+        request: Request[Any, Any, Any],
+        agent: NamedDependency[AgentPrincipal],
+        conversations: NamedDependency[ConversationService],
+        conversation_id: FromPath[UUID],
+    ) -> Response[Any]:
+        form = await checked_form(request)
+        try:
+            await conversations.agent_update(agent, conversation_id, update_from_form(form, agent))
+        except (msgspec.ValidationError, ValidationFailed) as exc:
+            return await self._with_error(request, agent, conversations, conversation_id, exc, "")
+        return redirect(request, f"/console/c/{conversation_id}")
+
+    async def _with_error(
+        self,
+        request: Request[Any, Any, Any],
+        agent: AgentPrincipal,
+        conversations: ConversationService,
+        conversation_id: UUID,
+        exc: Exception,
+        draft: str,
+    ) -> Template:
+        context = await conversation_context(conversations, agent, conversation_id)
+        error = exc.detail if isinstance(exc, AppError) and exc.detail else str(exc)
+        return render(request, "conversation.html", status=422, error=error, draft=draft, **context)
+
+    @post("/c/{conversation_id:uuid}/read", status_code=204)
+    async def mark_read(
+        self,
+        request: Request[Any, Any, Any],
+        agent: NamedDependency[AgentPrincipal],
+        conversations: NamedDependency[ConversationService],
+        conversation_id: FromPath[UUID],
+    ) -> None:
+        await checked_form(request)
+        await conversations.agent_read(agent, conversation_id)
+
+    @post("/logout", status_code=303)
+    async def logout(self, request: Request[Any, Any, Any]) -> Response[Any]:
+        await checked_form(request)
+        response = redirect(request, LOGIN_PATH)
+        response.cookies.append(_cookie(request, cs.COOKIE, "", 0))
+        return response

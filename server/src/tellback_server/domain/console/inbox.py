@@ -1,0 +1,142 @@
+"""The console's reads and form decoding, all through ``ConversationService.agent_*``."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import msgspec
+
+from tellback_server.domain.console.views import (
+    PRIORITIES,
+    STATUSES,
+    AttachmentView,
+    InboxFilters,
+    attachment_view,
+    context_sections,
+    map_url,
+    scalar,
+)
+from tellback_server.domain.conversations.schemas import (
+    AgentConversation,
+    AgentMessageOut,
+    ConversationUpdate,
+    Location,
+)
+from tellback_server.domain.conversations.services import ConversationService
+from tellback_server.http.deps import AgentPrincipal
+
+PAGE = 25
+# The agent API filters by app, status, assignee and text but not (yet) by tag, so a tag
+# filter scans up to this many pages of 100 and keeps the matches.
+TAG_SCAN_PAGES = 10
+# The detail view carries the first 100 messages; the console follows the cursor this
+# many pages further so the newest messages are on screen.
+MORE_MESSAGE_PAGES = 9
+
+
+async def inbox_page(
+    conversations: ConversationService, agent: AgentPrincipal, f: InboxFilters
+) -> tuple[list[AgentConversation], str | None]:
+    def fetch(cursor: str | None, limit: int) -> Any:
+        return conversations.agent_list(
+            agent,
+            app_id=f.app_id,
+            status=f.status,
+            q=f.q,
+            assignee_id=agent.agent_id if f.mine else None,
+            cursor=cursor,
+            limit=limit,
+        )
+
+    if f.tag is None:
+        page = await fetch(f.cursor, PAGE)
+        return list(page.items), page.next_cursor
+    wanted = f.tag.casefold()
+    items: list[AgentConversation] = []
+    cursor = f.cursor
+    for _ in range(TAG_SCAN_PAGES):
+        page = await fetch(cursor, 100)
+        items += [c for c in page.items if any(t.casefold() == wanted for t in c.tags)]
+        cursor = page.next_cursor
+        if cursor is None or len(items) >= PAGE:
+            break
+    return items, cursor
+
+
+@dataclass(frozen=True, slots=True)
+class MessageView:
+    id: UUID
+    author_type: str
+    author_name: str
+    internal: bool
+    body: str | None
+    created_at: dt.datetime
+    attachments: list[AttachmentView]
+    location: Location | None
+    map_url: str | None
+
+
+def message_view(m: AgentMessageOut) -> MessageView:
+    if m.author.type == "agent":
+        name = m.author.name or "Agent"
+    elif m.author.type == "user":
+        name = m.author.name or "User"
+    else:
+        name = "System"
+    return MessageView(
+        id=m.id,
+        author_type=m.author.type,
+        author_name=name,
+        internal=m.internal,
+        body=m.body,
+        created_at=m.created_at,
+        attachments=[attachment_view(a) for a in m.attachments],
+        location=m.location,
+        map_url=map_url(m.location) if m.location is not None else None,
+    )
+
+
+async def conversation_context(
+    conversations: ConversationService, agent: AgentPrincipal, conversation_id: UUID
+) -> dict[str, Any]:
+    detail = await conversations.agent_get(agent, conversation_id)
+    messages = list(detail.messages)
+    cursor = detail.messages_next_cursor
+    for _ in range(MORE_MESSAGE_PAGES):
+        if cursor is None:
+            break
+        page = await conversations.agent_messages(agent, conversation_id, cursor, 100)
+        messages += page.items
+        cursor = page.next_cursor
+    return {
+        "c": detail,
+        "messages": [message_view(m) for m in messages],
+        "truncated": cursor is not None,
+        "context_sections": context_sections(detail.context),
+        "custom_fields": [(k, scalar(v)) for k, v in sorted(detail.custom_fields.items())],
+        "location": detail.location,
+        "location_map_url": map_url(detail.location) if detail.location else None,
+        "statuses": STATUSES,
+        "priorities": PRIORITIES,
+        "assigned_to_me": detail.assignee_id == agent.agent_id,
+    }
+
+
+def update_from_form(form: dict[str, str], agent: AgentPrincipal) -> ConversationUpdate:
+    """The controls form as a PATCH body; validated like the API's JSON (msgspec)."""
+    raw: dict[str, Any] = {}
+    if form.get("status"):
+        raw["status"] = form["status"]
+    if form.get("priority"):
+        raw["priority"] = form["priority"]
+    if "tags" in form:
+        raw["tags"] = [t.strip() for t in form["tags"].split(",") if t.strip()]
+    assignee = form.get("assignee", "keep")
+    if assignee == "me":
+        raw["assignee_id"] = agent.agent_id
+    elif assignee == "none":
+        raw["assignee_id"] = None
+    return msgspec.convert(raw, ConversationUpdate)

@@ -1,0 +1,250 @@
+"""Console sign-in, the session cookie, CSRF on every POST, and the cookie on the agent API."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from tellback_server.domain.console import session as cs
+from tellback_server.security import Sealer, hash_token
+from tests.console.conftest import BASE, Console, csrf_of, open_console, world
+from tests.server.conftest import Api
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def set_cookie(r: httpx.Response, name: str) -> str:
+    headers = [h for h in r.headers.get_list("set-cookie") if h.startswith(f"{name}=")]
+    assert len(headers) == 1, r.headers.get_list("set-cookie")
+    return headers[0]
+
+
+def attributes(header: str) -> dict[str, str]:
+    parts = [p.strip() for p in header.split(";")]
+    out = {}
+    for p in parts[1:]:
+        k, _, v = p.partition("=")
+        out[k.lower()] = v
+    return out
+
+
+async def test_sign_in_sets_a_sealed_strict_httponly_cookie(api: Api, console: Console) -> None:
+    w = await world(api)
+    r = await console.sign_in(w.agent_token)
+    assert r.status_code == 303
+    assert r.headers["location"] == "/console/"
+    header = set_cookie(r, cs.COOKIE)
+    attrs = attributes(header)
+    assert "httponly" in attrs
+    assert attrs["samesite"].lower() == "strict"
+    assert attrs["path"] == "/"
+    assert "secure" not in attrs  # plain http, public URL http
+    value = header.split(";", 1)[0].split("=", 1)[1].strip('"')
+    # The cookie holds neither the token nor its hash in the clear.
+    assert w.agent_token not in header
+    assert hash_token(w.agent_token) not in header
+    opened = cs.open_session(api.state.sealer, value)
+    assert opened is not None
+    assert opened.token_hash == hash_token(w.agent_token)
+    inbox = await console.http.get("/console/")
+    assert inbox.status_code == 200
+    assert "Ada &lt;Lovelace&gt;" in inbox.text  # the agent's name, escaped
+
+
+async def test_secure_cookie_over_https(api: Api) -> None:
+    w = await world(api)
+    async with open_console(api, base_url="https://127.0.0.1:8080") as console:
+        page = await console.http.get("/console/login")
+        login_cookie = set_cookie(page, cs.LOGIN_COOKIE)
+        assert "secure" in attributes(login_cookie)
+        r = await console.sign_in(w.agent_token)
+        assert r.status_code == 303
+        assert "secure" in attributes(set_cookie(r, cs.COOKIE))
+
+
+async def test_secure_cookie_when_the_public_url_is_https(api: Api) -> None:
+    import dataclasses
+
+    w = await world(api)
+    original = api.state.settings
+    api.state.settings = dataclasses.replace(original, public_url="https://feedback.example.com")
+    try:
+        async with open_console(api) as console:
+            page = await console.http.get("/console/login")
+            login_cookie = set_cookie(page, cs.LOGIN_COOKIE)
+            assert "secure" in attributes(login_cookie)
+            # a Secure cookie is not sent over plain http (as a browser would); send it by hand
+            r = await console.http.post(
+                "/console/login",
+                data={"token": w.agent_token, "_csrf": csrf_of(page.text)},
+                headers={"Cookie": login_cookie.split(";", 1)[0]},
+            )
+            assert r.status_code == 303
+            assert "secure" in attributes(set_cookie(r, cs.COOKIE))
+    finally:
+        api.state.settings = original
+
+
+async def test_bad_token_is_refused_without_a_session(api: Api, console: Console) -> None:
+    await world(api)
+    for token in ["tbg_not-a-real-token", "tba_admin-looking", "", "x" * 500]:
+        r = await console.sign_in(token)
+        assert r.status_code == 401, token
+        assert "That agent token is not valid." in r.text
+        assert not [h for h in r.headers.get_list("set-cookie") if h.startswith(f"{cs.COOKIE}=")]
+    assert (await console.http.get("/console/")).status_code == 303
+
+
+async def test_login_form_needs_its_csrf_token(api: Api, console: Console) -> None:
+    w = await world(api)
+    # no token, a wrong token, no login cookie, a cross-site post: all 403, no session
+    page = await console.http.get("/console/login")
+    good = csrf_of(page.text)
+    r = await console.http.post("/console/login", data={"token": w.agent_token})
+    assert r.status_code == 403
+    r = await console.http.post("/console/login", data={"token": w.agent_token, "_csrf": "x"})
+    assert r.status_code == 403
+    r = await console.http.post(
+        "/console/login",
+        data={"token": w.agent_token, "_csrf": good},
+        headers={"Sec-Fetch-Site": "cross-site"},
+    )
+    assert r.status_code == 403
+    console.http.cookies.clear()
+    r = await console.http.post("/console/login", data={"token": w.agent_token, "_csrf": good})
+    assert r.status_code == 403
+    assert "expired" in r.text
+    assert (await console.http.get("/console/")).status_code == 303
+
+
+async def test_pages_without_a_session_go_to_sign_in(api: Api, console: Console) -> None:
+    w = await world(api)
+    conv = await api.feedback(w.user)
+    for path in ["/console/", f"/console/c/{conv['id']}", "/console/inbox/rows"]:
+        r = await console.http.get(path)
+        assert r.status_code == 303, path
+        assert r.headers["location"] == "/console/login"
+    # fetches from the page get a 401 (the script reloads into the sign-in page)
+    r = await console.http.get("/console/inbox/rows", headers={"X-Console-Fragment": "1"})
+    assert r.status_code == 401
+    # a forged or foreign cookie is no session
+    console.http.cookies.set(cs.COOKIE, "bm90LWEtc2VhbGVkLXZhbHVl")
+    assert (await console.http.get("/console/")).status_code == 303
+    other = Sealer("another-secret-key-0123456789abcdef0123456789")
+    console.http.cookies.set(cs.COOKIE, cs.seal_session(other, hash_token(w.agent_token)))
+    assert (await console.http.get("/console/")).status_code == 303
+
+
+async def test_every_console_post_checks_csrf(api: Api, console: Console) -> None:
+    w = await world(api)
+    conv = await api.feedback(w.user, subject="Untouched")
+    assert (await console.sign_in(w.agent_token)).status_code == 303
+    posts = {
+        f"/console/c/{conv['id']}/reply": {"body": "forged reply"},
+        f"/console/c/{conv['id']}/update": {"status": "closed", "tags": "forged"},
+        f"/console/c/{conv['id']}/read": {},
+        "/console/logout": {},
+    }
+    # the app's routes: every console POST is in the list above
+    app = api.http._transport.app  # type: ignore[attr-defined]
+    console_posts = {
+        route.path
+        for route in app.routes
+        if route.path.startswith("/console") and "POST" in route.methods
+    }
+    assert len(console_posts) == len(posts) + 1  # + /console/login (tested above)
+    for path, form in posts.items():
+        for token in [None, "wrong", console.csrf[:-2] + "xx"]:
+            data = dict(form) if token is None else {**form, "_csrf": token}
+            r = await console.http.post(path, data=data)
+            assert r.status_code == 403, (path, token, r.text)
+        r = await console.http.post(
+            path, data={**form, "_csrf": console.csrf}, headers={"Sec-Fetch-Site": "cross-site"}
+        )
+        assert r.status_code == 403
+    detail = (await api.http.get(f"/v1/agent/conversations/{conv['id']}", headers=w.agent)).json()
+    assert [m["body"] for m in detail["messages"]] == ["The app crashes"]
+    assert detail["status"] == "open"
+    assert detail["tags"] == []
+    assert detail["unread_count"] == 1
+    # still signed in: logout was refused too
+    assert (await console.http.get("/console/")).status_code == 200
+    # the CSRF token of another session is not this session's
+    async with open_console(api) as other:
+        assert (await other.sign_in(w.agent_token)).status_code == 303
+        assert other.csrf != console.csrf
+        r = await console.post(f"/console/c/{conv['id']}/read", _csrf=other.csrf)
+        assert r.status_code == 403
+
+
+async def test_logout_clears_the_cookie(api: Api, console: Console) -> None:
+    w = await world(api)
+    assert (await console.sign_in(w.agent_token)).status_code == 303
+    r = await console.post("/console/logout")
+    assert r.status_code == 303
+    assert r.headers["location"] == "/console/login"
+    cleared = attributes(set_cookie(r, cs.COOKIE))
+    assert cleared["max-age"] == "0"
+    assert (await console.http.get("/console/")).status_code == 303
+
+
+async def test_session_expires_and_dies_with_the_agent(api: Api, console: Console) -> None:
+    w = await world(api)
+    sealer = api.state.sealer
+    stale = cs.seal_session(sealer, hash_token(w.agent_token), now=time.time() - cs.SESSION_TTL_S)
+    assert cs.open_session(sealer, stale) is None
+    future = cs.seal_session(sealer, hash_token(w.agent_token), now=time.time() + 3600)
+    assert cs.open_session(sealer, future) is None
+    assert (await console.sign_in(w.agent_token)).status_code == 303
+    r = await api.http.post(f"/v1/admin/agents/{w.agent_id}/rotate-token", headers=api.admin)
+    assert r.status_code == 200, r.text
+    assert (await console.http.get("/console/")).status_code == 303
+
+
+async def test_cookie_never_authorizes_the_agent_api_except_the_event_stream(
+    api: Api, console: Console
+) -> None:
+    w = await world(api)
+    conv = await api.feedback(w.user)
+    assert (await console.sign_in(w.agent_token)).status_code == 303
+    cid = conv["id"]
+    attempts = [
+        ("GET", "/v1/agent/conversations", None),
+        ("GET", f"/v1/agent/conversations/{cid}", None),
+        ("GET", "/v1/agent/me", None),
+        ("POST", f"/v1/agent/conversations/{cid}/messages", {"body": "via cookie"}),
+        ("PATCH", f"/v1/agent/conversations/{cid}", {"status": "closed"}),
+        ("POST", f"/v1/agent/conversations/{cid}/read", None),
+        ("POST", "/v1/agent/events", None),
+        ("PUT", "/v1/agent/devices/current", {"platform": "ios"}),
+    ]
+    for method, path, body in attempts:
+        r = await console.http.request(method, path, json=body)
+        assert r.status_code in {401, 405}, (method, path, r.status_code, r.text)
+        if r.status_code == 401:
+            assert r.json()["code"] == "unauthenticated"
+    detail = (await api.http.get(f"/v1/agent/conversations/{cid}", headers=w.agent)).json()
+    assert len(detail["messages"]) == 1
+    assert detail["status"] == "open"
+    # The stream takes the cookie only when it is a valid console session.
+    console.http.cookies.set(cs.COOKIE, "tampered")
+    r = await console.http.get("/v1/agent/events")
+    assert r.status_code == 401
+    # ... and a bearer header still wins over any cookie
+    r = await console.http.get(
+        "/v1/agent/conversations", headers={"Authorization": "Bearer tbg_wrong"}
+    )
+    assert r.status_code == 401
+
+
+def test_csrf_tokens_are_bound_and_compared_safely() -> None:
+    key = "k" * 40
+    token = cs.csrf_token(key, "cookie-a")
+    assert cs.csrf_matches(key, "cookie-a", token)
+    assert not cs.csrf_matches(key, "cookie-b", token)
+    assert not cs.csrf_matches("j" * 40, "cookie-a", token)
+    assert not cs.csrf_matches(key, None, token)
+    assert not cs.csrf_matches(key, "cookie-a", None)
+    assert BASE.startswith("http://")
