@@ -84,20 +84,18 @@ async def transport(sqlite_template: Path, tmp_path: Path) -> AsyncIterator[tupl
         yield httpx.ASGITransport(app=app), token  # type: ignore[arg-type]
 
 
-def test_idempotency_key_is_not_declared_in_openapi() -> None:
-    """A gap to close in the server's OpenAPI output (reported on issue 7)."""
+def test_idempotency_key_is_declared_on_every_create() -> None:
     doc = json.loads(OPENAPI.read_text())
-    declared = [
-        f"{method.upper()} {path}"
+    creates = [
+        (path, op)
         for path, ops in doc["paths"].items()
         for method, op in ops.items()
-        if any(p.get("name", "").lower() == "idempotency-key" for p in op.get("parameters", []))
+        if method == "post" and "201" in op["responses"] and path != "/v1/client/sessions"
     ]
-    if declared:
-        pytest.fail(
-            f"Idempotency-Key is now declared ({declared}): pass it per call in the scenario "
-            "below and delete this test"
-        )
+    assert len(creates) >= 7
+    for path, op in creates:
+        names = [p.get("name", "").lower() for p in op.get("parameters", [])]
+        assert "idempotency-key" in names, path
 
 
 async def test_full_scenario_with_the_generated_client(
@@ -119,10 +117,8 @@ async def test_full_scenario_with_the_generated_client(
         )
     }
 
-    def client(token: str | None = None, *, idempotent: bool = False) -> Any:
-        # Idempotency-Key is not an operation parameter in openapi.json: send it client-wide.
-        headers = {"Idempotency-Key": str(uuid.uuid4())} if idempotent else {}
-        args = {"base_url": BASE, "headers": headers, "httpx_args": {"transport": asgi}}
+    def client(token: str | None = None) -> Any:
+        args = {"base_url": BASE, "httpx_args": {"transport": asgi}}
         if token is None:
             return generated.Client(**args)
         return generated.AuthenticatedClient(token=token, **args)
@@ -134,7 +130,8 @@ async def test_full_scenario_with_the_generated_client(
 
     r = await call(
         "admin.v1_admin_apps_create_app",
-        client(admin_token, idempotent=True),
+        client(admin_token),
+        idempotency_key=str(uuid.uuid4()),
         body=models.AppCreate(name="Generated"),
     )
     assert r.status_code == 201, r.content
@@ -144,7 +141,8 @@ async def test_full_scenario_with_the_generated_client(
 
     r = await call(
         "admin.v1_admin_agents_create_agent",
-        client(admin_token, idempotent=True),
+        client(admin_token),
+        idempotency_key=str(uuid.uuid4()),
         body=models.AgentCreate(name="Ada", email="ada@example.com", app_ids=[app.id]),
     )
     assert r.status_code == 201, r.content
@@ -160,7 +158,8 @@ async def test_full_scenario_with_the_generated_client(
 
     r = await call(
         "client.v1_client_conversations_create_conversation",
-        client(session, idempotent=True),
+        client(session),
+        idempotency_key=str(uuid.uuid4()),
         body=models.ConversationCreate(body="Generated clients work", tags=["openapi"]),
     )
     assert r.status_code == 201, r.content
@@ -168,8 +167,9 @@ async def test_full_scenario_with_the_generated_client(
 
     r = await call(
         "agent.v1_agent_conversations_conversation_id_messages_reply",
-        client(agent_token, idempotent=True),
+        client(agent_token),
         conversation.id,
+        idempotency_key=str(uuid.uuid4()),
         body=models.AgentMessageCreate(body="Thanks for telling us"),
     )
     assert r.status_code == 201, r.content

@@ -13,10 +13,11 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response
+from litestar.params import HeaderParameter
 from sqlalchemy import delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -26,7 +27,6 @@ from tellback_server.db.models import IdempotencyKey
 from tellback_server.http.errors import BadRequest, IdempotencyKeyInProgress, IdempotencyKeyReused
 from tellback_server.security import Sealer
 
-HEADER = "idempotency-key"
 REPLAYED = "Idempotent-Replayed"
 _encoder = msgspec.json.Encoder()
 
@@ -43,7 +43,23 @@ def idempotency_purpose(scope: str, key: str) -> str:
     return f"idempotency:{scope}:{key}"
 
 
+# Declared on every create so the OpenAPI document (and generated clients) carry it;
+# the value is checked below, with our own problem detail.
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    HeaderParameter(
+        name="Idempotency-Key",
+        required=False,
+        description=(
+            "1-255 printable ASCII characters, made once per operation and reused on its "
+            "retries: within 24 h a repeat replays the first response"
+        ),
+    ),
+]
+
+
 async def idempotent(
+    key: str | None,
     request: Request[Any, Any, Any],
     db: AsyncSession,
     scope: str,
@@ -51,7 +67,6 @@ async def idempotent(
     produce: Callable[[], Awaitable[Any]],
     ttl_seconds: int = 24 * 3600,
 ) -> Response[bytes]:
-    key = request.headers.get(HEADER)
     if key is None:
         return json_response(await produce(), status)
     if not _valid_key(key):

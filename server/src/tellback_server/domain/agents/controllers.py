@@ -26,7 +26,7 @@ from tellback_server.http.deps import (
     AdminPrincipal,
     AgentPrincipal,
 )
-from tellback_server.http.idempotency import idempotent
+from tellback_server.http.idempotency import IdempotencyKeyHeader, idempotent
 from tellback_server.http.pagination import DEFAULT_LIMIT, Limit, Page
 
 
@@ -49,9 +49,12 @@ class AdminAgentsController(Controller):
         admin: NamedDependency[AdminPrincipal],
         agents: NamedDependency[AgentService],
         data: JSONBody[AgentCreate],
+        idempotency_key: IdempotencyKeyHeader = None,
     ) -> Response[bytes]:
         """Returns the agent's `token`, shown only here."""
-        return await idempotent(request, db, admin.scope, 201, lambda: agents.create(data))
+        return await idempotent(
+            idempotency_key, request, db, admin.scope, 201, lambda: agents.create(data)
+        )
 
     @get("/", summary="List agents")
     async def list_agents(

@@ -20,7 +20,7 @@ from tellback_server.domain.apps.schemas import (
 )
 from tellback_server.domain.apps.services import AppService
 from tellback_server.http.deps import ADMIN, ADMIN_GUARDS, AdminPrincipal, app_state
-from tellback_server.http.idempotency import idempotent
+from tellback_server.http.idempotency import IdempotencyKeyHeader, idempotent
 from tellback_server.http.pagination import DEFAULT_LIMIT, Limit, Page
 
 
@@ -42,10 +42,16 @@ class AdminAppsController(Controller):
         db: NamedDependency[AsyncSession],
         admin: NamedDependency[AdminPrincipal],
         data: JSONBody[AppCreate],
+        idempotency_key: IdempotencyKeyHeader = None,
     ) -> Response[bytes]:
         """Returns `app_key` and `identity_secret`; the secret is shown only here."""
         return await idempotent(
-            request, db, admin.scope, 201, lambda: _service(request, db).create(data)
+            idempotency_key,
+            request,
+            db,
+            admin.scope,
+            201,
+            lambda: _service(request, db).create(data),
         )
 
     @get("/", summary="List apps")

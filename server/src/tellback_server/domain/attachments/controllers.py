@@ -29,7 +29,7 @@ from tellback_server.http.deps import (
     app_state,
 )
 from tellback_server.http.errors import Forbidden, NotFound, PayloadTooLarge, problem_response
-from tellback_server.http.idempotency import idempotent
+from tellback_server.http.idempotency import IdempotencyKeyHeader, idempotent
 from tellback_server.storage.local import BadSignature, LocalStore, TooLarge
 
 
@@ -57,12 +57,18 @@ class ClientUploadsController(Controller):
         client: NamedDependency[ClientPrincipal],
         attachments: NamedDependency[AttachmentService],
         data: JSONBody[UploadCreate],
+        idempotency_key: IdempotencyKeyHeader = None,
     ) -> Response[bytes]:
         """Checks kind, size and content type against the app's limits (413/415), then
         returns where to PUT the bytes: one URL (`single`, up to 16 MiB) or one URL per
         part (`multipart`). Send an `Idempotency-Key`."""
         return await idempotent(
-            request, db, client.scope, 201, lambda: attachments.create_upload(client, data)
+            idempotency_key,
+            request,
+            db,
+            client.scope,
+            201,
+            lambda: attachments.create_upload(client, data),
         )
 
     @get("/uploads/{upload_id:uuid}", summary="Upload state, for resuming")

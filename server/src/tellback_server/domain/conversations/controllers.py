@@ -34,7 +34,7 @@ from tellback_server.http.deps import (
     ClientPrincipal,
     app_state,
 )
-from tellback_server.http.idempotency import idempotent
+from tellback_server.http.idempotency import IdempotencyKeyHeader, idempotent
 from tellback_server.http.pagination import DEFAULT_LIMIT, Limit, Page
 
 
@@ -64,11 +64,17 @@ class ClientConversationsController(Controller):
         client: NamedDependency[ClientPrincipal],
         conversations: NamedDependency[ConversationService],
         data: JSONBody[ConversationCreate],
+        idempotency_key: IdempotencyKeyHeader = None,
     ) -> Response[bytes]:
         """Creates the conversation with its first message. Send an `Idempotency-Key`:
         a retry with the same key and body replays the first response."""
         return await idempotent(
-            request, db, client.scope, 201, lambda: conversations.client_create(client, data)
+            idempotency_key,
+            request,
+            db,
+            client.scope,
+            201,
+            lambda: conversations.client_create(client, data),
         )
 
     @get("/conversations", summary="My conversations, newest activity first")
@@ -115,8 +121,10 @@ class ClientConversationsController(Controller):
         conversations: NamedDependency[ConversationService],
         conversation_id: FromPath[UUID],
         data: JSONBody[MessageCreate],
+        idempotency_key: IdempotencyKeyHeader = None,
     ) -> Response[bytes]:
         return await idempotent(
+            idempotency_key,
             request,
             db,
             client.scope,
@@ -211,8 +219,10 @@ class AgentConversationsController(Controller):
         conversations: NamedDependency[ConversationService],
         conversation_id: FromPath[UUID],
         data: JSONBody[AgentMessageCreate],
+        idempotency_key: IdempotencyKeyHeader = None,
     ) -> Response[bytes]:
         return await idempotent(
+            idempotency_key,
             request,
             db,
             agent.scope,

@@ -22,7 +22,7 @@ from tellback_server.domain.webhooks.schemas import (
 )
 from tellback_server.domain.webhooks.services import WebhookService
 from tellback_server.http.deps import ADMIN, ADMIN_GUARDS, AdminPrincipal, app_state
-from tellback_server.http.idempotency import idempotent
+from tellback_server.http.idempotency import IdempotencyKeyHeader, idempotent
 from tellback_server.http.pagination import DEFAULT_LIMIT, Limit, Page
 
 
@@ -54,12 +54,13 @@ class AdminWebhooksController(Controller):
         webhooks: NamedDependency[WebhookService],
         app_id: FromPath[UUID],
         data: JSONBody[WebhookCreate],
+        idempotency_key: IdempotencyKeyHeader = None,
     ) -> Response[bytes]:
         """Returns the signing `secret` (`whsec_...`), shown only here. `events` filters
         the types sent (empty: all). URLs resolving to loopback, private, link-local or
         metadata addresses are refused (422) unless the operator allows them."""
         return await idempotent(
-            request, db, admin.scope, 201, lambda: webhooks.create(app_id, data)
+            idempotency_key, request, db, admin.scope, 201, lambda: webhooks.create(app_id, data)
         )
 
     @get("/webhooks", summary="List webhook endpoints")
