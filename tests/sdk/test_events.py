@@ -156,6 +156,7 @@ def test_sync_stream_gets_the_reply_and_stops_from_another_thread(
             if isinstance(event, MessageCreated):
                 assert event.message.body == "Hello from Ada"
                 assert event.message.author.type == "agent"
+                reply_id = int(event.id or 0)
                 break
         # The rest arrives; then the stream waits (heartbeats only) until closed elsewhere.
         threading.Timer(0.5, events.close).start()
@@ -164,6 +165,21 @@ def test_sync_stream_gets_the_reply_and_stops_from_another_thread(
         assert time.monotonic() - started < 5
         assert {type(e) for e in rest} == {ConversationUpdated, UnreadChanged}
         assert not events.connected
+
+        # A ``break`` without close(): the stream is freed (no reference cycle) and its
+        # connection closed at once.
+        def first_of_a_new_stream() -> LiveEvent | None:
+            stream = tb.events.stream(str(reply_id - 1))  # replays the reply
+            for event in stream:
+                return event
+            return None
+
+        before = len(tb._http._transport._pool.connections)  # type: ignore[attr-defined]
+        replayed = first_of_a_new_stream()
+        assert isinstance(replayed, MessageCreated)
+        assert replayed.id == str(reply_id)
+        assert len(tb._streams) == 0
+        assert len(tb._http._transport._pool.connections) <= before  # type: ignore[attr-defined]
         # Closing the client ends a stream that another thread is reading, too.
         other = tb.events.stream()
         other.connect()
@@ -339,6 +355,15 @@ async def test_closing_the_client_ends_a_stream_read_by_another_task(
 
     task = asyncio.create_task(watch())
     await asyncio.sleep(0.3)
+    assert len(tb._streams) == 1
+
+    async def first_of_a_new_stream() -> LiveEvent | None:
+        async for event in tb.events.stream("1"):
+            return event
+        return None
+
+    assert isinstance(await first_of_a_new_stream(), Reset)  # event 1 is not this user's
+    assert len(tb._streams) == 1  # only the watching task's stream is left
     await tb.close()
     await asyncio.wait_for(task, 5)
     assert got == []

@@ -133,6 +133,10 @@ def test_dedupe_max_id_and_persistence(core: ClientCore) -> None:
     again.bind("user-1")
     assert again.last_id == 7
     assert feed(again, unread(6) + unread(8))[0].id == "8"
+    older = StreamState(core, "2", reconnect=True, read_timeout=45)  # an explicit replay
+    older.bind("user-1")
+    feed(older, unread(3))
+    assert core.store.get(older.key or "")["last"] == 8  # the saved position never regresses
     other_user = StreamState(core, None, reconnect=True, read_timeout=45)
     other_user.bind("user-2")
     assert other_user.last_id is None

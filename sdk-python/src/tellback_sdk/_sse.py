@@ -217,8 +217,14 @@ class StreamState:
             return
         if self.last_id is None:
             self.core.store.set(self.key, None)
-        else:
-            self.core.store.set(self.key, {"last": self.last_id, "recent": list(self.recent)})
+            return
+        # Another stream of this user (or an explicit older last_event_id) must not move
+        # the saved position backwards.
+        saved = self.core.store.get(self.key)
+        last = self.last_id
+        if isinstance(saved, dict) and isinstance(saved.get("last"), int):
+            last = max(last, saved["last"])
+        self.core.store.set(self.key, {"last": last, "recent": list(self.recent)})
 
 
 def forget_positions(core: ClientCore) -> None:

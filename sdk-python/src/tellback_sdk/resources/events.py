@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import socket
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
@@ -78,7 +78,6 @@ class EventStream:
         self._lines: Iterator[str] | None = None
         self._closed = False
         self._wake = threading.Event()
-        self._gen: Generator[LiveEvent, None, None] | None = None
         self._busy = False  # a thread is inside __next__
         client._streams.add(self)
 
@@ -102,13 +101,21 @@ class EventStream:
         return self
 
     def __next__(self) -> LiveEvent:
-        if self._gen is None:
-            self._gen = self._run()
         self._busy = True
         try:
-            return next(self._gen)
+            return self._next()
+        except BaseException:
+            self._closed = True  # the end (StopIteration) or an error: let the socket go
+            self._drop()
+            raise
         finally:
             self._busy = False
+
+    def __del__(self) -> None:
+        # A ``break`` out of ``for event in client.events.stream()`` lands here at once
+        # (no reference cycle): the connection is closed, not leaked.
+        with contextlib.suppress(Exception):
+            self._drop()
 
     def __enter__(self) -> Self:
         return self
@@ -125,48 +132,43 @@ class EventStream:
         """Stop: safe from any thread, also while another thread waits for an event."""
         self._closed = True
         self._wake.set()
-        gen = self._gen
         if self._busy:
             _shutdown(self._response)  # the reading thread ends and cleans up
             return
-        if gen is not None:
-            gen.close()
         self._drop()
 
     # ----- internals ------------------------------------------------------------------------
 
-    def _run(self) -> Generator[LiveEvent, None, None]:
+    def _next(self) -> LiveEvent:
         state = self._state
         policy = self._client._core.policy
-        try:
-            while not self._closed:
-                while state.pending:
-                    yield state.pending.popleft()
-                if self._lines is None:
-                    self._open()
-                    continue
-                try:
-                    line = next(self._lines)
-                except StopIteration:  # the server ended the stream
-                    self._drop()
-                    if self._closed or not state.reconnect:
-                        return
-                    self._sleep(state.delay(None, {}, policy))
-                    continue
-                except httpx.TransportError as exc:
-                    self._drop()
-                    if self._closed:
-                        return
-                    if not state.reconnect:
-                        raise _transport_error(exc) from exc
-                    self._sleep(state.delay(None, {}, policy))
-                    continue
-                event = state.feed(line)
-                if event is not None:
-                    yield event
-        finally:
-            self._closed = True
-            self._drop()
+        while True:
+            if self._closed:
+                raise StopIteration
+            if state.pending:
+                return state.pending.popleft()
+            if self._lines is None:
+                self._open()
+                continue
+            try:
+                line = next(self._lines)
+            except StopIteration:  # the server ended the stream
+                self._drop()
+                if self._closed or not state.reconnect:
+                    raise
+                self._sleep(state.delay(None, {}, policy))
+                continue
+            except httpx.TransportError as exc:
+                self._drop()
+                if self._closed:
+                    raise StopIteration from None
+                if not state.reconnect:
+                    raise _transport_error(exc) from exc
+                self._sleep(state.delay(None, {}, policy))
+                continue
+            event = state.feed(line)
+            if event is not None:
+                return event
 
     def _open(self) -> None:
         state, client = self._state, self._client
@@ -220,6 +222,8 @@ class EventStream:
         self._wake.wait(seconds)
 
     def _drop(self) -> None:
+        if self._closed:
+            self._client._streams.discard(self)
         response, self._response, self._lines = self._response, None, None
         if response is not None:
             with contextlib.suppress(httpx.HTTPError, OSError, RuntimeError):
@@ -245,7 +249,6 @@ class AsyncEventStream:
         self._lines: AsyncIterator[str] | None = None
         self._closed = False
         self._wake_: asyncio.Event | None = None
-        self._gen: AsyncGenerator[LiveEvent, None] | None = None
         self._busy = False  # a task is inside __anext__
         client._streams.add(self)
 
@@ -273,13 +276,25 @@ class AsyncEventStream:
         return self
 
     async def __anext__(self) -> LiveEvent:
-        if self._gen is None:
-            self._gen = self._run()
         self._busy = True
         try:
-            return await anext(self._gen)
+            return await self._next()
+        except BaseException:
+            self._closed = True  # the end, an error or a cancellation: let the socket go
+            await self._drop()
+            raise
         finally:
             self._busy = False
+
+    def __del__(self) -> None:
+        # Dropped without ``aclose()`` (a ``break`` out of ``async for``): end the
+        # connection now; the response itself is closed on the loop if one runs.
+        response = self._response
+        if response is None:
+            return
+        _shutdown(response)
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().create_task(response.aclose())
 
     async def __aenter__(self) -> Self:
         return self
@@ -296,48 +311,43 @@ class AsyncEventStream:
         """Stop: also from another task while one waits for an event."""
         self._closed = True
         self._wake.set()
-        gen = self._gen
         if self._busy:
             _shutdown(self._response)  # the reading task ends and cleans up
             return
-        if gen is not None:
-            await gen.aclose()
         await self._drop()
 
     # ----- internals ------------------------------------------------------------------------
 
-    async def _run(self) -> AsyncGenerator[LiveEvent, None]:
+    async def _next(self) -> LiveEvent:
         state = self._state
         policy = self._client._core.policy
-        try:
-            while not self._closed:
-                while state.pending:
-                    yield state.pending.popleft()
-                if self._lines is None:
-                    await self._open()
-                    continue
-                try:
-                    line = await anext(self._lines)
-                except StopAsyncIteration:
-                    await self._drop()
-                    if self._closed or not state.reconnect:
-                        return
-                    await self._sleep(state.delay(None, {}, policy))
-                    continue
-                except httpx.TransportError as exc:
-                    await self._drop()
-                    if self._closed:
-                        return
-                    if not state.reconnect:
-                        raise _transport_error(exc) from exc
-                    await self._sleep(state.delay(None, {}, policy))
-                    continue
-                event = state.feed(line)
-                if event is not None:
-                    yield event
-        finally:
-            self._closed = True
-            await self._drop()
+        while True:
+            if self._closed:
+                raise StopAsyncIteration
+            if state.pending:
+                return state.pending.popleft()
+            if self._lines is None:
+                await self._open()
+                continue
+            try:
+                line = await anext(self._lines)
+            except StopAsyncIteration:
+                await self._drop()
+                if self._closed or not state.reconnect:
+                    raise
+                await self._sleep(state.delay(None, {}, policy))
+                continue
+            except httpx.TransportError as exc:
+                await self._drop()
+                if self._closed:
+                    raise StopAsyncIteration from None
+                if not state.reconnect:
+                    raise _transport_error(exc) from exc
+                await self._sleep(state.delay(None, {}, policy))
+                continue
+            event = state.feed(line)
+            if event is not None:
+                return event
 
     async def _open(self) -> None:
         state, client = self._state, self._client
@@ -393,6 +403,8 @@ class AsyncEventStream:
             await asyncio.wait_for(self._wake.wait(), seconds)
 
     async def _drop(self) -> None:
+        if self._closed:
+            self._client._streams.discard(self)
         response, self._response, lines, self._lines = self._response, None, self._lines, None
         closer = getattr(lines, "aclose", None)
         if closer is not None:
