@@ -5,10 +5,10 @@ Run `uv run tellback serve` in one terminal, then:
     TELLBACK_ADMIN_TOKEN=tba_... uv run python examples/quickstart.py
 
 As the operator (admin API, httpx) it creates an app and an agent. As the end
-user it uses the Python SDK: it opens the live event stream, sends feedback
-with a photo and a location, and waits on the stream for the reply. As the
-agent (agent API, httpx) it answers as soon as the feedback shows up on the
-user's stream. Finally the user reads the unread badge count.
+user it uses the Python SDK: it opens the live event stream, then sends
+feedback with a photo (a small PNG made on the fly) and a location. As the
+agent (agent API, httpx) it answers; the user receives the reply through
+`events.stream()` and finally reads the unread badge count.
 TELLBACK_URL overrides the server address (default http://127.0.0.1:8080).
 """
 
