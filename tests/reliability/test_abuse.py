@@ -1,0 +1,287 @@
+"""Abuse: floods, oversized and deeply nested bodies, many idempotency keys, slow bodies.
+
+What must hold: clear 4xx/429 problem documents (never a 500 or a crash),
+memory bounded, and the server answering a health probe throughout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from tellback_server.db.models.ops import IdempotencyKey
+from tellback_server.plugins import build_registry
+from tests.reliability.harness import Probe, Served, serve
+from tests.server.conftest import make_settings
+from tests.server.live import live_app
+
+PROBLEM = "application/problem+json"
+pytestmark = [pytest.mark.timeout(90)]
+
+
+@pytest.fixture
+async def served(sqlite_template: Path, tmp_path: Path) -> AsyncIterator[Served]:
+    db = tmp_path / "tellback.db"
+    shutil.copyfile(sqlite_template, db)
+    async with serve(make_settings(f"sqlite+aiosqlite:///{db}", tmp_path / "data")) as s:
+        yield s
+
+
+def assert_problem(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert r.status_code == status, f"{r.status_code} {r.text[:500]}"
+    assert r.headers["content-type"].split(";")[0] == PROBLEM
+    body: dict[str, Any] = r.json()
+    assert body["code"] == code, body
+    return body
+
+
+def session_body(app_key: str) -> dict[str, Any]:
+    return {"app_key": app_key, "installation_id": str(uuid.uuid4()), "device": {"platform": "ios"}}
+
+
+# ----- sessions flood from one address ------------------------------------------------------
+
+
+async def test_session_flood_hits_the_app_limit_with_429(served: Served) -> None:
+    """A flood of new sessions is cut by the per-app limit: 429 with Retry-After, quickly."""
+    api = served.api
+    app = await api.create_app(rate_limits={"app_per_minute": 600, "user_per_minute": 120})
+    statuses: list[int] = []
+    async with served.client("203.0.113.7") as flood:
+        for _ in range(400):
+            r = await flood.post("/v1/client/sessions", json=session_body(app.app_key))
+            statuses.append(r.status_code)
+            if r.status_code == 429:
+                body = assert_problem(r, 429, "rate_limited")
+                assert int(r.headers["retry-after"]) >= 1, body
+                break
+    # 600/min with a ten-second burst: about 100 admitted, then 429.
+    assert statuses[-1] == 429, f"no 429 after {len(statuses)} sessions"
+    assert 80 <= statuses.count(201) <= 130, statuses.count(201)
+    assert (await api.http.get("/healthz")).status_code == 200
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="no per-IP limit on POST /v1/client/sessions: the only limit is the app's bucket "
+    "(http/deps.py enforce_rate_limits with end_user_id=None from identity/controllers.py), so "
+    "one address that floods sessions with the public app_key exhausts it and every other "
+    "installation of that app gets 429 on session creation and on all client calls",
+)
+async def test_session_flood_from_one_address_spares_other_addresses(served: Served) -> None:
+    api = served.api
+    app = await api.create_app(rate_limits={"app_per_minute": 600, "user_per_minute": 120})
+    async with served.client("203.0.113.7") as flood, served.client("198.51.100.20") as other:
+        for _ in range(400):
+            r = await flood.post("/v1/client/sessions", json=session_body(app.app_key))
+            if r.status_code == 429:
+                break
+        assert r.status_code == 429
+        r = await other.post("/v1/client/sessions", json=session_body(app.app_key))
+        assert r.status_code == 201, r.text
+
+
+# ----- oversized bodies ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_bodies_over_one_mib_get_413(served: Served, *, chunked: bool) -> None:
+    api = served.api
+    app = await api.create_app()
+    user = await api.user_headers(app)
+    raw = b'{"body": "' + b"x" * (1024 * 1024 + 1) + b'"}'
+    headers = {**user, "Content-Type": "application/json"}
+
+    async def stream() -> AsyncIterator[bytes]:
+        for i in range(0, len(raw), 65536):
+            yield raw[i : i + 65536]
+
+    content: Any = stream() if chunked else raw
+    for path in ("/v1/client/conversations", "/v1/client/sessions", "/v1/admin/apps"):
+        h = {**headers, **api.admin} if "admin" in path else headers
+        r = await api.http.post(path, content=content if not chunked else stream(), headers=h)
+        assert_problem(r, 413, "payload_too_large")
+    r = await api.http.get("/v1/client/conversations", headers=user)
+    assert r.json()["items"] == []
+
+
+async def test_body_just_under_the_limit_is_a_validation_error_not_413(served: Served) -> None:
+    api = served.api
+    app = await api.create_app()
+    user = await api.user_headers(app)
+    raw = b'{"body": "' + b"x" * (1024 * 1024 - 64) + b'"}'
+    r = await api.http.post(
+        "/v1/client/conversations",
+        content=raw,
+        headers={**user, "Content-Type": "application/json"},
+    )
+    assert_problem(r, 422, "validation_failed")  # body is at most 10,000 characters
+
+
+# ----- deeply nested JSON -------------------------------------------------------------------
+
+NESTING_BUG = (
+    "a JSON body nested about 1,000 levels deep (2 KB: '[' * 1000 + ']' * 1000) answers 500 "
+    "internal_error on every JSON endpoint, unauthenticated POST /v1/client/sessions included: "
+    "msgspec raises RecursionError ('maximum recursion depth exceeded while deserializing an "
+    "object'), which no handler in http/errors.py maps, so it is logged as a crash with a "
+    "traceback; expected 400 bad_request"
+)
+
+
+@pytest.mark.parametrize(
+    "depth",
+    [
+        200,
+        pytest.param(1_000, marks=pytest.mark.xfail(strict=True, reason=NESTING_BUG)),
+        pytest.param(100_000, marks=pytest.mark.xfail(strict=True, reason=NESTING_BUG)),
+    ],
+)
+async def test_deeply_nested_json_is_a_4xx(served: Served, depth: int) -> None:
+    api = served.api
+    app = await api.create_app()
+    user = await api.user_headers(app)
+    nested = "[" * depth + "]" * depth
+    cases = [
+        ("POST", "/v1/client/sessions", f'{{"app_key": {nested}}}'),
+        ("POST", "/v1/client/conversations", f'{{"body": "hi", "context": {{"extra": {nested}}}}}'),
+        ("POST", "/v1/client/conversations", nested),
+        ("PATCH", "/v1/client/me", f'{{"attributes": {{"a": {nested}}}}}'),
+    ]
+    failures = []
+    for method, path, raw in cases:
+        r = await api.http.request(
+            method, path, content=raw, headers={**user, "Content-Type": "application/json"}
+        )
+        if r.status_code not in (400, 413, 422):
+            failures.append(f"{method} {path}: {r.status_code} {r.json().get('code')}")
+        assert r.headers["content-type"].split(";")[0] == PROBLEM
+    # The server is unharmed either way.
+    assert (await api.http.get("/healthz")).status_code == 200
+    assert (await api.http.get("/v1/client/unread", headers=user)).status_code == 200
+    assert failures == []
+
+
+# ----- many idempotency keys ----------------------------------------------------------------
+
+
+async def test_many_idempotency_keys_are_rows_not_memory(served: Served) -> None:
+    """2,000 creates under distinct keys (10,000 would take minutes here): each key is a
+    database row, and the Python heap does not grow with the number of keys."""
+    api = served.api
+    app = await api.create_app(rate_limits={"app_per_minute": 0, "user_per_minute": 0})
+    user = await api.user_headers(app)
+    total, concurrency, warm_at = 2_000, 8, 400
+    body = {"filename": "a.txt", "content_type": "text/plain", "size": 10, "kind": "file"}
+
+    async def one(i: int) -> None:
+        headers = {**user, "Idempotency-Key": f"k{i:05d}-{uuid.uuid4().hex}"}
+        r = await api.http.post("/v1/client/uploads", json=body, headers=headers)
+        assert r.status_code == 201, r.text
+
+    def live_objects() -> int:
+        gc.collect()
+        return len(gc.get_objects())
+
+    warm = 0
+    for start in range(0, total, concurrency):
+        await asyncio.gather(*(one(i) for i in range(start, start + concurrency)))
+        if start == warm_at:
+            warm = live_objects()
+    end = live_objects()
+    async with api.state.db.session(write=False) as db:
+        rows = await db.scalar(select(func.count()).select_from(IdempotencyKey))
+    assert rows == total
+    per_key = (end - warm) / (total - warm_at)
+    print(f"idempotency: {rows} key rows; {per_key:.2f} live objects per key after warm-up")
+    assert per_key < 0.5, f"{per_key:.2f} live Python objects per key: keys are held in memory"
+    # A replay of an early key still answers from its row.
+    r = await api.http.post(
+        "/v1/client/uploads", json=body, headers={**user, "Idempotency-Key": "fixed-key"}
+    )
+    r2 = await api.http.post(
+        "/v1/client/uploads", json=body, headers={**user, "Idempotency-Key": "fixed-key"}
+    )
+    assert r2.headers.get("idempotent-replayed") == "true"
+    assert r2.json() == r.json()
+
+
+# ----- slow bodies against the local upload endpoint ----------------------------------------
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_slow_upload_bodies_do_not_stall_the_server(
+    sqlite_template: Path, tmp_path: Path
+) -> None:
+    """60 connections trickle an upload body one byte every 0.5 s for 6 s (slowloris).
+
+    The health probe and normal API calls keep answering. Whether and when the slow
+    connections are cut is recorded in the test output (see the report).
+    """
+    db = tmp_path / "tellback.db"
+    shutil.copyfile(sqlite_template, db)
+    settings = make_settings(f"sqlite+aiosqlite:///{db}", tmp_path / "data")
+    async with live_app(settings, build_registry()) as live:
+        api = live
+        app = await api.create_app()
+        user = await api.user_headers(app)
+        r = await api.http.post(
+            "/v1/client/uploads",
+            json={
+                "filename": "big.txt",
+                "content_type": "text/plain",
+                "size": 4096,
+                "kind": "file",
+            },
+            headers=user,
+        )
+        assert r.status_code == 201, r.text
+        url = httpx.URL(r.json()["single"]["url"].replace("http://127.0.0.1:8080", live.base_url))
+        host, port = "127.0.0.1", int(live.base_url.rsplit(":", 1)[1])
+        target = url.raw_path.decode()
+        fds_before = _open_fds()
+        writers: list[asyncio.StreamWriter] = []
+        readers: list[asyncio.StreamReader] = []
+        async with Probe(live.base_url) as probe:
+            for _ in range(60):
+                reader, writer = await asyncio.open_connection(host, port)
+                writer.write(
+                    f"PUT {target} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                    "Content-Type: text/plain\r\nContent-Length: 4096\r\n\r\n".encode()
+                )
+                await writer.drain()
+                writers.append(writer)
+                readers.append(reader)
+            started = time.monotonic()
+            while time.monotonic() - started < 6:
+                for writer in writers:
+                    if not writer.is_closing():
+                        writer.write(b"x")
+                await asyncio.sleep(0.5)
+                r = await api.http.get("/v1/client/unread", headers=user, timeout=2)
+                assert r.status_code == 200
+            fds_during = _open_fds()
+        cut = sum(1 for reader in readers if reader.at_eof())
+        for writer in writers:
+            writer.close()
+        print(
+            f"slowloris: {len(writers)} slow PUTs for 6 s; cut by the server: {cut}; "
+            f"health worst {probe.worst * 1000:.0f} ms, failures {probe.failures}; "
+            f"fds in this process +{fds_during - fds_before}"
+        )
+        assert probe.failures == 0
+        assert probe.worst < 1.0, probe.latencies
