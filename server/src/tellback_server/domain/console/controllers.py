@@ -50,7 +50,11 @@ from tellback_server.http.errors import (
 from tellback_server.security import AGENT_TOKEN_PREFIX, hash_token
 
 _SERVICE = {"conversations": Provide(provide_conversations, sync_to_thread=False)}
-_STATIC = {"console.js": "text/javascript", "console.css": "text/css"}
+_STATIC = {
+    "console.js": "text/javascript",
+    "console.css": "text/css",
+    "favicon.svg": "image/svg+xml",
+}
 _STATIC_CACHE: dict[str, bytes] = {}
 
 

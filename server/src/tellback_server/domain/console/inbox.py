@@ -79,7 +79,8 @@ class MessageView:
     map_url: str | None
 
 
-def message_view(m: AgentMessageOut) -> MessageView:
+def message_view(m: AgentMessageOut, shown: Location | None = None) -> MessageView:
+    """``shown``: the conversation's location, in the side panel already."""
     if m.author.type == "agent":
         name = m.author.name or "Agent"
     elif m.author.type == "user":
@@ -94,8 +95,8 @@ def message_view(m: AgentMessageOut) -> MessageView:
         body=m.body,
         created_at=m.created_at,
         attachments=[attachment_view(a) for a in m.attachments],
-        location=m.location,
-        map_url=map_url(m.location) if m.location is not None else None,
+        location=None if m.location == shown else m.location,
+        map_url=map_url(m.location) if m.location is not None and m.location != shown else None,
     )
 
 
@@ -113,7 +114,7 @@ async def conversation_context(
         cursor = page.next_cursor
     return {
         "c": detail,
-        "messages": [message_view(m) for m in messages],
+        "messages": [message_view(m, detail.location) for m in messages],
         "truncated": cursor is not None,
         "context_sections": context_sections(detail.context),
         "custom_fields": [(k, scalar(v)) for k, v in sorted(detail.custom_fields.items())],
@@ -126,13 +127,18 @@ async def conversation_context(
 
 
 def update_from_form(form: dict[str, str], agent: AgentPrincipal) -> ConversationUpdate:
-    """The controls form as a PATCH body; validated like the API's JSON (msgspec)."""
+    """The controls form as a PATCH body, validated like the API's JSON (msgspec).
+
+    Only what the agent changed is sent: the form carries the values it was rendered
+    with (``*_was``), so a page left open while someone else (or the user's reply)
+    changed the conversation does not put the old values back.
+    """
     raw: dict[str, Any] = {}
-    if form.get("status"):
-        raw["status"] = form["status"]
-    if form.get("priority"):
-        raw["priority"] = form["priority"]
-    if "tags" in form:
+    for name in ("status", "priority"):
+        value = form.get(name)
+        if value and value != form.get(f"{name}_was"):
+            raw[name] = value
+    if "tags" in form and form["tags"] != form.get("tags_was"):
         raw["tags"] = [t.strip() for t in form["tags"].split(",") if t.strip()]
     assignee = form.get("assignee", "keep")
     if assignee == "me":

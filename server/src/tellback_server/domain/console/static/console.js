@@ -106,6 +106,7 @@
       if (a && b) a.replaceWith(b);
     });
     current.dataset.unread = fresh.dataset.unread || "0";
+    syncControls(fresh);
     const list = current.querySelector("ol.messages");
     fresh.querySelectorAll("ol.messages > li").forEach(function (li) {
       const existing = document.getElementById(li.id);
@@ -113,6 +114,21 @@
         list.appendChild(li);
       } else if (messageState(existing) !== messageState(li)) {
         existing.replaceWith(li);
+      }
+    });
+  }
+
+  function syncControls(thread) {
+    // The controls show the new values unless the agent is editing that field.
+    const form = document.getElementById("controls-form");
+    if (!form) return;
+    ["status", "priority", "tags"].forEach(function (name) {
+      const field = form.elements.namedItem(name);
+      const was = form.elements.namedItem(name + "_was");
+      const fresh = thread.getAttribute("data-" + name);
+      if (field && was && fresh !== null && field.value === was.value) {
+        field.value = fresh;
+        was.value = fresh;
       }
     });
   }
