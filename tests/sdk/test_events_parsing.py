@@ -113,7 +113,21 @@ def test_sse_grammar() -> None:
     assert len(out) == 1
     assert (out[0].id, out[0].event, out[0].data) == ("7", "x", "a\nb")
     assert d.feed("id: 8") is None
-    assert d.feed("") is None  # no data: nothing dispatched
+    bare = d.feed("")  # no data: not an event, but the server's resume point
+    assert bare is not None
+    assert (bare.id, bare.data) == ("8", "")
+    assert d.feed("") is None  # an empty block is nothing
+
+
+def test_an_id_only_block_is_a_resume_point_not_an_event(core: ClientCore) -> None:
+    state = StreamState(core, None, reconnect=True, read_timeout=45)
+    state.bind("u")
+    state.on_open()
+    assert feed(state, ["retry: 2000", "id: 41", ": connected", ""]) == []
+    assert state.last_id == 41
+    assert (state.request().headers or {}).get("Last-Event-ID") == "41"
+    state.on_open()  # a reconnect now resumes from 41: no reset needed
+    assert not state.pending
 
 
 def test_dedupe_max_id_and_persistence(core: ClientCore) -> None:

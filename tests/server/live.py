@@ -80,6 +80,7 @@ class SseReader:
 
     response: httpx.Response
     comments: list[str] = field(default_factory=list)
+    bare_ids: list[str] = field(default_factory=list)  # id-only blocks (resume points)
     _lines: AsyncIterator[str] | None = None
 
     async def next(self, wait: float = 5.0) -> SseEvent:
@@ -95,6 +96,8 @@ class SseReader:
                     return SseEvent(
                         fields.get("id"), fields.get("event", "message"), json.loads(fields["data"])
                     )
+                if "id" in fields:
+                    self.bare_ids.append(fields["id"])
                 fields = {}
                 continue
             if line.startswith(":"):

@@ -165,6 +165,23 @@ async def _fresh(stream: SseReader, last: int, n: int) -> list[SseEvent]:
     return out
 
 
+async def test_a_fresh_stream_gets_its_resume_point_before_any_event(live: LiveApi) -> None:
+    app = await live.create_app()
+    user = await live.user_headers(app)
+    _, agent = await live.create_agent(app)
+    conv = await live.feedback(user)
+    async with sse(live.http, CLIENT_EVENTS, user) as stream:
+        with pytest.raises(TimeoutError):
+            await stream.next(wait=0.5)
+    [start] = stream.bare_ids  # the newest event id when the stream opened
+    # The connection dropped before any event; a reply comes meanwhile.
+    reply = await _reply(live, agent, conv["id"])
+    async with sse(live.http, CLIENT_EVENTS, {**user, "Last-Event-ID": start}) as stream:
+        [missed] = await _fresh(stream, int(start), 1)
+    assert missed.event == "message.created"
+    assert missed.data["data"]["message"]["id"] == reply["id"]
+
+
 async def test_unknown_or_purged_last_event_id_asks_the_client_to_reload(live: LiveApi) -> None:
     app = await live.create_app()
     user = await live.user_headers(app)

@@ -63,7 +63,8 @@ class SSEDecoder:
         data, event, id_ = self._data, self._event, self._id
         self._data, self._event, self._id = [], "", None
         if not data:
-            return None
+            # An id-only block: the server's resume point for a fresh stream.
+            return ServerSentEvent("", "", id_) if id_ else None
         return ServerSentEvent(event or "message", "\n".join(data), id_)
 
 
@@ -183,6 +184,12 @@ class StreamState:
         if self.decoder.retry_ms is not None:
             self.retry_s = self.decoder.retry_ms / 1000
         if sse is None:
+            return None
+        if not sse.data:
+            start = _numeric(sse.id)
+            if start is not None and (self.last_id is None or start > self.last_id):
+                self.last_id = start
+                self._save()
             return None
         try:
             event = parse_event(sse.data, event=sse.event, id=sse.id)

@@ -21,6 +21,7 @@ from tellback_server.domain.events.records import EventRecord
 from tellback_server.domain.events.streams import (
     agent_scope,
     client_scope,
+    head,
     parse_last_event_id,
     replay,
     stream,
@@ -81,11 +82,13 @@ class ClientEventsController(Controller):
         broker = state.events
         sub = broker.subscribe_client(client.app_id, client.end_user_id)
         backlog: list[EventRecord] = []
-        reset = None
+        reset = start = None
         try:
             if last is not None:
                 scope = client_scope(client.app_id, client.end_user_id)
                 backlog, reset = await replay(state.db, scope, last)
+            else:
+                start = await head(state.db)
         except BaseException:
             broker.unsubscribe(sub)
             raise
@@ -105,6 +108,7 @@ class ClientEventsController(Controller):
                 sub,
                 backlog,
                 reset,
+                start_id=start,
                 heartbeat_s=state.settings.sse_heartbeat_seconds,
                 recheck=still_valid,
             )
@@ -134,9 +138,11 @@ class AgentEventsController(Controller):
         broker = state.events
         sub = broker.subscribe_agent(agent.agent_id, agent.app_ids)
         backlog: list[EventRecord] = []
-        reset = None
+        reset = start = None
         try:
-            if last is not None and agent.app_ids:
+            if last is None:
+                start = await head(state.db)
+            elif agent.app_ids:
                 backlog, reset = await replay(state.db, agent_scope(agent.app_ids), last)
         except BaseException:
             broker.unsubscribe(sub)
@@ -160,6 +166,7 @@ class AgentEventsController(Controller):
                 sub,
                 backlog,
                 reset,
+                start_id=start,
                 heartbeat_s=state.settings.sse_heartbeat_seconds,
                 recheck=still_valid,
             )

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from uuid import UUID
 
 import structlog
-from sqlalchemy import Select, and_, or_, select
+from sqlalchemy import Select, and_, func, or_, select
 
 from tellback_server.db.engine import Database
 from tellback_server.db.models import Event
@@ -61,12 +61,14 @@ async def replay(
 ) -> tuple[list[EventRecord], str | None]:
     """Events in ``scope`` after ``last_id``; or a reason the client must reload instead."""
     async with db.session(write=False) as session:
-        last_at = await session.scalar(select(Event.created_at).where(Event.id == last_id))
-        if last_at is None:
-            return [], "last_event_id_unknown"  # purged (older than retention) or foreign
         after = Event.id > last_id
-        if not db.is_sqlite:
-            after = or_(after, and_(Event.id < last_id, Event.created_at >= last_at - COMMIT_GRACE))
+        if last_id > 0:  # 0: the head of an empty log, handed out on connect
+            last_at = await session.scalar(select(Event.created_at).where(Event.id == last_id))
+            if last_at is None:
+                return [], "last_event_id_unknown"  # purged (older than retention) or foreign
+            if not db.is_sqlite:
+                grace = and_(Event.id < last_id, Event.created_at >= last_at - COMMIT_GRACE)
+                after = or_(after, grace)
         ids = scope.where(after).order_by(Event.id).limit(REPLAY_LIMIT + 1).subquery()
         rows = (
             await session.execute(select(*EVENT_COLUMNS).where(Event.id.in_(select(ids.c.id))))
@@ -88,17 +90,27 @@ def agent_scope(app_ids: frozenset[UUID]) -> Select[tuple[int]]:
     return select(Event.id).where(Event.app_id.in_(app_ids), Event.data.is_not(None))
 
 
+async def head(db: Database) -> int:
+    """The newest event id: a fresh stream's resume point, before any event arrives."""
+    async with db.session(write=False) as session:
+        return int(await session.scalar(select(func.max(Event.id))) or 0)
+
+
 async def stream(
     broker: EventBroker,
     sub: Subscription,
     backlog: list[EventRecord],
     reset: str | None,
     *,
+    start_id: int | None,
     heartbeat_s: float,
     recheck: Recheck,
 ) -> AsyncIterator[bytes]:
     try:
-        yield f"retry: {RETRY_MS}\n: connected\n\n".encode()
+        # An id-only block gives a fresh client its resume point at once (EventSource
+        # keeps it as lastEventId), so a drop before the first event loses nothing.
+        start = f"id: {start_id}\n" if start_id is not None else ""
+        yield f"retry: {RETRY_MS}\n{start}: connected\n\n".encode()
         if reset is not None:
             yield _reset_frame(reset)
         sent = {r.id for r in backlog}
