@@ -116,7 +116,9 @@ def check_limits(config: ClientConfig, kind: str, size: int, content_type: str) 
     limits = config.attachments.for_kind(kind)
     if limits is None:
         return  # a kind this SDK version does not know: let the server decide
-    if content_type not in limits.content_types:
+    # Compared as the server does: case-insensitive, parameters (";charset=...") dropped.
+    essence = content_type.split(";", 1)[0].strip().lower()
+    if essence not in {t.lower() for t in limits.content_types}:
         raise AttachmentTypeNotAllowedError(
             kind=kind, size=size, content_type=content_type, allowed=list(limits.content_types)
         )

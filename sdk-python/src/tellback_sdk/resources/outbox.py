@@ -256,6 +256,10 @@ class AsyncOutbox(AsyncAPIResource, _OutboxBase):
                 failures, delay = 0, IDLE_RECHECK
             else:
                 failures += 1
-                delay = result.retry_after or backoff_delay(failures, self._core.outbox_policy)
+                delay = (
+                    result.retry_after
+                    if result.retry_after is not None  # Retry-After: 0 means now
+                    else backoff_delay(failures, self._core.outbox_policy)
+                )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
