@@ -125,7 +125,7 @@ async def test_pages_without_a_session_go_to_sign_in(api: Api, console: Console)
     for path in ["/console/", f"/console/c/{conv['id']}", "/console/inbox/rows"]:
         r = await console.http.get(path)
         assert r.status_code == 303, path
-        assert r.headers["location"] == "/console/login"
+        assert r.headers["location"].startswith("/console/login?next=%2Fconsole")
     # fetches from the page get a 401 (the script reloads into the sign-in page)
     r = await console.http.get("/console/inbox/rows", headers={"X-Console-Fragment": "1"})
     assert r.status_code == 401
@@ -248,3 +248,47 @@ def test_csrf_tokens_are_bound_and_compared_safely() -> None:
     assert not cs.csrf_matches(key, None, token)
     assert not cs.csrf_matches(key, "cookie-a", None)
     assert BASE.startswith("http://")
+
+
+async def test_sign_in_returns_to_the_page_asked_for(api: Api, console: Console) -> None:
+    w = await world(api)
+    cid = (await api.feedback(w.user))["id"]
+    r = await console.http.get(f"/console/c/{cid}", headers={"Sec-Fetch-Site": "cross-site"})
+    assert r.status_code == 303
+    assert r.headers["location"] == f"/console/login?next=%2Fconsole%2Fc%2F{cid}"
+    # followed from another site: the page retries once, same-origin (Strict cookies)
+    page = await console.http.get(r.headers["location"], headers={"Sec-Fetch-Site": "cross-site"})
+    assert f'data-retry="/console/c/{cid}"' in page.text
+    page = await console.http.get(r.headers["location"], headers={"Sec-Fetch-Site": "same-origin"})
+    assert "data-retry" not in page.text
+    r = await console.http.post(
+        "/console/login",
+        data={"token": w.agent_token, "_csrf": csrf_of(page.text), "next": f"/console/c/{cid}"},
+    )
+    assert r.status_code == 303
+    assert r.headers["location"] == f"/console/c/{cid}"
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "https://evil.example/",
+        "//evil.example/console/",
+        "/console/\\\\evil",
+        "/console.evil.example",
+        "/v1/admin/apps",
+    ],
+)
+async def test_sign_in_never_redirects_off_the_console(
+    api: Api, console: Console, target: str
+) -> None:
+    w = await world(api)
+    page = await console.http.get("/console/login", params={"next": target})
+    assert "evil" not in page.text
+    assert "/v1/admin" not in page.text
+    r = await console.http.post(
+        "/console/login",
+        data={"token": w.agent_token, "_csrf": csrf_of(page.text), "next": target},
+    )
+    assert r.status_code == 303
+    assert r.headers["location"] == "/console/"

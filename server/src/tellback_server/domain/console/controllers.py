@@ -32,6 +32,7 @@ from tellback_server.domain.console.pages import (
     is_secure,
     redirect,
     render,
+    safe_next,
     secret_key,
     security_headers,
 )
@@ -116,11 +117,17 @@ class ConsoleAuthController(Controller):
         self, request: Request[Any, Any, Any], error: str | None, status: int
     ) -> Template:
         nonce = cs.new_login_nonce()
+        next_path = safe_next(request.query_params.get("next"))
+        # A link followed from another site (chat, email) arrives without the SameSite=Strict
+        # cookie even when signed in: the page retries once from here, same-origin.
+        cross_site = request.headers.get("sec-fetch-site") == "cross-site"
         response = render(
             request,
             "login.html",
             status=status,
             error=error,
+            next_path=next_path or "",
+            retry=next_path if cross_site and error is None and next_path else "",
             login_csrf=cs.csrf_token(secret_key(request), f"login:{nonce}"),
         )
         response.cookies.append(_cookie(request, cs.LOGIN_COOKIE, nonce, cs.LOGIN_TTL_S))
@@ -148,7 +155,10 @@ class ConsoleAuthController(Controller):
             "console.signed_in", agent_id=str(principal.agent_id)
         )
         sealed = cs.seal_session(app_state(request).sealer, hash_token(token))
-        response = redirect(request, "/console/")
+        next_path = form.get("next")
+        response = redirect(
+            request, safe_next(next_path if isinstance(next_path, str) else None) or "/console/"
+        )
         response.cookies.append(_cookie(request, cs.COOKIE, sealed, cs.SESSION_TTL_S))
         response.cookies.append(_cookie(request, cs.LOGIN_COOKIE, "", 0))
         return response

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from jinja2 import Environment, PackageLoader, PrefixLoader, StrictUndefined
 from litestar import Request, Response
@@ -122,6 +122,17 @@ def render(
     )
 
 
+def safe_next(value: str | None) -> str | None:
+    """A console path to return to after sign-in; anything else (another site) is dropped."""
+    if not value or len(value) > 1000 or not value.startswith("/console"):
+        return None
+    if value != "/console" and not value.startswith(("/console/", "/console?")):
+        return None
+    if "//" in value or "\\" in value or any(ord(c) < 0x21 for c in value):
+        return None
+    return value
+
+
 def redirect(request: Request[Any, Any, Any], path: str) -> Redirect:
     return Redirect(path, status_code=303, headers=security_headers(app_state(request).settings))
 
@@ -138,7 +149,12 @@ def error_page(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]
         detail = ""
     fragment = request.headers.get(FRAGMENT_HEADER) == "1"
     if status == 401 and request.method == "GET" and not fragment:
-        return redirect(request, LOGIN_PATH)
+        target = safe_next(
+            request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        )
+        return redirect(
+            request, f"{LOGIN_PATH}?{urlencode({'next': target})}" if target else LOGIN_PATH
+        )
     if status >= 500:
         detail = "Something went wrong on the server. Try again shortly."
     return render(request, "error.html", status=status, status_code=status, detail=detail)

@@ -186,6 +186,17 @@
     });
   }
 
+  function login() {
+    // Arrived from another site: the SameSite=Strict cookie was not sent. Retry once
+    // as a same-origin navigation (which sends it); if there is no session, the server
+    // answers with this page again, without data-retry.
+    const retry = body.dataset.retry || "";
+    if (retry.indexOf("/console/") === 0 && retry.indexOf("//") === -1) {
+      window.location.replace(retry);
+    }
+  }
+
+  if (body.dataset.page === "login") login();
   if (body.dataset.page === "inbox") inbox();
   if (body.dataset.page === "conversation") {
     conversation();
