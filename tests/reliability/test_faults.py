@@ -1,0 +1,442 @@
+"""Fault injection: storage down, database lost mid-write, providers failing, a killed worker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import func, select, update
+
+from tellback_server.db.models import Job
+from tellback_server.dev.apns_fake import ApnsFake
+from tellback_server.dev.fcm_fake import FcmFake
+from tellback_server.jobs.worker import Worker
+from tellback_server.plugins import build_registry
+from tellback_server.settings import S3Settings
+from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY, _admin_exec
+from tests.reliability.world import PNG
+from tests.server.conftest import SECRET, Api, AppInfo, make_settings, serve_app
+
+pytestmark = [pytest.mark.timeout(120)]
+TOPIC = "com.example.reliability"
+TEAM = "TEAM123456"
+
+
+# ----- a TCP proxy that can be cut and restored ---------------------------------------------
+
+
+class Proxy:
+    """127.0.0.1:<port> -> target; ``down()`` closes the listener and every open connection."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._conns: set[asyncio.StreamWriter] = set()
+
+    async def up(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def down(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._conns):
+            writer.transport.abort()
+        await self._server.wait_closed()
+        self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._conns.update({writer, up_writer})
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._conns.difference_update({writer, up_writer})
+
+
+# ----- storage down during complete ---------------------------------------------------------
+
+
+async def test_storage_down_during_complete_is_503_then_retry_succeeds(
+    s3_endpoint: str, sqlite_template: Path, tmp_path: Path
+) -> None:
+    host, port = s3_endpoint.rsplit(":", 1)
+    proxy = Proxy(host, int(port))
+    await proxy.up()
+    db = tmp_path / "tellback.db"
+    shutil.copyfile(sqlite_template, db)
+    s3 = S3Settings(
+        endpoint=f"127.0.0.1:{proxy.port}",
+        access_key=S3_ACCESS_KEY,
+        secret_key=S3_SECRET_KEY,
+        bucket=f"tb-{uuid.uuid4().hex[:12]}",
+        secure=False,
+        region="us-east-1",
+    )
+    settings = make_settings(f"sqlite+aiosqlite:///{db}", tmp_path / "data", s3=s3)
+    async with serve_app(settings, build_registry()) as api:
+        app = await api.create_app()
+        user = await api.user_headers(app)
+        r = await api.http.post(
+            "/v1/client/uploads",
+            json={
+                "filename": "a.png",
+                "content_type": "image/png",
+                "size": len(PNG),
+                "kind": "photo",
+            },
+            headers=user,
+        )
+        assert r.status_code == 201, r.text
+        up = r.json()
+        async with httpx.AsyncClient() as raw:
+            r = await raw.put(up["single"]["url"], content=PNG, headers=up["single"]["headers"])
+        assert r.status_code == 200, r.text
+
+        await proxy.down()
+        complete = f"/v1/client/uploads/{up['upload_id']}/complete"
+        r = await api.http.post(complete, json={}, headers=user)
+        assert r.status_code == 503, r.text
+        assert r.json()["code"] == "storage_unavailable"
+        assert int(r.headers["retry-after"]) >= 1
+        assert (await api.http.get("/readyz")).status_code == 503
+        r = await api.http.get(f"/v1/client/uploads/{up['upload_id']}", headers=user)
+        assert r.status_code in (200, 503), r.text
+        if r.status_code == 200:
+            assert r.json()["status"] == "pending"
+
+        await proxy.up()
+        r = await api.http.post(complete, json={}, headers=user)
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] in ("processing", "ready")
+        assert (await api.http.get("/readyz")).status_code == 200
+    await proxy.down()
+
+
+# ----- PostgreSQL lost during writes -----------------------------------------------------
+
+PG_500_BUG = (
+    "after PostgreSQL kills the backends and comes back, the pooled connections are not "
+    "invalidated (db/engine.py: pool_pre_ping=False, no disconnect handling for asyncpg "
+    "InternalClientError): for about 45 s every write answers 500 internal_error after ~14 s "
+    "('cannot switch to state 12; another operation (2) is in progress'), which "
+    "http/errors.py is_database_unavailable does not treat as an outage; expected 503 at "
+    "worst, and 201 as soon as the database is back"
+)
+
+
+async def test_postgres_lost_during_writes_is_503_and_leaves_no_partial_rows(
+    pg_template: str, tmp_path: Path
+) -> None:
+    """The test's own database refuses connections and its sessions are killed mid-write.
+
+    (`ALTER DATABASE ... ALLOW_CONNECTIONS false` plus `pg_terminate_backend`: an outage of
+    this database only, so the session-wide server other tests use keeps running.)
+    """
+    from tests.conftest import TEMPLATE_DB, _db_url
+
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    await _admin_exec(pg_template, f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}")
+    url = _db_url(pg_template, name)
+
+    async def outage(on: bool) -> None:
+        if on:
+            await _admin_exec(
+                pg_template,
+                f"ALTER DATABASE {name} ALLOW_CONNECTIONS false",
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "  # noqa: S608
+                f"WHERE datname = '{name}'",
+            )
+        else:
+            await _admin_exec(pg_template, f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+
+    try:
+        async with serve_app(make_settings(url, tmp_path / "data"), build_registry()) as api:
+            app = await api.create_app(rate_limits={"app_per_minute": 0, "user_per_minute": 0})
+            user = await api.user_headers(app)
+            statuses: dict[str, int] = {}
+
+            async def writer(i: int) -> None:
+                marker = f"w{i:03d}"
+                r = await api.http.post(
+                    "/v1/client/conversations",
+                    json={"body": f"body {marker}", "subject": marker, "tags": ["t"] * 5},
+                    headers=user,
+                )
+                statuses[marker] = r.status_code
+                if r.status_code == 503:
+                    assert r.json()["code"] == "service_unavailable", r.text
+                    assert int(r.headers["retry-after"]) >= 1
+                else:
+                    assert r.status_code in (201, 500), r.text
+                    assert "asyncpg" not in r.text
+                    assert "SELECT" not in r.text
+
+            restored = asyncio.Event()
+
+            async def load() -> None:
+                start, after = 0, 0
+                while after < 3:
+                    await asyncio.gather(*(writer(i) for i in range(start, start + 6)))
+                    start += 6
+                    after += restored.is_set()
+
+            task = asyncio.create_task(load())
+            await asyncio.sleep(0.3)
+            await outage(True)
+            await asyncio.sleep(1.0)
+            await outage(False)
+            restored.set()
+            await task
+            counts = {s: list(statuses.values()).count(s) for s in set(statuses.values())}
+            print(f"postgres outage: statuses {counts}")
+            assert 503 in counts, "the outage was not observed"
+            assert 201 in counts
+            # After the database is back: exactly the 201s exist, each with its first message.
+            r = await api.http.get("/v1/client/conversations", headers=user, params={"limit": 100})
+            seen: list[dict[str, Any]] = r.json()["items"]
+            while r.json()["next_cursor"]:
+                r = await api.http.get(
+                    "/v1/client/conversations",
+                    headers=user,
+                    params={"limit": 100, "cursor": r.json()["next_cursor"]},
+                )
+                seen += r.json()["items"]
+            created = {m for m, s in statuses.items() if s == 201}
+            assert {c["subject"] for c in seen} == created
+            for conv in seen:
+                assert conv["last_message"]["body"] == f"body {conv['subject']}"
+            from tellback_server.db.models import Conversation, Message
+
+            async with api.state.db.session(write=False) as db:
+                convs = await db.scalar(select(func.count()).select_from(Conversation))
+                msgs = await db.scalar(select(func.count()).select_from(Message))
+            assert convs == msgs == len(created)
+            if 500 in counts:
+                # Timing-dependent (a backend killed mid-statement), so not a strict marker.
+                pytest.xfail(PG_500_BUG)
+    finally:
+        await _admin_exec(
+            pg_template,
+            f"ALTER DATABASE {name} ALLOW_CONNECTIONS true",
+            f"DROP DATABASE IF EXISTS {name} WITH (FORCE)",
+        )
+
+
+# ----- push providers failing for a (simulated) minute --------------------------------------
+
+
+async def _set_apns(api: Api, apns: ApnsFake, app: AppInfo) -> None:
+    private_pem, public_pem = ApnsFake.generate_key()
+    key_id = ApnsFake.generate_key_id()
+    apns.add_key(TEAM, key_id, public_pem)
+    r = await api.http.put(
+        f"/v1/admin/apps/{app.id}/push/apns",
+        json={"team_id": TEAM, "key_id": key_id, "private_key": private_pem, "topic": TOPIC},
+        headers=api.admin,
+    )
+    assert r.status_code == 200, r.text
+
+
+async def _users_with_devices(
+    api: Api, app: AppInfo, n: int, provider: str
+) -> list[tuple[dict[str, str], str]]:
+    out = []
+    for _ in range(n):
+        user = await api.user_headers(app)
+        token = ApnsFake.make_token() if provider == "apns" else FcmFake.make_token()
+        body: dict[str, Any] = {
+            "platform": "ios" if provider == "apns" else "android",
+            "push_provider": provider,
+            "push_token": token,
+        }
+        r = await api.http.put("/v1/client/devices/current", json=body, headers=user)
+        assert r.status_code == 200, r.text
+        out.append((user, token))
+    return out
+
+
+async def _reply_to_each(
+    api: Api, agent: dict[str, str], users: list[tuple[dict[str, str], str]]
+) -> dict[str, str]:
+    """One conversation per user and an agent reply to it; token -> reply message id."""
+    out = {}
+    for user, token in users:
+        conv = await api.feedback(user)
+        r = await api.http.post(
+            f"/v1/agent/conversations/{conv['id']}/messages", json={"body": "reply"}, headers=agent
+        )
+        assert r.status_code == 201, r.text
+        out[token] = r.json()["id"]
+    return out
+
+
+@pytest.fixture
+async def push_api(sqlite_template: Path, tmp_path: Path) -> AsyncIterator[tuple[Api, Any, Any]]:
+    db = tmp_path / "tellback.db"
+    shutil.copyfile(sqlite_template, db)
+    async with ApnsFake(topics=[TOPIC]) as apns, FcmFake() as fcm:
+        settings = make_settings(
+            f"sqlite+aiosqlite:///{db}",
+            tmp_path / "data",
+            apns_host="127.0.0.1",
+            apns_port=apns.port,
+            apns_ca_file=Path(apns.ca_file),
+            fcm_endpoint=fcm.base_url,
+        )
+        async with serve_app(settings, build_registry()) as api:
+            yield api, apns, fcm
+
+
+async def test_providers_failing_for_a_minute_then_everything_is_delivered(
+    push_api: tuple[Api, ApnsFake, FcmFake],
+) -> None:
+    """APNs answers 429 and FCM 503 for a minute of simulated time; then all pushes arrive.
+
+    Time is simulated: after each worker pass the backoff the server chose is added to the
+    clock and the retrying jobs are made due at once.
+    """
+    api, apns, fcm = push_api
+    app = await api.create_app(rate_limits={"app_per_minute": 0, "user_per_minute": 0})
+    await _set_apns(api, apns, app)
+    r = await api.http.put(
+        f"/v1/admin/apps/{app.id}/push/fcm",
+        json={"service_account": fcm.service_account("tellback-reliability")},
+        headers=api.admin,
+    )
+    assert r.status_code == 200, r.text
+    _, agent = await api.create_agent(app)
+    ios = await _users_with_devices(api, app, 6, "apns")
+    android = await _users_with_devices(api, app, 6, "fcm")
+    apns.fail_next(429, "TooManyRequests", count=None)
+    fcm.fail_next("UNAVAILABLE", count=None, retry_after=0)
+    expected = await _reply_to_each(api, agent, ios + android)
+
+    simulated = 0.0
+    passes = 0
+    while True:
+        passes += 1
+        await Worker(api.state, build_registry()).run_until_idle()
+        async with api.state.db.session(write=True) as db:
+            now = dt.datetime.now(dt.UTC)
+            queued = (await db.scalars(select(Job.run_after).where(Job.status == "queued"))).all()
+            if not queued:
+                break
+            simulated += max(0.0, *((t - now).total_seconds() for t in queued))
+            await db.execute(update(Job).where(Job.status == "queued").values(run_after=now))
+        if simulated >= 60:
+            apns.clear_failures()
+            fcm.clear_failures()
+        assert passes < 30, "deliveries never settled"
+    assert simulated >= 60
+    got_apns = {n.token: n.headers["apns-collapse-id"] for n in apns.received}
+    got_fcm = {m.token: m.data["message_id"] for m in fcm.received}
+    got: dict[str, str] = {**got_apns, **got_fcm}
+    assert got == expected
+    r = await api.http.get(
+        f"/v1/admin/apps/{app.id}/push-deliveries", params={"status": "failed"}, headers=api.admin
+    )
+    assert r.json()["items"] == []
+    print(f"provider outage: {simulated:.0f} s simulated, {passes} worker passes, all delivered")
+
+
+# ----- SIGKILL a worker mid-delivery --------------------------------------------------------
+
+
+async def test_sigkilled_worker_loses_no_push(
+    push_api: tuple[Api, ApnsFake, FcmFake], tmp_path: Path
+) -> None:
+    """A `tellback worker` process is SIGKILLed while sends are in flight (APNs hangs on
+    some devices); a new worker retakes the lapsed leases and every device gets its push,
+    duplicates only with the same apns-collapse-id."""
+    api, apns, _ = push_api
+    app = await api.create_app(rate_limits={"app_per_minute": 0, "user_per_minute": 0})
+    await _set_apns(api, apns, app)
+    _, agent = await api.create_agent(app)
+    users = await _users_with_devices(api, app, 24, "apns")
+    hung = [token for _, token in users[8:]]
+    for token in hung:
+        apns.hang_next(count=None, token=token)
+    expected = await _reply_to_each(api, agent, users)
+    settings = api.state.settings
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TELLBACK_")}
+    env.update(
+        TELLBACK_DATABASE_URL=settings.database_url,
+        TELLBACK_DATA_DIR=str(tmp_path / "worker-data"),
+        TELLBACK_SECRET_KEY=SECRET,
+        TELLBACK_APNS_HOST="127.0.0.1",
+        TELLBACK_APNS_PORT=str(apns.port),
+        TELLBACK_APNS_CA_FILE=str(apns.ca_file),
+        TELLBACK_JOB_LEASE_SECONDS="5",
+        TELLBACK_WORKER_POLL_SECONDS="0.5",
+        TELLBACK_LOG_FORMAT="json",
+    )
+    cmd = [sys.executable, "-m", "tellback_server", "worker", "--concurrency", "4"]
+
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    first = start()
+    try:
+        # Wait until the first worker is stuck with sends in flight on hung devices.
+        for _ in range(300):
+            if len(apns.attempts) >= apns.received_count + 4 and apns.received_count >= 1:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(f"worker made no progress: {len(apns.attempts)} attempts")
+        delivered_before = apns.received_count
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert delivered_before < len(users)
+    apns.clear_failures()
+    second = start()
+    try:
+        await apns.wait_for(len(users), timeout=60)
+        await asyncio.sleep(1.0)  # let any duplicate arrive before counting
+    finally:
+        second.send_signal(signal.SIGTERM)
+        try:
+            second.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            second.kill()
+            second.wait()
+    received: dict[str, list[str]] = {}
+    for note in apns.received:
+        received.setdefault(note.token, []).append(note.headers["apns-collapse-id"])
+    assert set(received) == set(expected)
+    for token, collapse_ids in received.items():
+        assert set(collapse_ids) == {expected[token]}
+    duplicates = sum(len(v) - 1 for v in received.values())
+    assert duplicates <= 4, f"{duplicates} duplicates: more than the 4 sends in flight"
+    print(
+        f"sigkill: {delivered_before}/{len(users)} delivered before the kill, "
+        f"{duplicates} duplicates after the restart"
+    )
