@@ -353,7 +353,7 @@ async def test_providers_failing_for_a_minute_then_everything_is_delivered(
         assert passes < 30, "deliveries never settled"
     assert simulated >= 60
     got_apns = {n.token: n.headers["apns-collapse-id"] for n in apns.received}
-    got_fcm = {m.token: m.data["message_id"] for m in fcm.received}
+    got_fcm = {str(m.token): m.data["message_id"] for m in fcm.received}
     got: dict[str, str] = {**got_apns, **got_fcm}
     assert got == expected
     r = await api.http.get(
