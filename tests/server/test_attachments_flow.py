@@ -190,3 +190,34 @@ async def test_uploads_made_before_login_can_be_attached_after_it(storage_api: A
     # The retired anonymous session cannot read it any more.
     r = await api.http.get(f"/v1/client/attachments/{up['upload_id']}", headers=anon)
     assert r.status_code == 401
+
+
+async def test_processing_announces_the_attachment_to_open_screens(storage_api: Api) -> None:
+    api = storage_api
+    app = await api.create_app()
+    user = await api.user_headers(app)
+    me = (await api.http.get("/v1/client/me", headers=user)).json()
+    photo = jpeg_with_gps()
+    up = await start_upload(
+        api, user, filename="p.jpg", content_type="image/jpeg", size=len(photo), kind="photo"
+    )
+    assert (await put(api, up["single"]["url"], photo, up["single"]["headers"])).status_code == 200
+    r = await api.http.post(f"/v1/client/uploads/{up['upload_id']}/complete", json={}, headers=user)
+    assert r.status_code == 200, r.text
+    conv = await api.feedback(user, body="See photo", attachment_ids=[up["upload_id"]])
+    stream = api.state.events.subscribe_client(uuid.UUID(app.id), uuid.UUID(me["id"]))
+    try:
+        assert await run_jobs(api) == 2  # the photo, and the agents' push
+        record = stream.queue.get_nowait()
+    finally:
+        api.state.events.unsubscribe(stream)
+    assert record is not None
+    assert record.type == "attachment.updated"
+    assert record.client_data == {
+        "attachment_id": up["upload_id"],
+        "message_id": conv["last_message"]["id"],
+        "conversation_id": conv["id"],
+        "status": "ready",
+        "reason": None,
+    }
+    assert "url" not in str(record.data)  # URLs expire; events are replayed for days

@@ -27,9 +27,11 @@ import pillow_heif
 import structlog
 from PIL import Image, ImageOps
 from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from tellback_server.db.models import App, Attachment
+from tellback_server.db.models import App, Attachment, Conversation, Message
 from tellback_server.domain.apps.services import parse_settings
+from tellback_server.domain.events.records import EventDraft, emit
 from tellback_server.jobs.registry import JobContext, JobRegistry, PermanentFailure
 from tellback_server.state import AppState
 
@@ -219,11 +221,15 @@ async def process_attachment(ctx: JobContext, payload: dict[str, Any]) -> None:
     if size is not None:
         values["size"] = size
     async with state.db.session(write=True) as db:
-        await db.execute(
+        done = await db.execute(
             update(Attachment)
             .where(Attachment.id == att.id, Attachment.status == "processing")
             .values(**values)
+            .returning(Attachment.message_id)
         )
+        row = done.first()
+        if row is not None and row.message_id is not None:
+            await _announce(db, att, row.message_id, values["status"], outcome.reason)
     log.info(
         "media.processed",
         attachment_id=str(att.id),
@@ -231,6 +237,37 @@ async def process_attachment(ctx: JobContext, payload: dict[str, Any]) -> None:
         ready=outcome.ready,
         reason=outcome.reason,
     )
+
+
+async def _announce(
+    db: AsyncSession, att: Attachment, message_id: UUID, status: str, reason: str | None
+) -> None:
+    """``attachment.updated`` to open screens: a processed photo or video can now show.
+
+    It carries no URLs (they expire; events are replayed for days): clients fetch the
+    attachment, or the message, again.
+    """
+    found = (
+        await db.execute(
+            select(Message.conversation_id, Message.internal, Conversation.end_user_id)
+            .join(Conversation, Conversation.id == Message.conversation_id)
+            .where(Message.id == message_id)
+        )
+    ).first()
+    if found is None:
+        return
+    data = {
+        "attachment_id": str(att.id),
+        "message_id": str(message_id),
+        "conversation_id": str(found.conversation_id),
+        "status": status,
+        "reason": reason,
+    }
+    client_data = None if found.internal else data
+    draft = EventDraft(
+        "attachment.updated", found.conversation_id, found.end_user_id, data, client_data
+    )
+    await emit(db, att.app_id, [draft])
 
 
 async def delete_objects(ctx: JobContext, payload: dict[str, Any]) -> None:
