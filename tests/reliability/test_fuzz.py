@@ -59,9 +59,9 @@ SEEN: dict[str, Counter[int]] = {}
 
 
 def _corrected(spec: dict[str, Any]) -> dict[str, Any]:
-    """The document with the two known spec bugs corrected, so the fuzzer looks past them.
+    """The document, corrected for spec bugs found by the fuzzer if they ever come back.
 
-    Each correction has its own strict-xfail test below, against the real document.
+    Each correction has its own test below, against the real document; both are fixed.
     """
     fixed: dict[str, Any] = json.loads(json.dumps(spec))
 
@@ -234,25 +234,13 @@ def test_fuzz_reached_real_objects() -> None:
     assert len(missing) <= 3, f"never answered 2xx: {missing}"
 
 
-# ----- the spec bugs the fuzzer found, checked directly ---------------------------------------
+# ----- spec bugs the fuzzer found (fixed), checked directly --------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="POST /v1/client/sessions answers 401 unauthenticated (unknown app_key, bad "
-    "user_token, identity required) but its OpenAPI responses omit 401",
-)
 def test_sessions_document_401() -> None:
     assert "401" in SPEC["paths"]["/v1/client/sessions"]["post"]["responses"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="user attribute values (domain/identity/schemas.py AttrValue = str | int | float | "
-    "bool | None) render as oneOf[string, integer, number, boolean, null]: every integer "
-    "matches both integer and number, so any user with an integer attribute fails response "
-    "validation (GET/PATCH /v1/client/me, agent conversation views, admin users)",
-)
 def test_no_ambiguous_one_of() -> None:
     found: list[str] = []
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import pytest
 from PIL import Image
 
 from tellback_server.jobs.worker import Worker
@@ -221,3 +224,33 @@ async def test_processing_announces_the_attachment_to_open_screens(storage_api: 
         "reason": None,
     }
     assert "url" not in str(record.data)  # URLs expire; events are replayed for days
+
+
+async def test_a_stalled_upload_body_is_cut_with_408(
+    storage_api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = storage_api
+    if api.state.settings.s3 is not None:
+        pytest.skip("S3 servers apply their own timeouts; bytes never reach us")
+    from tellback_server.domain.attachments import controllers
+
+    monkeypatch.setattr(controllers, "UPLOAD_IDLE_SECONDS", 0.3)
+    app = await api.create_app()
+    user = await api.user_headers(app)
+    up = await start_upload(
+        api, user, filename="log.txt", content_type="text/plain", size=10, kind="file"
+    )
+
+    async def slow() -> AsyncIterator[bytes]:
+        yield b"hello"
+        await asyncio.sleep(1.0)  # the sender stalls
+        yield b"world"
+
+    r = await api.http.put(up["single"]["url"], content=slow(), headers=up["single"]["headers"])
+    assert r.status_code == 408, r.text
+    assert r.json()["code"] == "request_timeout"
+    r = await api.http.post(f"/v1/client/uploads/{up['upload_id']}/complete", json={}, headers=user)
+    assert r.status_code == 409  # nothing was stored: send it again
+    r = await put(api, up["single"]["url"], b"helloworld", up["single"]["headers"])
+    assert r.status_code == 200, r.text
+    assert r.headers["etag"]

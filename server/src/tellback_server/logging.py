@@ -23,7 +23,12 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: Any = (
-        structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer(
+            # Local variables in tracebacks can hold tokens and request bodies.
+            exception_formatter=structlog.dev.RichTracebackFormatter(show_locals=False)
+        )
+        if use_console
+        else structlog.processors.JSONRenderer()
     )
     structlog.configure(
         processors=[

@@ -57,6 +57,7 @@ class Settings:
     worker_poll_seconds: float = 5.0
     job_lease_seconds: int = 60
     sse_heartbeat_seconds: float = 15.0
+    sessions_per_ip_per_minute: int = 300
     webhook_timeout_seconds: float = 10.0
 
     @property
@@ -219,6 +220,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         worker_poll_seconds=env.get("WORKER_POLL_SECONDS", _positive_float, 5.0),
         job_lease_seconds=env.get("JOB_LEASE_SECONDS", _int_in(5, 3600), 60),
         sse_heartbeat_seconds=env.get("SSE_HEARTBEAT_SECONDS", _positive_float, 15.0),
+        sessions_per_ip_per_minute=env.get(
+            "SESSIONS_PER_IP_PER_MINUTE", _int_in(0, 1_000_000), 300
+        ),
         webhook_timeout_seconds=env.get("WEBHOOK_TIMEOUT_SECONDS", _positive_float, 10.0),
     )
 

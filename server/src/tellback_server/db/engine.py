@@ -54,7 +54,9 @@ class Database:
     def __init__(self, settings: Settings, *, pool_size: int = 10) -> None:
         self.url = settings.database_url
         self.is_sqlite = settings.is_sqlite
-        kwargs: dict[str, Any] = {"pool_pre_ping": False}
+        # PostgreSQL: a pooled connection the server dropped (restart, failover) is found
+        # at checkout and replaced, instead of failing requests until it is discarded.
+        kwargs: dict[str, Any] = {"pool_pre_ping": not settings.is_sqlite}
         if self.is_sqlite:
             path = settings.sqlite_path
             if path is not None:
@@ -62,7 +64,8 @@ class Database:
             kwargs["connect_args"] = {"timeout": 30}
         else:
             kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_timeout=10)
-            kwargs["connect_args"] = {"command_timeout": 30}
+            # A database that does not answer within 5 s is an outage (503), not a hang.
+            kwargs["connect_args"] = {"command_timeout": 30, "timeout": 5}
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         if self.is_sqlite:
             _configure_sqlite(self.engine)

@@ -230,6 +230,26 @@ def enforce_rate_limits(
         raise RateLimited("too many requests; retry after the given delay", retry_after=wait)
 
 
+def enforce_address_limit(request: ASGIConnection[Any, Any, Any, Any]) -> None:
+    """Session creation per client address, before the app's own bucket is touched.
+
+    The app key is public (it ships in the app), so without this one address could
+    spend the whole app's budget. Behind a proxy, uvicorn takes the address from
+    X-Forwarded-For when the proxy is trusted (its FORWARDED_ALLOW_IPS).
+    """
+    state = _conn_state(request)
+    per_minute = state.settings.sessions_per_ip_per_minute
+    client = request.client
+    if per_minute <= 0 or client is None:
+        return
+    wait = state.limiter.hit(f"ip:{client.host}", per_minute)
+    if wait is not None:
+        raise RateLimited(
+            "too many new sessions from this address; retry after the given delay",
+            retry_after=wait,
+        )
+
+
 DEPENDENCIES = {
     "db": Provide(provide_db),
 }

@@ -11,6 +11,7 @@ import re
 from http import HTTPStatus
 from typing import Any
 
+import asyncpg
 import msgspec
 import structlog
 from litestar import Request, Response
@@ -113,6 +114,10 @@ class ValidationFailed(AppError):
     @classmethod
     def field(cls, field: str, message: str) -> ValidationFailed:
         return cls(f"{field}: {message}", errors=[FieldError(field=field, message=message)])
+
+
+class RequestTimeout(AppError):
+    status_code, code = 408, "request_timeout"
 
 
 class RateLimited(AppError):
@@ -272,6 +277,11 @@ _UNAVAILABLE_HINTS = (
     "terminating connection",
     "the database system is",
     "server closed the connection",
+    # asyncpg on a connection the server dropped mid-operation
+    "interfaceerror",
+    "internalclienterror",
+    "another operation",
+    "not currently accepting connections",
 )
 
 
@@ -282,11 +292,20 @@ def is_database_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, DBAPIError):
         if exc.connection_invalidated:
             return True
-        orig = exc.orig
-        text = f"{type(orig).__name__} {orig}".lower()
-        return any(hint in text for hint in _UNAVAILABLE_HINTS)
-    # Drivers raise socket errors on connect before SQLAlchemy can wrap them.
+        return _hinted(exc.orig)
+    # asyncpg's own client errors on a connection the server dropped mid-operation.
+    if isinstance(exc, asyncpg.InterfaceError | asyncpg.InternalClientError):
+        return True
+    # Raised on connect before SQLAlchemy can wrap them: socket errors, and refusals
+    # such as "database ... is not currently accepting connections".
+    if isinstance(exc, asyncpg.PostgresError):
+        return _hinted(exc)
     return isinstance(exc, ConnectionError | TimeoutError)
+
+
+def _hinted(orig: BaseException | None) -> bool:
+    text = f"{type(orig).__name__} {orig}".lower()
+    return any(hint in text for hint in _UNAVAILABLE_HINTS)
 
 
 def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
@@ -314,8 +333,14 @@ def _storage(request: Request[Any, Any, Any], exc: StorageError) -> Response[byt
     )
 
 
+def _too_deep(request: Request[Any, Any, Any], _exc: RecursionError) -> Response[bytes]:
+    # msgspec decodes recursively: absurdly nested JSON exhausts the stack.
+    return problem_response(request, 400, "bad_request", "the JSON body is nested too deeply")
+
+
 def exception_handlers() -> ExceptionHandlersMap:
     return {
+        RecursionError: _too_deep,
         AppError: _app_error,
         StorageError: _storage,
         ValidationException: _litestar_validation,

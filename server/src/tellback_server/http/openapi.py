@@ -122,7 +122,8 @@ UNAVAILABLE = _Error(
 def _errors(handler: HTTPRouteHandler, path: str) -> list[_Error]:
     methods = set(handler.http_methods)
     errors = [BAD_REQUEST]
-    if handler.resolve_guards():
+    # Sessions are unguarded but refuse an unknown app key or identity token with 401.
+    if handler.resolve_guards() or path == "/v1/client/sessions":
         errors.append(UNAUTHENTICATED)
     if "{" in path:
         errors.append(NOT_FOUND)

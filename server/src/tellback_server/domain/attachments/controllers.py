@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 from uuid import UUID
 
@@ -28,7 +30,13 @@ from tellback_server.http.deps import (
     ClientPrincipal,
     app_state,
 )
-from tellback_server.http.errors import Forbidden, NotFound, PayloadTooLarge, problem_response
+from tellback_server.http.errors import (
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    RequestTimeout,
+    problem_response,
+)
 from tellback_server.http.idempotency import IdempotencyKeyHeader, idempotent
 from tellback_server.storage.local import BadSignature, LocalStore, TooLarge
 
@@ -142,6 +150,27 @@ def _local_store(request: Request[Any, Any, Any]) -> LocalStore:
     return store
 
 
+UPLOAD_IDLE_SECONDS = 60.0
+
+
+async def _idle_limited(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The body's chunks, ending a sender that stalls (slowloris) with 408.
+
+    A stalled upload holds a socket and an open file; S3 servers cut such clients too.
+    """
+    it = chunks.__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(it.__anext__(), UPLOAD_IDLE_SECONDS)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise RequestTimeout(
+                f"no bytes for {UPLOAD_IDLE_SECONDS:g} s; resume the upload"
+            ) from None
+        yield chunk
+
+
 class StorageController(Controller):
     """Signed, expiring upload/download URLs of the local-disk store (embedded default)."""
 
@@ -162,7 +191,7 @@ class StorageController(Controller):
         if declared is not None and declared.isdigit() and int(declared) > signed.max_size:
             raise PayloadTooLarge(f"at most {signed.max_size} bytes may be sent to this URL")
         try:
-            etag = await store.receive(signed, request.stream())
+            etag = await store.receive(signed, _idle_limited(request.stream()))
         except TooLarge as exc:
             raise PayloadTooLarge(str(exc)) from None
         except BadSignature as exc:
@@ -181,6 +210,8 @@ class StorageController(Controller):
             raise NotFound("no such object")
         return File(
             path=path,
+            # Uploaded bytes are untrusted: never sniffed into HTML, never run as a page.
+            headers={"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"},
             filename=signed.filename or path.name,
             media_type=signed.content_type or "application/octet-stream",
             content_disposition_type="attachment" if signed.filename else "inline",

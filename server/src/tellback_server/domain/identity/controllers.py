@@ -22,6 +22,7 @@ from tellback_server.http.deps import (
     CLIENT_GUARDS,
     ClientPrincipal,
     app_state,
+    enforce_address_limit,
     enforce_rate_limits,
 )
 
@@ -47,6 +48,7 @@ class SessionsController(Controller):
     ) -> SessionCreated:
         """Creates or resumes the installation's end user. With `user_token`, the
         anonymous user of this installation is merged into the identified one."""
+        enforce_address_limit(request)
         app = await identity.find_app(data.app_key)
         enforce_rate_limits(request, app.id, app.settings or {}, None)
         return await identity.create_session(app, data)

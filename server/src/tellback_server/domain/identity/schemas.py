@@ -6,6 +6,7 @@ import datetime as dt
 from typing import Annotated, Literal
 from uuid import UUID
 
+from litestar.openapi.spec import OpenAPIType, Schema
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from tellback_server.domain.apps.schemas import CustomFieldDefinition
@@ -15,6 +16,23 @@ Short = Annotated[str, Meta(max_length=100)]
 InstallationId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-]{8,64}$")]
 Email = Annotated[str, Meta(max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")]
 AttrValue = str | int | float | bool | None
+# Documented as one JSON type list: Litestar would render oneOf[string, integer,
+# number, ...], under which every integer matches two branches (invalid).
+_ATTRS_DOC = Meta(
+    extra_json_schema={
+        "extra": {
+            "one_of": None,
+            "type": OpenAPIType.OBJECT,
+            "additional_properties": Schema(
+                type=[OpenAPIType.STRING, OpenAPIType.NUMBER, OpenAPIType.BOOLEAN, OpenAPIType.NULL]
+            ),
+        }
+    }
+)
+Attributes = Annotated[dict[str, AttrValue], _ATTRS_DOC]
+AttributesUpdate = Annotated[
+    dict[Annotated[str, Meta(min_length=1, max_length=64)], AttrValue], _ATTRS_DOC
+]
 
 
 class DeviceInfo(Struct, omit_defaults=True):
@@ -42,7 +60,7 @@ class EndUserOut(Struct):
     external_id: str | None
     name: str | None
     email: str | None
-    attributes: dict[str, AttrValue]
+    attributes: Attributes
 
 
 class SessionCreated(Struct):
@@ -54,9 +72,7 @@ class SessionCreated(Struct):
 class MeUpdate(Struct, forbid_unknown_fields=True):
     name: Annotated[str, Meta(max_length=200)] | UnsetType | None = UNSET
     email: Email | UnsetType | None = UNSET
-    attributes: dict[Annotated[str, Meta(min_length=1, max_length=64)], AttrValue] | UnsetType = (
-        UNSET
-    )
+    attributes: AttributesUpdate | UnsetType = UNSET
 
 
 class AppInfo(Struct):
