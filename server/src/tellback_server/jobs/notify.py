@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
 
-import asyncpg
-import structlog
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
-log = structlog.get_logger("tellback.jobs")
+from tellback_server.db.listen import listen_forever
 
 
 class JobNotifier:
     def __init__(self) -> None:
         self._event = asyncio.Event()
-        self._listener: Any = None
 
     def wake(self) -> None:
         self._event.set()
@@ -45,23 +41,7 @@ class JobNotifier:
 
     async def listen_postgres(self, dsn: str, channel: str) -> None:
         """Hold a LISTEN connection (asyncpg) that wakes this process's workers."""
-        backoff = 1.0
-        while True:
-            try:
-                conn = await asyncpg.connect(dsn)
-            except (OSError, asyncpg.PostgresError) as exc:
-                log.warning("jobs.listen_failed", error_type=type(exc).__name__, retry_in=backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
-                continue
-            backoff = 1.0
-            lost = asyncio.Event()
-            try:
-                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await conn.add_listener(channel, lambda *_args: self.wake())
-                self.wake()  # catch up on anything committed while we were not listening
-                await lost.wait()
-                log.warning("jobs.listen_connection_lost")
-            finally:
-                with contextlib.suppress(Exception):
-                    await conn.close()
+        # On (re)connect, wake anyway: jobs may have committed while we were not listening.
+        await listen_forever(
+            dsn, channel, lambda _payload: self.wake(), name="jobs", on_connected=self.wake
+        )

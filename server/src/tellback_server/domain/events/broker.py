@@ -18,15 +18,14 @@ import asyncio
 import contextlib
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Any
 from uuid import UUID
 
-import asyncpg
 import structlog
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
 from tellback_server.db.engine import Database
+from tellback_server.db.listen import listen_forever
 from tellback_server.db.models import Event
 from tellback_server.domain.events.records import (
     EVENT_COLUMNS,
@@ -149,39 +148,24 @@ class EventBroker:
 
     async def listen_postgres(self, db: Database, dsn: str) -> None:
         """Hold a LISTEN connection; publish events other processes committed."""
-        backoff = 1.0
-        while True:
-            try:
-                conn = await asyncpg.connect(dsn)
-            except (OSError, asyncpg.PostgresError) as exc:
-                log.warning("events.listen_failed", error_type=type(exc).__name__, retry_in=backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
-                continue
-            backoff = 1.0
-            lost = asyncio.Event()
-            pending: asyncio.Queue[list[int]] = asyncio.Queue()
+        pending: asyncio.Queue[list[int]] = asyncio.Queue()
 
-            def on_notify(*args: Any, pending: asyncio.Queue[list[int]] = pending) -> None:
-                instance, _, ids = str(args[3]).partition(":")
-                if instance != db.instance and ids:
-                    pending.put_nowait([int(i) for i in ids.split(",")])
+        def on_notify(payload: str) -> None:
+            instance, _, ids = payload.partition(":")
+            if instance != db.instance and ids:
+                pending.put_nowait([int(i) for i in ids.split(",")])
 
-            loader = asyncio.create_task(self._load_loop(db, pending))
-            try:
-                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await conn.add_listener(NOTIFY_CHANNEL, on_notify)
-                await lost.wait()
-                # Events committed while we were not listening never reach these streams;
-                # ending them makes their clients reconnect and replay from the database.
-                log.warning("events.listen_connection_lost")
-                self.end_all()
-            finally:
-                loader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await loader
-                with contextlib.suppress(Exception):
-                    await conn.close()
+        loader = asyncio.create_task(self._load_loop(db, pending))
+        try:
+            # Events committed while we were not listening never reach these streams:
+            # ending them makes their clients reconnect and replay from the database.
+            await listen_forever(
+                dsn, NOTIFY_CHANNEL, on_notify, name="events", on_lost=self.end_all
+            )
+        finally:
+            loader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loader
 
     async def _load_loop(self, db: Database, pending: asyncio.Queue[list[int]]) -> None:
         while True:

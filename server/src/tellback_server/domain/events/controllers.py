@@ -14,11 +14,13 @@ from litestar import Controller, Request, get
 from litestar.di import NamedDependency
 from litestar.params import QueryParameter
 from litestar.response import Stream
-from sqlalchemy import select
+from sqlalchemy import Select, select
 
 from tellback_server.db.models import Agent, AgentApp, ClientSession
+from tellback_server.domain.events.broker import Subscription
 from tellback_server.domain.events.records import EventRecord
 from tellback_server.domain.events.streams import (
+    Recheck,
     agent_scope,
     client_scope,
     head,
@@ -35,6 +37,7 @@ from tellback_server.http.deps import (
     ClientPrincipal,
     app_state,
 )
+from tellback_server.state import AppState
 
 _HEADERS = {
     "Cache-Control": "no-cache, no-transform",
@@ -59,7 +62,34 @@ def _last_id(request: Request[Any, Any, Any], query: str | None) -> int | None:
     return parse_last_event_id(request.headers.get("last-event-id") or query)
 
 
-def _response(content: Any) -> Stream:
+async def _open(
+    state: AppState,
+    sub: Subscription,
+    scope: Select[tuple[int]] | None,
+    last: int | None,
+    recheck: Recheck,
+) -> Stream:
+    """Replay (or the head id for a fresh stream), then the live stream; ``sub`` is
+    already subscribed, so nothing committed meanwhile is missed."""
+    backlog: list[EventRecord] = []
+    reset = start = None
+    try:
+        if last is None:
+            start = await head(state.db)
+        elif scope is not None:
+            backlog, reset = await replay(state.db, scope, last)
+    except BaseException:
+        state.events.unsubscribe(sub)
+        raise
+    content = stream(
+        state.events,
+        sub,
+        backlog,
+        reset,
+        start_id=start,
+        heartbeat_s=state.settings.sse_heartbeat_seconds,
+        recheck=recheck,
+    )
     return Stream(content=content, media_type="text/event-stream", headers=_HEADERS)
 
 
@@ -79,19 +109,7 @@ class ClientEventsController(Controller):
     ) -> Stream:
         state = app_state(request)
         last = _last_id(request, last_event_id)
-        broker = state.events
-        sub = broker.subscribe_client(client.app_id, client.end_user_id)
-        backlog: list[EventRecord] = []
-        reset = start = None
-        try:
-            if last is not None:
-                scope = client_scope(client.app_id, client.end_user_id)
-                backlog, reset = await replay(state.db, scope, last)
-            else:
-                start = await head(state.db)
-        except BaseException:
-            broker.unsubscribe(sub)
-            raise
+        sub = state.events.subscribe_client(client.app_id, client.end_user_id)
 
         async def still_valid() -> bool:
             async with state.db.session(write=False) as db:
@@ -102,17 +120,8 @@ class ClientEventsController(Controller):
                 )
             return expires is not None and expires > dt.datetime.now(dt.UTC)
 
-        return _response(
-            stream(
-                broker,
-                sub,
-                backlog,
-                reset,
-                start_id=start,
-                heartbeat_s=state.settings.sse_heartbeat_seconds,
-                recheck=still_valid,
-            )
-        )
+        scope = client_scope(client.app_id, client.end_user_id)
+        return await _open(state, sub, scope, last, still_valid)
 
 
 class AgentEventsController(Controller):
@@ -135,18 +144,7 @@ class AgentEventsController(Controller):
     ) -> Stream:
         state = app_state(request)
         last = _last_id(request, last_event_id)
-        broker = state.events
-        sub = broker.subscribe_agent(agent.agent_id, agent.app_ids)
-        backlog: list[EventRecord] = []
-        reset = start = None
-        try:
-            if last is None:
-                start = await head(state.db)
-            elif agent.app_ids:
-                backlog, reset = await replay(state.db, agent_scope(agent.app_ids), last)
-        except BaseException:
-            broker.unsubscribe(sub)
-            raise
+        sub = state.events.subscribe_agent(agent.agent_id, agent.app_ids)
 
         async def still_valid() -> bool:
             # Disabled, or moved to other apps: end the stream; a reconnect gets the new scope.
@@ -160,14 +158,5 @@ class AgentEventsController(Controller):
                 ).all()
             return frozenset(r.app_id for r in rows) == agent.app_ids
 
-        return _response(
-            stream(
-                broker,
-                sub,
-                backlog,
-                reset,
-                start_id=start,
-                heartbeat_s=state.settings.sse_heartbeat_seconds,
-                recheck=still_valid,
-            )
-        )
+        scope = agent_scope(agent.app_ids) if agent.app_ids else None
+        return await _open(state, sub, scope, last, still_valid)
