@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from litestar import Litestar
+from litestar.enums import RequestEncodingType
 from litestar.handlers import HTTPRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Example
+from litestar.params import BodyKwarg
 
 from tellback_server.http.errors import Problem
 
@@ -155,3 +157,10 @@ def document_responses(app: Litestar) -> None:
             for error in _errors(handler, route.path):
                 responses.setdefault(error.status, error.spec())
             handler.responses = responses
+
+
+def example_body(summary: str, value: dict[str, Any]) -> BodyKwarg:
+    """A JSON request body with an example in the OpenAPI document (``Annotated[T, ...]``)."""
+    return BodyKwarg(
+        media_type=RequestEncodingType.JSON, examples=[Example(summary=summary, value=value)]
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 from uuid import UUID
 
 from litestar import Controller, Request, Response, get, patch, post
@@ -18,6 +18,7 @@ from tellback_server.domain.agents.schemas import (
     AgentUpdate,
 )
 from tellback_server.domain.agents.services import AgentService
+from tellback_server.http import examples
 from tellback_server.http.deps import (
     ADMIN,
     ADMIN_GUARDS,
@@ -27,6 +28,7 @@ from tellback_server.http.deps import (
     AgentPrincipal,
 )
 from tellback_server.http.idempotency import IdempotencyKeyHeader, idempotent
+from tellback_server.http.openapi import example_body
 from tellback_server.http.pagination import DEFAULT_LIMIT, Limit, Page
 
 
@@ -48,7 +50,7 @@ class AdminAgentsController(Controller):
         db: NamedDependency[AsyncSession],
         admin: NamedDependency[AdminPrincipal],
         agents: NamedDependency[AgentService],
-        data: JSONBody[AgentCreate],
+        data: Annotated[AgentCreate, example_body("An agent for one app", examples.AGENT_CREATE)],
         idempotency_key: IdempotencyKeyHeader = None,
     ) -> Response[bytes]:
         """Returns the agent's `token`, shown only here."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 from uuid import UUID
 
 from litestar import Controller, Request, Response, delete, get, patch, post
@@ -19,8 +19,10 @@ from tellback_server.domain.apps.schemas import (
     RotateKeys,
 )
 from tellback_server.domain.apps.services import AppService
+from tellback_server.http import examples
 from tellback_server.http.deps import ADMIN, ADMIN_GUARDS, AdminPrincipal, app_state
 from tellback_server.http.idempotency import IdempotencyKeyHeader, idempotent
+from tellback_server.http.openapi import example_body
 from tellback_server.http.pagination import DEFAULT_LIMIT, Limit, Page
 
 
@@ -41,7 +43,7 @@ class AdminAppsController(Controller):
         request: Request[Any, Any, Any],
         db: NamedDependency[AsyncSession],
         admin: NamedDependency[AdminPrincipal],
-        data: JSONBody[AppCreate],
+        data: Annotated[AppCreate, example_body("An iOS and Android app", examples.APP_CREATE)],
         idempotency_key: IdempotencyKeyHeader = None,
     ) -> Response[bytes]:
         """Returns `app_key` and `identity_secret`; the secret is shown only here."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 from uuid import UUID
 
 from litestar import Controller, Request, Response, delete, get, post, put
@@ -21,6 +21,7 @@ from tellback_server.domain.attachments.schemas import (
     UploadStatus,
 )
 from tellback_server.domain.attachments.services import AttachmentService
+from tellback_server.http import examples
 from tellback_server.http.deps import (
     AGENT,
     AGENT_GUARDS,
@@ -38,6 +39,7 @@ from tellback_server.http.errors import (
     problem_response,
 )
 from tellback_server.http.idempotency import IdempotencyKeyHeader, idempotent
+from tellback_server.http.openapi import example_body
 from tellback_server.storage.local import BadSignature, LocalStore, TooLarge
 
 
@@ -64,7 +66,7 @@ class ClientUploadsController(Controller):
         db: NamedDependency[AsyncSession],
         client: NamedDependency[ClientPrincipal],
         attachments: NamedDependency[AttachmentService],
-        data: JSONBody[UploadCreate],
+        data: Annotated[UploadCreate, example_body("A 2.4 MB photo", examples.UPLOAD_CREATE)],
         idempotency_key: IdempotencyKeyHeader = None,
     ) -> Response[bytes]:
         """Checks kind, size and content type against the app's limits (413/415), then

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from litestar import Controller, Request, Response, get, patch, post
 from litestar.di import NamedDependency, Provide
-from litestar.params import FromPath, FromQuery, JSONBody, Parameter
+from litestar.params import FromPath, FromQuery, Parameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tellback_server.domain.attachments.services import AttachmentService
@@ -25,6 +25,7 @@ from tellback_server.domain.conversations.schemas import (
     UnreadOut,
 )
 from tellback_server.domain.conversations.services import ConversationService
+from tellback_server.http import examples
 from tellback_server.http.deps import (
     AGENT,
     AGENT_GUARDS,
@@ -35,6 +36,7 @@ from tellback_server.http.deps import (
     app_state,
 )
 from tellback_server.http.idempotency import IdempotencyKeyHeader, idempotent
+from tellback_server.http.openapi import example_body
 from tellback_server.http.pagination import DEFAULT_LIMIT, Limit, Page
 
 
@@ -63,7 +65,12 @@ class ClientConversationsController(Controller):
         db: NamedDependency[AsyncSession],
         client: NamedDependency[ClientPrincipal],
         conversations: NamedDependency[ConversationService],
-        data: JSONBody[ConversationCreate],
+        data: Annotated[
+            ConversationCreate,
+            example_body(
+                "Feedback with context, a location and a photo", examples.CONVERSATION_CREATE
+            ),
+        ],
         idempotency_key: IdempotencyKeyHeader = None,
     ) -> Response[bytes]:
         """Creates the conversation with its first message. Send an `Idempotency-Key`:
@@ -120,7 +127,7 @@ class ClientConversationsController(Controller):
         client: NamedDependency[ClientPrincipal],
         conversations: NamedDependency[ConversationService],
         conversation_id: FromPath[UUID],
-        data: JSONBody[MessageCreate],
+        data: Annotated[MessageCreate, example_body("A follow-up", examples.MESSAGE_CREATE)],
         idempotency_key: IdempotencyKeyHeader = None,
     ) -> Response[bytes]:
         return await idempotent(
@@ -138,7 +145,9 @@ class ClientConversationsController(Controller):
         client: NamedDependency[ClientPrincipal],
         conversations: NamedDependency[ConversationService],
         conversation_id: FromPath[UUID],
-        data: JSONBody[ReadMarker],
+        data: Annotated[
+            ReadMarker, example_body("Read up to the newest message", examples.READ_MARKER)
+        ],
     ) -> None:
         """Marks every message up to and including `up_to_message_id` as read.
         Markers only move forward."""
@@ -218,7 +227,7 @@ class AgentConversationsController(Controller):
         agent: NamedDependency[AgentPrincipal],
         conversations: NamedDependency[ConversationService],
         conversation_id: FromPath[UUID],
-        data: JSONBody[AgentMessageCreate],
+        data: Annotated[AgentMessageCreate, example_body("A public answer", examples.AGENT_REPLY)],
         idempotency_key: IdempotencyKeyHeader = None,
     ) -> Response[bytes]:
         return await idempotent(
@@ -236,7 +245,9 @@ class AgentConversationsController(Controller):
         agent: NamedDependency[AgentPrincipal],
         conversations: NamedDependency[ConversationService],
         conversation_id: FromPath[UUID],
-        data: JSONBody[ConversationUpdate],
+        data: Annotated[
+            ConversationUpdate, example_body("Solve and tag", examples.CONVERSATION_UPDATE)
+        ],
     ) -> AgentConversation:
         return await conversations.agent_update(agent, conversation_id, data)
 

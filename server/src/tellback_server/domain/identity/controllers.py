@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from litestar import Controller, Request, get, patch, post
 from litestar.di import NamedDependency, Provide
-from litestar.params import JSONBody
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tellback_server.domain.identity.schemas import (
@@ -17,6 +16,7 @@ from tellback_server.domain.identity.schemas import (
     SessionCreated,
 )
 from tellback_server.domain.identity.services import IdentityService
+from tellback_server.http import examples
 from tellback_server.http.deps import (
     CLIENT,
     CLIENT_GUARDS,
@@ -25,6 +25,7 @@ from tellback_server.http.deps import (
     enforce_address_limit,
     enforce_rate_limits,
 )
+from tellback_server.http.openapi import example_body
 
 
 def provide_identity(
@@ -44,7 +45,10 @@ class SessionsController(Controller):
         self,
         request: Request[Any, Any, Any],
         identity: NamedDependency[IdentityService],
-        data: JSONBody[SessionCreate],
+        data: Annotated[
+            SessionCreate,
+            example_body("An anonymous session for this installation", examples.SESSION_CREATE),
+        ],
     ) -> SessionCreated:
         """Creates or resumes the installation's end user. With `user_token`, the
         anonymous user of this installation is merged into the identified one."""
@@ -72,7 +76,7 @@ class MeController(Controller):
         self,
         client: NamedDependency[ClientPrincipal],
         identity: NamedDependency[IdentityService],
-        data: JSONBody[MeUpdate],
+        data: Annotated[MeUpdate, example_body("Name and one attribute", examples.ME_UPDATE)],
     ) -> EndUserOut:
         """`attributes` are merged; a key set to null is removed. An identified user's
         `external_id` comes only from the signed token and cannot be changed here."""

@@ -20,6 +20,7 @@ from tellback_server.domain.push.schemas import (
     PushStatus,
 )
 from tellback_server.domain.push.services import CredentialService, DeviceService
+from tellback_server.http import examples
 from tellback_server.http.deps import (
     ADMIN,
     ADMIN_GUARDS,
@@ -32,6 +33,7 @@ from tellback_server.http.deps import (
     ClientPrincipal,
     app_state,
 )
+from tellback_server.http.openapi import example_body
 from tellback_server.http.pagination import DEFAULT_LIMIT, Limit, Page
 
 
@@ -60,7 +62,9 @@ class ClientDevicesController(Controller):
         self,
         client: NamedDependency[ClientPrincipal],
         devices: NamedDependency[DeviceService],
-        data: JSONBody[DeviceRegister],
+        data: Annotated[
+            DeviceRegister, example_body("An iPhone's APNs token", examples.DEVICE_REGISTER)
+        ],
     ) -> DeviceOut:
         """One device per installation (upsert). A token that moves to another
         installation is removed from the old one. After logout the device follows the

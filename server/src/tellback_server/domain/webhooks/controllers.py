@@ -21,8 +21,10 @@ from tellback_server.domain.webhooks.schemas import (
     WebhookUpdate,
 )
 from tellback_server.domain.webhooks.services import WebhookService
+from tellback_server.http import examples
 from tellback_server.http.deps import ADMIN, ADMIN_GUARDS, AdminPrincipal, app_state
 from tellback_server.http.idempotency import IdempotencyKeyHeader, idempotent
+from tellback_server.http.openapi import example_body
 from tellback_server.http.pagination import DEFAULT_LIMIT, Limit, Page
 
 
@@ -53,7 +55,10 @@ class AdminWebhooksController(Controller):
         admin: NamedDependency[AdminPrincipal],
         webhooks: NamedDependency[WebhookService],
         app_id: FromPath[UUID],
-        data: JSONBody[WebhookCreate],
+        data: Annotated[
+            WebhookCreate,
+            example_body("New feedback and replies to the helpdesk", examples.WEBHOOK_CREATE),
+        ],
         idempotency_key: IdempotencyKeyHeader = None,
     ) -> Response[bytes]:
         """Returns the signing `secret` (`whsec_...`), shown only here. `events` filters
