@@ -364,3 +364,36 @@ async def test_svg_uploads_are_refused(api: Api) -> None:
             headers=w.user,
         )  # fmt: skip
         assert r.status_code == 415, r.text
+
+
+async def test_assigning_to_a_teammate_by_name(api: Api, console: Console) -> None:
+    w = await world(api)
+    grace_id, grace = await api.create_agent(w.app, name="Grace")
+    eve_id, _ = await api.create_agent(w.other_app, name="Eve")  # another app's agent
+    gone_id, _ = await api.create_agent(w.app, name="Gone")
+    r = await api.http.patch(
+        f"/v1/admin/agents/{gone_id}", json={"disabled": True}, headers=api.admin
+    )
+    assert r.status_code == 200, r.text
+    conv = await api.feedback(w.user, "Assign me")
+    # The agent API behind the dropdown: the app's active agents, the caller's apps only.
+    r = await api.http.get(f"/v1/agent/apps/{w.app.id}/agents", headers=w.agent)
+    assert r.status_code == 200, r.text
+    assert sorted(a["name"] for a in r.json()) == ["Ada <Lovelace>", "Grace"]
+    r = await api.http.get(f"/v1/agent/apps/{w.other_app.id}/agents", headers=w.agent)
+    assert r.status_code == 404
+    assert (await console.sign_in(w.agent_token)).status_code == 303
+    page = (await console.http.get(f"/console/c/{conv['id']}")).text
+    assert f'value="agent:{grace_id}">Grace<' in page
+    assert eve_id not in page
+    assert gone_id not in page
+    r = await console.post(f"/console/c/{conv['id']}/update", assignee=f"agent:{grace_id}")
+    assert r.status_code == 303
+    detail = (await api.http.get(f"/v1/agent/conversations/{conv['id']}", headers=grace)).json()
+    assert detail["assignee_id"] == grace_id
+    assert "<dd>Grace</dd>" in (await console.http.get(f"/console/c/{conv['id']}")).text
+    # A forged option for another app's agent is refused by the API's own check.
+    r = await console.post(f"/console/c/{conv['id']}/update", assignee=f"agent:{eve_id}")
+    assert r.status_code in {400, 422}
+    detail = (await api.http.get(f"/v1/agent/conversations/{conv['id']}", headers=grace)).json()
+    assert detail["assignee_id"] == grace_id

@@ -16,8 +16,9 @@ from tellback_server.domain.agents.schemas import (
     AgentMe,
     AgentOut,
     AgentUpdate,
+    Teammate,
 )
-from tellback_server.domain.agents.services import AgentService
+from tellback_server.domain.agents.services import AgentService, teammates
 from tellback_server.http import examples
 from tellback_server.http.deps import (
     ADMIN,
@@ -108,3 +109,13 @@ class AgentMeController(Controller):
     @get("/me", summary="The calling agent")
     async def me(self, agent: NamedDependency[AgentPrincipal]) -> AgentMe:
         return AgentMe(id=agent.agent_id, name=agent.name, app_ids=sorted(agent.app_ids))
+
+    @get("/apps/{app_id:uuid}/agents", summary="The active agents of one of your apps")
+    async def app_agents(
+        self,
+        agent: NamedDependency[AgentPrincipal],
+        db: NamedDependency[AsyncSession],
+        app_id: FromPath[UUID],
+    ) -> list[Teammate]:
+        """Whom a conversation of this app can be assigned to (`PATCH … assignee_id`)."""
+        return await teammates(db, agent, app_id)

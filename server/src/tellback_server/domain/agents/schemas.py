@@ -47,3 +47,10 @@ class AgentMe(Struct):
     id: UUID
     name: str
     app_ids: list[UUID]
+
+
+class Teammate(Struct):
+    """An active agent of an app, as other agents of that app see them (for assigning)."""
+
+    id: UUID
+    name: str

@@ -10,7 +10,14 @@ from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tellback_server.db.models import Agent, AgentApp, App
-from tellback_server.domain.agents.schemas import AgentCreate, AgentCreated, AgentOut, AgentUpdate
+from tellback_server.domain.agents.schemas import (
+    AgentCreate,
+    AgentCreated,
+    AgentOut,
+    AgentUpdate,
+    Teammate,
+)
+from tellback_server.http.deps import AgentPrincipal
 from tellback_server.http.errors import NotFound, ValidationFailed
 from tellback_server.http.pagination import Page, keyset_page
 from tellback_server.security import AGENT_TOKEN_PREFIX, hash_token, new_token
@@ -102,3 +109,16 @@ class AgentService:
         await self.db.flush()
         out = await self._out(agent)
         return AgentCreated(**msgspec.structs.asdict(out), token=token)
+
+
+async def teammates(db: AsyncSession, agent: AgentPrincipal, app_id: UUID) -> list[Teammate]:
+    """The active agents of one of the caller's apps (404 for any other app)."""
+    if app_id not in agent.app_ids:
+        raise NotFound("no such app")
+    rows = await db.execute(
+        select(Agent.id, Agent.name)
+        .join(AgentApp, AgentApp.agent_id == Agent.id)
+        .where(AgentApp.app_id == app_id, Agent.disabled_at.is_(None))
+        .order_by(Agent.name, Agent.id)
+    )
+    return [Teammate(id=r.id, name=r.name) for r in rows]

@@ -9,6 +9,7 @@ from uuid import UUID
 
 import msgspec
 
+from tellback_server.domain.agents.services import teammates
 from tellback_server.domain.console.views import (
     PRIORITIES,
     STATUSES,
@@ -104,6 +105,8 @@ async def conversation_context(
     conversations: ConversationService, agent: AgentPrincipal, conversation_id: UUID
 ) -> dict[str, Any]:
     detail = await conversations.agent_get(agent, conversation_id)
+    team = await teammates(conversations.db, agent, detail.app_id)
+    names = {t.id: t.name for t in team}
     messages = list(detail.messages)
     cursor = detail.messages_next_cursor
     for _ in range(MORE_MESSAGE_PAGES):
@@ -123,6 +126,8 @@ async def conversation_context(
         "statuses": STATUSES,
         "priorities": PRIORITIES,
         "assigned_to_me": detail.assignee_id == agent.agent_id,
+        "assignee_name": names.get(detail.assignee_id) if detail.assignee_id else None,
+        "teammates": [t for t in team if t.id not in {agent.agent_id, detail.assignee_id}],
     }
 
 
@@ -145,4 +150,6 @@ def update_from_form(form: dict[str, str], agent: AgentPrincipal) -> Conversatio
         raw["assignee_id"] = agent.agent_id
     elif assignee == "none":
         raw["assignee_id"] = None
+    elif assignee.startswith("agent:"):
+        raw["assignee_id"] = assignee.removeprefix("agent:")  # the API checks membership
     return msgspec.convert(raw, ConversationUpdate)
