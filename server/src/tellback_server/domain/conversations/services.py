@@ -14,6 +14,7 @@ from uuid import UUID
 import msgspec
 from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import defer
 
 from tellback_server.db.models import (
     Agent,
@@ -60,6 +61,8 @@ from tellback_server.http.errors import AppError, NotFound, ValidationFailed
 from tellback_server.http.pagination import Page, check_limit, keyset_page
 
 DETAIL_MESSAGES = 100
+# Lists never show the device/app context (often a KiB of JSON per row): not loaded.
+_LIST_DEFERRED = defer(Conversation.context)
 
 
 class ConversationClosed(AppError):
@@ -311,8 +314,13 @@ class ConversationService:
     async def client_list(
         self, client: ClientPrincipal, cursor: str | None, limit: int
     ) -> Page[ConversationOut]:
-        stmt = select(Conversation).where(
-            Conversation.app_id == client.app_id, Conversation.end_user_id == client.end_user_id
+        stmt = (
+            select(Conversation)
+            .options(_LIST_DEFERRED)
+            .where(
+                Conversation.app_id == client.app_id,
+                Conversation.end_user_id == client.end_user_id,
+            )
         )
         rows, nxt = await keyset_page(
             self.db,
@@ -454,7 +462,7 @@ class ConversationService:
         apps = agent.app_ids if app_id is None else agent.app_ids & {app_id}
         if not apps:
             return Page(items=[], next_cursor=None)
-        stmt = select(Conversation).where(Conversation.app_id.in_(apps))
+        stmt = select(Conversation).options(_LIST_DEFERRED).where(Conversation.app_id.in_(apps))
         if status is not None:
             stmt = stmt.where(Conversation.status == status)
         if assignee_id is not None:
