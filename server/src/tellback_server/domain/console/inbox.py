@@ -30,9 +30,6 @@ from tellback_server.domain.conversations.services import ConversationService
 from tellback_server.http.deps import AgentPrincipal
 
 PAGE = 25
-# The agent API filters by app, status, assignee and text but not (yet) by tag, so a tag
-# filter scans up to this many pages of 100 and keeps the matches.
-TAG_SCAN_PAGES = 10
 # The detail view carries the first 100 messages; the console follows the cursor this
 # many pages further so the newest messages are on screen.
 MORE_MESSAGE_PAGES = 9
@@ -41,30 +38,17 @@ MORE_MESSAGE_PAGES = 9
 async def inbox_page(
     conversations: ConversationService, agent: AgentPrincipal, f: InboxFilters
 ) -> tuple[list[AgentConversation], str | None]:
-    def fetch(cursor: str | None, limit: int) -> Any:
-        return conversations.agent_list(
-            agent,
-            app_id=f.app_id,
-            status=f.status,
-            q=f.q,
-            assignee_id=agent.agent_id if f.mine else None,
-            cursor=cursor,
-            limit=limit,
-        )
-
-    if f.tag is None:
-        page = await fetch(f.cursor, PAGE)
-        return list(page.items), page.next_cursor
-    wanted = f.tag.casefold()
-    items: list[AgentConversation] = []
-    cursor = f.cursor
-    for _ in range(TAG_SCAN_PAGES):
-        page = await fetch(cursor, 100)
-        items += [c for c in page.items if any(t.casefold() == wanted for t in c.tags)]
-        cursor = page.next_cursor
-        if cursor is None or len(items) >= PAGE:
-            break
-    return items, cursor
+    page = await conversations.agent_list(
+        agent,
+        app_id=f.app_id,
+        status=f.status,
+        q=f.q,
+        tag=f.tag,
+        assignee_id=agent.agent_id if f.mine else None,
+        cursor=f.cursor,
+        limit=PAGE,
+    )
+    return list(page.items), page.next_cursor
 
 
 @dataclass(frozen=True, slots=True)

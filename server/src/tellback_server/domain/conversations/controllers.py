@@ -180,6 +180,9 @@ class AgentConversationsController(Controller):
         q: str | None = Parameter(
             default=None, max_length=200, description="searches subject and bodies"
         ),
+        tag: str | None = Parameter(
+            default=None, max_length=100, description="only conversations with this tag"
+        ),
         cursor: FromQuery[str | None] = None,
         limit: Limit = DEFAULT_LIMIT,
     ) -> Page[AgentConversation]:
@@ -188,6 +191,7 @@ class AgentConversationsController(Controller):
             app_id=app_id,
             status=status,
             q=q,
+            tag=tag,
             assignee_id=assignee_id,
             cursor=cursor,
             limit=limit,

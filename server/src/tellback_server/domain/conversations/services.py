@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from uuid import UUID
 
 import msgspec
-from sqlalchemy import exists, func, or_, select, update
+from sqlalchemy import TextClause, exists, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import defer
 
@@ -71,6 +71,21 @@ class ConversationClosed(AppError):
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def _has_tag(dialect: str, tag: str) -> TextClause:
+    """Conversations carrying ``tag`` (case-insensitive; tags are a JSON array)."""
+    if dialect == "postgresql":
+        sql = (
+            "EXISTS (SELECT 1 FROM jsonb_array_elements_text(conversations.tags) AS t(v) "
+            "WHERE lower(t.v) = lower(:tag))"
+        )
+    else:
+        sql = (
+            "EXISTS (SELECT 1 FROM json_each(conversations.tags) AS t "
+            "WHERE lower(t.value) = lower(:tag))"
+        )
+    return text(sql).bindparams(tag=tag)
 
 
 def _like(q: str) -> str:
@@ -457,6 +472,7 @@ class ConversationService:
         assignee_id: UUID | None,
         cursor: str | None,
         limit: int,
+        tag: str | None = None,
     ) -> Page[AgentConversation]:
         check_limit(limit)
         apps = agent.app_ids if app_id is None else agent.app_ids & {app_id}
@@ -467,6 +483,8 @@ class ConversationService:
             stmt = stmt.where(Conversation.status == status)
         if assignee_id is not None:
             stmt = stmt.where(Conversation.assignee_id == assignee_id)
+        if tag:
+            stmt = stmt.where(_has_tag(self.db.get_bind().dialect.name, tag.strip()))
         if q:
             pattern = _like(q.strip())
             body_match = exists().where(
