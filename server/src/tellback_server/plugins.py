@@ -6,6 +6,7 @@ import importlib
 from collections.abc import Iterable
 
 from tellback_server.domain.attachments.media import register as register_media
+from tellback_server.domain.events.retention import register as register_events
 from tellback_server.domain.push.delivery import register as register_push
 from tellback_server.domain.webhooks.delivery import register as register_webhooks
 from tellback_server.jobs.registry import JobRegistry
@@ -18,6 +19,7 @@ def build_registry(plugins: Iterable[str] = ()) -> JobRegistry:
     register_media(registry)
     register_push(registry)
     register_webhooks(registry)
+    register_events(registry)
     for spec in plugins:
         module_name, _, attr = spec.partition(":")
         if not module_name or not attr:

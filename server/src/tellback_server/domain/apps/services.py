@@ -70,6 +70,12 @@ def check_settings(settings: AppSettings) -> None:
         raise ValidationFailed.field("settings.categories", "categories must be unique")
 
 
+async def require_app(db: AsyncSession, app_id: UUID) -> None:
+    """404 unless the app exists (admin endpoints under /v1/admin/apps/{id}/...)."""
+    if await db.scalar(select(App.id).where(App.id == app_id)) is None:
+        raise NotFound("no such app")
+
+
 class AppService:
     def __init__(self, db: AsyncSession, sealer: Sealer) -> None:
         self.db = db

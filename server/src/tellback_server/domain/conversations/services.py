@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from uuid import UUID
 
 import msgspec
@@ -63,6 +64,13 @@ from tellback_server.http.pagination import Page, check_limit, keyset_page
 DETAIL_MESSAGES = 100
 # Lists never show the device/app context (often a KiB of JSON per row): not loaded.
 _LIST_DEFERRED = defer(Conversation.context)
+
+
+@dataclass(frozen=True, slots=True)
+class _MessageViews:
+    agent_msg: AgentMessageOut
+    client_msg: MessageOut | None  # None for an internal note
+    client_conv: ConversationOut | None
 
 
 class ConversationClosed(AppError):
@@ -218,8 +226,11 @@ class ConversationService:
         status_changed: bool = False,
         unread_changed: bool = False,
         agent_name: str | None = None,
-    ) -> tuple[Related, EndUser]:
-        """Events for a new message: one row per type, with the agent and the user's view."""
+    ) -> _MessageViews:
+        """Events for a new message: one row per type, with the agent and the user's view.
+
+        Returns the views it built, which are also the request's answer.
+        """
         authors, user = await self._views(conv, message, agent_name)
         agent_conv = agent_conversation_out(conv, message, authors, user)
         agent_msg = agent_message_out(message, authors)
@@ -264,7 +275,7 @@ class ConversationService:
         if unread_changed:
             drafts.append(await self._unread_draft(conv))
         await emit(self.db, conv.app_id, drafts)
-        return authors, user
+        return _MessageViews(agent_msg, client_msg, client_conv)
 
     async def _unread_draft(self, conv: Conversation) -> EventDraft:
         total = await self._user_unread_total(conv.app_id, conv.end_user_id)
@@ -323,8 +334,9 @@ class ConversationService:
             now=now,
         )
         await queue_fanout(self.db, message.id, "agents")
-        authors, _ = await self._message_events(conv, message, created=True)
-        return client_conversation_out(conv, message, authors)
+        views = await self._message_events(conv, message, created=True)
+        assert views.client_conv is not None  # the user's own new conversation
+        return views.client_conv
 
     async def client_list(
         self, client: ClientPrincipal, cursor: str | None, limit: int
@@ -389,8 +401,9 @@ class ConversationService:
             conv.status = "open"
         conv.agent_unread_count += 1
         await queue_fanout(self.db, message.id, "agents")
-        authors, _ = await self._message_events(conv, message, status_changed=reopened)
-        return message_out(message, authors)
+        views = await self._message_events(conv, message, status_changed=reopened)
+        assert views.client_msg is not None  # a user's message is never internal
+        return views.client_msg
 
     async def client_read(self, client: ClientPrincipal, conv_id: UUID, message_id: UUID) -> None:
         conv = await self._client_conv(client, conv_id, lock=True)
@@ -553,14 +566,14 @@ class ConversationService:
             answered = conv.status == "open"
             if answered:
                 conv.status = "pending"
-        authors, _ = await self._message_events(
+        views = await self._message_events(
             conv,
             message,
             status_changed=answered,
             unread_changed=not data.internal,
             agent_name=agent.name,
         )
-        return agent_message_out(message, authors)
+        return views.agent_msg
 
     async def agent_update(
         self, agent: AgentPrincipal, conv_id: UUID, data: ConversationUpdate

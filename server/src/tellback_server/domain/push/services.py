@@ -15,7 +15,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from uuid_utils.compat import uuid7
 
-from tellback_server.db.models import App, Device, PushCredential, PushDelivery
+from tellback_server.db.models import Device, PushCredential, PushDelivery
+from tellback_server.domain.apps.services import require_app
 from tellback_server.domain.push.schemas import (
     AgentDeviceRegister,
     ApnsCredentialsIn,
@@ -27,7 +28,7 @@ from tellback_server.domain.push.schemas import (
     PushStatus,
 )
 from tellback_server.http.deps import AgentPrincipal, ClientPrincipal
-from tellback_server.http.errors import NotFound, ValidationFailed
+from tellback_server.http.errors import ValidationFailed
 from tellback_server.http.pagination import Page, keyset_page
 from tellback_server.security import Sealer
 
@@ -183,14 +184,10 @@ class CredentialService:
         self.db = db
         self.sealer = sealer
 
-    async def _app(self, app_id: UUID) -> None:
-        if await self.db.scalar(select(App.id).where(App.id == app_id)) is None:
-            raise NotFound("no such app")
-
     async def _store(
         self, app_id: UUID, provider: str, secret: dict[str, Any], summary: str
     ) -> None:
-        await self._app(app_id)
+        await require_app(self.db, app_id)
         sealed = self.sealer.seal(
             json.dumps(secret).encode(), f"{CREDENTIAL_PURPOSE}:{app_id}:{provider}"
         )
@@ -230,7 +227,7 @@ class CredentialService:
         return await self.status(app_id)
 
     async def remove(self, app_id: UUID, provider: str) -> None:
-        await self._app(app_id)
+        await require_app(self.db, app_id)
         await self.db.execute(
             delete(PushCredential).where(
                 PushCredential.app_id == app_id, PushCredential.provider == provider
@@ -238,7 +235,7 @@ class CredentialService:
         )
 
     async def status(self, app_id: UUID) -> PushStatus:
-        await self._app(app_id)
+        await require_app(self.db, app_id)
         rows = {
             r.provider: r
             for r in await self.db.scalars(
@@ -265,7 +262,7 @@ class CredentialService:
     async def deliveries(
         self, app_id: UUID, status: str | None, cursor: str | None, limit: int
     ) -> Page[PushDeliveryOut]:
-        await self._app(app_id)
+        await require_app(self.db, app_id)
         stmt = select(PushDelivery).where(PushDelivery.app_id == app_id)
         if status is not None:
             stmt = stmt.where(PushDelivery.status == status)

@@ -7,7 +7,8 @@ from uuid import UUID
 from sqlalchemy import delete, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from tellback_server.db.models import App, Attachment, Conversation, EndUser, Message
+from tellback_server.db.models import Attachment, Conversation, EndUser, Message
+from tellback_server.domain.apps.services import require_app
 from tellback_server.domain.attachments.services import DELETE_JOB
 from tellback_server.domain.identity.schemas import EndUserOut
 from tellback_server.domain.identity.services import user_out
@@ -22,14 +23,10 @@ class EndUserService:
     def __init__(self, db: AsyncSession) -> None:
         self.db = db
 
-    async def _app(self, app_id: UUID) -> None:
-        if await self.db.scalar(select(App.id).where(App.id == app_id)) is None:
-            raise NotFound("no such app")
-
     async def list(
         self, app_id: UUID, external_id: str | None, cursor: str | None, limit: int
     ) -> Page[EndUserOut]:
-        await self._app(app_id)
+        await require_app(self.db, app_id)
         stmt = select(EndUser).where(EndUser.app_id == app_id, EndUser.merged_into_id.is_(None))
         if external_id is not None:
             stmt = stmt.where(EndUser.external_id == external_id)

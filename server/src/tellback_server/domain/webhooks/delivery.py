@@ -21,7 +21,7 @@ from uuid import UUID
 
 import httpx
 import structlog
-from sqlalchemy import delete, select, update
+from sqlalchemy import select, update
 
 from tellback_server.db.models import Event, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from tellback_server.domain.events.records import EVENT_COLUMNS, EventRecord
@@ -256,17 +256,6 @@ async def _set_next(state: AppState, delivery_id: UUID, delay: float) -> None:
         )
 
 
-EVENT_RETENTION = dt.timedelta(days=7)
-
-
-async def purge_events(state: AppState) -> None:
-    """Events older than the retention go, and with them their delivery log (cascade)."""
-    async with state.db.session(write=True) as db:
-        await db.execute(
-            delete(Event).where(Event.created_at < dt.datetime.now(dt.UTC) - EVENT_RETENTION)
-        )
-
-
 def register(registry: JobRegistry) -> None:
     # The schedule comes from the handler (RetryLater.delay); the worker's own backoff
     # is kept below it so it never stretches the 24-hour window.
@@ -278,4 +267,3 @@ def register(registry: JobRegistry) -> None:
         base_delay_s=1.0,
         max_delay_s=1.0,
     )
-    registry.periodic("events.purge", 3600.0, purge_events)

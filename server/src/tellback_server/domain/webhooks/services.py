@@ -9,7 +9,8 @@ import msgspec
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from tellback_server.db.models import App, Event, WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from tellback_server.db.models import Event, WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from tellback_server.domain.apps.services import require_app
 from tellback_server.domain.events.records import EVENT_COLUMNS, EventRecord
 from tellback_server.domain.webhooks.delivery import secret_purpose
 from tellback_server.domain.webhooks.outbox import JOB_KIND, SCHEDULE
@@ -74,10 +75,6 @@ class WebhookService:
         self.sealer = sealer
         self.allow_private = allow_private
 
-    async def _app(self, app_id: UUID) -> None:
-        if await self.db.scalar(select(App.id).where(App.id == app_id)) is None:
-            raise NotFound("no such app")
-
     async def _endpoint(self, app_id: UUID, webhook_id: UUID) -> WebhookEndpoint:
         ep = await self.db.scalar(
             select(WebhookEndpoint).where(
@@ -95,7 +92,7 @@ class WebhookService:
             raise ValidationFailed.field("url", str(exc)) from None
 
     async def create(self, app_id: UUID, data: WebhookCreate) -> WebhookCreated:
-        await self._app(app_id)
+        await require_app(self.db, app_id)
         await self._check_url(data.url)
         secret = new_secret()
         ep = WebhookEndpoint(
@@ -113,7 +110,7 @@ class WebhookService:
         return WebhookCreated(**msgspec.structs.asdict(webhook_out(ep)), secret=secret)
 
     async def list(self, app_id: UUID, cursor: str | None, limit: int) -> Page[WebhookOut]:
-        await self._app(app_id)
+        await require_app(self.db, app_id)
         stmt = select(WebhookEndpoint).where(WebhookEndpoint.app_id == app_id)
         rows, nxt = await keyset_page(
             self.db, stmt, WebhookEndpoint.created_at, WebhookEndpoint.id, cursor, limit
@@ -180,7 +177,7 @@ class WebhookService:
         cursor: str | None,
         limit: int,
     ) -> Page[WebhookDeliveryOut]:
-        await self._app(app_id)
+        await require_app(self.db, app_id)
         stmt = select(WebhookDelivery).where(WebhookDelivery.app_id == app_id)
         if webhook_id is not None:
             stmt = stmt.where(WebhookDelivery.endpoint_id == webhook_id)
