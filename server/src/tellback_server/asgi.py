@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import structlog
 from litestar import Litestar
@@ -44,6 +45,7 @@ from tellback_server.domain.push.delivery import close_clients
 from tellback_server.domain.users.controllers import AdminUsersController
 from tellback_server.domain.webhooks.controllers import AdminWebhooksController
 from tellback_server.domain.webhooks.delivery import close_http_client
+from tellback_server.http.auth_cache import AUTH_CHANGED, PrincipalCache
 from tellback_server.http.deps import DEPENDENCIES
 from tellback_server.http.errors import exception_handlers
 from tellback_server.http.middleware import request_id_middleware
@@ -69,13 +71,16 @@ def build_state(settings: Settings) -> AppState:
         raise ValueError("settings.secret_key must be resolved before building the app")
     db = Database(settings)
     notifier = JobNotifier()
-    notifier.install_commit_hook(db.session_class)
+    notifier.install_commit_hook(db)
     metrics = Metrics()
     events = EventBroker(metrics)
-    events.install_commit_hook(db.session_class)
+    events.install_commit_hook(db)
+    principals: PrincipalCache[Any] = PrincipalCache(settings.auth_cache_seconds)
+    db.on_commit(AUTH_CHANGED, principals.clear)
     return AppState(
         settings=settings,
         db=db,
+        principals=principals,
         metrics=metrics,
         sealer=Sealer(settings.secret_key),
         notifier=notifier,

@@ -6,11 +6,17 @@ from typing import Any
 
 from advanced_alchemy.base import UUIDv7AuditBase, UUIDv7Base, orm_registry
 from advanced_alchemy.types import GUID, DateTimeUTC, JsonB
-from sqlalchemy import MetaData
+from sqlalchemy import MetaData, Table
 
 metadata: MetaData = orm_registry.metadata
 
 # JSON column that is JSONB on PostgreSQL and JSON text on SQLite.
 JSON: Any = JsonB
 
-__all__ = ["GUID", "JSON", "DateTimeUTC", "UUIDv7AuditBase", "UUIDv7Base", "metadata"]
+__all__ = ["GUID", "JSON", "DateTimeUTC", "UUIDv7AuditBase", "UUIDv7Base", "metadata", "table_of"]
+
+
+def table_of(model: type[Any]) -> Table:
+    """A model's Core table, for hot-path statements that need no ORM work."""
+    table: Table = model.__table__
+    return table

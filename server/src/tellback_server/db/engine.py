@@ -1,36 +1,72 @@
-"""Engine and session factory for SQLite (embedded default) and PostgreSQL.
+"""Engine, sessions and transactions for SQLite (embedded default) and PostgreSQL.
 
 SQLite runs in WAL mode with one writer: transactions that write start with
 ``BEGIN IMMEDIATE`` (so two writers queue on the lock instead of failing with
 ``SQLITE_BUSY`` when a read snapshot upgrades), and an in-process lock keeps
 writers of this process from busy-waiting on each other. Readers never block.
+
+Two ways in:
+
+- :meth:`Database.session` -- an ``AsyncSession`` for the ORM services.
+- :meth:`Database.transaction` -- a :class:`Tx` that runs plain (sync) functions
+  of a ``Session`` inside one transaction: the hot paths (ingest, idempotency,
+  events). On PostgreSQL that is ``AsyncSession.run_sync`` on a pooled
+  connection. On SQLite the statements run on the event loop's own thread through
+  the stdlib driver: an indexed statement takes microseconds, while every
+  ``aiosqlite`` hand-off to its thread costs tens of microseconds and, under
+  load, a wait for the GIL (the loop holds it for up to the 5 ms switch
+  interval). Nothing there can wait on a lock: the process's writers queue on an
+  ``asyncio.Lock``, and this connection's busy timeout is 0, so a write
+  transaction that finds another *process* holding SQLite's lock backs off with
+  ``asyncio.sleep`` and tries again (up to 30 s) instead of blocking the loop.
+
+Both fire the same commit hooks (:meth:`Database.on_commit`): what a transaction
+left in ``session.info`` under a hook's key is handed to the hook once it has
+committed (event publishing, worker wake-ups).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import uuid
-from collections.abc import AsyncIterator
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from sqlalchemy import event
+import msgspec
+import structlog
+from sqlalchemy import Engine, create_engine, event, func, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from tellback_server.settings import Settings
 
+log = structlog.get_logger("tellback.db")
+
 _IMMEDIATE = "tellback_sqlite_immediate"
+_NOTIFY_KEY = "tellback_pg_notify"  # session.info: NOTIFYs to send with this transaction
+_json_encoder = msgspec.json.Encoder()
 
 
-def _configure_sqlite(engine: AsyncEngine) -> None:
-    sync_engine = engine.sync_engine
+def _json_text(value: Any) -> str:
+    return _json_encoder.encode(value).decode()
 
+
+P = ParamSpec("P")
+T = TypeVar("T")
+CommitHook = Callable[[Any], None]
+
+
+def _configure_sqlite(sync_engine: Engine, busy_timeout_ms: int, *, autocheckpoint: bool) -> None:
     @event.listens_for(sync_engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Take transaction control from pysqlite so BEGIN is ours to emit.
@@ -39,7 +75,9 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+        if not autocheckpoint:  # Database._checkpoints does it, off the event loop
+            cursor.execute("PRAGMA wal_autocheckpoint=0")
         cursor.close()
 
     @event.listens_for(sync_engine, "begin")
@@ -48,15 +86,70 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
+def notify(db: Session, channel: str, payload: str = "") -> None:
+    """PostgreSQL: NOTIFY ``channel`` when this transaction commits (a no-op on SQLite).
+
+    A transaction's notifications go out in one statement just before its commit,
+    rather than a round trip each; PostgreSQL delivers them only if it commits.
+    """
+    if db.get_bind().dialect.name == "postgresql":
+        pending: dict[tuple[str, str], None] = db.info.setdefault(_NOTIFY_KEY, {})
+        pending[(channel, payload)] = None
+
+
+def _send_notifications(session: Session) -> None:
+    pending = session.info.pop(_NOTIFY_KEY, None)
+    if pending:
+        session.execute(select(*(func.pg_notify(c, p) for c, p in pending)))
+
+
+class Tx(ABC):
+    """One open transaction; :meth:`run` calls ``fn(session, *args)`` inside it."""
+
+    @abstractmethod
+    async def run(
+        self, fn: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T: ...
+
+
+class SessionTx(Tx):
+    """A :class:`Tx` over an ``AsyncSession`` (PostgreSQL, and any ORM service's session)."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def run(
+        self, fn: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        return await self.session.run_sync(fn, *args, **kwargs)
+
+
+class _InlineTx(Tx):
+    """SQLite: the sync ``Session``'s statements run right on the event loop's thread."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    async def run(
+        self, fn: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        return fn(self.session, *args, **kwargs)
+
+
 class Database:
-    """The process's engine, session factory and (on SQLite) the writer lock."""
+    """The process's engines, session factories and (on SQLite) the writer lock."""
 
     def __init__(self, settings: Settings, *, pool_size: int = 10) -> None:
         self.url = settings.database_url
         self.is_sqlite = settings.is_sqlite
         # PostgreSQL: a pooled connection the server dropped (restart, failover) is found
         # at checkout and replaced, instead of failing requests until it is discarded.
-        kwargs: dict[str, Any] = {"pool_pre_ping": not settings.is_sqlite}
+        kwargs: dict[str, Any] = {
+            "pool_pre_ping": not settings.is_sqlite,
+            # JSON columns (a KiB of device context per feedback) through msgspec, not json.
+            "json_serializer": _json_text,
+            "json_deserializer": msgspec.json.decode,
+        }
         if self.is_sqlite:
             path = settings.sqlite_path
             if path is not None:
@@ -67,8 +160,6 @@ class Database:
             # A database that does not answer within 5 s is an outage (503), not a hang.
             kwargs["connect_args"] = {"command_timeout": 30, "timeout": 5}
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
-        if self.is_sqlite:
-            _configure_sqlite(self.engine)
         # A Session subclass of our own, so commit hooks (job wake-ups) stay per process/app.
         self.session_class: type[Session] = type("TellbackSession", (Session,), {})
         # Names this process's sessions in cross-process notifications (events).
@@ -79,7 +170,56 @@ class Database:
             sync_session_class=self.session_class,
             info={"instance": self.instance},
         )
+        self._hooks: dict[str, CommitHook] = {}
+        event.listen(self.session_class, "before_commit", _send_notifications)
+        event.listen(self.session_class, "after_commit", self._after_commit)
+        event.listen(self.session_class, "after_rollback", self._after_rollback)
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
+        self.sync_engine: Engine | None = None
+        self._sqlite_path = settings.sqlite_path
+        self._checkpointer: asyncio.Task[None] | None = None
+        self._unchecked_commits = 0
+        if self.is_sqlite:
+            _configure_sqlite(self.engine.sync_engine, busy_timeout_ms=30_000, autocheckpoint=True)
+        if self._sqlite_path is not None:  # a file, not :memory: (that stays on aiosqlite)
+            # The same file through the stdlib driver, used on the loop's thread (Tx.run).
+            # Never a blocking wait: no busy timeout, and a pool that grows instead.
+            self.sync_engine = create_engine(
+                self.engine.url.set(drivername="sqlite+pysqlite"),
+                connect_args={"timeout": 0, "check_same_thread": False},
+                json_serializer=_json_text,
+                json_deserializer=msgspec.json.decode,
+                pool_size=8,
+                max_overflow=-1,
+            )
+            _configure_sqlite(self.sync_engine, busy_timeout_ms=0, autocheckpoint=False)
+            self.inline_sessionmaker = sessionmaker(
+                self.sync_engine,
+                class_=self.session_class,
+                expire_on_commit=False,
+                info={"instance": self.instance},
+            )
+
+    # ----- commit hooks ---------------------------------------------------------------------
+
+    def on_commit(self, key: str, hook: CommitHook) -> None:
+        """After a commit, call ``hook(info.pop(key))`` if the transaction set ``key``.
+
+        A rolled-back transaction drops the key.
+        """
+        self._hooks[key] = hook
+
+    def _after_commit(self, session: Session) -> None:
+        for key, hook in self._hooks.items():
+            value = session.info.pop(key, None)
+            if value:
+                hook(value)
+
+    def _after_rollback(self, session: Session) -> None:
+        for key in (*self._hooks, _NOTIFY_KEY):
+            session.info.pop(key, None)
+
+    # ----- sessions and transactions --------------------------------------------------------
 
     @asynccontextmanager
     async def session(self, *, write: bool) -> AsyncIterator[AsyncSession]:
@@ -103,5 +243,90 @@ class Database:
                 await session.rollback()
                 raise
 
+    @asynccontextmanager
+    async def transaction(self, *, write: bool) -> AsyncIterator[Tx]:
+        """A transaction for sync functions of a ``Session``: commits on success."""
+        if self.sync_engine is None:
+            async with self.session(write=write) as session:
+                yield SessionTx(session)
+            return
+        if self._write_lock is not None and write:
+            async with self._write_lock, self._inline(write=True) as tx:
+                yield tx
+        else:
+            async with self._inline(write=False) as tx:
+                yield tx
+
+    @asynccontextmanager
+    async def _inline(self, *, write: bool) -> AsyncIterator[Tx]:
+        with self.inline_sessionmaker() as session:
+            await _begin(session, write=write)
+            try:
+                yield _InlineTx(session)
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+        if write:
+            self._unchecked_commits += 1
+            if self._checkpointer is None:
+                self._checkpointer = asyncio.create_task(self._checkpoints())
+
+    async def _checkpoints(self) -> None:
+        """Checkpoint the WAL in a thread, a few times a second while there are writes.
+
+        SQLite's automatic checkpoint runs inside a COMMIT once the WAL passes 1,000
+        pages: on the loop's thread that would stall every request for the copy and
+        its fsync. Here a PASSIVE checkpoint (never waits for, nor blocks, readers
+        or writers) runs on a thread of its own instead.
+        """
+        assert self._sqlite_path is not None
+        connection = await asyncio.to_thread(
+            sqlite3.connect, self._sqlite_path, check_same_thread=False
+        )
+        try:
+            while True:
+                await asyncio.sleep(_CHECKPOINT_SECONDS)
+                if self._unchecked_commits:
+                    self._unchecked_commits = 0
+                    try:
+                        await asyncio.to_thread(
+                            connection.execute, "PRAGMA wal_checkpoint(PASSIVE)"
+                        )
+                    except sqlite3.Error as exc:  # busy with another checkpoint: next round
+                        log.debug("sqlite.checkpoint_skipped", error=str(exc))
+        finally:
+            connection.close()
+
     async def dispose(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpointer
+            self._checkpointer = None
         await self.engine.dispose()
+        if self.sync_engine is not None:
+            self.sync_engine.dispose()
+
+
+_CHECKPOINT_SECONDS = 0.25
+
+
+_LOCK_WAIT_SECONDS = 30.0
+
+
+async def _begin(session: Session, *, write: bool) -> None:
+    """Open the SQLite transaction; a writer that finds the lock taken retries, sleeping."""
+    delay, waited = 0.001, 0.0
+    while True:
+        try:
+            session.connection(execution_options={_IMMEDIATE: write})
+        except OperationalError as exc:
+            if not write or "locked" not in str(exc).lower() or waited >= _LOCK_WAIT_SECONDS:
+                raise
+        else:
+            return
+        session.rollback()  # hand the connection back; the next try starts afresh
+        await asyncio.sleep(delay)
+        waited += delay
+        delay = min(delay * 2, 0.05)

@@ -1,7 +1,7 @@
 """Waking workers the moment a job commits.
 
 In one process an ``asyncio.Event`` is set after a commit that enqueued jobs
-(the SQLAlchemy ``after_commit`` hook); across processes PostgreSQL delivers
+(a commit hook, :meth:`Database.on_commit`); across processes PostgreSQL delivers
 ``NOTIFY tellback_jobs`` at commit to every listening worker. Polling stays as
 a slow safety net only (``TELLBACK_WORKER_POLL_SECONDS``).
 """
@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-
-from sqlalchemy import event
-from sqlalchemy.orm import Session
+from typing import TYPE_CHECKING
 
 from tellback_server.db.listen import listen_forever
+
+if TYPE_CHECKING:
+    from tellback_server.db.engine import Database
+
+ENQUEUED_KEY = "jobs_enqueued"  # session.info: jobs this transaction queued
 
 
 class JobNotifier:
@@ -29,15 +32,8 @@ class JobNotifier:
             await asyncio.wait_for(self._event.wait(), seconds)
         self._event.clear()
 
-    def install_commit_hook(self, session_class: type[Session]) -> None:
-        @event.listens_for(session_class, "after_commit")
-        def _after_commit(session: Session) -> None:
-            if session.info.pop("jobs_enqueued", 0):
-                self.wake()
-
-        @event.listens_for(session_class, "after_rollback")
-        def _after_rollback(session: Session) -> None:
-            session.info.pop("jobs_enqueued", None)
+    def install_commit_hook(self, db: Database) -> None:
+        db.on_commit(ENQUEUED_KEY, lambda _count: self.wake())
 
     async def listen_postgres(self, dsn: str, channel: str) -> None:
         """Hold a LISTEN connection (asyncpg) that wakes this process's workers."""

@@ -6,18 +6,55 @@ import datetime as dt
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import insert, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 from uuid_utils.compat import uuid7
 
+from tellback_server.db.base import table_of
+from tellback_server.db.engine import notify
 from tellback_server.db.models import Job
+from tellback_server.db.prepared import insert_into
+from tellback_server.jobs.notify import ENQUEUED_KEY
 
 NOTIFY_CHANNEL = "tellback_jobs"
+_COLUMNS = (
+    "id",
+    "kind",
+    "payload",
+    "status",
+    "attempts",
+    "max_attempts",
+    "run_after",
+    "dedupe_key",
+    "created_at",
+    "updated_at",
+)
+_INSERT = insert_into(table_of(Job), _COLUMNS)
 
 
 async def enqueue(
     db: AsyncSession,
+    kind: str,
+    payload: dict[str, Any],
+    *,
+    max_attempts: int = 10,
+    run_after: dt.datetime | None = None,
+    dedupe_key: str | None = None,
+) -> UUID | None:
+    """Queue a job in ``db``'s open transaction (see :func:`enqueue_in`)."""
+    return await db.run_sync(
+        enqueue_in,
+        kind,
+        payload,
+        max_attempts=max_attempts,
+        run_after=run_after,
+        dedupe_key=dedupe_key,
+    )
+
+
+def enqueue_in(
+    db: Session,
     kind: str,
     payload: dict[str, Any],
     *,
@@ -46,7 +83,7 @@ async def enqueue(
     }
     is_pg = db.get_bind().dialect.name == "postgresql"
     if dedupe_key is None:
-        await db.execute(insert(Job).values(**values))
+        _INSERT.execute(db, values)
     else:
         dialect_insert = postgresql.insert if is_pg else sqlite.insert
         stmt = (
@@ -55,10 +92,8 @@ async def enqueue(
             .on_conflict_do_nothing(index_elements=["dedupe_key"])
             .returning(Job.id)
         )
-        if (await db.execute(stmt)).first() is None:
+        if db.execute(stmt).first() is None:
             return None
-    if is_pg:
-        # Delivered by PostgreSQL only when (and if) the transaction commits.
-        await db.execute(text(f"NOTIFY {NOTIFY_CHANNEL}"))
-    db.info["jobs_enqueued"] = db.info.get("jobs_enqueued", 0) + 1
+    notify(db, NOTIFY_CHANNEL)  # wakes other processes' workers at commit
+    db.info[ENQUEUED_KEY] = db.info.get(ENQUEUED_KEY, 0) + 1
     return job_id

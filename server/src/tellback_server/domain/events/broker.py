@@ -21,8 +21,7 @@ from collections.abc import Iterable
 from uuid import UUID
 
 import structlog
-from sqlalchemy import event, select
-from sqlalchemy.orm import Session
+from sqlalchemy import select
 
 from tellback_server.db.engine import Database
 from tellback_server.db.listen import listen_forever
@@ -135,16 +134,8 @@ class EventBroker:
             for sub in tuple(subs):
                 sub.end()
 
-    def install_commit_hook(self, session_class: type[Session]) -> None:
-        @event.listens_for(session_class, "after_commit")
-        def _after_commit(session: Session) -> None:
-            records = session.info.pop(PENDING_KEY, None)
-            if records:
-                self.publish(records)
-
-        @event.listens_for(session_class, "after_rollback")
-        def _after_rollback(session: Session) -> None:
-            session.info.pop(PENDING_KEY, None)
+    def install_commit_hook(self, db: Database) -> None:
+        db.on_commit(PENDING_KEY, self.publish)
 
     async def listen_postgres(self, db: Database, dsn: str) -> None:
         """Hold a LISTEN connection; publish events other processes committed."""

@@ -15,10 +15,13 @@ from typing import Any
 from uuid import UUID
 
 import msgspec
-from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
+from tellback_server.db.base import table_of
+from tellback_server.db.engine import notify
 from tellback_server.db.models import Event
+from tellback_server.db.prepared import insert_into
 
 PENDING_KEY = "tellback_events"
 NOTIFY_CHANNEL = "tellback_events"
@@ -89,14 +92,27 @@ EVENT_COLUMNS = (
 
 
 async def emit(db: AsyncSession, app_id: UUID, drafts: Sequence[EventDraft]) -> list[EventRecord]:
+    """Write events in ``db``'s transaction (see :func:`emit_in`)."""
+    return await db.run_sync(emit_in, app_id, drafts)
+
+
+_INSERT = insert_into(
+    table_of(Event),
+    ("type", "app_id", "end_user_id", "conversation_id", "data", "client_data", "created_at"),
+    returning="id",
+)
+
+
+def emit_in(db: Session, app_id: UUID, drafts: Sequence[EventDraft]) -> list[EventRecord]:
     """Write events (one INSERT), queue their webhooks, and publish them at commit."""
     from tellback_server.domain.webhooks.outbox import queue_deliveries  # noqa: PLC0415
 
     if not drafts:
         return []
     now = dt.datetime.now(dt.UTC)
-    rows = [
-        {
+    records = []
+    for d in drafts:
+        row: dict[str, Any] = {
             "type": d.type,
             "app_id": app_id,
             "end_user_id": d.end_user_id,
@@ -105,17 +121,11 @@ async def emit(db: AsyncSession, app_id: UUID, drafts: Sequence[EventDraft]) -> 
             "client_data": _builtins(d.client_data),
             "created_at": now,
         }
-        for d in drafts
-    ]
-    result = await db.execute(
-        insert(Event).returning(*EVENT_COLUMNS, sort_by_parameter_order=True), rows
-    )
-    records = [EventRecord.from_row(r) for r in result]
+        [(event_id,)] = _INSERT.execute(db, row)
+        records.append(EventRecord(id=event_id, **row))
     db.info.setdefault(PENDING_KEY, []).extend(records)
-    if db.get_bind().dialect.name == "postgresql":
-        # Delivered at commit to every process's broker (ours ignores its own instance).
-        ids = ",".join(str(r.id) for r in records)
-        payload = f"{db.info.get('instance', '')}:{ids}"
-        await db.execute(select(func.pg_notify(NOTIFY_CHANNEL, payload)))
-    await queue_deliveries(db, app_id, [r for r in records if r.data is not None])
+    # Delivered at commit to every process's broker (ours ignores its own instance).
+    ids = ",".join(str(r.id) for r in records)
+    notify(db, NOTIFY_CHANNEL, f"{db.info.get('instance', '')}:{ids}")
+    queue_deliveries(db, app_id, [r for r in records if r.data is not None])
     return records

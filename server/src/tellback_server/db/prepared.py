@@ -1,0 +1,105 @@
+"""Fixed statements for the hot paths, compiled once and run on the driver's cursor.
+
+``Session.execute`` spends roughly 100 us of Python per statement on work a
+fixed statement does not need again: the compiled-cache lookup, building the
+execution context, parameter processing, result metadata. Sending feedback runs
+about eight such statements, which made SQLAlchemy the largest cost of the
+request (``tests/bench/bench_ingest.py``). A :class:`Prepared` statement is
+compiled by SQLAlchemy once per dialect and then executed directly on the DBAPI
+cursor of the session's own connection -- in the session's transaction, with the
+column types' own bind processors, so the stored values are byte-for-byte what
+the ORM would store; a SELECT's values go through the types' result processors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Select, Table, bindparam, insert
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import Session
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    sql: str
+    names: tuple[str, ...]
+    processors: tuple[Callable[[Any], Any] | None, ...]
+    results: tuple[Callable[[Any], Any] | None, ...]  # per selected column (SELECT only)
+
+
+class Prepared:
+    def __init__(self, statement: ClauseElement) -> None:
+        self.statement = statement
+        self._compiled: dict[int, _Compiled] = {}
+
+    def _for(self, dialect: Dialect) -> _Compiled:
+        compiled = self._compiled.get(id(dialect))
+        if compiled is None:
+            c = self.statement.compile(dialect=dialect)
+            assert isinstance(c, SQLCompiler)
+            names = tuple(c.positiontup or ())
+            processors = tuple(
+                c.binds[n].type.dialect_impl(dialect).bind_processor(dialect) for n in names
+            )
+            results: tuple[Callable[[Any], Any] | None, ...] = ()
+            if isinstance(self.statement, Select):
+                results = tuple(
+                    col.type.dialect_impl(dialect).result_processor(dialect, None)
+                    for col in self.statement.selected_columns
+                )
+            compiled = _Compiled(c.string, names, processors, results)
+            self._compiled[id(dialect)] = compiled
+        return compiled
+
+    def execute(self, db: Session, params: Mapping[str, Any]) -> list[Any]:
+        """Run in ``db``'s transaction; the rows it returns, if any.
+
+        A SELECT's values are converted by the column types (as ``Session.execute``
+        would); ``RETURNING`` values come back as the driver gives them.
+        """
+        dialect, raw = _raw_connection(db)
+        c = self._for(dialect)
+        args = tuple(
+            value if process is None else process(value)
+            for value, process in zip((params[n] for n in c.names), c.processors, strict=True)
+        )
+        cursor = raw.cursor()
+        try:
+            cursor.execute(c.sql, args)
+            rows = list(cursor.fetchall()) if cursor.description else []
+        finally:
+            cursor.close()
+        if c.results and any(c.results):
+            return [
+                tuple(v if p is None else p(v) for v, p in zip(row, c.results, strict=True))
+                for row in rows
+            ]
+        return rows
+
+
+_RAW = "tellback_raw_connection"  # session.info: (transaction, dialect, DBAPI connection)
+
+
+def _raw_connection(db: Session) -> tuple[Dialect, Any]:
+    """The DBAPI connection of ``db``'s current transaction (looked up once per transaction)."""
+    transaction = db.get_transaction()
+    cached = db.info.get(_RAW)
+    if cached is not None and transaction is not None and cached[0] is transaction:
+        return cached[1], cached[2]
+    connection = db.connection()
+    raw = connection.connection.dbapi_connection
+    db.info[_RAW] = (db.get_transaction(), connection.dialect, raw)
+    return connection.dialect, raw
+
+
+def insert_into(table: Table, columns: Iterable[str], *, returning: str | None = None) -> Prepared:
+    """``INSERT INTO table (columns) VALUES (...)``, optionally ``RETURNING`` one column."""
+    stmt = insert(table).values({k: bindparam(k, type_=table.c[k].type) for k in columns})
+    if returning is not None:
+        stmt = stmt.returning(table.c[returning])
+    return Prepared(stmt)
