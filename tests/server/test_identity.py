@@ -670,6 +670,9 @@ async def test_expired_session_token(api: Api) -> None:
             .values(expires_at=past)
         )
         assert getattr(result, "rowcount", None) == 1
+    # This process checked the token a moment ago and trusts it for a few seconds
+    # (TELLBACK_AUTH_CACHE_SECONDS); the clock jump faked here skips that wait.
+    api.state.principals.clear()
     for path in ("/v1/client/me", "/v1/client/conversations", "/v1/client/config"):
         assert_problem(await api.http.get(path, headers=headers), 401, "unauthenticated")
     # Other sessions are untouched, and a new session for the installation works again.
@@ -801,3 +804,30 @@ async def test_a_create_resent_after_login_with_the_same_key_replays(api: Api) -
     assert again.headers.get("idempotent-replayed") == "true"
     assert again.json()["id"] == first.json()["id"]
     assert await conversation_ids(api, ident) == [first.json()["id"]]
+
+
+async def test_session_checks_are_cached_briefly_and_dropped_when_access_changes(
+    api: Api,
+) -> None:
+    """A checked session token is trusted for TELLBACK_AUTH_CACHE_SECONDS in this process;
+    a change that can end or alter it (here: the app's settings) drops the cache at commit."""
+    app = await api.create_app()
+    token = (await api.session(app))["session_token"]
+    headers = api.bearer(token)
+    assert (await api.http.get("/v1/client/me", headers=headers)).status_code == 200
+    async with api.state.db.session(write=True) as db:
+        await db.execute(
+            update(ClientSession)
+            .where(ClientSession.token_hash == hash_token(token))
+            .values(expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5))
+        )
+    # A change made behind the server's back is seen once the cached check runs out ...
+    assert (await api.http.get("/v1/client/me", headers=headers)).status_code == 200
+    # ... and at once after anything that changes access commits.
+    r = await api.http.patch(
+        f"/v1/admin/apps/{app.id}",
+        json={"settings": {"categories": ["bug"]}},
+        headers=api.admin,
+    )
+    assert r.status_code == 200, r.text
+    assert_problem(await api.http.get("/v1/client/me", headers=headers), 401, "unauthenticated")

@@ -59,6 +59,7 @@ class Settings:
     sse_heartbeat_seconds: float = 15.0
     sessions_per_ip_per_minute: int = 300
     webhook_timeout_seconds: float = 10.0
+    auth_cache_seconds: float = 5.0
 
     @property
     def is_sqlite(self) -> bool:
@@ -107,14 +108,28 @@ def _int_in(lo: int, hi: int) -> Callable[[str, str], int]:
     return parse
 
 
-def _positive_float(name: str, raw: str) -> float:
+def _number(name: str, raw: str) -> float:
     try:
-        value = float(raw.strip())
+        return float(raw.strip())
     except ValueError:
         raise SettingsError(f"{name}: expected a number, got {raw!r}") from None
+
+
+def _positive_float(name: str, raw: str) -> float:
+    value = _number(name, raw)
     if value <= 0:
         raise SettingsError(f"{name}: expected a positive number, got {value}")
     return value
+
+
+def _float_in(lo: float, hi: float) -> Callable[[str, str], float]:
+    def parse(name: str, raw: str) -> float:
+        value = _number(name, raw)
+        if not lo <= value <= hi:
+            raise SettingsError(f"{name}: expected a number from {lo:g} to {hi:g}, got {value}")
+        return value
+
+    return parse
 
 
 def _choice(*options: str) -> Callable[[str, str], str]:
@@ -224,6 +239,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             "SESSIONS_PER_IP_PER_MINUTE", _int_in(0, 1_000_000), 300
         ),
         webhook_timeout_seconds=env.get("WEBHOOK_TIMEOUT_SECONDS", _positive_float, 10.0),
+        auth_cache_seconds=env.get("AUTH_CACHE_SECONDS", _float_in(0, 300), 5.0),
     )
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from tellback_server.db.engine import Database
 from tellback_server.domain.events.broker import EventBroker
+from tellback_server.http.auth_cache import PrincipalCache
 from tellback_server.jobs.notify import JobNotifier
 from tellback_server.metrics import Metrics
 from tellback_server.ratelimit import RateLimiter
@@ -25,5 +26,7 @@ class AppState:
     store: ObjectStore
     events: EventBroker
     limiter: RateLimiter = field(default_factory=RateLimiter)
+    # Recently verified session tokens (hash -> ClientPrincipal), see http/auth_cache.py.
+    principals: PrincipalCache[Any] = field(default_factory=lambda: PrincipalCache(0))
     # Per-process caches owned by capabilities (e.g. open push clients).
     extras: dict[str, Any] = field(default_factory=dict)

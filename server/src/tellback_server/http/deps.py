@@ -19,10 +19,11 @@ from litestar.connection import ASGIConnection
 from litestar.di import Provide
 from litestar.handlers.base import BaseRouteHandler
 from litestar.params import FromPath
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tellback_server.db.models import AdminToken, Agent, AgentApp, App, ClientSession
+from tellback_server.db.prepared import Prepared
 from tellback_server.domain.console import session as console_session
 from tellback_server.http.errors import RateLimited, Unauthenticated
 from tellback_server.security import (
@@ -167,37 +168,46 @@ async def agent_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRou
 
 async def client_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     token = _bearer(connection, SESSION_TOKEN_PREFIX, "session token")
-    async with _conn_state(connection).db.session(write=False) as db:
-        row = (
-            await db.execute(
-                select(
-                    ClientSession.id,
-                    ClientSession.app_id,
-                    ClientSession.end_user_id,
-                    ClientSession.installation_pk,
-                    ClientSession.expires_at,
-                    App.settings,
-                )
-                .join(App, App.id == ClientSession.app_id)
-                .where(
-                    ClientSession.token_hash == hash_token(token),
-                    ClientSession.revoked_at.is_(None),
-                )
-            )
-        ).first()
-    if row is None or row.expires_at <= _now():
-        raise Unauthenticated("the session is not valid or has expired; create a new session")
-    connection.scope["state"]["app_id"] = str(row.app_id)
-    structlog.contextvars.bind_contextvars(app_id=str(row.app_id))
-    principal = ClientPrincipal(
-        session_id=row.id,
-        app_id=row.app_id,
-        end_user_id=row.end_user_id,
-        installation_pk=row.installation_pk,
-        app_settings=row.settings or {},
-    )
+    state = _conn_state(connection)
+    token_hash = hash_token(token)
+    principal = state.principals.get(token_hash)
+    if principal is None:
+        principal = await _client_principal(state, token_hash)
+    connection.scope["state"]["app_id"] = str(principal.app_id)
+    structlog.contextvars.bind_contextvars(app_id=str(principal.app_id))
     enforce_rate_limits(connection, principal.app_id, principal.app_settings, principal.end_user_id)
     connection.state.principal = principal
+
+
+_SESSION = Prepared(
+    select(
+        ClientSession.id,
+        ClientSession.app_id,
+        ClientSession.end_user_id,
+        ClientSession.installation_pk,
+        ClientSession.expires_at,
+        App.settings,
+    )
+    .join(App, App.id == ClientSession.app_id)
+    .where(ClientSession.token_hash == bindparam("token_hash"), ClientSession.revoked_at.is_(None))
+)
+
+
+async def _client_principal(state: AppState, token_hash: str) -> ClientPrincipal:
+    async with state.db.transaction(write=False) as tx:
+        rows = await tx.run(_SESSION.execute, {"token_hash": token_hash})
+    if not rows or rows[0][4] <= _now():
+        raise Unauthenticated("the session is not valid or has expired; create a new session")
+    session_id, app_id, end_user_id, installation_pk, expires_at, settings = rows[0]
+    principal = ClientPrincipal(
+        session_id=session_id,
+        app_id=app_id,
+        end_user_id=end_user_id,
+        installation_pk=installation_pk,
+        app_settings=settings or {},
+    )
+    state.principals.put(token_hash, principal, expires_at)
+    return principal
 
 
 def provide_admin(request: Request[Any, Any, Any]) -> AdminPrincipal:

@@ -23,6 +23,7 @@ from tellback_server.domain.apps.schemas import (
     KeysRotated,
     RotateKeys,
 )
+from tellback_server.http.auth_cache import auth_changed
 from tellback_server.http.errors import NotFound, ValidationFailed
 from tellback_server.http.pagination import Page, keyset_page
 from tellback_server.security import (
@@ -157,6 +158,7 @@ class AppService:
             settings = parse_settings(merged)
             check_settings(settings)
             app.settings = msgspec.to_builtins(settings)
+            auth_changed(self.db.sync_session)  # sessions carry the app's settings
         app.updated_at = _now()
         await self.db.flush()
         return await self._out(app)

@@ -14,7 +14,7 @@ Rules (see sdk-spec/identity.md):
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
 import msgspec
@@ -46,6 +46,7 @@ from tellback_server.domain.identity.schemas import (
     SessionCreated,
 )
 from tellback_server.domain.identity.tokens import InvalidIdentityToken, verify_identity_token
+from tellback_server.http.auth_cache import auth_changed
 from tellback_server.http.deps import ClientPrincipal
 from tellback_server.http.errors import NotFound, Unauthenticated, ValidationFailed
 from tellback_server.http.idempotency import idempotency_purpose
@@ -58,7 +59,22 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def user_out(user: EndUser) -> EndUserOut:
+class UserFields(Protocol):
+    """What the wire view of an end user reads: an ``EndUser`` row, or just its columns."""
+
+    @property
+    def id(self) -> UUID: ...
+    @property
+    def external_id(self) -> str | None: ...
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def email(self) -> str | None: ...
+    @property
+    def attributes(self) -> dict[str, Any] | None: ...
+
+
+def user_out(user: UserFields) -> EndUserOut:
     return EndUserOut(
         id=user.id,
         external_id=user.external_id,
@@ -101,7 +117,7 @@ class IdentityService:
                 raise Unauthenticated("this app requires a signed user_token")
             user = await self._anonymous_user(app.id, installation)
         # Logout isolation: another user's sessions on this installation end here.
-        await self.db.execute(
+        ended = await self.db.execute(
             update(ClientSession)
             .where(
                 ClientSession.installation_pk == installation.id,
@@ -110,6 +126,8 @@ class IdentityService:
             )
             .values(revoked_at=now, updated_at=now)
         )
+        if getattr(ended, "rowcount", 1):
+            auth_changed(self.db.sync_session)
         installation.current_user_id = user.id
         # The installation's phone now belongs to this user (logout/login moves it).
         await self.db.execute(

@@ -12,6 +12,7 @@ from tellback_server.domain.apps.services import require_app
 from tellback_server.domain.attachments.services import DELETE_JOB
 from tellback_server.domain.identity.schemas import EndUserOut
 from tellback_server.domain.identity.services import user_out
+from tellback_server.http.auth_cache import auth_changed
 from tellback_server.http.errors import NotFound
 from tellback_server.http.pagination import Page, keyset_page
 from tellback_server.jobs.queue import enqueue
@@ -76,3 +77,4 @@ class EndUserService:
         )
         await self.db.execute(delete(Conversation).where(Conversation.end_user_id.in_(ids)))
         await self.db.execute(delete(EndUser).where(EndUser.id.in_(ids)))
+        auth_changed(self.db.sync_session)  # their sessions went with them

@@ -1,0 +1,54 @@
+"""Recently verified session tokens, so a busy client's requests skip the lookup.
+
+A session token is checked against the database once, then trusted for
+``TELLBACK_AUTH_CACHE_SECONDS`` (default 5 s; never past the session's expiry)
+in this process. What could make a cached answer wrong -- another user signing in
+on the installation (which ends the previous user's sessions), an app's settings
+changing, an app or user being deleted -- empties this process's cache when its
+transaction commits (the ``AUTH_CHANGED`` key, a commit hook). Other processes
+notice within the cache lifetime.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import Generic, TypeVar
+
+from sqlalchemy.orm import Session
+
+AUTH_CHANGED = "tellback_auth_changed"  # session.info: this transaction changed who may do what
+
+P = TypeVar("P")
+
+
+def auth_changed(db: Session) -> None:
+    """Mark the open transaction: cached principals are dropped when it commits."""
+    db.info[AUTH_CHANGED] = True
+
+
+class PrincipalCache(Generic[P]):
+    def __init__(self, seconds: float, max_entries: int = 100_000) -> None:
+        self.seconds = seconds
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[float, P]] = {}
+
+    def get(self, token_hash: str) -> P | None:
+        entry = self._entries.get(token_hash)
+        if entry is None:
+            return None
+        if entry[0] <= time.monotonic():
+            self._entries.pop(token_hash, None)
+            return None
+        return entry[1]
+
+    def put(self, token_hash: str, principal: P, not_after: dt.datetime) -> None:
+        if self.seconds <= 0:
+            return
+        if len(self._entries) >= self.max_entries:
+            self._entries.clear()  # a flood of distinct tokens: start over, stay bounded
+        left = (not_after - dt.datetime.now(dt.UTC)).total_seconds()
+        self._entries[token_hash] = (time.monotonic() + min(self.seconds, left), principal)
+
+    def clear(self, _: object = None) -> None:
+        self._entries.clear()
