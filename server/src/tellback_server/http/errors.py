@@ -254,6 +254,8 @@ def _http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Resp
     elif status == 413:
         detail = "the request body is too large"
     elif status >= 500:
+        # Litestar's own 5xx (e.g. a dependency it could not resolve): ours to fix, so logged.
+        log.error("http.framework_error", status=status, error=exc.detail, exc_info=exc)
         detail = None
     else:
         detail = exc.detail

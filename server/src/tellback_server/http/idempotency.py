@@ -18,12 +18,15 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Request, Response
 from litestar.params import HeaderParameter
-from sqlalchemy import delete, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import TextClause, bindparam, delete, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 from uuid_utils.compat import uuid7
 
+from tellback_server.db.base import table_of
+from tellback_server.db.engine import SessionTx, Tx
 from tellback_server.db.models import IdempotencyKey
+from tellback_server.db.prepared import Prepared
 from tellback_server.http.errors import BadRequest, IdempotencyKeyInProgress, IdempotencyKeyReused
 from tellback_server.security import Sealer
 
@@ -61,53 +64,33 @@ IdempotencyKeyHeader = Annotated[
 async def idempotent(
     key: str | None,
     request: Request[Any, Any, Any],
-    db: AsyncSession,
+    db: AsyncSession | Tx,
     scope: str,
     status: int,
     produce: Callable[[], Awaitable[Any]],
     ttl_seconds: int = 24 * 3600,
 ) -> Response[bytes]:
+    """Run ``produce`` once per key within ``db``'s transaction, or replay its answer."""
     if key is None:
         return json_response(await produce(), status)
     if not _valid_key(key):
         raise BadRequest("Idempotency-Key must be 1-255 printable ASCII characters")
+    tx = SessionTx(db) if isinstance(db, AsyncSession) else db
     sealer: Sealer = request.app.state["tb"].sealer
     body = await request.body()
     digest = hashlib.sha256(f"{request.method} {request.url.path}\n".encode() + body).hexdigest()
     now = dt.datetime.now(dt.UTC)
+    expires = now + dt.timedelta(seconds=ttl_seconds)
     for _ in range(2):
-        if await _claim(db, scope, key, digest, now, ttl_seconds):
+        if await tx.run(_claim, scope, key, digest, now, expires):
             response = json_response(await produce(), status)
-            await db.execute(
-                update(IdempotencyKey)
-                .where(IdempotencyKey.scope == scope, IdempotencyKey.key == key)
-                .values(
-                    response_status=status,
-                    # Responses may carry secrets shown once (tokens, identity secrets).
-                    response_body=sealer.seal(response.content, idempotency_purpose(scope, key)),
-                    updated_at=now,
-                )
-            )
+            # Responses may carry secrets shown once (tokens, identity secrets).
+            sealed = sealer.seal(response.content, idempotency_purpose(scope, key))
+            await tx.run(_store, scope, key, status, sealed, now)
             return response
-        existing = (
-            await db.execute(
-                select(
-                    IdempotencyKey.request_hash,
-                    IdempotencyKey.response_status,
-                    IdempotencyKey.response_body,
-                    IdempotencyKey.expires_at,
-                ).where(IdempotencyKey.scope == scope, IdempotencyKey.key == key)
-            )
-        ).first()
+        existing = await tx.run(_existing, scope, key, now)
         if existing is None:
-            continue  # the other request rolled back between our insert and select
-        if existing.expires_at <= now:
-            await db.execute(
-                delete(IdempotencyKey).where(
-                    IdempotencyKey.scope == scope, IdempotencyKey.key == key
-                )
-            )
-            continue
+            continue  # the other request rolled back, or the key expired (and was dropped)
         if existing.request_hash != digest:
             raise IdempotencyKeyReused(
                 "this Idempotency-Key was used with a different request body"
@@ -123,26 +106,68 @@ async def idempotent(
     raise IdempotencyKeyInProgress("a request with this Idempotency-Key is still running")
 
 
-async def _claim(
-    db: AsyncSession, scope: str, key: str, digest: str, now: dt.datetime, ttl: int
-) -> bool:
-    dialect = db.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = (
-        insert(IdempotencyKey)
-        .values(
-            id=uuid7(),
-            scope=scope,
-            key=key,
-            request_hash=digest,
-            expires_at=now + dt.timedelta(seconds=ttl),
-            created_at=now,
-            updated_at=now,
-        )
-        .on_conflict_do_nothing(index_elements=["scope", "key"])
-        .returning(IdempotencyKey.id)
+# Core statements on the table, built once (the ORM adds nothing to these).
+_T = table_of(IdempotencyKey)
+
+
+def _claim_statement() -> TextClause:
+    # Plain text, the same on SQLite and PostgreSQL: SQLAlchemy's dialect-specific
+    # ON CONFLICT constructs cannot be cached, so they would compile on every request.
+    cols = [c for c in _T.c if c.key in _CLAIM_COLUMNS]
+    names = ", ".join(f'"{c.name}"' for c in cols)
+    values = ", ".join(f":{c.key}" for c in cols)
+    # Names from our own table; every value is a bound parameter.
+    sql = f"INSERT INTO {_T.name} ({names}) VALUES ({values}) "  # noqa: S608
+    sql += 'ON CONFLICT ("scope", "key") DO NOTHING RETURNING "id"'
+    return text(sql).bindparams(*(bindparam(c.key, type_=c.type) for c in cols))
+
+
+_CLAIM_COLUMNS = ("id", "scope", "key", "request_hash", "expires_at", "created_at", "updated_at")
+_CLAIM = Prepared(_claim_statement())
+_WHERE = (_T.c.scope == bindparam("s"), _T.c.key == bindparam("k"))
+_STORE = Prepared(
+    update(_T)
+    .where(*_WHERE)
+    .values(
+        {
+            k: bindparam(k, type_=_T.c[k].type)
+            for k in ("response_status", "response_body", "updated_at")
+        }
     )
-    return (await db.execute(stmt)).first() is not None
+)
+_EXISTING = select(
+    _T.c.request_hash, _T.c.response_status, _T.c.response_body, _T.c.expires_at
+).where(*_WHERE)
+_DELETE = delete(_T).where(*_WHERE)
+
+
+def _claim(
+    db: Session, scope: str, key: str, digest: str, now: dt.datetime, expires: dt.datetime
+) -> bool:
+    row = {
+        "id": uuid7(),
+        "scope": scope,
+        "key": key,
+        "request_hash": digest,
+        "expires_at": expires,
+        "created_at": now,
+        "updated_at": now,
+    }
+    return bool(_CLAIM.execute(db, row))
+
+
+def _store(db: Session, scope: str, key: str, status: int, sealed: bytes, now: dt.datetime) -> None:
+    values = {"response_status": status, "response_body": sealed, "updated_at": now}
+    _STORE.execute(db, {"s": scope, "k": key, **values})
+
+
+def _existing(db: Session, scope: str, key: str, now: dt.datetime) -> Any:
+    """The key's row, or None when there is none or it had expired (then it is dropped)."""
+    row = db.execute(_EXISTING, {"s": scope, "k": key}).first()
+    if row is not None and row.expires_at <= now:
+        db.execute(_DELETE, {"s": scope, "k": key})
+        return None
+    return row
 
 
 async def purge_expired(db: AsyncSession) -> int:

@@ -18,6 +18,7 @@ from uuid import UUID
 
 from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from tellback_server.db.models import Attachment, Conversation, Message
 from tellback_server.domain.apps.schemas import MIB, AppSettings, KindLimits
@@ -309,36 +310,7 @@ class AttachmentService:
     # ----- reading ------------------------------------------------------------------------
 
     async def out(self, att: Attachment) -> AttachmentOut:
-        url = thumb = None
-        expires = None
-        if att.status in USABLE:
-            expires = _now() + DOWNLOAD_URL_TTL
-            url = await self.store.presign_get(
-                att.storage_key,
-                DOWNLOAD_URL_TTL,
-                filename=att.filename,
-                content_type=att.content_type,
-            )
-            if att.thumbnail_key:
-                thumb = await self.store.presign_get(
-                    att.thumbnail_key, DOWNLOAD_URL_TTL, filename=None, content_type="image/jpeg"
-                )
-        return AttachmentOut(
-            id=att.id,
-            kind=att.kind,  # type: ignore[arg-type]
-            filename=att.filename,
-            content_type=att.content_type,
-            size=att.size,
-            status=att.status,  # type: ignore[arg-type]
-            reason=att.reason,
-            width=att.width,
-            height=att.height,
-            duration_s=att.duration_s,
-            url=url,
-            thumbnail_url=thumb,
-            expires_at=expires,
-            created_at=att.created_at,
-        )
+        return await attachment_out(self.store, att)
 
     async def get_for_client(self, client: ClientPrincipal, attachment_id: UUID) -> AttachmentOut:
         on_own_conversation = (
@@ -397,41 +369,80 @@ class AttachmentService:
         self, app_id: UUID, uploader_user_id: UUID | None, ids: Sequence[str]
     ) -> list[Attachment]:
         """Check that ``ids`` are the uploader's own completed, unattached uploads."""
-        if not ids:
-            return []
-        if uploader_user_id is None:
-            raise ValidationFailed.field("attachment_ids", "agents cannot attach uploads yet")
-        parsed: list[UUID] = []
-        for i, raw in enumerate(ids):
-            try:
-                parsed.append(UUID(raw))
-            except ValueError:
-                raise ValidationFailed.field(
-                    f"attachment_ids[{i}]", "unknown attachment id"
-                ) from None
-        if len(set(parsed)) != len(parsed):
-            raise ValidationFailed.field("attachment_ids", "an attachment is listed twice")
-        rows = {
-            a.id: a
-            for a in await self.db.scalars(
-                select(Attachment).where(
-                    Attachment.id.in_(parsed),
-                    Attachment.app_id == app_id,
-                    Attachment.uploader_user_id == uploader_user_id,
-                )
+        return await self.db.run_sync(claim_in, app_id, uploader_user_id, ids)
+
+
+def claim_in(
+    db: Session, app_id: UUID, uploader_user_id: UUID | None, ids: Sequence[str]
+) -> list[Attachment]:
+    """Check that ``ids`` are the uploader's own completed, unattached uploads."""
+    if not ids:
+        return []
+    if uploader_user_id is None:
+        raise ValidationFailed.field("attachment_ids", "agents cannot attach uploads yet")
+    parsed: list[UUID] = []
+    for i, raw in enumerate(ids):
+        try:
+            parsed.append(UUID(raw))
+        except ValueError:
+            raise ValidationFailed.field(f"attachment_ids[{i}]", "unknown attachment id") from None
+    if len(set(parsed)) != len(parsed):
+        raise ValidationFailed.field("attachment_ids", "an attachment is listed twice")
+    rows = {
+        a.id: a
+        for a in db.scalars(
+            select(Attachment).where(
+                Attachment.id.in_(parsed),
+                Attachment.app_id == app_id,
+                Attachment.uploader_user_id == uploader_user_id,
             )
-        }
-        claimed = []
-        for i, att_id in enumerate(parsed):
-            att = rows.get(att_id)
-            field = f"attachment_ids[{i}]"
-            if att is None:
-                raise ValidationFailed.field(field, "unknown attachment id")
-            if att.message_id is not None:
-                raise ValidationFailed.field(field, "already attached to a message")
-            if att.status == "rejected":
-                raise ValidationFailed.field(field, f"the attachment was rejected: {att.reason}")
-            if att.status not in USABLE:
-                raise ValidationFailed.field(field, "upload not completed yet")
-            claimed.append(att)
-        return claimed
+        )
+    }
+    claimed = []
+    for i, att_id in enumerate(parsed):
+        att = rows.get(att_id)
+        field = f"attachment_ids[{i}]"
+        if att is None:
+            raise ValidationFailed.field(field, "unknown attachment id")
+        if att.message_id is not None:
+            raise ValidationFailed.field(field, "already attached to a message")
+        if att.status == "rejected":
+            raise ValidationFailed.field(field, f"the attachment was rejected: {att.reason}")
+        if att.status not in USABLE:
+            raise ValidationFailed.field(field, "upload not completed yet")
+        claimed.append(att)
+    return claimed
+
+
+async def attachment_out(store: ObjectStore, att: Attachment) -> AttachmentOut:
+    """The wire view of an attachment, with fresh download URLs once it is usable."""
+    url = thumb = None
+    expires = None
+    if att.status in USABLE:
+        expires = _now() + DOWNLOAD_URL_TTL
+        url = await store.presign_get(
+            att.storage_key,
+            DOWNLOAD_URL_TTL,
+            filename=att.filename,
+            content_type=att.content_type,
+        )
+        if att.thumbnail_key:
+            thumb = await store.presign_get(
+                att.thumbnail_key, DOWNLOAD_URL_TTL, filename=None, content_type="image/jpeg"
+            )
+    return AttachmentOut(
+        id=att.id,
+        kind=att.kind,  # type: ignore[arg-type]
+        filename=att.filename,
+        content_type=att.content_type,
+        size=att.size,
+        status=att.status,  # type: ignore[arg-type]
+        reason=att.reason,
+        width=att.width,
+        height=att.height,
+        duration_s=att.duration_s,
+        url=url,
+        thumbnail_url=thumb,
+        expires_at=expires,
+        created_at=att.created_at,
+    )

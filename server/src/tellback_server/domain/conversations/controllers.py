@@ -24,7 +24,7 @@ from tellback_server.domain.conversations.schemas import (
     ReadMarker,
     UnreadOut,
 )
-from tellback_server.domain.conversations.services import ConversationService
+from tellback_server.domain.conversations.services import ConversationService, create_feedback
 from tellback_server.http import examples
 from tellback_server.http.deps import (
     AGENT,
@@ -62,9 +62,7 @@ class ClientConversationsController(Controller):
     async def create_conversation(
         self,
         request: Request[Any, Any, Any],
-        db: NamedDependency[AsyncSession],
         client: NamedDependency[ClientPrincipal],
-        conversations: NamedDependency[ConversationService],
         data: Annotated[
             ConversationCreate,
             example_body(
@@ -75,14 +73,18 @@ class ClientConversationsController(Controller):
     ) -> Response[bytes]:
         """Creates the conversation with its first message. Send an `Idempotency-Key`:
         a retry with the same key and body replays the first response."""
-        return await idempotent(
-            idempotency_key,
-            request,
-            db,
-            client.scope,
-            201,
-            lambda: conversations.client_create(client, data),
-        )
+        state = app_state(request)
+        # The hot path: its own transaction of sync statements (db/engine.py, Tx), which
+        # commits here, before the response goes out.
+        async with state.db.transaction(write=True) as tx:
+            return await idempotent(
+                idempotency_key,
+                request,
+                tx,
+                client.scope,
+                201,
+                lambda: create_feedback(tx, state.store, client, data),
+            )
 
     @get("/conversations", summary="My conversations, newest activity first")
     async def list_conversations(

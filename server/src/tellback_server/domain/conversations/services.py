@@ -10,13 +10,17 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import msgspec
-from sqlalchemy import TextClause, exists, func, or_, select, text, update
+from sqlalchemy import TextClause, bindparam, exists, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import defer
+from sqlalchemy.orm import Session, defer
+from uuid_utils.compat import uuid7
 
+from tellback_server.db.base import table_of
+from tellback_server.db.engine import Tx
 from tellback_server.db.models import (
     Agent,
     AgentApp,
@@ -25,8 +29,13 @@ from tellback_server.db.models import (
     EndUser,
     Message,
 )
+from tellback_server.db.prepared import Prepared, insert_into
 from tellback_server.domain.apps.services import parse_settings
-from tellback_server.domain.attachments.services import AttachmentService
+from tellback_server.domain.attachments.services import (
+    AttachmentService,
+    attachment_out,
+    claim_in,
+)
 from tellback_server.domain.conversations.rules import (
     clean_body,
     clean_tags,
@@ -55,11 +64,13 @@ from tellback_server.domain.conversations.views import (
     location_of,
     message_out,
 )
-from tellback_server.domain.events.records import EventDraft, emit
-from tellback_server.domain.push.delivery import queue_fanout
+from tellback_server.domain.events.records import EventDraft, emit, emit_in
+from tellback_server.domain.identity.services import UserFields
+from tellback_server.domain.push.delivery import queue_fanout, queue_fanout_in
 from tellback_server.http.deps import AgentPrincipal, ClientPrincipal
 from tellback_server.http.errors import AppError, NotFound, ValidationFailed
 from tellback_server.http.pagination import Page, check_limit, keyset_page
+from tellback_server.storage.base import ObjectStore
 
 DETAIL_MESSAGES = 100
 # Lists never show the device/app context (often a KiB of JSON per row): not loaded.
@@ -99,6 +110,53 @@ def _has_tag(dialect: str, tag: str) -> TextClause:
 def _like(q: str) -> str:
     escaped = q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return f"%{escaped}%"
+
+
+def message_events(
+    conv: Conversation,
+    message: Message,
+    last_public: Message | None,
+    authors: Related,
+    user: UserFields,
+    *,
+    created: bool,
+    status_changed: bool,
+) -> tuple[list[EventDraft], _MessageViews]:
+    """The events a new message makes and the views they carry (no database work)."""
+    agent_conv = agent_conversation_out(conv, message, authors, user)
+    agent_msg = agent_message_out(message, authors)
+    client_conv = None
+    if not message.internal or created or status_changed:
+        client_conv = client_conversation_out(conv, last_public, authors)
+    client_msg = None if message.internal else message_out(message, authors)
+    agent_data = {"conversation": agent_conv, "message": agent_msg}
+    client_data = {"conversation": client_conv, "message": client_msg}
+    drafts: list[EventDraft] = []
+    if created:
+        drafts.append(
+            EventDraft("conversation.created", conv.id, conv.end_user_id, agent_data, client_data)
+        )
+    else:
+        drafts.append(
+            EventDraft(
+                "message.created",
+                conv.id,
+                conv.end_user_id,
+                agent_data,
+                None if client_msg is None else client_data,
+            )
+        )
+    if status_changed:
+        drafts.append(
+            EventDraft(
+                "conversation.updated",
+                conv.id,
+                conv.end_user_id,
+                {"conversation": agent_conv},
+                {"conversation": client_conv},
+            )
+        )
+    return drafts, _MessageViews(agent_msg, client_msg, client_conv)
 
 
 class ConversationService:
@@ -232,50 +290,16 @@ class ConversationService:
         Returns the views it built, which are also the request's answer.
         """
         authors, user = await self._views(conv, message, agent_name)
-        agent_conv = agent_conversation_out(conv, message, authors, user)
-        agent_msg = agent_message_out(message, authors)
-        client_conv = None
+        last = None
         if not message.internal or created or status_changed:
             last = await self._last_public(conv, message)
-            client_conv = client_conversation_out(conv, last, authors)
-        client_msg = None if message.internal else message_out(message, authors)
-        drafts: list[EventDraft] = []
-        if created:
-            drafts.append(
-                EventDraft(
-                    "conversation.created",
-                    conv.id,
-                    conv.end_user_id,
-                    {"conversation": agent_conv, "message": agent_msg},
-                    {"conversation": client_conv, "message": client_msg},
-                )
-            )
-        else:
-            drafts.append(
-                EventDraft(
-                    "message.created",
-                    conv.id,
-                    conv.end_user_id,
-                    {"conversation": agent_conv, "message": agent_msg},
-                    None
-                    if client_msg is None
-                    else {"conversation": client_conv, "message": client_msg},
-                )
-            )
-        if status_changed:
-            drafts.append(
-                EventDraft(
-                    "conversation.updated",
-                    conv.id,
-                    conv.end_user_id,
-                    {"conversation": agent_conv},
-                    {"conversation": client_conv},
-                )
-            )
+        drafts, views = message_events(
+            conv, message, last, authors, user, created=created, status_changed=status_changed
+        )
         if unread_changed:
             drafts.append(await self._unread_draft(conv))
         await emit(self.db, conv.app_id, drafts)
-        return _MessageViews(agent_msg, client_msg, client_conv)
+        return views
 
     async def _unread_draft(self, conv: Conversation) -> EventDraft:
         total = await self._user_unread_total(conv.app_id, conv.end_user_id)
@@ -290,53 +314,6 @@ class ConversationService:
                 "conversation_unread_count": conv.user_unread_count,
             },
         )
-
-    async def client_create(
-        self, client: ClientPrincipal, data: ConversationCreate
-    ) -> ConversationOut:
-        settings = parse_settings(client.app_settings)
-        validate_category(settings, data.category)
-        custom_fields = validate_custom_fields(settings, data.custom_fields)
-        context = validate_context(data.context)
-        body = clean_body(data.body, required=True)
-        attachments = await self.attachments.claim(
-            client.app_id, client.end_user_id, data.attachment_ids
-        )
-        now = _now()
-        conv = Conversation(
-            app_id=client.app_id,
-            end_user_id=client.end_user_id,
-            status="open",
-            priority="normal",
-            subject=data.subject.strip() if data.subject and data.subject.strip() else None,
-            category=data.category,
-            tags=clean_tags(data.tags),
-            custom_fields=custom_fields,
-            context=context,
-            location=msgspec.to_builtins(data.location) if data.location is not None else None,
-            last_activity_at=now,
-            public_activity_at=now,
-            message_count=0,
-            user_unread_count=0,
-            agent_unread_count=1,
-            created_at=now,
-            updated_at=now,
-        )
-        self.db.add(conv)
-        await self.db.flush()
-        message = await self._add_message(
-            conv,
-            author_type="user",
-            user_id=client.end_user_id,
-            body=body,
-            attachments=attachments,
-            location=data.location,
-            now=now,
-        )
-        await queue_fanout(self.db, message.id, "agents")
-        views = await self._message_events(conv, message, created=True)
-        assert views.client_conv is not None  # the user's own new conversation
-        return views.client_conv
 
     async def client_list(
         self, client: ClientPrincipal, cursor: str | None, limit: int
@@ -623,3 +600,152 @@ class ConversationService:
         await self.db.execute(
             update(Conversation).where(Conversation.id == conv.id).values(agent_unread_count=0)
         )
+
+
+# ----- sending feedback: the ingest hot path -------------------------------------------------
+# Core statements built once; two hand-offs to the database (SQLite: its thread) in all.
+
+_INSERT_CONVERSATION = insert_into(
+    table_of(Conversation),
+    (
+        "id",
+        "app_id",
+        "end_user_id",
+        "status",
+        "priority",
+        "subject",
+        "category",
+        "tags",
+        "custom_fields",
+        "context",
+        "location",
+        "assignee_id",
+        "last_message_id",
+        "last_activity_at",
+        "last_public_message_id",
+        "public_activity_at",
+        "message_count",
+        "user_unread_count",
+        "user_read_at",
+        "agent_unread_count",
+        "created_at",
+        "updated_at",
+    ),
+)
+_INSERT_MESSAGE = insert_into(
+    table_of(Message),
+    (
+        "id",
+        "conversation_id",
+        "app_id",
+        "author_type",
+        "author_user_id",
+        "author_agent_id",
+        "body",
+        "internal",
+        "attachment_ids",
+        "location",
+        "created_at",
+        "updated_at",
+    ),
+)
+_USERS = table_of(EndUser)
+_USER = Prepared(
+    select(
+        _USERS.c.id, _USERS.c.external_id, _USERS.c.name, _USERS.c.email, _USERS.c.attributes
+    ).where(_USERS.c.id == bindparam("id"))
+)
+
+
+class _User(NamedTuple):
+    """The end user as the views show them (the columns ``user_out`` reads)."""
+
+    id: UUID
+    external_id: str | None
+    name: str | None
+    email: str | None
+    attributes: dict[str, Any] | None
+
+
+def _store_feedback(
+    db: Session,
+    client: ClientPrincipal,
+    attachment_ids: Sequence[str],
+    conv: dict[str, Any],
+    msg: dict[str, Any],
+) -> tuple[_User, list[Attachment]]:
+    attachments = claim_in(db, client.app_id, client.end_user_id, attachment_ids)
+    attachments.sort(key=lambda a: (a.created_at, a.id))  # as lists show them
+    msg["attachment_ids"] = [str(a.id) for a in attachments]
+    _INSERT_CONVERSATION.execute(db, conv)
+    _INSERT_MESSAGE.execute(db, msg)
+    for att in attachments:
+        att.message_id = msg["id"]  # flushed at commit
+    queue_fanout_in(db, msg["id"], "agents")
+    [row] = _USER.execute(db, {"id": client.end_user_id})
+    return _User(*row), attachments
+
+
+async def create_feedback(
+    tx: Tx, store: ObjectStore, client: ClientPrincipal, data: ConversationCreate
+) -> ConversationOut:
+    """A new conversation with its first message, the agents' push job and the events."""
+    settings = parse_settings(client.app_settings)
+    validate_category(settings, data.category)
+    custom_fields = validate_custom_fields(settings, data.custom_fields)
+    context = validate_context(data.context)
+    body = clean_body(data.body, required=True)
+    now = _now()
+    conv_id, message_id = uuid7(), uuid7()
+    location = msgspec.to_builtins(data.location) if data.location is not None else None
+    subject = data.subject.strip() if data.subject and data.subject.strip() else None
+    conv: dict[str, Any] = {
+        "id": conv_id,
+        "app_id": client.app_id,
+        "end_user_id": client.end_user_id,
+        "status": "open",
+        "priority": "normal",
+        "subject": subject,
+        "category": data.category,
+        "tags": clean_tags(data.tags),
+        "custom_fields": custom_fields,
+        "context": context,
+        "location": location,
+        "assignee_id": None,
+        "last_message_id": message_id,
+        "last_activity_at": now,
+        "last_public_message_id": message_id,
+        "public_activity_at": now,
+        "message_count": 1,
+        "user_unread_count": 0,
+        "user_read_at": None,
+        "agent_unread_count": 1,
+        "created_at": now,
+        "updated_at": now,
+    }
+    msg: dict[str, Any] = {
+        "id": message_id,
+        "conversation_id": conv_id,
+        "app_id": client.app_id,
+        "author_type": "user",
+        "author_user_id": client.end_user_id,
+        "author_agent_id": None,
+        "body": body,
+        "internal": False,
+        "attachment_ids": [],
+        "location": location,
+        "created_at": now,
+        "updated_at": now,
+    }
+    user, attachments = await tx.run(_store_feedback, client, data.attachment_ids, conv, msg)
+    authors = Related()
+    authors.users[user.id] = user.name
+    if attachments:
+        authors.attachments[message_id] = [await attachment_out(store, a) for a in attachments]
+    message = Message(**msg)
+    drafts, views = message_events(
+        Conversation(**conv), message, message, authors, user, created=True, status_changed=False
+    )
+    await tx.run(emit_in, client.app_id, drafts)
+    assert views.client_conv is not None  # the user's own new conversation
+    return views.client_conv

@@ -21,7 +21,7 @@ from tellback_server.domain.conversations.schemas import (
     Location,
     MessageOut,
 )
-from tellback_server.domain.identity.services import user_out
+from tellback_server.domain.identity.services import UserFields, user_out
 
 
 def location_of(raw: dict[str, Any] | None) -> Location | None:
@@ -31,7 +31,9 @@ def location_of(raw: dict[str, Any] | None) -> Location | None:
 class Related:
     """Batch lookup of what messages point at: author names and attachments."""
 
-    def __init__(self, db: AsyncSession, attachments: AttachmentService) -> None:
+    def __init__(
+        self, db: AsyncSession | None = None, attachments: AttachmentService | None = None
+    ) -> None:
         self.db = db
         self.attachment_service = attachments
         self.users: dict[UUID, str | None] = {}
@@ -39,6 +41,8 @@ class Related:
         self.attachments: dict[UUID, list[AttachmentOut]] = {}
 
     async def load(self, messages: Iterable[Message]) -> None:
+        assert self.db is not None
+        assert self.attachment_service is not None
         messages = list(messages)
         with_files = [m.id for m in messages if m.attachment_ids and m.id not in self.attachments]
         self.attachments.update(await self.attachment_service.for_messages(with_files))
@@ -101,7 +105,7 @@ def client_conversation_out(
 
 
 def agent_conversation_out(
-    c: Conversation, last: Message | None, authors: Related, user: EndUser
+    c: Conversation, last: Message | None, authors: Related, user: UserFields
 ) -> AgentConversation:
     return AgentConversation(
         id=c.id,

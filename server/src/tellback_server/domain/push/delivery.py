@@ -21,6 +21,8 @@ from uuid import UUID
 
 import structlog
 from sqlalchemy import func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from tellback_server.db.models import (
     Agent,
@@ -38,7 +40,7 @@ from tellback_server.domain.apps.services import parse_settings
 from tellback_server.domain.push.payloads import Notification, apns_payload, fcm_message, snippet
 from tellback_server.domain.push.providers import ApnsSender, FcmSender, Outcome
 from tellback_server.domain.push.services import load_credentials
-from tellback_server.jobs.queue import enqueue
+from tellback_server.jobs.queue import enqueue, enqueue_in
 from tellback_server.jobs.registry import JobContext, JobRegistry, RetryLater
 from tellback_server.jobs.worker import backoff_delay
 from tellback_server.state import AppState
@@ -117,9 +119,13 @@ def _clients(state: AppState) -> PushClients:
     return clients
 
 
-async def queue_fanout(db: Any, message_id: UUID, audience: str) -> None:
+async def queue_fanout(db: AsyncSession, message_id: UUID, audience: str) -> None:
     """Called in the transaction that creates the message (the outbox write)."""
-    await enqueue(
+    await db.run_sync(queue_fanout_in, message_id, audience)
+
+
+def queue_fanout_in(db: Session, message_id: UUID, audience: str) -> None:
+    enqueue_in(
         db, FANOUT_JOB, {"message_id": str(message_id), "audience": audience}, max_attempts=10
     )
 

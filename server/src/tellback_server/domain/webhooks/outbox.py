@@ -7,12 +7,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 from uuid import UUID
 
-from sqlalchemy import insert, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import bindparam, select
+from sqlalchemy.orm import Session
 from uuid_utils.compat import uuid7
 
+from tellback_server.db.base import table_of
 from tellback_server.db.models import WebhookDelivery, WebhookEndpoint
-from tellback_server.jobs.queue import enqueue
+from tellback_server.db.prepared import Prepared, insert_into
+from tellback_server.jobs.queue import enqueue_in
 
 if TYPE_CHECKING:
     from tellback_server.domain.events.records import EventRecord
@@ -20,19 +22,33 @@ if TYPE_CHECKING:
 JOB_KIND = "webhook.deliver"
 # Webhooks carry the agent view of these types (unread.changed is the end user's only).
 WEBHOOK_EVENT_TYPES = ("conversation.created", "conversation.updated", "message.created")
+_INSERT = insert_into(
+    table_of(WebhookDelivery),
+    (
+        "id",
+        "app_id",
+        "endpoint_id",
+        "event_id",
+        "event_type",
+        "status",
+        "attempts",
+        "next_attempt_at",
+        "created_at",
+        "updated_at",
+    ),
+)
+_ENDPOINTS = Prepared(
+    select(WebhookEndpoint.id, WebhookEndpoint.events).where(
+        WebhookEndpoint.app_id == bindparam("app_id"), WebhookEndpoint.enabled.is_(True)
+    )
+)
 
 
-async def queue_deliveries(db: AsyncSession, app_id: UUID, records: Sequence[EventRecord]) -> None:
+def queue_deliveries(db: Session, app_id: UUID, records: Sequence[EventRecord]) -> None:
     records = [r for r in records if r.type in WEBHOOK_EVENT_TYPES]
     if not records:
         return
-    endpoints = (
-        await db.execute(
-            select(WebhookEndpoint.id, WebhookEndpoint.events).where(
-                WebhookEndpoint.app_id == app_id, WebhookEndpoint.enabled.is_(True)
-            )
-        )
-    ).all()
+    endpoints = _ENDPOINTS.execute(db, {"app_id": app_id})
     if not endpoints:
         return
     now = dt.datetime.now(dt.UTC)
@@ -40,7 +56,7 @@ async def queue_deliveries(db: AsyncSession, app_id: UUID, records: Sequence[Eve
         {
             "id": uuid7(),
             "app_id": app_id,
-            "endpoint_id": ep.id,
+            "endpoint_id": endpoint_id,
             "event_id": record.id,
             "event_type": record.type,
             "status": "pending",
@@ -50,14 +66,14 @@ async def queue_deliveries(db: AsyncSession, app_id: UUID, records: Sequence[Eve
             "updated_at": now,
         }
         for record in records
-        for ep in endpoints
-        if not ep.events or record.type in ep.events
+        for endpoint_id, types in endpoints
+        if not types or record.type in types
     ]
     if not rows:
         return
-    await db.execute(insert(WebhookDelivery), rows)
     for row in rows:
-        await enqueue(db, JOB_KIND, {"delivery_id": str(row["id"])}, max_attempts=len(SCHEDULE) + 1)
+        _INSERT.execute(db, row)
+        enqueue_in(db, JOB_KIND, {"delivery_id": str(row["id"])}, max_attempts=len(SCHEDULE) + 1)
 
 
 # Seconds to wait after failed attempt n (1-based): about 23.6 h in all, then failed.
