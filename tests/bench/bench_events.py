@@ -40,6 +40,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from tests.bench import report  # noqa: E402
 from tests.bench.bench_push import _embedded_postgres, pct  # noqa: E402
 from tests.bench.bench_upload import free_port  # noqa: E402
 
@@ -242,7 +243,8 @@ def row(name: str, samples: list[float]) -> str:
 
 async def main_async(args: argparse.Namespace) -> None:
     base = Path(tempfile.mkdtemp(prefix="tellback-bench-events-"))
-    rows: list[str] = []
+    rows: list[tuple[str, list[float]]] = []
+    figures: list[report.Row] = []
     try:
         env = env_for(base / "sqlite", None)
         async with serve(env) as (url, pid), httpx.AsyncClient(base_url=url, timeout=30) as http:
@@ -250,10 +252,11 @@ async def main_async(args: argparse.Namespace) -> None:
             app = (await http.post("/v1/admin/apps", json={"name": "Mem"}, headers=admin)).json()
             line, idle = await memory(url, pid, http, app, args.streams)
             print(line)
+            figures.append(("sqlite", "idle streams: server memory", line))
             commit, request = await latencies(url, url, admin, args.replies)
             rows += [
-                row(f"sqlite, {args.streams} idle streams: commit->client", commit),
-                row("sqlite: reply request start->client", request),
+                (f"sqlite, {args.streams} idle streams: commit->client", commit),
+                ("sqlite: reply request start->client", request),
             ]
             for s in idle:
                 s.close()
@@ -267,13 +270,13 @@ async def main_async(args: argparse.Namespace) -> None:
                     admin = admin_token(env_a)
                     commit, request = await latencies(url_a, url_a, admin, args.replies)
                     rows += [
-                        row("postgresql: commit->client", commit),
-                        row("postgresql: reply request start->client", request),
+                        ("postgresql: commit->client", commit),
+                        ("postgresql: reply request start->client", request),
                     ]
                     commit, request = await latencies(url_a, url_b, admin, args.replies)
                     rows += [
-                        row("postgresql, 2 processes (NOTIFY): commit->client", commit),
-                        row("postgresql, 2 processes: request start->client", request),
+                        ("postgresql, 2 processes (NOTIFY): commit->client", commit),
+                        ("postgresql, 2 processes: request start->client", request),
                     ]
             finally:
                 server.cleanup()
@@ -281,8 +284,11 @@ async def main_async(args: argparse.Namespace) -> None:
             f"\nevent latency, {args.replies} sequential agent replies (ms), {os.cpu_count()} CPUs"
         )
         print(f"{'':<44} {'p50':>7} {'p90':>7} {'p99':>7} {'mean':>7}")
-        for line in rows:
-            print(line)
+        for name, samples in rows:
+            print(row(name, samples))
+            p50, p99 = pct(samples, 50), pct(samples, 99)
+            figures.append((name, "p50, p99", f"{p50:.1f} ms, {p99:.1f} ms"))
+        report.write(args.report, "events", figures)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -291,6 +297,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--replies", type=int, default=200)
+    parser.add_argument("--report", help="also write the figures here (python -m tests.bench)")
     asyncio.run(main_async(parser.parse_args()))
 
 

@@ -24,7 +24,6 @@ import asyncio
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from tests.bench import report  # noqa: E402
 from tests.bench.bench_push import _embedded_postgres, pct  # noqa: E402
 from tests.bench.bench_upload import free_port  # noqa: E402
 
@@ -119,7 +119,16 @@ async def process(args: list[str], env: dict[str, str], port: int) -> AsyncItera
 
 
 def serve_args(port: int) -> list[str]:
-    return [sys.executable, "-m", "tellback_server", "serve", "--migrate", "--port", str(port)]
+    return [
+        sys.executable,
+        "-m",
+        "tellback_server",
+        "serve",
+        "--migrate",
+        "--no-worker",
+        "--port",
+        str(port),
+    ]
 
 
 def ceiling_args(port: int) -> list[str]:
@@ -254,6 +263,15 @@ async def setup(url: str, env: dict[str, str], connections: int) -> tuple[list[s
     return tokens, conv_id
 
 
+def report_row(name: str, ours: Result, ceiling: Result) -> report.Row:
+    return (
+        name,
+        "req/s vs framework ceiling; p50, p99",
+        f"{ours.rps:.0f} vs {ceiling.rps:.0f} = {ours.rps / ceiling.rps:.3f}; "
+        f"{pct(ours.latencies_ms, 50):.1f} ms, {pct(ours.latencies_ms, 99):.1f} ms",
+    )
+
+
 def row(name: str, ours: Result, ceiling: Result) -> str:
     return (
         f"{name:<34} {ours.rps:>8.0f} {ceiling.rps:>8.0f} {ours.rps / ceiling.rps:>6.3f} "
@@ -264,8 +282,8 @@ def row(name: str, ours: Result, ceiling: Result) -> str:
 
 async def run_database(
     name: str, base: Path, database_url: str | None, args: argparse.Namespace, processes: int
-) -> list[str]:
-    lines: list[str] = []
+) -> list[tuple[str, Result, Result]]:
+    lines: list[tuple[str, Result, Result]] = []
     env = env_for(base / f"{name}-{processes}", database_url)
     ports = [free_port() for _ in range(processes)]
     ceiling_port = free_port()
@@ -313,7 +331,7 @@ async def run_database(
                 ceiling, ceiling_req, args.connections, args.seconds, args.warmup
             )
             ours_result = await _spread(ours, ours_req, args)
-            lines.append(row(f"{label}: {title}", ours_result, ceiling_result))
+            lines.append((f"{label}: {title}", ours_result, ceiling_result))
     return lines
 
 
@@ -345,7 +363,7 @@ async def contextlib_stack(managers: list[Any]) -> AsyncIterator[list[str]]:
 
 async def main_async(args: argparse.Namespace) -> None:
     base = Path(tempfile.mkdtemp(prefix="tellback-bench-ingest-"))
-    lines: list[str] = []
+    lines: list[tuple[str, Result, Result]] = []
     try:
         if args.database in {"sqlite", "both"}:
             lines += await run_database("sqlite", base, None, args, 1)
@@ -370,8 +388,8 @@ async def main_async(args: argparse.Namespace) -> None:
             f"{'p99 ms':>7} {'ceil p99':>7} {'4xx+':>5}"
         )
         for line in lines:
-            print(line)
-        _ = statistics  # keep the import for quick interactive use
+            print(row(*line))
+        report.write(args.report, "ingest", [report_row(*line) for line in lines])
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -386,6 +404,7 @@ def main() -> None:
         "--processes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2]
     )
     parser.add_argument("--no-reads", dest="reads", action="store_false")
+    parser.add_argument("--report", help="also write the figures here (python -m tests.bench)")
     asyncio.run(main_async(parser.parse_args()))
 
 

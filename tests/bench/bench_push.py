@@ -36,6 +36,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from tellback_server.dev.apns_fake import ApnsFake  # noqa: E402
+from tests.bench import report  # noqa: E402
 from tests.bench.bench_upload import free_port  # noqa: E402
 
 TOPIC = "com.example.bench"
@@ -237,6 +238,13 @@ async def main_async(args: argparse.Namespace) -> None:
     base = Path(tempfile.mkdtemp(prefix="tellback-bench-push-"))
     try:
         rate = await fanout(base / "fanout", args.devices, args.concurrency)
+        figures: list[report.Row] = [
+            (
+                f"fan-out to {args.devices} APNs devices, 1 worker",
+                "notifications/s",
+                f"{rate:,.0f}",
+            )
+        ]
         print(
             f"\nfan-out: {args.devices} APNs notifications, one `tellback worker --concurrency "
             f"{args.concurrency}` (SQLite), {os.cpu_count()} CPUs: {rate:,.0f} notifications/s"
@@ -259,6 +267,14 @@ async def main_async(args: argparse.Namespace) -> None:
                 f"{name:<12} {pct(samples, 50):>7.1f} {pct(samples, 90):>7.1f} "
                 f"{pct(samples, 99):>7.1f} {statistics.mean(samples):>7.1f}"
             )
+            figures.append(
+                (
+                    f"{name}: agent reply -> APNs fake",
+                    "p50, p99",
+                    f"{pct(samples, 50):.1f} ms, {pct(samples, 99):.1f} ms",
+                )
+            )
+        report.write(args.report, "push", figures)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -280,6 +296,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--replies", type=int, default=200)
+    parser.add_argument("--report", help="also write the figures here (python -m tests.bench)")
     asyncio.run(main_async(parser.parse_args()))
 
 

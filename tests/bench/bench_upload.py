@@ -34,6 +34,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from tests.bench import report  # noqa: E402
 from tests.conftest import S3_ACCESS_KEY as KEY  # noqa: E402
 from tests.conftest import S3_SECRET_KEY as SECRET  # noqa: E402
 from tests.conftest import run_seaweedfs  # noqa: E402
@@ -263,6 +264,7 @@ def main() -> None:
         default="curl",
         help="what PUTs our parts: curl isolates server and flow; httpx is the SDK's client",
     )
+    parser.add_argument("--report", help="also write the figures here (python -m tests.bench)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tellback-bench-") as tmp:
         base = Path(tmp)
@@ -329,6 +331,19 @@ def main() -> None:
                 f"{r['store']:<16} {r['ours_mib_s']:>11.1f} {r['curl_mib_s']:>11.1f} "
                 f"{r['ratio']:>7.2f} {r['rss_growth_mib']:>16.1f}"
             )
+        report.write(
+            args.report,
+            "upload",
+            [
+                (
+                    f"{r['store']}: {args.size_mib} MiB",
+                    "MiB/s vs one curl -T; server RSS growth",
+                    f"{r['ours_mib_s']:.1f} vs {r['curl_mib_s']:.1f} = {r['ratio']:.2f}; "
+                    f"+{r['rss_growth_mib']:.1f} MiB",
+                )
+                for r in results
+            ],
+        )
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -183,17 +183,17 @@ async def test_deeply_nested_json_is_a_4xx(served: Served, depth: int) -> None:
 
 
 async def test_many_idempotency_keys_are_rows_not_memory(served: Served) -> None:
-    """2,000 creates under distinct keys (10,000 would take minutes here): each key is a
-    database row, and the Python heap does not grow with the number of keys."""
+    """10,000 feedback creates under distinct keys: each key is a database row, and the
+    Python heap does not grow with the number of keys."""
     api = served.api
     app = await api.create_app(rate_limits={"app_per_minute": 0, "user_per_minute": 0})
     user = await api.user_headers(app)
-    total, concurrency, warm_at = 2_000, 8, 400
-    body = {"filename": "a.txt", "content_type": "text/plain", "size": 10, "kind": "file"}
+    total, concurrency, warm_at = 10_000, 8, 1_000
+    body = {"body": "The app crashes on the checkout screen", "tags": ["checkout"]}
 
     async def one(i: int) -> None:
         headers = {**user, "Idempotency-Key": f"k{i:05d}-{uuid.uuid4().hex}"}
-        r = await api.http.post("/v1/client/uploads", json=body, headers=headers)
+        r = await api.http.post("/v1/client/conversations", json=body, headers=headers)
         assert r.status_code == 201, r.text
 
     def live_objects() -> int:
@@ -214,10 +214,10 @@ async def test_many_idempotency_keys_are_rows_not_memory(served: Served) -> None
     assert per_key < 0.5, f"{per_key:.2f} live Python objects per key: keys are held in memory"
     # A replay of an early key still answers from its row.
     r = await api.http.post(
-        "/v1/client/uploads", json=body, headers={**user, "Idempotency-Key": "fixed-key"}
+        "/v1/client/conversations", json=body, headers={**user, "Idempotency-Key": "fixed-key"}
     )
     r2 = await api.http.post(
-        "/v1/client/uploads", json=body, headers={**user, "Idempotency-Key": "fixed-key"}
+        "/v1/client/conversations", json=body, headers={**user, "Idempotency-Key": "fixed-key"}
     )
     assert r2.headers.get("idempotent-replayed") == "true"
     assert r2.json() == r.json()
