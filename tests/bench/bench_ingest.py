@@ -119,16 +119,8 @@ async def process(args: list[str], env: dict[str, str], port: int) -> AsyncItera
 
 
 def serve_args(port: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "tellback_server",
-        "serve",
-        "--migrate",
-        "--no-worker",
-        "--port",
-        str(port),
-    ]
+    # The one-command default: the job worker runs in the server process too.
+    return [sys.executable, "-m", "tellback_server", "serve", "--migrate", "--port", str(port)]
 
 
 def ceiling_args(port: int) -> list[str]:
