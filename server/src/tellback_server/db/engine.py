@@ -34,6 +34,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import msgspec
@@ -281,22 +282,13 @@ class Database:
         or writers) runs on a thread of its own instead.
         """
         assert self._sqlite_path is not None
-        connection = await asyncio.to_thread(
-            sqlite3.connect, self._sqlite_path, check_same_thread=False
-        )
-        try:
-            while True:
-                await asyncio.sleep(_CHECKPOINT_SECONDS)
-                if self._unchecked_commits:
-                    self._unchecked_commits = 0
-                    try:
-                        await asyncio.to_thread(
-                            connection.execute, "PRAGMA wal_checkpoint(PASSIVE)"
-                        )
-                    except sqlite3.Error as exc:  # busy with another checkpoint: next round
-                        log.debug("sqlite.checkpoint_skipped", error=str(exc))
-        finally:
-            connection.close()
+        while True:
+            await asyncio.sleep(_CHECKPOINT_SECONDS)
+            if self._unchecked_commits:
+                self._unchecked_commits = 0
+                # The thread owns its connection from open to close: a cancelled wait
+                # here (shutdown) never closes a connection that is still checkpointing.
+                await asyncio.to_thread(_checkpoint, self._sqlite_path)
 
     async def dispose(self) -> None:
         if self._checkpointer is not None:
@@ -310,6 +302,20 @@ class Database:
 
 
 _CHECKPOINT_SECONDS = 0.25
+
+
+def _checkpoint(path: Path) -> None:
+    try:
+        connection = sqlite3.connect(path, timeout=0)
+    except sqlite3.Error as exc:
+        log.debug("sqlite.checkpoint_skipped", error=str(exc))
+        return
+    try:
+        connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    except sqlite3.Error as exc:  # e.g. busy with another checkpoint: the next round
+        log.debug("sqlite.checkpoint_skipped", error=str(exc))
+    finally:
+        connection.close()
 
 
 _LOCK_WAIT_SECONDS = 30.0
