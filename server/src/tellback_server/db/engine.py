@@ -3,22 +3,23 @@
 SQLite runs in WAL mode with one writer: transactions that write start with
 ``BEGIN IMMEDIATE`` (so two writers queue on the lock instead of failing with
 ``SQLITE_BUSY`` when a read snapshot upgrades), and an in-process lock keeps
-writers of this process from busy-waiting on each other. Readers never block.
+writers of this process from waiting on each other inside SQLite. Readers never
+block. Statements run on the event loop's own thread (``db/inline_sqlite.py`` for
+the ORM's async sessions, the stdlib driver for :class:`Tx`): an indexed
+statement takes microseconds, while a hand-off to a driver thread costs tens of
+microseconds and, under load, a wait for the GIL. So nothing may wait inside
+SQLite: the busy timeout is 0, and a writer that finds another *process* holding
+the lock retries with ``asyncio.sleep`` (up to 30 s). WAL checkpoints, which
+SQLite would otherwise run inside a COMMIT, run on a thread (``_checkpoints``).
 
 Two ways in:
 
 - :meth:`Database.session` -- an ``AsyncSession`` for the ORM services.
 - :meth:`Database.transaction` -- a :class:`Tx` that runs plain (sync) functions
   of a ``Session`` inside one transaction: the hot paths (ingest, idempotency,
-  events). On PostgreSQL that is ``AsyncSession.run_sync`` on a pooled
-  connection. On SQLite the statements run on the event loop's own thread through
-  the stdlib driver: an indexed statement takes microseconds, while every
-  ``aiosqlite`` hand-off to its thread costs tens of microseconds and, under
-  load, a wait for the GIL (the loop holds it for up to the 5 ms switch
-  interval). Nothing there can wait on a lock: the process's writers queue on an
-  ``asyncio.Lock``, and this connection's busy timeout is 0, so a write
-  transaction that finds another *process* holding SQLite's lock backs off with
-  ``asyncio.sleep`` and tries again (up to 30 s) instead of blocking the loop.
+  events, session checks), with :mod:`db.prepared` statements. On PostgreSQL
+  that is ``AsyncSession.run_sync`` on a pooled connection; on SQLite a plain
+  ``Session`` on the stdlib driver, with no greenlet or adapter in between.
 
 Both fire the same commit hooks (:meth:`Database.on_commit`): what a transaction
 left in ``session.info`` under a hook's key is handed to the hook once it has
@@ -32,8 +33,9 @@ import contextlib
 import sqlite3
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -49,6 +51,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import Session, sessionmaker
 
+from tellback_server.db import inline_sqlite
 from tellback_server.settings import Settings
 
 log = structlog.get_logger("tellback.db")
@@ -151,10 +154,12 @@ class Database:
             "json_serializer": _json_text,
             "json_deserializer": msgspec.json.decode,
         }
-        if self.is_sqlite:
-            path = settings.sqlite_path
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
+        self._sqlite_path = settings.sqlite_path
+        if self._sqlite_path is not None:
+            self._sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+            # SQLAlchemy's aiosqlite dialect over a connection that runs on this thread.
+            kwargs["async_creator"] = partial(inline_sqlite.connect, str(self._sqlite_path))
+        elif self.is_sqlite:  # :memory: (schema tools, tests): plain aiosqlite
             kwargs["connect_args"] = {"timeout": 30}
         else:
             kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_timeout=10)
@@ -177,12 +182,13 @@ class Database:
         event.listen(self.session_class, "after_rollback", self._after_rollback)
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
         self.sync_engine: Engine | None = None
-        self._sqlite_path = settings.sqlite_path
         self._checkpointer: asyncio.Task[None] | None = None
         self._unchecked_commits = 0
-        if self.is_sqlite:
+        if self._sqlite_path is not None:
+            _configure_sqlite(self.engine.sync_engine, busy_timeout_ms=0, autocheckpoint=False)
+        elif self.is_sqlite:
             _configure_sqlite(self.engine.sync_engine, busy_timeout_ms=30_000, autocheckpoint=True)
-        if self._sqlite_path is not None:  # a file, not :memory: (that stays on aiosqlite)
+        if self._sqlite_path is not None:
             # The same file through the stdlib driver, used on the loop's thread (Tx.run).
             # Never a blocking wait: no busy timeout, and a pool that grows instead.
             self.sync_engine = create_engine(
@@ -236,13 +242,19 @@ class Database:
     async def _open(self, *, write: bool) -> AsyncIterator[AsyncSession]:
         async with self.sessionmaker() as session:
             if self.is_sqlite and write:
-                await session.connection(execution_options={_IMMEDIATE: True})
+
+                async def begin() -> None:
+                    await session.connection(execution_options={_IMMEDIATE: True})
+
+                await _when_unlocked(begin, session.rollback)
             try:
                 yield session
                 await session.commit()
             except BaseException:
                 await session.rollback()
                 raise
+        if self.is_sqlite and write:
+            self._wrote()
 
     @asynccontextmanager
     async def transaction(self, *, write: bool) -> AsyncIterator[Tx]:
@@ -261,7 +273,14 @@ class Database:
     @asynccontextmanager
     async def _inline(self, *, write: bool) -> AsyncIterator[Tx]:
         with self.inline_sessionmaker() as session:
-            await _begin(session, write=write)
+
+            async def begin() -> None:
+                session.connection(execution_options={_IMMEDIATE: write})
+
+            async def reset() -> None:
+                session.rollback()
+
+            await _when_unlocked(begin, reset)
             try:
                 yield _InlineTx(session)
                 session.commit()
@@ -269,9 +288,15 @@ class Database:
                 session.rollback()
                 raise
         if write:
-            self._unchecked_commits += 1
-            if self._checkpointer is None:
-                self._checkpointer = asyncio.create_task(self._checkpoints())
+            self._wrote()
+
+    def _wrote(self) -> None:
+        """A write transaction committed: the WAL wants checkpointing soon."""
+        if self._sqlite_path is None:
+            return
+        self._unchecked_commits += 1
+        if self._checkpointer is None:
+            self._checkpointer = asyncio.create_task(self._checkpoints())
 
     async def _checkpoints(self) -> None:
         """Checkpoint the WAL in a thread, a few times a second while there are writes.
@@ -321,18 +346,21 @@ def _checkpoint(path: Path) -> None:
 _LOCK_WAIT_SECONDS = 30.0
 
 
-async def _begin(session: Session, *, write: bool) -> None:
-    """Open the SQLite transaction; a writer that finds the lock taken retries, sleeping."""
+async def _when_unlocked(
+    begin: Callable[[], Awaitable[None]], reset: Callable[[], Awaitable[None]]
+) -> None:
+    """Open a SQLite transaction; while another process holds the write lock, retry
+    with ``asyncio.sleep`` (up to 30 s) instead of blocking the loop in a busy wait."""
     delay, waited = 0.001, 0.0
     while True:
         try:
-            session.connection(execution_options={_IMMEDIATE: write})
+            await begin()
         except OperationalError as exc:
-            if not write or "locked" not in str(exc).lower() or waited >= _LOCK_WAIT_SECONDS:
+            if "locked" not in str(exc).lower() or waited >= _LOCK_WAIT_SECONDS:
                 raise
         else:
             return
-        session.rollback()  # hand the connection back; the next try starts afresh
+        await reset()  # hand the connection back; the next try starts afresh
         await asyncio.sleep(delay)
         waited += delay
         delay = min(delay * 2, 0.05)
