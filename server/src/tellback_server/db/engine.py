@@ -107,6 +107,22 @@ def _send_notifications(session: Session) -> None:
         session.execute(select(*(func.pg_notify(c, p) for c, p in pending)))
 
 
+_HOOKS_KEY = "tellback_commit_hooks"  # session.info: the Database's commit hooks
+
+
+def _run_commit_hooks(session: Session) -> None:
+    hooks: dict[str, CommitHook] = session.info.get(_HOOKS_KEY, {})
+    for key, hook in hooks.items():
+        value = session.info.pop(key, None)
+        if value:
+            hook(value)
+
+
+def _drop_commit_keys(session: Session) -> None:
+    for key in (*session.info.get(_HOOKS_KEY, {}), _NOTIFY_KEY):
+        session.info.pop(key, None)
+
+
 class Tx(ABC):
     """One open transaction; :meth:`run` calls ``fn(session, *args)`` inside it."""
 
@@ -170,20 +186,26 @@ class Database:
         self.session_class: type[Session] = type("TellbackSession", (Session,), {})
         # Names this process's sessions in cross-process notifications (events).
         self.instance = uuid.uuid4().hex[:16]
+        # Each session's info carries the hooks, so the listeners (module functions) hold
+        # no reference to this Database: SQLAlchemy keeps class-level listeners keyed
+        # weakly by the class, and a listener that led back to the class would keep
+        # every Database, its engines and their caches alive.
+        self._hooks: dict[str, CommitHook] = {}
+        info = {"instance": self.instance, _HOOKS_KEY: self._hooks}
         self.sessionmaker = async_sessionmaker(
             self.engine,
             expire_on_commit=False,
             sync_session_class=self.session_class,
-            info={"instance": self.instance},
+            info=info,
         )
-        self._hooks: dict[str, CommitHook] = {}
         event.listen(self.session_class, "before_commit", _send_notifications)
-        event.listen(self.session_class, "after_commit", self._after_commit)
-        event.listen(self.session_class, "after_rollback", self._after_rollback)
+        event.listen(self.session_class, "after_commit", _run_commit_hooks)
+        event.listen(self.session_class, "after_rollback", _drop_commit_keys)
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
         self.sync_engine: Engine | None = None
         self._checkpointer: asyncio.Task[None] | None = None
         self._unchecked_commits = 0
+        self._closed = False
         if self._sqlite_path is not None:
             _configure_sqlite(self.engine.sync_engine, busy_timeout_ms=0, autocheckpoint=False)
         elif self.is_sqlite:
@@ -204,7 +226,7 @@ class Database:
                 self.sync_engine,
                 class_=self.session_class,
                 expire_on_commit=False,
-                info={"instance": self.instance},
+                info=info,
             )
 
     # ----- commit hooks ---------------------------------------------------------------------
@@ -215,16 +237,6 @@ class Database:
         A rolled-back transaction drops the key.
         """
         self._hooks[key] = hook
-
-    def _after_commit(self, session: Session) -> None:
-        for key, hook in self._hooks.items():
-            value = session.info.pop(key, None)
-            if value:
-                hook(value)
-
-    def _after_rollback(self, session: Session) -> None:
-        for key in (*self._hooks, _NOTIFY_KEY):
-            session.info.pop(key, None)
 
     # ----- sessions and transactions --------------------------------------------------------
 
@@ -292,7 +304,7 @@ class Database:
 
     def _wrote(self) -> None:
         """A write transaction committed: the WAL wants checkpointing soon."""
-        if self._sqlite_path is None:
+        if self._sqlite_path is None or self._closed:
             return
         self._unchecked_commits += 1
         if self._checkpointer is None:
@@ -316,6 +328,7 @@ class Database:
                 await asyncio.to_thread(_checkpoint, self._sqlite_path)
 
     async def dispose(self) -> None:
+        self._closed = True
         if self._checkpointer is not None:
             self._checkpointer.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -35,10 +35,13 @@ class _Compiled:
 class Prepared:
     def __init__(self, statement: ClauseElement) -> None:
         self.statement = statement
-        self._compiled: dict[int, _Compiled] = {}
+        self._compiled: dict[tuple[str, str], _Compiled] = {}
 
     def _for(self, dialect: Dialect) -> _Compiled:
-        compiled = self._compiled.get(id(dialect))
+        # Keyed by kind, not instance: every engine here is configured alike (db/engine.py),
+        # and a cache per engine would keep each one's dialect alive for good.
+        key = (dialect.name, dialect.driver)
+        compiled = self._compiled.get(key)
         if compiled is None:
             c = self.statement.compile(dialect=dialect)
             assert isinstance(c, SQLCompiler)
@@ -53,7 +56,7 @@ class Prepared:
                     for col in self.statement.selected_columns
                 )
             compiled = _Compiled(c.string, names, processors, results)
-            self._compiled[id(dialect)] = compiled
+            self._compiled[key] = compiled
         return compiled
 
     def execute(self, db: Session, params: Mapping[str, Any]) -> list[Any]:

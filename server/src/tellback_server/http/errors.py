@@ -254,8 +254,12 @@ def _http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Resp
     elif status == 413:
         detail = "the request body is too large"
     elif status >= 500:
-        # Litestar's own 5xx (e.g. a dependency it could not resolve): ours to fix, so logged.
-        log.error("http.framework_error", status=status, error=exc.detail, exc_info=exc)
+        if "disconnected" in (exc.detail or ""):
+            # The client went away mid-body (Litestar says 500; nobody reads the answer).
+            log.info("http.client_disconnected")
+        else:
+            # Litestar's own 5xx (e.g. a dependency it could not resolve): ours to fix.
+            log.error("http.framework_error", status=status, error=exc.detail, exc_info=exc)
         detail = None
     else:
         detail = exc.detail
