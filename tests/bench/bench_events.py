@@ -52,6 +52,8 @@ def env_for(workdir: Path, database_url: str | None) -> dict[str, str]:
         TELLBACK_SECRET_KEY="bench-secret-key-0123456789abcdef0123",
         TELLBACK_LOG_LEVEL="warning",
         TELLBACK_SSE_HEARTBEAT_SECONDS="5",
+        # A thousand end users from one address: the per-address session limit is off.
+        TELLBACK_SESSIONS_PER_IP_PER_MINUTE="0",
     )
     if database_url:
         env["TELLBACK_DATABASE_URL"] = database_url
@@ -249,7 +251,12 @@ async def main_async(args: argparse.Namespace) -> None:
         env = env_for(base / "sqlite", None)
         async with serve(env) as (url, pid), httpx.AsyncClient(base_url=url, timeout=30) as http:
             admin = admin_token(env)
-            app = (await http.post("/v1/admin/apps", json={"name": "Mem"}, headers=admin)).json()
+            # A thousand users connecting at once: the app's own request limits are off.
+            unlimited = {"rate_limits": {"app_per_minute": 0, "user_per_minute": 0}}
+            r = await http.post(
+                "/v1/admin/apps", json={"name": "Mem", "settings": unlimited}, headers=admin
+            )
+            app = r.json()
             line, idle = await memory(url, pid, http, app, args.streams)
             print(line)
             figures.append(("sqlite", "idle streams: server memory", line))
