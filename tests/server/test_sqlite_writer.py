@@ -10,9 +10,11 @@ is free, and that the WAL is checkpointed without any request doing it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import shutil
 import sqlite3
 import time
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -117,3 +119,21 @@ async def test_the_wal_is_checkpointed_off_the_request_path(
             break
         await asyncio.sleep(0.05)
     assert path.stat().st_size > before
+
+
+async def test_a_disposed_database_is_freed(sqlite_template: Path, tmp_path: Path) -> None:
+    """Nothing global (SQLAlchemy's event registry, prepared-statement caches) keeps a
+    Database, its engines and their caches alive once it is disposed."""
+    path = tmp_path / "freed.db"
+    shutil.copyfile(sqlite_template, path)
+    db = Database(make_settings(f"sqlite+aiosqlite:///{path}", tmp_path / "data"))
+    db.on_commit("test_key", lambda _: None)
+    async with db.transaction(write=True) as tx:
+        await tx.run(_write, "one")
+    async with db.session(write=True) as session:
+        await session.execute(text("SELECT 1"))
+    await db.dispose()
+    ref = weakref.ref(db)
+    del db
+    gc.collect()
+    assert ref() is None

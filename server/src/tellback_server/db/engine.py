@@ -29,12 +29,12 @@ committed (event publishing, worker wake-ups).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sqlite3
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -204,7 +204,7 @@ class Database:
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
         self.sync_engine: Engine | None = None
         self._checkpointer: asyncio.Task[None] | None = None
-        self._unchecked_commits = 0
+        self._wal = _WalState()
         self._closed = False
         if self._sqlite_path is not None:
             _configure_sqlite(self.engine.sync_engine, busy_timeout_ms=0, autocheckpoint=False)
@@ -306,40 +306,45 @@ class Database:
         """A write transaction committed: the WAL wants checkpointing soon."""
         if self._sqlite_path is None or self._closed:
             return
-        self._unchecked_commits += 1
+        self._wal.unchecked_commits += 1
         if self._checkpointer is None:
-            self._checkpointer = asyncio.create_task(self._checkpoints())
-
-    async def _checkpoints(self) -> None:
-        """Checkpoint the WAL in a thread, a few times a second while there are writes.
-
-        SQLite's automatic checkpoint runs inside a COMMIT once the WAL passes 1,000
-        pages: on the loop's thread that would stall every request for the copy and
-        its fsync. Here a PASSIVE checkpoint (never waits for, nor blocks, readers
-        or writers) runs on a thread of its own instead.
-        """
-        assert self._sqlite_path is not None
-        while True:
-            await asyncio.sleep(_CHECKPOINT_SECONDS)
-            if self._unchecked_commits:
-                self._unchecked_commits = 0
-                # The thread owns its connection from open to close: a cancelled wait
-                # here (shutdown) never closes a connection that is still checkpointing.
-                await asyncio.to_thread(_checkpoint, self._sqlite_path)
+            # A module function with its own state: the task never holds the Database.
+            self._checkpointer = asyncio.create_task(_checkpoints(self._sqlite_path, self._wal))
 
     async def dispose(self) -> None:
         self._closed = True
-        if self._checkpointer is not None:
-            self._checkpointer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._checkpointer
-            self._checkpointer = None
+        checkpointer, self._checkpointer = self._checkpointer, None
+        if checkpointer is not None:
+            checkpointer.cancel()
+            await asyncio.wait([checkpointer])  # (raising nothing, it leaves no traceback)
         await self.engine.dispose()
         if self.sync_engine is not None:
             self.sync_engine.dispose()
 
 
 _CHECKPOINT_SECONDS = 0.25
+
+
+@dataclass
+class _WalState:
+    unchecked_commits: int = 0
+
+
+async def _checkpoints(path: Path, wal: _WalState) -> None:
+    """Checkpoint the WAL in a thread, a few times a second while there are writes.
+
+    SQLite's automatic checkpoint runs inside a COMMIT once the WAL passes 1,000
+    pages: on the loop's thread that would stall every request for the copy and
+    its fsync. Here a PASSIVE checkpoint (never waits for, nor blocks, readers or
+    writers) runs on a thread of its own instead.
+    """
+    while True:
+        await asyncio.sleep(_CHECKPOINT_SECONDS)
+        if wal.unchecked_commits:
+            wal.unchecked_commits = 0
+            # The thread owns its connection from open to close: a cancelled wait here
+            # (shutdown) never closes a connection that is still checkpointing.
+            await asyncio.to_thread(_checkpoint, path)
 
 
 def _checkpoint(path: Path) -> None:
