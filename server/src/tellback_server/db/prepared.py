@@ -67,13 +67,9 @@ class Prepared:
         """
         dialect, raw = _raw_connection(db)
         c = self._for(dialect)
-        args = tuple(
-            value if process is None else process(value)
-            for value, process in zip((params[n] for n in c.names), c.processors, strict=True)
-        )
         cursor = raw.cursor()
         try:
-            cursor.execute(c.sql, args)
+            cursor.execute(c.sql, _args(c, params))
             rows = list(cursor.fetchall()) if cursor.description else []
         finally:
             cursor.close()
@@ -83,6 +79,16 @@ class Prepared:
                 for row in rows
             ]
         return rows
+
+    def execute_many(self, db: Session, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Run once per row, in one driver call (``executemany``); no results."""
+        dialect, raw = _raw_connection(db)
+        c = self._for(dialect)
+        cursor = raw.cursor()
+        try:
+            cursor.executemany(c.sql, [_args(c, row) for row in rows])
+        finally:
+            cursor.close()
 
 
 _RAW = "tellback_raw_connection"  # session.info: (transaction, dialect, DBAPI connection)
@@ -98,6 +104,13 @@ def _raw_connection(db: Session) -> tuple[Dialect, Any]:
     raw = connection.connection.dbapi_connection
     db.info[_RAW] = (db.get_transaction(), connection.dialect, raw)
     return connection.dialect, raw
+
+
+def _args(c: _Compiled, params: Mapping[str, Any]) -> tuple[Any, ...]:
+    return tuple(
+        value if process is None else process(value)
+        for value, process in zip((params[n] for n in c.names), c.processors, strict=True)
+    )
 
 
 def insert_into(table: Table, columns: Iterable[str], *, returning: str | None = None) -> Prepared:

@@ -71,8 +71,8 @@ def queue_deliveries(db: Session, app_id: UUID, records: Sequence[EventRecord]) 
     ]
     if not rows:
         return
+    _INSERT.execute_many(db, rows)
     for row in rows:
-        _INSERT.execute(db, row)
         enqueue_in(db, JOB_KIND, {"delivery_id": str(row["id"])}, max_attempts=len(SCHEDULE) + 1)
 
 
