@@ -41,7 +41,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import msgspec
 import structlog
-from sqlalchemy import Engine, create_engine, event, func, select
+from sqlalchemy import Engine, bindparam, create_engine, event, func, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -52,6 +52,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import Session, sessionmaker
 
 from tellback_server.db import inline_sqlite
+from tellback_server.db.prepared import Prepared
 from tellback_server.settings import Settings
 
 log = structlog.get_logger("tellback.db")
@@ -101,10 +102,26 @@ def notify(db: Session, channel: str, payload: str = "") -> None:
         pending[(channel, payload)] = None
 
 
+_NOTIFY_BATCH = 8
+
+
+def _notify_statement(count: int) -> Prepared:
+    return Prepared(
+        select(*(func.pg_notify(bindparam(f"c{i}"), bindparam(f"p{i}")) for i in range(count)))
+    )
+
+
+_NOTIFY_STATEMENTS = {n: _notify_statement(n) for n in range(1, _NOTIFY_BATCH + 1)}
+
+
 def _send_notifications(session: Session) -> None:
-    pending = session.info.pop(_NOTIFY_KEY, None)
-    if pending:
-        session.execute(select(*(func.pg_notify(c, p) for c, p in pending)))
+    pending = list(session.info.pop(_NOTIFY_KEY, None) or ())
+    for start in range(0, len(pending), _NOTIFY_BATCH):
+        chunk = pending[start : start + _NOTIFY_BATCH]
+        params: dict[str, str] = {}
+        for i, (channel, payload) in enumerate(chunk):
+            params[f"c{i}"], params[f"p{i}"] = channel, payload
+        _NOTIFY_STATEMENTS[len(chunk)].execute(session, params)
 
 
 _HOOKS_KEY = "tellback_commit_hooks"  # session.info: the Database's commit hooks

@@ -8,7 +8,9 @@ request (``tests/bench/bench_ingest.py``). A :class:`Prepared` statement is
 compiled by SQLAlchemy once per dialect and then executed directly on the DBAPI
 cursor of the session's own connection -- in the session's transaction, with the
 column types' own bind processors, so the stored values are byte-for-byte what
-the ORM would store; a SELECT's values go through the types' result processors.
+the ORM would store; the values a SELECT or RETURNING gives back go through the
+types' result processors. Constants in the statement (``LIMIT 1``, ``== "done"``)
+keep their values; every other parameter is passed by name.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.dml import UpdateBase
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +32,8 @@ class _Compiled:
     sql: str
     names: tuple[str, ...]
     processors: tuple[Callable[[Any], Any] | None, ...]
-    results: tuple[Callable[[Any], Any] | None, ...]  # per selected column (SELECT only)
+    results: tuple[Callable[[Any], Any] | None, ...]  # per selected or returned column
+    constants: dict[str, Any]  # parameters whose value is part of the statement
 
 
 class Prepared:
@@ -49,21 +53,24 @@ class Prepared:
             processors = tuple(
                 c.binds[n].type.dialect_impl(dialect).bind_processor(dialect) for n in names
             )
-            results: tuple[Callable[[Any], Any] | None, ...] = ()
+            columns: Iterable[Any] = ()
             if isinstance(self.statement, Select):
-                results = tuple(
-                    col.type.dialect_impl(dialect).result_processor(dialect, None)
-                    for col in self.statement.selected_columns
-                )
-            compiled = _Compiled(c.string, names, processors, results)
+                columns = self.statement.selected_columns
+            elif isinstance(self.statement, UpdateBase) and self.statement._returning:
+                columns = self.statement.exported_columns
+            results = tuple(
+                col.type.dialect_impl(dialect).result_processor(dialect, None) for col in columns
+            )
+            constants = {n: c.binds[n].effective_value for n in names if not c.binds[n].required}
+            compiled = _Compiled(c.string, names, processors, results, constants)
             self._compiled[key] = compiled
         return compiled
 
     def execute(self, db: Session, params: Mapping[str, Any]) -> list[Any]:
         """Run in ``db``'s transaction; the rows it returns, if any.
 
-        A SELECT's values are converted by the column types (as ``Session.execute``
-        would); ``RETURNING`` values come back as the driver gives them.
+        The values a SELECT or ``RETURNING`` gives are converted by the column
+        types, as ``Session.execute`` would.
         """
         dialect, raw = _raw_connection(db)
         c = self._for(dialect)
@@ -107,6 +114,8 @@ def _raw_connection(db: Session) -> tuple[Dialect, Any]:
 
 
 def _args(c: _Compiled, params: Mapping[str, Any]) -> tuple[Any, ...]:
+    if c.constants:
+        params = {**c.constants, **params}
     return tuple(
         value if process is None else process(value)
         for value, process in zip((params[n] for n in c.names), c.processors, strict=True)

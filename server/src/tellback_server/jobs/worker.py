@@ -21,10 +21,12 @@ from typing import Any
 from uuid import UUID
 
 import structlog
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, bindparam, delete, literal_column, null, or_, select, update
 from sqlalchemy.engine import make_url
 
+from tellback_server.db.base import table_of
 from tellback_server.db.models import Job
+from tellback_server.db.prepared import Prepared
 from tellback_server.http.idempotency import purge_expired
 from tellback_server.jobs.queue import NOTIFY_CHANNEL
 from tellback_server.jobs.registry import (
@@ -51,6 +53,60 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | No
     raw = min(cap, base * float(2 ** max(0, attempt - 1)))
     jitter: float = (rng or random).uniform(0.75, 1.25)
     return raw * jitter
+
+
+_JOBS = table_of(Job)
+_NOW = bindparam("now", type_=_JOBS.c.updated_at.type)
+_DUE = or_(
+    and_(_JOBS.c.status == "queued", _JOBS.c.run_after <= _NOW),
+    and_(_JOBS.c.status == "running", _JOBS.c.locked_until < _NOW),
+)
+# The worker's own bookkeeping runs for every job: fixed statements (db/prepared.py).
+# FOR UPDATE SKIP LOCKED is PostgreSQL's; SQLite's compiler leaves it out (the claim
+# runs under BEGIN IMMEDIATE there).
+_CLAIM = Prepared(
+    update(_JOBS)
+    .where(
+        _JOBS.c.id.in_(
+            select(_JOBS.c.id)
+            .where(_DUE)
+            .order_by(_JOBS.c.run_after)
+            .limit(bindparam("limit"))
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+    )
+    .values(
+        status="running",
+        locked_by=bindparam("worker"),
+        locked_until=bindparam("until", type_=_JOBS.c.locked_until.type),
+        attempts=_JOBS.c.attempts + literal_column("1"),
+        updated_at=_NOW,
+    )
+    .returning(
+        _JOBS.c.id,
+        _JOBS.c.kind,
+        _JOBS.c.payload,
+        _JOBS.c.attempts,
+        _JOBS.c.max_attempts,
+        _JOBS.c.created_at,
+    )
+)
+_FINISH = Prepared(
+    update(_JOBS)
+    .where(
+        _JOBS.c.id == bindparam("job_id", type_=_JOBS.c.id.type),
+        _JOBS.c.locked_by == bindparam("worker"),
+    )
+    .values(
+        status=bindparam("status"),
+        last_error=bindparam("error"),
+        finished_at=_NOW,
+        locked_by=null(),
+        locked_until=null(),
+        updated_at=_NOW,
+    )
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +136,8 @@ class Worker:
         self._running: set[asyncio.Task[None]] = set()
         self._last_maintenance = 0.0
         self._last_periodic: dict[str, float] = {}
+        self._finished: list[dict[str, Any]] = []
+        self._finishing: asyncio.Future[None] | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set, then let running jobs finish (their leases cover a kill)."""
@@ -142,33 +200,12 @@ class Worker:
 
     async def _claim(self, limit: int) -> list[ClaimedJob]:
         now = _now()
-        due = or_(
-            and_(Job.status == "queued", Job.run_after <= now),
-            and_(Job.status == "running", Job.locked_until < now),
-        )
-        pick = select(Job.id).where(due).order_by(Job.run_after).limit(limit)
-        if not self.state.db.is_sqlite:
-            pick = pick.with_for_update(skip_locked=True)
-        stmt = (
-            update(Job)
-            .where(Job.id.in_(pick.scalar_subquery()))
-            .values(
-                status="running",
-                locked_by=self.name,
-                locked_until=now + self.lease,
-                attempts=Job.attempts + 1,
-                updated_at=now,
-            )
-            .returning(
-                Job.id, Job.kind, Job.payload, Job.attempts, Job.max_attempts, Job.created_at
-            )
-            .execution_options(synchronize_session=False)
-        )
-        async with self.state.db.session(write=True) as db:
-            rows = (await db.execute(stmt)).all()
+        params = {"now": now, "limit": limit, "worker": self.name, "until": now + self.lease}
+        async with self.state.db.transaction(write=True) as tx:
+            rows = await tx.run(_CLAIM.execute, params)
         return [
-            ClaimedJob(r.id, r.kind, r.payload or {}, r.attempts, r.max_attempts, r.created_at)
-            for r in rows
+            ClaimedJob(job_id, kind, payload or {}, attempts, max_attempts, created_at)
+            for job_id, kind, payload, attempts, max_attempts, created_at in rows
         ]
 
     async def _execute(self, job: ClaimedJob) -> None:
@@ -237,20 +274,30 @@ class Worker:
         await self._release(job, _now() + dt.timedelta(seconds=wait), reason)
 
     async def _finish(self, job: ClaimedJob, status: str, error: str | None) -> None:
-        now = _now()
-        async with self.state.db.session(write=True) as db:
-            await db.execute(
-                update(Job)
-                .where(Job.id == job.id, Job.locked_by == self.name)
-                .values(
-                    status=status,
-                    last_error=error,
-                    finished_at=now,
-                    locked_by=None,
-                    locked_until=None,
-                    updated_at=now,
-                )
-            )
+        """Record the outcome; jobs that finish together share one transaction."""
+        self._finished.append(
+            {"job_id": job.id, "worker": self.name, "status": status, "error": error}
+        )
+        batch = self._finishing
+        if batch is None:
+            batch = self._finishing = asyncio.get_running_loop().create_future()
+            await asyncio.sleep(0)  # the jobs finishing alongside join this batch
+            rows, self._finished, self._finishing = self._finished, [], None
+            try:
+                for row in rows:
+                    row["now"] = _now()
+                async with self.state.db.transaction(write=True) as tx:
+                    await tx.run(_FINISH.execute_many, rows)
+            except BaseException as exc:
+                if isinstance(exc, Exception):
+                    batch.set_exception(exc)
+                    batch.exception()  # (retrieved: every member of the batch raises it)
+                else:
+                    batch.cancel()
+                raise
+            batch.set_result(None)
+        else:
+            await asyncio.shield(batch)
         self.state.metrics.jobs.labels(job.kind, status).inc()
 
     async def _release(

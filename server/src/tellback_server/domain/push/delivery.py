@@ -20,10 +20,11 @@ from typing import Any
 from uuid import UUID
 
 import structlog
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import Select, bindparam, func, insert, literal_column, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from tellback_server.db.base import table_of
 from tellback_server.db.models import (
     Agent,
     AgentApp,
@@ -36,6 +37,7 @@ from tellback_server.db.models import (
     PushCredential,
     PushDelivery,
 )
+from tellback_server.db.prepared import Prepared
 from tellback_server.domain.apps.services import parse_settings
 from tellback_server.domain.push.payloads import Notification, apns_payload, fcm_message, snippet
 from tellback_server.domain.push.providers import ApnsSender, FcmSender, Outcome
@@ -372,6 +374,33 @@ async def _record(
         log.info("push.devices_deactivated", count=len(invalid))
 
 
+def _any_device(audience: str) -> Prepared:
+    """One active device that may hear of the message (the fan-out's cheap first look)."""
+    devices, convs, messages = table_of(Device), table_of(Conversation), table_of(Message)
+    stmt: Select[tuple[Any]] = select(literal_column("1")).select_from(devices)
+    if audience == "user":
+        stmt = stmt.join(convs, convs.c.end_user_id == devices.c.end_user_id)
+    else:
+        agent_apps, agents = table_of(AgentApp), table_of(Agent)
+        stmt = (
+            stmt.join(agents, agents.c.id == devices.c.agent_id)
+            .join(agent_apps, agent_apps.c.agent_id == agents.c.id)
+            .join(convs, convs.c.app_id == agent_apps.c.app_id)
+            .where(agents.c.disabled_at.is_(None))
+        )
+    return Prepared(
+        stmt.join(messages, messages.c.conversation_id == convs.c.id)
+        .where(
+            messages.c.id == bindparam("message_id", type_=messages.c.id.type),
+            devices.c.active.is_(True),
+        )
+        .limit(1)
+    )
+
+
+_ANY_DEVICE = {"user": _any_device("user"), "agents": _any_device("agents")}
+
+
 async def fanout(ctx: JobContext, payload: dict[str, Any]) -> None:
     """Send one message to every device that should hear of it, then queue retries.
 
@@ -380,6 +409,11 @@ async def fanout(ctx: JobContext, payload: dict[str, Any]) -> None:
     state = ctx.state
     message_id = UUID(payload["message_id"])
     audience = payload["audience"]
+    # Most messages of most apps have nobody to notify (no agent has the app installed,
+    # the user never allowed notifications): one indexed lookup decides that.
+    async with state.db.transaction(write=False) as tx:
+        if not await tx.run(_ANY_DEVICE[audience].execute, {"message_id": message_id}):
+            return
     async with state.db.session(write=False) as db:
         facts = await _facts(db, message_id)
         if facts is None:
