@@ -26,7 +26,7 @@ from uuid import UUID
 
 import asyncpg
 import pytest
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import event, func, insert, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -328,6 +328,36 @@ async def test_committed_job_runs_once_and_is_done(state: AppState, tmp_path: Pa
     assert await worker.run_until_idle() == 0
     assert await Worker(state, plugin_registry()).run_until_idle() == 0
     assert read_lines(out) == ["hello"]
+
+
+async def test_jobs_that_finish_together_share_one_write(state: AppState) -> None:
+    """Outcomes are group-committed: claiming eight jobs and recording their eight outcomes
+    is a few transactions, not one per job."""
+
+    async def quick(_ctx: JobContext, _payload: dict[str, Any]) -> None:
+        return None
+
+    registry = JobRegistry()
+    registry.register("test.quick", quick)
+    ids = [await add_job(state, "test.quick", {}) for _ in range(8)]
+    engine = state.db.sync_engine or state.db.engine.sync_engine
+    commits = 0
+
+    def count(_conn: Any) -> None:
+        nonlocal commits
+        commits += 1
+
+    event.listen(engine, "commit", count)
+    try:
+        assert await Worker(state, registry, concurrency=8).run_until_idle() == 8
+    finally:
+        event.remove(engine, "commit", count)
+    # The claim, the outcomes, the claim that finds nothing (one per job would be ten).
+    assert commits <= 3
+    for job_id in ids:
+        job = await load_job(state, job_id)
+        assert (job.status, job.attempts, job.locked_by) == ("done", 1, None)
+        assert job.finished_at is not None
 
 
 async def test_job_is_not_run_before_its_run_after(state: AppState, tmp_path: Path) -> None:

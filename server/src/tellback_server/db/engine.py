@@ -42,7 +42,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import msgspec
 import structlog
 from sqlalchemy import Engine, bindparam, create_engine, event, func, select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DisconnectionError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -140,6 +140,19 @@ def _drop_commit_keys(session: Session) -> None:
         session.info.pop(key, None)
 
 
+def _ping_at_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """PostgreSQL: a pooled connection the server dropped (restart, failover) is found at
+    checkout and replaced, instead of failing requests until it is discarded.
+
+    One round trip. SQLAlchemy's ``pool_pre_ping`` on asyncpg wraps its ping in a
+    transaction (BEGIN, the ping, ROLLBACK): three before every transaction.
+    """
+    try:
+        dbapi_connection.run_async(lambda connection: connection.fetchrow(";"))
+    except Exception as exc:
+        raise DisconnectionError("the pooled connection did not answer") from exc
+
+
 class Tx(ABC):
     """One open transaction; :meth:`run` calls ``fn(session, *args)`` inside it."""
 
@@ -179,10 +192,7 @@ class Database:
     def __init__(self, settings: Settings, *, pool_size: int = 10) -> None:
         self.url = settings.database_url
         self.is_sqlite = settings.is_sqlite
-        # PostgreSQL: a pooled connection the server dropped (restart, failover) is found
-        # at checkout and replaced, instead of failing requests until it is discarded.
         kwargs: dict[str, Any] = {
-            "pool_pre_ping": not settings.is_sqlite,
             # JSON columns (a KiB of device context per feedback) through msgspec, not json.
             "json_serializer": _json_text,
             "json_deserializer": msgspec.json.decode,
@@ -199,6 +209,8 @@ class Database:
             # A database that does not answer within 5 s is an outage (503), not a hang.
             kwargs["connect_args"] = {"command_timeout": 30, "timeout": 5}
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
+        if not self.is_sqlite:
+            event.listen(self.engine.sync_engine, "checkout", _ping_at_checkout)
         # A Session subclass of our own, so commit hooks (job wake-ups) stay per process/app.
         self.session_class: type[Session] = type("TellbackSession", (Session,), {})
         # Names this process's sessions in cross-process notifications (events).
@@ -215,6 +227,16 @@ class Database:
             sync_session_class=self.session_class,
             info=info,
         )
+        # PostgreSQL reads run without BEGIN/COMMIT: at READ COMMITTED every statement has
+        # its own snapshot either way, and a one-query read is then one round trip.
+        self._read_sessionmaker = self.sessionmaker
+        if not self.is_sqlite:
+            self._read_sessionmaker = async_sessionmaker(
+                self.engine.execution_options(isolation_level="AUTOCOMMIT"),
+                expire_on_commit=False,
+                sync_session_class=self.session_class,
+                info=info,
+            )
         event.listen(self.session_class, "before_commit", _send_notifications)
         event.listen(self.session_class, "after_commit", _run_commit_hooks)
         event.listen(self.session_class, "after_rollback", _drop_commit_keys)
@@ -269,7 +291,7 @@ class Database:
 
     @asynccontextmanager
     async def _open(self, *, write: bool) -> AsyncIterator[AsyncSession]:
-        async with self.sessionmaker() as session:
+        async with (self.sessionmaker if write else self._read_sessionmaker)() as session:
             if self.is_sqlite and write:
 
                 async def begin() -> None:

@@ -136,8 +136,8 @@ class Worker:
         self._running: set[asyncio.Task[None]] = set()
         self._last_maintenance = 0.0
         self._last_periodic: dict[str, float] = {}
-        self._finished: list[dict[str, Any]] = []
-        self._finishing: asyncio.Future[None] | None = None
+        self._finished: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._recorder: asyncio.Task[None] | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set, then let running jobs finish (their leases cover a kill)."""
@@ -274,31 +274,39 @@ class Worker:
         await self._release(job, _now() + dt.timedelta(seconds=wait), reason)
 
     async def _finish(self, job: ClaimedJob, status: str, error: str | None) -> None:
-        """Record the outcome; jobs that finish together share one transaction."""
-        self._finished.append(
-            {"job_id": job.id, "worker": self.name, "status": status, "error": error}
-        )
-        batch = self._finishing
-        if batch is None:
-            batch = self._finishing = asyncio.get_running_loop().create_future()
-            await asyncio.sleep(0)  # the jobs finishing alongside join this batch
-            rows, self._finished, self._finishing = self._finished, [], None
-            try:
-                for row in rows:
-                    row["now"] = _now()
-                async with self.state.db.transaction(write=True) as tx:
-                    await tx.run(_FINISH.execute_many, rows)
-            except BaseException as exc:
-                if isinstance(exc, Exception):
-                    batch.set_exception(exc)
-                    batch.exception()  # (retrieved: every member of the batch raises it)
-                else:
-                    batch.cancel()
-                raise
-            batch.set_result(None)
-        else:
-            await asyncio.shield(batch)
+        """Record the outcome. Outcomes arriving while one is being written share the next
+        transaction (a group commit): one write per batch of jobs, not one per job."""
+        recorded = asyncio.get_running_loop().create_future()
+        row = {"job_id": job.id, "worker": self.name, "status": status, "error": error}
+        self._finished.append((row, recorded))
+        if self._recorder is None or self._recorder.done():
+            self._recorder = asyncio.create_task(self._record_finished())
+        await recorded
         self.state.metrics.jobs.labels(job.kind, status).inc()
+
+    async def _record_finished(self) -> None:
+        batch: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        try:
+            while self._finished:
+                await asyncio.sleep(0)  # the jobs finishing alongside join this batch
+                batch, self._finished = self._finished, []
+                now = _now()
+                rows = [{**row, "now": now} for row, _ in batch]
+                try:
+                    async with self.state.db.transaction(write=True) as tx:
+                        await tx.run(_FINISH.execute_many, rows)
+                except Exception as exc:  # noqa: BLE001 (each job of the batch raises it)
+                    for _, recorded in batch:
+                        if not recorded.done():
+                            recorded.set_exception(exc)
+                else:
+                    for _, recorded in batch:
+                        if not recorded.done():
+                            recorded.set_result(None)
+        finally:  # cancelled: nobody may wait for an outcome that will not be written
+            for _, recorded in batch + self._finished:
+                if not recorded.done():
+                    recorded.cancel()
 
     async def _release(
         self, job: ClaimedJob, run_after: dt.datetime, reason: str, *, uncount: bool = False
