@@ -17,9 +17,10 @@ import time
 import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.orm import Session
 
 from tellback_server.db.engine import Database
@@ -137,3 +138,162 @@ async def test_a_disposed_database_is_freed(sqlite_template: Path, tmp_path: Pat
     del db
     gc.collect()
     assert ref() is None
+
+
+# ----- group commit: writers queued behind each other share one COMMIT -------------------
+
+
+async def _kinds(db: Database) -> list[str]:
+    async with db.transaction(write=False) as tx:
+        return await tx.run(lambda s: sorted(s.execute(text("SELECT kind FROM jobs")).scalars()))
+
+
+def _count_commits(db: Database) -> list[int]:
+    assert db.sync_engine is not None
+    commits = [0]
+
+    def count(_conn: object) -> None:
+        commits[0] += 1
+
+    event.listen(db.sync_engine, "commit", count)
+    return commits
+
+
+def _mark(session: Session, value: str) -> None:
+    """What a writer leaves for the commit hooks (as pending events and jobs are)."""
+    _write(session, value)
+    session.info.setdefault("test_published", []).append(value)
+
+
+async def test_queued_writers_share_one_commit(sqlite_db: tuple[Database, Path]) -> None:
+    db, _ = sqlite_db
+    published: list[list[str]] = []
+    db.on_commit("test_published", published.append)
+    commits = _count_commits(db)
+
+    async def write(i: int) -> None:
+        async with db.transaction(write=True) as tx:
+            await tx.run(_mark, f"w{i:02}")
+
+    await asyncio.gather(*(write(i) for i in range(20)))
+    assert await _kinds(db) == [f"w{i:02}" for i in range(20)]
+    assert commits[0] < 5, f"{commits[0]} commits for 20 writers queued together"
+    assert sorted(v for batch in published for v in batch) == [f"w{i:02}" for i in range(20)]
+
+
+async def test_a_failing_member_of_a_group_is_undone_alone(
+    sqlite_db: tuple[Database, Path],
+) -> None:
+    db, _ = sqlite_db
+    published: list[list[str]] = []
+    db.on_commit("test_published", published.append)
+    commits = _count_commits(db)
+
+    def write_then_fail(session: Session) -> None:
+        _mark(session, "failed")
+        raise RuntimeError("boom")
+
+    async def write(value: str) -> None:
+        async with db.transaction(write=True) as tx:
+            if value == "failed":
+                await tx.run(write_then_fail)
+            await tx.run(_mark, value)
+
+    results = await asyncio.gather(
+        write("first"), write("failed"), write("third"), return_exceptions=True
+    )
+    assert results[0] is None
+    assert results[2] is None
+    assert isinstance(results[1], RuntimeError)
+    assert commits[0] == 1  # one group: the failure did not end it
+    assert await _kinds(db) == ["first", "third"]
+    assert published == [["first", "third"]]  # nothing of the failed writer is announced
+
+
+async def test_a_failing_first_member_leaves_the_others_whole(
+    sqlite_db: tuple[Database, Path],
+) -> None:
+    db, _ = sqlite_db
+
+    def write_then_fail(session: Session) -> None:
+        _write(session, "failed")
+        raise RuntimeError("boom")
+
+    async def fail() -> None:
+        async with db.transaction(write=True) as tx:
+            await tx.run(write_then_fail)
+
+    async def write(value: str) -> None:
+        async with db.transaction(write=True) as tx:
+            await tx.run(_write, value)
+
+    results = await asyncio.gather(fail(), write("second"), write("third"), return_exceptions=True)
+    assert isinstance(results[0], RuntimeError)
+    assert list(results[1:]) == [None, None]
+    assert await _kinds(db) == ["second", "third"]
+
+
+async def test_a_failed_group_commit_fails_every_member(sqlite_db: tuple[Database, Path]) -> None:
+    db, _ = sqlite_db
+    fail = [True]
+
+    def refuse(_session: Session) -> None:
+        if fail[0]:
+            raise RuntimeError("disk full")
+
+    event.listen(db.session_class, "before_commit", refuse)
+
+    async def write(value: str) -> None:
+        async with db.transaction(write=True) as tx:
+            await tx.run(_write, value)
+
+    results = await asyncio.gather(*(write(f"w{i}") for i in range(3)), return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) for r in results), results
+    fail[0] = False
+    await write("after")  # the lock and the next group are fine
+    assert await _kinds(db) == ["after"]
+
+
+async def test_an_orm_writer_commits_an_open_group_before_it_begins(
+    sqlite_db: tuple[Database, Path],
+) -> None:
+    """ORM services write through ``Database.session``: it must not wait for a group that
+    is waiting for it (a deadlock until the 30 s lock timeout)."""
+    db, _ = sqlite_db
+
+    async def grouped(value: str) -> None:
+        async with db.transaction(write=True) as tx:
+            await tx.run(_write, value)
+
+    async def orm(value: str) -> None:
+        async with db.session(write=True) as session:
+            await session.run_sync(_write, value)
+
+    await asyncio.wait_for(asyncio.gather(grouped("a"), orm("orm"), grouped("c")), 5)
+    assert await _kinds(db) == ["a", "c", "orm"]
+
+
+async def test_a_writer_cancelled_in_the_queue_does_not_hold_the_group_open(
+    sqlite_db: tuple[Database, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first writer leaves its group open for the one queued behind it, which is then
+    cancelled (its client went away) before it takes the lock: the group still commits."""
+    db, _ = sqlite_db
+
+    async def write(value: str) -> None:
+        async with db.transaction(write=True) as tx:
+            await tx.run(_write, value)
+
+    first = asyncio.create_task(write("first"))
+    queued = asyncio.create_task(write("cancelled"))
+    check = db._commit_if_idle
+
+    def check_then_cancel(group: Any) -> None:
+        check(group)  # the queued writer still counts: the group stays open ...
+        queued.cancel()  # ... and then it gives up
+
+    monkeypatch.setattr(db, "_commit_if_idle", check_then_cancel)
+    await asyncio.wait_for(first, 5)
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    assert await _kinds(db) == ["first"]

@@ -49,7 +49,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from tellback_server.db import inline_sqlite
 from tellback_server.db.prepared import Prepared
@@ -241,6 +241,8 @@ class Database:
         event.listen(self.session_class, "after_commit", _run_commit_hooks)
         event.listen(self.session_class, "after_rollback", _drop_commit_keys)
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
+        self._queued_writers = 0  # waiting for the write lock in _grouped
+        self._group: _Group | None = None  # SQLite: the open, shared write transaction
         self.sync_engine: Engine | None = None
         self._checkpointer: asyncio.Task[None] | None = None
         self._wal = _WalState()
@@ -283,8 +285,10 @@ class Database:
     async def session(self, *, write: bool) -> AsyncIterator[AsyncSession]:
         """A session whose transaction commits on success and rolls back on error."""
         if self._write_lock is not None and write:
-            async with self._write_lock, self._open(write=True) as session:
-                yield session
+            async with self._write_lock:
+                self._commit_group()  # an open group commits before another writer begins
+                async with self._open(write=True) as session:
+                    yield session
         else:
             async with self._open(write=write) as session:
                 yield session
@@ -315,18 +319,19 @@ class Database:
                 yield SessionTx(session)
             return
         if self._write_lock is not None and write:
-            async with self._write_lock, self._inline(write=True) as tx:
+            async with self._grouped() as tx:
                 yield tx
         else:
-            async with self._inline(write=False) as tx:
+            async with self._inline_read() as tx:
                 yield tx
 
     @asynccontextmanager
-    async def _inline(self, *, write: bool) -> AsyncIterator[Tx]:
+    async def _inline_read(self) -> AsyncIterator[Tx]:
+        """SQLite: a read on the loop's thread (writes go through :meth:`_grouped`)."""
         with self.inline_sessionmaker() as session:
 
             async def begin() -> None:
-                session.connection(execution_options={_IMMEDIATE: write})
+                session.connection()
 
             async def reset() -> None:
                 session.rollback()
@@ -338,8 +343,122 @@ class Database:
             except BaseException:
                 session.rollback()
                 raise
-        if write:
+
+    @asynccontextmanager
+    async def _grouped(self) -> AsyncIterator[Tx]:
+        """SQLite: a write transaction that shares its COMMIT with the writers queued behind it.
+
+        Writers of this process take turns on the write lock. Whoever finds the next
+        writer already waiting leaves the transaction open for it instead of committing;
+        the last of such a group commits for all, and each member returns only after
+        that commit. Each member after the first runs in a SAVEPOINT, so one that fails
+        is undone alone. A COMMIT appends every page the transaction changed to the WAL,
+        and consecutive writers change mostly the same pages (the newest end of each
+        table and index): one COMMIT per group writes them once.
+        """
+        assert self._write_lock is not None
+        await self._take_write_lock(self._write_lock)
+        failure: BaseException | None = None
+        try:
+            group = self._group or await self._open_group()
+            member = _Member.join(group, self._hooks)
+            try:
+                yield _InlineTx(group.session)
+                member.finish()
+            except BaseException as exc:  # noqa: BLE001 (raised below, once the lock is free)
+                failure = exc
+                self._undo(group, member, exc)
+            await self._hand_over(group)
+        finally:
+            self._write_lock.release()
+        if failure is not None:
+            raise failure
+        await asyncio.shield(group.committed)
+
+    async def _take_write_lock(self, lock: asyncio.Lock) -> None:
+        self._queued_writers += 1
+        try:
+            await lock.acquire()
+        except BaseException:  # cancelled while queued: the open group must not wait for us
+            self._queued_writers -= 1
+            if self._group is not None:
+                asyncio.get_running_loop().call_soon(self._commit_if_idle, self._group)
+            raise
+        self._queued_writers -= 1
+
+    def _undo(self, group: _Group, member: _Member, exc: BaseException) -> None:
+        """Undo a failed member: its savepoint, or (the first member) the whole group."""
+        if member.savepoint is None:
+            self._abort_group(group, exc)
+            return
+        try:
+            member.undo()
+        except BaseException as broken:
+            self._abort_group(group, broken)
+            raise
+
+    async def _hand_over(self, group: _Group) -> None:
+        """Commit the group, or leave it open for the writer queued next."""
+        try:
+            if self._group is group and group.members < _GROUP_MAX:
+                # Statements here never wait, so nobody queues while a writer works:
+                # one turn of the loop lets the requests that are ready reach the lock.
+                await asyncio.sleep(0)
+        finally:
+            if self._group is group:
+                if not self._queued_writers or group.members >= _GROUP_MAX:
+                    self._commit_group()
+                else:  # the next writer joins; should it give up waiting, commit anyway
+                    asyncio.get_running_loop().call_soon(self._commit_if_idle, group)
+
+    async def _open_group(self) -> _Group:
+        session = self.inline_sessionmaker()
+
+        async def begin() -> None:
+            session.connection(execution_options={_IMMEDIATE: True})
+
+        async def reset() -> None:
+            session.rollback()
+
+        try:
+            await _when_unlocked(begin, reset)
+        except BaseException:
+            session.close()
+            raise
+        self._group = _Group(session, asyncio.get_running_loop().create_future())
+        return self._group
+
+    def _commit_group(self) -> None:
+        """Commit the open group, if any (the caller holds the write lock or nobody does)."""
+        group, self._group = self._group, None
+        if group is None:
+            return
+        try:
+            group.session.commit()
+        except BaseException as exc:  # noqa: BLE001 (each member raises it)
+            group.session.rollback()
+            _fail(group.committed, exc)
+        else:
+            group.committed.set_result(None)
+        finally:
+            group.session.close()
             self._wrote()
+
+    def _commit_if_idle(self, group: _Group) -> None:
+        """Commit ``group`` unless a writer holds the lock or is about to take it."""
+        lock = self._write_lock
+        idle = lock is not None and not lock.locked() and not self._queued_writers
+        if self._group is group and idle:
+            self._commit_group()
+
+    def _abort_group(self, group: _Group, exc: BaseException) -> None:
+        if self._group is group:
+            self._group = None
+        try:
+            group.session.rollback()
+        finally:
+            group.session.close()
+            _fail(group.committed, exc)
 
     def _wrote(self) -> None:
         """A write transaction committed: the WAL wants checkpointing soon."""
@@ -351,6 +470,7 @@ class Database:
             self._checkpointer = asyncio.create_task(_checkpoints(self._sqlite_path, self._wal))
 
     async def dispose(self) -> None:
+        self._commit_group()
         self._closed = True
         checkpointer, self._checkpointer = self._checkpointer, None
         if checkpointer is not None:
@@ -362,6 +482,56 @@ class Database:
 
 
 _CHECKPOINT_SECONDS = 0.25
+_GROUP_MAX = 64  # writers sharing one COMMIT at most
+
+
+@dataclass
+class _Group:
+    session: Session
+    committed: asyncio.Future[None]
+    members: int = 0
+
+
+@dataclass
+class _Member:
+    """One writer's part of a group: after the first, in a SAVEPOINT of its own."""
+
+    session: Session
+    savepoint: SessionTransaction | None
+    info: dict[str, Any]  # session.info before this member: what its commit hooks added
+
+    @classmethod
+    def join(cls, group: _Group, hooks: dict[str, CommitHook]) -> _Member:
+        session, first = group.session, not group.members
+        group.members += 1
+        if first:  # a first member that fails rolls back the whole transaction
+            return cls(session, None, {})
+        info = {  # lists and dicts copied: the pending events, jobs, ...
+            k: v if v is hooks or not isinstance(v, list | dict | set) else type(v)(v)
+            for k, v in session.info.items()
+        }
+        return cls(session, session.begin_nested(), info)
+
+    def finish(self) -> None:
+        self.session.flush()  # this member's ORM changes fail here, not in the next one's
+        if self.savepoint is not None:
+            self.savepoint.commit()
+
+    def undo(self) -> None:
+        assert self.savepoint is not None
+        self.savepoint.rollback()
+        self.session.info.clear()
+        self.session.info.update(self.info)
+
+
+def _fail(future: asyncio.Future[None], exc: BaseException) -> None:
+    if future.done():
+        return
+    if isinstance(exc, Exception):
+        future.set_exception(exc)
+        future.exception()  # (retrieved: each member that waits raises it)
+    else:
+        future.cancel()
 
 
 @dataclass
