@@ -139,7 +139,7 @@ async def test_storage_down_during_complete_is_503_then_retry_succeeds(
 # ----- PostgreSQL lost during writes -----------------------------------------------------
 
 # Once, a killed backend left pooled connections broken and writes answered 500 for ~45 s
-# (fixed: pool_pre_ping, asyncpg client errors and refused connects count as outages).
+# (fixed: a ping at checkout, asyncpg client errors and refused connects count as outages).
 
 
 async def test_postgres_lost_during_writes_is_503_and_leaves_no_partial_rows(

@@ -21,9 +21,12 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from tellback_server.db.engine import Database
+from tellback_server.db.prepared import Prepared
+from tellback_server.http.errors import is_database_unavailable
 from tests.server.conftest import make_settings
 
 
@@ -297,3 +300,27 @@ async def test_a_writer_cancelled_in_the_queue_does_not_hold_the_group_open(
     with pytest.raises(asyncio.CancelledError):
         await queued
     assert await _kinds(db) == ["first"]
+
+
+async def test_a_prepared_statement_raises_sqlalchemys_errors(
+    sqlite_db: tuple[Database, Path],
+) -> None:
+    """Errors of statements run on the driver's cursor (db/prepared.py) arrive as
+    ``Session.execute`` would raise them, so the error handlers see an outage (a locked
+    or lost database: 503) or a constraint for what it is."""
+    db, _ = sqlite_db
+    missing = Prepared(text("SELECT * FROM no_such_table"))
+    with pytest.raises(OperationalError, match="no such table"):
+        async with db.transaction(write=False) as tx:
+            await tx.run(missing.execute, {})
+    other = sqlite3.connect(sqlite_db[1], isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        insert = Prepared(text("INSERT INTO admin_tokens (id) VALUES (randomblob(16))"))
+        async with db.transaction(write=False) as tx:
+            with pytest.raises(OperationalError, match="locked") as caught:
+                await tx.run(insert.execute, {})
+        assert is_database_unavailable(caught.value)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Select, Table, bindparam, insert
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -78,6 +79,8 @@ class Prepared:
         try:
             cursor.execute(c.sql, _args(c, params))
             rows = list(cursor.fetchall()) if cursor.description else []
+        except dialect.loaded_dbapi.Error as exc:
+            raise _wrapped(dialect, raw, cursor, c.sql, exc) from exc
         finally:
             cursor.close()
         if c.results and any(c.results):
@@ -94,8 +97,25 @@ class Prepared:
         cursor = raw.cursor()
         try:
             cursor.executemany(c.sql, [_args(c, row) for row in rows])
+        except dialect.loaded_dbapi.Error as exc:
+            raise _wrapped(dialect, raw, cursor, c.sql, exc) from exc
         finally:
             cursor.close()
+
+
+def _wrapped(dialect: Dialect, raw: Any, cursor: Any, sql: str, exc: Exception) -> Exception:
+    """The driver's error as ``Session.execute`` raises it: SQLAlchemy's ``IntegrityError``,
+    ``OperationalError``, ... (what the error handlers and callers expect), marked as a
+    lost connection when it is one."""
+    return DBAPIError.instance(
+        sql,
+        None,
+        exc,
+        dialect.loaded_dbapi.Error,
+        hide_parameters=True,
+        connection_invalidated=dialect.is_disconnect(cast(Any, exc), raw, cursor),
+        dialect=dialect,
+    )
 
 
 _RAW = "tellback_raw_connection"  # session.info: (transaction, dialect, DBAPI connection)
