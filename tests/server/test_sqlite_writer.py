@@ -52,6 +52,11 @@ def _write(session: Session, value: str) -> None:
     )
 
 
+def _write_then_fail(session: Session, value: str) -> None:
+    _write(session, value)
+    raise RuntimeError("boom")
+
+
 async def test_a_writer_waits_for_another_process_lock_without_blocking_the_loop(
     sqlite_db: tuple[Database, Path],
 ) -> None:
@@ -93,14 +98,9 @@ async def test_a_failed_transaction_leaves_nothing_and_frees_the_lock(
     sqlite_db: tuple[Database, Path],
 ) -> None:
     db, _ = sqlite_db
-
-    def write_then_fail(session: Session) -> None:
-        _write(session, "rolled-back")
-        raise RuntimeError("boom")
-
     with pytest.raises(RuntimeError):
         async with db.transaction(write=True) as tx:
-            await tx.run(write_then_fail)
+            await tx.run(_write_then_fail, "rolled-back")
     async with db.transaction(write=True) as tx:  # the lock is free again
         await tx.run(_write, "after")
     async with db.transaction(write=False) as tx:
@@ -218,13 +218,9 @@ async def test_a_failing_first_member_leaves_the_others_whole(
 ) -> None:
     db, _ = sqlite_db
 
-    def write_then_fail(session: Session) -> None:
-        _write(session, "failed")
-        raise RuntimeError("boom")
-
     async def fail() -> None:
         async with db.transaction(write=True) as tx:
-            await tx.run(write_then_fail)
+            await tx.run(_write_then_fail, "failed")
 
     async def write(value: str) -> None:
         async with db.transaction(write=True) as tx:
