@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import gc
 import ipaddress
 import time
 from collections.abc import AsyncIterator
@@ -783,12 +784,22 @@ async def test_redirects_are_not_followed(hooks: Hooks) -> None:
     assert d["delivered_at"] is None
 
 
+def _collect_first() -> None:
+    """A timed section starts after a full garbage collection. Late in the whole suite
+    the test process holds a large heap, and a full collection inside the section can
+    take the better part of a second: the likely cause of the one CI run in which this
+    section took 1.1 s against its 0.9 s bound while the HTTP attempt took 4 ms (not
+    reproduced alone or under CPU load)."""
+    gc.collect()
+
+
 @SQLITE_ONLY
 async def test_only_an_excerpt_of_a_huge_answer_is_read(hooks: Hooks) -> None:
     await hooks.create()
     size = 8 * 1024 * 1024
     hooks.rx.then(Reply(status=500, stream_bytes=size), Reply(status=200, endless=True))
     await hooks.api.feedback(hooks.user)
+    _collect_first()
     started = time.monotonic()
     await hooks.run_jobs()
     assert time.monotonic() - started < TIMEOUT_S * 0.9
@@ -803,6 +814,7 @@ async def test_only_an_excerpt_of_a_huge_answer_is_read(hooks: Hooks) -> None:
 
     # An answer that never ends: the 200 still counts, quickly, and the rest is not read.
     await hooks.fast_forward()
+    _collect_first()
     started = time.monotonic()
     await hooks.run_jobs()
     assert time.monotonic() - started < TIMEOUT_S * 0.9
