@@ -228,7 +228,8 @@ class Database:
             info=info,
         )
         # PostgreSQL reads run without BEGIN/COMMIT: at READ COMMITTED every statement has
-        # its own snapshot either way, and a one-query read is then one round trip.
+        # its own snapshot either way, and a one-query read is then two round trips (the
+        # checkout ping and the query) instead of six.
         self._read_sessionmaker = self.sessionmaker
         if not self.is_sqlite:
             self._read_sessionmaker = async_sessionmaker(
