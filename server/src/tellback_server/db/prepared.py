@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
+from advanced_alchemy.types import GUID, DateTimeUTC
 from sqlalchemy import Select, Table, bindparam, insert
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
@@ -26,6 +27,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.dml import UpdateBase
+from sqlalchemy.types import TypeEngine
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,9 +53,7 @@ class Prepared:
             c = self.statement.compile(dialect=dialect)
             assert isinstance(c, SQLCompiler)
             names = tuple(c.positiontup or ())
-            processors = tuple(
-                c.binds[n].type.dialect_impl(dialect).bind_processor(dialect) for n in names
-            )
+            processors = tuple(_bind_processor(c.binds[n].type, dialect) for n in names)
             columns: Iterable[Any] = ()
             if isinstance(self.statement, Select):
                 columns = self.statement.selected_columns
@@ -133,13 +133,46 @@ def _raw_connection(db: Session) -> tuple[Dialect, Any]:
     return connection.dialect, raw
 
 
-def _args(c: _Compiled, params: Mapping[str, Any]) -> tuple[Any, ...]:
+def _args(c: _Compiled, params: Mapping[str, Any]) -> list[Any]:
     if c.constants:
         params = {**c.constants, **params}
-    return tuple(
-        value if process is None else process(value)
-        for value, process in zip((params[n] for n in c.names), c.processors, strict=True)
-    )
+    return [
+        params[n] if process is None else process(params[n])
+        for n, process in zip(c.names, c.processors, strict=True)
+    ]
+
+
+# Bind processors of types whose values repeat within a transaction (one ``now`` in every
+# created_at/updated_at, one id as a key and again as a foreign key), shared by every
+# statement of a dialect kind and remembering their last value: converting a datetime to
+# SQLite's text or a UUID to its stored form is a chain of Python calls each time.
+_MEMOIZED: dict[tuple[str, str, str], Callable[[Any], Any] | None] = {}
+
+
+def _bind_processor(type_: TypeEngine[Any], dialect: Dialect) -> Callable[[Any], Any] | None:
+    processor = type_.dialect_impl(dialect).bind_processor(dialect)
+    if processor is None or not isinstance(type_, GUID | DateTimeUTC):
+        return processor
+    key = (dialect.name, dialect.driver, repr(type_))
+    if key not in _MEMOIZED:
+        _MEMOIZED[key] = _remembering_last(processor)
+    return _MEMOIZED[key]
+
+
+def _remembering_last(processor: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``processor`` that answers a repeat of its last (immutable) value from memory."""
+    last: tuple[Any, Any] = (object(), None)
+
+    def process(value: Any) -> Any:
+        nonlocal last
+        seen = last  # one read: a tuple is replaced whole, never changed
+        if seen[0] is value:
+            return seen[1]
+        out = processor(value)
+        last = (value, out)
+        return out
+
+    return process
 
 
 def insert_into(table: Table, columns: Iterable[str], *, returning: str | None = None) -> Prepared:

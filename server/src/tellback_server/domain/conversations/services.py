@@ -10,7 +10,8 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from types import SimpleNamespace
+from typing import Any, NamedTuple, cast
 from uuid import UUID
 
 import msgspec
@@ -57,6 +58,8 @@ from tellback_server.domain.conversations.schemas import (
     UnreadOut,
 )
 from tellback_server.domain.conversations.views import (
+    ConversationFields,
+    MessageFields,
     Related,
     agent_conversation_out,
     agent_message_out,
@@ -113,9 +116,9 @@ def _like(q: str) -> str:
 
 
 def message_events(
-    conv: Conversation,
-    message: Message,
-    last_public: Message | None,
+    conv: ConversationFields,
+    message: MessageFields,
+    last_public: MessageFields | None,
     authors: Related,
     user: UserFields,
     *,
@@ -742,9 +745,16 @@ async def create_feedback(
     authors.users[user.id] = user.name
     if attachments:
         authors.attachments[message_id] = [await attachment_out(store, a) for a in attachments]
-    message = Message(**msg)
+    # The views read the inserted values as they are: no ORM instances to build.
+    message = cast(MessageFields, SimpleNamespace(**msg))
     drafts, views = message_events(
-        Conversation(**conv), message, message, authors, user, created=True, status_changed=False
+        cast(ConversationFields, SimpleNamespace(**conv)),
+        message,
+        message,
+        authors,
+        user,
+        created=True,
+        status_changed=False,
     )
     await tx.run(emit_in, client.app_id, drafts)
     assert views.client_conv is not None  # the user's own new conversation

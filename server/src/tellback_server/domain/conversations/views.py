@@ -1,16 +1,22 @@
-"""Wire views of conversations and messages, built from ORM rows with batched lookups."""
+"""Wire views of conversations and messages, built from ORM rows with batched lookups.
+
+The views read only the attributes named in :class:`ConversationFields` and
+:class:`MessageFields`: an ORM row, or (sending feedback, the hot path) the very
+column values that were just inserted, without building ORM instances for them.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
 import msgspec
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from tellback_server.db.models import Agent, Conversation, EndUser, Message
+from tellback_server.db.models import Agent, EndUser, Message
 from tellback_server.domain.attachments.schemas import AttachmentOut
 from tellback_server.domain.attachments.services import AttachmentService
 from tellback_server.domain.conversations.schemas import (
@@ -22,6 +28,72 @@ from tellback_server.domain.conversations.schemas import (
     MessageOut,
 )
 from tellback_server.domain.identity.services import UserFields, user_out
+
+
+class MessageFields(Protocol):
+    """What the message views read: a ``Message`` row, or just its columns."""
+
+    @property
+    def id(self) -> UUID: ...
+    @property
+    def conversation_id(self) -> UUID: ...
+    @property
+    def author_type(self) -> str: ...
+    @property
+    def author_user_id(self) -> UUID | None: ...
+    @property
+    def author_agent_id(self) -> UUID | None: ...
+    @property
+    def body(self) -> str | None: ...
+    @property
+    def internal(self) -> bool: ...
+    @property
+    def attachment_ids(self) -> list[str]: ...
+    @property
+    def location(self) -> dict[str, Any] | None: ...
+    @property
+    def created_at(self) -> dt.datetime: ...
+
+
+class ConversationFields(Protocol):
+    """What the conversation views read: a ``Conversation`` row, or just its columns."""
+
+    @property
+    def id(self) -> UUID: ...
+    @property
+    def app_id(self) -> UUID: ...
+    @property
+    def end_user_id(self) -> UUID: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def priority(self) -> str: ...
+    @property
+    def subject(self) -> str | None: ...
+    @property
+    def category(self) -> str | None: ...
+    @property
+    def tags(self) -> list[str]: ...
+    @property
+    def custom_fields(self) -> dict[str, Any]: ...
+    @property
+    def location(self) -> dict[str, Any] | None: ...
+    @property
+    def assignee_id(self) -> UUID | None: ...
+    @property
+    def message_count(self) -> int: ...
+    @property
+    def user_unread_count(self) -> int: ...
+    @property
+    def agent_unread_count(self) -> int: ...
+    @property
+    def created_at(self) -> dt.datetime: ...
+    @property
+    def updated_at(self) -> dt.datetime: ...
+    @property
+    def last_activity_at(self) -> dt.datetime: ...
+    @property
+    def public_activity_at(self) -> dt.datetime: ...
 
 
 def location_of(raw: dict[str, Any] | None) -> Location | None:
@@ -59,7 +131,7 @@ class Related:
             )
             self.agents.update({r.id: r.name for r in rows})
 
-    def author(self, m: Message) -> Author:
+    def author(self, m: MessageFields) -> Author:
         if m.author_type == "agent" and m.author_agent_id is not None:
             return Author(
                 type="agent", id=m.author_agent_id, name=self.agents.get(m.author_agent_id)
@@ -69,7 +141,7 @@ class Related:
         return Author(type="system", id=None, name=None)
 
 
-def message_out(m: Message, authors: Related) -> MessageOut:
+def message_out(m: MessageFields, authors: Related) -> MessageOut:
     return MessageOut(
         id=m.id,
         conversation_id=m.conversation_id,
@@ -81,13 +153,13 @@ def message_out(m: Message, authors: Related) -> MessageOut:
     )
 
 
-def agent_message_out(m: Message, authors: Related) -> AgentMessageOut:
+def agent_message_out(m: MessageFields, authors: Related) -> AgentMessageOut:
     base = message_out(m, authors)
     return AgentMessageOut(**msgspec.structs.asdict(base), internal=m.internal)
 
 
 def client_conversation_out(
-    c: Conversation, last: Message | None, authors: Related
+    c: ConversationFields, last: MessageFields | None, authors: Related
 ) -> ConversationOut:
     return ConversationOut(
         id=c.id,
@@ -105,7 +177,7 @@ def client_conversation_out(
 
 
 def agent_conversation_out(
-    c: Conversation, last: Message | None, authors: Related, user: UserFields
+    c: ConversationFields, last: MessageFields | None, authors: Related, user: UserFields
 ) -> AgentConversation:
     return AgentConversation(
         id=c.id,
