@@ -177,6 +177,26 @@ async def test_new_feedback_reaches_the_agents_phone(push: Push) -> None:
     assert payload["aps"]["badge"] == 1
 
 
+async def _fanout_jobs(push: Push) -> int:
+    async with push.api.state.db.session(write=False) as db:
+        return len(list(await db.scalars(select(Job.id).where(Job.kind == "push.fanout"))))
+
+
+async def test_a_message_no_device_can_hear_of_queues_no_job(push: Push) -> None:
+    await push.set_apns()
+    conv = await push.api.feedback(push.user)  # no agent phone registered
+    await push.reply(conv["id"])  # the user has no device either
+    assert await _fanout_jobs(push) == 0
+    await push.register(push.agent)
+    await push.api.feedback(push.user)
+    assert await _fanout_jobs(push) == 1
+    await push.register(push.user)
+    await push.reply(conv["id"])
+    assert await _fanout_jobs(push) == 2
+    await push.run_jobs()
+    assert push.apns.received_count == 2
+
+
 async def test_content_free_mode_sends_no_message_text(push: Push) -> None:
     r = await push.api.http.patch(
         f"/v1/admin/apps/{push.app.id}",
