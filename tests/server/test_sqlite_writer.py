@@ -184,6 +184,31 @@ async def test_queued_writers_share_one_commit(sqlite_db: tuple[Database, Path])
     assert sorted(v for batch in published for v in batch) == [f"w{i:02}" for i in range(20)]
 
 
+async def test_commit_hooks_run_once_the_group_has_committed(
+    sqlite_db: tuple[Database, Path],
+) -> None:
+    """What a member hands to the hooks (events to publish, jobs to wake for) must be
+    visible to every other connection by then: a SAVEPOINT's release is no commit."""
+    db, path = sqlite_db
+    seen: list[tuple[list[str], list[str]]] = []
+
+    def check(values: list[str]) -> None:
+        with sqlite3.connect(path) as other:  # another connection, as any reader has
+            rows = other.execute("SELECT kind FROM jobs ORDER BY kind").fetchall()
+        seen.append((values, [kind for (kind,) in rows]))
+
+    db.on_commit("test_published", check)
+
+    async def write(value: str) -> None:
+        async with db.transaction(write=True) as tx:
+            await tx.run(_mark, value)
+
+    await asyncio.gather(*(write(f"w{i}") for i in range(5)))
+    assert seen, "the hook never ran"
+    for values, committed in seen:
+        assert set(values) <= set(committed), f"{values} announced before commit: {committed}"
+
+
 async def test_a_failing_member_of_a_group_is_undone_alone(
     sqlite_db: tuple[Database, Path],
 ) -> None:

@@ -73,7 +73,7 @@ class Prepared:
         The values a SELECT or ``RETURNING`` gives are converted by the column
         types, as ``Session.execute`` would.
         """
-        dialect, raw = _raw_connection(db)
+        dialect, raw = raw_connection(db)
         c = self._for(dialect)
         cursor = raw.cursor()
         try:
@@ -92,7 +92,7 @@ class Prepared:
 
     def execute_many(self, db: Session, rows: Iterable[Mapping[str, Any]]) -> None:
         """Run once per row, in one driver call (``executemany``); no results."""
-        dialect, raw = _raw_connection(db)
+        dialect, raw = raw_connection(db)
         c = self._for(dialect)
         cursor = raw.cursor()
         try:
@@ -121,7 +121,7 @@ def _wrapped(dialect: Dialect, raw: Any, cursor: Any, sql: str, exc: Exception) 
 _RAW = "tellback_raw_connection"  # session.info: (transaction, dialect, DBAPI connection)
 
 
-def _raw_connection(db: Session) -> tuple[Dialect, Any]:
+def raw_connection(db: Session) -> tuple[Dialect, Any]:
     """The DBAPI connection of ``db``'s current transaction (looked up once per transaction)."""
     transaction = db.get_transaction()
     cached = db.info.get(_RAW)
