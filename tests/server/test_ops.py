@@ -15,9 +15,14 @@ import pytest
 from litestar import Litestar
 from litestar.routes import HTTPRoute
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from structlog.testing import capture_logs
 
 from tellback_server.asgi import build_state, create_app
+from tellback_server.db import engine
+from tellback_server.db.engine import Database
+from tellback_server.http.errors import is_database_unavailable
 from tellback_server.ratelimit import RateLimiter
 from tellback_server.security import (
     ADMIN_TOKEN_PREFIX,
@@ -25,6 +30,7 @@ from tellback_server.security import (
     SESSION_TOKEN_PREFIX,
     new_token,
 )
+from tests.conftest import _admin_exec
 from tests.server.conftest import Api, AppInfo, lifespan, make_settings
 
 PROBLEM_JSON = "application/problem+json"
@@ -369,6 +375,37 @@ async def test_database_outage_is_503(tmp_path: Path, kind: str) -> None:
             r = await http.get("/healthz")
             assert r.status_code == 200, "the process itself is up"
     assert any(e.get("log_level") == "error" for e in logs), "outages are logged for operators"
+
+
+@pytest.mark.parametrize("idle", ["idle", "just-used"])
+async def test_a_pooled_connection_the_server_dropped(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, idle: str
+) -> None:
+    """Idle in the pool, it is pinged at checkout and replaced unseen. Back in the pool a
+    moment ago, it is not pinged: its one statement fails as a lost connection (a 503)
+    and the pool replaces it."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite has no server to drop connections")
+    monkeypatch.setattr(engine, "_PING_AFTER_IDLE_SECONDS", 0.0 if idle == "idle" else 3600.0)
+    db = Database(make_settings(database_url, tmp_path / "data"), pool_size=1)
+
+    async def backend() -> int:
+        async with db.session(write=False) as session:
+            return int(await session.scalar(text("SELECT pg_backend_pid()")) or 0)
+
+    try:
+        pid = await backend()
+        await _admin_exec(database_url, f"SELECT pg_terminate_backend({pid})")
+        if idle == "idle":
+            assert await backend() != pid
+        else:
+            with pytest.raises(DBAPIError) as lost:
+                await backend()
+            assert lost.value.connection_invalidated
+            assert is_database_unavailable(lost.value)
+            assert await backend() != pid
+    finally:
+        await db.dispose()
 
 
 # ----- pagination under concurrent inserts ------------------------------------------------------

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -142,13 +143,30 @@ def _drop_commit_keys(session: Session) -> None:
         session.info.pop(key, None)
 
 
-def _ping_at_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+# A connection back in the pool less than this long ago is not pinged again at checkout
+# (HikariCP's "alive bypass window" is the same idea, at 500 ms): under load a ping before
+# every transaction is one round trip in a dozen, while a connection that died within the
+# window fails its one statement with a lost connection (503), and SQLAlchemy then
+# replaces every connection the pool held before it.
+_PING_AFTER_IDLE_SECONDS = 0.5
+_RETURNED_AT = "tellback_returned_at"  # connection record info: when it was last checked in
+
+
+def _note_checkin(_dbapi_connection: Any, record: Any) -> None:
+    record.info[_RETURNED_AT] = time.monotonic()
+
+
+def _ping_at_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
     """PostgreSQL: a pooled connection the server dropped (restart, failover) is found at
     checkout and replaced, instead of failing requests until it is discarded.
 
-    One round trip. SQLAlchemy's ``pool_pre_ping`` on asyncpg wraps its ping in a
-    transaction (BEGIN, the ping, ROLLBACK): three before every transaction.
+    One round trip, and none for a connection that was in use a moment ago.
+    SQLAlchemy's ``pool_pre_ping`` on asyncpg wraps its ping in a transaction (BEGIN,
+    the ping, ROLLBACK): three before every transaction.
     """
+    returned = record.info.get(_RETURNED_AT)
+    if returned is not None and time.monotonic() - returned < _PING_AFTER_IDLE_SECONDS:
+        return
     try:
         dbapi_connection.run_async(lambda connection: connection.fetchrow(";"))
     except Exception as exc:
@@ -213,6 +231,7 @@ class Database:
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         if not self.is_sqlite:
             event.listen(self.engine.sync_engine, "checkout", _ping_at_checkout)
+            event.listen(self.engine.sync_engine, "checkin", _note_checkin)
         # A Session subclass of our own, so commit hooks (job wake-ups) stay per process/app.
         self.session_class: type[Session] = type("TellbackSession", (Session,), {})
         # Names this process's sessions in cross-process notifications (events).
