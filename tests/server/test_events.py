@@ -14,7 +14,8 @@ import pytest
 from tellback_server.domain.events import streams
 from tellback_server.domain.events.broker import QUEUE_SIZE, EventBroker
 from tellback_server.domain.events.records import EventRecord
-from tests.server.conftest import identity_token, make_settings
+from tellback_server.plugins import build_registry
+from tests.server.conftest import identity_token, make_settings, serve_app
 from tests.server.live import LiveApi, SseEvent, SseReader, live_app, sse
 
 CLIENT_EVENTS = "/v1/client/events"
@@ -240,6 +241,49 @@ async def test_an_idempotent_replay_emits_nothing_twice(live: LiveApi) -> None:
         got = [await stream.next() for _ in range(5)]
     bodies = [e.data["data"]["message"]["body"] for e in got if e.event == "message.created"]
     assert bodies == ["Thanks, fixed in 2.1", "next"]
+
+
+async def test_events_reach_streams_held_by_another_process(
+    database_url: str, tmp_path: Path
+) -> None:
+    """PostgreSQL: what one server process commits reaches the streams another holds
+    (NOTIFY, then the record read back), the agents' stream too."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite runs one server process (its streams are in-process)")
+    settings = make_settings(database_url, tmp_path / "data")
+    async with (
+        serve_app(settings, build_registry()) as writer,
+        serve_app(settings, build_registry()) as holder,
+    ):
+        app = await writer.create_app()
+        user = await writer.user_headers(app)
+        agent_id, agent = await writer.create_agent(app)
+        me = (await writer.http.get("/v1/client/me", headers=user)).json()
+        events = holder.state.events
+        mine = events.subscribe_client(uuid.UUID(app.id), uuid.UUID(me["id"]))
+        agents = events.subscribe_agent(uuid.UUID(agent_id), frozenset({uuid.UUID(app.id)}))
+        try:
+            conv = await writer.feedback(user)  # one event: conversation.created
+            r = await writer.http.post(
+                f"/v1/agent/conversations/{conv['id']}/messages",
+                json={"body": "Fixed"},
+                headers=agent,
+            )
+            assert r.status_code == 201, r.text
+            seen = [await asyncio.wait_for(mine.queue.get(), 5) for _ in range(4)]
+            heard = await asyncio.wait_for(agents.queue.get(), 5)
+        finally:
+            events.unsubscribe(mine)
+            events.unsubscribe(agents)
+    assert [e.type for e in seen if e is not None] == [
+        "conversation.created",
+        "message.created",
+        "conversation.updated",
+        "unread.changed",
+    ]
+    assert heard is not None
+    assert heard.type == "conversation.created"
+    assert heard.conversation_id == uuid.UUID(conv["id"])
 
 
 async def test_shutdown_ends_streams_cleanly_and_fast(database_url: str, tmp_path: Path) -> None:
