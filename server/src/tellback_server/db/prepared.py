@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from advanced_alchemy.types import GUID, DateTimeUTC
 from sqlalchemy import Select, Table, bindparam, insert
@@ -28,6 +28,8 @@ from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.types import TypeEngine
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,16 +75,12 @@ class Prepared:
         The values a SELECT or ``RETURNING`` gives are converted by the column
         types, as ``Session.execute`` would.
         """
-        dialect, raw = raw_connection(db)
-        c = self._for(dialect)
-        cursor = raw.cursor()
-        try:
+
+        def fetch(cursor: Any, c: _Compiled) -> list[Any]:
             cursor.execute(c.sql, _args(c, params))
-            rows = list(cursor.fetchall()) if cursor.description else []
-        except dialect.loaded_dbapi.Error as exc:
-            raise _wrapped(dialect, raw, cursor, c.sql, exc) from exc
-        finally:
-            cursor.close()
+            return list(cursor.fetchall()) if cursor.description else []
+
+        c, rows = self._on_cursor(db, fetch)
         if c.results and any(c.results):
             return [
                 tuple(v if p is None else p(v) for v, p in zip(row, c.results, strict=True))
@@ -92,11 +90,18 @@ class Prepared:
 
     def execute_many(self, db: Session, rows: Iterable[Mapping[str, Any]]) -> None:
         """Run once per row, in one driver call (``executemany``); no results."""
+        self._on_cursor(
+            db, lambda cursor, c: cursor.executemany(c.sql, [_args(c, row) for row in rows])
+        )
+
+    def _on_cursor(self, db: Session, run: Callable[[Any, _Compiled], T]) -> tuple[_Compiled, T]:
+        """``run(cursor, compiled)`` on a cursor of ``db``'s connection, closed after; a
+        driver error is raised as SQLAlchemy's."""
         dialect, raw = raw_connection(db)
         c = self._for(dialect)
         cursor = raw.cursor()
         try:
-            cursor.executemany(c.sql, [_args(c, row) for row in rows])
+            return c, run(cursor, c)
         except dialect.loaded_dbapi.Error as exc:
             raise _wrapped(dialect, raw, cursor, c.sql, exc) from exc
         finally:
