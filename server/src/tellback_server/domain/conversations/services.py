@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, cast
 from uuid import UUID
 
 import msgspec
-from sqlalchemy import TextClause, bindparam, exists, func, or_, select, text, update
+from sqlalchemy import TextClause, bindparam, exists, func, insert, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, defer
 from uuid_utils.compat import uuid7
@@ -608,50 +608,67 @@ class ConversationService:
 # ----- sending feedback: the ingest hot path -------------------------------------------------
 # Core statements built once; two hand-offs to the database (SQLite: its thread) in all.
 
-_INSERT_CONVERSATION = insert_into(
-    table_of(Conversation),
-    (
-        "id",
-        "app_id",
-        "end_user_id",
-        "status",
-        "priority",
-        "subject",
-        "category",
-        "tags",
-        "custom_fields",
-        "context",
-        "location",
-        "assignee_id",
-        "last_message_id",
-        "last_activity_at",
-        "last_public_message_id",
-        "public_activity_at",
-        "message_count",
-        "user_unread_count",
-        "user_read_at",
-        "agent_unread_count",
-        "created_at",
-        "updated_at",
-    ),
+_CONVERSATION_COLUMNS = (
+    "id",
+    "app_id",
+    "end_user_id",
+    "status",
+    "priority",
+    "subject",
+    "category",
+    "tags",
+    "custom_fields",
+    "context",
+    "location",
+    "assignee_id",
+    "last_message_id",
+    "last_activity_at",
+    "last_public_message_id",
+    "public_activity_at",
+    "message_count",
+    "user_unread_count",
+    "user_read_at",
+    "agent_unread_count",
+    "created_at",
+    "updated_at",
 )
-_INSERT_MESSAGE = insert_into(
-    table_of(Message),
-    (
-        "id",
-        "conversation_id",
-        "app_id",
-        "author_type",
-        "author_user_id",
-        "author_agent_id",
-        "body",
-        "internal",
-        "attachment_ids",
-        "location",
-        "created_at",
-        "updated_at",
-    ),
+_MESSAGE_COLUMNS = (
+    "id",
+    "conversation_id",
+    "app_id",
+    "author_type",
+    "author_user_id",
+    "author_agent_id",
+    "body",
+    "internal",
+    "attachment_ids",
+    "location",
+    "created_at",
+    "updated_at",
 )
+_INSERT_CONVERSATION = insert_into(table_of(Conversation), _CONVERSATION_COLUMNS)
+_INSERT_MESSAGE = insert_into(table_of(Message), _MESSAGE_COLUMNS)
+
+
+def _insert_both() -> Prepared:
+    """PostgreSQL: the conversation and its first message in one statement (a
+    data-modifying CTE), one round trip instead of two. Parameters ``c_<column>`` and
+    ``m_<column>``; the foreign key is checked at the end of the statement."""
+    conversations, messages = table_of(Conversation), table_of(Message)
+    conv = (
+        insert(conversations)
+        .values(
+            {k: bindparam(f"c_{k}", type_=conversations.c[k].type) for k in _CONVERSATION_COLUMNS}
+        )
+        .cte("new_conversation")
+    )
+    message = insert(messages).values(
+        {k: bindparam(f"m_{k}", type_=messages.c[k].type) for k in _MESSAGE_COLUMNS}
+    )
+    return Prepared(message.add_cte(conv))
+
+
+_INSERT_BOTH = _insert_both()
 _USERS = table_of(EndUser)
 _USER = Prepared(
     select(
@@ -680,8 +697,13 @@ def _store_feedback(
     attachments = claim_in(db, client.app_id, client.end_user_id, attachment_ids)
     attachments.sort(key=lambda a: (a.created_at, a.id))  # as lists show them
     msg["attachment_ids"] = [str(a.id) for a in attachments]
-    _INSERT_CONVERSATION.execute(db, conv)
-    _INSERT_MESSAGE.execute(db, msg)
+    if db.get_bind().dialect.name == "postgresql":
+        both = {f"c_{k}": v for k, v in conv.items()}
+        both.update({f"m_{k}": v for k, v in msg.items()})
+        _INSERT_BOTH.execute(db, both)
+    else:  # SQLite has no data-modifying CTEs (and no round trips to save)
+        _INSERT_CONVERSATION.execute(db, conv)
+        _INSERT_MESSAGE.execute(db, msg)
     for att in attachments:
         att.message_id = msg["id"]  # flushed at commit
     queue_fanout_in(db, msg["id"], "agents")
