@@ -69,7 +69,7 @@ from tellback_server.domain.conversations.views import (
 )
 from tellback_server.domain.events.records import EventDraft, emit, emit_in
 from tellback_server.domain.identity.services import UserFields
-from tellback_server.domain.push.delivery import queue_fanout, queue_fanout_in
+from tellback_server.domain.push.delivery import agents_listen, queue_fanout, queue_fanout_in
 from tellback_server.http.deps import AgentPrincipal, ClientPrincipal
 from tellback_server.http.errors import AppError, NotFound, ValidationFailed
 from tellback_server.http.pagination import Page, check_limit, keyset_page
@@ -670,9 +670,16 @@ def _insert_both() -> Prepared:
 
 _INSERT_BOTH = _insert_both()
 _USERS = table_of(EndUser)
+# The end user as the views show them, and (asked along, one statement less) whether any
+# agent's phone may hear of the new feedback.
 _USER = Prepared(
     select(
-        _USERS.c.id, _USERS.c.external_id, _USERS.c.name, _USERS.c.email, _USERS.c.attributes
+        _USERS.c.id,
+        _USERS.c.external_id,
+        _USERS.c.name,
+        _USERS.c.email,
+        _USERS.c.attributes,
+        agents_listen().label("agents_listen"),
     ).where(_USERS.c.id == bindparam("id"))
 )
 
@@ -706,9 +713,9 @@ def _store_feedback(
         _INSERT_MESSAGE.execute(db, msg)
     for att in attachments:
         att.message_id = msg["id"]  # flushed at commit
-    queue_fanout_in(db, msg["id"], "agents")
-    [row] = _USER.execute(db, {"id": client.end_user_id})
-    return _User(*row), attachments
+    [(*user, listening)] = _USER.execute(db, {"id": client.end_user_id, "app_id": client.app_id})
+    queue_fanout_in(db, msg["id"], "agents", listening=bool(listening))
+    return _User(*user), attachments
 
 
 async def create_feedback(

@@ -20,7 +20,17 @@ from typing import Any
 from uuid import UUID
 
 import structlog
-from sqlalchemy import Select, bindparam, func, insert, literal_column, select, update
+from sqlalchemy import (
+    Exists,
+    Select,
+    bindparam,
+    exists,
+    func,
+    insert,
+    literal_column,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
@@ -126,16 +136,21 @@ async def queue_fanout(db: AsyncSession, message_id: UUID, audience: str) -> Non
     await db.run_sync(queue_fanout_in, message_id, audience)
 
 
-def queue_fanout_in(db: Session, message_id: UUID, audience: str) -> None:
+def queue_fanout_in(
+    db: Session, message_id: UUID, audience: str, *, listening: bool | None = None
+) -> None:
     """Queue the notification job, unless no active device may hear of the message.
 
     Most messages of most apps have nobody to notify (no agent has the app
     installed, the user never allowed notifications): one indexed lookup in the
     creating transaction spares the job and the worker's three transactions. A
     device registered after this commit hears of later messages, as it would have
-    if the job had already run.
+    if the job had already run. ``listening``: the caller already asked (for the
+    agents, with :func:`agents_listen` in a query of its own).
     """
-    if not _ANY_DEVICE[audience].execute(db, {"message_id": message_id}):
+    if listening is None:
+        listening = bool(_ANY_DEVICE[audience].execute(db, {"message_id": message_id}))
+    if not listening:
         return
     enqueue_in(
         db, FANOUT_JOB, {"message_id": str(message_id), "audience": audience}, max_attempts=10
@@ -382,6 +397,24 @@ async def _record(
             )
     if invalid:
         log.info("push.devices_deactivated", count=len(invalid))
+
+
+def agents_listen() -> Exists:
+    """Whether an active phone of an enabled agent of the app (parameter ``app_id``) may
+    hear of its new feedback: the "agents" question of :func:`queue_fanout_in`, for a
+    query that asks it along with what it reads anyway."""
+    devices, agent_apps, agents = table_of(Device), table_of(AgentApp), table_of(Agent)
+    return exists(
+        select(literal_column("1"))
+        .select_from(devices)
+        .join(agents, agents.c.id == devices.c.agent_id)
+        .join(agent_apps, agent_apps.c.agent_id == agents.c.id)
+        .where(
+            agent_apps.c.app_id == bindparam("app_id", type_=agent_apps.c.app_id.type),
+            agents.c.disabled_at.is_(None),
+            devices.c.active.is_(True),
+        )
+    )
 
 
 def _any_device(audience: str) -> Prepared:
