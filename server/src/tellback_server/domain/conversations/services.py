@@ -70,6 +70,7 @@ from tellback_server.domain.conversations.views import (
 from tellback_server.domain.events.records import EventDraft, emit, emit_in
 from tellback_server.domain.identity.services import UserFields
 from tellback_server.domain.push.delivery import agents_listen, queue_fanout, queue_fanout_in
+from tellback_server.domain.webhooks.outbox import any_endpoint
 from tellback_server.http.deps import AgentPrincipal, ClientPrincipal
 from tellback_server.http.errors import AppError, NotFound, ValidationFailed
 from tellback_server.http.pagination import Page, check_limit, keyset_page
@@ -670,8 +671,8 @@ def _insert_both() -> Prepared:
 
 _INSERT_BOTH = _insert_both()
 _USERS = table_of(EndUser)
-# The end user as the views show them, and (asked along, one statement less) whether any
-# agent's phone may hear of the new feedback.
+# The end user as the views show them, and (asked along, a statement less each) whether
+# any agent's phone may hear of the new feedback and whether the app has webhooks.
 _USER = Prepared(
     select(
         _USERS.c.id,
@@ -680,6 +681,7 @@ _USER = Prepared(
         _USERS.c.email,
         _USERS.c.attributes,
         agents_listen().label("agents_listen"),
+        any_endpoint().label("any_endpoint"),
     ).where(_USERS.c.id == bindparam("id"))
 )
 
@@ -700,7 +702,9 @@ def _store_feedback(
     attachment_ids: Sequence[str],
     conv: dict[str, Any],
     msg: dict[str, Any],
-) -> tuple[_User, list[Attachment]]:
+) -> tuple[_User, list[Attachment], bool]:
+    """The rows of a new feedback; returns the end user, the claimed attachments and
+    whether the app has a webhook endpoint."""
     attachments = claim_in(db, client.app_id, client.end_user_id, attachment_ids)
     attachments.sort(key=lambda a: (a.created_at, a.id))  # as lists show them
     msg["attachment_ids"] = [str(a.id) for a in attachments]
@@ -713,9 +717,11 @@ def _store_feedback(
         _INSERT_MESSAGE.execute(db, msg)
     for att in attachments:
         att.message_id = msg["id"]  # flushed at commit
-    [(*user, listening)] = _USER.execute(db, {"id": client.end_user_id, "app_id": client.app_id})
+    [(*user, listening, hooks)] = _USER.execute(
+        db, {"id": client.end_user_id, "app_id": client.app_id}
+    )
     queue_fanout_in(db, msg["id"], "agents", listening=bool(listening))
-    return _User(*user), attachments
+    return _User(*user), attachments, bool(hooks)
 
 
 async def create_feedback(
@@ -769,7 +775,7 @@ async def create_feedback(
         "created_at": now,
         "updated_at": now,
     }
-    user, attachments = await tx.run(_store_feedback, client, data.attachment_ids, conv, msg)
+    user, attachments, hooks = await tx.run(_store_feedback, client, data.attachment_ids, conv, msg)
     authors = Related()
     authors.users[user.id] = user.name
     if attachments:
@@ -785,6 +791,6 @@ async def create_feedback(
         created=True,
         status_changed=False,
     )
-    await tx.run(emit_in, client.app_id, drafts)
+    await tx.run(emit_in, client.app_id, drafts, any_endpoint=hooks)
     assert views.client_conv is not None  # the user's own new conversation
     return views.client_conv

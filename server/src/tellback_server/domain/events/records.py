@@ -118,8 +118,17 @@ _INSERT_ONE_NOTIFYING = Prepared(
 )
 
 
-def emit_in(db: Session, app_id: UUID, drafts: Sequence[EventDraft]) -> list[EventRecord]:
-    """Write events (one INSERT), queue their webhooks, and publish them at commit."""
+def emit_in(
+    db: Session,
+    app_id: UUID,
+    drafts: Sequence[EventDraft],
+    *,
+    any_endpoint: bool | None = None,
+) -> list[EventRecord]:
+    """Write events (one INSERT), queue their webhooks, and publish them at commit.
+
+    ``any_endpoint``: whether the app has a webhook endpoint, when the caller knows.
+    """
     from tellback_server.domain.webhooks.outbox import queue_deliveries  # noqa: PLC0415
 
     if not drafts:
@@ -151,5 +160,7 @@ def emit_in(db: Session, app_id: UUID, drafts: Sequence[EventDraft]) -> list[Eve
     db.info.setdefault(PENDING_KEY, []).extend(records)
     if not notified:
         notify(db, NOTIFY_CHANNEL, prefix + ",".join(str(r.id) for r in records))
-    queue_deliveries(db, app_id, [r for r in records if r.data is not None])
+    queue_deliveries(
+        db, app_id, [r for r in records if r.data is not None], any_endpoint=any_endpoint
+    )
     return records

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 from uuid import UUID
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import Exists, bindparam, exists, select
 from sqlalchemy.orm import Session
 from uuid_utils.compat import uuid7
 
@@ -37,6 +37,7 @@ _INSERT = insert_into(
         "updated_at",
     ),
 )
+_ENDPOINT_TABLE = table_of(WebhookEndpoint)
 _ENDPOINTS = Prepared(
     select(WebhookEndpoint.id, WebhookEndpoint.events).where(
         WebhookEndpoint.app_id == bindparam("app_id"), WebhookEndpoint.enabled.is_(True)
@@ -44,9 +45,26 @@ _ENDPOINTS = Prepared(
 )
 
 
-def queue_deliveries(db: Session, app_id: UUID, records: Sequence[EventRecord]) -> None:
+def any_endpoint() -> Exists:
+    """Whether the app (parameter ``app_id``) has an enabled webhook endpoint: for a query
+    that asks it along with what it reads anyway (see :func:`queue_deliveries`)."""
+    return exists().where(
+        _ENDPOINT_TABLE.c.app_id == bindparam("app_id", type_=_ENDPOINT_TABLE.c.app_id.type),
+        _ENDPOINT_TABLE.c.enabled.is_(True),
+    )
+
+
+def queue_deliveries(
+    db: Session,
+    app_id: UUID,
+    records: Sequence[EventRecord],
+    *,
+    any_endpoint: bool | None = None,
+) -> None:
+    """Queue a delivery of each record to each endpoint that wants it. ``any_endpoint``:
+    the caller already asked whether the app has one (False skips the lookup)."""
     records = [r for r in records if r.type in WEBHOOK_EVENT_TYPES]
-    if not records:
+    if not records or any_endpoint is False:
         return
     endpoints = _ENDPOINTS.execute(db, {"app_id": app_id})
     if not endpoints:
