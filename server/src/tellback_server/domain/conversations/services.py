@@ -607,7 +607,7 @@ class ConversationService:
 
 
 # ----- sending feedback: the ingest hot path -------------------------------------------------
-# Core statements built once; two hand-offs to the database (SQLite: its thread) in all.
+# Core statements built once, run in two Tx.run calls.
 
 _CONVERSATION_COLUMNS = (
     "id",
@@ -791,6 +791,6 @@ async def create_feedback(
         created=True,
         status_changed=False,
     )
-    await tx.run(emit_in, client.app_id, drafts, any_endpoint=hooks)
+    await tx.run(emit_in, client.app_id, drafts, has_endpoint=hooks)
     assert views.client_conv is not None  # the user's own new conversation
     return views.client_conv

@@ -123,11 +123,11 @@ def emit_in(
     app_id: UUID,
     drafts: Sequence[EventDraft],
     *,
-    any_endpoint: bool | None = None,
+    has_endpoint: bool | None = None,
 ) -> list[EventRecord]:
     """Write events (one INSERT), queue their webhooks, and publish them at commit.
 
-    ``any_endpoint``: whether the app has a webhook endpoint, when the caller knows.
+    ``has_endpoint``: whether the app has a webhook endpoint, when the caller knows.
     """
     from tellback_server.domain.webhooks.outbox import queue_deliveries  # noqa: PLC0415
 
@@ -161,6 +161,6 @@ def emit_in(
     if not notified:
         notify(db, NOTIFY_CHANNEL, prefix + ",".join(str(r.id) for r in records))
     queue_deliveries(
-        db, app_id, [r for r in records if r.data is not None], any_endpoint=any_endpoint
+        db, app_id, [r for r in records if r.data is not None], has_endpoint=has_endpoint
     )
     return records

@@ -59,12 +59,12 @@ def queue_deliveries(
     app_id: UUID,
     records: Sequence[EventRecord],
     *,
-    any_endpoint: bool | None = None,
+    has_endpoint: bool | None = None,
 ) -> None:
-    """Queue a delivery of each record to each endpoint that wants it. ``any_endpoint``:
+    """Queue a delivery of each record to each endpoint that wants it. ``has_endpoint``:
     the caller already asked whether the app has one (False skips the lookup)."""
     records = [r for r in records if r.type in WEBHOOK_EVENT_TYPES]
-    if not records or any_endpoint is False:
+    if not records or has_endpoint is False:
         return
     endpoints = _ENDPOINTS.execute(db, {"app_id": app_id})
     if not endpoints:
