@@ -399,44 +399,44 @@ async def _record(
         log.info("push.devices_deactivated", count=len(invalid))
 
 
-def agents_listen() -> Exists:
-    """Whether an active phone of an enabled agent of the app (parameter ``app_id``) may
-    hear of its new feedback: the "agents" question of :func:`queue_fanout_in`, for a
-    query that asks it along with what it reads anyway."""
+def _agent_phones() -> Select[tuple[Any]]:
+    """Active phones of enabled agents, joined to the apps the agents serve (filter on
+    ``agent_apps.app_id``): who may hear of an app's new feedback and user replies."""
     devices, agent_apps, agents = table_of(Device), table_of(AgentApp), table_of(Agent)
-    return exists(
+    return (
         select(literal_column("1"))
         .select_from(devices)
         .join(agents, agents.c.id == devices.c.agent_id)
         .join(agent_apps, agent_apps.c.agent_id == agents.c.id)
-        .where(
-            agent_apps.c.app_id == bindparam("app_id", type_=agent_apps.c.app_id.type),
-            agents.c.disabled_at.is_(None),
-            devices.c.active.is_(True),
-        )
+        .where(agents.c.disabled_at.is_(None), devices.c.active.is_(True))
     )
 
 
+def agents_listen() -> Exists:
+    """Whether an active phone of an enabled agent of the app (parameter ``app_id``) may
+    hear of its new feedback: the "agents" question of :func:`queue_fanout_in`, for a
+    query that asks it along with what it reads anyway."""
+    agent_apps = table_of(AgentApp)
+    app_id = bindparam("app_id", type_=agent_apps.c.app_id.type)
+    return exists(_agent_phones().where(agent_apps.c.app_id == app_id))
+
+
 def _any_device(audience: str) -> Prepared:
-    """One active device that may hear of the message (the fan-out's cheap first look)."""
+    """One active device that may hear of the message (:func:`queue_fanout_in`)."""
     devices, convs, messages = table_of(Device), table_of(Conversation), table_of(Message)
-    stmt: Select[tuple[Any]] = select(literal_column("1")).select_from(devices)
+    stmt: Select[tuple[Any]]
     if audience == "user":
-        stmt = stmt.join(convs, convs.c.end_user_id == devices.c.end_user_id)
-    else:
-        agent_apps, agents = table_of(AgentApp), table_of(Agent)
         stmt = (
-            stmt.join(agents, agents.c.id == devices.c.agent_id)
-            .join(agent_apps, agent_apps.c.agent_id == agents.c.id)
-            .join(convs, convs.c.app_id == agent_apps.c.app_id)
-            .where(agents.c.disabled_at.is_(None))
+            select(literal_column("1"))
+            .select_from(devices)
+            .join(convs, convs.c.end_user_id == devices.c.end_user_id)
+            .where(devices.c.active.is_(True))
         )
+    else:
+        stmt = _agent_phones().join(convs, convs.c.app_id == table_of(AgentApp).c.app_id)
     return Prepared(
         stmt.join(messages, messages.c.conversation_id == convs.c.id)
-        .where(
-            messages.c.id == bindparam("message_id", type_=messages.c.id.type),
-            devices.c.active.is_(True),
-        )
+        .where(messages.c.id == bindparam("message_id", type_=messages.c.id.type))
         .limit(1)
     )
 
