@@ -34,6 +34,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from tellback_sdk.webhooks import WebhookEvent, WebhookVerificationError, verify
 
 MAX_BODY = 1 << 20
+_lock = threading.RLock()
+
+
+def say(line: str) -> None:
+    """One whole line (``print`` writes the text and its newline separately, so lines
+    printed by two threads at once could interleave)."""
+    with _lock:
+        print(line, flush=True)
 
 
 def describe(event: WebhookEvent) -> str:
@@ -75,18 +83,21 @@ class Handler(BaseHTTPRequestHandler):
         try:
             event = verify(body, dict(self.headers.items()), self.server.secrets)
         except WebhookVerificationError as exc:
-            print(f"rejected: {exc}", flush=True)
+            say(f"rejected: {exc}")
             self._answer(400, str(exc).encode())
             return
-        duplicate = event.id in self.server.seen
-        self.server.seen.add(event.id)
-        print(("duplicate " if duplicate else "") + describe(event), flush=True)
+        with _lock:  # deliveries arrive concurrently, each on a thread of its own
+            duplicate = event.id in self.server.seen
+            self.server.seen.add(event.id)
+            say(("duplicate " if duplicate else "") + describe(event))
+            done = False
+            if not duplicate and self.server.remaining is not None:
+                self.server.remaining -= 1
+                done = self.server.remaining <= 0
         self._answer(204, b"")
-        if not duplicate and self.server.remaining is not None:
-            self.server.remaining -= 1
-            if self.server.remaining <= 0:
-                # shutdown() waits for serve_forever(): call it off this handler's thread.
-                threading.Thread(target=self.server.shutdown, daemon=True).start()
+        if done:
+            # shutdown() waits for serve_forever(): call it off this handler's thread.
+            threading.Thread(target=self.server.shutdown, daemon=True).start()
 
     def _answer(self, status: int, body: bytes) -> None:
         self.send_response(status)
