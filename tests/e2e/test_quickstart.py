@@ -102,9 +102,10 @@ def test_embedded_default_quickstart(tmp_path: Path, servers: list[Server]) -> N
     assert token.startswith("tba_")
     assert (tmp_path / "tellback-data" / "tellback.db").is_file()
     assert (tmp_path / "tellback-data" / "secret_key").is_file()
+    assert '"loop": "uvloop"' in err  # uvicorn's own default, part of uvicorn[standard]
 
-    # Second start: same data dir, no new token, data kept.
-    server = Server(tmp_path, env)
+    # Second start: same data dir, no new token, data kept; asyncio's loop works too.
+    server = Server(tmp_path, env, "--loop", "asyncio")
     servers.append(server)
     server.wait_ready()
     example = subprocess.run(
@@ -122,6 +123,7 @@ def test_embedded_default_quickstart(tmp_path: Path, servers: list[Server]) -> N
     code, out, err = server.stop()
     assert code == 0, err[-2000:]
     assert "tba_" not in out
+    assert '"loop": "asyncio"' in err
 
 
 def test_bad_setting_names_the_variable(tmp_path: Path) -> None:
