@@ -37,7 +37,8 @@ class _Compiled:
     sql: str
     names: tuple[str, ...]
     processors: tuple[Callable[[Any], Any] | None, ...]
-    results: tuple[Callable[[Any], Any] | None, ...]  # per selected or returned column
+    # (index, result processor) of each selected or returned column that has one
+    converted: tuple[tuple[int, Callable[[Any], Any]], ...]
     constants: dict[str, Any]  # parameters whose value is part of the statement
 
 
@@ -61,11 +62,12 @@ class Prepared:
                 columns = self.statement.selected_columns
             elif isinstance(self.statement, UpdateBase) and self.statement._returning:
                 columns = self.statement.exported_columns
-            results = tuple(
+            results = (
                 col.type.dialect_impl(dialect).result_processor(dialect, None) for col in columns
             )
+            converted = tuple((i, p) for i, p in enumerate(results) if p is not None)
             constants = {n: c.binds[n].effective_value for n in names if not c.binds[n].required}
-            compiled = _Compiled(c.string, names, processors, results, constants)
+            compiled = _Compiled(c.string, names, processors, converted, constants)
             self._compiled[key] = compiled
         return compiled
 
@@ -81,12 +83,15 @@ class Prepared:
             return list(cursor.fetchall()) if cursor.description else []
 
         c, rows = self._on_cursor(db, fetch)
-        if c.results and any(c.results):
-            return [
-                tuple(v if p is None else p(v) for v, p in zip(row, c.results, strict=True))
-                for row in rows
-            ]
-        return rows
+        if not c.converted:
+            return rows
+        converted = []
+        for row in rows:
+            values = list(row)
+            for i, p in c.converted:
+                values[i] = p(values[i])
+            converted.append(tuple(values))
+        return converted
 
     def execute_many(self, db: Session, rows: Iterable[Mapping[str, Any]]) -> None:
         """Run once per row, in one driver call (``executemany``); no results."""
