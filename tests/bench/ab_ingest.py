@@ -1,0 +1,140 @@
+"""Two builds of the server, alternately, under the ingest load: what a change saved.
+
+    uv run python tests/bench/ab_ingest.py --base REV [--database sqlite|postgresql]
+        [--pairs 5] [--seconds 6] [--connections 32]
+
+Absolute figures on a shared VM drift by 15 % or more within an hour, so two
+runs far apart compare the hour, not the code. This runs the server of git
+revision ``REV`` (its ``server/src``, from ``git archive``) and the working
+tree's server one after the other, ``--pairs`` times, swapping which goes first
+in every other pair, each in a fresh data directory (or a fresh PostgreSQL
+database) with the load of ``bench_ingest.py``: ``POST /v1/client/conversations``
+with a 1 KiB context, session auth and an ``Idempotency-Key``, from its asyncio
+raw-socket client. Per run it prints the server process's CPU time per request
+(from /proc: what the code costs, less sensitive to what else the CPUs ran than
+requests/s), requests/s and p99; at the end the change per pair and its median.
+
+Both builds run on this checkout's virtual environment: a base whose
+dependencies differ is measured with today's packages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from tests.bench.bench_ingest import (  # noqa: E402
+    Result,
+    env_for,
+    feedback_body,
+    load,
+    post_head,
+    process,
+    serve_args,
+    setup,
+)
+from tests.bench.bench_push import _embedded_postgres, pct  # noqa: E402
+from tests.bench.bench_upload import free_port  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Build:
+    name: str
+    source: Path  # the directory holding the ``tellback_server`` package
+
+
+def export_base(rev: str, into: Path) -> Build:
+    """``server/src`` of ``rev``, unpacked under ``into``."""
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "--format=tar", rev, "server/src"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    return Build(f"base {rev}", into / "server" / "src")
+
+
+async def one_run(
+    build: Build, workdir: Path, database_url: str | None, args: argparse.Namespace
+) -> Result:
+    env = env_for(workdir, database_url)
+    env["PYTHONPATH"] = str(build.source)  # ahead of the editable install's path
+    port = free_port()
+    async with process(serve_args(port), env, port) as url:
+        tokens, _ = await setup(url, env, args.connections)
+        body = feedback_body()
+
+        def ingest(i: int) -> tuple[bytes, bytes]:
+            headers = {"Authorization": f"Bearer {tokens[i]}", "Idempotency-Key": uuid.uuid4().hex}
+            return post_head("/v1/client/conversations", "127.0.0.1", len(body), headers), body
+
+        return await load(url, ingest, args.connections, args.seconds, args.warmup)
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="tellback-ab-"))
+    pg = None
+    try:
+        builds = (export_base(args.base, tmp / "base"), Build("working tree", ROOT / "server/src"))
+        if args.database == "postgresql":
+            pg = _embedded_postgres(tmp)
+            if pg is None:
+                raise SystemExit("embedded-postgres is not installed")
+        cpu: dict[str, list[float]] = {b.name: [] for b in builds}
+        for pair in range(args.pairs):
+            order = builds if pair % 2 == 0 else builds[::-1]
+            for build in order:
+                run = f"run{pair}{'ab'[builds.index(build)]}"
+                url = None
+                if pg is not None:
+                    pg[1].psql(f"CREATE DATABASE {run}")
+                    url = pg[0].rsplit("/", 1)[0] + f"/{run}"
+                result = await one_run(build, tmp / run, url, args)
+                cpu[build.name].append(result.cpu_ms_per_request * 1000)
+                print(
+                    f"pair {pair + 1} {build.name:<24} {result.cpu_ms_per_request * 1000:>6.0f} "
+                    f"us CPU/request {result.rps:>7.0f} req/s p99 "
+                    f"{pct(result.latencies_ms, 99):>6.1f} ms errors {result.errors}",
+                    flush=True,
+                )
+        base, head = (cpu[b.name] for b in builds)
+        changes = [(h - b) / b * 100 for b, h in zip(base, head, strict=True)]
+        print(f"\n{args.database}, {args.connections} connections, {args.seconds:g} s runs")
+        print("server CPU per request, working tree against base, per pair: ", end="")
+        print(", ".join(f"{c:+.0f} %" for c in changes))
+        print(
+            f"median {statistics.median(changes):+.0f} %; base {min(base):.0f}-{max(base):.0f} us, "
+            f"working tree {min(head):.0f}-{max(head):.0f} us"
+        )
+    finally:
+        if pg is not None:
+            pg[1].cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--base", required=True, help="git revision to compare against")
+    parser.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite")
+    parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--connections", type=int, default=32)
+    asyncio.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
