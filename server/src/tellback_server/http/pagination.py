@@ -67,11 +67,12 @@ def next_cursor_for(rows: Sequence[tuple[dt.datetime, UUID]], limit: int) -> str
 Limit = Annotated[int, QueryParameter(ge=1, le=MAX_LIMIT, description="page size, 1-100")]
 
 
-def after(at_col: Any, id_col: Any, cursor: Cursor, *, descending: bool) -> ColumnElement[bool]:
-    """Rows strictly past ``cursor`` in (at, id) order."""
+def after(at_col: Any, id_col: Any, at: Any, id_: Any, *, descending: bool) -> ColumnElement[bool]:
+    """Rows strictly past the key (``at``, ``id_``: values or bound parameters) in
+    (at, id) order."""
     if descending:
-        return or_(at_col < cursor.at, and_(at_col == cursor.at, id_col < cursor.id))
-    return or_(at_col > cursor.at, and_(at_col == cursor.at, id_col > cursor.id))
+        return or_(at_col < at, and_(at_col == at, id_col < id_))
+    return or_(at_col > at, and_(at_col == at, id_col > id_))
 
 
 async def keyset_page(
@@ -87,7 +88,7 @@ async def keyset_page(
     """One page of ORM rows in (at, id) order, and the cursor of the next page."""
     check_limit(limit)
     if (c := decode_cursor(cursor)) is not None:
-        stmt = stmt.where(after(at_col, id_col, c, descending=descending))
+        stmt = stmt.where(after(at_col, id_col, c.at, c.id, descending=descending))
     order = (at_col.desc(), id_col.desc()) if descending else (at_col, id_col)
     rows = list(await db.scalars(stmt.order_by(*order).limit(limit + 1)))
     keys = [(getattr(r, at_col.key), getattr(r, id_col.key)) for r in rows]

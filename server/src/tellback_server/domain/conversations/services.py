@@ -15,7 +15,18 @@ from typing import Any, NamedTuple, cast
 from uuid import UUID
 
 import msgspec
-from sqlalchemy import TextClause, bindparam, exists, func, insert, or_, select, text, update
+from sqlalchemy import (
+    Integer,
+    TextClause,
+    bindparam,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, defer
 from uuid_utils.compat import uuid7
@@ -73,7 +84,14 @@ from tellback_server.domain.push.delivery import agents_listen, queue_fanout, qu
 from tellback_server.domain.webhooks.outbox import any_endpoint
 from tellback_server.http.deps import AgentPrincipal, ClientPrincipal
 from tellback_server.http.errors import AppError, NotFound, ValidationFailed
-from tellback_server.http.pagination import Page, check_limit, keyset_page
+from tellback_server.http.pagination import (
+    Page,
+    after,
+    check_limit,
+    decode_cursor,
+    keyset_page,
+    next_cursor_for,
+)
 from tellback_server.storage.base import ObjectStore
 
 DETAIL_MESSAGES = 100
@@ -322,24 +340,34 @@ class ConversationService:
     async def client_list(
         self, client: ClientPrincipal, cursor: str | None, limit: int
     ) -> Page[ConversationOut]:
-        stmt = (
-            select(Conversation)
-            .options(_LIST_DEFERRED)
-            .where(
-                Conversation.app_id == client.app_id,
-                Conversation.end_user_id == client.end_user_id,
-            )
+        check_limit(limit)
+        params: dict[str, Any] = {
+            "app_id": client.app_id,
+            "end_user_id": client.end_user_id,
+            "limit": limit + 1,
+        }
+        statement = _CLIENT_LIST
+        if (key := decode_cursor(cursor)) is not None:
+            statement, params["at"], params["after_id"] = _CLIENT_LIST_AFTER, key.at, key.id
+        rows = await self.db.run_sync(statement.execute, params)
+        convs = [_Listed._make(r[:_LISTED]) for r in rows]
+        lasts: list[_ListedMessage | None] = []
+        authors = Related(self.db, self.attachments)
+        for r in rows[:limit]:
+            last = None if r[_LISTED] is None else _ListedMessage._make(r[_LISTED:-2])
+            if last is not None and last.author_user_id is not None:
+                authors.users[last.author_user_id] = r[-2]
+            if last is not None and last.author_agent_id is not None:
+                authors.agents[last.author_agent_id] = r[-1]
+            lasts.append(last)
+        await authors.load(m for m in lasts if m is not None)  # their attachments
+        return Page(
+            items=[
+                client_conversation_out(c, m, authors)
+                for c, m in zip(convs[:limit], lasts, strict=True)
+            ],
+            next_cursor=next_cursor_for([(c.public_activity_at, c.id) for c in convs], limit),
         )
-        rows, nxt = await keyset_page(
-            self.db,
-            stmt,
-            Conversation.public_activity_at,
-            Conversation.id,
-            cursor,
-            limit,
-            descending=True,
-        )
-        return Page(items=await self._client_outs(rows), next_cursor=nxt)
 
     async def client_get(self, client: ClientPrincipal, conv_id: UUID) -> ConversationOut:
         return (await self._client_outs([await self._client_conv(client, conv_id)]))[0]
@@ -604,6 +632,75 @@ class ConversationService:
         await self.db.execute(
             update(Conversation).where(Conversation.id == conv.id).values(agent_unread_count=0)
         )
+
+
+# ----- the end user's conversation list: one statement ----------------------------------------
+# A page of conversations with their last public message, only the columns the client view
+# reads: the ORM's version (two queries, every column, identity map) cost 3-4 ms per page.
+
+
+class _Listed(NamedTuple):
+    id: UUID
+    status: str
+    subject: str | None
+    category: str | None
+    tags: list[str]
+    custom_fields: dict[str, Any]
+    location: dict[str, Any] | None
+    user_unread_count: int
+    created_at: dt.datetime
+    public_activity_at: dt.datetime
+
+
+class _ListedMessage(NamedTuple):
+    id: UUID
+    conversation_id: UUID
+    author_type: str
+    author_user_id: UUID | None
+    author_agent_id: UUID | None
+    body: str | None
+    internal: bool
+    attachment_ids: list[str]
+    location: dict[str, Any] | None
+    created_at: dt.datetime
+
+
+_LISTED = len(_Listed._fields)
+
+
+def _client_list(*, after_cursor: bool) -> Prepared:
+    """The page's rows: the conversation's columns, its last public message's, and the
+    names of that message's author (user, agent)."""
+    convs, msgs = table_of(Conversation), table_of(Message)
+    users, agents = table_of(EndUser), table_of(Agent)
+    at, id_ = convs.c.public_activity_at, convs.c.id
+    stmt = (
+        select(
+            *(convs.c[k] for k in _Listed._fields),
+            *(msgs.c[k] for k in _ListedMessage._fields),
+            users.c.name,
+            agents.c.name,
+        )
+        .select_from(
+            convs.outerjoin(msgs, msgs.c.id == convs.c.last_public_message_id)
+            .outerjoin(users, users.c.id == msgs.c.author_user_id)
+            .outerjoin(agents, agents.c.id == msgs.c.author_agent_id)
+        )
+        .where(
+            convs.c.app_id == bindparam("app_id", type_=convs.c.app_id.type),
+            convs.c.end_user_id == bindparam("end_user_id", type_=convs.c.end_user_id.type),
+        )
+        .order_by(at.desc(), id_.desc())
+        .limit(bindparam("limit", type_=Integer))
+    )
+    if after_cursor:
+        key = bindparam("at", type_=at.type), bindparam("after_id", type_=id_.type)
+        stmt = stmt.where(after(at, id_, *key, descending=True))
+    return Prepared(stmt)
+
+
+_CLIENT_LIST = _client_list(after_cursor=False)
+_CLIENT_LIST_AFTER = _client_list(after_cursor=True)
 
 
 # ----- sending feedback: the ingest hot path -------------------------------------------------

@@ -16,7 +16,7 @@ import msgspec
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from tellback_server.db.models import Agent, EndUser, Message
+from tellback_server.db.models import Agent, EndUser
 from tellback_server.domain.attachments.schemas import AttachmentOut
 from tellback_server.domain.attachments.services import AttachmentService
 from tellback_server.domain.conversations.schemas import (
@@ -55,19 +55,13 @@ class MessageFields(Protocol):
     def created_at(self) -> dt.datetime: ...
 
 
-class ConversationFields(Protocol):
-    """What the conversation views read: a ``Conversation`` row, or just its columns."""
+class ClientConversationFields(Protocol):
+    """What the end user's view of a conversation reads."""
 
     @property
     def id(self) -> UUID: ...
     @property
-    def app_id(self) -> UUID: ...
-    @property
-    def end_user_id(self) -> UUID: ...
-    @property
     def status(self) -> str: ...
-    @property
-    def priority(self) -> str: ...
     @property
     def subject(self) -> str | None: ...
     @property
@@ -79,21 +73,32 @@ class ConversationFields(Protocol):
     @property
     def location(self) -> dict[str, Any] | None: ...
     @property
+    def user_unread_count(self) -> int: ...
+    @property
+    def created_at(self) -> dt.datetime: ...
+    @property
+    def public_activity_at(self) -> dt.datetime: ...
+
+
+class ConversationFields(ClientConversationFields, Protocol):
+    """What the conversation views read: a ``Conversation`` row, or just its columns."""
+
+    @property
+    def app_id(self) -> UUID: ...
+    @property
+    def end_user_id(self) -> UUID: ...
+    @property
+    def priority(self) -> str: ...
+    @property
     def assignee_id(self) -> UUID | None: ...
     @property
     def message_count(self) -> int: ...
     @property
-    def user_unread_count(self) -> int: ...
-    @property
     def agent_unread_count(self) -> int: ...
-    @property
-    def created_at(self) -> dt.datetime: ...
     @property
     def updated_at(self) -> dt.datetime: ...
     @property
     def last_activity_at(self) -> dt.datetime: ...
-    @property
-    def public_activity_at(self) -> dt.datetime: ...
 
 
 def location_of(raw: dict[str, Any] | None) -> Location | None:
@@ -112,7 +117,7 @@ class Related:
         self.agents: dict[UUID, str | None] = {}
         self.attachments: dict[UUID, list[AttachmentOut]] = {}
 
-    async def load(self, messages: Iterable[Message]) -> None:
+    async def load(self, messages: Iterable[MessageFields]) -> None:
         assert self.db is not None
         assert self.attachment_service is not None
         messages = list(messages)
@@ -159,7 +164,7 @@ def agent_message_out(m: MessageFields, authors: Related) -> AgentMessageOut:
 
 
 def client_conversation_out(
-    c: ConversationFields, last: MessageFields | None, authors: Related
+    c: ClientConversationFields, last: MessageFields | None, authors: Related
 ) -> ConversationOut:
     return ConversationOut(
         id=c.id,

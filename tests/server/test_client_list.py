@@ -1,0 +1,101 @@
+"""The end user's conversation list, on both databases: order, pages, what each item says."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.server.conftest import Api
+
+
+async def _pages(api: Api, headers: dict[str, str], limit: int) -> list[list[dict[str, Any]]]:
+    pages: list[list[dict[str, Any]]] = []
+    cursor: str | None = None
+    while True:
+        params: dict[str, str | int] = {"limit": limit}
+        if cursor is not None:
+            params["cursor"] = cursor
+        r = await api.http.get("/v1/client/conversations", params=params, headers=headers)
+        assert r.status_code == 200, r.text
+        pages.append(r.json()["items"])
+        cursor = r.json()["next_cursor"]
+        if cursor is None:
+            return pages
+
+
+async def test_pages_newest_public_activity_first_each_item_as_its_own_get(api: Api) -> None:
+    app = await api.create_app()
+    alice = await api.user_headers(app)
+    bob = await api.user_headers(app)
+    _, agent = await api.create_agent(app, name="Ada")
+    convs = [
+        await api.feedback(
+            alice,
+            f"Problem {i}",
+            subject=f"S{i}",
+            tags=["ios", f"t{i}"],
+            location={"latitude": 52.5, "longitude": 13.4, "accuracy_m": 10.0},
+        )
+        for i in range(5)
+    ]
+    await api.feedback(bob, "Not Alice's")
+    ids = [c["id"] for c in convs]
+    reply = await api.http.post(
+        f"/v1/agent/conversations/{ids[1]}/messages", json={"body": "On it"}, headers=agent
+    )
+    assert reply.status_code == 201, reply.text
+    # An internal note is not public activity: neither the order nor the last message moves.
+    note = await api.http.post(
+        f"/v1/agent/conversations/{ids[3]}/messages",
+        json={"body": "customer is on v4.12", "internal": True},
+        headers=agent,
+    )
+    assert note.status_code == 201, note.text
+
+    pages = await _pages(api, alice, limit=2)
+    assert [len(p) for p in pages] == [2, 2, 1]
+    items = [c for p in pages for c in p]
+    assert [c["id"] for c in items] == [ids[1], ids[4], ids[3], ids[2], ids[0]]
+    by_id = {c["id"]: c for c in items}
+    replied = by_id[ids[1]]
+    assert replied["last_message"]["body"] == "On it"
+    assert replied["last_message"]["author"]["type"] == "agent"
+    assert replied["last_message"]["author"]["name"] == "Ada"
+    assert replied["unread_count"] == 1
+    assert by_id[ids[3]]["last_message"]["body"] == "Problem 3"
+    assert by_id[ids[3]]["last_message"]["author"]["type"] == "user"
+    assert by_id[ids[2]]["tags"] == ["ios", "t2"]
+    # Each item is what the conversation's own GET says (a different query path).
+    for item in items:
+        one = await api.http.get(f"/v1/client/conversations/{item['id']}", headers=alice)
+        assert one.json() == item
+    # One page with everything: the same items, and no cursor.
+    r = await api.http.get("/v1/client/conversations", params={"limit": 100}, headers=alice)
+    assert r.json() == {"items": items, "next_cursor": None}
+
+
+async def test_an_exact_page_has_no_next_cursor_and_bad_paging_is_a_problem(api: Api) -> None:
+    app = await api.create_app()
+    user = await api.user_headers(app)
+    r = await api.http.get("/v1/client/conversations", headers=user)
+    assert r.json() == {"items": [], "next_cursor": None}
+    for i in range(2):
+        await api.feedback(user, f"Problem {i}")
+    r = await api.http.get("/v1/client/conversations", params={"limit": 2}, headers=user)
+    assert len(r.json()["items"]) == 2
+    assert r.json()["next_cursor"] is None
+    r = await api.http.get("/v1/client/conversations", params={"limit": 1}, headers=user)
+    r = await api.http.get(
+        "/v1/client/conversations",
+        params={"limit": 1, "cursor": r.json()["next_cursor"]},
+        headers=user,
+    )
+    assert [c["last_message"]["body"] for c in r.json()["items"]] == ["Problem 0"]
+    assert r.json()["next_cursor"] is None
+    for bad, status in (
+        ({"cursor": "not-a-cursor"}, 400),
+        ({"limit": 0}, 422),
+        ({"limit": 101}, 422),
+    ):
+        r = await api.http.get("/v1/client/conversations", params=bad, headers=user)
+        assert r.status_code == status, (bad, r.text)
+        assert r.headers["content-type"].startswith("application/problem+json")
