@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
+from uuid import UUID
 
+from tellback_server.http.pagination import encode_cursor
 from tests.server.conftest import Api
 
 
@@ -99,3 +102,57 @@ async def test_an_exact_page_has_no_next_cursor_and_bad_paging_is_a_problem(api:
         r = await api.http.get("/v1/client/conversations", params=bad, headers=user)
         assert r.status_code == status, (bad, r.text)
         assert r.headers["content-type"].startswith("application/problem+json")
+
+
+async def test_message_pages_leave_out_internal_notes_and_match_the_agents_view(api: Api) -> None:
+    app = await api.create_app()
+    alice = await api.user_headers(app)
+    bob = await api.user_headers(app)
+    _, agent = await api.create_agent(app, name="Ada")
+    conv = await api.feedback(alice, "First")
+    path = f"/v1/client/conversations/{conv['id']}/messages"
+    agent_path = f"/v1/agent/conversations/{conv['id']}/messages"
+    for who, body in (
+        (agent, {"body": "Reply one"}),
+        (agent, {"body": "only agents see this", "internal": True}),
+        (alice, {"body": "Follow-up"}),
+        (agent, {"body": "Reply two"}),
+    ):
+        r = await api.http.post(path if who is alice else agent_path, json=body, headers=who)
+        assert r.status_code == 201, r.text
+
+    items: list[dict[str, Any]] = []
+    cursor: str | None = None
+    sizes = []
+    while True:
+        params: dict[str, str | int] = {"limit": 3}
+        if cursor is not None:
+            params["cursor"] = cursor
+        r = await api.http.get(path, params=params, headers=alice)
+        assert r.status_code == 200, r.text
+        sizes.append(len(r.json()["items"]))
+        items += r.json()["items"]
+        cursor = r.json()["next_cursor"]
+        if cursor is None:
+            break
+    assert sizes == [3, 1]
+    assert [m["body"] for m in items] == ["First", "Reply one", "Follow-up", "Reply two"]
+    assert [m["author"]["name"] for m in items if m["author"]["type"] == "agent"] == ["Ada"] * 2
+    # The agent's page (another query path) says the same of each public message.
+    r = await api.http.get(agent_path, params={"limit": 100}, headers=agent)
+    public = [
+        {k: v for k, v in m.items() if k != "internal"}
+        for m in r.json()["items"]
+        if not m["internal"]
+    ]
+    assert public == items
+    # Someone else's conversation, or none: 404, whatever the page.
+    for headers, conv_path in ((bob, path), (alice, f"/v1/client/conversations/{app.id}/messages")):
+        r = await api.http.get(conv_path, headers=headers)
+        assert r.status_code == 404, r.text
+    # An own conversation past its last message: an empty page, not a 404.
+    last = items[-1]
+    past = encode_cursor(dt.datetime.fromisoformat(last["created_at"]), UUID(last["id"]))
+    r = await api.http.get(path, params={"cursor": past}, headers=alice)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"items": [], "next_cursor": None}

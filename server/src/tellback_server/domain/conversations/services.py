@@ -228,11 +228,10 @@ class ConversationService:
         return message
 
     async def _messages_page(
-        self, conv_id: UUID, cursor: str | None, limit: int, *, include_internal: bool
+        self, conv_id: UUID, cursor: str | None, limit: int
     ) -> tuple[list[Message], str | None]:
+        """A page of all of a conversation's messages, internal notes too (for agents)."""
         stmt = select(Message).where(Message.conversation_id == conv_id)
-        if not include_internal:
-            stmt = stmt.where(Message.internal.is_(False))
         return await keyset_page(self.db, stmt, Message.created_at, Message.id, cursor, limit)
 
     async def _messages_by_id(self, ids: Iterable[UUID | None]) -> dict[UUID, Message]:
@@ -340,26 +339,10 @@ class ConversationService:
     async def client_list(
         self, client: ClientPrincipal, cursor: str | None, limit: int
     ) -> Page[ConversationOut]:
-        check_limit(limit)
-        params: dict[str, Any] = {
-            "app_id": client.app_id,
-            "end_user_id": client.end_user_id,
-            "limit": limit + 1,
-        }
-        statement = _CLIENT_LIST
-        if (key := decode_cursor(cursor)) is not None:
-            statement, params["at"], params["after_id"] = _CLIENT_LIST_AFTER, key.at, key.id
-        rows = await self.db.run_sync(statement.execute, params)
+        rows = await self._client_page(_CLIENT_LIST, _CLIENT_LIST_AFTER, client, cursor, limit)
         convs = [_Listed._make(r[:_LISTED]) for r in rows]
-        lasts: list[_ListedMessage | None] = []
         authors = Related(self.db, self.attachments)
-        for r in rows[:limit]:
-            last = None if r[_LISTED] is None else _ListedMessage._make(r[_LISTED:-2])
-            if last is not None and last.author_user_id is not None:
-                authors.users[last.author_user_id] = r[-2]
-            if last is not None and last.author_agent_id is not None:
-                authors.agents[last.author_agent_id] = r[-1]
-            lasts.append(last)
+        lasts = [None if r[_LISTED] is None else _listed_message(r, authors) for r in rows[:limit]]
         await authors.load(m for m in lasts if m is not None)  # their attachments
         return Page(
             items=[
@@ -369,17 +352,43 @@ class ConversationService:
             next_cursor=next_cursor_for([(c.public_activity_at, c.id) for c in convs], limit),
         )
 
+    async def _client_page(
+        self,
+        first: Prepared,
+        later: Prepared,
+        client: ClientPrincipal,
+        cursor: str | None,
+        limit: int,
+        **params: Any,
+    ) -> list[Any]:
+        """``limit + 1`` rows of the end user's: of ``first``, or of ``later`` after the
+        ``cursor``."""
+        check_limit(limit)
+        params.update(app_id=client.app_id, end_user_id=client.end_user_id, limit=limit + 1)
+        statement = first
+        if (key := decode_cursor(cursor)) is not None:
+            statement, params["at"], params["after_id"] = later, key.at, key.id
+        rows: list[Any] = await self.db.run_sync(statement.execute, params)
+        return rows
+
     async def client_get(self, client: ClientPrincipal, conv_id: UUID) -> ConversationOut:
         return (await self._client_outs([await self._client_conv(client, conv_id)]))[0]
 
     async def client_messages(
         self, client: ClientPrincipal, conv_id: UUID, cursor: str | None, limit: int
     ) -> Page[MessageOut]:
-        conv = await self._client_conv(client, conv_id)
-        rows, nxt = await self._messages_page(conv.id, cursor, limit, include_internal=False)
+        rows = await self._client_page(
+            _CLIENT_MESSAGES, _CLIENT_MESSAGES_AFTER, client, cursor, limit, conversation_id=conv_id
+        )
+        if not rows:
+            await self._client_conv(client, conv_id)  # a 404 unless it is theirs
         authors = Related(self.db, self.attachments)
-        await authors.load(rows)
-        return Page(items=[message_out(m, authors) for m in rows], next_cursor=nxt)
+        messages = [_listed_message(r, authors) for r in rows]
+        await authors.load(messages[:limit])  # their attachments
+        return Page(
+            items=[message_out(m, authors) for m in messages[:limit]],
+            next_cursor=next_cursor_for([(m.created_at, m.id) for m in messages], limit),
+        )
 
     async def client_add_message(
         self, client: ClientPrincipal, conv_id: UUID, data: MessageCreate
@@ -528,7 +537,7 @@ class ConversationService:
     async def agent_get(self, agent: AgentPrincipal, conv_id: UUID) -> AgentConversationDetail:
         conv = await self._agent_conv(agent, conv_id)
         summary = (await self._agent_outs([conv]))[0]
-        rows, nxt = await self._messages_page(conv.id, None, DETAIL_MESSAGES, include_internal=True)
+        rows, nxt = await self._messages_page(conv.id, None, DETAIL_MESSAGES)
         authors = Related(self.db, self.attachments)
         await authors.load(rows)
         return AgentConversationDetail(
@@ -544,7 +553,7 @@ class ConversationService:
         self, agent: AgentPrincipal, conv_id: UUID, cursor: str | None, limit: int
     ) -> Page[AgentMessageOut]:
         conv = await self._agent_conv(agent, conv_id)
-        rows, nxt = await self._messages_page(conv.id, cursor, limit, include_internal=True)
+        rows, nxt = await self._messages_page(conv.id, cursor, limit)
         authors = Related(self.db, self.attachments)
         await authors.load(rows)
         return Page(items=[agent_message_out(m, authors) for m in rows], next_cursor=nxt)
@@ -668,39 +677,81 @@ class _ListedMessage(NamedTuple):
 _LISTED = len(_Listed._fields)
 
 
-def _client_list(*, after_cursor: bool) -> Prepared:
-    """The page's rows: the conversation's columns, its last public message's, and the
-    names of that message's author (user, agent)."""
-    convs, msgs = table_of(Conversation), table_of(Message)
+_CONVS, _MSGS = table_of(Conversation), table_of(Message)
+
+
+def _message_columns() -> tuple[list[Any], Any]:
+    """A message's columns and its author's names (user, agent; the last two), and the
+    joins that bring the names to ``_MSGS``."""
     users, agents = table_of(EndUser), table_of(Agent)
-    at, id_ = convs.c.public_activity_at, convs.c.id
-    stmt = (
-        select(
-            *(convs.c[k] for k in _Listed._fields),
-            *(msgs.c[k] for k in _ListedMessage._fields),
-            users.c.name,
-            agents.c.name,
-        )
-        .select_from(
-            convs.outerjoin(msgs, msgs.c.id == convs.c.last_public_message_id)
-            .outerjoin(users, users.c.id == msgs.c.author_user_id)
-            .outerjoin(agents, agents.c.id == msgs.c.author_agent_id)
-        )
-        .where(
-            convs.c.app_id == bindparam("app_id", type_=convs.c.app_id.type),
-            convs.c.end_user_id == bindparam("end_user_id", type_=convs.c.end_user_id.type),
-        )
-        .order_by(at.desc(), id_.desc())
-        .limit(bindparam("limit", type_=Integer))
-    )
+    columns = [*(_MSGS.c[k] for k in _ListedMessage._fields), users.c.name, agents.c.name]
+    return columns, lambda joined: joined.outerjoin(
+        users, users.c.id == _MSGS.c.author_user_id
+    ).outerjoin(agents, agents.c.id == _MSGS.c.author_agent_id)
+
+
+def _listed_message(row: Sequence[Any], authors: Related) -> _ListedMessage:
+    """The message in a row that ends with ``_message_columns()``; its author's name
+    goes into ``authors``."""
+    m = _ListedMessage._make(row[-_MESSAGE_WIDTH:-2])
+    if m.author_user_id is not None:
+        authors.users[m.author_user_id] = row[-2]
+    if m.author_agent_id is not None:
+        authors.agents[m.author_agent_id] = row[-1]
+    return m
+
+
+_MESSAGE_WIDTH = len(_ListedMessage._fields) + 2  # with the two names
+
+
+def _paged(stmt: Any, at: Any, id_: Any, *, after_cursor: bool, descending: bool) -> Prepared:
+    """``stmt`` ordered by (at, id), at most ``:limit`` rows, after ``(:at, :after_id)``."""
+    order = (at.desc(), id_.desc()) if descending else (at, id_)
+    stmt = stmt.order_by(*order).limit(bindparam("limit", type_=Integer))
     if after_cursor:
         key = bindparam("at", type_=at.type), bindparam("after_id", type_=id_.type)
-        stmt = stmt.where(after(at, id_, *key, descending=True))
+        stmt = stmt.where(after(at, id_, *key, descending=descending))
     return Prepared(stmt)
+
+
+def _client_list(*, after_cursor: bool) -> Prepared:
+    """The end user's conversations, each with its last public message (or NULLs)."""
+    columns, with_names = _message_columns()
+    stmt = (
+        select(*(_CONVS.c[k] for k in _Listed._fields), *columns)
+        .select_from(
+            with_names(_CONVS.outerjoin(_MSGS, _MSGS.c.id == _CONVS.c.last_public_message_id))
+        )
+        .where(
+            _CONVS.c.app_id == bindparam("app_id", type_=_CONVS.c.app_id.type),
+            _CONVS.c.end_user_id == bindparam("end_user_id", type_=_CONVS.c.end_user_id.type),
+        )
+    )
+    at, id_ = _CONVS.c.public_activity_at, _CONVS.c.id
+    return _paged(stmt, at, id_, after_cursor=after_cursor, descending=True)
+
+
+def _client_messages(*, after_cursor: bool) -> Prepared:
+    """The public messages of a conversation of the end user's, oldest first."""
+    columns, with_names = _message_columns()
+    stmt = (
+        select(*columns)
+        .select_from(with_names(_MSGS.join(_CONVS, _CONVS.c.id == _MSGS.c.conversation_id)))
+        .where(
+            _MSGS.c.conversation_id == bindparam("conversation_id", type_=_MSGS.c.id.type),
+            _MSGS.c.internal.is_(False),
+            _CONVS.c.app_id == bindparam("app_id", type_=_CONVS.c.app_id.type),
+            _CONVS.c.end_user_id == bindparam("end_user_id", type_=_CONVS.c.end_user_id.type),
+        )
+    )
+    at, id_ = _MSGS.c.created_at, _MSGS.c.id
+    return _paged(stmt, at, id_, after_cursor=after_cursor, descending=False)
 
 
 _CLIENT_LIST = _client_list(after_cursor=False)
 _CLIENT_LIST_AFTER = _client_list(after_cursor=True)
+_CLIENT_MESSAGES = _client_messages(after_cursor=False)
+_CLIENT_MESSAGES_AFTER = _client_messages(after_cursor=True)
 
 
 # ----- sending feedback: the ingest hot path -------------------------------------------------
