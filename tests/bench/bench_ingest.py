@@ -7,8 +7,12 @@ Ingest: `POST /v1/client/conversations` with a realistic 1 KiB device/app
 context, session auth and a fresh `Idempotency-Key` per request, against a bare
 Litestar endpoint (`tests/bench/ceiling_app.py`) that decodes the same JSON into
 the same msgspec types and answers the same shape: the most any Litestar app
-can do here. Reads: the conversation list and a message page, against the
-ceiling's GET that returns a same-sized page. Same uvicorn settings, same load.
+can do here. Between the two, the ingest floor (`tests/bench/floor_app.py`):
+Tellback's own app with one more route declared like the real one (middleware,
+session-auth guard, dependencies, body type) whose handler stores nothing and
+answers a fixed conversation: what is left for the handler's own work. Reads:
+the conversation list and a message page, against the ceiling's GET that
+returns a same-sized page. Same uvicorn settings, same load.
 
 Load generator: an asyncio HTTP/1.1 keep-alive client over raw sockets
 (`--connections` concurrent, one end user per connection), in this process;
@@ -137,6 +141,10 @@ def serve_args(port: int) -> list[str]:
 
 def ceiling_args(port: int) -> list[str]:
     return [sys.executable, str(ROOT / "tests/bench/ceiling_app.py"), "--port", str(port)]
+
+
+def floor_args(port: int) -> list[str]:
+    return [sys.executable, str(ROOT / "tests/bench/floor_app.py"), "--port", str(port)]
 
 
 @dataclass
@@ -304,12 +312,13 @@ async def run_database(
     lines: list[tuple[str, Result, Result]] = []
     env = env_for(base / f"{name}-{processes}", database_url)
     ports = [free_port() for _ in range(processes)]
-    ceiling_port = free_port()
+    ceiling_port, floor_port = free_port(), free_port()
     async with contextlib_stack(
-        [process(serve_args(p), env, p) for p in ports]
+        [process(serve_args(p), env, p) for p in ports]  # these migrate the database first
         + [process(ceiling_args(ceiling_port), env, ceiling_port)]
+        + [process(floor_args(floor_port), env, floor_port)]
     ) as urls:
-        *ours, ceiling = urls
+        *ours, ceiling, floor = urls
         tokens, conv_id = await setup(ours[0], env, args.connections)
         body = feedback_body()
         host = "127.0.0.1"
@@ -320,6 +329,10 @@ async def run_database(
                 "Idempotency-Key": uuid.uuid4().hex,
             }
             return post_head("/v1/client/conversations", host, len(body), headers), body
+
+        def floor_ingest(i: int) -> tuple[bytes, bytes]:
+            headers = {"Authorization": f"Bearer {tokens[i]}", "Idempotency-Key": uuid.uuid4().hex}
+            return post_head("/floor/conversations", host, len(body), headers), body
 
         def ceiling_ingest(i: int) -> tuple[bytes, bytes]:
             headers = {"Authorization": f"Bearer {tokens[i]}", "Idempotency-Key": uuid.uuid4().hex}
@@ -350,6 +363,12 @@ async def run_database(
             )
             ours_result = await _spread(ours, ours_req, args)
             lines.append((f"{label}: {title}", ours_result, ceiling_result))
+            if title == "ingest" and processes == 1:
+                # The same route's framework, guard and decoding, with no handler work.
+                floor_result = await load(
+                    floor, floor_ingest, args.connections, args.seconds, args.warmup
+                )
+                lines.append((f"{label}: ingest floor", floor_result, ceiling_result))
     return lines
 
 
