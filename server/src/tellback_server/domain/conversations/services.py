@@ -799,39 +799,39 @@ _INSERT_CONVERSATION = insert_into(table_of(Conversation), _CONVERSATION_COLUMNS
 _INSERT_MESSAGE = insert_into(table_of(Message), _MESSAGE_COLUMNS)
 
 
+_USERS = table_of(EndUser)
+# The end user as the views show them, and (asked along, a statement less each) whether
+# any agent's phone may hear of the new feedback and whether the app has webhooks.
+_USER_COLUMNS = (
+    _USERS.c.id,
+    _USERS.c.external_id,
+    _USERS.c.name,
+    _USERS.c.email,
+    _USERS.c.attributes,
+    agents_listen().label("agents_listen"),
+    any_endpoint().label("any_endpoint"),
+)
+_USER = Prepared(select(*_USER_COLUMNS).where(_USERS.c.id == bindparam("id")))
+
+
 def _insert_both() -> Prepared:
-    """PostgreSQL: the conversation and its first message in one statement (a
-    data-modifying CTE), one round trip instead of two. Parameters ``c_<column>`` and
-    ``m_<column>``; the foreign key is checked at the end of the statement."""
+    """PostgreSQL: the conversation and its first message, inserted by a statement that
+    reads the end user (``_USER``): one round trip instead of three. Data-modifying CTEs
+    run whether or not the query refers to them; the query does not see their rows,
+    nor does it need to. Parameters ``c_<column>``, ``m_<column>``, ``id``, ``app_id``;
+    the message's foreign key is checked at the end of the statement."""
     conversations, messages = table_of(Conversation), table_of(Message)
-    conv = (
-        insert(conversations)
-        .values(
-            {k: bindparam(f"c_{k}", type_=conversations.c[k].type) for k in _CONVERSATION_COLUMNS}
-        )
-        .cte("new_conversation")
+    conv = insert(conversations).values(
+        {k: bindparam(f"c_{k}", type_=conversations.c[k].type) for k in _CONVERSATION_COLUMNS}
     )
     message = insert(messages).values(
         {k: bindparam(f"m_{k}", type_=messages.c[k].type) for k in _MESSAGE_COLUMNS}
     )
-    return Prepared(message.add_cte(conv))
+    user = select(*_USER_COLUMNS).where(_USERS.c.id == bindparam("id"))
+    return Prepared(user.add_cte(conv.cte("new_conversation"), message.cte("new_message")))
 
 
 _INSERT_BOTH = _insert_both()
-_USERS = table_of(EndUser)
-# The end user as the views show them, and (asked along, a statement less each) whether
-# any agent's phone may hear of the new feedback and whether the app has webhooks.
-_USER = Prepared(
-    select(
-        _USERS.c.id,
-        _USERS.c.external_id,
-        _USERS.c.name,
-        _USERS.c.email,
-        _USERS.c.attributes,
-        agents_listen().label("agents_listen"),
-        any_endpoint().label("any_endpoint"),
-    ).where(_USERS.c.id == bindparam("id"))
-)
 
 
 class _User(NamedTuple):
@@ -856,18 +856,17 @@ def _store_feedback(
     attachments = claim_in(db, client.app_id, client.end_user_id, attachment_ids)
     attachments.sort(key=lambda a: (a.created_at, a.id))  # as lists show them
     msg["attachment_ids"] = [str(a.id) for a in attachments]
+    who = {"id": client.end_user_id, "app_id": client.app_id}
     if db.get_bind().dialect.name == "postgresql":
         both = {f"c_{k}": v for k, v in conv.items()}
-        both.update({f"m_{k}": v for k, v in msg.items()})
-        _INSERT_BOTH.execute(db, both)
+        both.update({f"m_{k}": v for k, v in msg.items()}, **who)
+        [(*user, listening, hooks)] = _INSERT_BOTH.execute(db, both)
     else:  # SQLite has no data-modifying CTEs (and no round trips to save)
         _INSERT_CONVERSATION.execute(db, conv)
         _INSERT_MESSAGE.execute(db, msg)
+        [(*user, listening, hooks)] = _USER.execute(db, who)
     for att in attachments:
         att.message_id = msg["id"]  # flushed at commit
-    [(*user, listening, hooks)] = _USER.execute(
-        db, {"id": client.end_user_id, "app_id": client.app_id}
-    )
     queue_fanout_in(db, msg["id"], "agents", listening=bool(listening))
     return _User(*user), attachments, bool(hooks)
 
