@@ -101,7 +101,11 @@ async def main_async(args: argparse.Namespace) -> None:
                 url = None
                 if pg is not None:
                     pg[1].psql(f"CREATE DATABASE {run}")
-                    url = pg[0].rsplit("/", 1)[0] + f"/{run}"
+                    url = (
+                        pg[1]
+                        .get_uri(database=run)
+                        .replace("postgresql://", "postgresql+asyncpg://", 1)
+                    )
                 result = await one_run(build, tmp / run, url, args)
                 cpu[build.name].append(result.cpu_ms_per_request * 1000)
                 print(

@@ -130,7 +130,8 @@ async def process(args: list[str], env: dict[str, str], port: int) -> AsyncItera
         await _wait_ready(url)
         yield url
     finally:
-        proc.terminate()
+        if proc.returncode is None:
+            proc.terminate()
         await proc.wait()
 
 
