@@ -95,6 +95,18 @@ async def test_photo_single_upload_processed_and_gps_stripped(storage_api: Api) 
     # attach it to feedback; the message carries it
     conv = await api.feedback(user, attachment_ids=[up["upload_id"]])
     assert [a["id"] for a in conv["last_message"]["attachments"]] == [up["upload_id"]]
+
+    def unsigned(attachments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Without the signed URLs and their expiry, which every answer makes anew."""
+        signed = ("url", "thumbnail_url", "expires_at")
+        return [{k: v for k, v in a.items() if k not in signed} for a in attachments]
+
+    # ... and so do the user's list and the conversation's message page
+    created = unsigned(conv["last_message"]["attachments"])
+    r = await api.http.get("/v1/client/conversations", headers=user)
+    assert unsigned(r.json()["items"][0]["last_message"]["attachments"]) == created
+    r = await api.http.get(f"/v1/client/conversations/{conv['id']}/messages", headers=user)
+    assert unsigned(r.json()["items"][0]["attachments"]) == created
     # ... and it cannot be attached twice
     r = await api.http.post(
         "/v1/client/conversations",

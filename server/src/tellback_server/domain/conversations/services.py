@@ -643,9 +643,10 @@ class ConversationService:
         )
 
 
-# ----- the end user's conversation list: one statement ----------------------------------------
-# A page of conversations with their last public message, only the columns the client view
-# reads: the ORM's version (two queries, every column, identity map) cost 3-4 ms per page.
+# ----- the end user's reads: one statement per page ------------------------------------------
+# Conversations with their last public message, or a conversation's public messages, each
+# with its author's name and only the columns the client views read. Through the ORM
+# (every column, the identity map, a query per kind of row) a list page cost 3-4 ms.
 
 
 class _Listed(NamedTuple):
@@ -675,8 +676,7 @@ class _ListedMessage(NamedTuple):
 
 
 _LISTED = len(_Listed._fields)
-
-
+_MESSAGE_WIDTH = len(_ListedMessage._fields) + 2  # with the author's two names
 _CONVS, _MSGS = table_of(Conversation), table_of(Message)
 
 
@@ -699,9 +699,6 @@ def _listed_message(row: Sequence[Any], authors: Related) -> _ListedMessage:
     if m.author_agent_id is not None:
         authors.agents[m.author_agent_id] = row[-1]
     return m
-
-
-_MESSAGE_WIDTH = len(_ListedMessage._fields) + 2  # with the two names
 
 
 def _paged(stmt: Any, at: Any, id_: Any, *, after_cursor: bool, descending: bool) -> Prepared:
@@ -802,7 +799,7 @@ _INSERT_MESSAGE = insert_into(table_of(Message), _MESSAGE_COLUMNS)
 _USERS = table_of(EndUser)
 # The end user as the views show them, and (asked along, a statement less each) whether
 # any agent's phone may hear of the new feedback and whether the app has webhooks.
-_USER_COLUMNS = (
+_USER_SELECT = select(
     _USERS.c.id,
     _USERS.c.external_id,
     _USERS.c.name,
@@ -810,13 +807,13 @@ _USER_COLUMNS = (
     _USERS.c.attributes,
     agents_listen().label("agents_listen"),
     any_endpoint().label("any_endpoint"),
-)
-_USER = Prepared(select(*_USER_COLUMNS).where(_USERS.c.id == bindparam("id")))
+).where(_USERS.c.id == bindparam("id"))
+_USER = Prepared(_USER_SELECT)
 
 
 def _insert_both() -> Prepared:
     """PostgreSQL: the conversation and its first message, inserted by a statement that
-    reads the end user (``_USER``): one round trip instead of three. Data-modifying CTEs
+    reads the end user (``_USER``): one round trip for three statements. Data-modifying CTEs
     run whether or not the query refers to them; the query does not see their rows,
     nor does it need to. Parameters ``c_<column>``, ``m_<column>``, ``id``, ``app_id``;
     the message's foreign key is checked at the end of the statement."""
@@ -827,8 +824,7 @@ def _insert_both() -> Prepared:
     message = insert(messages).values(
         {k: bindparam(f"m_{k}", type_=messages.c[k].type) for k in _MESSAGE_COLUMNS}
     )
-    user = select(*_USER_COLUMNS).where(_USERS.c.id == bindparam("id"))
-    return Prepared(user.add_cte(conv.cte("new_conversation"), message.cte("new_message")))
+    return Prepared(_USER_SELECT.add_cte(conv.cte("new_conversation"), message.cte("new_message")))
 
 
 _INSERT_BOTH = _insert_both()
