@@ -349,16 +349,12 @@ class Database:
 
     @asynccontextmanager
     async def _inline_read(self) -> AsyncIterator[Tx]:
-        """SQLite: a read on the loop's thread (writes go through :meth:`_grouped`)."""
+        """SQLite: a read on the loop's thread (writes go through :meth:`_grouped`).
+
+        No lock to wait for: the transaction begins deferred, and in WAL mode a
+        reader does not wait for the writer."""
         with self.inline_sessionmaker() as session:
-
-            async def begin() -> None:
-                session.connection()
-
-            async def reset() -> None:
-                session.rollback()
-
-            await _when_unlocked(begin, reset)
+            session.connection()
             try:
                 yield _InlineTx(session)
                 session.commit()
