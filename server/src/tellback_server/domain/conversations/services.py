@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session, defer
 from uuid_utils.compat import uuid7
 
 from tellback_server.db.base import table_of
-from tellback_server.db.engine import Tx
+from tellback_server.db.engine import SessionTx, Tx
 from tellback_server.db.models import (
     Agent,
     AgentApp,
@@ -80,7 +80,12 @@ from tellback_server.domain.conversations.views import (
 )
 from tellback_server.domain.events.records import EventDraft, emit, emit_in
 from tellback_server.domain.identity.services import UserFields
-from tellback_server.domain.push.delivery import agents_listen, queue_fanout, queue_fanout_in
+from tellback_server.domain.push.delivery import (
+    agents_listen,
+    queue_fanout,
+    queue_fanout_in,
+    user_listens,
+)
 from tellback_server.domain.webhooks.outbox import any_endpoint
 from tellback_server.http.deps import AgentPrincipal, ClientPrincipal
 from tellback_server.http.errors import AppError, NotFound, ValidationFailed
@@ -268,16 +273,12 @@ class ConversationService:
             for c in convs
         ]
 
-    async def _views(
-        self, conv: Conversation, message: Message, agent_name: str | None
-    ) -> tuple[Related, EndUser]:
+    async def _views(self, conv: Conversation, message: Message) -> tuple[Related, EndUser]:
         """What the events about ``message`` need, in at most two lookups."""
         end_user = await self.db.get(EndUser, conv.end_user_id)
         assert end_user is not None  # conversations go with their user
         authors = Related(self.db, self.attachments)
         authors.users[end_user.id] = end_user.name
-        if message.author_agent_id is not None and agent_name is not None:
-            authors.agents[message.author_agent_id] = agent_name  # known from the token
         await authors.load([message])
         return authors, end_user
 
@@ -303,22 +304,18 @@ class ConversationService:
         *,
         created: bool = False,
         status_changed: bool = False,
-        unread_changed: bool = False,
-        agent_name: str | None = None,
     ) -> _MessageViews:
         """Events for a new message: one row per type, with the agent and the user's view.
 
         Returns the views it built, which are also the request's answer.
         """
-        authors, user = await self._views(conv, message, agent_name)
+        authors, user = await self._views(conv, message)
         last = None
         if not message.internal or created or status_changed:
             last = await self._last_public(conv, message)
         drafts, views = message_events(
             conv, message, last, authors, user, created=created, status_changed=status_changed
         )
-        if unread_changed:
-            drafts.append(await self._unread_draft(conv))
         await emit(self.db, conv.app_id, drafts)
         return views
 
@@ -561,37 +558,7 @@ class ConversationService:
     async def agent_reply(
         self, agent: AgentPrincipal, conv_id: UUID, data: AgentMessageCreate
     ) -> AgentMessageOut:
-        if data.body is None and not data.attachment_ids:
-            raise ValidationFailed.field("body", "a reply needs a body or attachments")
-        body = clean_body(data.body, required=False)
-        conv = await self._agent_conv(agent, conv_id, lock=True)
-        attachments = await self.attachments.claim(conv.app_id, None, data.attachment_ids)
-        now = _now()
-        message = await self._add_message(
-            conv,
-            author_type="agent",
-            agent_id=agent.agent_id,
-            body=body,
-            attachments=attachments,
-            internal=data.internal,
-            now=now,
-        )
-        answered = False
-        if not data.internal:
-            await queue_fanout(self.db, message.id, "user")
-            conv.user_unread_count += 1
-            conv.agent_unread_count = 0
-            answered = conv.status == "open"
-            if answered:
-                conv.status = "pending"
-        views = await self._message_events(
-            conv,
-            message,
-            status_changed=answered,
-            unread_changed=not data.internal,
-            agent_name=agent.name,
-        )
-        return views.agent_msg
+        return await reply_in(SessionTx(self.db), self.attachments.store, agent, conv_id, data)
 
     async def agent_update(
         self, agent: AgentPrincipal, conv_id: UUID, data: ConversationUpdate
@@ -937,3 +904,180 @@ async def create_feedback(
     await tx.run(emit_in, client.app_id, drafts, has_endpoint=hooks)
     assert views.client_conv is not None  # the user's own new conversation
     return views.client_conv
+
+
+# ----- an agent's reply: the reply -> push hot path -------------------------------------------
+# Core statements built once, run in one Tx.run call: the conversation (locked) with what
+# the views and the outbox need, the message, the conversation's new state, the push job.
+
+_REPLY_CONVERSATION = (
+    "id",
+    "app_id",
+    "end_user_id",
+    "status",
+    "priority",
+    "subject",
+    "category",
+    "tags",
+    "custom_fields",
+    "location",
+    "assignee_id",
+    "message_count",
+    "user_unread_count",
+    "agent_unread_count",
+    "created_at",
+    "updated_at",
+    "last_activity_at",
+    "public_activity_at",
+    "last_public_message_id",
+)
+
+
+def _reply_read() -> Prepared:
+    """The conversation (``id``), locked on PostgreSQL, its end user as the views show
+    them, the user's unread total across the app, and whether any device of theirs may
+    hear of the reply and whether the app has webhooks."""
+    others = _CONVS.alias("others")
+    unread = (
+        select(func.coalesce(func.sum(others.c.user_unread_count), 0))
+        .where(others.c.app_id == _CONVS.c.app_id, others.c.end_user_id == _CONVS.c.end_user_id)
+        .scalar_subquery()
+    )
+    return Prepared(
+        select(
+            *(_CONVS.c[k] for k in _REPLY_CONVERSATION),
+            *(_USERS.c[k] for k in _User._fields),
+            unread.label("unread_total"),
+            user_listens(_CONVS.c.end_user_id).label("user_listens"),
+            any_endpoint(_CONVS.c.app_id).label("any_endpoint"),
+        )
+        .select_from(_CONVS.join(_USERS, _USERS.c.id == _CONVS.c.end_user_id))
+        .where(_CONVS.c.id == bindparam("id", type_=_CONVS.c.id.type))
+        .with_for_update(of=_CONVS)  # SQLite has no FOR UPDATE: its writer lock serializes
+    )
+
+
+_REPLY_READ = _reply_read()
+_REPLY_UPDATE = Prepared(
+    update(_CONVS)
+    .where(_CONVS.c.id == bindparam("conv_id", type_=_CONVS.c.id.type))
+    .values(
+        {
+            k: bindparam(k, type_=_CONVS.c[k].type)
+            for k in (
+                "status",
+                "message_count",
+                "user_unread_count",
+                "agent_unread_count",
+                "last_message_id",
+                "last_activity_at",
+                "last_public_message_id",
+                "public_activity_at",
+                "updated_at",
+            )
+        }
+    )
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    conv: dict[str, Any]
+    msg: dict[str, Any]
+    user: _User
+    attachments: list[Attachment]
+    unread_total: int
+    answered: bool
+    has_endpoint: bool
+
+
+def _store_reply(
+    db: Session, agent: AgentPrincipal, conv_id: UUID, data: AgentMessageCreate, body: str | None
+) -> _Reply:
+    rows = _REPLY_READ.execute(db, {"id": conv_id})
+    if not rows:
+        raise NotFound("no such conversation")
+    width, row = len(_REPLY_CONVERSATION), rows[0]
+    conv = dict(zip(_REPLY_CONVERSATION, row[:width], strict=True))
+    if conv["app_id"] not in agent.app_ids:
+        raise NotFound("no such conversation")
+    user = _User(*row[width : width + len(_User._fields)])
+    unread_total, listening, has_endpoint = row[width + len(_User._fields) :]
+    attachments = claim_in(db, conv["app_id"], None, data.attachment_ids)
+    attachments.sort(key=lambda a: (a.created_at, a.id))  # as lists show them
+    now = _now()
+    msg: dict[str, Any] = {
+        "id": uuid7(),
+        "conversation_id": conv_id,
+        "app_id": conv["app_id"],
+        "author_type": "agent",
+        "author_user_id": None,
+        "author_agent_id": agent.agent_id,
+        "body": body,
+        "internal": data.internal,
+        "attachment_ids": [str(a.id) for a in attachments],
+        "location": None,
+        "created_at": now,
+        "updated_at": now,
+    }
+    _INSERT_MESSAGE.execute(db, msg)
+    for att in attachments:
+        att.message_id = msg["id"]  # flushed at commit
+    conv.update(
+        message_count=conv["message_count"] + 1,
+        last_message_id=msg["id"],
+        last_activity_at=now,
+        updated_at=now,
+    )
+    answered = False
+    if not data.internal:
+        answered = conv["status"] == "open"
+        conv.update(
+            status="pending" if answered else conv["status"],
+            user_unread_count=conv["user_unread_count"] + 1,
+            agent_unread_count=0,
+            last_public_message_id=msg["id"],
+            public_activity_at=now,
+        )
+        unread_total += 1
+        queue_fanout_in(db, msg["id"], "user", listening=bool(listening))
+    _REPLY_UPDATE.execute(db, {"conv_id": conv_id, **conv})
+    return _Reply(conv, msg, user, attachments, int(unread_total), answered, bool(has_endpoint))
+
+
+async def reply_in(
+    tx: Tx, store: ObjectStore, agent: AgentPrincipal, conv_id: UUID, data: AgentMessageCreate
+) -> AgentMessageOut:
+    """An agent's reply or internal note, the user's push job and the events."""
+    if data.body is None and not data.attachment_ids:
+        raise ValidationFailed.field("body", "a reply needs a body or attachments")
+    body = clean_body(data.body, required=False)
+    if not agent.app_ids:
+        raise NotFound("no such conversation")
+    r = await tx.run(_store_reply, agent, conv_id, data, body)
+    authors = Related()
+    authors.users[r.user.id] = r.user.name
+    authors.agents[agent.agent_id] = agent.name  # known from the token
+    if r.attachments:
+        authors.attachments[r.msg["id"]] = [await attachment_out(store, a) for a in r.attachments]
+    # The views read the stored values as they are: no ORM instances to build.
+    conv = cast(ConversationFields, SimpleNamespace(**r.conv))
+    message = cast(MessageFields, SimpleNamespace(**r.msg))
+    drafts, views = message_events(
+        conv,
+        message,
+        None if data.internal else message,
+        authors,
+        r.user,
+        created=False,
+        status_changed=r.answered,
+    )
+    if not data.internal:
+        client_view = {
+            "unread_count": r.unread_total,
+            "conversation_id": conv.id,
+            "conversation_unread_count": conv.user_unread_count,
+        }
+        drafts.append(EventDraft("unread.changed", conv.id, conv.end_user_id, None, client_view))
+    await tx.run(emit_in, conv.app_id, drafts, has_endpoint=r.has_endpoint)
+    return views.agent_msg

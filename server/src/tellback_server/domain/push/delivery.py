@@ -421,17 +421,26 @@ def agents_listen() -> Exists:
     return exists(_agent_phones().where(agent_apps.c.app_id == app_id))
 
 
+def _user_phones() -> Select[tuple[Any]]:
+    """Active devices of end users (filter on ``devices.end_user_id``): who may hear of
+    an agent's reply."""
+    devices = table_of(Device)
+    return select(literal_column("1")).select_from(devices).where(devices.c.active.is_(True))
+
+
+def user_listens(end_user_id: Any) -> Exists:
+    """Whether an active device of the end user (``end_user_id``: a column of the
+    enclosing query) may hear of an agent's reply: the "user" question of
+    :func:`queue_fanout_in`, for a query that asks it along with what it reads anyway."""
+    return exists(_user_phones().where(table_of(Device).c.end_user_id == end_user_id))
+
+
 def _any_device(audience: str) -> Prepared:
     """One active device that may hear of the message (:func:`queue_fanout_in`)."""
     devices, convs, messages = table_of(Device), table_of(Conversation), table_of(Message)
     stmt: Select[tuple[Any]]
     if audience == "user":
-        stmt = (
-            select(literal_column("1"))
-            .select_from(devices)
-            .join(convs, convs.c.end_user_id == devices.c.end_user_id)
-            .where(devices.c.active.is_(True))
-        )
+        stmt = _user_phones().join(convs, convs.c.end_user_id == devices.c.end_user_id)
     else:
         stmt = _agent_phones().join(convs, convs.c.app_id == table_of(AgentApp).c.app_id)
     return Prepared(

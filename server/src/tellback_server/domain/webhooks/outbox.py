@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from sqlalchemy import Exists, bindparam, exists, select
@@ -45,13 +45,13 @@ _ENDPOINTS = Prepared(
 )
 
 
-def any_endpoint() -> Exists:
-    """Whether the app (parameter ``app_id``) has an enabled webhook endpoint: for a query
-    that asks it along with what it reads anyway (see :func:`queue_deliveries`)."""
-    return exists().where(
-        _ENDPOINT_TABLE.c.app_id == bindparam("app_id", type_=_ENDPOINT_TABLE.c.app_id.type),
-        _ENDPOINT_TABLE.c.enabled.is_(True),
-    )
+def any_endpoint(app_id: Any = None) -> Exists:
+    """Whether the app (``app_id``: a column of the enclosing query, or by default the
+    parameter ``app_id``) has an enabled webhook endpoint: for a query that asks it
+    along with what it reads anyway (see :func:`queue_deliveries`)."""
+    if app_id is None:
+        app_id = bindparam("app_id", type_=_ENDPOINT_TABLE.c.app_id.type)
+    return exists().where(_ENDPOINT_TABLE.c.app_id == app_id, _ENDPOINT_TABLE.c.enabled.is_(True))
 
 
 def queue_deliveries(
