@@ -907,29 +907,14 @@ async def create_feedback(
 
 
 # ----- an agent's reply: the reply -> push hot path -------------------------------------------
-# Core statements built once, run in one Tx.run call: the conversation (locked) with what
-# the views and the outbox need, the message, the conversation's new state, the push job.
+# Core statements built once, run in two Tx.run calls: the conversation (locked) with what
+# the views and the outbox need, the message, the conversation's new state and the push job;
+# then the events.
 
-_REPLY_CONVERSATION = (
-    "id",
-    "app_id",
-    "end_user_id",
-    "status",
-    "priority",
-    "subject",
-    "category",
-    "tags",
-    "custom_fields",
-    "location",
-    "assignee_id",
-    "message_count",
-    "user_unread_count",
-    "agent_unread_count",
-    "created_at",
-    "updated_at",
-    "last_activity_at",
-    "public_activity_at",
-    "last_public_message_id",
+# What the views and the UPDATE read: every column but the device context (the largest, in
+# no view), the user's read marker and the last message's id (which the reply sets).
+_REPLY_CONVERSATION = tuple(
+    k for k in _CONVERSATION_COLUMNS if k not in {"context", "user_read_at", "last_message_id"}
 )
 
 
