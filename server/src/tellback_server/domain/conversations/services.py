@@ -63,7 +63,6 @@ from tellback_server.domain.conversations.schemas import (
     ConversationCreate,
     ConversationOut,
     ConversationUpdate,
-    Location,
     MessageCreate,
     MessageOut,
     UnreadOut,
@@ -82,7 +81,6 @@ from tellback_server.domain.events.records import EventDraft, emit, emit_in
 from tellback_server.domain.identity.services import UserFields
 from tellback_server.domain.push.delivery import (
     agents_listen,
-    queue_fanout,
     queue_fanout_in,
     user_listens,
 )
@@ -193,45 +191,6 @@ class ConversationService:
 
     # ----- shared -------------------------------------------------------------------------
 
-    async def _add_message(
-        self,
-        conv: Conversation,
-        *,
-        author_type: str,
-        body: str | None,
-        user_id: UUID | None = None,
-        agent_id: UUID | None = None,
-        attachments: Sequence[Attachment] = (),
-        location: Location | None = None,
-        internal: bool = False,
-        now: dt.datetime,
-    ) -> Message:
-        message = Message(
-            conversation_id=conv.id,
-            app_id=conv.app_id,
-            author_type=author_type,
-            author_user_id=user_id,
-            author_agent_id=agent_id,
-            body=body,
-            internal=internal,
-            attachment_ids=[str(a.id) for a in attachments],
-            location=msgspec.to_builtins(location) if location is not None else None,
-            created_at=now,
-            updated_at=now,
-        )
-        self.db.add(message)
-        await self.db.flush()
-        for att in attachments:
-            att.message_id = message.id
-        conv.message_count += 1
-        conv.last_message_id = message.id
-        conv.last_activity_at = now
-        conv.updated_at = now
-        if not internal:
-            conv.last_public_message_id = message.id
-            conv.public_activity_at = now
-        return message
-
     async def _messages_page(
         self, conv_id: UUID, cursor: str | None, limit: int
     ) -> tuple[list[Message], str | None]:
@@ -273,22 +232,6 @@ class ConversationService:
             for c in convs
         ]
 
-    async def _views(self, conv: Conversation, message: Message) -> tuple[Related, EndUser]:
-        """What the events about ``message`` need, in at most two lookups."""
-        end_user = await self.db.get(EndUser, conv.end_user_id)
-        assert end_user is not None  # conversations go with their user
-        authors = Related(self.db, self.attachments)
-        authors.users[end_user.id] = end_user.name
-        await authors.load([message])
-        return authors, end_user
-
-    async def _last_public(self, conv: Conversation, message: Message) -> Message | None:
-        if conv.last_public_message_id == message.id:
-            return message
-        return (await self._messages_by_id([conv.last_public_message_id])).get(
-            conv.last_public_message_id  # type: ignore[arg-type]
-        )
-
     async def _user_unread_total(self, app_id: UUID, end_user_id: UUID) -> int:
         total = await self.db.scalar(
             select(func.coalesce(func.sum(Conversation.user_unread_count), 0)).where(
@@ -296,28 +239,6 @@ class ConversationService:
             )
         )
         return int(total or 0)
-
-    async def _message_events(
-        self,
-        conv: Conversation,
-        message: Message,
-        *,
-        created: bool = False,
-        status_changed: bool = False,
-    ) -> _MessageViews:
-        """Events for a new message: one row per type, with the agent and the user's view.
-
-        Returns the views it built, which are also the request's answer.
-        """
-        authors, user = await self._views(conv, message)
-        last = None
-        if not message.internal or created or status_changed:
-            last = await self._last_public(conv, message)
-        drafts, views = message_events(
-            conv, message, last, authors, user, created=created, status_changed=status_changed
-        )
-        await emit(self.db, conv.app_id, drafts)
-        return views
 
     async def _unread_draft(self, conv: Conversation) -> EventDraft:
         total = await self._user_unread_total(conv.app_id, conv.end_user_id)
@@ -390,35 +311,7 @@ class ConversationService:
     async def client_add_message(
         self, client: ClientPrincipal, conv_id: UUID, data: MessageCreate
     ) -> MessageOut:
-        if data.body is None and not data.attachment_ids and data.location is None:
-            raise ValidationFailed.field(
-                "body", "a message needs a body, attachments or a location"
-            )
-        body = clean_body(data.body, required=False)
-        conv = await self._client_conv(client, conv_id, lock=True)
-        if conv.status == "closed":
-            raise ConversationClosed("this conversation is closed; start a new one")
-        attachments = await self.attachments.claim(
-            client.app_id, client.end_user_id, data.attachment_ids
-        )
-        now = _now()
-        message = await self._add_message(
-            conv,
-            author_type="user",
-            user_id=client.end_user_id,
-            body=body,
-            attachments=attachments,
-            location=data.location,
-            now=now,
-        )
-        reopened = conv.status in {"pending", "solved"}
-        if reopened:
-            conv.status = "open"
-        conv.agent_unread_count += 1
-        await queue_fanout(self.db, message.id, "agents")
-        views = await self._message_events(conv, message, status_changed=reopened)
-        assert views.client_msg is not None  # a user's message is never internal
-        return views.client_msg
+        return await follow_up_in(SessionTx(self.db), self.attachments.store, client, conv_id, data)
 
     async def client_read(self, client: ClientPrincipal, conv_id: UUID, message_id: UUID) -> None:
         conv = await self._client_conv(client, conv_id, lock=True)
@@ -906,35 +799,27 @@ async def create_feedback(
     return views.client_conv
 
 
-# ----- an agent's reply: the reply -> push hot path -------------------------------------------
+# ----- a new message in a conversation: an agent's reply, an end user's follow-up -----------
 # Core statements built once, run in two Tx.run calls: the conversation (locked) with what
 # the views and the outbox need, the message, the conversation's new state and the push job;
 # then the events.
 
 # What the views and the UPDATE read: every column but the device context (the largest, in
-# no view), the user's read marker and the last message's id (which the reply sets).
-_REPLY_CONVERSATION = tuple(
+# no view), the user's read marker and the last message's id (which a new message sets).
+_MESSAGE_TARGET = tuple(
     k for k in _CONVERSATION_COLUMNS if k not in {"context", "user_read_at", "last_message_id"}
 )
 
 
-def _reply_read() -> Prepared:
+def _conversation_read(*asked: Any) -> Prepared:
     """The conversation (``id``), locked on PostgreSQL, its end user as the views show
-    them, the user's unread total across the app, and whether any device of theirs may
-    hear of the reply and whether the app has webhooks."""
-    others = _CONVS.alias("others")
-    unread = (
-        select(func.coalesce(func.sum(others.c.user_unread_count), 0))
-        .where(others.c.app_id == _CONVS.c.app_id, others.c.end_user_id == _CONVS.c.end_user_id)
-        .scalar_subquery()
-    )
+    them, whether the app has webhooks, then ``asked`` (one column each)."""
     return Prepared(
         select(
-            *(_CONVS.c[k] for k in _REPLY_CONVERSATION),
+            *(_CONVS.c[k] for k in _MESSAGE_TARGET),
             *(_USERS.c[k] for k in _User._fields),
-            unread.label("unread_total"),
-            user_listens(_CONVS.c.end_user_id).label("user_listens"),
             any_endpoint(_CONVS.c.app_id).label("any_endpoint"),
+            *asked,
         )
         .select_from(_CONVS.join(_USERS, _USERS.c.id == _CONVS.c.end_user_id))
         .where(_CONVS.c.id == bindparam("id", type_=_CONVS.c.id.type))
@@ -942,8 +827,45 @@ def _reply_read() -> Prepared:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """A conversation read by :func:`_conversation_read`, as a dict the new message's
+    changes go into."""
+
+    conv: dict[str, Any]
+    user: _User
+    has_endpoint: bool
+    asked: tuple[Any, ...]
+
+
+def _read_target(db: Session, statement: Prepared, params: dict[str, Any]) -> _Target | None:
+    rows = statement.execute(db, params)
+    if not rows:
+        return None
+    width, row = len(_MESSAGE_TARGET), rows[0]
+    users = width + len(_User._fields)
+    conv = dict(zip(_MESSAGE_TARGET, row[:width], strict=True))
+    return _Target(conv, _User(*row[width:users]), bool(row[users]), tuple(row[users + 1 :]))
+
+
+def _reply_read() -> Prepared:
+    """Asked along for a reply: the user's unread total across the app, and whether any
+    device of theirs may hear of it."""
+    others = _CONVS.alias("others")
+    unread = (
+        select(func.coalesce(func.sum(others.c.user_unread_count), 0))
+        .where(others.c.app_id == _CONVS.c.app_id, others.c.end_user_id == _CONVS.c.end_user_id)
+        .scalar_subquery()
+    )
+    return _conversation_read(
+        unread.label("unread_total"), user_listens(_CONVS.c.end_user_id).label("user_listens")
+    )
+
+
 _REPLY_READ = _reply_read()
-_REPLY_UPDATE = Prepared(
+# Asked along for a follow-up: whether an agent's phone may hear of it (``app_id``).
+_FOLLOW_UP_READ = _conversation_read(agents_listen().label("agents_listen"))
+_CONVERSATION_UPDATE = Prepared(
     update(_CONVS)
     .where(_CONVS.c.id == bindparam("conv_id", type_=_CONVS.c.id.type))
     .values(
@@ -967,29 +889,38 @@ _REPLY_UPDATE = Prepared(
 
 @dataclass(frozen=True, slots=True)
 class _Reply:
+    """A new message's rows as stored, and what its events need."""
+
     conv: dict[str, Any]
     msg: dict[str, Any]
     user: _User
     attachments: list[Attachment]
-    unread_total: int
-    answered: bool
+    unread_total: int  # the user's, after a reply; unused for a follow-up
+    status_changed: bool
     has_endpoint: bool
+
+
+def _new_message(conv: dict[str, Any], msg: dict[str, Any]) -> None:
+    """Insert ``msg`` into ``conv`` (a :class:`_Target`'s), counting it there."""
+    now = msg["created_at"]
+    conv.update(
+        message_count=conv["message_count"] + 1,
+        last_message_id=msg["id"],
+        last_activity_at=now,
+        updated_at=now,
+    )
+    if not msg["internal"]:
+        conv.update(last_public_message_id=msg["id"], public_activity_at=now)
 
 
 def _store_reply(
     db: Session, agent: AgentPrincipal, conv_id: UUID, data: AgentMessageCreate, body: str | None
 ) -> _Reply:
-    rows = _REPLY_READ.execute(db, {"id": conv_id})
-    if not rows:
+    target = _read_target(db, _REPLY_READ, {"id": conv_id})
+    if target is None or target.conv["app_id"] not in agent.app_ids:
         raise NotFound("no such conversation")
-    width, row = len(_REPLY_CONVERSATION), rows[0]
-    conv = dict(zip(_REPLY_CONVERSATION, row[:width], strict=True))
-    if conv["app_id"] not in agent.app_ids:
-        raise NotFound("no such conversation")
-    user = _User(*row[width : width + len(_User._fields)])
-    unread_total, listening, has_endpoint = row[width + len(_User._fields) :]
+    conv, (unread_total, listening) = target.conv, target.asked
     attachments = claim_in(db, conv["app_id"], None, data.attachment_ids)
-    attachments.sort(key=lambda a: (a.created_at, a.id))  # as lists show them
     now = _now()
     msg: dict[str, Any] = {
         "id": uuid7(),
@@ -1008,26 +939,95 @@ def _store_reply(
     _INSERT_MESSAGE.execute(db, msg)
     for att in attachments:
         att.message_id = msg["id"]  # flushed at commit
-    conv.update(
-        message_count=conv["message_count"] + 1,
-        last_message_id=msg["id"],
-        last_activity_at=now,
-        updated_at=now,
-    )
+    _new_message(conv, msg)
     answered = False
     if not data.internal:
         answered = conv["status"] == "open"
-        conv.update(
-            status="pending" if answered else conv["status"],
-            user_unread_count=conv["user_unread_count"] + 1,
-            agent_unread_count=0,
-            last_public_message_id=msg["id"],
-            public_activity_at=now,
-        )
+        if answered:
+            conv["status"] = "pending"
+        conv["user_unread_count"] += 1
+        conv["agent_unread_count"] = 0
         unread_total += 1
         queue_fanout_in(db, msg["id"], "user", listening=bool(listening))
-    _REPLY_UPDATE.execute(db, {"conv_id": conv_id, **conv})
-    return _Reply(conv, msg, user, attachments, int(unread_total), answered, bool(has_endpoint))
+    _CONVERSATION_UPDATE.execute(db, {"conv_id": conv_id, **conv})
+    return _Reply(
+        conv, msg, target.user, attachments, int(unread_total), answered, target.has_endpoint
+    )
+
+
+def _store_follow_up(
+    db: Session, client: ClientPrincipal, conv_id: UUID, data: MessageCreate, body: str | None
+) -> _Reply:
+    target = _read_target(db, _FOLLOW_UP_READ, {"id": conv_id, "app_id": client.app_id})
+    owner = (client.app_id, client.end_user_id)
+    if target is None or (target.conv["app_id"], target.conv["end_user_id"]) != owner:
+        raise NotFound("no such conversation")
+    conv = target.conv
+    if conv["status"] == "closed":
+        raise ConversationClosed("this conversation is closed; start a new one")
+    attachments = claim_in(db, client.app_id, client.end_user_id, data.attachment_ids)
+    now = _now()
+    msg: dict[str, Any] = {
+        "id": uuid7(),
+        "conversation_id": conv_id,
+        "app_id": client.app_id,
+        "author_type": "user",
+        "author_user_id": client.end_user_id,
+        "author_agent_id": None,
+        "body": body,
+        "internal": False,
+        "attachment_ids": [str(a.id) for a in attachments],  # in the order sent
+        "location": msgspec.to_builtins(data.location) if data.location is not None else None,
+        "created_at": now,
+        "updated_at": now,
+    }
+    _INSERT_MESSAGE.execute(db, msg)
+    for att in attachments:
+        att.message_id = msg["id"]  # flushed at commit
+    _new_message(conv, msg)
+    reopened = conv["status"] in {"pending", "solved"}
+    if reopened:
+        conv["status"] = "open"
+    conv["agent_unread_count"] += 1
+    (listening,) = target.asked
+    queue_fanout_in(db, msg["id"], "agents", listening=bool(listening))
+    _CONVERSATION_UPDATE.execute(db, {"conv_id": conv_id, **conv})
+    return _Reply(conv, msg, target.user, attachments, 0, reopened, target.has_endpoint)
+
+
+async def _message_events_in(
+    tx: Tx, store: ObjectStore, r: _Reply, agent: AgentPrincipal | None = None
+) -> _MessageViews:
+    """Write the events of a message :func:`_store_reply` or :func:`_store_follow_up`
+    stored; the views they carry, one of which is the request's answer."""
+    authors = Related()
+    authors.users[r.user.id] = r.user.name
+    if agent is not None:
+        authors.agents[agent.agent_id] = agent.name  # known from the token
+    if r.attachments:
+        ordered = sorted(r.attachments, key=lambda a: (a.created_at, a.id))  # as lists show them
+        authors.attachments[r.msg["id"]] = [await attachment_out(store, a) for a in ordered]
+    # The views read the stored values as they are: no ORM instances to build.
+    conv = cast(ConversationFields, SimpleNamespace(**r.conv))
+    message = cast(MessageFields, SimpleNamespace(**r.msg))
+    drafts, views = message_events(
+        conv,
+        message,
+        None if message.internal else message,
+        authors,
+        r.user,
+        created=False,
+        status_changed=r.status_changed,
+    )
+    if agent is not None and not message.internal:
+        client_view = {
+            "unread_count": r.unread_total,
+            "conversation_id": conv.id,
+            "conversation_unread_count": conv.user_unread_count,
+        }
+        drafts.append(EventDraft("unread.changed", conv.id, conv.end_user_id, None, client_view))
+    await tx.run(emit_in, conv.app_id, drafts, has_endpoint=r.has_endpoint)
+    return views
 
 
 async def reply_in(
@@ -1039,30 +1039,18 @@ async def reply_in(
     body = clean_body(data.body, required=False)
     if not agent.app_ids:
         raise NotFound("no such conversation")
-    r = await tx.run(_store_reply, agent, conv_id, data, body)
-    authors = Related()
-    authors.users[r.user.id] = r.user.name
-    authors.agents[agent.agent_id] = agent.name  # known from the token
-    if r.attachments:
-        authors.attachments[r.msg["id"]] = [await attachment_out(store, a) for a in r.attachments]
-    # The views read the stored values as they are: no ORM instances to build.
-    conv = cast(ConversationFields, SimpleNamespace(**r.conv))
-    message = cast(MessageFields, SimpleNamespace(**r.msg))
-    drafts, views = message_events(
-        conv,
-        message,
-        None if data.internal else message,
-        authors,
-        r.user,
-        created=False,
-        status_changed=r.answered,
-    )
-    if not data.internal:
-        client_view = {
-            "unread_count": r.unread_total,
-            "conversation_id": conv.id,
-            "conversation_unread_count": conv.user_unread_count,
-        }
-        drafts.append(EventDraft("unread.changed", conv.id, conv.end_user_id, None, client_view))
-    await tx.run(emit_in, conv.app_id, drafts, has_endpoint=r.has_endpoint)
-    return views.agent_msg
+    stored = await tx.run(_store_reply, agent, conv_id, data, body)
+    return (await _message_events_in(tx, store, stored, agent)).agent_msg
+
+
+async def follow_up_in(
+    tx: Tx, store: ObjectStore, client: ClientPrincipal, conv_id: UUID, data: MessageCreate
+) -> MessageOut:
+    """An end user's message in their conversation, the agents' push job and the events."""
+    if data.body is None and not data.attachment_ids and data.location is None:
+        raise ValidationFailed.field("body", "a message needs a body, attachments or a location")
+    body = clean_body(data.body, required=False)
+    stored = await tx.run(_store_follow_up, client, conv_id, data, body)
+    views = await _message_events_in(tx, store, stored)
+    assert views.client_msg is not None  # a user's message is never internal
+    return views.client_msg
