@@ -888,7 +888,7 @@ _CONVERSATION_UPDATE = Prepared(
 
 
 @dataclass(frozen=True, slots=True)
-class _Reply:
+class _NewMessage:
     """A new message's rows as stored, and what its events need."""
 
     conv: dict[str, Any]
@@ -900,9 +900,24 @@ class _Reply:
     has_endpoint: bool
 
 
-def _new_message(conv: dict[str, Any], msg: dict[str, Any]) -> None:
-    """Insert ``msg`` into ``conv`` (a :class:`_Target`'s), counting it there."""
-    now = msg["created_at"]
+def _insert_message(
+    db: Session, conv: dict[str, Any], attachments: Sequence[Attachment], **fields: Any
+) -> dict[str, Any]:
+    """Insert a message into ``conv`` (a :class:`_Target`'s, which counts it): ``fields``
+    are its author, ``body``, ``internal`` and ``location``. Returns its row."""
+    now = _now()
+    msg: dict[str, Any] = {
+        "id": uuid7(),
+        "conversation_id": conv["id"],
+        "app_id": conv["app_id"],
+        "attachment_ids": [str(a.id) for a in attachments],  # in the order sent
+        "created_at": now,
+        "updated_at": now,
+        **fields,
+    }
+    _INSERT_MESSAGE.execute(db, msg)
+    for att in attachments:
+        att.message_id = msg["id"]  # flushed at commit
     conv.update(
         message_count=conv["message_count"] + 1,
         last_message_id=msg["id"],
@@ -911,35 +926,28 @@ def _new_message(conv: dict[str, Any], msg: dict[str, Any]) -> None:
     )
     if not msg["internal"]:
         conv.update(last_public_message_id=msg["id"], public_activity_at=now)
+    return msg
 
 
 def _store_reply(
     db: Session, agent: AgentPrincipal, conv_id: UUID, data: AgentMessageCreate, body: str | None
-) -> _Reply:
+) -> _NewMessage:
     target = _read_target(db, _REPLY_READ, {"id": conv_id})
     if target is None or target.conv["app_id"] not in agent.app_ids:
         raise NotFound("no such conversation")
     conv, (unread_total, listening) = target.conv, target.asked
     attachments = claim_in(db, conv["app_id"], None, data.attachment_ids)
-    now = _now()
-    msg: dict[str, Any] = {
-        "id": uuid7(),
-        "conversation_id": conv_id,
-        "app_id": conv["app_id"],
-        "author_type": "agent",
-        "author_user_id": None,
-        "author_agent_id": agent.agent_id,
-        "body": body,
-        "internal": data.internal,
-        "attachment_ids": [str(a.id) for a in attachments],
-        "location": None,
-        "created_at": now,
-        "updated_at": now,
-    }
-    _INSERT_MESSAGE.execute(db, msg)
-    for att in attachments:
-        att.message_id = msg["id"]  # flushed at commit
-    _new_message(conv, msg)
+    msg = _insert_message(
+        db,
+        conv,
+        attachments,
+        author_type="agent",
+        author_user_id=None,
+        author_agent_id=agent.agent_id,
+        body=body,
+        internal=data.internal,
+        location=None,
+    )
     answered = False
     if not data.internal:
         answered = conv["status"] == "open"
@@ -950,14 +958,14 @@ def _store_reply(
         unread_total += 1
         queue_fanout_in(db, msg["id"], "user", listening=bool(listening))
     _CONVERSATION_UPDATE.execute(db, {"conv_id": conv_id, **conv})
-    return _Reply(
+    return _NewMessage(
         conv, msg, target.user, attachments, int(unread_total), answered, target.has_endpoint
     )
 
 
 def _store_follow_up(
     db: Session, client: ClientPrincipal, conv_id: UUID, data: MessageCreate, body: str | None
-) -> _Reply:
+) -> _NewMessage:
     target = _read_target(db, _FOLLOW_UP_READ, {"id": conv_id, "app_id": client.app_id})
     owner = (client.app_id, client.end_user_id)
     if target is None or (target.conv["app_id"], target.conv["end_user_id"]) != owner:
@@ -966,25 +974,17 @@ def _store_follow_up(
     if conv["status"] == "closed":
         raise ConversationClosed("this conversation is closed; start a new one")
     attachments = claim_in(db, client.app_id, client.end_user_id, data.attachment_ids)
-    now = _now()
-    msg: dict[str, Any] = {
-        "id": uuid7(),
-        "conversation_id": conv_id,
-        "app_id": client.app_id,
-        "author_type": "user",
-        "author_user_id": client.end_user_id,
-        "author_agent_id": None,
-        "body": body,
-        "internal": False,
-        "attachment_ids": [str(a.id) for a in attachments],  # in the order sent
-        "location": msgspec.to_builtins(data.location) if data.location is not None else None,
-        "created_at": now,
-        "updated_at": now,
-    }
-    _INSERT_MESSAGE.execute(db, msg)
-    for att in attachments:
-        att.message_id = msg["id"]  # flushed at commit
-    _new_message(conv, msg)
+    msg = _insert_message(
+        db,
+        conv,
+        attachments,
+        author_type="user",
+        author_user_id=client.end_user_id,
+        author_agent_id=None,
+        body=body,
+        internal=False,
+        location=msgspec.to_builtins(data.location) if data.location is not None else None,
+    )
     reopened = conv["status"] in {"pending", "solved"}
     if reopened:
         conv["status"] = "open"
@@ -992,11 +992,11 @@ def _store_follow_up(
     (listening,) = target.asked
     queue_fanout_in(db, msg["id"], "agents", listening=bool(listening))
     _CONVERSATION_UPDATE.execute(db, {"conv_id": conv_id, **conv})
-    return _Reply(conv, msg, target.user, attachments, 0, reopened, target.has_endpoint)
+    return _NewMessage(conv, msg, target.user, attachments, 0, reopened, target.has_endpoint)
 
 
 async def _message_events_in(
-    tx: Tx, store: ObjectStore, r: _Reply, agent: AgentPrincipal | None = None
+    tx: Tx, store: ObjectStore, r: _NewMessage, agent: AgentPrincipal | None = None
 ) -> _MessageViews:
     """Write the events of a message :func:`_store_reply` or :func:`_store_follow_up`
     stored; the views they carry, one of which is the request's answer."""
