@@ -75,6 +75,11 @@ def after(at_col: Any, id_col: Any, at: Any, id_: Any, *, descending: bool) -> C
     return or_(at_col > at, and_(at_col == at, id_col > id_))
 
 
+def keyset_order(at_col: Any, id_col: Any, *, descending: bool) -> tuple[Any, Any]:
+    """ORDER BY (at, id), the order :func:`after` pages through."""
+    return (at_col.desc(), id_col.desc()) if descending else (at_col, id_col)
+
+
 async def keyset_page(
     db: AsyncSession,
     stmt: Select[tuple[T]],
@@ -89,7 +94,7 @@ async def keyset_page(
     check_limit(limit)
     if (c := decode_cursor(cursor)) is not None:
         stmt = stmt.where(after(at_col, id_col, c.at, c.id, descending=descending))
-    order = (at_col.desc(), id_col.desc()) if descending else (at_col, id_col)
+    order = keyset_order(at_col, id_col, descending=descending)
     rows = list(await db.scalars(stmt.order_by(*order).limit(limit + 1)))
     keys = [(getattr(r, at_col.key), getattr(r, id_col.key)) for r in rows]
     return rows[:limit], next_cursor_for(keys, limit)

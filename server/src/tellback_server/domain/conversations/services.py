@@ -92,6 +92,7 @@ from tellback_server.http.pagination import (
     after,
     check_limit,
     decode_cursor,
+    keyset_order,
     keyset_page,
     next_cursor_for,
 )
@@ -184,6 +185,22 @@ def message_events(
     return drafts, _MessageViews(agent_msg, client_msg, client_conv)
 
 
+def unread_changed(conv: ConversationFields, total: int) -> EventDraft:
+    """The end user's ``unread.changed`` event: ``total`` over all their conversations,
+    and ``conv``'s own count."""
+    return EventDraft(
+        "unread.changed",
+        conv.id,
+        conv.end_user_id,
+        None,
+        {
+            "unread_count": total,
+            "conversation_id": conv.id,
+            "conversation_unread_count": conv.user_unread_count,
+        },
+    )
+
+
 class ConversationService:
     def __init__(self, db: AsyncSession, attachments: AttachmentService) -> None:
         self.db = db
@@ -241,18 +258,7 @@ class ConversationService:
         return int(total or 0)
 
     async def _unread_draft(self, conv: Conversation) -> EventDraft:
-        total = await self._user_unread_total(conv.app_id, conv.end_user_id)
-        return EventDraft(
-            "unread.changed",
-            conv.id,
-            conv.end_user_id,
-            None,
-            {
-                "unread_count": total,
-                "conversation_id": conv.id,
-                "conversation_unread_count": conv.user_unread_count,
-            },
-        )
+        return unread_changed(conv, await self._user_unread_total(conv.app_id, conv.end_user_id))
 
     async def client_list(
         self, client: ClientPrincipal, cursor: str | None, limit: int
@@ -563,8 +569,8 @@ def _listed_message(row: Sequence[Any], authors: Related) -> _ListedMessage:
 
 def _paged(stmt: Any, at: Any, id_: Any, *, after_cursor: bool, descending: bool) -> Prepared:
     """``stmt`` ordered by (at, id), at most ``:limit`` rows, after ``(:at, :after_id)``."""
-    order = (at.desc(), id_.desc()) if descending else (at, id_)
-    stmt = stmt.order_by(*order).limit(bindparam("limit", type_=Integer))
+    stmt = stmt.order_by(*keyset_order(at, id_, descending=descending))
+    stmt = stmt.limit(bindparam("limit", type_=Integer))
     if after_cursor:
         key = bindparam("at", type_=at.type), bindparam("after_id", type_=id_.type)
         stmt = stmt.where(after(at, id_, *key, descending=descending))
@@ -656,15 +662,21 @@ _INSERT_CONVERSATION = insert_into(table_of(Conversation), _CONVERSATION_COLUMNS
 _INSERT_MESSAGE = insert_into(table_of(Message), _MESSAGE_COLUMNS)
 
 
+class _User(NamedTuple):
+    """The end user as the views show them (the columns ``user_out`` reads)."""
+
+    id: UUID
+    external_id: str | None
+    name: str | None
+    email: str | None
+    attributes: dict[str, Any] | None
+
+
 _USERS = table_of(EndUser)
 # The end user as the views show them, and (asked along, a statement less each) whether
 # any agent's phone may hear of the new feedback and whether the app has webhooks.
 _USER_SELECT = select(
-    _USERS.c.id,
-    _USERS.c.external_id,
-    _USERS.c.name,
-    _USERS.c.email,
-    _USERS.c.attributes,
+    *(_USERS.c[k] for k in _User._fields),
     agents_listen().label("agents_listen"),
     any_endpoint().label("any_endpoint"),
 ).where(_USERS.c.id == bindparam("id"))
@@ -688,16 +700,6 @@ def _insert_both() -> Prepared:
 
 
 _INSERT_BOTH = _insert_both()
-
-
-class _User(NamedTuple):
-    """The end user as the views show them (the columns ``user_out`` reads)."""
-
-    id: UUID
-    external_id: str | None
-    name: str | None
-    email: str | None
-    attributes: dict[str, Any] | None
 
 
 def _store_feedback(
@@ -779,22 +781,8 @@ async def create_feedback(
         "updated_at": now,
     }
     user, attachments, hooks = await tx.run(_store_feedback, client, data.attachment_ids, conv, msg)
-    authors = Related()
-    authors.users[user.id] = user.name
-    if attachments:
-        authors.attachments[message_id] = [await attachment_out(store, a) for a in attachments]
-    # The views read the inserted values as they are: no ORM instances to build.
-    message = cast(MessageFields, SimpleNamespace(**msg))
-    drafts, views = message_events(
-        cast(ConversationFields, SimpleNamespace(**conv)),
-        message,
-        message,
-        authors,
-        user,
-        created=True,
-        status_changed=False,
-    )
-    await tx.run(emit_in, client.app_id, drafts, has_endpoint=hooks)
+    stored = _NewMessage(conv, msg, user, attachments, 0, False, hooks)
+    views = await _message_events_in(tx, store, stored, created=True)
     assert views.client_conv is not None  # the user's own new conversation
     return views.client_conv
 
@@ -895,7 +883,7 @@ class _NewMessage:
     msg: dict[str, Any]
     user: _User
     attachments: list[Attachment]
-    unread_total: int  # the user's, after a reply; unused for a follow-up
+    unread_total: int  # the user's, after a reply; unused otherwise
     status_changed: bool
     has_endpoint: bool
 
@@ -996,10 +984,16 @@ def _store_follow_up(
 
 
 async def _message_events_in(
-    tx: Tx, store: ObjectStore, r: _NewMessage, agent: AgentPrincipal | None = None
+    tx: Tx,
+    store: ObjectStore,
+    r: _NewMessage,
+    agent: AgentPrincipal | None = None,
+    *,
+    created: bool = False,
 ) -> _MessageViews:
-    """Write the events of a message :func:`_store_reply` or :func:`_store_follow_up`
-    stored; the views they carry, one of which is the request's answer."""
+    """Write the events of a message :func:`_store_reply`, :func:`_store_follow_up` or
+    (``created``: with its conversation) :func:`_store_feedback` stored; the views they
+    carry, one of which is the request's answer."""
     authors = Related()
     authors.users[r.user.id] = r.user.name
     if agent is not None:
@@ -1016,16 +1010,11 @@ async def _message_events_in(
         None if message.internal else message,
         authors,
         r.user,
-        created=False,
+        created=created,
         status_changed=r.status_changed,
     )
     if agent is not None and not message.internal:
-        client_view = {
-            "unread_count": r.unread_total,
-            "conversation_id": conv.id,
-            "conversation_unread_count": conv.user_unread_count,
-        }
-        drafts.append(EventDraft("unread.changed", conv.id, conv.end_user_id, None, client_view))
+        drafts.append(unread_changed(conv, r.unread_total))
     await tx.run(emit_in, conv.app_id, drafts, has_endpoint=r.has_endpoint)
     return views
 
