@@ -13,7 +13,6 @@ our request plumbing cost before any feedback is stored. Run with the
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from litestar.di import NamedDependency
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tellback_server.asgi import create_app
+from tellback_server.cli import freeze_startup_heap, uvicorn_config
 from tellback_server.domain.conversations.schemas import ConversationCreate
 from tellback_server.http.deps import CLIENT, CLIENT_GUARDS, ClientPrincipal
 from tellback_server.http.idempotency import IdempotencyKeyHeader, json_response
@@ -57,18 +57,8 @@ def main() -> None:
     configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings, registry=build_registry(()), run_worker=False)
     app.register(floor)
-    gc.collect()
-    gc.freeze()  # as `tellback serve` does
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=args.port,
-        log_config=None,
-        access_log=False,
-        lifespan="on",
-        server_header=False,
-    )
-    uvicorn.Server(config).run()
+    freeze_startup_heap()
+    uvicorn.Server(uvicorn_config(app, "127.0.0.1", args.port)).run()
 
 
 if __name__ == "__main__":

@@ -168,7 +168,21 @@ async def _check_revision(settings: Settings) -> None:
         )
 
 
-def _freeze_startup_heap() -> None:
+def uvicorn_config(app: Any, host: str, port: int) -> uvicorn.Config:
+    """How ``tellback serve`` runs an app under uvicorn (the benchmark's floor app too)."""
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+        server_header=False,
+    )
+
+
+def freeze_startup_heap() -> None:
     """Take what startup built out of the garbage collector's view.
 
     Modules, the app, SQLAlchemy's metadata and caches: about 200,000 objects that live
@@ -226,17 +240,8 @@ def serve(
             click.echo(token)
             sys.stdout.flush()
         app = create_app(settings, registry=build_registry(plugins), run_worker=not no_worker)
-        _freeze_startup_heap()
-        config = uvicorn.Config(
-            app,
-            host=settings.host,
-            port=settings.port,
-            log_config=None,
-            access_log=False,
-            lifespan="on",
-            timeout_graceful_shutdown=10,
-            server_header=False,
-        )
+        freeze_startup_heap()
+        config = uvicorn_config(app, settings.host, settings.port)
         log.info(
             "serve.listening",
             url=f"http://{settings.host}:{settings.port}",
@@ -276,7 +281,7 @@ def worker(concurrency: int | None, plugins: tuple[str, ...], once: bool, loop: 
             await _check_revision(settings)
         state = build_state(settings)
         w = Worker(state, registry, concurrency=concurrency)
-        _freeze_startup_heap()
+        freeze_startup_heap()
         try:
             if once:
                 count = await w.run_until_idle()
