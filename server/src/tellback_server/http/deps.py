@@ -123,21 +123,23 @@ async def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRou
     connection.state.principal = AdminPrincipal(token_id=row)
 
 
+_AGENT = Prepared(
+    select(Agent.id, Agent.name, AgentApp.app_id)
+    .outerjoin(AgentApp, AgentApp.agent_id == Agent.id)
+    .where(Agent.token_hash == bindparam("token_hash"), Agent.disabled_at.is_(None))
+)
+
+
 async def agent_by_token_hash(state: AppState, token_hash: str) -> AgentPrincipal | None:
     """The active agent whose token has this hash, with its apps (the one agent lookup:
     the API's guard and the console's sign-in and pages all use it)."""
-    async with state.db.session(write=False) as db:
-        rows = (
-            await db.execute(
-                select(Agent.id, Agent.name, AgentApp.app_id)
-                .outerjoin(AgentApp, AgentApp.agent_id == Agent.id)
-                .where(Agent.token_hash == token_hash, Agent.disabled_at.is_(None))
-            )
-        ).all()
+    async with state.db.transaction(write=False) as tx:
+        rows = await tx.run(_AGENT.execute, {"token_hash": token_hash})
     if not rows:
         return None
-    app_ids = frozenset(r.app_id for r in rows if r.app_id is not None)
-    return AgentPrincipal(agent_id=rows[0].id, name=rows[0].name, app_ids=app_ids)
+    agent_id, name, _ = rows[0]
+    app_ids = frozenset(app_id for _, _, app_id in rows if app_id is not None)
+    return AgentPrincipal(agent_id=agent_id, name=name, app_ids=app_ids)
 
 
 # The console's EventSource cannot send an Authorization header, so this one read-only
