@@ -36,10 +36,9 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 
@@ -146,6 +145,10 @@ def ceiling_args(port: int) -> list[str]:
 
 def floor_args(port: int) -> list[str]:
     return [sys.executable, str(ROOT / "tests/bench/floor_app.py"), "--port", str(port)]
+
+
+def naive_args(port: int) -> list[str]:
+    return [sys.executable, str(ROOT / "tests/bench/naive_app.py"), "--port", str(port)]
 
 
 @dataclass
@@ -313,14 +316,20 @@ async def run_database(
     lines: list[tuple[str, Result, Result]] = []
     env = env_for(base / f"{name}-{processes}", database_url)
     ports = [free_port() for _ in range(processes)]
-    ceiling_port, floor_port = free_port(), free_port()
-    async with contextlib_stack(
-        [process(serve_args(p), env, p) for p in ports]  # these migrate the database first
-        + [process(ceiling_args(ceiling_port), env, ceiling_port)]
-        + [process(floor_args(floor_port), env, floor_port)]
-    ) as urls:
-        *ours, ceiling, floor = urls
+    ceiling_port, floor_port, naive_port = free_port(), free_port(), free_port()
+    async with AsyncExitStack() as stack:
+        started = [  # the servers migrate the database first
+            await stack.enter_async_context(m)
+            for m in [process(serve_args(p), env, p) for p in ports]
+            + [process(ceiling_args(ceiling_port), env, ceiling_port)]
+            + [process(floor_args(floor_port), env, floor_port)]
+        ]
+        *ours, ceiling, floor = started
         tokens, conv_id = await setup(ours[0], env, args.connections)
+        naive = None
+        if processes == 1:  # it writes for an end user: it starts once setup made them
+            naive_server = process(naive_args(naive_port), env, naive_port)
+            naive = await stack.enter_async_context(naive_server)
         body = feedback_body()
         host = "127.0.0.1"
 
@@ -334,6 +343,9 @@ async def run_database(
         def floor_ingest(i: int) -> tuple[bytes, bytes]:
             headers = {"Authorization": f"Bearer {tokens[i]}", "Idempotency-Key": uuid.uuid4().hex}
             return post_head("/floor/conversations", host, len(body), headers), body
+
+        def naive_ingest(_: int) -> tuple[bytes, bytes]:
+            return post_head("/naive/conversations", host, len(body), {}), body
 
         def ceiling_ingest(i: int) -> tuple[bytes, bytes]:
             headers = {"Authorization": f"Bearer {tokens[i]}", "Idempotency-Key": uuid.uuid4().hex}
@@ -370,6 +382,12 @@ async def run_database(
                     floor, floor_ingest, args.connections, args.seconds, args.warmup
                 )
                 lines.append((f"{label}: ingest floor", floor_result, ceiling_result))
+            if title == "ingest" and naive is not None:
+                # The reference: ORM inserts of the three rows, nothing else.
+                naive_result = await load(
+                    naive, naive_ingest, args.connections, args.seconds, args.warmup
+                )
+                lines.append((f"{label}: naive prototype", naive_result, ceiling_result))
     return lines
 
 
@@ -390,14 +408,6 @@ async def _spread(urls: list[str], make: Request, args: argparse.Namespace) -> R
         sum(r.errors for r in results),
         sum(r.cpu_seconds for r in results),
     )
-
-
-@asynccontextmanager
-async def contextlib_stack(managers: list[Any]) -> AsyncIterator[list[str]]:
-    from contextlib import AsyncExitStack
-
-    async with AsyncExitStack() as stack:
-        yield [await stack.enter_async_context(m) for m in managers]
 
 
 async def main_async(args: argparse.Namespace) -> None:
