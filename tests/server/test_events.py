@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import event
 
 from tellback_server.domain.events import streams
 from tellback_server.domain.events.broker import QUEUE_SIZE, EventBroker
@@ -284,6 +285,49 @@ async def test_events_reach_streams_held_by_another_process(
     assert heard is not None
     assert heard.type == "conversation.created"
     assert heard.conversation_id == uuid.UUID(conv["id"])
+
+
+async def test_a_process_without_streams_does_not_read_other_processes_events(
+    database_url: str, tmp_path: Path
+) -> None:
+    """PostgreSQL: the NOTIFY of another process's events is ignored while no stream is
+    open here (N processes would otherwise each read every event back), and heard again
+    once one is."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite runs one server process (its streams are in-process)")
+    settings = make_settings(database_url, tmp_path / "data")
+    async with (
+        serve_app(settings, build_registry()) as writer,
+        serve_app(settings, build_registry()) as holder,
+    ):
+        reads: list[str] = []
+
+        def note(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+            if "FROM events" in statement:
+                reads.append(statement)
+
+        engine = holder.state.db.engine.sync_engine
+        event.listen(engine, "before_cursor_execute", note)
+        try:
+            app = await writer.create_app()
+            user = await writer.user_headers(app)
+            me = (await writer.http.get("/v1/client/me", headers=user)).json()
+            await writer.feedback(user)
+            await writer.feedback(user)
+            await asyncio.sleep(0.5)  # the NOTIFYs have long arrived
+            assert reads == []
+            events = holder.state.events
+            mine = events.subscribe_client(uuid.UUID(app.id), uuid.UUID(me["id"]))
+            try:
+                conv = await writer.feedback(user)
+                heard = await asyncio.wait_for(mine.queue.get(), 5)
+            finally:
+                events.unsubscribe(mine)
+        finally:
+            event.remove(engine, "before_cursor_execute", note)
+    assert heard is not None
+    assert heard.conversation_id == uuid.UUID(conv["id"])
+    assert len(reads) == 1
 
 
 async def test_shutdown_ends_streams_cleanly_and_fast(database_url: str, tmp_path: Path) -> None:

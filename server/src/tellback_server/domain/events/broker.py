@@ -142,6 +142,11 @@ class EventBroker:
         pending: asyncio.Queue[list[int]] = asyncio.Queue()
 
         def on_notify(payload: str) -> None:
+            # With no stream open here nobody needs the rows (a stream opened later
+            # replays from the database what it missed): a process without streams, or
+            # many processes sharing one database, do not each read every event.
+            if not self._count:
+                return
             instance, _, ids = payload.partition(":")
             if instance != db.instance and ids:
                 pending.put_nowait([int(i) for i in ids.split(",")])
@@ -163,6 +168,8 @@ class EventBroker:
             ids = await pending.get()
             while not pending.empty():  # one query for everything that arrived meanwhile
                 ids.extend(pending.get_nowait())
+            if not self._count:  # the last stream closed meanwhile
+                continue
             try:
                 async with db.session(write=False) as session:
                     rows = await session.execute(
