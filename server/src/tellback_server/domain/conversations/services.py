@@ -17,6 +17,7 @@ from uuid import UUID
 import msgspec
 from sqlalchemy import (
     Integer,
+    Select,
     TextClause,
     bindparam,
     exists,
@@ -28,7 +29,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Session, defer
+from sqlalchemy.orm import Session
 from uuid_utils.compat import uuid7
 
 from tellback_server.db.base import table_of
@@ -99,10 +100,9 @@ from tellback_server.http.pagination import (
 from tellback_server.storage.base import ObjectStore
 
 DETAIL_MESSAGES = 100
+
+
 # Lists never show the device/app context (often a KiB of JSON per row): not loaded.
-_LIST_DEFERRED = defer(Conversation.context)
-
-
 @dataclass(frozen=True, slots=True)
 class _MessageViews:
     agent_msg: AgentMessageOut
@@ -405,30 +405,39 @@ class ConversationService:
         apps = agent.app_ids if app_id is None else agent.app_ids & {app_id}
         if not apps:
             return Page(items=[], next_cursor=None)
-        stmt = select(Conversation).options(_LIST_DEFERRED).where(Conversation.app_id.in_(apps))
+        stmt = _INBOX_SELECT
         if status is not None:
-            stmt = stmt.where(Conversation.status == status)
+            stmt = stmt.where(_CONVS.c.status == status)
         if assignee_id is not None:
-            stmt = stmt.where(Conversation.assignee_id == assignee_id)
+            stmt = stmt.where(_CONVS.c.assignee_id == assignee_id)
         if tag:
             stmt = stmt.where(_has_tag(self.db.get_bind().dialect.name, tag.strip()))
         if q:
             pattern = _like(q.strip())
+            matching = _MSGS.alias("matching")  # not the joined last message
             body_match = exists().where(
-                Message.conversation_id == Conversation.id,
-                Message.body.ilike(pattern, escape="\\"),
+                matching.c.conversation_id == _CONVS.c.id,
+                matching.c.body.ilike(pattern, escape="\\"),
             )
-            stmt = stmt.where(or_(Conversation.subject.ilike(pattern, escape="\\"), body_match))
-        rows, nxt = await keyset_page(
-            self.db,
-            stmt,
-            Conversation.last_activity_at,
-            Conversation.id,
-            cursor,
-            limit,
-            descending=True,
+            stmt = stmt.where(or_(_CONVS.c.subject.ilike(pattern, escape="\\"), body_match))
+        at, id_ = _CONVS.c.last_activity_at, _CONVS.c.id
+        if (key := decode_cursor(cursor)) is not None:
+            stmt = stmt.where(after(at, id_, key.at, key.id, descending=True))
+        stmt = stmt.order_by(*keyset_order(at, id_, descending=True)).limit(limit + 1)
+        rows = list(await self.db.execute(stmt, {"apps": sorted(apps)}))
+        convs = [_InboxRow._make(r[:_INBOX]) for r in rows]
+        authors = Related(self.db, self.attachments)
+        lasts = [
+            None if r[_INBOX_USER] is None else _listed_message(r, authors) for r in rows[:limit]
+        ]
+        await authors.load(m for m in lasts if m is not None)  # their attachments
+        return Page(
+            items=[
+                agent_conversation_out(c, m, authors, _User._make(r[_INBOX:_INBOX_USER]))
+                for c, m, r in zip(convs[:limit], lasts, rows[:limit], strict=True)
+            ],
+            next_cursor=next_cursor_for([(c.last_activity_at, c.id) for c in convs], limit),
         )
-        return Page(items=await self._agent_outs(rows), next_cursor=nxt)
 
     async def agent_get(self, agent: AgentPrincipal, conv_id: UUID) -> AgentConversationDetail:
         conv = await self._agent_conv(agent, conv_id)
@@ -681,6 +690,57 @@ _USER_SELECT = select(
     any_endpoint().label("any_endpoint"),
 ).where(_USERS.c.id == bindparam("id"))
 _USER = Prepared(_USER_SELECT)
+
+
+# ----- the agents' inbox: one statement per page ---------------------------------------------
+# Conversations with their end user and their last message (an internal note included) with
+# its author's name. The console reloads it on every event an agent's stream gets, so it is
+# read like the end user's list, not through the ORM. Its filters vary, so the statement is
+# built per request (SQLAlchemy caches its compiled form by shape).
+
+
+class _InboxRow(NamedTuple):
+    id: UUID
+    app_id: UUID
+    status: str
+    priority: str
+    subject: str | None
+    category: str | None
+    tags: list[str]
+    assignee_id: UUID | None
+    message_count: int
+    agent_unread_count: int
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    last_activity_at: dt.datetime
+
+
+_INBOX = len(_InboxRow._fields)
+_INBOX_USER = _INBOX + len(_User._fields)  # the row's message columns start here
+
+
+def _inbox() -> Select[Any]:
+    """The agents' inbox over the apps ``:apps`` (a list), unfiltered and unordered."""
+    owners = table_of(EndUser).alias("owner")
+    columns, with_names = _message_columns()
+    return (
+        select(
+            *(_CONVS.c[k] for k in _InboxRow._fields),
+            *(owners.c[k] for k in _User._fields),
+            *columns,
+        )
+        .select_from(
+            with_names(
+                _CONVS.join(owners, owners.c.id == _CONVS.c.end_user_id).outerjoin(
+                    _MSGS, _MSGS.c.id == _CONVS.c.last_message_id
+                )
+            )
+        )
+        .where(_CONVS.c.app_id.in_(bindparam("apps", expanding=True)))
+    )
+
+
+_INBOX_SELECT = _inbox()  # built once: filters are added per request
 
 
 def _insert_both() -> Prepared:

@@ -80,15 +80,23 @@ class ClientConversationFields(Protocol):
     def public_activity_at(self) -> dt.datetime: ...
 
 
-class ConversationFields(ClientConversationFields, Protocol):
-    """What the conversation views read: a ``Conversation`` row, or just its columns."""
+class AgentConversationFields(Protocol):
+    """What the agents' view of a conversation reads."""
 
+    @property
+    def id(self) -> UUID: ...
     @property
     def app_id(self) -> UUID: ...
     @property
-    def end_user_id(self) -> UUID: ...
+    def status(self) -> str: ...
     @property
     def priority(self) -> str: ...
+    @property
+    def subject(self) -> str | None: ...
+    @property
+    def category(self) -> str | None: ...
+    @property
+    def tags(self) -> list[str]: ...
     @property
     def assignee_id(self) -> UUID | None: ...
     @property
@@ -96,9 +104,18 @@ class ConversationFields(ClientConversationFields, Protocol):
     @property
     def agent_unread_count(self) -> int: ...
     @property
+    def created_at(self) -> dt.datetime: ...
+    @property
     def updated_at(self) -> dt.datetime: ...
     @property
     def last_activity_at(self) -> dt.datetime: ...
+
+
+class ConversationFields(ClientConversationFields, AgentConversationFields, Protocol):
+    """What the conversation views read: a ``Conversation`` row, or just its columns."""
+
+    @property
+    def end_user_id(self) -> UUID: ...
 
 
 def location_of(raw: dict[str, Any] | None) -> Location | None:
@@ -182,7 +199,7 @@ def client_conversation_out(
 
 
 def agent_conversation_out(
-    c: ConversationFields, last: MessageFields | None, authors: Related, user: UserFields
+    c: AgentConversationFields, last: MessageFields | None, authors: Related, user: UserFields
 ) -> AgentConversation:
     return AgentConversation(
         id=c.id,
