@@ -164,3 +164,68 @@ async def test_an_agent_sees_only_the_apps_it_works_on(api: Api) -> None:
     assert [c["id"] for c in await _inbox(api, both, app_id=two.id)] == [convs[two.id]]
     assert await _inbox(api, both, app_id=three.id) == []
     assert await _inbox(api, none) == []
+
+
+async def test_detail_and_message_pages_show_every_message_notes_too(api: Api) -> None:
+    app = await api.create_app()
+    other = await api.create_app("Other")
+    user = await api.user_headers(app)
+    ada_id, ada = await api.create_agent(app, name="Ada")
+    _, outsider = await api.create_agent(other, name="Out")
+    conv = await api.feedback(user, "First", custom_fields={}, tags=["ios"])
+    base = f"/v1/agent/conversations/{conv['id']}"
+    await _post(api, f"{base}/messages", ada, body="Reply")
+    await _post(api, f"{base}/messages", ada, body="A note", internal=True)
+    await _post(api, f"/v1/client/conversations/{conv['id']}/messages", user, body="Thanks")
+
+    r = await api.http.get(base, headers=ada)
+    assert r.status_code == 200, r.text
+    detail = r.json()
+    assert [(m["body"], m["internal"]) for m in detail["messages"]] == [
+        ("First", False),
+        ("Reply", False),
+        ("A note", True),
+        ("Thanks", False),
+    ]
+    assert detail["messages"][1]["author"] == {"type": "agent", "id": ada_id, "name": "Ada"}
+    assert detail["messages_next_cursor"] is None
+    assert detail["last_message"] == detail["messages"][-1]
+    assert detail["context"] == {}
+    [item] = await _inbox(api, ada)
+    assert {k: detail[k] for k in SUMMARY} == item
+    # The pages hold the same messages, in the same order.
+    paged: list[dict[str, Any]] = []
+    cursor: str | None = None
+    while True:
+        params: dict[str, str | int] = {"limit": 3}
+        if cursor is not None:
+            params["cursor"] = cursor
+        r = await api.http.get(f"{base}/messages", params=params, headers=ada)
+        assert r.status_code == 200, r.text
+        paged += r.json()["items"]
+        cursor = r.json()["next_cursor"]
+        if cursor is None:
+            break
+    assert paged == detail["messages"]
+    # Someone else's conversation is a 404 either way, not an empty page.
+    for path in (base, f"{base}/messages"):
+        r = await api.http.get(path, headers=outsider)
+        assert r.status_code == 404, r.text
+
+
+async def test_detail_shows_the_first_hundred_messages_and_a_cursor_to_the_rest(api: Api) -> None:
+    app = await api.create_app(rate_limits={"app_per_minute": 0, "user_per_minute": 0})
+    user = await api.user_headers(app)
+    _, ada = await api.create_agent(app)
+    conv = await api.feedback(user, "0")
+    for i in range(1, 102):
+        await _post(api, f"/v1/client/conversations/{conv['id']}/messages", user, body=str(i))
+    base = f"/v1/agent/conversations/{conv['id']}"
+    detail = (await api.http.get(base, headers=ada)).json()
+    assert [m["body"] for m in detail["messages"]] == [str(i) for i in range(100)]
+    assert detail["last_message"]["body"] == "101"
+    rest = await api.http.get(
+        f"{base}/messages", params={"cursor": detail["messages_next_cursor"]}, headers=ada
+    )
+    assert [m["body"] for m in rest.json()["items"]] == ["100", "101"]
+    assert rest.json()["next_cursor"] is None

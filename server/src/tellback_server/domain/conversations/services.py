@@ -94,7 +94,6 @@ from tellback_server.http.pagination import (
     check_limit,
     decode_cursor,
     keyset_order,
-    keyset_page,
     next_cursor_for,
 )
 from tellback_server.storage.base import ObjectStore
@@ -208,13 +207,6 @@ class ConversationService:
 
     # ----- shared -------------------------------------------------------------------------
 
-    async def _messages_page(
-        self, conv_id: UUID, cursor: str | None, limit: int
-    ) -> tuple[list[Message], str | None]:
-        """A page of all of a conversation's messages, internal notes too (for agents)."""
-        stmt = select(Message).where(Message.conversation_id == conv_id)
-        return await keyset_page(self.db, stmt, Message.created_at, Message.id, cursor, limit)
-
     async def _messages_by_id(self, ids: Iterable[UUID | None]) -> dict[UUID, Message]:
         wanted = {i for i in ids if i is not None}
         if not wanted:
@@ -287,12 +279,9 @@ class ConversationService:
     ) -> list[Any]:
         """``limit + 1`` rows of the end user's: of ``first``, or of ``later`` after the
         ``cursor``."""
-        check_limit(limit)
-        params.update(app_id=client.app_id, end_user_id=client.end_user_id, limit=limit + 1)
-        statement = first
-        if (key := decode_cursor(cursor)) is not None:
-            statement, params["at"], params["after_id"] = later, key.at, key.id
-        rows: list[Any] = await self.db.run_sync(statement.execute, params)
+        params.update(app_id=client.app_id, end_user_id=client.end_user_id)
+        paging, params = _page_params(cursor, limit, **params)
+        rows: list[Any] = await self.db.run_sync((later if paging else first).execute, params)
         return rows
 
     async def client_get(self, client: ClientPrincipal, conv_id: UUID) -> ConversationOut:
@@ -439,29 +428,57 @@ class ConversationService:
             next_cursor=next_cursor_for([(c.last_activity_at, c.id) for c in convs], limit),
         )
 
-    async def agent_get(self, agent: AgentPrincipal, conv_id: UUID) -> AgentConversationDetail:
-        conv = await self._agent_conv(agent, conv_id)
-        summary = (await self._agent_outs([conv]))[0]
-        rows, nxt = await self._messages_page(conv.id, None, DETAIL_MESSAGES)
+    async def _agent_messages(
+        self, agent: AgentPrincipal, conv_id: UUID, cursor: str | None, limit: int
+    ) -> tuple[list[_ListedMessage], Related, str | None]:
+        """A page of the conversation's messages (none unless it is of the agent's apps),
+        their authors and attachments, and the next page's cursor."""
+        paging, params = _page_params(
+            cursor, limit, conversation_id=conv_id, apps=sorted(agent.app_ids)
+        )
+        statement = _AGENT_MESSAGES_AFTER if paging else _AGENT_MESSAGES
         authors = Related(self.db, self.attachments)
-        await authors.load(rows)
+        messages = [_listed_message(r, authors) for r in await self.db.execute(statement, params)]
+        await authors.load(messages[:limit])
+        nxt = next_cursor_for([(m.created_at, m.id) for m in messages], limit)
+        return messages[:limit], authors, nxt
+
+    async def agent_get(self, agent: AgentPrincipal, conv_id: UUID) -> AgentConversationDetail:
+        params = {"apps": sorted(agent.app_ids), "conversation_id": conv_id}
+        row = (await self.db.execute(_DETAIL_SELECT, params)).first()
+        if row is None:
+            raise NotFound("no such conversation")
+        messages, authors, nxt = await self._agent_messages(agent, conv_id, None, DETAIL_MESSAGES)
+        last = (
+            None
+            if row[_DETAIL_USER + len(_User._fields)] is None
+            else _listed_message(row, authors)
+        )
+        if last is not None:
+            await authors.load([last])  # its attachments, when not on this page
+        custom_fields, context, location = row[_INBOX:_DETAIL_USER]
+        summary = agent_conversation_out(
+            _InboxRow._make(row[:_INBOX]),
+            last,
+            authors,
+            _User._make(row[_DETAIL_USER:_DETAIL_MESSAGE]),
+        )
         return AgentConversationDetail(
             **msgspec.structs.asdict(summary),
-            custom_fields=dict(conv.custom_fields or {}),
-            context=dict(conv.context or {}),
-            location=location_of(conv.location),
-            messages=[agent_message_out(m, authors) for m in rows],
+            custom_fields=dict(custom_fields or {}),
+            context=dict(context or {}),
+            location=location_of(location),
+            messages=[agent_message_out(m, authors) for m in messages],
             messages_next_cursor=nxt,
         )
 
     async def agent_messages(
         self, agent: AgentPrincipal, conv_id: UUID, cursor: str | None, limit: int
     ) -> Page[AgentMessageOut]:
-        conv = await self._agent_conv(agent, conv_id)
-        rows, nxt = await self._messages_page(conv.id, cursor, limit)
-        authors = Related(self.db, self.attachments)
-        await authors.load(rows)
-        return Page(items=[agent_message_out(m, authors) for m in rows], next_cursor=nxt)
+        messages, authors, nxt = await self._agent_messages(agent, conv_id, cursor, limit)
+        if not messages:
+            await self._agent_conv(agent, conv_id)  # a 404 unless it is of the agent's apps
+        return Page(items=[agent_message_out(m, authors) for m in messages], next_cursor=nxt)
 
     async def agent_reply(
         self, agent: AgentPrincipal, conv_id: UUID, data: AgentMessageCreate
@@ -576,14 +593,30 @@ def _listed_message(row: Sequence[Any], authors: Related) -> _ListedMessage:
     return m
 
 
-def _paged(stmt: Any, at: Any, id_: Any, *, after_cursor: bool, descending: bool) -> Prepared:
+def _ordered(stmt: Any, at: Any, id_: Any, *, after_cursor: bool, descending: bool) -> Any:
     """``stmt`` ordered by (at, id), at most ``:limit`` rows, after ``(:at, :after_id)``."""
     stmt = stmt.order_by(*keyset_order(at, id_, descending=descending))
     stmt = stmt.limit(bindparam("limit", type_=Integer))
     if after_cursor:
         key = bindparam("at", type_=at.type), bindparam("after_id", type_=id_.type)
         stmt = stmt.where(after(at, id_, *key, descending=descending))
-    return Prepared(stmt)
+    return stmt
+
+
+def _paged(stmt: Any, at: Any, id_: Any, *, after_cursor: bool, descending: bool) -> Prepared:
+    """:func:`_ordered`, prepared."""
+    return Prepared(_ordered(stmt, at, id_, after_cursor=after_cursor, descending=descending))
+
+
+def _page_params(cursor: str | None, limit: int, **params: Any) -> tuple[bool, dict[str, Any]]:
+    """Whether a page starts after a cursor, and the parameters of its statement
+    (``limit + 1`` rows: one more tells whether there is a next page)."""
+    check_limit(limit)
+    params["limit"] = limit + 1
+    if (key := decode_cursor(cursor)) is None:
+        return False, params
+    params["at"], params["after_id"] = key.at, key.id
+    return True, params
 
 
 def _client_list(*, after_cursor: bool) -> Prepared:
@@ -719,13 +752,15 @@ _INBOX = len(_InboxRow._fields)
 _INBOX_USER = _INBOX + len(_User._fields)  # the row's message columns start here
 
 
-def _inbox() -> Select[Any]:
-    """The agents' inbox over the apps ``:apps`` (a list), unfiltered and unordered."""
+def _inbox(*detail: str) -> Select[Any]:
+    """The agents' inbox over the apps ``:apps`` (a list), unfiltered and unordered; a
+    row is ``_InboxRow``'s columns, the ``detail`` columns of the conversation, the end
+    user's (``_User``), then ``_message_columns()`` of the last message."""
     owners = table_of(EndUser).alias("owner")
     columns, with_names = _message_columns()
     return (
         select(
-            *(_CONVS.c[k] for k in _InboxRow._fields),
+            *(_CONVS.c[k] for k in (*_InboxRow._fields, *detail)),
             *(owners.c[k] for k in _User._fields),
             *columns,
         )
@@ -740,6 +775,30 @@ def _inbox() -> Select[Any]:
     )
 
 
+def _agent_messages(*, after_cursor: bool) -> Any:
+    """The messages of a conversation of the agent's apps, internal notes too, oldest
+    first."""
+    columns, with_names = _message_columns()
+    stmt = (
+        select(*columns)
+        .select_from(with_names(_MSGS.join(_CONVS, _CONVS.c.id == _MSGS.c.conversation_id)))
+        .where(
+            _MSGS.c.conversation_id == bindparam("conversation_id", type_=_MSGS.c.id.type),
+            _CONVS.c.app_id.in_(bindparam("apps", expanding=True)),
+        )
+    )
+    at, id_ = _MSGS.c.created_at, _MSGS.c.id
+    return _ordered(stmt, at, id_, after_cursor=after_cursor, descending=False)
+
+
+_DETAIL = ("custom_fields", "context", "location")
+_DETAIL_USER = _INBOX + len(_DETAIL)  # in a detail row, the end user's columns start here
+_DETAIL_MESSAGE = _DETAIL_USER + len(_User._fields)  # and the last message's here
+_DETAIL_SELECT = _inbox(*_DETAIL).where(
+    _CONVS.c.id == bindparam("conversation_id", type_=_CONVS.c.id.type)
+)
+_AGENT_MESSAGES = _agent_messages(after_cursor=False)
+_AGENT_MESSAGES_AFTER = _agent_messages(after_cursor=True)
 _INBOX_SELECT = _inbox()  # built once: filters are added per request
 
 
