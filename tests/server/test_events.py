@@ -287,12 +287,12 @@ async def test_events_reach_streams_held_by_another_process(
     assert heard.conversation_id == uuid.UUID(conv["id"])
 
 
-async def test_a_process_without_streams_does_not_read_other_processes_events(
+async def test_a_process_reads_back_only_events_its_streams_may_want(
     database_url: str, tmp_path: Path
 ) -> None:
-    """PostgreSQL: the NOTIFY of another process's events is ignored while no stream is
-    open here (N processes would otherwise each read every event back), and heard again
-    once one is."""
+    """PostgreSQL: another process's NOTIFY is ignored while no stream here may want its
+    events (none open, or only other users' and other apps'); the rest are read and
+    handed out. N processes would otherwise each read every event back."""
     if not database_url.startswith("postgresql"):
         pytest.skip("SQLite runs one server process (its streams are in-process)")
     settings = make_settings(database_url, tmp_path / "data")
@@ -306,28 +306,53 @@ async def test_a_process_without_streams_does_not_read_other_processes_events(
             if "FROM events" in statement:
                 reads.append(statement)
 
+        async def quiet() -> list[str]:
+            await asyncio.sleep(0.5)  # the NOTIFYs have long arrived
+            return reads
+
         engine = holder.state.db.engine.sync_engine
         event.listen(engine, "before_cursor_execute", note)
+        events = holder.state.events
         try:
-            app = await writer.create_app()
-            user = await writer.user_headers(app)
-            me = (await writer.http.get("/v1/client/me", headers=user)).json()
-            await writer.feedback(user)
-            await writer.feedback(user)
-            await asyncio.sleep(0.5)  # the NOTIFYs have long arrived
-            assert reads == []
-            events = holder.state.events
-            mine = events.subscribe_client(uuid.UUID(app.id), uuid.UUID(me["id"]))
-            try:
-                conv = await writer.feedback(user)
-                heard = await asyncio.wait_for(mine.queue.get(), 5)
-            finally:
-                events.unsubscribe(mine)
+            app, other_app = await writer.create_app(), await writer.create_app("Other")
+            alice, bob = await writer.user_headers(app), await writer.user_headers(app)
+            carol = await writer.user_headers(other_app)
+            agent_id, _ = await writer.create_agent(other_app)
+            alice_id = (await writer.http.get("/v1/client/me", headers=alice)).json()["id"]
+            await writer.feedback(alice)
+            assert await quiet() == []  # no stream here at all
+            mine = events.subscribe_client(uuid.UUID(app.id), uuid.UUID(alice_id))
+            await writer.feedback(bob)
+            await writer.feedback(carol)
+            assert await quiet() == []  # another user's; another app's
+            conv = await writer.feedback(alice)
+            heard = await asyncio.wait_for(mine.queue.get(), 5)
+            agents = events.subscribe_agent(
+                uuid.UUID(agent_id), frozenset({uuid.UUID(other_app.id)})
+            )
+            other = await writer.feedback(carol)
+            for_agent = await asyncio.wait_for(agents.queue.get(), 5)
+            events.unsubscribe(mine)
+            events.unsubscribe(agents)
         finally:
             event.remove(engine, "before_cursor_execute", note)
     assert heard is not None
     assert heard.conversation_id == uuid.UUID(conv["id"])
-    assert len(reads) == 1
+    assert for_agent is not None
+    assert for_agent.conversation_id == uuid.UUID(other["id"])
+    assert len(reads) == 2
+
+
+def test_what_a_notification_names_decides_whether_it_is_read() -> None:
+    broker = EventBroker()
+    app, user = uuid.uuid4(), uuid.uuid4()
+    sub = broker.subscribe_client(app, user)
+    assert broker._may_want(f"7/{app}/{user}")
+    assert not broker._may_want(f"7/{uuid.uuid4()}/{uuid.uuid4()}")
+    assert not broker._may_want(f"7/{app}/")  # an app's event, and no agent stream here
+    assert broker._may_want("7")  # a bare id: an older process's notification
+    assert broker._may_want("7/not-a-uuid/")
+    broker.unsubscribe(sub)
 
 
 async def test_shutdown_ends_streams_cleanly_and_fast(database_url: str, tmp_path: Path) -> None:

@@ -2,10 +2,12 @@
 
 Events committed by this process are published from the SQLAlchemy
 ``after_commit`` hook. With PostgreSQL, every transaction that wrote events
-also sent ``NOTIFY tellback_events, '<instance>:<ids>'``; PostgreSQL delivers
-it at commit to every process, and each broker (except the writer's own)
-loads those rows and publishes them. So an event committed by one
-``tellback serve`` reaches a stream held by another.
+also sent ``NOTIFY tellback_events, '<instance>:<id>/<app_id>/<end_user_id>,...'``;
+PostgreSQL delivers it at commit to every process, and each broker (except the
+writer's own) loads the rows that a stream of its own may want (the end user's,
+or an agent's of the app) and publishes them. So an event committed by one
+``tellback serve`` reaches a stream held by another, and a process reads back
+only events it may hand out.
 
 A stream that cannot keep up (its queue fills) is closed rather than allowed to
 grow: the client reconnects with ``Last-Event-ID`` and replays from the
@@ -142,14 +144,17 @@ class EventBroker:
         pending: asyncio.Queue[list[int]] = asyncio.Queue()
 
         def on_notify(payload: str) -> None:
-            # With no stream open here nobody needs the rows (a stream opened later
-            # replays from the database what it missed): a process without streams, or
-            # many processes sharing one database, do not each read every event.
+            # Rows no stream here may want are not read (a stream opened later replays
+            # from the database what it missed): processes sharing one database do not
+            # each read every event back.
             if not self._count:
                 return
-            instance, _, ids = payload.partition(":")
-            if instance != db.instance and ids:
-                pending.put_nowait([int(i) for i in ids.split(",")])
+            instance, _, entries = payload.partition(":")
+            if instance == db.instance or not entries:
+                return
+            wanted = [int(e.partition("/")[0]) for e in entries.split(",") if self._may_want(e)]
+            if wanted:
+                pending.put_nowait(wanted)
 
         loader = asyncio.create_task(self._load_loop(db, pending))
         try:
@@ -162,6 +167,19 @@ class EventBroker:
             loader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loader
+
+    def _may_want(self, entry: str) -> bool:
+        """Whether a stream here may want the event a notification names
+        (``id/app_id/end_user_id``; a bare id, from an older process: yes)."""
+        _, named, rest = entry.partition("/")
+        if not named:
+            return True
+        app, _, user = rest.partition("/")
+        try:
+            app_id, user_id = UUID(app), UUID(user) if user else None
+        except ValueError:
+            return True
+        return app_id in self._by_app or (user_id is not None and user_id in self._by_user)
 
     async def _load_loop(self, db: Database, pending: asyncio.Queue[list[int]]) -> None:
         while True:

@@ -103,8 +103,22 @@ _TABLE = table_of(Event)
 _ONE_COLUMNS = ("type", "app_id", "end_user_id", "conversation_id", "data", "client_data")
 _INSERT_ONE = insert_into(_TABLE, (*_ONE_COLUMNS, "created_at"), returning="id")
 _INSERT_MANY = insert(_TABLE).returning(_TABLE.c.id, sort_by_parameter_order=True)
+
+
+def notified(record: EventRecord) -> str:
+    """How a NOTIFY names an event: ``id/app_id/end_user_id`` (the last empty for an event
+    of no end user), so a process can tell whether any of its streams may want it
+    before it reads the row."""
+    return f"{record.id}/{record.app_id}/{record.end_user_id or ''}"
+
+
+def _as_text(column: Any) -> Any:
+    return cast(column, String)
+
+
 # PostgreSQL, one event: the INSERT also queues its NOTIFY (delivered at commit, like any
-# NOTIFY), which spares the transaction the separate pg_notify round trip.
+# NOTIFY), which spares the transaction the separate pg_notify round trip. Its payload is
+# ``notified()``'s, spelled in SQL.
 _INSERT_ONE_NOTIFYING = Prepared(
     insert(_TABLE)
     .values({k: bindparam(k, type_=_TABLE.c[k].type) for k in (*_ONE_COLUMNS, "created_at")})
@@ -112,7 +126,12 @@ _INSERT_ONE_NOTIFYING = Prepared(
         _TABLE.c.id,
         func.pg_notify(
             literal(NOTIFY_CHANNEL),
-            bindparam("notify_prefix", type_=String) + cast(_TABLE.c.id, String),
+            bindparam("notify_prefix", type_=String)
+            + _as_text(_TABLE.c.id)
+            + "/"
+            + _as_text(_TABLE.c.app_id)
+            + "/"
+            + func.coalesce(_as_text(_TABLE.c.end_user_id), ""),
         ),
     )
 )
@@ -148,18 +167,18 @@ def emit_in(
     ]
     # Delivered at commit to every process's broker (ours ignores its own instance).
     prefix = f"{db.info.get('instance', '')}:"
-    notified = False
+    queued = False
     if len(rows) == 1 and db.get_bind().dialect.name == "postgresql":
         ids = [_INSERT_ONE_NOTIFYING.execute(db, {**rows[0], "notify_prefix": prefix})[0][0]]
-        notified = True
+        queued = True
     elif len(rows) == 1:
         ids = [_INSERT_ONE.execute(db, rows[0])[0][0]]
     else:
         ids = list(db.execute(_INSERT_MANY, rows).scalars())
     records = [EventRecord(id=i, **row) for i, row in zip(ids, rows, strict=True)]
     db.info.setdefault(PENDING_KEY, []).extend(records)
-    if not notified:
-        notify(db, NOTIFY_CHANNEL, prefix + ",".join(str(r.id) for r in records))
+    if not queued:
+        notify(db, NOTIFY_CHANNEL, prefix + ",".join(notified(r) for r in records))
     queue_deliveries(
         db, app_id, [r for r in records if r.data is not None], has_endpoint=has_endpoint
     )
