@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from tellback_server.domain.events import streams
 from tellback_server.domain.events.broker import QUEUE_SIZE, EventBroker
 from tellback_server.domain.events.records import EventRecord
 from tellback_server.plugins import build_registry
-from tests.server.conftest import identity_token, make_settings, serve_app
+from tests.server.conftest import Api, identity_token, make_settings, serve_app
 from tests.server.live import LiveApi, SseEvent, SseReader, live_app, sse
 
 CLIENT_EVENTS = "/v1/client/events"
@@ -244,11 +245,9 @@ async def test_an_idempotent_replay_emits_nothing_twice(live: LiveApi) -> None:
     assert bodies == ["Thanks, fixed in 2.1", "next"]
 
 
-async def test_events_reach_streams_held_by_another_process(
-    database_url: str, tmp_path: Path
-) -> None:
-    """PostgreSQL: what one server process commits reaches the streams another holds
-    (NOTIFY, then the record read back), the agents' stream too."""
+@asynccontextmanager
+async def _two_processes(database_url: str, tmp_path: Path) -> AsyncIterator[tuple[Api, Api]]:
+    """PostgreSQL: two server processes (apps) on one database, a writer and a holder."""
     if not database_url.startswith("postgresql"):
         pytest.skip("SQLite runs one server process (its streams are in-process)")
     settings = make_settings(database_url, tmp_path / "data")
@@ -256,6 +255,15 @@ async def test_events_reach_streams_held_by_another_process(
         serve_app(settings, build_registry()) as writer,
         serve_app(settings, build_registry()) as holder,
     ):
+        yield writer, holder
+
+
+async def test_events_reach_streams_held_by_another_process(
+    database_url: str, tmp_path: Path
+) -> None:
+    """PostgreSQL: what one server process commits reaches the streams another holds
+    (NOTIFY, then the record read back), the agents' stream too."""
+    async with _two_processes(database_url, tmp_path) as (writer, holder):
         app = await writer.create_app()
         user = await writer.user_headers(app)
         agent_id, agent = await writer.create_agent(app)
@@ -293,13 +301,7 @@ async def test_a_process_reads_back_only_events_its_streams_may_want(
     """PostgreSQL: another process's NOTIFY is ignored while no stream here may want its
     events (none open, or only other users' and other apps'); the rest are read and
     handed out. N processes would otherwise each read every event back."""
-    if not database_url.startswith("postgresql"):
-        pytest.skip("SQLite runs one server process (its streams are in-process)")
-    settings = make_settings(database_url, tmp_path / "data")
-    async with (
-        serve_app(settings, build_registry()) as writer,
-        serve_app(settings, build_registry()) as holder,
-    ):
+    async with _two_processes(database_url, tmp_path) as (writer, holder):
         reads: list[str] = []
 
         def note(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:

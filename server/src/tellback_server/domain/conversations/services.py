@@ -636,18 +636,26 @@ def _client_list(*, after_cursor: bool) -> Prepared:
     return _paged(stmt, at, id_, after_cursor=after_cursor, descending=True)
 
 
-def _client_messages(*, after_cursor: bool) -> Prepared:
-    """The public messages of a conversation of the end user's, oldest first."""
+def _conversation_messages(*where: Any) -> Any:
+    """The messages of conversation ``:conversation_id`` with their authors' names,
+    joined to the conversation for ``where``."""
     columns, with_names = _message_columns()
-    stmt = (
+    return (
         select(*columns)
         .select_from(with_names(_MSGS.join(_CONVS, _CONVS.c.id == _MSGS.c.conversation_id)))
         .where(
             _MSGS.c.conversation_id == bindparam("conversation_id", type_=_MSGS.c.id.type),
-            _MSGS.c.internal.is_(False),
-            _CONVS.c.app_id == bindparam("app_id", type_=_CONVS.c.app_id.type),
-            _CONVS.c.end_user_id == bindparam("end_user_id", type_=_CONVS.c.end_user_id.type),
+            *where,
         )
+    )
+
+
+def _client_messages(*, after_cursor: bool) -> Prepared:
+    """The public messages of a conversation of the end user's, oldest first."""
+    stmt = _conversation_messages(
+        _MSGS.c.internal.is_(False),
+        _CONVS.c.app_id == bindparam("app_id", type_=_CONVS.c.app_id.type),
+        _CONVS.c.end_user_id == bindparam("end_user_id", type_=_CONVS.c.end_user_id.type),
     )
     at, id_ = _MSGS.c.created_at, _MSGS.c.id
     return _paged(stmt, at, id_, after_cursor=after_cursor, descending=False)
@@ -778,15 +786,7 @@ def _inbox(*detail: str) -> Select[Any]:
 def _agent_messages(*, after_cursor: bool) -> Any:
     """The messages of a conversation of the agent's apps, internal notes too, oldest
     first."""
-    columns, with_names = _message_columns()
-    stmt = (
-        select(*columns)
-        .select_from(with_names(_MSGS.join(_CONVS, _CONVS.c.id == _MSGS.c.conversation_id)))
-        .where(
-            _MSGS.c.conversation_id == bindparam("conversation_id", type_=_MSGS.c.id.type),
-            _CONVS.c.app_id.in_(bindparam("apps", expanding=True)),
-        )
-    )
+    stmt = _conversation_messages(_CONVS.c.app_id.in_(bindparam("apps", expanding=True)))
     at, id_ = _MSGS.c.created_at, _MSGS.c.id
     return _ordered(stmt, at, id_, after_cursor=after_cursor, descending=False)
 
