@@ -10,7 +10,9 @@ the same msgspec types and answers the same shape: the most any Litestar app
 can do here. Between the two, the ingest floor (`tests/bench/floor_app.py`):
 Tellback's own app with one more route declared like the real one (middleware,
 session-auth guard, dependencies, body type) whose handler stores nothing and
-answers a fixed conversation: what is left for the handler's own work. Reads:
+answers a fixed conversation: what is left for the handler's own work. And the
+issue's naive prototype (`tests/bench/naive_app.py`: ORM inserts of conversation,
+message and job, nothing else), the reference its targets were set beside. Reads:
 the conversation list and a message page, against the ceiling's GET that
 returns a same-sized page. Same uvicorn settings, same load.
 

@@ -101,7 +101,6 @@ from tellback_server.storage.base import ObjectStore
 DETAIL_MESSAGES = 100
 
 
-# Lists never show the device/app context (often a KiB of JSON per row): not loaded.
 @dataclass(frozen=True, slots=True)
 class _MessageViews:
     agent_msg: AgentMessageOut
@@ -449,11 +448,7 @@ class ConversationService:
         if row is None:
             raise NotFound("no such conversation")
         messages, authors, nxt = await self._agent_messages(agent, conv_id, None, DETAIL_MESSAGES)
-        last = (
-            None
-            if row[_DETAIL_USER + len(_User._fields)] is None
-            else _listed_message(row, authors)
-        )
+        last = None if row[_DETAIL_MESSAGE] is None else _listed_message(row, authors)
         if last is not None:
             await authors.load([last])  # its attachments, when not on this page
         custom_fields, context, location = row[_INBOX:_DETAIL_USER]
@@ -735,9 +730,10 @@ _USER = Prepared(_USER_SELECT)
 
 # ----- the agents' inbox: one statement per page ---------------------------------------------
 # Conversations with their end user and their last message (an internal note included) with
-# its author's name. The console reloads it on every event an agent's stream gets, so it is
-# read like the end user's list, not through the ORM. Its filters vary, so the statement is
-# built per request (SQLAlchemy caches its compiled form by shape).
+# its author's name; never the device context (a KiB of JSON per row), which only the
+# detail shows. The console reloads the inbox on every event an agent's stream gets, so it
+# is read like the end user's list, not through the ORM. Its filters vary: they are added
+# per request to the statement built once (SQLAlchemy caches the compiled forms by shape).
 
 
 class _InboxRow(NamedTuple):
