@@ -408,11 +408,10 @@ class ConversationService:
                 matching.c.body.ilike(pattern, escape="\\"),
             )
             stmt = stmt.where(or_(_CONVS.c.subject.ilike(pattern, escape="\\"), body_match))
+        paging, params = _page_params(cursor, limit, apps=sorted(apps))
         at, id_ = _CONVS.c.last_activity_at, _CONVS.c.id
-        if (key := decode_cursor(cursor)) is not None:
-            stmt = stmt.where(after(at, id_, key.at, key.id, descending=True))
-        stmt = stmt.order_by(*keyset_order(at, id_, descending=True)).limit(limit + 1)
-        rows = list(await self.db.execute(stmt, {"apps": sorted(apps)}))
+        stmt = _ordered(stmt, at, id_, after_cursor=paging, descending=True)
+        rows = list(await self.db.execute(stmt, params))
         convs = [_InboxRow._make(r[:_INBOX]) for r in rows]
         authors = Related(self.db, self.attachments)
         lasts = [
