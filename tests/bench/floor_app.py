@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tellback_server.asgi import create_app
 from tellback_server.cli import freeze_startup_heap, uvicorn_config
 from tellback_server.domain.conversations.schemas import ConversationCreate
-from tellback_server.http.deps import CLIENT, CLIENT_GUARDS, ClientPrincipal
+from tellback_server.http.deps import CLIENT, CLIENT_AUTH, ClientPrincipal
 from tellback_server.http.idempotency import IdempotencyKeyHeader, json_response
 from tellback_server.logging import configure_logging
 from tellback_server.plugins import build_registry
@@ -36,7 +36,7 @@ from tests.bench.ceiling_app import _out
 @post(
     "/floor/conversations",
     status_code=201,
-    guards=CLIENT_GUARDS,
+    middleware=CLIENT_AUTH,
     dependencies=CLIENT,
     include_in_schema=False,
 )

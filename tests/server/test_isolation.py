@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -695,3 +698,28 @@ async def test_rejected_credentials_release_the_transaction(
     finally:
         gc.enable()
         await _release_abandoned_generators()
+
+
+_SPEC = json.loads((Path(__file__).resolve().parents[2] / "sdk-spec" / "openapi.json").read_text())
+SECURED = [
+    (method.upper(), path)
+    for path, operations in _SPEC["paths"].items()
+    for method, operation in operations.items()
+    if isinstance(operation, dict) and operation.get("security")
+]
+
+
+@pytest.mark.parametrize(("method", "path"), SECURED, ids=[f"{m} {p}" for m, p in SECURED])
+async def test_authentication_comes_before_the_route(api: Api, method: str, path: str) -> None:
+    """Every secured operation refuses a caller without valid credentials with 401 before
+    it reads the body, the path or the query: a broken body, an id that names nothing and
+    a limit out of range still answer 401, not 400, 404 or 422."""
+    concrete = re.sub(r"\{[^}]+\}", str(uuid.uuid4()), path) + "?limit=0&cursor=%25"
+    for headers in ({}, api.bearer("tbs_not-a-real-token"), api.bearer("tbg_not-a-real-token")):
+        r = await api.http.request(
+            method,
+            concrete,
+            content=b'{"body": ',
+            headers={**headers, "Content-Type": "application/json"},
+        )
+        assert_unauthenticated(r)

@@ -21,6 +21,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Example
 from litestar.params import BodyKwarg
 
+from tellback_server.http.deps import Authenticate
 from tellback_server.http.errors import Problem
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -124,8 +125,9 @@ UNAVAILABLE = _Error(
 def _errors(handler: HTTPRouteHandler, path: str) -> list[_Error]:
     methods = set(handler.http_methods)
     errors = [BAD_REQUEST]
-    # Sessions are unguarded but refuse an unknown app key or identity token with 401.
-    if handler.resolve_guards() or path == "/v1/client/sessions":
+    # Sessions are unauthenticated but refuse an unknown app key or identity token with 401.
+    authenticated = any(isinstance(m, Authenticate) for m in handler.resolve_middleware())
+    if authenticated or path == "/v1/client/sessions":
         errors.append(UNAUTHENTICATED)
     if "{" in path:
         errors.append(NOT_FOUND)

@@ -22,9 +22,9 @@ from tellback_server.domain.agents.services import AgentService, teammates
 from tellback_server.http import examples
 from tellback_server.http.deps import (
     ADMIN,
-    ADMIN_GUARDS,
+    ADMIN_AUTH,
     AGENT,
-    AGENT_GUARDS,
+    AGENT_AUTH,
     AdminPrincipal,
     AgentPrincipal,
 )
@@ -42,7 +42,7 @@ class AdminAgentsController(Controller):
     tags = ["admin"]
     security = [{"adminToken": []}]
     dependencies = {**ADMIN, "agents": Provide(provide_agents, sync_to_thread=False)}
-    guards = ADMIN_GUARDS
+    middleware = ADMIN_AUTH
 
     @post("/", status_code=201, response_model=AgentCreated, summary="Create an agent")
     async def create_agent(
@@ -104,7 +104,7 @@ class AgentMeController(Controller):
     tags = ["agent"]
     security = [{"agentToken": []}]
     dependencies = AGENT
-    guards = AGENT_GUARDS
+    middleware = AGENT_AUTH
 
     @get("/me", summary="The calling agent")
     async def me(self, agent: NamedDependency[AgentPrincipal]) -> AgentMe:

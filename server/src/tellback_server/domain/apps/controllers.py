@@ -20,7 +20,7 @@ from tellback_server.domain.apps.schemas import (
 )
 from tellback_server.domain.apps.services import AppService
 from tellback_server.http import examples
-from tellback_server.http.deps import ADMIN, ADMIN_GUARDS, AdminPrincipal, app_state
+from tellback_server.http.deps import ADMIN, ADMIN_AUTH, AdminPrincipal, app_state
 from tellback_server.http.idempotency import IdempotencyKeyHeader, idempotent
 from tellback_server.http.openapi import example_body
 from tellback_server.http.pagination import DEFAULT_LIMIT, Limit, Page
@@ -34,7 +34,7 @@ class AdminAppsController(Controller):
     path = "/v1/admin/apps"
     tags = ["admin"]
     dependencies = ADMIN
-    guards = ADMIN_GUARDS
+    middleware = ADMIN_AUTH
     security = [{"adminToken": []}]
 
     @post("/", status_code=201, response_model=AppCreated, summary="Create an app")

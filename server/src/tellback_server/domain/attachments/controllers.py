@@ -24,9 +24,9 @@ from tellback_server.domain.attachments.services import AttachmentService
 from tellback_server.http import examples
 from tellback_server.http.deps import (
     AGENT,
-    AGENT_GUARDS,
+    AGENT_AUTH,
     CLIENT,
-    CLIENT_GUARDS,
+    CLIENT_AUTH,
     AgentPrincipal,
     ClientPrincipal,
     app_state,
@@ -57,7 +57,7 @@ class ClientUploadsController(Controller):
     tags = ["client"]
     security = [{"sessionToken": []}]
     dependencies = {**CLIENT, **ATTACHMENTS}
-    guards = CLIENT_GUARDS
+    middleware = CLIENT_AUTH
 
     @post("/uploads", status_code=201, response_model=UploadCreated, summary="Start an upload")
     async def create_upload(
@@ -133,7 +133,7 @@ class AgentAttachmentsController(Controller):
     tags = ["agent"]
     security = [{"agentToken": []}]
     dependencies = {**AGENT, **ATTACHMENTS}
-    guards = AGENT_GUARDS
+    middleware = AGENT_AUTH
 
     @get("/{attachment_id:uuid}", summary="An attachment with download URLs")
     async def get_attachment(

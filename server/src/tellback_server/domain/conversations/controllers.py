@@ -28,9 +28,9 @@ from tellback_server.domain.conversations.services import ConversationService, c
 from tellback_server.http import examples
 from tellback_server.http.deps import (
     AGENT,
-    AGENT_GUARDS,
+    AGENT_AUTH,
     CLIENT,
-    CLIENT_GUARDS,
+    CLIENT_AUTH,
     AgentPrincipal,
     ClientPrincipal,
     app_state,
@@ -54,7 +54,7 @@ class ClientConversationsController(Controller):
     tags = ["client"]
     security = [{"sessionToken": []}]
     dependencies = {**CLIENT, **_SERVICE}
-    guards = CLIENT_GUARDS
+    middleware = CLIENT_AUTH
 
     @post(
         "/conversations", status_code=201, response_model=ConversationOut, summary="Send feedback"
@@ -169,7 +169,7 @@ class AgentConversationsController(Controller):
     tags = ["agent"]
     security = [{"agentToken": []}]
     dependencies = {**AGENT, **_SERVICE}
-    guards = AGENT_GUARDS
+    middleware = AGENT_AUTH
 
     @get("/", summary="Inbox: conversations of my apps, newest activity first")
     async def list_conversations(

@@ -30,9 +30,9 @@ from tellback_server.domain.events.streams import (
 )
 from tellback_server.http.deps import (
     AGENT,
-    AGENT_GUARDS,
+    AGENT_AUTH,
     CLIENT,
-    CLIENT_GUARDS,
+    CLIENT_AUTH,
     AgentPrincipal,
     ClientPrincipal,
     app_state,
@@ -98,7 +98,7 @@ class ClientEventsController(Controller):
     tags = ["client"]
     security = [{"sessionToken": []}]
     dependencies = CLIENT
-    guards = CLIENT_GUARDS
+    middleware = CLIENT_AUTH
 
     @get(summary="Live events for this end user", description=_DOC, media_type="text/event-stream")
     async def events(
@@ -129,7 +129,7 @@ class AgentEventsController(Controller):
     tags = ["agent"]
     security = [{"agentToken": []}]
     dependencies = AGENT
-    guards = AGENT_GUARDS
+    middleware = AGENT_AUTH
 
     @get(
         summary="Live events for all the agent's apps",

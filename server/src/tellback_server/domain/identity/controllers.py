@@ -19,7 +19,7 @@ from tellback_server.domain.identity.services import IdentityService
 from tellback_server.http import examples
 from tellback_server.http.deps import (
     CLIENT,
-    CLIENT_GUARDS,
+    CLIENT_AUTH,
     ClientPrincipal,
     app_state,
     enforce_address_limit,
@@ -63,7 +63,7 @@ class MeController(Controller):
     tags = ["client"]
     security = [{"sessionToken": []}]
     dependencies = {**CLIENT, "identity": Provide(provide_identity, sync_to_thread=False)}
-    guards = CLIENT_GUARDS
+    middleware = CLIENT_AUTH
 
     @get("/me", summary="The current end user")
     async def get_me(

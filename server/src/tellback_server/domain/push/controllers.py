@@ -23,11 +23,11 @@ from tellback_server.domain.push.services import CredentialService, DeviceServic
 from tellback_server.http import examples
 from tellback_server.http.deps import (
     ADMIN,
-    ADMIN_GUARDS,
+    ADMIN_AUTH,
     AGENT,
-    AGENT_GUARDS,
+    AGENT_AUTH,
     CLIENT,
-    CLIENT_GUARDS,
+    CLIENT_AUTH,
     AdminPrincipal,
     AgentPrincipal,
     ClientPrincipal,
@@ -55,7 +55,7 @@ class ClientDevicesController(Controller):
     tags = ["client"]
     security = [{"sessionToken": []}]
     dependencies = {**CLIENT, **DEVICES}
-    guards = CLIENT_GUARDS
+    middleware = CLIENT_AUTH
 
     @put("/", summary="Register this installation for push")
     async def register(
@@ -83,7 +83,7 @@ class AgentDevicesController(Controller):
     tags = ["agent"]
     security = [{"agentToken": []}]
     dependencies = {**AGENT, **DEVICES}
-    guards = AGENT_GUARDS
+    middleware = AGENT_AUTH
 
     @put("/", summary="Register the agent's phone for push")
     async def register(
@@ -111,7 +111,7 @@ class AdminPushController(Controller):
     tags = ["admin"]
     security = [{"adminToken": []}]
     dependencies = {**ADMIN, "credentials": Provide(provide_credentials, sync_to_thread=False)}
-    guards = ADMIN_GUARDS
+    middleware = ADMIN_AUTH
 
     @get("/push", summary="Push configuration status (never the secrets)")
     async def status(

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from tellback_server.domain.identity.schemas import EndUserOut
 from tellback_server.domain.users.services import EndUserService
-from tellback_server.http.deps import ADMIN, ADMIN_GUARDS, AdminPrincipal
+from tellback_server.http.deps import ADMIN, ADMIN_AUTH, AdminPrincipal
 from tellback_server.http.pagination import DEFAULT_LIMIT, Limit, Page
 
 
@@ -25,7 +25,7 @@ class AdminUsersController(Controller):
     tags = ["admin"]
     security = [{"adminToken": []}]
     dependencies = {**ADMIN, "users": Provide(provide_users, sync_to_thread=False)}
-    guards = ADMIN_GUARDS
+    middleware = ADMIN_AUTH
 
     @get("/", summary="Find end users of an app")
     async def list_users(

@@ -22,7 +22,7 @@ from tellback_server.domain.webhooks.schemas import (
 )
 from tellback_server.domain.webhooks.services import WebhookService
 from tellback_server.http import examples
-from tellback_server.http.deps import ADMIN, ADMIN_GUARDS, AdminPrincipal, app_state
+from tellback_server.http.deps import ADMIN, ADMIN_AUTH, AdminPrincipal, app_state
 from tellback_server.http.idempotency import IdempotencyKeyHeader, idempotent
 from tellback_server.http.openapi import example_body
 from tellback_server.http.pagination import DEFAULT_LIMIT, Limit, Page
@@ -40,7 +40,7 @@ class AdminWebhooksController(Controller):
     tags = ["admin"]
     security = [{"adminToken": []}]
     dependencies = {**ADMIN, "webhooks": Provide(provide_webhooks, sync_to_thread=False)}
-    guards = ADMIN_GUARDS
+    middleware = ADMIN_AUTH
 
     @post(
         "/webhooks",
