@@ -10,7 +10,9 @@ is free, and that the WAL is checkpointed without any request doing it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import os
 import shutil
 import sqlite3
 import time
@@ -182,6 +184,45 @@ async def test_queued_writers_share_one_commit(sqlite_db: tuple[Database, Path])
     assert await _kinds(db) == [f"w{i:02}" for i in range(20)]
     assert commits[0] < 5, f"{commits[0]} commits for 20 writers queued together"
     assert sorted(v for batch in published for v in batch) == [f"w{i:02}" for i in range(20)]
+
+
+def _sqlite_temp_files() -> list[str]:
+    """SQLite's temporary files this process holds open (unlinked ``etilqs_*`` files)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # (closed meanwhile, e.g. the listing's own fd)
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if "etilqs_" in target:
+                found.append(target)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux's /proc")
+async def test_a_groups_savepoints_keep_their_journal_in_memory(
+    sqlite_db: tuple[Database, Path],
+) -> None:
+    """Each member after the first runs in a SAVEPOINT, whose undo journal SQLite keeps
+    in a temporary file once it passes 64 KiB, unless temp_store is MEMORY: under load,
+    tens of file writes per request and a file created per group (bench_ingest)."""
+    db, _ = sqlite_db
+    temp_files: list[list[str]] = []
+
+    def wide_write(session: Session, value: str) -> None:
+        for i in range(20):
+            _write(session, f"{value}-{i:02}-" + "x" * 4000)
+        # Pages the group changed before this member's savepoint are journaled when it
+        # changes them again (as the newest pages of each table and index are): here,
+        # enough of them to pass the threshold.
+        session.execute(text("UPDATE jobs SET attempts = attempts + 1"))
+        temp_files.append(_sqlite_temp_files())
+
+    async def write(value: str) -> None:
+        async with db.transaction(write=True) as tx:
+            await tx.run(wide_write, value)
+
+    await asyncio.gather(*(write(f"w{i}") for i in range(4)))
+    assert len(await _kinds(db)) == 4 * 20
+    assert temp_files == [[], [], [], []]
 
 
 async def test_commit_hooks_run_once_the_group_has_committed(

@@ -81,6 +81,9 @@ def _configure_sqlite(sync_engine: Engine, busy_timeout_ms: int, *, autocheckpoi
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
+        # A group's members run in savepoints, whose undo journal SQLite otherwise moves
+        # to a temporary file past 64 KiB: a file per group and tens of writes per request.
+        cursor.execute("PRAGMA temp_store=MEMORY")
         cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
         if not autocheckpoint:  # Database._checkpoints does it, off the event loop
             cursor.execute("PRAGMA wal_autocheckpoint=0")
