@@ -255,6 +255,13 @@ async def test_user_rate_limit(api: Api, monkeypatch: pytest.MonkeyPatch) -> Non
     same_user = await api.user_headers(app, installation_id=installation)
     r = await api.http.get("/v1/client/conversations", headers=same_user)
     assert_problem(r, 429, "rate_limited")
+    # Before the request is read: a broken body is refused as limited, not as broken.
+    r = await api.http.post(
+        "/v1/client/conversations",
+        content=b'{"body": ',
+        headers={**user, "Content-Type": "application/json"},
+    )
+    assert_problem(r, 429, "rate_limited")
 
     # Another end user of the same app is not limited.
     other = await api.user_headers(app)
