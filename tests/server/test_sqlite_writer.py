@@ -205,6 +205,7 @@ async def test_a_groups_savepoints_keep_their_journal_in_memory(
     in a temporary file once it passes 64 KiB, unless temp_store is MEMORY: under load,
     tens of file writes per request and a file created per group (bench_ingest)."""
     db, _ = sqlite_db
+    commits = _count_commits(db)
     temp_files: list[list[str]] = []
 
     def wide_write(session: Session, value: str) -> None:
@@ -221,6 +222,7 @@ async def test_a_groups_savepoints_keep_their_journal_in_memory(
             await tx.run(wide_write, value)
 
     await asyncio.gather(*(write(f"w{i}") for i in range(4)))
+    assert commits[0] < 4, "the writers did not share a transaction: no savepoints ran"
     assert len(await _kinds(db)) == 4 * 20
     assert temp_files == [[], [], [], []]
 
