@@ -1,7 +1,7 @@
 """Ingest and read benchmark: Tellback against the framework ceiling, side by side.
 
     uv run python tests/bench/bench_ingest.py [--seconds 10] [--connections 32]
-        [--database sqlite|postgresql|both] [--processes 1,2]
+        [--database sqlite|postgresql|both] [--processes 1,2] [--client asyncio|wrk]
 
 Ingest: `POST /v1/client/conversations` with a realistic 1 KiB device/app
 context, session auth and a fresh `Idempotency-Key` per request, against a bare
@@ -9,7 +9,7 @@ Litestar endpoint (`tests/bench/ceiling_app.py`) that decodes the same JSON into
 the same msgspec types and answers the same shape: the most any Litestar app
 can do here. Between the two, the ingest floor (`tests/bench/floor_app.py`):
 Tellback's own app with one more route declared like the real one (middleware,
-session-auth guard, dependencies, body type) whose handler stores nothing and
+session authentication, dependencies, body type) whose handler stores nothing and
 answers a fixed conversation: what is left for the handler's own work. And the
 issue's naive prototype (`tests/bench/naive_app.py`: ORM inserts of conversation,
 message and job, nothing else), the reference its targets were set beside. Reads:
@@ -17,8 +17,9 @@ the conversation list and a message page, against the ceiling's GET that
 returns a same-sized page. Same uvicorn settings, same load.
 
 Load generator: an asyncio HTTP/1.1 keep-alive client over raw sockets
-(`--connections` concurrent, one end user per connection), in this process;
-it shares the machine's CPUs with the server, which is printed with the
+(`--connections` concurrent, one end user per connection), in this process,
+or with `--client wrk` Debian's wrk (one thread) sending the same requests;
+either shares the machine's CPUs with the server, which is printed with the
 results. Each run warms up, then measures `--seconds`; printed: requests/s,
 p50/p99 latency, the ratio to the ceiling measured in the same run, and the
 server processes' CPU time per request (from /proc: less noisy than requests/s
@@ -459,7 +460,7 @@ async def run_database(
             ours_result = await _spread(ours, ours_req, args)
             lines.append((f"{label}: {title}", ours_result, ceiling_result))
             if title == "ingest" and processes == 1:
-                # The same route's framework, guard and decoding, with no handler work.
+                # The same route's framework, authentication and decoding, with no handler work.
                 floor_result = await run(
                     floor, floor_ingest, args.connections, args.seconds, args.warmup
                 )

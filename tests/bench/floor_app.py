@@ -1,9 +1,9 @@
 """The ingest route's floor for bench_ingest: Tellback's own app, minus the handler's work.
 
-`tellback serve`'s app (every middleware, the client guard with its session
+`tellback serve`'s app (every middleware, the client authentication with its session
 lookup and rate limits, the dependencies) with one more route,
 ``POST /floor/conversations``, declared like ``POST /v1/client/conversations``:
-the same guard, body type and ``Idempotency-Key`` header. Its handler answers a
+the same authentication, body type and ``Idempotency-Key`` header. Its handler answers a
 fixed conversation without touching the database. Between the framework
 ceiling (``ceiling_app.py``) and the real route, it shows what the framework and
 our request plumbing cost before any feedback is stored. Run with the
