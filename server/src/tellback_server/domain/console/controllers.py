@@ -40,7 +40,7 @@ from tellback_server.domain.console.views import InboxFilters
 from tellback_server.domain.conversations.controllers import provide_conversations
 from tellback_server.domain.conversations.schemas import AgentMessageCreate
 from tellback_server.domain.conversations.services import ConversationService
-from tellback_server.http.deps import AGENT, AgentPrincipal, agent_by_token_hash
+from tellback_server.http.deps import AGENT, PRINCIPAL, AgentPrincipal, agent_by_token_hash
 from tellback_server.http.errors import (
     AppError,
     Forbidden,
@@ -69,7 +69,7 @@ async def console_guard(
     if principal is None:
         raise Unauthenticated("sign in to use the console")
     structlog.contextvars.bind_contextvars(agent_id=str(principal.agent_id))
-    connection.state.principal = principal
+    connection.scope["state"][PRINCIPAL] = principal  # read by the AGENT dependency
 
 
 def _refuse_cross_site(request: Request[Any, Any, Any]) -> None:
