@@ -72,8 +72,8 @@ class ClientPrincipal:
         return f"user:{self.end_user_id}"
 
 
-def app_state(request: Request[Any, Any, Any]) -> AppState:
-    state: AppState = request.app.state["tb"]
+def app_state(connection: ASGIConnection[Any, Any, Any, Any]) -> AppState:
+    state: AppState = connection.app.state["tb"]
     return state
 
 
@@ -128,14 +128,9 @@ class Authenticate(ASGIMiddleware):
         await next_app(scope, receive, send)
 
 
-def _conn_state(connection: ASGIConnection[Any, Any, Any, Any]) -> AppState:
-    state: AppState = connection.app.state["tb"]
-    return state
-
-
 async def authenticate_admin(connection: ASGIConnection[Any, Any, Any, Any]) -> None:
     token = _bearer(connection, ADMIN_TOKEN_PREFIX, "admin token")
-    async with _conn_state(connection).db.session(write=False) as db:
+    async with app_state(connection).db.session(write=False) as db:
         row = await db.scalar(
             select(AdminToken.id).where(
                 AdminToken.token_hash == hash_token(token), AdminToken.revoked_at.is_(None)
@@ -177,7 +172,7 @@ def _agent_token_hash(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
     if "authorization" not in connection.headers and route == _COOKIE_ROUTE:
         cookie = connection.cookies.get(console_session.COOKIE)
         if cookie:
-            opened = console_session.open_session(_conn_state(connection).sealer, cookie)
+            opened = console_session.open_session(app_state(connection).sealer, cookie)
             if opened is None:
                 raise Unauthenticated("the console session has expired; sign in again")
             return opened.token_hash
@@ -185,7 +180,7 @@ def _agent_token_hash(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
 
 
 async def authenticate_agent(connection: ASGIConnection[Any, Any, Any, Any]) -> None:
-    principal = await agent_by_token_hash(_conn_state(connection), _agent_token_hash(connection))
+    principal = await agent_by_token_hash(app_state(connection), _agent_token_hash(connection))
     if principal is None:
         raise Unauthenticated("the agent token is not valid")
     structlog.contextvars.bind_contextvars(agent_id=str(principal.agent_id))
@@ -194,7 +189,7 @@ async def authenticate_agent(connection: ASGIConnection[Any, Any, Any, Any]) -> 
 
 async def authenticate_client(connection: ASGIConnection[Any, Any, Any, Any]) -> None:
     token = _bearer(connection, SESSION_TOKEN_PREFIX, "session token")
-    state = _conn_state(connection)
+    state = app_state(connection)
     token_hash = hash_token(token)
     principal = state.principals.get(token_hash)
     if principal is None:
@@ -258,7 +253,7 @@ def enforce_rate_limits(
     end_user_id: UUID | None,
 ) -> None:
     limits = settings.get("rate_limits") or {}
-    limiter = _conn_state(request).limiter
+    limiter = app_state(request).limiter
     wait = limiter.hit(f"app:{app_id}", int(limits.get("app_per_minute", 6000)))
     if wait is None and end_user_id is not None:
         wait = limiter.hit(f"user:{end_user_id}", int(limits.get("user_per_minute", 120)))
@@ -273,7 +268,7 @@ def enforce_address_limit(request: ASGIConnection[Any, Any, Any, Any]) -> None:
     spend the whole app's budget. Behind a proxy, uvicorn takes the address from
     X-Forwarded-For when the proxy is trusted (its FORWARDED_ALLOW_IPS).
     """
-    state = _conn_state(request)
+    state = app_state(request)
     per_minute = state.settings.sessions_per_ip_per_minute
     client = request.client
     if per_minute <= 0 or client is None:

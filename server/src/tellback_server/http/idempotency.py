@@ -27,8 +27,8 @@ from tellback_server.db.base import table_of
 from tellback_server.db.engine import SessionTx, Tx
 from tellback_server.db.models import IdempotencyKey
 from tellback_server.db.prepared import Prepared
+from tellback_server.http.deps import app_state
 from tellback_server.http.errors import BadRequest, IdempotencyKeyInProgress, IdempotencyKeyReused
-from tellback_server.security import Sealer
 
 REPLAYED = "Idempotent-Replayed"
 _encoder = msgspec.json.Encoder()
@@ -76,7 +76,7 @@ async def idempotent(
     if not _valid_key(key):
         raise BadRequest("Idempotency-Key must be 1-255 printable ASCII characters")
     tx = SessionTx(db) if isinstance(db, AsyncSession) else db
-    sealer: Sealer = request.app.state["tb"].sealer
+    sealer = app_state(request).sealer
     body = await request.body()
     digest = hashlib.sha256(f"{request.method} {request.url.path}\n".encode() + body).hexdigest()
     now = dt.datetime.now(dt.UTC)

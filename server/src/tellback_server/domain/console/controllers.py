@@ -28,7 +28,6 @@ from tellback_server.domain.console.inbox import conversation_context, inbox_pag
 from tellback_server.domain.console.pages import (
     ERROR_HANDLERS,
     LOGIN_PATH,
-    app_state,
     is_secure,
     redirect,
     render,
@@ -40,7 +39,13 @@ from tellback_server.domain.console.views import InboxFilters
 from tellback_server.domain.conversations.controllers import provide_conversations
 from tellback_server.domain.conversations.schemas import AgentMessageCreate
 from tellback_server.domain.conversations.services import ConversationService
-from tellback_server.http.deps import AGENT, PRINCIPAL, AgentPrincipal, agent_by_token_hash
+from tellback_server.http.deps import (
+    AGENT,
+    PRINCIPAL,
+    AgentPrincipal,
+    agent_by_token_hash,
+    app_state,
+)
 from tellback_server.http.errors import (
     AppError,
     Forbidden,
@@ -62,7 +67,7 @@ _STATIC_CACHE: dict[str, bytes] = {}
 async def console_guard(
     connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
 ) -> None:
-    state = connection.app.state["tb"]
+    state = app_state(connection)
     value = connection.cookies.get(cs.COOKIE)
     opened = cs.open_session(state.sealer, value) if value else None
     principal = await agent_by_token_hash(state, opened.token_hash) if opened else None

@@ -22,9 +22,9 @@ from litestar.template.config import TemplateConfig
 
 from tellback_server.domain.console import views
 from tellback_server.domain.console.session import COOKIE, csrf_token
+from tellback_server.http.deps import app_state
 from tellback_server.http.errors import AppError, exception_handlers
 from tellback_server.settings import Settings
-from tellback_server.state import AppState
 
 LOGIN_PATH = "/console/login"
 FRAGMENT_HEADER = "x-console-fragment"
@@ -84,11 +84,6 @@ def security_headers(settings: Settings) -> dict[str, str]:
         "Cross-Origin-Opener-Policy": "same-origin",
         "Cache-Control": "no-store",
     }
-
-
-def app_state(request: Request[Any, Any, Any]) -> AppState:
-    state: AppState = request.app.state["tb"]
-    return state
 
 
 def secret_key(request: Request[Any, Any, Any]) -> str:
