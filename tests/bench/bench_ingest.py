@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -319,6 +319,11 @@ async def load_wrk(
     )
 
 
+def _load_with(args: argparse.Namespace) -> Callable[..., Awaitable[Result]]:
+    """:func:`load`, or :func:`load_wrk` for ``--client wrk``."""
+    return load_wrk if args.client == "wrk" else load
+
+
 def post_head(path: str, host: str, length: int, headers: dict[str, str]) -> bytes:
     extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     return (
@@ -396,7 +401,7 @@ async def run_database(
     name: str, base: Path, database_url: str | None, args: argparse.Namespace, processes: int
 ) -> list[tuple[str, Result, Result]]:
     lines: list[tuple[str, Result, Result]] = []
-    run = load_wrk if args.client == "wrk" else load
+    run = _load_with(args)
     env = env_for(base / f"{name}-{processes}", database_url)
     ports = [free_port() for _ in range(processes)]
     ceiling_port, floor_port, naive_port = free_port(), free_port(), free_port()
@@ -477,7 +482,7 @@ async def run_database(
 async def _spread(urls: list[str], make: Request, args: argparse.Namespace) -> Result:
     """Split the connections over the server processes (a load balancer's job)."""
     per = args.connections // len(urls)
-    run = load_wrk if args.client == "wrk" else load
+    run = _load_with(args)
 
     def shifted(k: int) -> Request:
         return lambda i: make(k * per + i)
