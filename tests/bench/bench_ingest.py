@@ -292,7 +292,9 @@ async def load_wrk(
             f.write(script)
             f.flush()
             wrk = await asyncio.create_subprocess_exec(
-                *("wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--timeout", "10s"),
+                # wrk takes whole seconds; the rate comes from the duration it reports.
+                *("wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s"),
+                *("--timeout", "10s"),
                 *("-s", f.name, url),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
