@@ -355,6 +355,8 @@ async def test_anonymous_conversations_merge_on_identify(api: Api) -> None:
     r = await api.http.get(f"/v1/client/conversations/{conv['id']}/messages", headers=ident_headers)
     assert r.status_code == 200, r.text
     assert [m["body"] for m in r.json()["items"]] == ["Before login"]
+    # The message moved with its conversation: written by the identified user now.
+    assert r.json()["items"][0]["author"]["id"] == ident["user"]["id"]
     # The anonymous user's old session ended with the identification.
     assert_problem(
         await api.http.get("/v1/client/me", headers=anon_headers), 401, "unauthenticated"

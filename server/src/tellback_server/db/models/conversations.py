@@ -56,7 +56,10 @@ class Message(UUIDv7AuditBase):
         GUID, ForeignKey("apps.id", ondelete="CASCADE"), index=True
     )
     author_type: Mapped[str] = mapped_column(String(16))
-    author_user_id: Mapped[UUID | None] = mapped_column(GUID, index=True)
+    # Not indexed: a user writes only in their own conversations, so their messages are
+    # found through ``conversation_id``. An index on it took a page write per feedback
+    # at a random place (migration 0005).
+    author_user_id: Mapped[UUID | None] = mapped_column(GUID)
     author_agent_id: Mapped[UUID | None] = mapped_column(GUID)
     body: Mapped[str | None] = mapped_column(Text)
     internal: Mapped[bool] = mapped_column(Boolean, default=False)

@@ -225,13 +225,22 @@ class IdentityService:
         anon = await self.db.get(EndUser, anon_id)
         if anon is None or anon.external_id is not None:
             return
+        # A user writes only in their own conversations: their messages are found through
+        # them (messages.author_user_id has no index), so before the conversations move.
+        await self.db.execute(
+            update(Message)
+            .where(
+                Message.conversation_id.in_(
+                    select(Conversation.id).where(Conversation.end_user_id == anon_id)
+                ),
+                Message.author_user_id == anon_id,
+            )
+            .values(author_user_id=user.id)
+        )
         await self.db.execute(
             update(Conversation)
             .where(Conversation.end_user_id == anon_id)
             .values(end_user_id=user.id)
-        )
-        await self.db.execute(
-            update(Message).where(Message.author_user_id == anon_id).values(author_user_id=user.id)
         )
         # Uploads made before login can still be attached after it.
         await self.db.execute(
