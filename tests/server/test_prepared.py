@@ -1,0 +1,111 @@
+"""Prepared statements (db/prepared.py) on both databases: in the caller's transaction,
+with SQLAlchemy's errors.
+
+A :class:`Prepared` runs on the driver's cursor of the session's connection, not
+through ``Session.execute``; these pin that it still behaves as that would: it
+begins the session's transaction, sees and is undone with the rest of it, and
+raises SQLAlchemy's exception classes (which the error handlers map to 409/503).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import bindparam, func, select, text
+from sqlalchemy.exc import IntegrityError, ProgrammingError
+from sqlalchemy.exc import OperationalError as SAOperationalError
+from sqlalchemy.orm import Session
+
+from tellback_server.db.base import table_of
+from tellback_server.db.engine import Database
+from tellback_server.db.models import IdempotencyKey
+from tellback_server.db.prepared import Prepared, insert_into
+from tests.server.conftest import make_settings
+
+_KEYS = table_of(IdempotencyKey)
+_COLUMNS = ("id", "scope", "key", "request_hash", "expires_at", "created_at", "updated_at")
+_INSERT = insert_into(_KEYS, _COLUMNS, returning="id")
+_BY_SCOPE = Prepared(
+    select(_KEYS.c.key, _KEYS.c.expires_at)
+    .where(_KEYS.c.scope == bindparam("scope"))
+    .order_by(_KEYS.c.key)
+)
+
+
+@pytest.fixture
+async def db(database_url: str, tmp_path: Path) -> AsyncIterator[Database]:
+    database = Database(make_settings(database_url, tmp_path / "data"))
+    try:
+        yield database
+    finally:
+        await database.dispose()
+
+
+def _row(scope: str, key: str) -> dict[str, Any]:
+    now = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)
+    return {
+        "id": uuid.uuid4(),
+        "scope": scope,
+        "key": key,
+        "request_hash": "h",
+        "expires_at": now + dt.timedelta(days=1),
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def _count(session: Session, scope: str) -> int:
+    return int(
+        session.execute(
+            select(func.count()).select_from(_KEYS).where(_KEYS.c.scope == scope)
+        ).scalar_one()
+    )
+
+
+async def test_statements_share_the_sessions_transaction(db: Database) -> None:
+    scope = f"s-{uuid.uuid4().hex}"
+    row = _row(scope, "a")
+
+    def insert_then_read(session: Session) -> tuple[list[Any], int, list[Any]]:
+        returned = _INSERT.execute(session, row)  # the transaction's first statement
+        return returned, _count(session, scope), _BY_SCOPE.execute(session, {"scope": scope})
+
+    async with db.transaction(write=True) as tx:
+        returned, seen, rows = await tx.run(insert_then_read)
+    assert [tuple(r) for r in returned] == [(row["id"],)]  # RETURNING, converted to a UUID
+    assert seen == 1  # the ORM session's statement saw the prepared one's row
+    assert [tuple(r) for r in rows] == [("a", row["expires_at"])]
+
+    def insert_then_fail(session: Session) -> None:
+        _INSERT.execute(session, _row(scope, "b"))
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        async with db.transaction(write=True) as tx:
+            await tx.run(insert_then_fail)
+    async with db.transaction(write=False) as tx:
+        assert await tx.run(_count, scope) == 1  # undone with the rest of its transaction
+
+
+async def test_errors_arrive_as_sqlalchemys(db: Database) -> None:
+    scope = f"s-{uuid.uuid4().hex}"
+    async with db.transaction(write=True) as tx:
+        await tx.run(_INSERT.execute, _row(scope, "same"))
+    with pytest.raises(IntegrityError):
+        async with db.transaction(write=True) as tx:
+            await tx.run(_INSERT.execute, _row(scope, "same"))
+    missing = Prepared(text("SELECT * FROM no_such_table"))
+    with pytest.raises((ProgrammingError, SAOperationalError), match="no_such_table"):
+        async with db.transaction(write=False) as tx:
+            await tx.run(missing.execute, {})
+    # The connections those failures ran on are fine for the next transaction.
+    for _ in range(3):
+        async with db.transaction(write=False) as tx:
+            assert [tuple(r) for r in await tx.run(_BY_SCOPE.execute, {"scope": scope})] == [
+                ("same", _row(scope, "same")["expires_at"])
+            ]
