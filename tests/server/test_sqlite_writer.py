@@ -26,7 +26,7 @@ from sqlalchemy import event, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from tellback_server.db.engine import Database
+from tellback_server.db.engine import AfterGroupCommit, Database
 from tellback_server.db.prepared import Prepared
 from tellback_server.http.errors import is_database_unavailable
 from tests.server.conftest import make_settings
@@ -319,6 +319,69 @@ async def test_a_failed_group_commit_fails_every_member(sqlite_db: tuple[Databas
     fail[0] = False
     await write("after")  # the lock and the next group are fine
     assert await _kinds(db) == ["after"]
+
+
+class _Answered(AfterGroupCommit):
+    """What an idempotent replay of an earlier member's row raises."""
+
+
+async def test_an_answer_from_the_group_waits_for_its_commit(
+    sqlite_db: tuple[Database, Path],
+) -> None:
+    """A member whose failure answers from what an earlier member of its group wrote
+    (an idempotent replay) is undone at once but raises only after the COMMIT."""
+    db, _ = sqlite_db
+    order: list[str] = []
+    db.on_commit("test_published", lambda _v: order.append("committed"))
+
+    def replay(session: Session, _value: str) -> None:
+        _mark(session, "replayed")  # undone: the request's own work
+        raise _Answered("from the first member's row")
+
+    async def write(value: str) -> None:
+        async with db.transaction(write=True) as tx:
+            await tx.run(replay if value == "replayed" else _mark, value)
+        order.append(f"{value} answered")
+
+    async def replayed() -> None:
+        try:
+            await write("replayed")
+        except _Answered:
+            order.append("replayed raised")
+
+    await asyncio.gather(write("first"), replayed(), write("third"))
+    assert order.index("replayed raised") > order.index("committed"), order
+    assert await _kinds(db) == ["first", "third"]
+
+
+async def test_an_answer_from_the_group_fails_with_its_commit(
+    sqlite_db: tuple[Database, Path],
+) -> None:
+    """... and if that COMMIT fails, the member gets the commit's error, not the answer
+    from rows that were lost."""
+    db, _ = sqlite_db
+
+    def refuse(_session: Session) -> None:
+        raise RuntimeError("disk full")
+
+    event.listen(db.session_class, "before_commit", refuse)
+
+    def replay(_session: Session, _value: str) -> None:
+        raise _Answered("from the first member's row")
+
+    async def write(value: str) -> None:
+        async with db.transaction(write=True) as tx:
+            await tx.run(replay if value == "replayed" else _write, value)
+
+    first, replayed = await asyncio.gather(
+        write("first"), write("replayed"), return_exceptions=True
+    )
+    assert isinstance(first, RuntimeError)
+    assert isinstance(replayed, RuntimeError), replayed  # not _Answered
+    event.remove(db.session_class, "before_commit", refuse)
+    # Alone in its group (the first member), it answers at once: what it read was committed.
+    with pytest.raises(_Answered):
+        await write("replayed")
 
 
 async def test_an_orm_writer_commits_an_open_group_before_it_begins(

@@ -176,6 +176,13 @@ def _ping_at_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
         raise DisconnectionError("the pooled connection did not answer") from exc
 
 
+class AfterGroupCommit(Exception):
+    """Raised by a SQLite write-group member whose answer rests on what an earlier
+    member of its group wrote (an idempotent replay of it): the member is undone
+    at once, but the exception reaches its caller only once the group has
+    committed, or as the commit's error, so it never answers from rows then lost."""
+
+
 class Tx(ABC):
     """One open transaction; :meth:`run` calls ``fn(session, *args)`` inside it."""
 
@@ -401,6 +408,8 @@ class Database:
         finally:
             self._write_lock.release()
         if failure is not None:
+            if isinstance(failure, AfterGroupCommit) and member.nested:
+                await asyncio.shield(group.committed)
             raise failure
         await asyncio.shield(group.committed)
 

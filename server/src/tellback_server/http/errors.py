@@ -28,6 +28,7 @@ from litestar.types import ExceptionHandlersMap
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from tellback_server.db.engine import AfterGroupCommit
 from tellback_server.storage.base import StorageError
 
 log = structlog.get_logger("tellback.http")
@@ -98,6 +99,19 @@ class IdempotencyKeyReused(AppError):
 class IdempotencyKeyInProgress(AppError):
     status_code, code = 409, "idempotency_key_in_progress"
     retry_after = 1
+
+
+class Replay(AfterGroupCommit):
+    """Answer with a response stored before (an idempotent create's key was taken):
+    raised, so the request's own work rolls back with its transaction."""
+
+    def __init__(self, response: Response[bytes]) -> None:
+        super().__init__("replayed")
+        self.response = response
+
+
+def _replay(_request: Request[Any, Any, Any], exc: Replay) -> Response[bytes]:
+    return exc.response
 
 
 class PayloadTooLarge(AppError):
@@ -347,6 +361,7 @@ def _too_deep(request: Request[Any, Any, Any], _exc: RecursionError) -> Response
 def exception_handlers() -> ExceptionHandlersMap:
     return {
         RecursionError: _too_deep,
+        Replay: _replay,
         AppError: _app_error,
         StorageError: _storage,
         ValidationException: _litestar_validation,

@@ -1,10 +1,12 @@
 """``Idempotency-Key`` handling for every create.
 
-The key row is claimed with an INSERT ... ON CONFLICT DO NOTHING at the start
-of the request's own transaction, and the response is stored in that same
-transaction. So the effects and the stored response commit together or not at
-all: a failed request leaves no key behind and can be retried. A concurrent
-request with the same key blocks on the row (PostgreSQL) or on the writer lock
+The request does its work first; the last statement of its transaction inserts
+the key together with the answer (INSERT ... ON CONFLICT DO NOTHING). So the
+effects and the stored answer commit together or not at all: a failed request
+leaves no key behind and can be retried, and the key costs one statement. If the
+key is already there, the request's own work is rolled back and the stored
+answer replayed (:class:`~tellback_server.http.errors.Replay`): a concurrent
+request with the same key waits on the row (PostgreSQL) or on the writer lock
 (SQLite) until the first commits, then replays its response.
 """
 
@@ -18,17 +20,22 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Request, Response
 from litestar.params import HeaderParameter
-from sqlalchemy import TextClause, bindparam, delete, select, text, update
+from sqlalchemy import bindparam, delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 from uuid_utils.compat import uuid7
 
-from tellback_server.db.base import table_of
 from tellback_server.db.engine import SessionTx, Tx
+from tellback_server.db.keys import KEYS, claim
 from tellback_server.db.models import IdempotencyKey
-from tellback_server.db.prepared import Prepared
 from tellback_server.http.deps import app_state
-from tellback_server.http.errors import BadRequest, IdempotencyKeyInProgress, IdempotencyKeyReused
+from tellback_server.http.errors import (
+    BadRequest,
+    IdempotencyKeyInProgress,
+    IdempotencyKeyReused,
+    Replay,
+)
+from tellback_server.security import Sealer
 
 REPLAYED = "Idempotent-Replayed"
 _encoder = msgspec.json.Encoder()
@@ -61,104 +68,134 @@ IdempotencyKeyHeader = Annotated[
 ]
 
 
+class Answer:
+    """The key of an idempotent create and, once produced, the answer stored under it.
+
+    A producer may write the key itself in its own last statement, saving a round
+    trip on PostgreSQL (``db/keys.py``, ``with_answer``): it calls :meth:`produced`
+    with its result, passes :attr:`key_row` to that statement and sets
+    :attr:`claimed` to whether the key's INSERT took. Otherwise :func:`idempotent`
+    writes the key after the producer returns.
+    """
+
+    __slots__ = (
+        "_row",
+        "_sealer",
+        "claimed",
+        "digest",
+        "expires",
+        "key",
+        "now",
+        "response",
+        "scope",
+        "status",
+    )
+
+    def __init__(
+        self,
+        sealer: Sealer,
+        scope: str,
+        key: str,
+        digest: str,
+        status: int,
+        now: dt.datetime,
+        ttl_seconds: int,
+    ) -> None:
+        self._sealer = sealer
+        self.scope, self.key, self.digest, self.status, self.now = scope, key, digest, status, now
+        self.expires = now + dt.timedelta(seconds=ttl_seconds)
+        self._row: dict[str, Any] | None = None
+        self.response: Response[bytes] | None = None
+        self.claimed: bool | None = None  # None: the key is not written yet
+
+    @property
+    def key_row(self) -> dict[str, Any]:
+        """The key's row, once :meth:`produced` was called."""
+        assert self._row is not None
+        return self._row
+
+    def produced(self, result: Any) -> dict[str, Any]:
+        """The key's row, with ``result`` as its stored answer (sealed: answers may carry
+        secrets shown once, such as tokens and identity secrets). Made once."""
+        if self._row is None:
+            self.response = json_response(result, self.status)
+            sealed = self._sealer.seal(
+                self.response.content, idempotency_purpose(self.scope, self.key)
+            )
+            self._row = {
+                "id": uuid7(),
+                "scope": self.scope,
+                "key": self.key,
+                "request_hash": self.digest,
+                "response_status": self.status,
+                "response_body": sealed,
+                "expires_at": self.expires,
+                "created_at": self.now,
+                "updated_at": self.now,
+            }
+        return self._row
+
+
 async def idempotent(
     key: str | None,
     request: Request[Any, Any, Any],
     db: AsyncSession | Tx,
     scope: str,
     status: int,
-    produce: Callable[[], Awaitable[Any]],
+    produce: Callable[[Answer | None], Awaitable[Any]],
     ttl_seconds: int = 24 * 3600,
 ) -> Response[bytes]:
-    """Run ``produce`` once per key within ``db``'s transaction, or replay its answer."""
+    """Run ``produce`` in ``db``'s transaction and store its answer under ``key``; or,
+    when the key holds an answer already, raise :class:`Replay` of it (which rolls
+    the transaction back)."""
     if key is None:
-        return json_response(await produce(), status)
+        return json_response(await produce(None), status)
     if not _valid_key(key):
         raise BadRequest("Idempotency-Key must be 1-255 printable ASCII characters")
     tx = SessionTx(db) if isinstance(db, AsyncSession) else db
-    sealer = app_state(request).sealer
     body = await request.body()
     digest = hashlib.sha256(f"{request.method} {request.url.path}\n".encode() + body).hexdigest()
     now = dt.datetime.now(dt.UTC)
-    expires = now + dt.timedelta(seconds=ttl_seconds)
+    sealer = app_state(request).sealer
+    answer = Answer(sealer, scope, key, digest, status, now, ttl_seconds)
+    result = await produce(answer)
     for _ in range(2):
-        if await tx.run(_claim, scope, key, digest, now, expires):
-            response = json_response(await produce(), status)
-            # Responses may carry secrets shown once (tokens, identity secrets).
-            sealed = sealer.seal(response.content, idempotency_purpose(scope, key))
-            await tx.run(_store, scope, key, status, sealed, now)
-            return response
+        if answer.claimed is None:
+            answer.claimed = await tx.run(claim, answer.produced(result))
+        if answer.claimed:
+            assert answer.response is not None
+            return answer.response
+        # The key was taken: by a request that committed first, or (SQLite) by an
+        # earlier member of this write group, whose rows this transaction sees.
         existing = await tx.run(_existing, scope, key, now)
         if existing is None:
-            continue  # the other request rolled back, or the key expired (and was dropped)
+            answer.claimed = None  # it had expired and is dropped now: take it
+            continue
         if existing.request_hash != digest:
             raise IdempotencyKeyReused(
                 "this Idempotency-Key was used with a different request body"
             )
         if existing.response_status is None or existing.response_body is None:
+            # Not written by this version, which stores key and answer together.
             raise IdempotencyKeyInProgress("a request with this Idempotency-Key is still running")
-        return Response(
-            content=sealer.open(existing.response_body, idempotency_purpose(scope, key)),
-            status_code=existing.response_status,
-            media_type="application/json",
-            headers={REPLAYED: "true"},
+        raise Replay(
+            Response(
+                content=sealer.open(existing.response_body, idempotency_purpose(scope, key)),
+                status_code=existing.response_status,
+                media_type="application/json",
+                headers={REPLAYED: "true"},
+            )
         )
     raise IdempotencyKeyInProgress("a request with this Idempotency-Key is still running")
 
 
 # Core statements on the table, built once (the ORM adds nothing to these).
-_T = table_of(IdempotencyKey)
-
-
-def _claim_statement() -> TextClause:
-    # Plain text, the same on SQLite and PostgreSQL: SQLAlchemy's dialect-specific
-    # ON CONFLICT constructs cannot be cached, so they would compile on every request.
-    cols = [c for c in _T.c if c.key in _CLAIM_COLUMNS]
-    names = ", ".join(f'"{c.name}"' for c in cols)
-    values = ", ".join(f":{c.key}" for c in cols)
-    # Names from our own table; every value is a bound parameter.
-    sql = f"INSERT INTO {_T.name} ({names}) VALUES ({values}) "  # noqa: S608
-    sql += 'ON CONFLICT ("scope", "key") DO NOTHING RETURNING "id"'
-    return text(sql).bindparams(*(bindparam(c.key, type_=c.type) for c in cols))
-
-
-_CLAIM_COLUMNS = ("id", "scope", "key", "request_hash", "expires_at", "created_at", "updated_at")
-_CLAIM = Prepared(_claim_statement())
+_T = KEYS
 _WHERE = (_T.c.scope == bindparam("s"), _T.c.key == bindparam("k"))
-_STORE = Prepared(
-    update(_T)
-    .where(*_WHERE)
-    .values(
-        {
-            k: bindparam(k, type_=_T.c[k].type)
-            for k in ("response_status", "response_body", "updated_at")
-        }
-    )
-)
 _EXISTING = select(
     _T.c.request_hash, _T.c.response_status, _T.c.response_body, _T.c.expires_at
 ).where(*_WHERE)
 _DELETE = delete(_T).where(*_WHERE)
-
-
-def _claim(
-    db: Session, scope: str, key: str, digest: str, now: dt.datetime, expires: dt.datetime
-) -> bool:
-    row = {
-        "id": uuid7(),
-        "scope": scope,
-        "key": key,
-        "request_hash": digest,
-        "expires_at": expires,
-        "created_at": now,
-        "updated_at": now,
-    }
-    return bool(_CLAIM.execute(db, row))
-
-
-def _store(db: Session, scope: str, key: str, status: int, sealed: bytes, now: dt.datetime) -> None:
-    values = {"response_status": status, "response_body": sealed, "updated_at": now}
-    _STORE.execute(db, {"s": scope, "k": key, **values})
 
 
 def _existing(db: Session, scope: str, key: str, now: dt.datetime) -> Any:

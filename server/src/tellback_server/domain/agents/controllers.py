@@ -56,7 +56,7 @@ class AdminAgentsController(Controller):
     ) -> Response[bytes]:
         """Returns the agent's `token`, shown only here."""
         return await idempotent(
-            idempotency_key, request, db, admin.scope, 201, lambda: agents.create(data)
+            idempotency_key, request, db, admin.scope, 201, lambda _: agents.create(data)
         )
 
     @get("/", summary="List agents")

@@ -53,7 +53,7 @@ class AdminAppsController(Controller):
             db,
             admin.scope,
             201,
-            lambda: _service(request, db).create(data),
+            lambda _: _service(request, db).create(data),
         )
 
     @get("/", summary="List apps")

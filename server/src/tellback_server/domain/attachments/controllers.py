@@ -78,7 +78,7 @@ class ClientUploadsController(Controller):
             db,
             client.scope,
             201,
-            lambda: attachments.create_upload(client, data),
+            lambda _: attachments.create_upload(client, data),
         )
 
     @get("/uploads/{upload_id:uuid}", summary="Upload state, for resuming")

@@ -83,7 +83,7 @@ class ClientConversationsController(Controller):
                 tx,
                 client.scope,
                 201,
-                lambda: create_feedback(tx, state.store, client, data),
+                lambda answer: create_feedback(tx, state.store, client, data, answer),
             )
 
     @get("/conversations", summary="My conversations, newest activity first")
@@ -138,7 +138,7 @@ class ClientConversationsController(Controller):
             db,
             client.scope,
             201,
-            lambda: conversations.client_add_message(client, conversation_id, data),
+            lambda _: conversations.client_add_message(client, conversation_id, data),
         )
 
     @post("/conversations/{conversation_id:uuid}/read", status_code=204, summary="Mark read")
@@ -242,7 +242,7 @@ class AgentConversationsController(Controller):
             db,
             agent.scope,
             201,
-            lambda: conversations.agent_reply(agent, conversation_id, data),
+            lambda _: conversations.agent_reply(agent, conversation_id, data),
         )
 
     @patch("/{conversation_id:uuid}", summary="Change status, assignee, tags or priority")

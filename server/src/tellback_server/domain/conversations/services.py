@@ -88,6 +88,7 @@ from tellback_server.domain.push.delivery import (
 from tellback_server.domain.webhooks.outbox import any_endpoint
 from tellback_server.http.deps import AgentPrincipal, ClientPrincipal
 from tellback_server.http.errors import AppError, NotFound, ValidationFailed
+from tellback_server.http.idempotency import Answer
 from tellback_server.http.pagination import (
     Page,
     after,
@@ -844,9 +845,15 @@ def _store_feedback(
 
 
 async def create_feedback(
-    tx: Tx, store: ObjectStore, client: ClientPrincipal, data: ConversationCreate
+    tx: Tx,
+    store: ObjectStore,
+    client: ClientPrincipal,
+    data: ConversationCreate,
+    answer: Answer | None = None,
 ) -> ConversationOut:
-    """A new conversation with its first message, the agents' push job and the events."""
+    """A new conversation with its first message, the agents' push job and the events;
+    with ``answer``, the request's idempotency key is written with the events (one
+    statement on PostgreSQL)."""
     settings = parse_settings(client.app_settings)
     validate_category(settings, data.category)
     custom_fields = validate_custom_fields(settings, data.custom_fields)
@@ -896,7 +903,7 @@ async def create_feedback(
     }
     user, attachments, hooks = await tx.run(_store_feedback, client, data.attachment_ids, conv, msg)
     stored = _NewMessage(conv, msg, user, attachments, 0, False, hooks)
-    views = await _message_events_in(tx, store, stored, created=True)
+    views = await _message_events_in(tx, store, stored, created=True, answer=answer)
     assert views.client_conv is not None  # the user's own new conversation
     return views.client_conv
 
@@ -1104,10 +1111,12 @@ async def _message_events_in(
     agent: AgentPrincipal | None = None,
     *,
     created: bool = False,
+    answer: Answer | None = None,
 ) -> _MessageViews:
     """Write the events of a message :func:`_store_reply`, :func:`_store_follow_up` or
     (``created``: with its conversation) :func:`_store_feedback` stored; the views they
-    carry, one of which is the request's answer."""
+    carry, one of which is the request's answer. ``answer`` (``created`` only): the
+    request's idempotency key, written with the events and the user's view."""
     authors = Related()
     authors.users[r.user.id] = r.user.name
     if agent is not None:
@@ -1129,7 +1138,10 @@ async def _message_events_in(
     )
     if agent is not None and not message.internal:
         drafts.append(unread_changed(conv, r.unread_total))
-    await tx.run(emit_in, conv.app_id, drafts, has_endpoint=r.has_endpoint)
+    if answer is not None:
+        assert created
+        answer.produced(views.client_conv)
+    await tx.run(emit_in, conv.app_id, drafts, has_endpoint=r.has_endpoint, answer=answer)
     return views
 
 

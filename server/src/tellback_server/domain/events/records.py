@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import msgspec
@@ -21,8 +21,12 @@ from sqlalchemy.orm import Session
 
 from tellback_server.db.base import table_of
 from tellback_server.db.engine import notify
+from tellback_server.db.keys import key_params, with_answer
 from tellback_server.db.models import Event
 from tellback_server.db.prepared import Prepared, insert_into
+
+if TYPE_CHECKING:
+    from tellback_server.http.idempotency import Answer
 
 PENDING_KEY = "tellback_events"
 NOTIFY_CHANNEL = "tellback_events"
@@ -119,7 +123,7 @@ def _as_text(column: Any) -> Any:
 # PostgreSQL, one event: the INSERT also queues its NOTIFY (delivered at commit, like any
 # NOTIFY), which spares the transaction the separate pg_notify round trip. Its payload is
 # ``notified()``'s, spelled in SQL.
-_INSERT_ONE_NOTIFYING = Prepared(
+_ONE_NOTIFYING = (
     insert(_TABLE)
     .values({k: bindparam(k, type_=_TABLE.c[k].type) for k in (*_ONE_COLUMNS, "created_at")})
     .returning(
@@ -135,6 +139,9 @@ _INSERT_ONE_NOTIFYING = Prepared(
         ),
     )
 )
+_INSERT_ONE_NOTIFYING = Prepared(_ONE_NOTIFYING)
+# ... and also an idempotent create's key with its answer, in the same round trip.
+_INSERT_ONE_NOTIFYING_ANSWERED = with_answer(_ONE_NOTIFYING)
 
 
 def emit_in(
@@ -143,10 +150,13 @@ def emit_in(
     drafts: Sequence[EventDraft],
     *,
     has_endpoint: bool | None = None,
+    answer: Answer | None = None,
 ) -> list[EventRecord]:
     """Write events (one INSERT), queue their webhooks, and publish them at commit.
 
     ``has_endpoint``: whether the app has a webhook endpoint, when the caller knows.
+    ``answer``: an idempotent create's key, whose answer is produced; on PostgreSQL
+    the INSERT of a single event writes it too (and sets ``answer.claimed``).
     """
     from tellback_server.domain.webhooks.outbox import queue_deliveries  # noqa: PLC0415
 
@@ -169,7 +179,14 @@ def emit_in(
     prefix = f"{db.info.get('instance', '')}:"
     queued = False
     if len(rows) == 1 and db.get_bind().dialect.name == "postgresql":
-        ids = [_INSERT_ONE_NOTIFYING.execute(db, {**rows[0], "notify_prefix": prefix})[0][0]]
+        params = {**rows[0], "notify_prefix": prefix}
+        if answer is None:
+            ids = [_INSERT_ONE_NOTIFYING.execute(db, params)[0][0]]
+        else:
+            [(event_id, _, written)] = _INSERT_ONE_NOTIFYING_ANSWERED.execute(
+                db, {**params, **key_params(answer.key_row)}
+            )
+            ids, answer.claimed = [event_id], bool(written)
         queued = True
     elif len(rows) == 1:
         ids = [_INSERT_ONE.execute(db, rows[0])[0][0]]

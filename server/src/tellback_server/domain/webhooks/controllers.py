@@ -65,7 +65,7 @@ class AdminWebhooksController(Controller):
         the types sent (empty: all). URLs resolving to loopback, private, link-local or
         metadata addresses are refused (422) unless the operator allows them."""
         return await idempotent(
-            idempotency_key, request, db, admin.scope, 201, lambda: webhooks.create(app_id, data)
+            idempotency_key, request, db, admin.scope, 201, lambda _: webhooks.create(app_id, data)
         )
 
     @get("/webhooks", summary="List webhook endpoints")
