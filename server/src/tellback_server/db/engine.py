@@ -178,9 +178,10 @@ def _ping_at_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
 
 class AfterGroupCommit(Exception):
     """Raised by a SQLite write-group member whose answer rests on what an earlier
-    member of its group wrote (an idempotent replay of it): the member is undone
-    at once, but the exception reaches its caller only once the group has
-    committed, or as the commit's error, so it never answers from rows then lost."""
+    member of its group wrote (an idempotent replay of it, or the refusal of a key
+    it took for another body): the member is undone at once, but the exception
+    reaches its caller only once the group has committed, or as the commit's error,
+    so it never answers from rows then lost."""
 
 
 class Tx(ABC):

@@ -92,7 +92,9 @@ class Conflict(AppError):
     status_code, code = 409, "conflict"
 
 
-class IdempotencyKeyReused(AppError):
+class IdempotencyKeyReused(AppError, AfterGroupCommit):
+    # Seen in an earlier member's row of the same SQLite write group, it holds only
+    # once that group has committed (see AfterGroupCommit).
     status_code, code = 409, "idempotency_key_reused"
 
 
