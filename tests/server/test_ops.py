@@ -3,10 +3,12 @@ pagination that stays stable while rows are being inserted."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import re
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from tellback_server.security import (
     SESSION_TOKEN_PREFIX,
     new_token,
 )
+from tellback_server.settings import SettingsError, load_settings
 from tests.conftest import _admin_exec
 from tests.server.conftest import Api, AppInfo, lifespan, make_settings
 
@@ -413,6 +416,39 @@ async def test_a_pooled_connection_the_server_dropped(
             assert await backend() != pid
     finally:
         await db.dispose()
+
+
+async def test_the_pool_keeps_its_connections_under_a_load_above_its_size(
+    database_url: str, tmp_path: Path
+) -> None:
+    """More sessions at once than TELLBACK_DATABASE_POOL_SIZE wait for a connection; none
+    is opened beyond the size, and none is closed on its way back to the pool (an overflow
+    pool closed them, and each new one is a PostgreSQL backend started cold)."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("the SQLite file has no connection pool to size")
+    settings = replace(make_settings(database_url, tmp_path / "data"), database_pool_size=3)
+    db = Database(settings)
+    pids: list[int] = []
+
+    async def backend() -> None:
+        async with db.session(write=True) as session:
+            pids.append(int(await session.scalar(text("SELECT pg_backend_pid()")) or 0))
+            await asyncio.sleep(0.01)
+
+    try:
+        for _ in range(5):
+            await asyncio.gather(*(backend() for _ in range(8)))
+        assert len(pids) == 40
+        assert len(set(pids)) == 3
+    finally:
+        await db.dispose()
+
+
+def test_the_pool_size_is_a_setting() -> None:
+    assert load_settings({}).database_pool_size == 20
+    assert load_settings({"TELLBACK_DATABASE_POOL_SIZE": "64"}).database_pool_size == 64
+    with pytest.raises(SettingsError, match="TELLBACK_DATABASE_POOL_SIZE"):
+        load_settings({"TELLBACK_DATABASE_POOL_SIZE": "0"})
 
 
 # ----- pagination under concurrent inserts ------------------------------------------------------

@@ -39,6 +39,7 @@ class S3Settings:
 class Settings:
     data_dir: Path = Path("tellback-data")
     database_url: str = ""
+    database_pool_size: int = 20
     secret_key: str | None = None
     host: str = "127.0.0.1"
     port: int = 8080
@@ -217,6 +218,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     return Settings(
         data_dir=data_dir,
         database_url=env.get("DATABASE_URL", _database_url, default_db),
+        database_pool_size=env.get("DATABASE_POOL_SIZE", _int_in(1, 1000), 20),
         secret_key=env.get("SECRET_KEY", _secret_key, None),
         host=env.text("HOST") or "127.0.0.1",
         port=env.get("PORT", _int_in(1, 65535), 8080),

@@ -87,7 +87,7 @@ async def _migrate(settings: Settings) -> str | None:
     from tellback_server.db.engine import Database
     from tellback_server.db.migrate import current_revision, upgrade
 
-    db = Database(settings, pool_size=1)
+    db = Database(settings, pool_size=2)
     try:
         await upgrade(db.engine)
         return await current_revision(db.engine)
@@ -108,7 +108,7 @@ async def _create_admin_token(settings: Settings, name: str) -> str:
     from tellback_server.db.models import AdminToken
     from tellback_server.security import ADMIN_TOKEN_PREFIX, hash_token, new_token
 
-    db = Database(settings, pool_size=1)
+    db = Database(settings, pool_size=2)
     try:
         token = new_token(ADMIN_TOKEN_PREFIX)
         async with db.session(write=True) as session:
@@ -139,7 +139,7 @@ async def _first_start_token(settings: Settings) -> str | None:
     from tellback_server.db.engine import Database
     from tellback_server.db.models import AdminToken
 
-    db = Database(settings, pool_size=1)
+    db = Database(settings, pool_size=2)
     try:
         async with db.session(write=True) as session:
             if await session.scalar(select(func.count()).select_from(AdminToken)):
@@ -155,7 +155,7 @@ async def _check_revision(settings: Settings) -> None:
     from tellback_server.db.engine import Database
     from tellback_server.db.migrate import alembic_config, current_revision
 
-    db = Database(settings, pool_size=1)
+    db = Database(settings, pool_size=2)
     try:
         current = await current_revision(db.engine)
     finally:

@@ -220,7 +220,7 @@ class _InlineTx(Tx):
 class Database:
     """The process's engines, session factories and (on SQLite) the writer lock."""
 
-    def __init__(self, settings: Settings, *, pool_size: int = 10) -> None:
+    def __init__(self, settings: Settings, *, pool_size: int | None = None) -> None:
         self.url = settings.database_url
         self.is_sqlite = settings.is_sqlite
         kwargs: dict[str, Any] = {
@@ -236,7 +236,13 @@ class Database:
         elif self.is_sqlite:  # :memory: (schema tools, tests): plain aiosqlite
             kwargs["connect_args"] = {"timeout": 30}
         else:
-            kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_timeout=10)
+            # A fixed pool (HikariCP's advice): connections are opened as needed and then
+            # kept. An overflow pool closes every connection returned while its idle ones
+            # are full, so a steady load above its size opened and closed connections
+            # all the time, each a new PostgreSQL backend with cold caches and statements
+            # to prepare again: a third of the throughput at 32 concurrent creates.
+            size = settings.database_pool_size if pool_size is None else pool_size
+            kwargs.update(pool_size=size, max_overflow=0, pool_timeout=10)
             # A database that does not answer within 5 s is an outage (503), not a hang.
             kwargs["connect_args"] = {"command_timeout": 30, "timeout": 5}
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
