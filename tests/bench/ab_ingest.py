@@ -14,12 +14,17 @@ raw-socket client. Per run it prints the server process's CPU time per request
 (from /proc: what the code costs, less sensitive to what else the CPUs ran than
 requests/s), requests/s and p99; at the end the change per pair and its median.
 
+On PostgreSQL, alternate runs also print PostgreSQL's CPU per request.
+
 Even alternating, runs seconds apart can differ by 20 % on a VM. ``--together``
 runs both servers at once instead, each under its own ``--connections``, so
 both see the same machine at the same moments; the servers and the client then
 share the CPUs three ways, so compare the CPU per request, not requests/s (and
 read a pair's two orders together: whichever server starts first fares a few
-per cent differently).
+per cent differently). Both then share one PostgreSQL, so a change that saves
+PostgreSQL's work or waiting rather than the server's CPU shows little there:
+the ninth session's fixed connection pool measured -4 % together (median of
+four pairs) and -14 % CPU, +15 to +37 % requests/s alternately.
 
 Both builds run on this checkout's virtual environment: a base whose
 dependencies differ is measured with today's packages.
@@ -45,6 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from tests.bench.bench_ingest import (  # noqa: E402
+    POSTMASTER,
     Result,
     env_for,
     feedback_body,
@@ -54,7 +60,7 @@ from tests.bench.bench_ingest import (  # noqa: E402
     serve_args,
     setup,
 )
-from tests.bench.bench_push import _embedded_postgres, pct  # noqa: E402
+from tests.bench.bench_push import _embedded_postgres, pct, postmaster_pid  # noqa: E402
 from tests.bench.bench_upload import free_port  # noqa: E402
 
 
@@ -104,6 +110,8 @@ async def main_async(args: argparse.Namespace) -> None:
             pg = _embedded_postgres(tmp)
             if pg is None:
                 raise SystemExit("embedded-postgres is not installed")
+            if not args.together:  # together, both builds' loads share its CPU time
+                POSTMASTER[:] = [postmaster_pid(tmp)]
         cpu: dict[str, list[float]] = {b.name: [] for b in builds}
 
         def database(run: str) -> str | None:
@@ -115,9 +123,11 @@ async def main_async(args: argparse.Namespace) -> None:
 
         def report(pair: int, build: Build, result: Result) -> None:
             cpu[build.name].append(result.cpu_ms_per_request * 1000)
+            database = result.database_cpu_ms_per_request
             print(
                 f"pair {pair + 1} {build.name:<24} {result.cpu_ms_per_request * 1000:>6.0f} "
-                f"us CPU/request {result.rps:>7.0f} req/s p99 "
+                f"us CPU/request{'' if database is None else f' ({database * 1000:.0f} pg)'} "
+                f"{result.rps:>7.0f} req/s p99 "
                 f"{pct(result.latencies_ms, 99):>6.1f} ms errors {result.errors}",
                 flush=True,
             )

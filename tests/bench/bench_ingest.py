@@ -23,7 +23,9 @@ either shares the machine's CPUs with the server, which is printed with the
 results. Each run warms up, then measures `--seconds`; printed: requests/s,
 p50/p99 latency, the ratio to the ceiling measured in the same run, and the
 server processes' CPU time per request (from /proc: less noisy than requests/s
-when comparing changes, since it does not depend on what else the CPUs ran).
+when comparing changes, since it does not depend on what else the CPUs ran),
+and on PostgreSQL PostgreSQL's own ("pg cpu": its server process and every
+process it started, from /proc too), which shares the same two CPUs.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from tests.bench import report  # noqa: E402
-from tests.bench.bench_push import _embedded_postgres, pct  # noqa: E402
+from tests.bench.bench_push import _embedded_postgres, pct, postmaster_pid  # noqa: E402
 from tests.bench.bench_upload import free_port  # noqa: E402
 
 CONTEXT = {
@@ -114,12 +116,46 @@ async def _wait_ready(url: str) -> None:
 
 
 PIDS: dict[str, int] = {}  # server url -> its process id
+POSTMASTER: list[int] = []  # the benchmark's PostgreSQL server process, when there is one
 
 
 def cpu_seconds(url: str) -> float:
     """CPU time (user + system, all threads) the process serving ``url`` has used so far."""
     fields = Path(f"/proc/{PIDS[url]}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu_seconds() -> float | None:
+    """CPU time PostgreSQL has used so far: its server process, the live processes it
+    started (a backend per connection, the WAL writer, ...) and those it has reaped,
+    each of those counted whole (a connection opened and closed while one measures
+    counts its whole life). None without PostgreSQL."""
+    if not POSTMASTER:
+        return None
+    ticks = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile: the postmaster's reaped total has it
+            continue
+        pid, parent = int(entry.name), int(fields[1])
+        if pid == POSTMASTER[0]:
+            ticks += sum(int(f) for f in fields[11:15])  # its own and its reaped children's
+        elif parent == POSTMASTER[0]:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_now(url: str) -> tuple[float, float | None]:
+    return cpu_seconds(url), postgres_cpu_seconds()
+
+
+def _cpu_since(url: str, began: tuple[float, float | None]) -> tuple[float, float | None]:
+    now = _cpu_now(url)
+    database = None if now[1] is None or began[1] is None else now[1] - began[1]
+    return now[0] - began[0], database
 
 
 @asynccontextmanager
@@ -163,6 +199,13 @@ class Result:
     errors: int
     cpu_seconds: float  # the server process's CPU time over the measured window
     percentiles: dict[int, float] | None = None  # wrk reports these, not each latency
+    database_cpu_seconds: float | None = None  # PostgreSQL's, over the same window
+
+    @property
+    def database_cpu_ms_per_request(self) -> float | None:
+        if self.database_cpu_seconds is None:
+            return None
+        return self.database_cpu_seconds * 1000 / max(self.requests, 1)
 
     def pct(self, q: int) -> float:
         return self.percentiles[q] if self.percentiles is not None else pct(self.latencies_ms, q)
@@ -232,17 +275,18 @@ async def load(url: str, make: Request, connections: int, seconds: float, warmup
                 if status >= 400:
                     errors += 1
 
-    async def cpu_over_window() -> float:
+    async def cpu_over_window() -> tuple[float, float | None]:
         await asyncio.sleep(measure_from - time.perf_counter())
-        began = cpu_seconds(url)
+        began = _cpu_now(url)
         await asyncio.sleep(stop_at - time.perf_counter())
-        return cpu_seconds(url) - began
+        return _cpu_since(url, began)
 
     cpu = asyncio.ensure_future(cpu_over_window())
     await asyncio.gather(*(worker(i) for i in range(connections)))
     for c in conns:
         c.close()
-    return Result(count, seconds, latencies, errors, await cpu)
+    server_cpu, database_cpu = await cpu
+    return Result(count, seconds, latencies, errors, server_cpu, None, database_cpu)
 
 
 # --client wrk: Debian's wrk (one thread) replays the same requests the asyncio client
@@ -308,9 +352,9 @@ async def load_wrk(
 
     if warmup > 0:
         await run(warmup)
-    began = cpu_seconds(url)
+    began = _cpu_now(url)
     figures = await run(seconds)
-    cpu = cpu_seconds(url) - began
+    cpu, database_cpu = _cpu_since(url, began)
     return Result(
         figures["requests"],
         figures["duration_us"] / 1e6,
@@ -318,6 +362,7 @@ async def load_wrk(
         figures["errors"],
         cpu,
         {50: figures["p50_us"] / 1000, 99: figures["p99_us"] / 1000},
+        database_cpu,
     )
 
 
@@ -381,21 +426,26 @@ async def setup(url: str, env: dict[str, str], connections: int) -> tuple[list[s
 
 
 def report_row(name: str, ours: Result, ceiling: Result) -> report.Row:
+    database = ours.database_cpu_ms_per_request
     return (
         name,
-        "req/s vs framework ceiling; p50, p99; server CPU per request",
+        "req/s vs framework ceiling; p50, p99; server CPU per request"
+        + ("" if database is None else " (PostgreSQL's)"),
         f"{ours.rps:.0f} vs {ceiling.rps:.0f} = {ours.rps / ceiling.rps:.3f}; "
         f"{ours.pct(50):.1f} ms, {ours.pct(99):.1f} ms; "
-        f"{ours.cpu_ms_per_request:.2f} ms vs {ceiling.cpu_ms_per_request:.2f} ms",
+        f"{ours.cpu_ms_per_request:.2f} ms vs {ceiling.cpu_ms_per_request:.2f} ms"
+        + ("" if database is None else f" ({database:.2f} ms)"),
     )
 
 
 def row(name: str, ours: Result, ceiling: Result) -> str:
+    database = ours.database_cpu_ms_per_request
     return (
         f"{name:<34} {ours.rps:>8.0f} {ceiling.rps:>8.0f} {ours.rps / ceiling.rps:>6.3f} "
         f"{ours.pct(50):>7.1f} {ours.pct(99):>7.1f} "
         f"{ceiling.pct(99):>7.1f} {ours.cpu_ms_per_request:>7.2f} "
-        f"{ceiling.cpu_ms_per_request:>7.2f} {ours.errors:>5}"
+        f"{ceiling.cpu_ms_per_request:>7.2f} "
+        f"{'' if database is None else f'{database:.2f}':>7} {ours.errors:>5}"
     )
 
 
@@ -494,6 +544,7 @@ async def _spread(urls: list[str], make: Request, args: argparse.Namespace) -> R
     )
     if len(results) == 1:
         return results[0]
+    databases = [r.database_cpu_seconds for r in results if r.database_cpu_seconds is not None]
     percentiles = None
     if results[0].percentiles is not None:  # wrk's, per process: the slower one's (a bound)
         percentiles = {q: max(r.pct(q) for r in results) for q in results[0].percentiles}
@@ -504,6 +555,8 @@ async def _spread(urls: list[str], make: Request, args: argparse.Namespace) -> R
         sum(r.errors for r in results),
         sum(r.cpu_seconds for r in results),
         percentiles,
+        # Every process's load measured the one PostgreSQL over about the same window.
+        max(databases) if databases else None,
     )
 
 
@@ -519,10 +572,12 @@ async def main_async(args: argparse.Namespace) -> None:
                 print("embedded-postgres is not installed: skipping PostgreSQL")
             else:
                 url, server = pg
+                POSTMASTER[:] = [postmaster_pid(base)]
                 try:
                     for n in args.processes:
                         lines += await run_database("postgresql", base, url, args, n)
                 finally:
+                    POSTMASTER.clear()
                     server.cleanup()
         print(
             f"\n{args.connections} connections, {args.seconds:g} s per run after "
@@ -533,7 +588,8 @@ async def main_async(args: argparse.Namespace) -> None:
         )
         print(
             f"{'':<34} {'req/s':>8} {'ceiling':>8} {'ratio':>6} {'p50 ms':>7} "
-            f"{'p99 ms':>7} {'ceil p99':>7} {'cpu ms':>7} {'ceil cpu':>7} {'4xx+':>5}"
+            f"{'p99 ms':>7} {'ceil p99':>7} {'cpu ms':>7} {'ceil cpu':>7} {'pg cpu':>7} "
+            f"{'4xx+':>5}"
         )
         for line in lines:
             print(row(*line))

@@ -291,6 +291,11 @@ def _embedded_postgres(base: Path) -> tuple[str, Any] | None:
     return uri, server
 
 
+def postmaster_pid(base: Path) -> int:
+    """The process id of the PostgreSQL server :func:`_embedded_postgres` started."""
+    return int((base / "pg" / "postmaster.pid").read_text().split("\n", 1)[0])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, default=3000)
