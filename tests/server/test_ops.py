@@ -425,7 +425,7 @@ async def test_the_pool_keeps_its_connections_under_a_load_above_its_size(
     is opened beyond the size, and none is closed on its way back to the pool (an overflow
     pool closed them, and each new one is a PostgreSQL backend started cold)."""
     if not database_url.startswith("postgresql"):
-        pytest.skip("the SQLite file has no connection pool to size")
+        pytest.skip("TELLBACK_DATABASE_POOL_SIZE sizes the PostgreSQL pool")
     settings = replace(make_settings(database_url, tmp_path / "data"), database_pool_size=3)
     db = Database(settings)
     pids: list[int] = []
