@@ -17,6 +17,7 @@ import pytest
 from litestar import Litestar
 from litestar.routes import HTTPRoute
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from structlog.testing import capture_logs
@@ -442,6 +443,53 @@ async def test_the_pool_keeps_its_connections_under_a_load_above_its_size(
         assert len(set(pids)) == 3
     finally:
         await db.dispose()
+
+
+async def test_feedback_on_postgresql_is_two_statements_that_commit_by_themselves(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new feedback without attachments, in an app without webhooks: one read, then one
+    statement writing the conversation, message, event and key together, with no
+    BEGIN and no COMMIT around them (two round trips, not four). A replay of its key
+    writes nothing and answers as before."""
+    if api.state.db.is_sqlite:
+        pytest.skip("SQLite's writes share the write group's transaction")
+    monkeypatch.setattr(engine, "_PING_AFTER_IDLE_SECONDS", 3600.0)  # no ping at checkout
+    app = await api.create_app()
+    user = await api.user_headers(app)
+    path = "/v1/client/conversations"
+    r = await api.http.post(path, json={"body": "warm-up"}, headers=user)  # caches the session
+    assert r.status_code == 201, r.text
+    queries: list[str] = []
+
+    def log(query: Any) -> None:
+        queries.append(query.query)
+
+    def log_queries(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        dbapi_connection.driver_connection.add_query_logger(log)
+
+    def stop_logging(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.driver_connection.remove_query_logger(log)
+
+    sync_engine = api.state.db.engine.sync_engine
+    sqlalchemy_event.listen(sync_engine, "checkout", log_queries)
+    sqlalchemy_event.listen(sync_engine, "checkin", stop_logging)
+    try:
+        headers = {**user, "Idempotency-Key": "two-statements"}
+        first = await api.http.post(path, json={"body": "It crashes"}, headers=headers)
+        assert first.status_code == 201, first.text
+        assert [q.split(None, 1)[0] for q in queries] == ["SELECT", "WITH"], queries
+        assert "INSERT INTO conversations" in queries[1]
+        assert "INSERT INTO idempotency_keys" in queries[1]
+        again = await api.http.post(path, json={"body": "It crashes"}, headers=headers)
+        assert again.status_code == 201, again.text
+        assert again.headers["idempotent-replayed"] == "true"
+        assert again.content == first.content
+    finally:
+        sqlalchemy_event.remove(sync_engine, "checkout", log_queries)
+        sqlalchemy_event.remove(sync_engine, "checkin", stop_logging)
+    r = await api.http.get(path, headers=user)
+    assert [c["last_message"]["body"] for c in r.json()["items"]] == ["It crashes", "warm-up"]
 
 
 def test_the_pool_size_is_a_setting() -> None:

@@ -109,3 +109,46 @@ async def test_errors_arrive_as_sqlalchemys(db: Database) -> None:
             assert [tuple(r) for r in await tx.run(_BY_SCOPE.execute, {"scope": scope})] == [
                 ("same", _row(scope, "same")["expires_at"])
             ]
+
+
+async def test_fetch_alone_commits_by_itself_outside_the_sessions_transaction(
+    db: Database,
+) -> None:
+    """PostgreSQL's one-statement writes (a new feedback): no BEGIN, no COMMIT, yet the
+    row is there for everyone at once, whatever the session does after; errors are
+    SQLAlchemy's; and a connection with a transaction open is refused, since the
+    statement would go around it."""
+    if db.is_sqlite:
+        pytest.skip("SQLite writes go through the process's write group")
+    scope = f"s-{uuid.uuid4().hex}"
+    row = _row(scope, "a")
+
+    async def write_then_fail() -> None:
+        async with db.session(write=True) as session:
+            connection = await session.connection()
+            returned = await _INSERT.fetch_alone(connection, row)
+            assert [tuple(r) for r in returned] == [(row["id"],)]  # converted to a UUID
+            async with db.session(write=False) as other:  # committed: seen elsewhere at once
+                assert await other.run_sync(_count, scope) == 1
+            raise RuntimeError("boom")  # the session rolls back: nothing of its own to undo
+
+    with pytest.raises(RuntimeError, match="boom"):
+        await write_then_fail()
+    async with db.transaction(write=False) as tx:
+        assert await tx.run(_count, scope) == 1
+
+    async with db.session(write=True) as session:
+        connection = await session.connection()
+        with pytest.raises(IntegrityError):
+            await _INSERT.fetch_alone(connection, row)
+        # The failed statement left no transaction behind on the connection.
+        assert [tuple(r) for r in await _BY_SCOPE.fetch_alone(connection, {"scope": scope})] == [
+            ("a", row["expires_at"])
+        ]
+
+    async with db.session(write=True) as session:
+        await session.run_sync(_count, scope)  # begins the session's transaction
+        with pytest.raises(RuntimeError, match="no transaction open"):
+            await _INSERT.fetch_alone(await session.connection(), _row(scope, "b"))
+    async with db.transaction(write=False) as tx:
+        assert await tx.run(_count, scope) == 1

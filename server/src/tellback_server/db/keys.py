@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Insert, TextClause, bindparam, func, select, text
+from sqlalchemy import CTE, Insert, TextClause, bindparam, func, select, text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
@@ -52,18 +52,25 @@ def claim(db: Session, row: Mapping[str, Any]) -> bool:
     return bool(_CLAIM.execute(db, row))
 
 
-def with_answer(statement: Insert) -> Prepared:
-    """PostgreSQL: ``statement`` (an INSERT ... RETURNING) that also inserts a key row,
-    in a data-modifying CTE of the same round trip. One more RETURNING column, last,
-    counts the key rows inserted (0: the key was taken). Parameters: the statement's
-    own and :func:`key_params` (built once: the ON CONFLICT construct compiles here)."""
-    answer = (
+def answer_cte() -> CTE:
+    """PostgreSQL: the key row's INSERT ... ON CONFLICT DO NOTHING RETURNING id as a
+    data-modifying CTE (no row: the key was taken), with :func:`key_params`'s
+    parameters. For statements built once: the ON CONFLICT construct compiles there."""
+    return (
         postgresql.insert(KEYS)
         .values({k: bindparam(f"key_{k}", type_=KEYS.c[k].type) for k in KEY_COLUMNS})
         .on_conflict_do_nothing(index_elements=[KEYS.c.scope, KEYS.c.key])
         .returning(KEYS.c.id)
         .cte("answer")
     )
+
+
+def with_answer(statement: Insert) -> Prepared:
+    """PostgreSQL: ``statement`` (an INSERT ... RETURNING) that also inserts a key row,
+    in a data-modifying CTE of the same round trip. One more RETURNING column, last,
+    counts the key rows inserted (0: the key was taken). Parameters: the statement's
+    own and :func:`key_params`."""
+    answer = answer_cte()
     written = select(func.count()).select_from(answer).scalar_subquery()
     return Prepared(statement.add_cte(answer).returning(written))
 

@@ -10,7 +10,9 @@ cursor of the session's own connection -- in the session's transaction, with the
 column types' own bind processors, so the stored values are byte-for-byte what
 the ORM would store; the values a SELECT or RETURNING gives back go through the
 types' result processors. Constants in the statement (``LIMIT 1``, ``== "done"``)
-keep their values; every other parameter is passed by name.
+keep their values; every other parameter is passed by name. On PostgreSQL a statement
+can also run by itself, committing alone, with no transaction around it
+(:meth:`Prepared.fetch_alone`): a new feedback is two such statements.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from advanced_alchemy.types import GUID, DateTimeUTC
 from sqlalchemy import Select, Table, bindparam, insert
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -83,15 +86,34 @@ class Prepared:
             return list(cursor.fetchall()) if cursor.description else []
 
         c, rows = self._on_cursor(db, fetch)
-        if not c.converted:
-            return rows
-        converted = []
-        for row in rows:
-            values = list(row)
-            for i, p in c.converted:
-                values[i] = p(values[i])
-            converted.append(tuple(values))
-        return converted
+        return _converted(c, rows)
+
+    async def fetch_alone(
+        self, connection: AsyncConnection, params: Mapping[str, Any]
+    ) -> list[Any]:
+        """PostgreSQL: run as a statement of its own, which commits by itself, on
+        ``connection``'s asyncpg connection; the rows it returns, converted as
+        :meth:`execute` converts them.
+
+        One round trip where a transaction adds two (BEGIN, COMMIT), and no hand-off
+        to SQLAlchemy's greenlet. The connection must have no transaction open on the
+        server (nothing run through the session yet): the statement goes past the
+        adapter that would begin one. A driver error is raised as SQLAlchemy's.
+        """
+        dialect = connection.dialect
+        c = self._for(dialect)
+        adapted = (await connection.get_raw_connection()).dbapi_connection
+        if adapted is None or adapted._started:
+            raise RuntimeError("fetch_alone needs a connection with no transaction open")
+        try:
+            rows = await adapted.driver_connection.fetch(c.sql, *_args(c, params))
+        except Exception as exc:
+            try:
+                adapted._handle_exception(exc)  # raises the adapter's DBAPI error for it
+            except dialect.loaded_dbapi.Error as translated:
+                raise _wrapped(dialect, adapted, None, c.sql, translated) from exc
+            raise
+        return _converted(c, rows)
 
     def execute_many(self, db: Session, rows: Iterable[Mapping[str, Any]]) -> None:
         """Run once per row, in one driver call (``executemany``); no results."""
@@ -111,6 +133,19 @@ class Prepared:
             raise _wrapped(dialect, raw, cursor, c.sql, exc) from exc
         finally:
             cursor.close()
+
+
+def _converted(c: _Compiled, rows: list[Any]) -> list[Any]:
+    """``rows`` with the column types' result processors applied."""
+    if not c.converted:
+        return rows
+    converted = []
+    for row in rows:
+        values = list(row)
+        for i, p in c.converted:
+            values[i] = p(values[i])
+        converted.append(tuple(values))
+    return converted
 
 
 def _wrapped(dialect: Dialect, raw: Any, cursor: Any, sql: str, exc: Exception) -> Exception:

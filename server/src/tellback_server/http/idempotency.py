@@ -7,7 +7,10 @@ leaves no key behind and can be retried, and the key costs one statement. If the
 key is already there, the request's own work is rolled back and the stored
 answer replayed (:class:`~tellback_server.http.errors.Replay`): a concurrent
 request with the same key waits on the row (PostgreSQL) or on the writer lock
-(SQLite) until the first commits, then replays its response.
+(SQLite) until the first commits, then replays its response. (Sending feedback
+on PostgreSQL is one statement with no transaction around it, key included:
+every row it writes depends on the key's INSERT, so a taken key writes nothing,
+and the request then goes the transaction's way described here.)
 """
 
 from __future__ import annotations

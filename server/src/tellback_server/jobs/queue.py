@@ -18,7 +18,7 @@ from tellback_server.db.prepared import insert_into
 from tellback_server.jobs.notify import ENQUEUED_KEY
 
 NOTIFY_CHANNEL = "tellback_jobs"
-_COLUMNS = (
+JOB_COLUMNS = (
     "id",
     "kind",
     "payload",
@@ -30,7 +30,7 @@ _COLUMNS = (
     "created_at",
     "updated_at",
 )
-_INSERT = insert_into(table_of(Job), _COLUMNS)
+_INSERT = insert_into(table_of(Job), JOB_COLUMNS)
 
 
 async def enqueue(
@@ -67,20 +67,10 @@ def enqueue_in(
     With ``dedupe_key``, a job whose key was queued before is not queued again
     (returns None): a handler that fans out work may safely run twice.
     """
-    now = dt.datetime.now(dt.UTC)
-    job_id: UUID = uuid7()
-    values = {
-        "id": job_id,
-        "kind": kind,
-        "payload": payload,
-        "status": "queued",
-        "attempts": 0,
-        "max_attempts": max_attempts,
-        "run_after": run_after or now,
-        "dedupe_key": dedupe_key,
-        "created_at": now,
-        "updated_at": now,
-    }
+    values = job_row(
+        kind, payload, max_attempts=max_attempts, run_after=run_after, dedupe_key=dedupe_key
+    )
+    job_id: UUID = values["id"]
     is_pg = db.get_bind().dialect.name == "postgresql"
     if dedupe_key is None:
         _INSERT.execute(db, values)
@@ -95,5 +85,36 @@ def enqueue_in(
         if db.execute(stmt).first() is None:
             return None
     notify(db, NOTIFY_CHANNEL)  # wakes other processes' workers at commit
-    db.info[ENQUEUED_KEY] = db.info.get(ENQUEUED_KEY, 0) + 1
+    wake_at_commit(db)
     return job_id
+
+
+def job_row(
+    kind: str,
+    payload: dict[str, Any],
+    *,
+    max_attempts: int = 10,
+    run_after: dt.datetime | None = None,
+    dedupe_key: str | None = None,
+) -> dict[str, Any]:
+    """A new job's row (``JOB_COLUMNS``), for :func:`enqueue_in` or a statement that
+    inserts it along with other rows (then NOTIFY ``NOTIFY_CHANNEL`` and
+    :func:`wake_at_commit` are the writer's to do)."""
+    now = dt.datetime.now(dt.UTC)
+    return {
+        "id": uuid7(),
+        "kind": kind,
+        "payload": payload,
+        "status": "queued",
+        "attempts": 0,
+        "max_attempts": max_attempts,
+        "run_after": run_after or now,
+        "dedupe_key": dedupe_key,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def wake_at_commit(db: Session) -> None:
+    """Wake this process's workers when ``db``'s transaction commits (a job was queued)."""
+    db.info[ENQUEUED_KEY] = db.info.get(ENQUEUED_KEY, 0) + 1

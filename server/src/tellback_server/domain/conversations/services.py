@@ -16,6 +16,7 @@ from uuid import UUID
 
 import msgspec
 from sqlalchemy import (
+    Boolean,
     Integer,
     Select,
     TextClause,
@@ -23,6 +24,7 @@ from sqlalchemy import (
     exists,
     func,
     insert,
+    literal,
     or_,
     select,
     text,
@@ -34,12 +36,15 @@ from uuid_utils.compat import uuid7
 
 from tellback_server.db.base import table_of
 from tellback_server.db.engine import SessionTx, Tx
+from tellback_server.db.keys import answer_cte, key_params
 from tellback_server.db.models import (
     Agent,
     AgentApp,
     Attachment,
     Conversation,
     EndUser,
+    Event,
+    Job,
     Message,
 )
 from tellback_server.db.prepared import Prepared, insert_into
@@ -78,10 +83,21 @@ from tellback_server.domain.conversations.views import (
     location_of,
     message_out,
 )
-from tellback_server.domain.events.records import EventDraft, emit, emit_in
+from tellback_server.domain.events.records import (
+    ROW_COLUMNS,
+    EventDraft,
+    EventRecord,
+    emit,
+    emit_in,
+    event_row,
+    notify_prefix,
+    notifying,
+    publish_at_commit,
+)
 from tellback_server.domain.identity.services import UserFields
 from tellback_server.domain.push.delivery import (
     agents_listen,
+    fanout_job,
     queue_fanout_in,
     user_listens,
 )
@@ -97,6 +113,8 @@ from tellback_server.http.pagination import (
     keyset_order,
     next_cursor_for,
 )
+from tellback_server.jobs.queue import JOB_COLUMNS, job_row, wake_at_commit
+from tellback_server.jobs.queue import NOTIFY_CHANNEL as JOBS_CHANNEL
 from tellback_server.storage.base import ObjectStore
 
 DETAIL_MESSAGES = 100
@@ -844,6 +862,87 @@ def _store_feedback(
     return _User(*user), attachments, bool(hooks)
 
 
+def _feedback_alone(*, keyed: bool) -> Prepared:
+    """PostgreSQL: a whole new feedback in one statement, which commits by itself: the
+    conversation, its message, the event (queuing its NOTIFY) and, when ``:listening``,
+    the agents' push job (and the NOTIFY that wakes workers). ``keyed``: also the
+    idempotency key with its answer (``db/keys.py``), which every other row depends
+    on: when the key is taken, nothing is written and no row comes back. Otherwise one
+    row, the event's id. Parameters ``c_``, ``m_``, ``e_`` and ``j_<column>``,
+    ``listening``, ``notify_prefix`` and with ``keyed`` ``key_<column>``; the foreign
+    keys between the new rows are checked at the end of the statement."""
+    gate = answer_cte() if keyed else None
+
+    def rows(model: type[Any], columns: Sequence[str], prefix: str, *where: Any) -> Any:
+        table = table_of(model)
+        values = select(*(bindparam(f"{prefix}{k}", type_=table.c[k].type) for k in columns))
+        if gate is not None:
+            values = values.select_from(gate)
+        return insert(table).from_select(list(columns), values.where(*where))
+
+    conv = rows(Conversation, _CONVERSATION_COLUMNS, "c_").cte("new_conversation")
+    message = rows(Message, _MESSAGE_COLUMNS, "m_").cte("new_message")
+    job = rows(Job, JOB_COLUMNS, "j_", bindparam("listening", type_=Boolean))
+    job = job.returning(table_of(Job).c.id).cte("new_job")
+    event = notifying(rows(Event, ROW_COLUMNS, "e_")).cte("new_event")
+    woken = select(func.pg_notify(literal(JOBS_CHANNEL), literal(""))).select_from(job)
+    return Prepared(select(event.c.id, woken.scalar_subquery()).add_cte(conv, message))
+
+
+_FEEDBACK_ALONE = _feedback_alone(keyed=False)
+_FEEDBACK_ALONE_KEYED = _feedback_alone(keyed=True)
+
+
+async def _create_alone(
+    session: AsyncSession,
+    client: ClientPrincipal,
+    conv: dict[str, Any],
+    msg: dict[str, Any],
+    answer: Answer | None,
+) -> ConversationOut | None:
+    """PostgreSQL, feedback without attachments: two statements that each commit by
+    themselves, with no transaction around them. The first reads the end user (for the
+    views) and whether any agent's phone may hear of it; the second writes everything
+    (``_FEEDBACK_ALONE``), so the feedback, its event, its push job and its key are
+    stored together or not at all, as in a transaction. Two round trips where the
+    transaction takes four (BEGIN, two statements, COMMIT).
+
+    None, with nothing written, when the app has a webhook endpoint, the end user is
+    gone or the key is taken: the transaction's way (:func:`_store_feedback`) handles
+    those (a replay, an expired key taken again). The session's commit hooks still run
+    at its commit (events published, workers woken)."""
+    connection = await session.connection()
+    found = await _USER.fetch_alone(connection, {"id": client.end_user_id, "app_id": client.app_id})
+    if not found:
+        return None
+    [(*user, listening, hooks)] = found
+    if hooks:  # webhook deliveries are queued by emit_in, in the transaction
+        return None
+    stored = _NewMessage(conv, msg, _User(*user), [], 0, False, False)
+    [draft], views = _message_views(stored, Related(), created=True)
+    assert views.client_conv is not None  # the user's own new conversation
+    db = session.sync_session
+    event = event_row(client.app_id, draft, _now())
+    params = {f"c_{k}": v for k, v in conv.items()}
+    params.update({f"m_{k}": v for k, v in msg.items()})
+    params.update({f"e_{k}": v for k, v in event.items()})
+    params.update({f"j_{k}": v for k, v in job_row(**fanout_job(msg["id"], "agents")).items()})
+    params.update(listening=bool(listening), notify_prefix=notify_prefix(db))
+    statement = _FEEDBACK_ALONE
+    if answer is not None:
+        params.update(key_params(answer.produced(views.client_conv)))
+        statement = _FEEDBACK_ALONE_KEYED
+    written = await statement.fetch_alone(connection, params)
+    if not written:  # the key is taken (or had expired): idempotent() sorts that out
+        return None
+    if answer is not None:
+        answer.claimed = True
+    publish_at_commit(db, [EventRecord(id=written[0][0], **event)])
+    if listening:
+        wake_at_commit(db)
+    return views.client_conv
+
+
 async def create_feedback(
     tx: Tx,
     store: ObjectStore,
@@ -901,6 +1000,14 @@ async def create_feedback(
         "created_at": now,
         "updated_at": now,
     }
+    if (
+        not data.attachment_ids
+        and isinstance(tx, SessionTx)
+        and tx.session.bind.dialect.name == "postgresql"
+    ):
+        created = await _create_alone(tx.session, client, conv, msg, answer)
+        if created is not None:
+            return created
     user, attachments, hooks = await tx.run(_store_feedback, client, data.attachment_ids, conv, msg)
     stored = _NewMessage(conv, msg, user, attachments, 0, False, hooks)
     views = await _message_events_in(tx, store, stored, created=True, answer=answer)
@@ -1118,12 +1225,25 @@ async def _message_events_in(
     carry, one of which is the request's answer. ``answer`` (``created`` only): the
     request's idempotency key, written with the events and the user's view."""
     authors = Related()
-    authors.users[r.user.id] = r.user.name
-    if agent is not None:
-        authors.agents[agent.agent_id] = agent.name  # known from the token
     if r.attachments:
         ordered = sorted(r.attachments, key=lambda a: (a.created_at, a.id))  # as lists show them
         authors.attachments[r.msg["id"]] = [await attachment_out(store, a) for a in ordered]
+    drafts, views = _message_views(r, authors, agent, created=created)
+    if answer is not None:
+        assert created
+        answer.produced(views.client_conv)
+    await tx.run(emit_in, r.conv["app_id"], drafts, has_endpoint=r.has_endpoint, answer=answer)
+    return views
+
+
+def _message_views(
+    r: _NewMessage, authors: Related, agent: AgentPrincipal | None = None, *, created: bool
+) -> tuple[list[EventDraft], _MessageViews]:
+    """The events of a stored new message and the views they carry; ``authors`` holds
+    the message's attachments, if any."""
+    authors.users[r.user.id] = r.user.name
+    if agent is not None:
+        authors.agents[agent.agent_id] = agent.name  # known from the token
     # The views read the stored values as they are: no ORM instances to build.
     conv = cast(ConversationFields, SimpleNamespace(**r.conv))
     message = cast(MessageFields, SimpleNamespace(**r.msg))
@@ -1138,11 +1258,7 @@ async def _message_events_in(
     )
     if agent is not None and not message.internal:
         drafts.append(unread_changed(conv, r.unread_total))
-    if answer is not None:
-        assert created
-        answer.produced(views.client_conv)
-    await tx.run(emit_in, conv.app_id, drafts, has_endpoint=r.has_endpoint, answer=answer)
-    return views
+    return drafts, views
 
 
 async def reply_in(

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import msgspec
-from sqlalchemy import String, bindparam, cast, func, insert, literal
+from sqlalchemy import Insert, String, bindparam, cast, func, insert, literal
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
@@ -105,7 +105,8 @@ _TABLE = table_of(Event)
 # One event (most writes): prepared. Several: one statement whose RETURNING SQLAlchemy
 # keeps in the rows' order.
 _ONE_COLUMNS = ("type", "app_id", "end_user_id", "conversation_id", "data", "client_data")
-_INSERT_ONE = insert_into(_TABLE, (*_ONE_COLUMNS, "created_at"), returning="id")
+ROW_COLUMNS = (*_ONE_COLUMNS, "created_at")  # an event's row as :func:`event_row` makes it
+_INSERT_ONE = insert_into(_TABLE, ROW_COLUMNS, returning="id")
 _INSERT_MANY = insert(_TABLE).returning(_TABLE.c.id, sort_by_parameter_order=True)
 
 
@@ -120,13 +121,12 @@ def _as_text(column: Any) -> Any:
     return cast(column, String)
 
 
-# PostgreSQL, one event: the INSERT also queues its NOTIFY (delivered at commit, like any
-# NOTIFY), which spares the transaction the separate pg_notify round trip. Its payload is
-# ``notified()``'s, spelled in SQL.
-_ONE_NOTIFYING = (
-    insert(_TABLE)
-    .values({k: bindparam(k, type_=_TABLE.c[k].type) for k in (*_ONE_COLUMNS, "created_at")})
-    .returning(
+def notifying(statement: Insert) -> Insert:
+    """PostgreSQL: ``statement``, an INSERT of one event, returning its id and queuing its
+    NOTIFY (delivered at commit, like any NOTIFY), which spares the transaction the
+    separate pg_notify round trip. The payload is ``notified()``'s, spelled in SQL, after
+    the parameter ``notify_prefix`` (:func:`notify_prefix`)."""
+    return statement.returning(
         _TABLE.c.id,
         func.pg_notify(
             literal(NOTIFY_CHANNEL),
@@ -138,6 +138,10 @@ _ONE_NOTIFYING = (
             + func.coalesce(_as_text(_TABLE.c.end_user_id), ""),
         ),
     )
+
+
+_ONE_NOTIFYING = notifying(
+    insert(_TABLE).values({k: bindparam(k, type_=_TABLE.c[k].type) for k in ROW_COLUMNS})
 )
 _INSERT_ONE_NOTIFYING = Prepared(_ONE_NOTIFYING)
 # ... and also an idempotent create's key with its answer, in the same round trip.
@@ -163,20 +167,9 @@ def emit_in(
     if not drafts:
         return []
     now = dt.datetime.now(dt.UTC)
-    rows: list[dict[str, Any]] = [
-        {
-            "type": d.type,
-            "app_id": app_id,
-            "end_user_id": d.end_user_id,
-            "conversation_id": d.conversation_id,
-            "data": _builtins(d.data),
-            "client_data": _builtins(d.client_data),
-            "created_at": now,
-        }
-        for d in drafts
-    ]
+    rows = [event_row(app_id, d, now) for d in drafts]
     # Delivered at commit to every process's broker (ours ignores its own instance).
-    prefix = f"{db.info.get('instance', '')}:"
+    prefix = notify_prefix(db)
     queued = False
     if len(rows) == 1 and db.get_bind().dialect.name == "postgresql":
         params = {**rows[0], "notify_prefix": prefix}
@@ -193,10 +186,34 @@ def emit_in(
     else:
         ids = list(db.execute(_INSERT_MANY, rows).scalars())
     records = [EventRecord(id=i, **row) for i, row in zip(ids, rows, strict=True)]
-    db.info.setdefault(PENDING_KEY, []).extend(records)
+    publish_at_commit(db, records)
     if not queued:
         notify(db, NOTIFY_CHANNEL, prefix + ",".join(notified(r) for r in records))
     queue_deliveries(
         db, app_id, [r for r in records if r.data is not None], has_endpoint=has_endpoint
     )
     return records
+
+
+def event_row(app_id: UUID, draft: EventDraft, now: dt.datetime) -> dict[str, Any]:
+    """The row of an event (``ROW_COLUMNS``), written at ``now``."""
+    return {
+        "type": draft.type,
+        "app_id": app_id,
+        "end_user_id": draft.end_user_id,
+        "conversation_id": draft.conversation_id,
+        "data": _builtins(draft.data),
+        "client_data": _builtins(draft.client_data),
+        "created_at": now,
+    }
+
+
+def notify_prefix(db: Session) -> str:
+    """What this process's NOTIFYs start with: its brokers skip their own events."""
+    return f"{db.info.get('instance', '')}:"
+
+
+def publish_at_commit(db: Session, records: Sequence[EventRecord]) -> None:
+    """Hand ``records`` (written in ``db``'s transaction) to this process's broker when
+    it commits."""
+    db.info.setdefault(PENDING_KEY, []).extend(records)

@@ -152,9 +152,16 @@ def queue_fanout_in(
         listening = bool(_ANY_DEVICE[audience].execute(db, {"message_id": message_id}))
     if not listening:
         return
-    enqueue_in(
-        db, FANOUT_JOB, {"message_id": str(message_id), "audience": audience}, max_attempts=10
-    )
+    enqueue_in(db, **fanout_job(message_id, audience))
+
+
+def fanout_job(message_id: UUID, audience: str) -> dict[str, Any]:
+    """The notification job of a message (``enqueue_in``'s or ``job_row``'s arguments)."""
+    return {
+        "kind": FANOUT_JOB,
+        "payload": {"message_id": str(message_id), "audience": audience},
+        "max_attempts": 10,
+    }
 
 
 @dataclass
