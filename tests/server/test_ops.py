@@ -18,14 +18,16 @@ from litestar import Litestar
 from litestar.routes import HTTPRoute
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import event as sqlalchemy_event
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 from structlog.testing import capture_logs
 
 from tellback_server.asgi import build_state, create_app
 from tellback_server.db import engine
 from tellback_server.db.engine import Database
+from tellback_server.db.models import Job
 from tellback_server.http.errors import is_database_unavailable
+from tellback_server.jobs.registry import JobRegistry
 from tellback_server.ratelimit import RateLimiter
 from tellback_server.security import (
     ADMIN_TOKEN_PREFIX,
@@ -35,7 +37,7 @@ from tellback_server.security import (
 )
 from tellback_server.settings import SettingsError, load_settings
 from tests.conftest import _admin_exec
-from tests.server.conftest import Api, AppInfo, lifespan, make_settings
+from tests.server.conftest import Api, AppInfo, lifespan, make_settings, serve_app
 
 PROBLEM_JSON = "application/problem+json"
 UNLIMITED: dict[str, int] = {"app_per_minute": 0, "user_per_minute": 0}
@@ -445,51 +447,81 @@ async def test_the_pool_keeps_its_connections_under_a_load_above_its_size(
         await db.dispose()
 
 
+@pytest.mark.parametrize("webhooks", ["no webhooks", "webhooks"])
 async def test_feedback_on_postgresql_is_two_statements_that_commit_by_themselves(
-    api: Api, monkeypatch: pytest.MonkeyPatch
+    database_url: str,
+    tmp_path: Path,
+    registry: JobRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    webhooks: str,
 ) -> None:
-    """A new feedback without attachments, in an app without webhooks: one read, then one
-    statement writing the conversation, message, event and key together, with no
-    BEGIN and no COMMIT around them (two round trips, not four). A replay of its key
-    writes nothing and answers as before."""
-    if api.state.db.is_sqlite:
+    """A new feedback without attachments: one read, then one statement writing the
+    conversation, message, event, key and (for an app with webhook endpoints) the
+    deliveries and their jobs together, with no BEGIN and no COMMIT around them (two
+    round trips, where a transaction took four or more). A replay of its key writes
+    nothing and answers as before."""
+    if not database_url.startswith("postgresql"):
         pytest.skip("SQLite's writes share the write group's transaction")
     monkeypatch.setattr(engine, "_PING_AFTER_IDLE_SECONDS", 3600.0)  # no ping at checkout
-    app = await api.create_app()
-    user = await api.user_headers(app)
-    path = "/v1/client/conversations"
-    r = await api.http.post(path, json={"body": "warm-up"}, headers=user)  # caches the session
-    assert r.status_code == 201, r.text
-    queries: list[str] = []
+    settings = make_settings(database_url, tmp_path / "data", webhook_allow_private=True)
+    async with serve_app(settings, registry) as api:
+        app = await api.create_app()
+        user = await api.user_headers(app)
+        path = "/v1/client/conversations"
+        endpoints: list[str] = []
+        if webhooks == "webhooks":
+            # Wants every event; wants only message.created; disabled.
+            hooks = f"/v1/admin/apps/{app.id}/webhooks"
+            for events in ([], ["message.created"], []):
+                body = {"url": "http://127.0.0.1:9/in", "events": events}
+                r = await api.http.post(hooks, json=body, headers=api.admin)
+                assert r.status_code == 201, r.text
+                endpoints.append(r.json()["id"])
+            off = {"enabled": False}
+            r = await api.http.patch(f"{hooks}/{endpoints[2]}", json=off, headers=api.admin)
+            assert r.status_code == 200, r.text
+        r = await api.http.post(path, json={"body": "warm-up"}, headers=user)  # caches the session
+        assert r.status_code == 201, r.text
+        queries: list[str] = []
 
-    def log(query: Any) -> None:
-        queries.append(query.query)
+        def log(query: Any) -> None:
+            queries.append(query.query)
 
-    def log_queries(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
-        dbapi_connection.driver_connection.add_query_logger(log)
+        def log_queries(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+            dbapi_connection.driver_connection.add_query_logger(log)
 
-    def stop_logging(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.driver_connection.remove_query_logger(log)
+        def stop_logging(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.driver_connection.remove_query_logger(log)
 
-    sync_engine = api.state.db.engine.sync_engine
-    sqlalchemy_event.listen(sync_engine, "checkout", log_queries)
-    sqlalchemy_event.listen(sync_engine, "checkin", stop_logging)
-    try:
-        headers = {**user, "Idempotency-Key": "two-statements"}
-        first = await api.http.post(path, json={"body": "It crashes"}, headers=headers)
-        assert first.status_code == 201, first.text
-        assert [q.split(None, 1)[0] for q in queries] == ["SELECT", "WITH"], queries
-        assert "INSERT INTO conversations" in queries[1]
-        assert "INSERT INTO idempotency_keys" in queries[1]
-        again = await api.http.post(path, json={"body": "It crashes"}, headers=headers)
-        assert again.status_code == 201, again.text
-        assert again.headers["idempotent-replayed"] == "true"
-        assert again.content == first.content
-    finally:
-        sqlalchemy_event.remove(sync_engine, "checkout", log_queries)
-        sqlalchemy_event.remove(sync_engine, "checkin", stop_logging)
-    r = await api.http.get(path, headers=user)
-    assert [c["last_message"]["body"] for c in r.json()["items"]] == ["It crashes", "warm-up"]
+        sync_engine = api.state.db.engine.sync_engine
+        sqlalchemy_event.listen(sync_engine, "checkout", log_queries)
+        sqlalchemy_event.listen(sync_engine, "checkin", stop_logging)
+        try:
+            headers = {**user, "Idempotency-Key": "two-statements"}
+            first = await api.http.post(path, json={"body": "It crashes"}, headers=headers)
+            assert first.status_code == 201, first.text
+            assert [q.split(None, 1)[0] for q in queries] == ["SELECT", "WITH"], queries
+            assert "INSERT INTO conversations" in queries[1]
+            assert "INSERT INTO idempotency_keys" in queries[1]
+            again = await api.http.post(path, json={"body": "It crashes"}, headers=headers)
+            assert again.status_code == 201, again.text
+            assert again.headers["idempotent-replayed"] == "true"
+            assert again.content == first.content
+        finally:
+            sqlalchemy_event.remove(sync_engine, "checkout", log_queries)
+            sqlalchemy_event.remove(sync_engine, "checkin", stop_logging)
+        r = await api.http.get(path, headers=user)
+        assert [c["last_message"]["body"] for c in r.json()["items"]] == ["It crashes", "warm-up"]
+        if endpoints:  # each feedback went to the one enabled endpoint that wants it, once
+            r = await api.http.get(f"/v1/admin/apps/{app.id}/webhook-deliveries", headers=api.admin)
+            deliveries = r.json()["items"]
+            assert [(d["endpoint_id"], d["event_type"]) for d in deliveries] == [
+                (endpoints[0], "conversation.created")
+            ] * 2
+            jobs = select(Job.payload).where(Job.kind == "webhook.deliver")
+            async with api.state.db.session(write=False) as db:
+                queued = sorted(p["delivery_id"] for p in await db.scalars(jobs))
+            assert queued == sorted(d["id"] for d in deliveries)
 
 
 def test_the_pool_size_is_a_setting() -> None:

@@ -28,6 +28,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    union_all,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -101,7 +102,12 @@ from tellback_server.domain.push.delivery import (
     queue_fanout_in,
     user_listens,
 )
-from tellback_server.domain.webhooks.outbox import any_endpoint
+from tellback_server.domain.webhooks.outbox import (
+    any_endpoint,
+    delivery_ctes,
+    endpoints_of,
+    planned_deliveries,
+)
 from tellback_server.http.deps import AgentPrincipal, ClientPrincipal
 from tellback_server.http.errors import AppError, NotFound, ValidationFailed
 from tellback_server.http.idempotency import Answer
@@ -744,6 +750,14 @@ _USER_SELECT = select(
     any_endpoint().label("any_endpoint"),
 ).where(_USERS.c.id == bindparam("id"))
 _USER = Prepared(_USER_SELECT)
+# The same for a new feedback on PostgreSQL, with the app's webhook endpoints themselves.
+_FEEDBACK_READ = Prepared(
+    select(
+        *(_USERS.c[k] for k in _User._fields),
+        agents_listen().label("agents_listen"),
+        endpoints_of().label("endpoints"),
+    ).where(_USERS.c.id == bindparam("id"))
+)
 
 
 # ----- the agents' inbox: one statement per page ---------------------------------------------
@@ -862,15 +876,19 @@ def _store_feedback(
     return _User(*user), attachments, bool(hooks)
 
 
-def _feedback_alone(*, keyed: bool) -> Prepared:
+def _feedback_alone(*, keyed: bool, hooked: bool) -> Prepared:
     """PostgreSQL: a whole new feedback in one statement, which commits by itself: the
-    conversation, its message, the event (queuing its NOTIFY) and, when ``:listening``,
-    the agents' push job (and the NOTIFY that wakes workers). ``keyed``: also the
+    conversation, its message, the event (queuing its NOTIFY), when ``:listening`` the
+    agents' push job, with ``hooked`` the webhook deliveries ``planned_deliveries``
+    planned with their jobs, and the NOTIFY that wakes workers when a job was queued
+    (when no endpoint wants the event, the statement goes without the deliveries'
+    CTEs, which cost PostgreSQL work even with nothing to write). ``keyed``: also the
     idempotency key with its answer (``db/keys.py``), which every other row depends
     on: when the key is taken, nothing is written and no row comes back. Otherwise one
     row, the event's id. Parameters ``c_``, ``m_``, ``e_`` and ``j_<column>``,
-    ``listening``, ``notify_prefix`` and with ``keyed`` ``key_<column>``; the foreign
-    keys between the new rows are checked at the end of the statement."""
+    ``listening``, ``notify_prefix``, ``planned_deliveries``' and with ``keyed``
+    ``key_<column>``; the foreign keys between the new rows are checked at the end of
+    the statement."""
     gate = answer_cte() if keyed else None
 
     def rows(model: type[Any], columns: Sequence[str], prefix: str, *where: Any) -> Any:
@@ -884,13 +902,31 @@ def _feedback_alone(*, keyed: bool) -> Prepared:
     message = rows(Message, _MESSAGE_COLUMNS, "m_").cte("new_message")
     job = rows(Job, JOB_COLUMNS, "j_", bindparam("listening", type_=Boolean))
     job = job.returning(table_of(Job).c.id).cte("new_job")
-    event = notifying(rows(Event, ROW_COLUMNS, "e_")).cte("new_event")
-    woken = select(func.pg_notify(literal(JOBS_CHANNEL), literal(""))).select_from(job)
-    return Prepared(select(event.c.id, woken.scalar_subquery()).add_cte(conv, message))
+    events = table_of(Event)
+    event = (
+        notifying(rows(Event, ROW_COLUMNS, "e_"))
+        .returning(events.c.type, events.c.app_id, events.c.created_at)
+        .cte("new_event")
+    )
+    writes = [conv, message]
+    queued: Any = job
+    if hooked:
+        deliveries, delivery_jobs = delivery_ctes(event)
+        writes.append(deliveries)
+        queued = union_all(select(job.c.id), select(delivery_jobs.c.id)).subquery()
+    # One NOTIFY wakes other processes' workers (PostgreSQL sends a repeat once).
+    woken = select(func.count(func.pg_notify(literal(JOBS_CHANNEL), literal("")))).select_from(
+        queued
+    )
+    return Prepared(select(event.c.id, woken.scalar_subquery()).add_cte(*writes))
 
 
-_FEEDBACK_ALONE = _feedback_alone(keyed=False)
-_FEEDBACK_ALONE_KEYED = _feedback_alone(keyed=True)
+# By (keyed, hooked).
+_FEEDBACK_ALONE = {
+    (keyed, hooked): _feedback_alone(keyed=keyed, hooked=hooked)
+    for keyed in (False, True)
+    for hooked in (False, True)
+}
 
 
 async def _create_alone(
@@ -902,23 +938,23 @@ async def _create_alone(
 ) -> ConversationOut | None:
     """PostgreSQL, feedback without attachments: two statements that each commit by
     themselves, with no transaction around them. The first reads the end user (for the
-    views) and whether any agent's phone may hear of it; the second writes everything
-    (``_FEEDBACK_ALONE``), so the feedback, its event, its push job and its key are
-    stored together or not at all, as in a transaction. Two round trips where the
-    transaction takes four (BEGIN, two statements, COMMIT).
+    views), whether any agent's phone may hear of it and the app's webhook endpoints;
+    the second writes everything (``_FEEDBACK_ALONE``), so the feedback, its event, its
+    push job, its webhook deliveries and its key are stored together or not at all, as
+    in a transaction. Two round trips where the transaction takes four or more (BEGIN,
+    two statements, the endpoints and deliveries when the app has any, COMMIT).
 
-    None, with nothing written, when the app has a webhook endpoint, the end user is
-    gone or the key is taken: the transaction's way (:func:`_store_feedback`) handles
-    those (a replay, an expired key taken again). The session's commit hooks still run
-    at its commit (events published, workers woken)."""
+    None, with nothing written, when the end user is gone or the key is taken: the
+    transaction's way (:func:`_store_feedback`) handles those (a replay, an expired key
+    taken again). The session's commit hooks still run at its commit (events
+    published, workers woken)."""
     connection = await session.connection()
-    found = await _USER.fetch_alone(connection, {"id": client.end_user_id, "app_id": client.app_id})
+    who = {"id": client.end_user_id, "app_id": client.app_id}
+    found = await _FEEDBACK_READ.fetch_alone(connection, who)
     if not found:
         return None
-    [(*user, listening, hooks)] = found
-    if hooks:  # webhook deliveries are queued by emit_in, in the transaction
-        return None
-    stored = _NewMessage(conv, msg, _User(*user), [], 0, False, False)
+    [(*user, listening, endpoints)] = found
+    stored = _NewMessage(conv, msg, _User(*user), [], 0, False, bool(endpoints))
     [draft], views = _message_views(stored, Related(), created=True)
     assert views.client_conv is not None  # the user's own new conversation
     db = session.sync_session
@@ -928,17 +964,18 @@ async def _create_alone(
     params.update({f"e_{k}": v for k, v in event.items()})
     params.update({f"j_{k}": v for k, v in job_row(**fanout_job(msg["id"], "agents")).items()})
     params.update(listening=bool(listening), notify_prefix=notify_prefix(db))
-    statement = _FEEDBACK_ALONE
+    deliveries = planned_deliveries(endpoints, draft.type)
+    params.update(deliveries)
     if answer is not None:
         params.update(key_params(answer.produced(views.client_conv)))
-        statement = _FEEDBACK_ALONE_KEYED
+    statement = _FEEDBACK_ALONE[answer is not None, bool(deliveries["w_ids"])]
     written = await statement.fetch_alone(connection, params)
     if not written:  # the key is taken (or had expired): idempotent() sorts that out
         return None
     if answer is not None:
         answer.claimed = True
     publish_at_commit(db, [EventRecord(id=written[0][0], **event)])
-    if listening:
+    if listening or deliveries["w_ids"]:
         wake_at_commit(db)
     return views.client_conv
 

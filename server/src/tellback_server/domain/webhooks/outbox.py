@@ -7,14 +7,29 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from sqlalchemy import Exists, bindparam, exists, select
+from sqlalchemy import (
+    CTE,
+    Exists,
+    Integer,
+    String,
+    bindparam,
+    cast,
+    exists,
+    func,
+    insert,
+    literal,
+    null,
+    select,
+    true,
+)
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 from uuid_utils.compat import uuid7
 
 from tellback_server.db.base import table_of
-from tellback_server.db.models import WebhookDelivery, WebhookEndpoint
+from tellback_server.db.models import Job, WebhookDelivery, WebhookEndpoint
 from tellback_server.db.prepared import Prepared, insert_into
-from tellback_server.jobs.queue import enqueue_in
+from tellback_server.jobs.queue import JOB_COLUMNS, enqueue_in
 
 if TYPE_CHECKING:
     from tellback_server.domain.events.records import EventRecord
@@ -52,6 +67,106 @@ def any_endpoint(app_id: Any = None) -> Exists:
     if app_id is None:
         app_id = bindparam("app_id", type_=_ENDPOINT_TABLE.c.app_id.type)
     return exists().where(_ENDPOINT_TABLE.c.app_id == app_id, _ENDPOINT_TABLE.c.enabled.is_(True))
+
+
+def endpoints_of() -> Any:
+    """The enabled endpoints of the app (parameter ``app_id``) as a JSON array of
+    ``[id, events]`` pairs, NULL for none: for a query that reads them along with what it
+    reads anyway (a new feedback on PostgreSQL, which then queues its deliveries in its
+    one statement, :func:`delivery_ctes`)."""
+    endpoints = _ENDPOINT_TABLE
+    return (
+        select(func.jsonb_agg(func.jsonb_build_array(endpoints.c.id, endpoints.c.events)))
+        .where(
+            endpoints.c.app_id == bindparam("app_id", type_=endpoints.c.app_id.type),
+            endpoints.c.enabled.is_(True),
+        )
+        .scalar_subquery()
+    )
+
+
+def planned_deliveries(endpoints: Sequence[Any] | None, event_type: str) -> dict[str, Any]:
+    """For :func:`delivery_ctes`: a delivery of an event of ``event_type`` to each of
+    ``endpoints`` (:func:`endpoints_of`'s pairs) that wants it, as its parameters."""
+    wanted = [
+        UUID(str(endpoint_id))
+        for endpoint_id, types in endpoints or ()
+        if event_type in WEBHOOK_EVENT_TYPES and (not types or event_type in types)
+    ]
+    return {
+        "w_ids": [uuid7() for _ in wanted],
+        "w_endpoints": wanted,
+        "w_jobs": [uuid7() for _ in wanted],
+        "w_max_attempts": len(SCHEDULE) + 1,
+    }
+
+
+def delivery_ctes(event: CTE) -> tuple[CTE, CTE]:
+    """PostgreSQL: the deliveries :func:`planned_deliveries` planned, of the one event
+    ``event`` (a data-modifying CTE returning its ``id``, ``type``, ``app_id`` and
+    ``created_at``), and their jobs, as data-modifying CTEs: the rows
+    :func:`queue_deliveries` writes, for a statement that writes the event too (no
+    event, no deliveries). An endpoint deleted since it was read is skipped."""
+    created_at = event.c.created_at
+    planned = (
+        func.unnest(
+            bindparam("w_ids", type_=postgresql.ARRAY(postgresql.UUID())),
+            bindparam("w_endpoints", type_=postgresql.ARRAY(postgresql.UUID())),
+            bindparam("w_jobs", type_=postgresql.ARRAY(postgresql.UUID())),
+        )
+        .table_valued("id", "endpoint_id", "job_id")
+        .render_derived()
+    )
+    deliveries = table_of(WebhookDelivery)
+    columns = [
+        "id",
+        "app_id",
+        "endpoint_id",
+        "event_id",
+        "event_type",
+        "status",
+        "attempts",
+        "next_attempt_at",
+        "created_at",
+        "updated_at",
+    ]
+    values = select(
+        planned.c.id,
+        event.c.app_id,
+        planned.c.endpoint_id,
+        event.c.id,
+        event.c.type,
+        literal("pending"),
+        literal(0),
+        created_at,
+        created_at,
+        created_at,
+    ).select_from(
+        planned.join(_ENDPOINT_TABLE, _ENDPOINT_TABLE.c.id == planned.c.endpoint_id).join(
+            event, true()
+        )
+    )
+    written = (
+        insert(deliveries)
+        .from_select(columns, values)
+        .returning(deliveries.c.id)
+        .cte("new_deliveries")
+    )
+    jobs = table_of(Job)
+    job_values = select(
+        planned.c.job_id,
+        literal(JOB_KIND),
+        func.jsonb_build_object("delivery_id", cast(written.c.id, String)),
+        literal("queued"),
+        literal(0),
+        bindparam("w_max_attempts", type_=Integer),
+        created_at,
+        null(),
+        created_at,
+        created_at,
+    ).select_from(written.join(planned, planned.c.id == written.c.id))
+    queued = insert(jobs).from_select(list(JOB_COLUMNS), job_values).returning(jobs.c.id)
+    return written, queued.cte("new_delivery_jobs")
 
 
 def queue_deliveries(
