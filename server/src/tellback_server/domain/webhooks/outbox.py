@@ -37,21 +37,19 @@ if TYPE_CHECKING:
 JOB_KIND = "webhook.deliver"
 # Webhooks carry the agent view of these types (unread.changed is the end user's only).
 WEBHOOK_EVENT_TYPES = ("conversation.created", "conversation.updated", "message.created")
-_INSERT = insert_into(
-    table_of(WebhookDelivery),
-    (
-        "id",
-        "app_id",
-        "endpoint_id",
-        "event_id",
-        "event_type",
-        "status",
-        "attempts",
-        "next_attempt_at",
-        "created_at",
-        "updated_at",
-    ),
+_DELIVERY_COLUMNS = (
+    "id",
+    "app_id",
+    "endpoint_id",
+    "event_id",
+    "event_type",
+    "status",
+    "attempts",
+    "next_attempt_at",
+    "created_at",
+    "updated_at",
 )
+_INSERT = insert_into(table_of(WebhookDelivery), _DELIVERY_COLUMNS)
 _ENDPOINT_TABLE = table_of(WebhookEndpoint)
 _ENDPOINTS = Prepared(
     select(WebhookEndpoint.id, WebhookEndpoint.events).where(
@@ -118,18 +116,7 @@ def delivery_ctes(event: CTE) -> tuple[CTE, CTE]:
         .render_derived()
     )
     deliveries = table_of(WebhookDelivery)
-    columns = [
-        "id",
-        "app_id",
-        "endpoint_id",
-        "event_id",
-        "event_type",
-        "status",
-        "attempts",
-        "next_attempt_at",
-        "created_at",
-        "updated_at",
-    ]
+    # The values queue_deliveries() gives a delivery and enqueue_in() its job, in SQL.
     values = select(
         planned.c.id,
         event.c.app_id,
@@ -148,7 +135,7 @@ def delivery_ctes(event: CTE) -> tuple[CTE, CTE]:
     )
     written = (
         insert(deliveries)
-        .from_select(columns, values)
+        .from_select(list(_DELIVERY_COLUMNS), values)
         .returning(deliveries.c.id)
         .cte("new_deliveries")
     )
@@ -177,7 +164,9 @@ def queue_deliveries(
     has_endpoint: bool | None = None,
 ) -> None:
     """Queue a delivery of each record to each endpoint that wants it. ``has_endpoint``:
-    the caller already asked whether the app has one (False skips the lookup)."""
+    the caller already asked whether the app has one (False skips the lookup). (A new
+    feedback on PostgreSQL queues its deliveries in its own one statement instead:
+    :func:`delivery_ctes`, which writes the same rows.)"""
     records = [r for r in records if r.type in WEBHOOK_EVENT_TYPES]
     if not records or has_endpoint is False:
         return
