@@ -524,6 +524,53 @@ async def test_feedback_on_postgresql_is_two_statements_that_commit_by_themselve
             assert queued == sorted(d["id"] for d in deliveries)
 
 
+async def test_feedback_on_postgresql_is_all_or_nothing(
+    database_url: str, tmp_path: Path, registry: JobRegistry
+) -> None:
+    """When any part of the one statement fails (here the event's INSERT, refused by a
+    trigger), nothing of the feedback is left: no conversation, message, webhook
+    delivery, job or idempotency key. A retry with the same key creates it afresh."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite's writes share the write group's transaction")
+    settings = make_settings(database_url, tmp_path / "data", webhook_allow_private=True)
+    async with serve_app(settings, registry) as api:
+        app = await api.create_app()
+        user = await api.user_headers(app)
+        hook = {"url": "http://127.0.0.1:9/in"}
+        r = await api.http.post(f"/v1/admin/apps/{app.id}/webhooks", json=hook, headers=api.admin)
+        assert r.status_code == 201, r.text
+        counts = text(
+            "SELECT (SELECT count(*) FROM conversations), (SELECT count(*) FROM messages), "
+            "(SELECT count(*) FROM events), (SELECT count(*) FROM webhook_deliveries), "
+            "(SELECT count(*) FROM jobs), (SELECT count(*) FROM idempotency_keys)"
+        )
+
+        async def rows() -> list[int]:
+            async with api.state.db.session(write=False) as db:
+                return list((await db.execute(counts)).one())
+
+        before = await rows()
+        await _admin_exec(
+            database_url,
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$",
+            "CREATE TRIGGER refuse BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION refuse()",
+        )
+        path, body = "/v1/client/conversations", {"body": "It crashes"}
+        headers = {**user, "Idempotency-Key": "all-or-nothing"}
+        r = await api.http.post(path, json=body, headers=headers)
+        assert r.status_code == 500, r.text
+        assert "refused" not in r.text
+        assert await rows() == before
+        await _admin_exec(database_url, "DROP TRIGGER refuse ON events")
+        r = await api.http.post(path, json=body, headers=headers)
+        assert r.status_code == 201, r.text
+        assert "idempotent-replayed" not in r.headers
+        after = await rows()
+        # A conversation, its message, its event, a delivery with its job, and the key.
+        assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1, 1, 1, 1]
+
+
 def test_the_pool_size_is_a_setting() -> None:
     assert load_settings({}).database_pool_size == 20
     assert load_settings({"TELLBACK_DATABASE_POOL_SIZE": "64"}).database_pool_size == 64
