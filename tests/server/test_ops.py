@@ -456,10 +456,10 @@ async def test_feedback_on_postgresql_is_two_statements_that_commit_by_themselve
     webhooks: str,
 ) -> None:
     """A new feedback without attachments: one read, then one statement writing the
-    conversation, message, event, key and (for an app with webhook endpoints) the
-    deliveries and their jobs together, with no BEGIN and no COMMIT around them (two
-    round trips, where a transaction took four or more). A replay of its key writes
-    nothing and answers as before."""
+    conversation, message, event, key and (for an app with webhook endpoints and an
+    agent's phone) the deliveries with their jobs and the push job together, with no
+    BEGIN and no COMMIT around them (two round trips, where a transaction took four or
+    more). A replay of its key writes nothing and answers as before."""
     if not database_url.startswith("postgresql"):
         pytest.skip("SQLite's writes share the write group's transaction")
     monkeypatch.setattr(engine, "_PING_AFTER_IDLE_SECONDS", 3600.0)  # no ping at checkout
@@ -479,6 +479,11 @@ async def test_feedback_on_postgresql_is_two_statements_that_commit_by_themselve
                 endpoints.append(r.json()["id"])
             off = {"enabled": False}
             r = await api.http.patch(f"{hooks}/{endpoints[2]}", json=off, headers=api.admin)
+            assert r.status_code == 200, r.text
+            # And an agent's phone that may hear of new feedback: its push job too.
+            _, agent = await api.create_agent(app)
+            phone = {"platform": "ios", "push_provider": "apns", "push_token": "ab" * 32}
+            r = await api.http.put("/v1/agent/devices/current", json=phone, headers=agent)
             assert r.status_code == 200, r.text
         r = await api.http.post(path, json={"body": "warm-up"}, headers=user)  # caches the session
         assert r.status_code == 201, r.text
@@ -511,17 +516,21 @@ async def test_feedback_on_postgresql_is_two_statements_that_commit_by_themselve
             sqlalchemy_event.remove(sync_engine, "checkout", log_queries)
             sqlalchemy_event.remove(sync_engine, "checkin", stop_logging)
         r = await api.http.get(path, headers=user)
-        assert [c["last_message"]["body"] for c in r.json()["items"]] == ["It crashes", "warm-up"]
+        listed = r.json()["items"]
+        assert [c["last_message"]["body"] for c in listed] == ["It crashes", "warm-up"]
         if endpoints:  # each feedback went to the one enabled endpoint that wants it, once
             r = await api.http.get(f"/v1/admin/apps/{app.id}/webhook-deliveries", headers=api.admin)
             deliveries = r.json()["items"]
             assert [(d["endpoint_id"], d["event_type"]) for d in deliveries] == [
                 (endpoints[0], "conversation.created")
             ] * 2
-            jobs = select(Job.payload).where(Job.kind == "webhook.deliver")
+            jobs = select(Job.kind, Job.payload)
             async with api.state.db.session(write=False) as db:
-                queued = sorted(p["delivery_id"] for p in await db.scalars(jobs))
-            assert queued == sorted(d["id"] for d in deliveries)
+                queued = (await db.execute(jobs)).all()
+            hooked = sorted(p["delivery_id"] for kind, p in queued if kind == "webhook.deliver")
+            assert hooked == sorted(d["id"] for d in deliveries)
+            pushed = [p["message_id"] for kind, p in queued if kind == "push.fanout"]
+            assert sorted(pushed) == sorted(c["last_message"]["id"] for c in listed)
 
 
 async def test_feedback_on_postgresql_is_all_or_nothing(
