@@ -886,9 +886,9 @@ def _feedback_alone(*, keyed: bool, hooked: bool) -> Prepared:
     idempotency key with its answer (``db/keys.py``), which every other row depends
     on: when the key is taken, nothing is written and no row comes back. Otherwise one
     row, the event's id. Parameters ``c_``, ``m_``, ``e_`` and ``j_<column>``,
-    ``listening``, ``notify_prefix``, ``planned_deliveries``' and with ``keyed``
-    ``key_<column>``; the foreign keys between the new rows are checked at the end of
-    the statement."""
+    ``listening``, ``notify_prefix``, with ``hooked`` those ``planned_deliveries``
+    makes, and with ``keyed`` ``key_<column>``; the foreign keys between the new rows
+    are checked at the end of the statement."""
     gate = answer_cte() if keyed else None
 
     def rows(model: type[Any], columns: Sequence[str], prefix: str, *where: Any) -> Any:
