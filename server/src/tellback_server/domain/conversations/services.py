@@ -742,22 +742,21 @@ class _User(NamedTuple):
 
 
 _USERS = table_of(EndUser)
-# The end user as the views show them, and (asked along, a statement less each) whether
-# any agent's phone may hear of the new feedback and whether the app has webhooks.
-_USER_SELECT = select(
-    *(_USERS.c[k] for k in _User._fields),
-    agents_listen().label("agents_listen"),
-    any_endpoint().label("any_endpoint"),
-).where(_USERS.c.id == bindparam("id"))
-_USER = Prepared(_USER_SELECT)
-# The same for a new feedback on PostgreSQL, with the app's webhook endpoints themselves.
-_FEEDBACK_READ = Prepared(
-    select(
-        *(_USERS.c[k] for k in _User._fields),
-        agents_listen().label("agents_listen"),
-        endpoints_of().label("endpoints"),
+
+
+def _user_select(webhooks: Any) -> Select[Any]:
+    """The end user as the views show them, and (asked along, a statement less each)
+    whether any agent's phone may hear of the new feedback and ``webhooks``, what the
+    statement asks of the app's webhook endpoints."""
+    return select(
+        *(_USERS.c[k] for k in _User._fields), agents_listen().label("agents_listen"), webhooks
     ).where(_USERS.c.id == bindparam("id"))
-)
+
+
+_USER_SELECT = _user_select(any_endpoint().label("any_endpoint"))  # whether it has any
+_USER = Prepared(_USER_SELECT)
+# A new feedback on PostgreSQL (_create_alone) reads the endpoints themselves.
+_FEEDBACK_READ = Prepared(_user_select(endpoints_of().label("endpoints")))
 
 
 # ----- the agents' inbox: one statement per page ---------------------------------------------
