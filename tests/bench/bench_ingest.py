@@ -53,6 +53,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from tellback_server.jobs.worker import asyncpg_dsn  # noqa: E402
 from tests.bench import report  # noqa: E402
 from tests.bench.bench_push import _embedded_postgres, pct, postmaster_pid  # noqa: E402
 from tests.bench.bench_upload import free_port  # noqa: E402
@@ -546,8 +547,7 @@ async def analyze(database_url: str | None) -> None:
     Whether autovacuum had run before the list decided that figure."""
     if database_url is None:
         return
-    dsn = database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
-    connection = await asyncpg.connect(dsn)
+    connection = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
         await connection.execute("ANALYZE")
     finally:

@@ -27,7 +27,6 @@ from uuid import UUID
 import asyncpg
 import pytest
 from sqlalchemy import event, func, insert, select, text, update
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tellback_server.asgi import build_state, create_app
@@ -35,7 +34,7 @@ from tellback_server.db.models import AdminToken, Job
 from tellback_server.jobs import enqueue
 from tellback_server.jobs.queue import NOTIFY_CHANNEL
 from tellback_server.jobs.registry import JobContext, JobRegistry
-from tellback_server.jobs.worker import Worker, backoff_delay
+from tellback_server.jobs.worker import Worker, asyncpg_dsn, backoff_delay
 from tellback_server.security import hash_token
 from tellback_server.settings import Settings
 from tellback_server.state import AppState
@@ -249,10 +248,6 @@ async def listening_backends(state: AppState) -> int:
             )
         )
     return int(n or 0)
-
-
-def asyncpg_dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 # --- enqueue: the transactional outbox ---------------------------------------------------
