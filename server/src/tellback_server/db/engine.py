@@ -10,7 +10,8 @@ statement takes microseconds, while a hand-off to a driver thread costs tens of
 microseconds and, under load, a wait for the GIL. So nothing may wait inside
 SQLite: the busy timeout is 0, and a writer that finds another *process* holding
 the lock retries with ``asyncio.sleep`` (up to 30 s). WAL checkpoints, which
-SQLite would otherwise run inside a COMMIT, run on a thread (``_checkpoints``).
+SQLite would otherwise run inside a COMMIT, run on a thread (``_checkpoints``),
+which pauses this process's writers for its last pass so that the WAL starts over.
 
 Two ways in:
 
@@ -32,6 +33,7 @@ import asyncio
 import sqlite3
 import time
 import uuid
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -87,6 +89,9 @@ def _configure_sqlite(sync_engine: Engine, busy_timeout_ms: int, *, autocheckpoi
         cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
         if not autocheckpoint:  # Database._checkpoints does it, off the event loop
             cursor.execute("PRAGMA wal_autocheckpoint=0")
+        # A WAL that grew (a burst, a long read holding it) shrinks back to this when it
+        # next starts over; SQLite otherwise keeps the file at its largest size forever.
+        cursor.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
         cursor.close()
 
     @event.listens_for(sync_engine, "begin")
@@ -512,7 +517,26 @@ class Database:
         self._wal.unchecked_commits += 1
         if self._checkpointer is None:
             # A module function with its own state: the task never holds the Database.
-            self._checkpointer = asyncio.create_task(_checkpoints(self._sqlite_path, self._wal))
+            self._checkpointer = asyncio.create_task(
+                _checkpoints(self._sqlite_path, self._wal, weakref.ref(self))
+            )
+
+    async def _checkpoint_paused(self, path: Path) -> None:
+        """Copy back what the WAL gained since the last pass, with this process's writers
+        paused: the next writer then finds all of it copied and starts the WAL over.
+
+        SQLite starts the WAL over only for a write transaction that begins once every
+        frame is copied back. Writers queued back to back never did (each began before
+        the checkpoint could catch up), so under sustained writes the WAL grew by every
+        commit, hundreds of MB a minute, and each write extended the file: new blocks
+        the kernel zeroes first, half of a COMMIT's cost."""
+        assert self._write_lock is not None
+        if self._closed or (not self._wal.unchecked_commits and self._group is None):
+            return  # nothing written since the pass: the next writer starts the WAL over
+        async with self._write_lock:
+            self._commit_group()
+            self._wal.unchecked_commits = 0
+            await asyncio.to_thread(_checkpoint, path)
 
     async def dispose(self) -> None:
         self._commit_group()
@@ -527,6 +551,7 @@ class Database:
 
 
 _CHECKPOINT_SECONDS = 0.25
+_WAL_SIZE_LIMIT = 64 << 20  # bytes: journal_size_limit
 _GROUP_MAX = 64  # writers sharing one COMMIT at most
 
 
@@ -602,21 +627,28 @@ class _WalState:
     unchecked_commits: int = 0
 
 
-async def _checkpoints(path: Path, wal: _WalState) -> None:
+async def _checkpoints(path: Path, wal: _WalState, database: weakref.ref[Database]) -> None:
     """Checkpoint the WAL in a thread, a few times a second while there are writes.
 
     SQLite's automatic checkpoint runs inside a COMMIT once the WAL passes 1,000
     pages: on the loop's thread that would stall every request for the copy and
     its fsync. Here a PASSIVE checkpoint (never waits for, nor blocks, readers or
-    writers) runs on a thread of its own instead.
+    writers) runs on a thread of its own instead, copying the bulk while writers go
+    on. If they wrote meanwhile, a second pass copies the rest with this process's
+    writers paused (:meth:`Database._checkpoint_paused`), so that the WAL starts over.
     """
     while True:
         await asyncio.sleep(_CHECKPOINT_SECONDS)
-        if wal.unchecked_commits:
-            wal.unchecked_commits = 0
-            # The thread owns its connection from open to close: a cancelled wait here
-            # (shutdown) never closes a connection that is still checkpointing.
-            await asyncio.to_thread(_checkpoint, path)
+        if not wal.unchecked_commits:
+            continue
+        wal.unchecked_commits = 0
+        # The thread owns its connection from open to close: a cancelled wait here
+        # (shutdown) never closes a connection that is still checkpointing.
+        await asyncio.to_thread(_checkpoint, path)
+        db = database()
+        if db is not None:
+            await db._checkpoint_paused(path)
+        del db  # (the task holds no Database while it sleeps)
 
 
 def _checkpoint(path: Path) -> None:
