@@ -646,8 +646,9 @@ async def _checkpoints(path: Path, wal: _WalState, database: weakref.ref[Databas
         # (shutdown) never closes a connection that is still checkpointing.
         await asyncio.to_thread(_checkpoint, path)
         db = database()
-        if db is not None:
-            await db._checkpoint_paused(path)
+        if db is None:  # collected without dispose(): nothing writes here any more
+            return
+        await db._checkpoint_paused(path)
         del db  # (the task holds no Database while it sleeps)
 
 
