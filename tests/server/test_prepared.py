@@ -9,6 +9,7 @@ raises SQLAlchemy's exception classes (which the error handlers map to 409/503).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import uuid
 from collections.abc import AsyncIterator
@@ -16,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import bindparam, func, select, text
-from sqlalchemy.exc import IntegrityError, ProgrammingError
+from sqlalchemy import bindparam, func, literal_column, select, text
+from sqlalchemy.exc import DBAPIError, IntegrityError, ProgrammingError
 from sqlalchemy.exc import OperationalError as SAOperationalError
 from sqlalchemy.orm import Session
 
@@ -25,6 +26,7 @@ from tellback_server.db.base import table_of
 from tellback_server.db.engine import Database
 from tellback_server.db.models import IdempotencyKey
 from tellback_server.db.prepared import Prepared, insert_into
+from tests.conftest import _admin_exec
 from tests.server.conftest import make_settings
 
 _KEYS = table_of(IdempotencyKey)
@@ -152,3 +154,64 @@ async def test_fetch_alone_commits_by_itself_outside_the_sessions_transaction(
             await _INSERT.fetch_alone(await session.connection(), _row(scope, "b"))
     async with db.transaction(write=False) as tx:
         assert await tx.run(_count, scope) == 1
+
+
+_PID = Prepared(select(func.pg_backend_pid()))
+_SLEEP = Prepared(select(func.pg_sleep(literal_column("5"))))
+
+
+async def test_a_connection_lost_under_a_statement_is_invalidated(
+    db: Database, database_url: str
+) -> None:
+    """Prepared statements run past SQLAlchemy's Connection, which invalidates the
+    connection of a statement that failed as lost; they do it themselves, in a
+    transaction and alone. Otherwise the pool lent the dead connection out again, and a
+    connection back a moment ago is not pinged at checkout: under steady traffic every
+    request it was lent to failed."""
+    if db.is_sqlite:
+        pytest.skip("SQLite has no server to lose")
+
+    async def terminate_soon(pid: int) -> None:
+        await asyncio.sleep(0.3)  # the statement is running by then
+        await _admin_exec(database_url, f"SELECT pg_terminate_backend({pid})")
+
+    invalidated: list[bool] = []  # their connections', right after the statements failed
+    pids: list[int] = []
+
+    async def alone() -> None:
+        async with db.session(write=True) as session:
+            connection = await session.connection()
+            [(pid,)] = await _PID.fetch_alone(connection, {})
+            pids.append(pid)
+            terminating = asyncio.create_task(terminate_soon(pid))
+            try:
+                await _SLEEP.fetch_alone(connection, {})
+            except DBAPIError:
+                invalidated.append(connection.invalidated)
+                raise
+            finally:
+                await terminating
+
+    def sleep(session: Session) -> None:
+        try:
+            _SLEEP.execute(session, {})
+        except DBAPIError:
+            invalidated.append(session.connection().invalidated)
+            raise
+
+    async def in_a_transaction() -> None:
+        async with db.session(write=True) as session:
+            pids.append(int(await session.scalar(text("SELECT pg_backend_pid()")) or 0))
+            terminating = asyncio.create_task(terminate_soon(pids[-1]))
+            try:
+                await session.run_sync(sleep)
+            finally:
+                await terminating
+
+    for run in (alone, in_a_transaction):
+        with pytest.raises(DBAPIError) as lost:
+            await run()
+        assert lost.value.connection_invalidated
+        assert invalidated[-1], run.__name__
+    async with db.session(write=False) as session:  # a new backend, not a dead one
+        assert await session.scalar(text("SELECT pg_backend_pid()")) not in (*pids, None)

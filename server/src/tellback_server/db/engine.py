@@ -168,10 +168,13 @@ def _ping_at_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
     """PostgreSQL: a pooled connection the server dropped (restart, failover) is found at
     checkout and replaced, instead of failing requests until it is discarded.
 
-    One round trip, and none for a connection that was in use a moment ago.
-    SQLAlchemy's ``pool_pre_ping`` on asyncpg wraps its ping in a transaction (BEGIN,
-    the ping, ROLLBACK): three before every transaction.
+    One round trip, and none for a connection that was in use a moment ago (unless
+    asyncpg already saw it closed: a backend terminated by the server says so before
+    it goes). SQLAlchemy's ``pool_pre_ping`` on asyncpg wraps its ping in a
+    transaction (BEGIN, the ping, ROLLBACK): three before every transaction.
     """
+    if dbapi_connection.driver_connection.is_closed():
+        raise DisconnectionError("the pooled connection was closed")
     returned = record.info.get(_RETURNED_AT)
     if returned is not None and time.monotonic() - returned < _PING_AFTER_IDLE_SECONDS:
         return

@@ -111,7 +111,10 @@ class Prepared:
             try:
                 adapted._handle_exception(exc)  # raises the adapter's DBAPI error for it
             except dialect.loaded_dbapi.Error as translated:
-                raise _wrapped(dialect, adapted, None, c.sql, translated) from exc
+                error = _wrapped(dialect, adapted, None, c.sql, translated)
+                if _lost(error):
+                    await connection.invalidate(translated)
+                raise error from exc
             raise
         return _converted(c, rows)
 
@@ -130,7 +133,10 @@ class Prepared:
         try:
             return c, run(cursor, c)
         except dialect.loaded_dbapi.Error as exc:
-            raise _wrapped(dialect, raw, cursor, c.sql, exc) from exc
+            error = _wrapped(dialect, raw, cursor, c.sql, exc)
+            if _lost(error):
+                db.connection().invalidate(exc)
+            raise error from exc
         finally:
             cursor.close()
 
@@ -161,6 +167,14 @@ def _wrapped(dialect: Dialect, raw: Any, cursor: Any, sql: str, exc: Exception) 
         connection_invalidated=dialect.is_disconnect(cast(Any, exc), raw, cursor),
         dialect=dialect,
     )
+
+
+def _lost(error: Exception) -> bool:
+    """Whether ``error`` (from :func:`_wrapped`) says the connection is gone. Then it is
+    invalidated, as ``Session.execute`` would: the pool replaces it rather than lending
+    it out again (a connection back a moment ago is not pinged at checkout, so under
+    steady traffic a dead one failed every request it was lent to)."""
+    return bool(getattr(error, "connection_invalidated", False))
 
 
 _RAW = "tellback_raw_connection"  # session.info: (transaction, dialect, DBAPI connection)
