@@ -36,6 +36,7 @@ import uuid
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -292,6 +293,9 @@ class Database:
         self._group: _Group | None = None  # SQLite: the open, shared write transaction
         self.sync_engine: Engine | None = None
         self._checkpointer: asyncio.Task[None] | None = None
+        # Checkpoints get a thread of their own: the shared default pool also runs
+        # uploads, FCM posts and media work, and the paused pass holds the write lock.
+        self._checkpoint_thread = ThreadPoolExecutor(1, thread_name_prefix="tellback-checkpoint")
         self._wal = _WalState()
         self._closed = False
         if self._sqlite_path is not None:
@@ -489,8 +493,10 @@ class Database:
         try:
             group.session.commit()
         except BaseException as exc:  # noqa: BLE001 (each member raises it)
-            group.session.rollback()
-            _fail(group.committed, exc)
+            try:
+                group.session.rollback()
+            finally:  # the members never wait for ever
+                _fail(group.committed, exc)
         else:
             group.committed.set_result(None)
         finally:
@@ -521,7 +527,9 @@ class Database:
         if self._checkpointer is None:
             # A module function with its own state: the task never holds the Database.
             self._checkpointer = asyncio.create_task(
-                _checkpoints(self._sqlite_path, self._wal, weakref.ref(self))
+                _checkpoints(
+                    self._sqlite_path, self._wal, weakref.ref(self), self._checkpoint_thread
+                )
             )
 
     async def _checkpoint_paused(self, path: Path) -> None:
@@ -539,7 +547,8 @@ class Database:
         async with self._write_lock:
             self._commit_group()
             self._wal.unchecked_commits = 0
-            await asyncio.to_thread(_checkpoint, path)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._checkpoint_thread, _checkpoint, path)
 
     async def dispose(self) -> None:
         self._commit_group()
@@ -548,6 +557,7 @@ class Database:
         if checkpointer is not None:
             checkpointer.cancel()
             await asyncio.wait([checkpointer])  # (raising nothing, it leaves no traceback)
+        self._checkpoint_thread.shutdown(wait=False)  # a running checkpoint finishes alone
         await self.engine.dispose()
         if self.sync_engine is not None:
             self.sync_engine.dispose()
@@ -630,7 +640,9 @@ class _WalState:
     unchecked_commits: int = 0
 
 
-async def _checkpoints(path: Path, wal: _WalState, database: weakref.ref[Database]) -> None:
+async def _checkpoints(
+    path: Path, wal: _WalState, database: weakref.ref[Database], thread: ThreadPoolExecutor
+) -> None:
     """Checkpoint the WAL in a thread, a few times a second while there are writes.
 
     SQLite's automatic checkpoint runs inside a COMMIT once the WAL passes 1,000
@@ -639,20 +651,33 @@ async def _checkpoints(path: Path, wal: _WalState, database: weakref.ref[Databas
     writers) runs on a thread of its own instead, copying the bulk while writers go
     on. If they wrote meanwhile, a second pass copies the rest with this process's
     writers paused (:meth:`Database._checkpoint_paused`), so that the WAL starts over.
+    An error is logged and the next round tries again: with SQLite's own checkpoints
+    off, a checkpointer that stopped would let the WAL grow without bound.
     """
+    loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(_CHECKPOINT_SECONDS)
         if not wal.unchecked_commits:
             continue
         wal.unchecked_commits = 0
-        # The thread owns its connection from open to close: a cancelled wait here
-        # (shutdown) never closes a connection that is still checkpointing.
-        await asyncio.to_thread(_checkpoint, path)
-        db = database()
-        if db is None:  # collected without dispose(): nothing writes here any more
-            return
-        await db._checkpoint_paused(path)
-        del db  # (the task holds no Database while it sleeps)
+        try:
+            # The thread owns its connection from open to close: a cancelled wait here
+            # (shutdown) never closes a connection that is still checkpointing.
+            await loop.run_in_executor(thread, _checkpoint, path)
+            if not await _paused_pass(database, path):
+                return  # collected without dispose(): nothing writes here any more
+        except Exception:
+            log.exception("sqlite.checkpoint_failed")
+
+
+async def _paused_pass(database: weakref.ref[Database], path: Path) -> bool:
+    """:meth:`Database._checkpoint_paused`, if the Database still exists (the reference
+    ends with this call: the checkpointer holds none while it sleeps)."""
+    db = database()
+    if db is None:
+        return False
+    await db._checkpoint_paused(path)
+    return True
 
 
 def _checkpoint(path: Path) -> None:

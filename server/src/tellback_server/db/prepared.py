@@ -17,6 +17,7 @@ can also run by itself, committing alone, with no transaction around it
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -112,7 +113,7 @@ class Prepared:
                 adapted._handle_exception(exc)  # raises the adapter's DBAPI error for it
             except dialect.loaded_dbapi.Error as translated:
                 error = _wrapped(dialect, adapted, None, c.sql, translated)
-                if _lost(error):
+                if _lost(error, dialect):
                     await connection.invalidate(translated)
                 raise error from exc
             raise
@@ -134,8 +135,8 @@ class Prepared:
             return c, run(cursor, c)
         except dialect.loaded_dbapi.Error as exc:
             error = _wrapped(dialect, raw, cursor, c.sql, exc)
-            if _lost(error):
-                db.connection().invalidate(exc)
+            if _lost(error, dialect):
+                _invalidate(db, exc)
             raise error from exc
         finally:
             cursor.close()
@@ -169,15 +170,28 @@ def _wrapped(dialect: Dialect, raw: Any, cursor: Any, sql: str, exc: Exception) 
     )
 
 
-def _lost(error: Exception) -> bool:
-    """Whether ``error`` (from :func:`_wrapped`) says the connection is gone. Then it is
-    invalidated, as ``Session.execute`` would: the pool replaces it rather than lending
-    it out again (a connection back a moment ago is not pinged at checkout, so under
-    steady traffic a dead one failed every request it was lent to)."""
-    return bool(getattr(error, "connection_invalidated", False))
+def _lost(error: Exception, dialect: Dialect) -> bool:
+    """Whether ``error`` (from :func:`_wrapped`) says a PostgreSQL connection is gone.
+    Then it is invalidated, as ``Session.execute`` would: the pool replaces it rather
+    than lending it out again (a connection back a moment ago is not pinged at
+    checkout, so under steady traffic a dead one failed every request it was lent
+    to). Only this connection: another that died unseen costs its own one request.
+    (SQLite has no server to lose; a write group's shared connection stays as it is.)"""
+    lost = bool(getattr(error, "connection_invalidated", False))
+    return lost and dialect.name != "sqlite"
 
 
-_RAW = "tellback_raw_connection"  # session.info: (transaction, dialect, DBAPI connection)
+def _invalidate(db: Session, exc: Exception) -> None:
+    """Invalidate the connection of ``db``'s transaction, never hiding ``exc``: a
+    transaction already unusable refuses to hand its connection out (then the checkout,
+    which finds the connection closed, replaces it)."""
+    cached = db.info.get(_RAW)
+    with contextlib.suppress(Exception):  # (exc is what the caller raises)
+        (cached[3] if cached is not None else db.connection()).invalidate(exc)
+
+
+# session.info: (transaction, dialect, DBAPI connection, SQLAlchemy connection)
+_RAW = "tellback_raw_connection"
 
 
 def raw_connection(db: Session) -> tuple[Dialect, Any]:
@@ -188,7 +202,7 @@ def raw_connection(db: Session) -> tuple[Dialect, Any]:
         return cached[1], cached[2]
     connection = db.connection()
     raw = connection.connection.dbapi_connection
-    db.info[_RAW] = (db.get_transaction(), connection.dialect, raw)
+    db.info[_RAW] = (db.get_transaction(), connection.dialect, raw, connection)
     return connection.dialect, raw
 
 
