@@ -144,18 +144,18 @@ async def test_the_wal_starts_over_under_sustained_writes(
     db, path = sqlite_db
     async with db.transaction(write=True) as tx:
         await tx.run(_write, "first")
-    stop = time.monotonic() + 2.0
+    first = _wal_restarts(path)
+    deadline = time.monotonic() + 10.0  # about 2 s here; a loaded machine's rounds are longer
 
     async def writer(n: int) -> None:
         i = 0
-        while time.monotonic() < stop:
+        while time.monotonic() < deadline and _wal_restarts(path) - first < 3:
             async with db.transaction(write=True) as tx:
                 await tx.run(_write, f"w{n}-{i}" + "x" * 2000)
             i += 1
 
-    first = _wal_restarts(path)
     await asyncio.gather(*(writer(n) for n in range(16)))
-    # A checkpoint every 0.25 s: several restarts in 2 s, none without the pause.
+    # A checkpoint every 0.25 s: a restart in most rounds, none at all without the pause.
     assert _wal_restarts(path) - first >= 3
 
 
