@@ -114,7 +114,8 @@ class Prepared:
             except dialect.loaded_dbapi.Error as translated:
                 error = _wrapped(dialect, adapted, None, c.sql, translated)
                 if _lost(error, dialect):
-                    await connection.invalidate(translated)
+                    with contextlib.suppress(Exception):  # (error is what is raised)
+                        await connection.invalidate(translated)
                 raise error from exc
             raise
         return _converted(c, rows)
