@@ -145,7 +145,7 @@ async def test_the_wal_starts_over_under_sustained_writes(
     async with db.transaction(write=True) as tx:
         await tx.run(_write, "first")
     first = _wal_restarts(path)
-    deadline = time.monotonic() + 10.0  # about 2 s here; a loaded machine's rounds are longer
+    deadline = time.monotonic() + 10.0  # under a second here; a loaded machine's rounds last longer
 
     async def writer(n: int) -> None:
         i = 0
