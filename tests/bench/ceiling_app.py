@@ -20,6 +20,7 @@ from litestar import Litestar, Request, get, post
 from litestar.params import JSONBody
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tellback_server.cli import freeze_startup_heap
 from tellback_server.domain.conversations.schemas import (
     Author,
     ConversationCreate,
@@ -83,6 +84,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     app = Litestar([create, list_, healthz], debug=False, logging_config=None)
+    freeze_startup_heap()  # the garbage collector's settings `tellback serve` uses
     uvicorn.run(
         app,
         host="127.0.0.1",

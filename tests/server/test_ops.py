@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import gc
 import re
 import time
 import uuid
@@ -22,6 +23,7 @@ from sqlalchemy import select, text
 from structlog.testing import capture_logs
 
 from tellback_server.asgi import build_state, create_app
+from tellback_server.cli import GC_YOUNG_THRESHOLD, freeze_startup_heap
 from tellback_server.db import engine
 from tellback_server.db.engine import Database
 from tellback_server.db.models import Job
@@ -619,6 +621,19 @@ async def test_feedback_on_postgresql_is_all_or_nothing(
         after = await rows()
         # A conversation, its message, its event, a delivery with its job, and the key.
         assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1, 1, 1, 1]
+
+
+def test_the_server_freezes_its_startup_heap_and_collects_young_objects_less_often() -> None:
+    """What `tellback serve` and `tellback worker` do once started (cli.freeze_startup_heap)."""
+    before = gc.get_threshold()
+    try:
+        freeze_startup_heap()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, before[1], before[2])
+        assert before[0] < GC_YOUNG_THRESHOLD
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
 
 
 def test_the_pool_size_is_a_setting() -> None:

@@ -94,6 +94,30 @@ async def test_statements_share_the_sessions_transaction(db: Database) -> None:
         assert await tx.run(_count, scope) == 1  # undone with the rest of its transaction
 
 
+async def test_ids_are_stored_as_the_orm_stores_them(db: Database) -> None:
+    """A UUID, or its hex as the GUID type also takes it, is stored as the ORM stores it
+    (SQLite: the 16 bytes, by a shortcut for UUIDs; PostgreSQL: a uuid); the ORM finds
+    each by its id."""
+    scope = f"s-{uuid.uuid4().hex}"
+    as_uuid, as_hex = _row(scope, "uuid"), _row(scope, "hex")
+    as_hex["id"] = as_hex["id"].hex
+    async with db.transaction(write=True) as tx:
+        await tx.run(_INSERT.execute, as_uuid)
+        await tx.run(_INSERT.execute, as_hex)
+    async with db.session(write=False) as session:
+        for row in (as_uuid, as_hex):
+            found = await session.get(IdempotencyKey, uuid.UUID(str(row["id"])))
+            assert found is not None
+            assert found.key == row["key"]
+        stored = select(func.hex(_KEYS.c.id)) if db.is_sqlite else select(_KEYS.c.id)
+        ids = (await session.execute(stored.where(_KEYS.c.scope == scope))).scalars().all()
+    expected = {as_uuid["id"], uuid.UUID(as_hex["id"])}
+    if db.is_sqlite:
+        assert set(ids) == {u.hex.upper() for u in expected}
+    else:
+        assert set(ids) == expected
+
+
 async def test_errors_arrive_as_sqlalchemys(db: Database) -> None:
     scope = f"s-{uuid.uuid4().hex}"
     async with db.transaction(write=True) as tx:

@@ -37,7 +37,7 @@ import weakref
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -366,19 +366,21 @@ class Database:
         if self.is_sqlite and write:
             self._wrote()
 
-    @asynccontextmanager
-    async def transaction(self, *, write: bool) -> AsyncIterator[Tx]:
-        """A transaction for sync functions of a ``Session``: commits on success."""
+    def transaction(self, *, write: bool) -> AbstractAsyncContextManager[Tx]:
+        """A transaction for sync functions of a ``Session``: commits on success.
+
+        (The context manager of the kind this database runs, handed out as it is: one
+        generator fewer to step through on every request.)"""
         if self.sync_engine is None:
-            async with self.session(write=write) as session:
-                yield SessionTx(session)
-            return
+            return self._session_tx(write=write)
         if self._write_lock is not None and write:
-            async with self._grouped() as tx:
-                yield tx
-        else:
-            async with self._inline_read() as tx:
-                yield tx
+            return self._grouped()
+        return self._inline_read()
+
+    @asynccontextmanager
+    async def _session_tx(self, *, write: bool) -> AsyncIterator[Tx]:
+        async with self.session(write=write) as session:
+            yield SessionTx(session)
 
     @asynccontextmanager
     async def _inline_read(self) -> AsyncIterator[Tx]:

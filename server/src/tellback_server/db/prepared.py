@@ -21,6 +21,7 @@ import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
+from uuid import UUID
 
 from advanced_alchemy.types import GUID, DateTimeUTC
 from sqlalchemy import Select, Table, bindparam, insert
@@ -227,10 +228,25 @@ def _bind_processor(type_: TypeEngine[Any], dialect: Dialect) -> Callable[[Any],
     processor = type_.dialect_impl(dialect).bind_processor(dialect)
     if processor is None or not isinstance(type_, GUID | DateTimeUTC):
         return processor
+    if isinstance(type_, GUID) and type_.binary and dialect.name == "sqlite":
+        return _uuid_bytes(processor)
     key = (dialect.name, dialect.driver, repr(type_))
     if key not in _MEMOIZED:
         _MEMOIZED[key] = _remembering_last(processor)
     return _MEMOIZED[key]
+
+
+def _uuid_bytes(processor: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """SQLite's GUID: a ``uuid.UUID`` straight to its 16 bytes, the BLOB the type's own
+    chain stores (through a ``memoryview``, 0.4 us a value against 0.1); anything else
+    (a hex string, None) through that chain."""
+
+    def process(value: Any) -> Any:
+        if value.__class__ is UUID:
+            return value.bytes
+        return processor(value)
+
+    return process
 
 
 def _remembering_last(processor: Callable[[Any], Any]) -> Callable[[Any], Any]:

@@ -157,7 +157,9 @@ async def idempotent(
         raise BadRequest("Idempotency-Key must be 1-255 printable ASCII characters")
     tx = SessionTx(db) if isinstance(db, AsyncSession) else db
     body = await request.body()
-    digest = hashlib.sha256(f"{request.method} {request.url.path}\n".encode() + body).hexdigest()
+    # The path as ``request.url.path`` gives it, without building the whole URL.
+    path = request.scope.get("root_path", "") + request.scope["path"]
+    digest = hashlib.sha256(f"{request.method} {path}\n".encode() + body).hexdigest()
     now = dt.datetime.now(dt.UTC)
     sealer = app_state(request).sealer
     answer = Answer(sealer, scope, key, digest, status, now, ttl_seconds)

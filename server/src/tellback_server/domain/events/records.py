@@ -39,12 +39,16 @@ class EventRecord:
     app_id: UUID
     end_user_id: UUID | None
     conversation_id: UUID | None
-    data: dict[str, Any] | None  # the agent and webhook view; None: not for agents
-    client_data: dict[str, Any] | None  # the end user's view; None: not for the user
+    # The agent and webhook view (None: not for agents) and the end user's (None: not for
+    # the user). As read back from the database, dicts; as written by this process, the
+    # views' Structs themselves: the JSON column and the streams encode either alike.
+    data: msgspec.Struct | dict[str, Any] | None
+    client_data: msgspec.Struct | dict[str, Any] | None
     created_at: dt.datetime
 
     def envelope(self, *, client: bool) -> dict[str, Any]:
-        """The JSON both SSE ``data:`` and webhook bodies carry."""
+        """What both SSE ``data:`` and webhook bodies carry, as JSON (its ``data`` may be a
+        Struct: encode with msgspec)."""
         return {
             "id": str(self.id),
             "type": self.type,
@@ -75,13 +79,6 @@ class EventDraft:
     end_user_id: UUID | None
     data: msgspec.Struct | dict[str, Any] | None
     client_data: msgspec.Struct | dict[str, Any] | None = None
-
-
-def _builtins(value: msgspec.Struct | dict[str, Any] | None) -> dict[str, Any] | None:
-    if value is None:
-        return None
-    out: dict[str, Any] = msgspec.to_builtins(value)
-    return out
 
 
 EVENT_COLUMNS = (
@@ -202,8 +199,10 @@ def event_row(app_id: UUID, draft: EventDraft, now: dt.datetime) -> dict[str, An
         "app_id": app_id,
         "end_user_id": draft.end_user_id,
         "conversation_id": draft.conversation_id,
-        "data": _builtins(draft.data),
-        "client_data": _builtins(draft.client_data),
+        # As they are: the JSON column's bind encodes a Struct with msgspec, faster than
+        # making it a dict first (3 % of a new feedback's CPU on SQLite)
+        "data": draft.data,
+        "client_data": draft.client_data,
         "created_at": now,
     }
 

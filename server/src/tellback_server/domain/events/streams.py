@@ -13,6 +13,7 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from uuid import UUID
 
+import msgspec
 import structlog
 from sqlalchemy import Select, and_, func, or_, select
 
@@ -45,9 +46,12 @@ def parse_last_event_id(raw: str | None) -> int | None:
     return int(value)
 
 
+_encode = msgspec.json.Encoder().encode
+
+
 def frame(record: EventRecord, *, client: bool) -> bytes:
-    data = json.dumps(record.envelope(client=client), separators=(",", ":"), default=str)
-    return f"id: {record.id}\nevent: {record.type}\ndata: {data}\n\n".encode()
+    data = _encode(record.envelope(client=client))  # (its data may be a view's Struct)
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (record.id, record.type.encode(), data)
 
 
 def _reset_frame(reason: str) -> bytes:
