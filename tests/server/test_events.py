@@ -157,6 +157,40 @@ async def test_resume_with_last_event_id_replays_what_was_missed(live: LiveApi) 
         assert (await _fresh(stream, int(last), 1))[0].data["data"]["message"]["body"] == "second"
 
 
+async def test_an_event_live_and_replayed_carries_the_same_json(live: LiveApi) -> None:
+    """Live, a stream gets the event as this process wrote it (the views as they were
+    made); on a resume, as read back from the database. Both must be the same JSON,
+    text beyond ASCII included."""
+    app = await live.create_app()
+    user = await live.user_headers(app)
+    _, agent = await live.create_agent(app)
+    conv = await live.feedback(user)
+    async with (
+        sse(live.http, CLIENT_EVENTS, user) as client_stream,
+        sse(live.http, AGENT_EVENTS, agent) as agent_stream,
+    ):
+        await _reply(live, agent, conv["id"], body="Ça marche — 修正済み 🚀")
+        r = await live.http.post(
+            "/v1/client/conversations", json={"body": "Encore un souci ✨"}, headers=user
+        )
+        assert r.status_code == 201, r.text
+        for_user = await client_stream.events_until("conversation.created")
+        for_agent = await agent_stream.events_until("conversation.created")
+    bodies = [e.data["data"]["message"]["body"] for e in for_user if e.event == "message.created"]
+    assert bodies == ["Ça marche — 修正済み 🚀"]
+    assert for_agent[-1].data["data"]["message"]["body"] == "Encore un souci ✨"
+    for stream_path, headers, seen in (
+        (CLIENT_EVENTS, user, for_user),
+        (AGENT_EVENTS, agent, for_agent),
+    ):
+        since = int(seen[0].id or 0) - 1
+        async with sse(live.http, stream_path, headers, last_event_id=str(since)) as again:
+            replayed = await _fresh(again, since, len(seen))
+        assert [(e.id, e.event, e.data) for e in replayed] == [
+            (e.id, e.event, e.data) for e in seen
+        ]
+
+
 async def _fresh(stream: SseReader, last: int, n: int) -> list[SseEvent]:
     """The next ``n`` events after ``last``. On PostgreSQL a resume may also resend events
     from just before ``last`` (ids are taken before commit); clients drop those by id."""

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
+from advanced_alchemy.types import GUID, DateTimeUTC, JsonB
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -71,3 +74,66 @@ async def test_concurrent_upgrades_apply_once(empty_database: str) -> None:
     finally:
         for e in engines:
             await e.dispose()
+
+
+async def test_0006_makes_events_missing_views_sql_null(empty_database: str) -> None:
+    """Events written before 0006 stored a missing view as JSON's null, which the
+    streams' ``IS NOT NULL`` let through; 0006 makes them SQL NULL and leaves views."""
+    engine = create_async_engine(empty_database)
+    now = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
+    app_id = uuid.uuid4()
+    apps = sa.table(
+        "apps",
+        *(sa.column(k) for k in ("name", "app_key")),
+        sa.column("id", GUID()),
+        sa.column("settings", JsonB),
+        sa.column("created_at", DateTimeUTC(timezone=True)),
+        sa.column("updated_at", DateTimeUTC(timezone=True)),
+    )
+    events = sa.table(  # as written before 0006: None as JSON's null
+        "events",
+        sa.column("id", sa.Integer()),
+        sa.column("type", sa.String()),
+        sa.column("app_id", GUID()),
+        sa.column("data", JsonB),
+        sa.column("client_data", JsonB),
+        sa.column("created_at", DateTimeUTC(timezone=True)),
+    )
+    view = {"conversation": {"id": "c"}, "note": None}
+    try:
+        await upgrade(engine, "0005")
+        async with engine.begin() as conn:
+            await conn.execute(
+                apps.insert().values(
+                    id=app_id, name="A", app_key="k", settings={}, created_at=now, updated_at=now
+                )
+            )
+            for type_, data, client_data in (
+                ("unread.changed", None, view),
+                ("message.created", view, None),
+                ("conversation.created", view, view),
+            ):
+                row = {"type": type_, "app_id": app_id, "created_at": now}
+                await conn.execute(
+                    events.insert().values(data=data, client_data=client_data, **row)
+                )
+            null = sa.text("SELECT count(*) FROM events WHERE data IS NULL OR client_data IS NULL")
+            assert (await conn.execute(null)).scalar_one() == 0  # the bug: JSON's null
+        await upgrade(engine)
+        async with engine.connect() as conn:
+            rows = await conn.execute(
+                sa.select(
+                    events.c.type,
+                    events.c.data.is_(None),
+                    events.c.client_data.is_(None),
+                    events.c.data,
+                    events.c.client_data,
+                ).order_by(events.c.id)
+            )
+            assert [tuple(r) for r in rows] == [
+                ("unread.changed", True, False, None, view),
+                ("message.created", False, True, view, None),
+                ("conversation.created", False, False, view, view),
+            ]
+    finally:
+        await engine.dispose()

@@ -9,7 +9,7 @@ from advanced_alchemy.types import BigIntIdentity
 from sqlalchemy import Boolean, ForeignKey, Index, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from tellback_server.db.base import GUID, JSON, DateTimeUTC, UUIDv7AuditBase
+from tellback_server.db.base import GUID, JSON, NULLABLE_JSON, DateTimeUTC, UUIDv7AuditBase
 
 
 class Event(IdentityBase):
@@ -37,8 +37,9 @@ class Event(IdentityBase):
     conversation_id: Mapped[UUID | None] = mapped_column(
         GUID, ForeignKey("conversations.id", ondelete="CASCADE")
     )
-    data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    client_data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # None is SQL NULL (migration 0006): the streams' replays select by IS NOT NULL.
+    data: Mapped[dict[str, Any] | None] = mapped_column(NULLABLE_JSON)
+    client_data: Mapped[dict[str, Any] | None] = mapped_column(NULLABLE_JSON)
     created_at: Mapped[dt.datetime] = mapped_column(DateTimeUTC(timezone=True))
 
 
