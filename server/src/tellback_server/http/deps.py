@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
@@ -19,7 +19,6 @@ from litestar.connection import ASGIConnection
 from litestar.di import Provide
 from litestar.enums import ScopeType
 from litestar.middleware import ASGIMiddleware
-from litestar.params import FromPath
 from litestar.types import ASGIApp, Receive, Scope, Send
 from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -66,10 +65,13 @@ class ClientPrincipal:
     end_user_id: UUID
     installation_pk: UUID
     app_settings: dict[str, Any]
+    # Spelled once, as the principal is cached: every request of the session uses them.
+    scope: str = field(init=False)  # "user:<end_user_id>": idempotency keys, rate limit
+    app_text: str = field(init=False)  # the app's id as text: logs, the app's rate limit
 
-    @property
-    def scope(self) -> str:
-        return f"user:{self.end_user_id}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scope", f"user:{self.end_user_id}")
+        object.__setattr__(self, "app_text", str(self.app_id))
 
 
 def app_state(connection: ASGIConnection[Any, Any, Any, Any]) -> AppState:
@@ -194,9 +196,9 @@ async def authenticate_client(connection: ASGIConnection[Any, Any, Any, Any]) ->
     principal = state.principals.get(token_hash)
     if principal is None:
         principal = await _client_principal(state, token_hash)
-    connection.scope["state"]["app_id"] = str(principal.app_id)
-    structlog.contextvars.bind_contextvars(app_id=str(principal.app_id))
-    enforce_rate_limits(connection, principal.app_id, principal.app_settings, principal.end_user_id)
+    connection.scope["state"]["app_id"] = principal.app_text
+    structlog.contextvars.bind_contextvars(app_id=principal.app_text)
+    enforce_rate_limits(connection, principal.app_text, principal.app_settings, principal.scope)
     connection.scope["state"][PRINCIPAL] = principal
 
 
@@ -248,15 +250,16 @@ def provide_client(request: Request[Any, Any, Any]) -> ClientPrincipal:
 
 def enforce_rate_limits(
     request: ASGIConnection[Any, Any, Any, Any],
-    app_id: FromPath[UUID],
+    app_id: UUID | str,
     settings: dict[str, Any],
-    end_user_id: UUID | None,
+    user_scope: str | None,
 ) -> None:
+    """The app's bucket, then (``user_scope``, ``ClientPrincipal.scope``) the end user's."""
     limits = settings.get("rate_limits") or {}
     limiter = app_state(request).limiter
     wait = limiter.hit(f"app:{app_id}", int(limits.get("app_per_minute", 6000)))
-    if wait is None and end_user_id is not None:
-        wait = limiter.hit(f"user:{end_user_id}", int(limits.get("user_per_minute", 120)))
+    if wait is None and user_scope is not None:
+        wait = limiter.hit(user_scope, int(limits.get("user_per_minute", 120)))
     if wait is not None:
         raise RateLimited("too many requests; retry after the given delay", retry_after=wait)
 

@@ -49,7 +49,8 @@ def json_response(obj: Any, status: int) -> Response[bytes]:
 
 
 def _valid_key(key: str) -> bool:
-    return 1 <= len(key) <= 255 and all(0x20 <= ord(c) <= 0x7E for c in key)
+    # Printable ASCII: 0x20-0x7E (for ASCII text, isprintable() is exactly that range).
+    return 1 <= len(key) <= 255 and key.isascii() and key.isprintable()
 
 
 def idempotency_purpose(scope: str, key: str) -> str:

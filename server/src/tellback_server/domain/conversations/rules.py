@@ -80,14 +80,15 @@ def validate_category(settings: AppSettings, category: str | None) -> None:
         )
 
 
-def validate_context(context: Any) -> dict[str, Any]:
+def validate_context(context: Any) -> msgspec.Raw | dict[str, Any]:
+    """The context as its column stores it: its JSON, already encoded (the JSON column's
+    bind passes a ``msgspec.Raw`` through as it is), once its size is checked."""
     if context is None:
         return {}
     raw = msgspec.json.encode(context)
     if len(raw) > MAX_CONTEXT_BYTES:
         raise ValidationFailed.field("context", f"at most {MAX_CONTEXT_BYTES} bytes of JSON")
-    result: dict[str, Any] = msgspec.json.decode(raw)
-    return result
+    return msgspec.Raw(raw)
 
 
 def clean_tags(tags: list[str]) -> list[str]:
