@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import bindparam, func, literal_column, select, text
+from sqlalchemy import String, bindparam, func, literal_column, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, ProgrammingError
 from sqlalchemy.exc import OperationalError as SAOperationalError
 from sqlalchemy.orm import Session
@@ -116,6 +116,36 @@ async def test_ids_are_stored_as_the_orm_stores_them(db: Database) -> None:
         assert set(ids) == {u.hex.upper() for u in expected}
     else:
         assert set(ids) == expected
+
+
+async def test_times_are_stored_as_the_orm_stores_them(db: Database) -> None:
+    """A UTC datetime (by a shortcut on SQLite), one in another zone and one on a whole
+    second are stored as the ORM's own statement stores them, and read back equal."""
+    scope = f"s-{uuid.uuid4().hex}"
+    paris = dt.timezone(dt.timedelta(hours=1))
+    times = {
+        "utc": dt.datetime(2026, 11, 27, 7, 30, 1, 250, tzinfo=dt.UTC),
+        "zoned": dt.datetime(2026, 11, 27, 8, 30, 1, 999999, tzinfo=paris),
+        "whole": dt.datetime(2026, 11, 27, 7, 30, 1, tzinfo=dt.UTC),
+    }
+    rows = []
+    for name, at in times.items():
+        rows.append({**_row(scope, f"prepared-{name}"), "expires_at": at})
+        rows.append({**_row(scope, f"orm-{name}"), "expires_at": at})
+    async with db.transaction(write=True) as tx:
+        for row in rows[::2]:
+            await tx.run(_INSERT.execute, row)
+    async with db.session(write=True) as session:
+        session.add_all(IdempotencyKey(**row) for row in rows[1::2])
+    stored = select(_KEYS.c.key, func.cast(_KEYS.c.expires_at, String), _KEYS.c.expires_at)
+    async with db.session(write=False) as session:
+        found = {
+            key: (text_, at)
+            for key, text_, at in await session.execute(stored.where(_KEYS.c.scope == scope))
+        }
+    for name, at in times.items():
+        assert found[f"prepared-{name}"] == found[f"orm-{name}"]
+        assert found[f"prepared-{name}"][1] == at
 
 
 async def test_errors_arrive_as_sqlalchemys(db: Database) -> None:
