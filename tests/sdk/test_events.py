@@ -113,7 +113,7 @@ async def test_async_stream_gets_the_agent_reply_live_and_typed(
         async with tb.events.stream() as events:
             await events.connect()
             assert events.connected
-            reply = await stage.reply(conv.id)
+            reply = await stage.reply(conv.id, "Merci — corrigé dans 2.3.2 ✅")  # UTF-8 JSON
             got = await collect(events, is_unread)
     by_type = {type(e): e for e in got}
     assert set(by_type) == {MessageCreated, ConversationUpdated, UnreadChanged}
@@ -121,7 +121,7 @@ async def test_async_stream_gets_the_agent_reply_live_and_typed(
     assert isinstance(message, MessageCreated)
     assert message.message.id == reply["id"]
     assert message.message.author.type == "agent"
-    assert message.message.body == "Thanks, fixed in 2.3.2"
+    assert message.message.body == "Merci — corrigé dans 2.3.2 ✅"
     assert message.conversation.id == conv.id
     assert message.conversation.unread_count == 1
     updated = by_type[ConversationUpdated]
