@@ -259,6 +259,37 @@ async def test_a_groups_savepoints_keep_their_journal_in_memory(
     assert temp_files == [[], [], [], []]
 
 
+async def test_connections_are_set_up_for_the_write_path(
+    sqlite_db: tuple[Database, Path],
+) -> None:
+    """Every connection, writers' and readers', of both engines: WAL, NORMAL sync, foreign
+    keys, savepoint journals in memory, no waiting on a lock, checkpoints left to the
+    process, a WAL that shrinks back to 64 MiB, and a 16 MiB page cache (the random-leaf
+    pages a write group touches stay cached instead of being read back from the WAL)."""
+    db, _ = sqlite_db
+    pragmas = (
+        "journal_mode",
+        "synchronous",
+        "foreign_keys",
+        "temp_store",
+        "busy_timeout",
+        "wal_autocheckpoint",
+        "journal_size_limit",
+        "cache_size",
+    )
+    expected = ["wal", 1, 1, 2, 0, 0, 64 << 20, -16384]
+
+    def read(session: Session) -> list[Any]:
+        return [session.execute(text(f"PRAGMA {p}")).scalar() for p in pragmas]
+
+    async with db.transaction(write=True) as tx:
+        assert await tx.run(read) == expected
+    async with db.transaction(write=False) as tx:
+        assert await tx.run(read) == expected
+    async with db.session(write=False) as session:
+        assert await session.run_sync(read) == expected
+
+
 async def test_commit_hooks_run_once_the_group_has_committed(
     sqlite_db: tuple[Database, Path],
 ) -> None:

@@ -87,6 +87,11 @@ def _configure_sqlite(sync_engine: Engine, busy_timeout_ms: int, *, autocheckpoi
         # A group's members run in savepoints, whose undo journal SQLite otherwise moves
         # to a temporary file past 64 KiB: a file per group and tens of writes per request.
         cursor.execute("PRAGMA temp_store=MEMORY")
+        # The writers' connection (the pool lends the one used last) keeps the pages it
+        # writes at random places, the leaves of the per-user and per-key indexes, in
+        # its cache rather than reading them back from the WAL: 16 MiB, not SQLite's
+        # 2 MiB (a connection's cache fills only as it is used).
+        cursor.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
         cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
         if not autocheckpoint:  # Database._checkpoints does it, off the event loop
             cursor.execute("PRAGMA wal_autocheckpoint=0")
@@ -567,6 +572,7 @@ class Database:
 
 _CHECKPOINT_SECONDS = 0.25
 _WAL_SIZE_LIMIT = 64 << 20  # bytes: journal_size_limit
+_CACHE_KIB = 16 << 10  # each SQLite connection's page cache at most
 _GROUP_MAX = 64  # writers sharing one COMMIT at most
 
 
