@@ -168,7 +168,8 @@ def emit_in(
     # Delivered at commit to every process's broker (ours ignores its own instance).
     prefix = notify_prefix(db)
     queued = False
-    if len(rows) == 1 and db.get_bind().dialect.name == "postgresql":
+    postgresql = db.get_bind().dialect.name == "postgresql"
+    if len(rows) == 1 and postgresql:
         params = {**rows[0], "notify_prefix": prefix}
         if answer is None:
             ids = [_INSERT_ONE_NOTIFYING.execute(db, params)[0][0]]
@@ -184,7 +185,7 @@ def emit_in(
         ids = list(db.execute(_INSERT_MANY, rows).scalars())
     records = [EventRecord(id=i, **row) for i, row in zip(ids, rows, strict=True)]
     publish_at_commit(db, records)
-    if not queued:
+    if postgresql and not queued:  # (SQLite has no NOTIFY: its streams are in-process)
         notify(db, NOTIFY_CHANNEL, prefix + ",".join(notified(r) for r in records))
     queue_deliveries(
         db, app_id, [r for r in records if r.data is not None], has_endpoint=has_endpoint
