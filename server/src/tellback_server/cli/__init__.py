@@ -198,9 +198,10 @@ def freeze_startup_heap() -> None:
 
     With the default threshold (700), a young collection ran every 25 or so requests
     under load and walked the live objects of every request in flight (32 at a time in
-    the benchmark), promoting them to older generations to be walked again: about
-    11 us of a request's CPU. At 10,000, most of a request's objects are freed by
-    reference counting before a collection sees them: about 1.5 us.
+    the benchmark), promoting them to older generations to be walked again: 9-11 us
+    of a create's CPU (``tests/bench/inproc_ingest.py``). At 10,000, most of a
+    request's objects are freed by reference counting before a collection sees them:
+    about 1 us.
     """
     gc.collect()
     gc.freeze()
