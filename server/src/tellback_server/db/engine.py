@@ -118,6 +118,7 @@ def notify(db: Session, channel: str, payload: str = "") -> None:
 
 
 _NOTIFY_BATCH = 8
+_MAX_CACHED_STATEMENT = 64 * 1024  # bytes of SQL
 
 
 def _notify_statement(count: int) -> Prepared:
@@ -258,7 +259,14 @@ class Database:
             size = settings.database_pool_size if pool_size is None else pool_size
             kwargs.update(pool_size=size, max_overflow=0, pool_timeout=10)
             # A database that does not answer within 5 s is an outage (503), not a hang.
-            kwargs["connect_args"] = {"command_timeout": 30, "timeout": 5}
+            kwargs["connect_args"] = {
+                "command_timeout": 30,
+                "timeout": 5,
+                # asyncpg prepares each statement once per connection, but only up to 15 KiB
+                # of SQL; a batch of feedback (db/batch.py) is up to 26 KiB, and PostgreSQL
+                # parsed and analyzed it anew on every run.
+                "max_cacheable_statement_size": _MAX_CACHED_STATEMENT,
+            }
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         if not self.is_sqlite:
             event.listen(self.engine.sync_engine, "checkout", _ping_at_checkout)

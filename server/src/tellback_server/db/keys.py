@@ -52,16 +52,17 @@ def claim(db: Session, row: Mapping[str, Any]) -> bool:
     return bool(_CLAIM.execute(db, row))
 
 
-def answer_cte() -> CTE:
+def answer_cte(prefix: str = "") -> CTE:
     """PostgreSQL: the key row's INSERT ... ON CONFLICT DO NOTHING RETURNING id as a
     data-modifying CTE (no row: the key was taken), with :func:`key_params`'s
-    parameters. For statements built once: the ON CONFLICT construct compiles there."""
+    parameters, each name after ``prefix`` (as is the CTE's). For statements built
+    once: the ON CONFLICT construct compiles there."""
     return (
         postgresql.insert(KEYS)
-        .values({k: bindparam(f"key_{k}", type_=KEYS.c[k].type) for k in KEY_COLUMNS})
+        .values({k: bindparam(f"{prefix}key_{k}", type_=KEYS.c[k].type) for k in KEY_COLUMNS})
         .on_conflict_do_nothing(index_elements=[KEYS.c.scope, KEYS.c.key])
         .returning(KEYS.c.id)
-        .cte("answer")
+        .cte(f"{prefix}answer")
     )
 
 

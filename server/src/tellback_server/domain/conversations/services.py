@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from types import SimpleNamespace
 from typing import Any, NamedTuple, cast
 from uuid import UUID
@@ -36,6 +37,7 @@ from sqlalchemy.orm import Session
 from uuid_utils.compat import uuid7
 
 from tellback_server.db.base import table_of
+from tellback_server.db.batch import Batched, member_name
 from tellback_server.db.engine import SessionTx, Tx
 from tellback_server.db.keys import answer_cte, key_params
 from tellback_server.db.models import (
@@ -103,6 +105,7 @@ from tellback_server.domain.push.delivery import (
     user_listens,
 )
 from tellback_server.domain.webhooks.outbox import (
+    DELIVERY_PARAMS,
     any_endpoint,
     delivery_ctes,
     endpoints_of,
@@ -875,56 +878,80 @@ def _store_feedback(
     return _User(*user), attachments, bool(hooks)
 
 
-def _feedback_alone(*, keyed: bool, hooked: bool) -> Prepared:
-    """PostgreSQL: a whole new feedback in one statement, which commits by itself: the
-    conversation, its message, the event (queuing its NOTIFY), when ``:listening`` the
-    agents' push job, with ``hooked`` the webhook deliveries ``planned_deliveries``
-    planned with their jobs, and the NOTIFY that wakes workers when a job was queued
-    (when no endpoint wants the event, the statement goes without the deliveries'
-    CTEs, which cost PostgreSQL work even with nothing to write). ``keyed``: also the
-    idempotency key with its answer (``db/keys.py``), which every other row depends
-    on: when the key is taken, nothing is written and no row comes back. Otherwise one
-    row, the event's id. Parameters ``c_``, ``m_``, ``e_`` and ``j_<column>``,
-    ``listening``, ``notify_prefix``, with ``hooked`` those ``planned_deliveries``
-    makes, and with ``keyed`` ``key_<column>``; the foreign keys between the new rows
-    are checked at the end of the statement."""
-    gate = answer_cte() if keyed else None
+def _gated_insert(
+    gate: Any, model: type[Any], columns: Sequence[str], names: str, *where: Any
+) -> Any:
+    """INSERT INTO ``model``'s table ``columns`` from parameters ``<names><column>``, with
+    no row when ``gate`` (a CTE, or None) has none or ``where`` does not hold."""
+    table = table_of(model)
+    values = select(*(bindparam(f"{names}{k}", type_=table.c[k].type) for k in columns))
+    if gate is not None:
+        values = values.select_from(gate)
+    return insert(table).from_select(list(columns), values.where(*where))
 
-    def rows(model: type[Any], columns: Sequence[str], prefix: str, *where: Any) -> Any:
-        table = table_of(model)
-        values = select(*(bindparam(f"{prefix}{k}", type_=table.c[k].type) for k in columns))
-        if gate is not None:
-            values = values.select_from(gate)
-        return insert(table).from_select(list(columns), values.where(*where))
 
-    conv = rows(Conversation, _CONVERSATION_COLUMNS, "c_").cte("new_conversation")
-    message = rows(Message, _MESSAGE_COLUMNS, "m_").cte("new_message")
-    job = rows(Job, JOB_COLUMNS, "j_", bindparam("listening", type_=Boolean))
-    job = job.returning(table_of(Job).c.id).cte("new_job")
+def _new_feedback(count: int, *, keyed: bool, hooked: bool) -> Prepared:
+    """PostgreSQL: ``count`` whole new feedbacks in one statement, which commits by
+    itself (``db/batch.py``; ``count`` is 1 when ``hooked``). For each, parameters named
+    by ``member_name`` (``i``, ...): the conversation, its message, the event (queuing its
+    NOTIFY), when ``listening`` the agents' push job, with ``hooked`` the webhook
+    deliveries ``planned_deliveries`` planned with their jobs (its parameters unnamed,
+    shared), and the NOTIFY that wakes workers when a job was queued (when no endpoint
+    wants the event, the statement goes without the deliveries' CTEs, which cost
+    PostgreSQL work even with nothing to write). ``keyed``: also the idempotency key
+    with its answer (``db/keys.py``), which every other row of that feedback depends on:
+    when its key is taken, none of them is written and no row comes back for it.
+    Otherwise one row for each, its index and its event's id. Parameters ``c_``, ``m_``,
+    ``e_`` and ``j_<column>``, ``listening``, with ``keyed`` ``key_<column>``, and
+    ``notify_prefix`` (shared); the foreign keys between the new rows are checked at
+    the end of the statement."""
+    assert count == 1 or not hooked
+    writes: list[Any] = []
+    queued: list[Any] = []
+    answered: list[Any] = []
     events = table_of(Event)
-    event = (
-        notifying(rows(Event, ROW_COLUMNS, "e_"))
-        .returning(events.c.type, events.c.app_id, events.c.created_at)
-        .cte("new_event")
-    )
-    writes = [conv, message]
-    queued: Any = job
-    if hooked:
-        deliveries, delivery_jobs = delivery_ctes(event)
-        writes.append(deliveries)
-        queued = union_all(select(job.c.id), select(delivery_jobs.c.id)).subquery()
+    for i in range(count):
+        prefix = member_name(i, "")
+        gate = answer_cte(prefix) if keyed else None
+
+        rows = partial(_gated_insert, gate)
+        conv = rows(Conversation, _CONVERSATION_COLUMNS, f"{prefix}c_")
+        message = rows(Message, _MESSAGE_COLUMNS, f"{prefix}m_")
+        listening = bindparam(f"{prefix}listening", type_=Boolean)
+        job = rows(Job, JOB_COLUMNS, f"{prefix}j_", listening).returning(table_of(Job).c.id)
+        event = (
+            notifying(rows(Event, ROW_COLUMNS, f"{prefix}e_"))
+            .returning(events.c.type, events.c.app_id, events.c.created_at)
+            .cte(f"{prefix}new_event")
+        )
+        writes += [conv.cte(f"{prefix}new_conversation"), message.cte(f"{prefix}new_message")]
+        new_job = job.cte(f"{prefix}new_job")
+        queued.append(select(new_job.c.id))
+        answered.append(select(literal(i).label("member"), event.c.id))
+        if hooked:
+            deliveries, delivery_jobs = delivery_ctes(event)
+            writes.append(deliveries)
+            queued.append(select(delivery_jobs.c.id))
     # One NOTIFY wakes other processes' workers (PostgreSQL sends a repeat once).
     woken = select(func.count(func.pg_notify(literal(JOBS_CHANNEL), literal("")))).select_from(
-        queued
+        union_all(*queued).subquery() if len(queued) > 1 else queued[0].subquery()
     )
-    return Prepared(select(event.c.id, woken.scalar_subquery()).add_cte(*writes))
+    result = (union_all(*answered) if count > 1 else answered[0]).subquery()
+    return Prepared(select(*result.c, woken.scalar_subquery()).add_cte(*writes))
 
 
-# By (keyed, hooked).
-_FEEDBACK_ALONE = {
-    (keyed, hooked): _feedback_alone(keyed=keyed, hooked=hooked)
+# Unhooked feedback from concurrent requests goes in batches (keyed or not), hooked alone.
+_NEW_FEEDBACK = {
+    keyed: Batched(partial(_new_feedback, keyed=keyed, hooked=False), shared=("notify_prefix",))
     for keyed in (False, True)
-    for hooked in (False, True)
+}
+_NEW_HOOKED_FEEDBACK = {
+    keyed: Batched(
+        partial(_new_feedback, keyed=keyed, hooked=True),
+        shared=("notify_prefix", *DELIVERY_PARAMS),
+        sizes=(1,),
+    )
+    for keyed in (False, True)
 }
 
 
@@ -938,7 +965,8 @@ async def _create_alone(
     """PostgreSQL, feedback without attachments: two statements that each commit by
     themselves, with no transaction around them. The first reads the end user (for the
     views), whether any agent's phone may hear of it and the app's webhook endpoints;
-    the second writes everything (``_FEEDBACK_ALONE``), so the feedback, its event, its
+    the second writes everything (``_new_feedback``, with other requests' feedback
+    when they come together: ``db/batch.py``), so the feedback, its event, its
     push job, its webhook deliveries and its key are stored together or not at all, as
     in a transaction. Two round trips where the transaction takes four or more (BEGIN,
     two statements, the endpoints and deliveries when the app has any, COMMIT).
@@ -967,8 +995,11 @@ async def _create_alone(
     params.update(deliveries)
     if answer is not None:
         params.update(key_params(answer.produced(views.client_conv)))
-    statement = _FEEDBACK_ALONE[answer is not None, bool(deliveries["w_ids"])]
-    written = await statement.fetch_alone(connection, params)
+    keyed = answer is not None
+    if deliveries["w_ids"]:
+        written = await _NEW_HOOKED_FEEDBACK[keyed].alone(connection, params)
+    else:
+        written = await _NEW_FEEDBACK[keyed].fetch(connection, params)
     if not written:  # the key is taken (or had expired): idempotent() sorts that out
         return None
     if answer is not None:

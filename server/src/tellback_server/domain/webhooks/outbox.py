@@ -83,6 +83,10 @@ def endpoints_of() -> Any:
     )
 
 
+# The parameters planned_deliveries() gives delivery_ctes(), one set per statement.
+DELIVERY_PARAMS = ("w_ids", "w_endpoints", "w_jobs", "w_max_attempts")
+
+
 def planned_deliveries(endpoints: Sequence[Any] | None, event_type: str) -> dict[str, Any]:
     """For :func:`delivery_ctes`: a delivery of an event of ``event_type`` to each of
     ``endpoints`` (:func:`endpoints_of`'s pairs) that wants it, as its parameters."""

@@ -1,0 +1,246 @@
+"""PostgreSQL: one statement's runs from concurrent requests, sent together.
+
+A new feedback on PostgreSQL ends in one statement that writes everything and
+commits by itself (``domain/conversations/services.py``). Under load most of what
+such a statement costs is not its rows but its round trip and its commit: the
+protocol on both sides, the socket wake-ups, the WAL flush, the NOTIFY signals.
+:class:`Batched` sends the runs that arrive while earlier ones are in flight as one
+statement (the same writes repeated, one copy per request, each with its own
+parameters), which commits them together: group commit, as the SQLite writer does
+it with its write groups (``db/engine.py``).
+
+A request never waits for others to arrive: when a *lane* is free (at most
+``lanes`` statements in flight) it goes at once, with whoever is waiting; only
+when every lane is busy does it wait, and then it goes with the next statement,
+as many as waited, rounded down to one of ``sizes`` (a statement per size, each
+prepared once per connection). At low load every run is alone, as before.
+
+One statement is one transaction. When PostgreSQL refuses it (a constraint, a row
+gone), it wrote nothing for any of its requests: each then runs its own copy alone,
+on its own connection, so that a request's failure is its own again (the leader
+keeps the error if its connection was lost with it). When the statement's answer
+never came (the connection dropped), whether it committed is unknown, for every
+request in it: each gets the error, as a request alone would, and a retry with its
+``Idempotency-Key`` finds out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from tellback_server.db.prepared import Prepared
+
+
+def member_name(index: int, name: str) -> str:
+    """The name under which request ``index`` of a batch passes parameter ``name``."""
+    return f"m{index}_{name}"
+
+
+class _Lead:
+    """A waiting request's turn to send the next statement, with a lane handed to it."""
+
+
+class _Alone:
+    """The statement a waiting request went in failed: run alone."""
+
+
+_LEAD, _ALONE = _Lead(), _Alone()
+
+
+@dataclass(slots=True, eq=False)
+class _Waiting:
+    params: Mapping[str, Any]
+    connection: AsyncConnection
+    outcome: asyncio.Future[Any] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class Batched:
+    """Runs of one statement from concurrent requests, ``sizes[-1]`` at most together.
+
+    ``build(n)`` makes the statement for ``n`` requests: request ``i``'s parameters
+    named :func:`member_name` ``(i, name)``, except those named in ``shared``, which
+    are the same for every request (the first one's are used); every row it returns
+    starts with the index of the request it belongs to. ``build(1)`` is what a
+    request runs alone.
+    """
+
+    def __init__(
+        self,
+        build: Callable[[int], Prepared],
+        *,
+        shared: Sequence[str] = (),
+        sizes: Sequence[int] = (1, 4, 16),
+        lanes: int = 2,
+    ) -> None:
+        assert sizes[0] == 1
+        assert list(sizes) == sorted(set(sizes))
+        self._statements = {n: build(n) for n in sizes}
+        self._sizes = sizes
+        self._shared = frozenset(shared)
+        self._lanes = lanes
+        # Requests batch only with others of the same database and event loop.
+        self._queues: weakref.WeakKeyDictionary[Any, weakref.WeakKeyDictionary[Any, _Queue]]
+        self._queues = weakref.WeakKeyDictionary()
+
+    def _queue(self, connection: AsyncConnection) -> _Queue:
+        by_loop = self._queues.get(connection.sync_engine)
+        if by_loop is None:
+            by_loop = self._queues[connection.sync_engine] = weakref.WeakKeyDictionary()
+        loop = asyncio.get_running_loop()
+        queue = by_loop.get(loop)
+        if queue is None:
+            queue = by_loop[loop] = _Queue()
+        return queue
+
+    async def fetch(self, connection: AsyncConnection, params: Mapping[str, Any]) -> list[Any]:
+        """Run with ``params`` on ``connection`` (no transaction open on it), alone or
+        with others; the rows that belong to this request, without the index."""
+        queue = self._queue(connection)
+        if queue.running < self._lanes:
+            queue.running += 1
+            return await self._lead(queue, _Waiting(params, connection))
+        me = _Waiting(params, connection)
+        queue.waiting.append(me)
+        try:
+            # (shielded: a cancelled request leaves its outcome to be set, as below)
+            outcome = await asyncio.shield(me.outcome)
+        except asyncio.CancelledError:
+            if me in queue.waiting:  # not taken yet: it will not be
+                queue.waiting.remove(me)
+            elif _handed_a_lane(me.outcome):
+                queue.release()  # the lane handed to it goes to the next one
+            # else it is in a statement under way: written, or not, without it
+            raise
+        if outcome is _LEAD:
+            return await self._lead(queue, me)
+        if outcome is _ALONE:
+            return await self.alone(connection, params)
+        rows: list[Any] = outcome
+        return rows
+
+    async def _lead(self, queue: _Queue, first: _Waiting) -> list[Any]:
+        """Send ``first`` and the requests waiting behind it (holding a lane)."""
+        batch = [first]
+        try:
+            size = max(n for n in self._sizes if n <= 1 + len(queue.waiting))
+            while len(batch) < size:
+                batch.append(queue.waiting.popleft())
+            if len(batch) == 1:
+                return await self.alone(first.connection, first.params)
+            return await self._send(batch)
+        finally:
+            for member in batch[1:]:  # (a safety net: _send settles each of them)
+                if not member.outcome.done():
+                    member.outcome.set_exception(RuntimeError("a batch's outcome was lost"))
+            queue.release()
+
+    async def _send(self, batch: list[_Waiting]) -> list[Any]:
+        """One statement for ``batch``; every request but the first learns its outcome
+        through its future, the first's rows are returned."""
+        first, others = batch[0], batch[1:]
+        try:
+            statement = self._statements[len(batch)]
+            params = self._params(batch)
+        except BaseException:
+            _settle(others, _ALONE)  # nothing was sent
+            raise
+        task = asyncio.ensure_future(statement.fetch_alone(first.connection, params))
+        cancelled = await _wait_out(task)
+        error = task.exception()
+        if error is None:
+            mine: list[list[Any]] = [[] for _ in batch]
+            for row in task.result():
+                mine[row[0]].append(tuple(row[1:]))
+            for member, its_rows in zip(others, mine[1:], strict=True):
+                member.outcome.set_result(its_rows)
+        elif _refused(error):
+            _settle(others, _ALONE)  # its one transaction wrote nothing
+        else:
+            # No answer: whether it committed is unknown, as for a request alone that
+            # lost its connection. Running again could write twice.
+            _settle(others, error)
+        if cancelled:
+            raise asyncio.CancelledError
+        if error is None:
+            return mine[0]
+        if not _refused(error) or getattr(error, "connection_invalidated", False):
+            raise error  # (only this request's connection is gone if it was refused)
+        return await self.alone(first.connection, first.params)
+
+    def _params(self, batch: list[_Waiting]) -> dict[str, Any]:
+        shared = self._shared
+        params = {k: v for k, v in batch[0].params.items() if k in shared}
+        for i, member in enumerate(batch):
+            params.update(
+                (member_name(i, k), v) for k, v in member.params.items() if k not in shared
+            )
+        return params
+
+    async def alone(self, connection: AsyncConnection, params: Mapping[str, Any]) -> list[Any]:
+        """Run with ``params`` on ``connection`` by itself, never with others."""
+        named = {k if k in self._shared else member_name(0, k): v for k, v in params.items()}
+        rows = await self._statements[1].fetch_alone(connection, named)
+        return [tuple(row[1:]) for row in rows]
+
+
+class _Queue:
+    """The lanes of one database in one event loop, and the requests waiting for one."""
+
+    __slots__ = ("running", "waiting")
+
+    def __init__(self) -> None:
+        self.running = 0  # lanes taken: statements in flight, or handed to a waiting request
+        self.waiting: deque[_Waiting] = deque()
+
+    def release(self) -> None:
+        """Hand a lane to the first request waiting, or free it."""
+        while self.waiting:
+            waiting = self.waiting.popleft()
+            if not waiting.outcome.done():
+                waiting.outcome.set_result(_LEAD)
+                return
+        self.running -= 1
+
+
+def _settle(members: list[_Waiting], outcome: Any) -> None:
+    """Set ``outcome`` (an exception is raised to them) for each of ``members``."""
+    for member in members:
+        if isinstance(outcome, BaseException):
+            member.outcome.set_exception(outcome)
+        else:
+            member.outcome.set_result(outcome)
+
+
+def _refused(error: BaseException) -> bool:
+    """Whether PostgreSQL answered the statement with an error: then its transaction
+    wrote nothing. A connection exception (SQLSTATE class 08, which asyncpg also
+    raises itself when the connection drops) or a failure with no SQLSTATE at all (a
+    timeout) leaves the outcome unknown."""
+    sqlstate = getattr(getattr(error, "orig", None), "sqlstate", None)
+    return isinstance(sqlstate, str) and not sqlstate.startswith("08")
+
+
+def _handed_a_lane(outcome: asyncio.Future[Any]) -> bool:
+    return outcome.done() and outcome.exception() is None and outcome.result() is _LEAD
+
+
+async def _wait_out(task: asyncio.Future[Any]) -> bool:
+    """Wait for ``task`` to end even if the caller is cancelled meanwhile; whether it
+    was. A batch's statement carries other requests' writes, whose outcome they must
+    learn, and its connection may go back to the pool only once nothing runs on it."""
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait((task,))
+        except asyncio.CancelledError:
+            cancelled = True
+    return cancelled
