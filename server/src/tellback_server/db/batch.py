@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tellback_server.db.prepared import Prepared
@@ -87,6 +88,9 @@ class Batched:
         self._sizes = sizes
         self._shared = frozenset(shared)
         self._lanes = lanes
+        # By (size, dialect kind): the statement's parameter names and, for each, the
+        # request and name it comes from.
+        self._plans: dict[tuple[int, str, str], tuple[tuple[str, ...], tuple[Any, ...]]] = {}
         # Requests batch only with others of the same database and event loop.
         self._queues: weakref.WeakKeyDictionary[Any, weakref.WeakKeyDictionary[Any, _Queue]]
         self._queues = weakref.WeakKeyDictionary()
@@ -149,7 +153,7 @@ class Batched:
         first, others = batch[0], batch[1:]
         try:
             statement = self._statements[len(batch)]
-            params = self._params(batch)
+            params = self._params([m.params for m in batch], first.connection.dialect)
         except BaseException:
             _settle(others, _ALONE)  # nothing was sent
             raise
@@ -176,18 +180,27 @@ class Batched:
             raise error  # (only this request's connection is gone if it was refused)
         return await self.alone(first.connection, first.params)
 
-    def _params(self, batch: list[_Waiting]) -> dict[str, Any]:
-        shared = self._shared
-        params = {k: v for k, v in batch[0].params.items() if k in shared}
-        for i, member in enumerate(batch):
-            params.update(
-                (member_name(i, k), v) for k, v in member.params.items() if k not in shared
-            )
-        return params
+    def _params(self, members: list[Mapping[str, Any]], dialect: Dialect) -> dict[str, Any]:
+        """The statement's parameters: each request's own under its member name."""
+        key = (len(members), dialect.name, dialect.driver)
+        plan = self._plans.get(key)
+        if plan is None:
+            names = self._statements[len(members)].parameters(dialect)
+            plan = self._plans[key] = (names, tuple(self._source(name) for name in names))
+        names, sources = plan
+        return dict(zip(names, [members[i][k] for i, k in sources], strict=True))
+
+    def _source(self, name: str) -> tuple[int, str]:
+        """Which request's parameter (index, own name) the statement's ``name`` is."""
+        if name in self._shared:
+            return 0, name  # (the first request's)
+        index, _, own = name[1:].partition("_")
+        assert name == member_name(int(index), own)
+        return int(index), own
 
     async def alone(self, connection: AsyncConnection, params: Mapping[str, Any]) -> list[Any]:
         """Run with ``params`` on ``connection`` by itself, never with others."""
-        named = {k if k in self._shared else member_name(0, k): v for k, v in params.items()}
+        named = self._params([params], connection.dialect)
         rows = await self._statements[1].fetch_alone(connection, named)
         return [tuple(row[1:]) for row in rows]
 

@@ -77,6 +77,11 @@ class Prepared:
             self._compiled[key] = compiled
         return compiled
 
+    def parameters(self, dialect: Dialect) -> tuple[str, ...]:
+        """The names of the parameters a caller passes (not the constants), each once."""
+        c = self._for(dialect)
+        return tuple(dict.fromkeys(n for n in c.names if n not in c.constants))
+
     def execute(self, db: Session, params: Mapping[str, Any]) -> list[Any]:
         """Run in ``db``'s transaction; the rows it returns, if any.
 
