@@ -9,7 +9,6 @@ Then the same through the API: a burst of feedback is stored once each, whole.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from tellback_server.db.models import IdempotencyKey
 from tellback_server.db.prepared import Prepared
 from tests.conftest import _admin_exec
 from tests.server.conftest import Api, make_settings
+from tests.server.test_prepared import _row as key_row
 
 _KEYS = table_of(IdempotencyKey)
 _PID = Prepared(select(func.pg_backend_pid()))
@@ -51,17 +51,7 @@ def _build(count: int) -> Prepared:
 
 
 def _row(scope: str, key: str, sleep: float = 0.0) -> dict[str, Any]:
-    now = dt.datetime.now(dt.UTC)
-    return {
-        "id": uuid.uuid4(),
-        "scope": scope,
-        "key": key,
-        "request_hash": "h",
-        "expires_at": now + dt.timedelta(days=1),
-        "created_at": now,
-        "updated_at": now,
-        "sleep": sleep,
-    }
+    return {**key_row(scope, key), "sleep": sleep}
 
 
 @pytest.fixture
