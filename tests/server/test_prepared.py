@@ -23,7 +23,7 @@ from sqlalchemy.exc import OperationalError as SAOperationalError
 from sqlalchemy.orm import Session
 
 from tellback_server.db.base import table_of
-from tellback_server.db.engine import Database
+from tellback_server.db.engine import Database, LazyTx
 from tellback_server.db.models import IdempotencyKey
 from tellback_server.db.prepared import Prepared, insert_into
 from tests.conftest import _admin_exec
@@ -208,6 +208,47 @@ async def test_fetch_alone_commits_by_itself_outside_the_sessions_transaction(
             await _INSERT.fetch_alone(await session.connection(), _row(scope, "b"))
     async with db.transaction(write=False) as tx:
         assert await tx.run(_count, scope) == 1
+
+
+async def test_a_lazy_transaction_opens_a_session_only_when_it_must(db: Database) -> None:
+    """PostgreSQL's ``transaction(lazy=True)``: statements alone on its connection, no
+    session unless ``run`` needs one (then on the same connection, committed at the
+    end); the commit hooks get what the statements alone left even when the rest
+    fails, since those had committed."""
+    if db.is_sqlite:
+        async with db.transaction(write=True, lazy=True) as tx:  # SQLite: as without
+            assert not isinstance(tx, LazyTx)
+        return
+    handed: list[Any] = []
+    db.on_commit("test.lazy", handed.append)
+    scope = f"s-{uuid.uuid4().hex}"
+
+    async with db.transaction(write=True, lazy=True) as tx:
+        assert isinstance(tx, LazyTx)
+        await _INSERT.fetch_alone(tx.connection, _row(scope, "alone"))
+        tx.info["test.lazy"] = "alone"
+        assert tx.session is None
+    assert tx.session is None
+    assert handed == ["alone"]
+
+    async def alone_then_fail() -> None:
+        async with db.transaction(write=True, lazy=True) as tx:
+            assert isinstance(tx, LazyTx)
+            await _INSERT.fetch_alone(tx.connection, _row(scope, "committed"))
+            tx.info["test.lazy"] = "committed"
+            await tx.run(_INSERT.execute, _row(scope, "undone"))  # in a transaction
+            assert tx.session is not None
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        await alone_then_fail()
+    assert handed == ["alone", "committed"]
+
+    async with db.transaction(write=True, lazy=True) as tx:
+        await tx.run(_INSERT.execute, _row(scope, "in a session"))
+    async with db.transaction(write=False) as tx:
+        keys = [row[0] for row in await tx.run(_BY_SCOPE.execute, {"scope": scope})]
+    assert keys == ["alone", "committed", "in a session"]
 
 
 _PID = Prepared(select(func.pg_backend_pid()))

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from uuid_utils.compat import uuid7
 
 from tellback_server.db.base import table_of
-from tellback_server.db.engine import notify
+from tellback_server.db.engine import WithInfo, notify
 from tellback_server.db.models import Job
 from tellback_server.db.prepared import insert_into
 from tellback_server.jobs.notify import ENQUEUED_KEY
@@ -115,6 +115,6 @@ def job_row(
     }
 
 
-def wake_at_commit(db: Session) -> None:
+def wake_at_commit(db: WithInfo) -> None:
     """Wake this process's workers when ``db``'s transaction commits (a job was queued)."""
     db.info[ENQUEUED_KEY] = db.info.get(ENQUEUED_KEY, 0) + 1

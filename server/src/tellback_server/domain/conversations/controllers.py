@@ -76,7 +76,7 @@ class ClientConversationsController(Controller):
         state = app_state(request)
         # The hot path: its own transaction of sync statements (db/engine.py, Tx), which
         # commits here, before the response goes out.
-        async with state.db.transaction(write=True) as tx:
+        async with state.db.transaction(write=True, lazy=True) as tx:
             return await idempotent(
                 idempotency_key,
                 request,

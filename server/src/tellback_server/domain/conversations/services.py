@@ -38,7 +38,7 @@ from uuid_utils.compat import uuid7
 
 from tellback_server.db.base import table_of
 from tellback_server.db.batch import Batched, member_name
-from tellback_server.db.engine import SessionTx, Tx
+from tellback_server.db.engine import LazyTx, SessionTx, Tx
 from tellback_server.db.keys import answer_cte, key_params
 from tellback_server.db.models import (
     Agent,
@@ -956,7 +956,7 @@ _NEW_HOOKED_FEEDBACK = {
 
 
 async def _create_alone(
-    session: AsyncSession,
+    tx: LazyTx,
     client: ClientPrincipal,
     conv: dict[str, Any],
     msg: dict[str, Any],
@@ -973,9 +973,9 @@ async def _create_alone(
 
     None, with nothing written, when the end user is gone or the key is taken: the
     transaction's way (:func:`_store_feedback`) handles those (a replay, an expired key
-    taken again). The session's commit hooks still run at its commit (events
-    published, workers woken)."""
-    connection = await session.connection()
+    taken again). The transaction's commit hooks run when it ends (events published,
+    workers woken)."""
+    connection = tx.connection
     who = {"id": client.end_user_id, "app_id": client.app_id}
     found = await _FEEDBACK_READ.fetch_alone(connection, who)
     if not found:
@@ -984,7 +984,7 @@ async def _create_alone(
     stored = _NewMessage(conv, msg, _User(*user), [], 0, False, bool(endpoints))
     [draft], views = _message_views(stored, Related(), created=True)
     assert views.client_conv is not None  # the user's own new conversation
-    db = session.sync_session
+    db = tx
     event = event_row(client.app_id, draft, _now())
     params = {f"c_{k}": v for k, v in conv.items()}
     params.update({f"m_{k}": v for k, v in msg.items()})
@@ -1067,12 +1067,8 @@ async def create_feedback(
         "created_at": now,
         "updated_at": now,
     }
-    if (
-        not data.attachment_ids
-        and isinstance(tx, SessionTx)
-        and tx.session.bind.dialect.name == "postgresql"
-    ):
-        created = await _create_alone(tx.session, client, conv, msg, answer)
+    if not data.attachment_ids and isinstance(tx, LazyTx):  # PostgreSQL
+        created = await _create_alone(tx, client, conv, msg, answer)
         if created is not None:
             return created
     user, attachments, hooks = await tx.run(_store_feedback, client, data.attachment_ids, conv, msg)

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from tellback_server.db.base import table_of
-from tellback_server.db.engine import notify
+from tellback_server.db.engine import WithInfo, notify
 from tellback_server.db.keys import key_params, with_answer
 from tellback_server.db.models import Event
 from tellback_server.db.prepared import Prepared, insert_into
@@ -208,12 +208,12 @@ def event_row(app_id: UUID, draft: EventDraft, now: dt.datetime) -> dict[str, An
     }
 
 
-def notify_prefix(db: Session) -> str:
+def notify_prefix(db: WithInfo) -> str:
     """What this process's NOTIFYs start with: its brokers skip their own events."""
     return f"{db.info.get('instance', '')}:"
 
 
-def publish_at_commit(db: Session, records: Sequence[EventRecord]) -> None:
+def publish_at_commit(db: WithInfo, records: Sequence[EventRecord]) -> None:
     """Hand ``records`` (written in ``db``'s transaction) to this process's broker when
     it commits."""
     db.info.setdefault(PENDING_KEY, []).extend(records)
