@@ -305,7 +305,7 @@ class Database:
                 "command_timeout": 30,
                 "timeout": 5,
                 # asyncpg prepares each statement once per connection, but only up to 15 KiB
-                # of SQL; a batch of feedback (db/batch.py) is up to 26 KiB, and PostgreSQL
+                # of SQL; a batch of feedback (db/batch.py) is up to 52 KiB, and PostgreSQL
                 # parsed and analyzed it anew on every run.
                 "max_cacheable_statement_size": _MAX_CACHED_STATEMENT,
             }

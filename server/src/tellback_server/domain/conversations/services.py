@@ -912,9 +912,7 @@ def _new_feedback(count: int, *, keyed: bool, hooked: bool) -> Prepared:
     events = table_of(Event)
     for i in range(count):
         prefix = member_name(i, "")
-        gate = answer_cte(prefix) if keyed else None
-
-        rows = partial(_gated_insert, gate)
+        rows = partial(_gated_insert, answer_cte(prefix) if keyed else None)
         conv = rows(Conversation, _CONVERSATION_COLUMNS, f"{prefix}c_")
         message = rows(Message, _MESSAGE_COLUMNS, f"{prefix}m_")
         listening = bindparam(f"{prefix}listening", type_=Boolean)
