@@ -1,9 +1,10 @@
 """PostgreSQL: runs of one statement from concurrent requests sent as one (db/batch.py).
 
 Against a real PostgreSQL: the rows a batch wrote share one transaction (``xmin``);
-a request that makes the batch fail fails alone, the others are written once; a
-cancelled or disconnected leader neither loses nor duplicates the others' writes.
-Then the same through the API: a burst of feedback is stored once each, whole.
+a request that makes PostgreSQL refuse the batch fails alone, the others are written
+once; a cancelled leader leaves the others their rows; a statement whose answer never
+came fails for every request in it and is never run again. Then through the API: a
+burst of feedback is stored once each, whole.
 """
 
 from __future__ import annotations
