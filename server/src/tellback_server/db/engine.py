@@ -322,7 +322,8 @@ class Database:
         # weakly by the class, and a listener that led back to the class would keep
         # every Database, its engines and their caches alive.
         self._hooks: dict[str, CommitHook] = {}
-        info = {"instance": self.instance, _HOOKS_KEY: self._hooks}
+        # What every session's info starts from (each gets its own copy), as a LazyTx's does.
+        self._info = info = {"instance": self.instance, _HOOKS_KEY: self._hooks}
         self.sessionmaker = async_sessionmaker(
             self.engine,
             expire_on_commit=False,
@@ -443,8 +444,7 @@ class Database:
     @asynccontextmanager
     async def _lazy_tx(self) -> AsyncIterator[Tx]:
         async with self.engine.connect() as connection:
-            info = {"instance": self.instance, _HOOKS_KEY: self._hooks}
-            tx = LazyTx(self.sessionmaker, connection, info)
+            tx = LazyTx(self.sessionmaker, connection, dict(self._info))
             try:
                 yield tx
                 if tx.session is not None:
