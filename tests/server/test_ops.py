@@ -124,6 +124,45 @@ async def test_metrics_is_prometheus_text_counting_requests(api: Api) -> None:
     assert _request_counts(r.text)[("GET", "/healthz", "200")] == 2
 
 
+def _commit_sizes(text: str) -> dict[str, tuple[float, float]]:
+    """``tellback_db_commit_size`` by kind: (commits, requests they carried)."""
+    seen: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("tellback_db_commit_size_"):
+                suffix = sample.name.removeprefix("tellback_db_commit_size_")
+                seen.setdefault(sample.labels["kind"], {})[suffix] = sample.value
+    return {kind: (v["count"], v["sum"]) for kind, v in seen.items()}
+
+
+async def test_metrics_count_the_requests_each_commit_carried(
+    api: Api, database_url: str
+) -> None:
+    """Group commit as operators see it: how many requests each commit carried. On
+    SQLite every write request goes in a write group; on PostgreSQL new feedback goes
+    in statements of several (db/batch.py), each feedback in exactly one."""
+    app = await api.create_app(rate_limits=UNLIMITED)
+    users = [await api.user_headers(app) for _ in range(4)]
+    kind = "sqlite_write_group" if database_url.startswith("sqlite") else "postgresql_new_feedback"
+    before = _commit_sizes((await api.http.get("/metrics")).text).get(kind, (0.0, 0.0))
+
+    async def send(i: int) -> int:
+        body = {"body": f"feedback {i}"}
+        r = await api.http.post("/v1/client/conversations", json=body, headers=users[i % 4])
+        return r.status_code
+
+    assert set(await asyncio.gather(*(send(i) for i in range(24)))) == {201}
+    text = (await api.http.get("/metrics")).text
+    assert "# TYPE tellback_db_commit_size histogram" in text
+    commits, carried = (a - b for a, b in zip(_commit_sizes(text)[kind], before, strict=True))
+    assert commits >= 1
+    if kind == "postgresql_new_feedback":
+        assert carried == 24
+        assert commits < carried  # some statements carried several
+    else:  # (the in-process worker's writes go in groups too)
+        assert carried >= 24
+
+
 # ----- OpenAPI ----------------------------------------------------------------------------------
 
 # Endpoints of API.md that the controllers implement today.

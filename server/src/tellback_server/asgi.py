@@ -73,6 +73,7 @@ def build_state(settings: Settings) -> AppState:
     notifier = JobNotifier()
     notifier.install_commit_hook(db)
     metrics = Metrics()
+    db.observe_commits(metrics.observe_commit)
     events = EventBroker(metrics)
     events.install_commit_hook(db)
     principals: PrincipalCache[Any] = PrincipalCache(settings.auth_cache_seconds)

@@ -42,6 +42,15 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.commit_size = Histogram(
+            "tellback_db_commit_size",
+            "Requests whose writes one database commit carried, by kind: a SQLite write "
+            "group, a PostgreSQL statement of new feedback",
+            ["kind"],
+            registry=self.registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+        )
+        self._commit_children: dict[str, Any] = {}
 
         # (method, route, status) -> its counter and histogram children, which
         # ``labels()`` finds again on every call (under a lock, ~2 us a request).
@@ -58,6 +67,12 @@ class Metrics:
             self._request_children[key] = children
         children[0].inc()
         children[1].observe(seconds)
+
+    def observe_commit(self, kind: str, requests: int) -> None:
+        child = self._commit_children.get(kind)
+        if child is None:
+            child = self._commit_children[kind] = self.commit_size.labels(kind)
+        child.observe(requests)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

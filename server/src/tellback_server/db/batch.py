@@ -22,6 +22,10 @@ keeps the error if its connection was lost with it). When the statement's answer
 never came (the connection dropped), whether it committed is unknown, for every
 request in it: each gets the error, as a request alone would, and a retry with its
 ``Idempotency-Key`` finds out.
+
+Each statement that commits is reported, with how many requests it carried, to the
+observer registered for its engine (:func:`observe`): the Prometheus histogram
+``tellback_db_commit_size``.
 """
 
 from __future__ import annotations
@@ -34,9 +38,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.engine import Dialect
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tellback_server.db.prepared import Prepared
+
+# engine -> called with the number of requests of each statement that committed
+_observers: weakref.WeakKeyDictionary[Any, Callable[[int], None]] = weakref.WeakKeyDictionary()
+
+
+def observe(engine: AsyncEngine, observer: Callable[[int], None]) -> None:
+    """Call ``observer(n)`` for every statement on ``engine`` that commits the writes of
+    ``n`` requests."""
+    _observers[engine.sync_engine] = observer
 
 
 def member_name(index: int, name: str) -> str:
@@ -161,6 +174,7 @@ class Batched:
         cancelled = await _wait_out(task)
         error = task.exception()
         if error is None:
+            _observed(first.connection, len(batch))
             mine: list[list[Any]] = [[] for _ in batch]
             for row in task.result():
                 mine[row[0]].append(tuple(row[1:]))
@@ -202,6 +216,7 @@ class Batched:
         """Run with ``params`` on ``connection`` by itself, never with others."""
         named = self._params([params], connection.dialect)
         rows = await self._statements[1].fetch_alone(connection, named)
+        _observed(connection, 1)
         return [tuple(row[1:]) for row in rows]
 
 
@@ -240,6 +255,13 @@ def _refused(error: BaseException) -> bool:
     timeout) leaves the outcome unknown."""
     sqlstate = getattr(getattr(error, "orig", None), "sqlstate", None)
     return isinstance(sqlstate, str) and not sqlstate.startswith("08")
+
+
+def _observed(connection: AsyncConnection, requests: int) -> None:
+    """Report a statement that committed the writes of ``requests`` requests."""
+    observer = _observers.get(connection.sync_engine)
+    if observer is not None:
+        observer(requests)
 
 
 def _handed_a_lane(outcome: asyncio.Future[Any]) -> bool:

@@ -56,7 +56,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import Session, sessionmaker
 
-from tellback_server.db import inline_sqlite
+from tellback_server.db import batch, inline_sqlite
 from tellback_server.db.prepared import Prepared, raw_connection
 from tellback_server.settings import Settings
 
@@ -347,6 +347,7 @@ class Database:
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
         self._queued_writers = 0  # waiting for the write lock in _grouped
         self._group: _Group | None = None  # SQLite: the open, shared write transaction
+        self._commit_observer: Callable[[int], None] | None = None  # (observe_commits)
         self.sync_engine: Engine | None = None
         self._checkpointer: asyncio.Task[None] | None = None
         # Checkpoints get a thread of their own: the shared default pool also runs
@@ -382,6 +383,16 @@ class Database:
             )
 
     # ----- commit hooks ---------------------------------------------------------------------
+
+    def observe_commits(self, observer: Callable[[str, int], None]) -> None:
+        """Call ``observer(kind, n)`` for every commit that carries the writes of several
+        requests when they come together: ``sqlite_write_group`` (SQLite: every write
+        request of this process), ``postgresql_new_feedback`` (PostgreSQL: new feedback,
+        ``db/batch.py``). ``n`` is how many requests it carried, 1 when alone."""
+        if self.is_sqlite:
+            self._commit_observer = partial(observer, "sqlite_write_group")
+        else:
+            batch.observe(self.engine, partial(observer, "postgresql_new_feedback"))
 
     def on_commit(self, key: str, hook: CommitHook) -> None:
         """After a commit, call ``hook(info.pop(key))`` if the transaction set ``key``.
@@ -577,6 +588,8 @@ class Database:
                 _fail(group.committed, exc)
         else:
             group.committed.set_result(None)
+            if self._commit_observer is not None:
+                self._commit_observer(group.members)
         finally:
             group.session.close()
             self._wrote()
