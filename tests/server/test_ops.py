@@ -135,9 +135,7 @@ def _commit_sizes(text: str) -> dict[str, tuple[float, float]]:
     return {kind: (v["count"], v["sum"]) for kind, v in seen.items()}
 
 
-async def test_metrics_count_the_requests_each_commit_carried(
-    api: Api, database_url: str
-) -> None:
+async def test_metrics_count_the_requests_each_commit_carried(api: Api, database_url: str) -> None:
     """Group commit as operators see it: how many requests each commit carried. On
     SQLite every write request goes in a write group; on PostgreSQL new feedback goes
     in statements of several (db/batch.py), each feedback in exactly one."""
