@@ -21,6 +21,7 @@ from sqlalchemy import String, bindparam, func, literal_column, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, ProgrammingError
 from sqlalchemy.exc import OperationalError as SAOperationalError
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import QueuePool
 
 from tellback_server.db.base import table_of
 from tellback_server.db.engine import Database, LazyTx
@@ -223,18 +224,23 @@ async def test_a_lazy_transaction_opens_a_session_only_when_it_must(db: Database
     db.on_commit("test.lazy", handed.append)
     scope = f"s-{uuid.uuid4().hex}"
 
+    pool = db.engine.sync_engine.pool
+    assert isinstance(pool, QueuePool)
     async with db.transaction(write=True, lazy=True) as tx:
         assert isinstance(tx, LazyTx)
-        await _INSERT.fetch_alone(tx.connection, _row(scope, "alone"))
+        assert pool.checkedout() == 0  # none held until a statement needs it
+        await _INSERT.fetch_alone(await tx.connected(), _row(scope, "alone"))
+        assert pool.checkedout() == 1
         tx.info["test.lazy"] = "alone"
         assert tx.session is None
     assert tx.session is None
+    assert pool.checkedout() == 0
     assert handed == ["alone"]
 
     async def alone_then_fail() -> None:
         async with db.transaction(write=True, lazy=True) as tx:
             assert isinstance(tx, LazyTx)
-            await _INSERT.fetch_alone(tx.connection, _row(scope, "committed"))
+            await _INSERT.fetch_alone(await tx.connected(), _row(scope, "committed"))
             tx.info["test.lazy"] = "committed"
             await tx.run(_INSERT.execute, _row(scope, "undone"))  # in a transaction
             assert tx.session is not None
@@ -243,6 +249,7 @@ async def test_a_lazy_transaction_opens_a_session_only_when_it_must(db: Database
     with pytest.raises(RuntimeError, match="boom"):
         await alone_then_fail()
     assert handed == ["alone", "committed"]
+    assert pool.checkedout() == 0
 
     async with db.transaction(write=True, lazy=True) as tx:
         await tx.run(_INSERT.execute, _row(scope, "in a session"))

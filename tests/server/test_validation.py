@@ -6,6 +6,7 @@ validation that runs after a write (and leaves the write behind) fails here.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
@@ -21,7 +22,8 @@ from structlog.testing import capture_logs
 
 from tellback_server.asgi import build_state, create_app
 from tellback_server.domain.conversations.services import ConversationService
-from tests.server.conftest import Api, AppInfo, lifespan, make_settings
+from tellback_server.jobs.registry import JobRegistry
+from tests.server.conftest import Api, AppInfo, lifespan, make_settings, serve_app
 
 PROBLEM_JSON = "application/problem+json"
 VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -458,6 +460,36 @@ async def test_category_must_be_one_of_the_apps(api: Api) -> None:
     conv = await api.feedback(user, category="idea")
     assert conv["category"] == "idea"
     assert await conversation_ids(api, user) == [conv["id"]]
+
+
+async def test_feedback_refused_by_the_apps_rules_needs_no_database_connection(
+    database_url: str, tmp_path: Path, registry: JobRegistry
+) -> None:
+    """PostgreSQL: a new feedback's connection is checked out at its first statement,
+    so one the app's rules refuse is answered at once even while every pooled
+    connection is busy (or the database is down), instead of waiting for one."""
+    if database_url.startswith("sqlite"):
+        pytest.skip("SQLite's writes take the process's write lock, not a pooled connection")
+    settings = make_settings(database_url, tmp_path / "data", database_pool_size=2)
+    async with serve_app(settings, registry) as api:
+        _, user = await unlimited_user(api, categories=["bug"])
+        assert await conversation_ids(api, user) == []  # the session is now in the cache
+        engine = api.state.db.engine
+        held = [await engine.connect() for _ in range(2)]
+        try:
+            r = await asyncio.wait_for(
+                api.http.post(
+                    "/v1/client/conversations",
+                    json={"body": "x", "category": "praise"},
+                    headers=user,
+                ),
+                timeout=5,  # (the pool would have kept it waiting 10 s, then a 503)
+            )
+            assert_validation(r, "category")
+        finally:
+            for connection in held:
+                await connection.close()
+        assert await conversation_ids(api, user) == []
 
 
 async def test_any_category_when_the_app_defines_none(api: Api) -> None:

@@ -236,8 +236,11 @@ class LazyTx(Tx):
     """PostgreSQL: a pooled connection for statements that commit by themselves
     (:meth:`Prepared.fetch_alone`), and a session on it only once :meth:`run` needs one.
 
-    What such statements leave for the commit hooks goes into :attr:`info`, as into a
-    session's (``publish_at_commit`` and the like take either); the hooks run when the
+    The connection is checked out at the first statement (:meth:`connected`), not
+    before: a request refused before it writes (a category the app does not accept)
+    neither holds one nor waits for one when the database is down. What such statements
+    leave for the commit hooks goes into :attr:`info`, as into a session's
+    (``publish_at_commit`` and the like take either); the hooks run when the
     transaction ends, whatever happens after those statements, which had committed.
     A session costs about 60 us of CPU to open, commit and close even when it sends
     nothing, so a write that is all statements alone (a new feedback) goes without."""
@@ -245,21 +248,38 @@ class LazyTx(Tx):
     def __init__(
         self,
         sessionmaker: async_sessionmaker[AsyncSession],
-        connection: AsyncConnection,
+        engine: AsyncEngine,
         info: dict[Any, Any],
     ) -> None:
-        self.connection = connection
+        self.connection: AsyncConnection | None = None
         self.session: AsyncSession | None = None
+        self._engine = engine
         self._sessionmaker = sessionmaker
         self.info = info
+
+    async def connected(self) -> AsyncConnection:
+        """The transaction's connection, checked out of the pool on the first call."""
+        if self.connection is None:
+            self.connection = await self._engine.connect()
+        return self.connection
 
     async def run(
         self, fn: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs
     ) -> T:
         if self.session is None:
             # Bound to the connection: its transaction begins on it (and commits with it).
-            self.session = self._sessionmaker(bind=self.connection)
+            self.session = self._sessionmaker(bind=await self.connected())
         return await self.session.run_sync(fn, *args, **kwargs)
+
+    async def close(self) -> None:
+        """Close the session, if any, and return the connection to the pool (shielded,
+        as ``AsyncConnection`` closes itself: a cancelled request still returns it)."""
+        try:
+            if self.session is not None:
+                await self.session.close()
+        finally:
+            if self.connection is not None:
+                await asyncio.shield(self.connection.close())
 
 
 class _InlineTx(Tx):
@@ -454,19 +474,19 @@ class Database:
 
     @asynccontextmanager
     async def _lazy_tx(self) -> AsyncIterator[Tx]:
-        async with self.engine.connect() as connection:
-            tx = LazyTx(self.sessionmaker, connection, dict(self._info))
+        tx = LazyTx(self.sessionmaker, self.engine, dict(self._info))
+        try:
+            yield tx
+            if tx.session is not None:
+                await tx.session.commit()
+        except BaseException:
+            if tx.session is not None:
+                await tx.session.rollback()
+            raise
+        finally:
             try:
-                yield tx
-                if tx.session is not None:
-                    await tx.session.commit()
-            except BaseException:
-                if tx.session is not None:
-                    await tx.session.rollback()
-                raise
+                await tx.close()
             finally:
-                if tx.session is not None:
-                    await tx.session.close()
                 _run_hooks(tx.info)  # (what committed alone is there whatever came after)
 
     @asynccontextmanager

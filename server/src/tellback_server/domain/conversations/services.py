@@ -973,7 +973,7 @@ async def _create_alone(
     transaction's way (:func:`_store_feedback`) handles those (a replay, an expired key
     taken again). The transaction's commit hooks run when it ends (events published,
     workers woken)."""
-    connection = tx.connection
+    connection = await tx.connected()
     who = {"id": client.end_user_id, "app_id": client.app_id}
     found = await _FEEDBACK_READ.fetch_alone(connection, who)
     if not found:
