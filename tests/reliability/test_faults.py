@@ -1,4 +1,5 @@
-"""Fault injection: storage down, database lost mid-write, providers failing, a killed worker."""
+"""Fault injection: storage down, database lost mid-write, providers failing, a killed
+worker, a webhook receiver down for ten minutes."""
 
 from __future__ import annotations
 
@@ -18,16 +19,19 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import func, select, update
+from standardwebhooks import Webhook
 
-from tellback_server.db.models import Job
+from tellback_server.db.models import Job, WebhookDelivery
 from tellback_server.dev.apns_fake import ApnsFake
 from tellback_server.dev.fcm_fake import FcmFake
+from tellback_server.domain.webhooks.outbox import JOB_KIND as WEBHOOK_JOB
 from tellback_server.jobs.worker import Worker
 from tellback_server.plugins import build_registry
 from tellback_server.settings import S3Settings
 from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY, _admin_exec
 from tests.reliability.world import PNG
 from tests.server.conftest import SECRET, Api, AppInfo, make_settings, serve_app
+from tests.server.webhook_receiver import Reply, WebhookReceiver
 
 pytestmark = [pytest.mark.timeout(120)]
 TOPIC = "com.example.reliability"
@@ -436,3 +440,150 @@ async def test_sigkilled_worker_loses_no_push(
         f"sigkill: {delivered_before}/{len(users)} delivered before the kill, "
         f"{duplicates} duplicates after the restart"
     )
+
+
+# ----- a webhook receiver down for ten (simulated) minutes ----------------------------------
+
+# The receiver's outage, in simulated seconds: connections refused, then a gateway in
+# front of it answering 503, then the receiver back.
+_REFUSED_UNTIL, _UNAVAILABLE_UNTIL = 300.0, 600.0
+
+
+async def _shift_webhook_schedule(api: Api, seconds: float) -> None:
+    """Move every queued webhook job and pending delivery ``seconds`` earlier: the
+    simulated clock advances while the schedule the server chose stays as it is."""
+    delta = dt.timedelta(seconds=seconds)
+    async with api.state.db.session(write=True) as db:
+        jobs = (Job.kind == WEBHOOK_JOB) & (Job.status == "queued")
+        for job_id, at in (await db.execute(select(Job.id, Job.run_after).where(jobs))).all():
+            await db.execute(update(Job).where(Job.id == job_id).values(run_after=at - delta))
+        pending = select(WebhookDelivery.id, WebhookDelivery.next_attempt_at).where(
+            WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at.is_not(None)
+        )
+        for delivery_id, at in (await db.execute(pending)).all():
+            await db.execute(
+                update(WebhookDelivery)
+                .where(WebhookDelivery.id == delivery_id)
+                .values(next_attempt_at=at - delta)
+            )
+
+
+async def _next_webhook_due(api: Api) -> float | None:
+    """Seconds until the next queued webhook job is due (0 if one is), None if none is."""
+    async with api.state.db.session(write=False) as db:
+        due = await db.scalar(
+            select(func.min(Job.run_after)).where(Job.kind == WEBHOOK_JOB, Job.status == "queued")
+        )
+    if due is None:
+        return None
+    return max(0.0, (due - dt.datetime.now(dt.UTC)).total_seconds())
+
+
+async def test_webhook_receiver_down_for_ten_minutes_then_everything_is_delivered(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The receiver refuses connections for 5 minutes of simulated time, then answers 503
+    for 5 more, while feedback, replies and follow-ups keep coming; once it is back every
+    event arrives exactly once with a 200, signed, and no delivery has given up.
+
+    Time is simulated: between worker passes the clock jumps to the next moment
+    something happens (a retry falls due, the receiver changes state, traffic comes),
+    and every queued retry moves that much earlier, so the server's own schedule
+    (5 s, 1 min, 5 min, 30 min, ...) plays out as it would in real time."""
+    settings = make_settings(
+        database_url, tmp_path / "data", webhook_allow_private=True, webhook_timeout_seconds=1.0
+    )
+    async with WebhookReceiver() as rx, serve_app(settings, build_registry()) as api:
+        app = await api.create_app(rate_limits={"app_per_minute": 0, "user_per_minute": 0})
+        r = await api.http.post(
+            f"/v1/admin/apps/{app.id}/webhooks", json={"url": rx.url()}, headers=api.admin
+        )
+        assert r.status_code == 201, r.text
+        secret = r.json()["secret"]
+        _, agent = await api.create_agent(app)
+        users = [await api.user_headers(app) for _ in range(3)]
+        conversations: list[str] = []
+
+        async def feedback() -> None:
+            conversations.extend([(await api.feedback(user))["id"] for user in users])
+
+        async def replies() -> None:
+            for conv in conversations:
+                r = await api.http.post(
+                    f"/v1/agent/conversations/{conv}/messages",
+                    json={"body": "Could you send a screenshot?"},
+                    headers=agent,
+                )
+                assert r.status_code == 201, r.text
+
+        async def follow_ups() -> None:
+            for user, conv in zip(users, conversations, strict=True):
+                r = await api.http.post(
+                    f"/v1/client/conversations/{conv}/messages",
+                    json={"body": "Here it is"},
+                    headers=user,
+                )
+                assert r.status_code == 201, r.text
+
+        # Traffic at these simulated seconds: during the refusals and during the 503s.
+        traffic = [(0.0, feedback), (90.0, replies), (420.0, follow_ups)]
+        await rx.down()
+        simulated, passes = 0.0, 0
+        while True:
+            while traffic and traffic[0][0] <= simulated:
+                await traffic.pop(0)[1]()
+            if simulated < _REFUSED_UNTIL:
+                await rx.down()
+            else:
+                await rx.up()
+                rx.default = Reply(status=503) if simulated < _UNAVAILABLE_UNTIL else Reply()
+            await Worker(api.state, build_registry()).run_until_idle()
+            passes += 1
+            assert passes < 100, "the deliveries never settled"
+            due = await _next_webhook_due(api)
+            if due is None and not traffic:
+                break
+            moments = [t - simulated for t in (_REFUSED_UNTIL, _UNAVAILABLE_UNTIL)]
+            moments += [traffic[0][0] - simulated] if traffic else []
+            moments += [due] if due is not None else []
+            step = min(m for m in moments if m > 0) if any(m > 0 for m in moments) else 0.0
+            await _shift_webhook_schedule(api, step)
+            simulated += step
+
+        r = await api.http.get(
+            f"/v1/admin/apps/{app.id}/webhook-deliveries",
+            params={"limit": "100"},
+            headers=api.admin,
+        )
+        assert r.status_code == 200, r.text
+        deliveries = r.json()["items"]
+        # Each feedback, reply and follow-up made at least one event.
+        assert len(deliveries) >= 3 * len(users)
+        assert {d["status"] for d in deliveries} == {"succeeded"}
+        statuses: list[int | None] = []
+        reached: dict[str, int] = {}  # event id -> attempts the receiver answered
+        for item in deliveries:
+            r = await api.http.get(
+                f"/v1/admin/apps/{app.id}/webhook-deliveries/{item['id']}", headers=api.admin
+            )
+            log = r.json()["attempt_log"]
+            codes = [a["status_code"] for a in log]
+            assert codes[-1] == 200, codes
+            assert 200 not in codes[:-1], codes
+            assert len(codes) >= 2, "every event came during the outage"
+            statuses += codes
+            reached[item["event_id"]] = sum(code is not None for code in codes)
+        assert None in statuses  # refused,
+        assert 503 in statuses  # then answered 503
+        # The receiver saw every event, signed, and each only as often as the attempts
+        # it answered (its 503s, then the one 200): nothing delivered twice.
+        answered: dict[str, int] = {}
+        for req in rx.received():
+            Webhook(secret).verify(req.body, dict(req.headers))
+            answered[req.headers["webhook-id"]] = answered.get(req.headers["webhook-id"], 0) + 1
+        assert answered == reached
+        assert simulated >= _UNAVAILABLE_UNTIL
+        print(
+            f"webhook receiver outage: {simulated:.0f} s simulated, {passes} worker passes,"
+            f" {len(deliveries)} deliveries, {len(statuses)} attempts, all delivered once"
+        )

@@ -13,6 +13,7 @@ Scripting (``Reply`` objects, consumed per request in order, per path or for any
   hangs up;
 * ``redirect_to``: a 302 with ``Location`` pointing at another path of this receiver.
 
+When nothing is scripted, every request gets ``default`` (a plain 200 unless set).
 ``down()`` closes the listening socket (connection refused), ``up()`` opens it again
 on the same port. ``stop()`` (or leaving ``async with``) closes everything.
 """
@@ -70,6 +71,7 @@ class WebhookReceiver:
         self._path_script: dict[str, deque[Reply]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.streamed_bytes = 0  # body bytes written by stream/endless replies
+        self.default = Reply()  # the answer when nothing is scripted
 
     # ----- lifecycle ---------------------------------------------------------------------
 
@@ -129,7 +131,7 @@ class WebhookReceiver:
             return queue.popleft()
         if self._script:
             return self._script.popleft()
-        return Reply()
+        return self.default
 
     # ----- HTTP --------------------------------------------------------------------------
 
