@@ -389,10 +389,12 @@ async def test_default_limits_admit_normal_use(api: Api) -> None:
 LEAKS = ("127.0.0.1", "Connect call failed", "refused", "unable to open", "asyncpg", "sqlite3")
 
 
-@pytest.mark.parametrize("kind", ["postgres-down", "sqlite-unopenable"])
+@pytest.mark.parametrize("kind", ["postgres-down", "postgres-socket-gone", "sqlite-unopenable"])
 async def test_database_outage_is_503(tmp_path: Path, kind: str) -> None:
     if kind == "postgres-down":
         url = "postgresql+asyncpg://postgres@127.0.0.1:1/none"
+    elif kind == "postgres-socket-gone":  # a server on a Unix socket, stopped (FileNotFoundError)
+        url = f"postgresql+asyncpg://postgres@/none?host={tmp_path / 'no-socket-here'}"
     else:
         directory = tmp_path / "a-directory-not-a-database"
         directory.mkdir()

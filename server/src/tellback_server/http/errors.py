@@ -322,7 +322,21 @@ def is_database_unavailable(exc: BaseException) -> bool:
     # such as "database ... is not currently accepting connections".
     if isinstance(exc, asyncpg.PostgresError):
         return _hinted(exc)
-    return isinstance(exc, ConnectionError | TimeoutError)
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return True
+    # Any other socket error while connecting: the server's Unix socket gone while it
+    # restarts (FileNotFoundError), no route to its host, a name that does not resolve.
+    return isinstance(exc, OSError) and _raised_connecting(exc)
+
+
+def _raised_connecting(exc: BaseException) -> bool:
+    """Whether ``exc`` came out of asyncpg's connect (an OSError elsewhere is a bug)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_globals.get("__name__") == "asyncpg.connect_utils":
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _hinted(orig: BaseException | None) -> bool:
