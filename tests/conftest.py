@@ -66,6 +66,15 @@ def _db_url(server_url: str, name: str) -> str:
     return make_url(server_url).set(database=name).render_as_string(hide_password=False)
 
 
+async def migrate(url: str) -> None:
+    """Bring the database at ``url`` to the latest schema."""
+    engine = create_async_engine(url)
+    try:
+        await upgrade(engine)
+    finally:
+        await engine.dispose()
+
+
 @pytest.fixture(scope="session")
 def pg_template(pg_server_url: str) -> str:
     async def build() -> None:
@@ -74,11 +83,7 @@ def pg_template(pg_server_url: str) -> str:
             f"DROP DATABASE IF EXISTS {TEMPLATE_DB}",
             f"CREATE DATABASE {TEMPLATE_DB}",
         )
-        engine = create_async_engine(_db_url(pg_server_url, TEMPLATE_DB))
-        try:
-            await upgrade(engine)
-        finally:
-            await engine.dispose()
+        await migrate(_db_url(pg_server_url, TEMPLATE_DB))
 
     asyncio.run(build())
     return pg_server_url
@@ -87,15 +92,7 @@ def pg_template(pg_server_url: str) -> str:
 @pytest.fixture(scope="session")
 def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("sqlite-template") / "template.db"
-
-    async def build() -> None:
-        engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
-        try:
-            await upgrade(engine)
-        finally:
-            await engine.dispose()
-
-    asyncio.run(build())
+    asyncio.run(migrate(f"sqlite+aiosqlite:///{path}"))
     return path
 
 

