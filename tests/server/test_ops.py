@@ -434,6 +434,35 @@ async def test_database_outage_is_503(tmp_path: Path, kind: str) -> None:
     assert any(e.get("log_level") == "error" for e in logs), "outages are logged for operators"
 
 
+async def test_a_database_error_never_carries_the_statements_values(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A failed statement's error (logged with its traceback when it answers 500 or
+    503) names its SQL, never its values: message bodies, push tokens. Through the ORM
+    session and, on SQLite, the inline one the hot paths use."""
+    secret = f"tbs_{uuid.uuid4().hex}"
+    failing = text("SELECT id FROM no_such_table WHERE token = :token")
+    db = Database(make_settings(database_url, tmp_path / "data"))
+    try:
+        errors: list[Exception] = []
+        try:
+            async with db.session(write=False) as session:
+                await session.execute(failing, {"token": secret})
+        except Exception as exc:  # noqa: BLE001 (inspected below)
+            errors.append(exc)
+        try:
+            async with db.transaction(write=False) as tx:
+                await tx.run(lambda s: s.execute(failing, {"token": secret}))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+    finally:
+        await db.dispose()
+    assert len(errors) == 2, errors
+    for error in errors:
+        assert "no_such_table" in str(error)
+        assert secret not in str(error)
+
+
 @pytest.mark.parametrize("idle", ["idle", "just-used"])
 async def test_a_pooled_connection_the_server_dropped(
     database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, idle: str

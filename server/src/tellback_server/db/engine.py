@@ -304,6 +304,9 @@ class Database:
             # JSON columns (a KiB of device context per feedback) through msgspec, not json.
             "json_serializer": _json_text,
             "json_deserializer": msgspec.json.decode,
+            # A statement's error names its SQL but never its values (message bodies,
+            # push tokens), which would otherwise reach the logs with its traceback.
+            "hide_parameters": True,
         }
         self._sqlite_path = settings.sqlite_path
         if self._sqlite_path is not None:
@@ -387,6 +390,7 @@ class Database:
                 connect_args={"timeout": 0, "check_same_thread": False},
                 json_serializer=_json_text,
                 json_deserializer=msgspec.json.decode,
+                hide_parameters=True,
                 pool_size=8,
                 max_overflow=-1,
                 # The connection used last goes out first: a connection's page cache is
