@@ -432,6 +432,10 @@ async def test_database_outage_is_503(tmp_path: Path, kind: str) -> None:
             r = await http.get("/healthz")
             assert r.status_code == 200, "the process itself is up"
     assert any(e.get("log_level") == "error" for e in logs), "outages are logged for operators"
+    # One line each with the driver's message, no traceback to render per request.
+    outages = [e for e in logs if e["event"] == "db.unavailable"]
+    assert outages
+    assert all(e["error"] and "exc_info" not in e for e in outages), outages[0]
 
 
 async def test_a_database_error_never_carries_the_statements_values(
