@@ -982,13 +982,12 @@ async def _create_alone(
     stored = _NewMessage(conv, msg, _User(*user), [], 0, False, bool(endpoints))
     [draft], views = _message_views(stored, Related(), created=True)
     assert views.client_conv is not None  # the user's own new conversation
-    db = tx
     event = event_row(client.app_id, draft, _now())
     params = {f"c_{k}": v for k, v in conv.items()}
     params.update({f"m_{k}": v for k, v in msg.items()})
     params.update({f"e_{k}": v for k, v in event.items()})
     params.update({f"j_{k}": v for k, v in job_row(**fanout_job(msg["id"], "agents")).items()})
-    params.update(listening=bool(listening), notify_prefix=notify_prefix(db))
+    params.update(listening=bool(listening), notify_prefix=notify_prefix(tx))
     deliveries = planned_deliveries(endpoints, draft.type)
     params.update(deliveries)
     if answer is not None:
@@ -1002,9 +1001,9 @@ async def _create_alone(
         return None
     if answer is not None:
         answer.claimed = True
-    publish_at_commit(db, [EventRecord(id=written[0][0], **event)])
+    publish_at_commit(tx, [EventRecord(id=written[0][0], **event)])
     if listening or deliveries["w_ids"]:
-        wake_at_commit(db)
+        wake_at_commit(tx)
     return views.client_conv
 
 
