@@ -54,6 +54,7 @@ from tellback_server.jobs.notify import JobNotifier
 from tellback_server.jobs.registry import JobRegistry
 from tellback_server.jobs.worker import Worker, asyncpg_dsn
 from tellback_server.metrics import Metrics
+from tellback_server.ratelimit import RateLimiter, SharedLimits
 from tellback_server.security import Sealer
 from tellback_server.settings import Settings
 from tellback_server.state import AppState
@@ -78,9 +79,17 @@ def build_state(settings: Settings) -> AppState:
     events.install_commit_hook(db)
     principals: PrincipalCache[Any] = PrincipalCache(settings.auth_cache_seconds)
     db.on_commit(AUTH_CHANGED, principals.clear)
+    limiter = RateLimiter()
+    shared_limits = None
+    if not db.is_sqlite and settings.rate_limit_sync_seconds > 0:
+        shared_limits = SharedLimits(
+            limiter, db.engine, settings.secret_key, every=settings.rate_limit_sync_seconds
+        )
     return AppState(
         settings=settings,
         db=db,
+        limiter=limiter,
+        shared_limits=shared_limits,
         principals=principals,
         metrics=metrics,
         sealer=Sealer(settings.secret_key),
@@ -136,6 +145,9 @@ def create_app(
             log.exception("storage.not_ready", error=str(exc))
         if run_worker:
             task = asyncio.create_task(Worker(app_state, registry).run(stop))
+        limits = None
+        if app_state.shared_limits is not None:
+            limits = asyncio.create_task(app_state.shared_limits.run(stop))
         listener = None
         if not app_state.db.is_sqlite:
             dsn = asyncpg_dsn(app_state.db.url)
@@ -149,6 +161,9 @@ def create_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await listener
             stop.set()
+            if limits is not None:  # its last sync, bounded: the database may be down
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(limits, timeout=5)
             if task is not None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait_for(task, timeout=15)

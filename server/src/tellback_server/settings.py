@@ -59,6 +59,7 @@ class Settings:
     job_lease_seconds: int = 60
     sse_heartbeat_seconds: float = 15.0
     sessions_per_ip_per_minute: int = 300
+    rate_limit_sync_seconds: float = 0.5
     webhook_timeout_seconds: float = 10.0
     auth_cache_seconds: float = 5.0
 
@@ -240,6 +241,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         sessions_per_ip_per_minute=env.get(
             "SESSIONS_PER_IP_PER_MINUTE", _int_in(0, 1_000_000), 300
         ),
+        rate_limit_sync_seconds=env.get("RATE_LIMIT_SYNC_SECONDS", _float_in(0, 60), 0.5),
         webhook_timeout_seconds=env.get("WEBHOOK_TIMEOUT_SECONDS", _positive_float, 10.0),
         auth_cache_seconds=env.get("AUTH_CACHE_SECONDS", _float_in(0, 300), 5.0),
     )

@@ -10,7 +10,7 @@ from tellback_server.domain.events.broker import EventBroker
 from tellback_server.http.auth_cache import PrincipalCache
 from tellback_server.jobs.notify import JobNotifier
 from tellback_server.metrics import Metrics
-from tellback_server.ratelimit import RateLimiter
+from tellback_server.ratelimit import RateLimiter, SharedLimits
 from tellback_server.security import Sealer
 from tellback_server.settings import Settings
 from tellback_server.storage.base import ObjectStore
@@ -26,6 +26,8 @@ class AppState:
     store: ObjectStore
     events: EventBroker
     limiter: RateLimiter = field(default_factory=RateLimiter)
+    # PostgreSQL: the limiter's counts shared with the other processes (ratelimit.py).
+    shared_limits: SharedLimits | None = None
     # Recently verified session tokens (hash -> ClientPrincipal), see http/auth_cache.py.
     principals: PrincipalCache[Any] = field(default_factory=lambda: PrincipalCache(0))
     # Per-process caches owned by capabilities (e.g. open push clients).

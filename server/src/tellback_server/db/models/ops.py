@@ -3,10 +3,20 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import Index, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import (
+    Column,
+    Double,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
-from tellback_server.db.base import JSON, DateTimeUTC, UUIDv7AuditBase
+from tellback_server.db.base import JSON, DateTimeUTC, UUIDv7AuditBase, metadata
 
 
 class IdempotencyKey(UUIDv7AuditBase):
@@ -41,3 +51,14 @@ class Job(UUIDv7AuditBase):
     locked_until: Mapped[dt.datetime | None] = mapped_column(DateTimeUTC(timezone=True))
     last_error: Mapped[str | None] = mapped_column(Text)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTimeUTC(timezone=True))
+
+
+# Rate-limit counts shared by the API processes on PostgreSQL (ratelimit.py): per key (a
+# keyed hash of it), its theoretical arrival time in seconds since the epoch on the
+# database's clock. UNLOGGED on PostgreSQL (migration 0007); unused on SQLite.
+rate_limits = Table(
+    "rate_limits",
+    metadata,
+    Column("key", LargeBinary, primary_key=True),
+    Column("tat", Double, nullable=False),
+)
