@@ -116,8 +116,17 @@ _SYNC = text(
     RETURNING r.key, r.tat - extract(epoch FROM statement_timestamp()) AS ahead
     """
 )
-# A TAT in the past is the same as no row.
-_PRUNE = text("DELETE FROM rate_limits WHERE tat < extract(epoch FROM statement_timestamp())")
+# A TAT in the past is the same as no row. Rows a sync holds are skipped, not waited for:
+# a sync may wait for a prune, but never the other way round, so they cannot deadlock.
+_PRUNE = text(
+    """
+    DELETE FROM rate_limits WHERE key IN (
+        SELECT key FROM rate_limits
+        WHERE tat < extract(epoch FROM statement_timestamp())
+        FOR UPDATE SKIP LOCKED
+    )
+    """
+)
 
 
 class SharedLimits:
