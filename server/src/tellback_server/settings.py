@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -29,7 +29,7 @@ class SettingsError(ValueError):
 class S3Settings:
     endpoint: str
     access_key: str
-    secret_key: str
+    secret_key: str = field(repr=False)  # never in a log line or a traceback's locals
     bucket: str
     secure: bool
     region: str | None
@@ -38,9 +38,10 @@ class S3Settings:
 @dataclass(frozen=True, slots=True)
 class Settings:
     data_dir: Path = Path("tellback-data")
-    database_url: str = ""
+    # Never in a repr (a log line, a traceback's locals): the URL may carry a password.
+    database_url: str = field(default="", repr=False)
     database_pool_size: int = 20
-    secret_key: str | None = None
+    secret_key: str | None = field(default=None, repr=False)
     host: str = "127.0.0.1"
     port: int = 8080
     public_url: str | None = None
