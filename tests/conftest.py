@@ -24,6 +24,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from tellback_server.db.migrate import upgrade
+from tellback_server.logging import configure_logging
+
+pytest_plugins = ["tests.secret_scan"]
 
 TEMPLATE_DB = "tellback_template"
 
@@ -119,6 +122,10 @@ def pytest_collection_modifyitems(items: list[Any]) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # The apps the tests run in this process log as `tellback serve` does on a console,
+    # not with structlog's defaults (whose tracebacks print every frame's locals, tokens
+    # and settings included): what tests/secret_scan.py searches is what operators see.
+    configure_logging("info", "console")
     config.addinivalue_line("markers", "db: runs against SQLite and PostgreSQL")
     config.addinivalue_line("markers", "slow: starts server processes")
 

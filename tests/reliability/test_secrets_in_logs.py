@@ -349,3 +349,57 @@ except RuntimeError:
     )
     assert "http.unhandled_error" in run.stderr, run.stderr[-2000:]
     assert secret not in run.stderr
+
+
+# ----- the whole suite's captured output (tests/secret_scan.py) ------------------------------
+
+
+def test_the_suite_scan_finds_each_kind_of_secret_by_its_shape() -> None:
+    """What ``tests/secret_scan.py`` searches every test's captured output for."""
+    from tellback_server.domain.webhooks.signing import new_secret
+    from tellback_server.security import new_token
+    from tests.conftest import S3_SECRET_KEY
+    from tests.secret_scan import find_secrets
+    from tests.server.conftest import SECRET, identity_token
+
+    jwt_ = identity_token("tbi_" + "x" * 43, "user-1", kid="k_abc")
+    pem = "-----BEGIN PRIVATE KEY-----\nMIGTAgEAMBMG\n-----END PRIVATE KEY-----"
+    leaked = {f"{prefix} token": new_token(prefix) for prefix in ("tba_", "tbg_", "tbs_", "tbi_")}
+    leaked |= {"webhook": new_secret(), "jwt": jwt_, "pem": pem}
+    leaked |= {"key": SECRET, "s3": S3_SECRET_KEY}
+    for name, secret in leaked.items():
+        line = f'2026-11-27 13:53:14 [info     ] http.request authorization="{secret}" x=1'
+        assert len(find_secrets(line)) == 1, name
+        assert len(find_secrets(f'{{"event": "x", "value": "{secret}"}}')) == 1, name
+    harmless = [
+        new_token("tbk_", 18),  # an app key is public: it ships in the app
+        new_token("k_", 6),  # a key id
+        uuid.uuid4().hex + uuid.uuid4().hex,  # request ids, hashes
+        "tbs_short",  # a made-up token a test sends to be refused
+        "Authorization: Bearer <redacted>",
+    ]
+    assert find_secrets("\n".join(harmless)) == []
+    # The CLI's one-time display of a new admin token is what it is for.
+    shown = "First start: an admin token was created (shown once; store it now):\n"
+    assert find_secrets(shown + new_token("tba_")) == []
+    assert len(find_secrets(shown + "next line\n" + new_token("tba_"))) == 1
+
+
+def test_settings_never_show_their_secrets_in_a_repr() -> None:
+    """A traceback's locals or a log line may show the settings: not the key, the S3
+    secret or the database URL (which may carry a password)."""
+    from tellback_server.settings import load_settings
+
+    settings = load_settings(
+        {
+            "TELLBACK_SECRET_KEY": "sk-" + "s" * 40,
+            "TELLBACK_DATABASE_URL": "postgresql+asyncpg://tellback:pw-hunter2@db:5432/tellback",
+            "TELLBACK_S3_ENDPOINT": "s3.example.com",
+            "TELLBACK_S3_ACCESS_KEY": "AKIAEXAMPLE",
+            "TELLBACK_S3_SECRET_KEY": "s3-secret-value-0123456789",
+        }
+    )
+    shown = repr(settings)
+    assert "AKIAEXAMPLE" in shown  # the repr still says what is configured
+    for secret in ("s" * 40, "pw-hunter2", "s3-secret-value-0123456789"):
+        assert secret not in shown

@@ -1,0 +1,98 @@
+"""No secret in any output the whole suite captured.
+
+Every test's captured stdout, stderr and logging (setup, call and teardown; the server's
+structured logs of every in-process app included) is searched for secrets by their
+shapes: admin, agent and session tokens and identity secrets (``tba_``, ``tbg_``,
+``tbs_``, ``tbi_``), webhook signing secrets (``whsec_``), identity tokens (JWTs), PEM
+private keys (APNs p8, FCM service accounts), and the key and S3 secret the tests run
+with. A shape matches any such secret, whichever test created it, in this process or in
+a server process whose output a test printed. A match fails the run, naming the test
+and the kind of secret, never the secret.
+
+The one place a token is meant to be shown is the CLI's one-time display of a new admin
+token, on the line after "(shown once; store it now)"; that line is skipped.
+
+``tests/reliability/test_secrets_in_logs.py`` does the same for one real
+``tellback serve`` through a full scenario, with every value it created (push tokens and
+message bodies too, which have no shape to search for).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import pytest
+
+from tests.conftest import S3_SECRET_KEY
+from tests.server.conftest import SECRET
+
+SHAPES: dict[str, re.Pattern[str]] = {
+    "admin, agent or session token, or identity secret": re.compile(
+        r"\btb[agsi]_[A-Za-z0-9_-]{40,}"
+    ),
+    "webhook signing secret": re.compile(r"\bwhsec_[A-Za-z0-9+/]{40,}"),
+    "identity token (JWT)": re.compile(
+        r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{16,}"
+    ),
+    "private key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    "the tests' TELLBACK_SECRET_KEY": re.compile(re.escape(SECRET)),
+    "the tests' S3 secret key": re.compile(re.escape(S3_SECRET_KEY)),
+}
+SHOWN_ONCE = "(shown once; store it now)"
+
+
+def find_secrets(text: str) -> list[str]:
+    """The kinds of secret in ``text``, one entry per match, in order."""
+    found: list[str] = []
+    shown = False
+    for line in text.splitlines():
+        if not shown:
+            found += [kind for kind, shape in SHAPES.items() for _ in shape.finditer(line)]
+        shown = SHOWN_ONCE in line
+    return found
+
+
+@dataclass(frozen=True)
+class Leak:
+    nodeid: str
+    when: str
+    section: str
+    kind: str
+
+
+class SecretScan:
+    def __init__(self) -> None:
+        self.leaks: list[Leak] = []
+        self.scanned = 0
+
+    @pytest.hookimpl
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        for section, text in report.sections:
+            # A phase's report repeats the earlier phases' sections: each is read once.
+            if not (section.startswith("Captured ") and section.endswith(report.when)):
+                continue
+            self.scanned += len(text)
+            self.leaks += [
+                Leak(report.nodeid, report.when, section, kind) for kind in find_secrets(text)
+            ]
+
+    @pytest.hookimpl
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        if not self.leaks:
+            terminalreporter.write_line(
+                f"secret scan: no secret in {self.scanned / 1e6:.1f} MB of captured output"
+            )
+            return
+        terminalreporter.section("secrets in captured output", red=True)
+        for leak in self.leaks:
+            terminalreporter.write_line(f"{leak.nodeid} ({leak.section}): {leak.kind}")
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if self.leaks and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(SecretScan(), "tellback-secret-scan")
