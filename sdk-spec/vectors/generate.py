@@ -769,6 +769,7 @@ def error_bodies() -> dict[str, Any]:
     import structlog  # noqa: PLC0415
 
     vectors = []
+    before = structlog.get_config()
     structlog.configure(logger_factory=structlog.ReturnLoggerFactory())  # quiet handlers' logs
     try:
         for name, handler, exc in server_error_cases():
@@ -783,7 +784,7 @@ def error_bodies() -> dict[str, Any]:
                 }
             )
     finally:
-        structlog.reset_defaults()
+        structlog.configure(**before)  # as it was, not structlog's defaults
     # Answers an SDK must handle that the server does not produce today.
     foreign: list[tuple[str, int, dict[str, str], Any]] = [
         (
