@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from tellback_server.db.migrate import upgrade
-from tellback_server.logging import configure_logging
 
 pytest_plugins = ["tests.secret_scan"]
 
@@ -122,10 +122,19 @@ def pytest_collection_modifyitems(items: list[Any]) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # The apps the tests run in this process log as `tellback serve` does on a console,
-    # not with structlog's defaults (whose tracebacks print every frame's locals, tokens
-    # and settings included): what tests/secret_scan.py searches is what operators see.
-    configure_logging("info", "console")
+    # structlog's defaults, except that a traceback does not print its frames' locals
+    # (tokens, the settings), as the product's renderers do not (logging.py): what
+    # tests/secret_scan.py searches is then what an operator's console would show.
+    *processors, renderer = structlog.get_config()["processors"]
+    assert isinstance(renderer, structlog.dev.ConsoleRenderer), renderer
+    structlog.configure(
+        processors=[
+            *processors,
+            structlog.dev.ConsoleRenderer(
+                exception_formatter=structlog.dev.RichTracebackFormatter(show_locals=False)
+            ),
+        ]
+    )
     config.addinivalue_line("markers", "db: runs against SQLite and PostgreSQL")
     config.addinivalue_line("markers", "slow: starts server processes")
 

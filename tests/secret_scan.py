@@ -6,8 +6,8 @@ shapes: admin, agent and session tokens and identity secrets (``tba_``, ``tbg_``
 ``tbs_``, ``tbi_``), webhook signing secrets (``whsec_``), identity tokens (JWTs), PEM
 private keys (APNs p8, FCM service accounts), and the key and S3 secret the tests run
 with. A shape matches any such secret, whichever test created it, in this process or in
-a server process whose output a test printed. A match fails the run, naming the test
-and the kind of secret, never the secret.
+a server process whose output a test printed. A match fails the run, naming the test,
+the kind of secret and what came before it on its line, never the secret.
 
 The one place a token is meant to be shown is the CLI's one-time display of a new admin
 token, on the line after "(shown once; store it now)"; that line is skipped.
@@ -40,15 +40,27 @@ SHAPES: dict[str, re.Pattern[str]] = {
     "the tests' S3 secret key": re.compile(re.escape(S3_SECRET_KEY)),
 }
 SHOWN_ONCE = "(shown once; store it now)"
+# The console renderer colours keys and values: `\x1b[35mtbs_...` has no word boundary
+# before the token until the colour codes are gone.
+_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def find_secrets(text: str) -> list[str]:
     """The kinds of secret in ``text``, one entry per match, in order."""
-    found: list[str] = []
+    return [kind for kind, _ in _matches(text)]
+
+
+def _matches(text: str) -> list[tuple[str, str]]:
+    """(kind, where) per match; ``where`` is the line up to the secret (which it omits)."""
+    found: list[tuple[str, str]] = []
     shown = False
-    for line in text.splitlines():
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = _COLOUR.sub("", raw)
         if not shown:
-            found += [kind for kind, shape in SHAPES.items() for _ in shape.finditer(line)]
+            for kind, shape in SHAPES.items():
+                for match in shape.finditer(line):
+                    before = line[: match.start()][-100:].strip()
+                    found.append((kind, f"line {number}: {before} <the secret>"))
         shown = SHOWN_ONCE in line
     return found
 
@@ -59,6 +71,7 @@ class Leak:
     when: str
     section: str
     kind: str
+    where: str
 
 
 class SecretScan:
@@ -74,7 +87,8 @@ class SecretScan:
                 continue
             self.scanned += len(text)
             self.leaks += [
-                Leak(report.nodeid, report.when, section, kind) for kind in find_secrets(text)
+                Leak(report.nodeid, report.when, section, kind, where)
+                for kind, where in _matches(text)
             ]
 
     @pytest.hookimpl
@@ -87,6 +101,7 @@ class SecretScan:
         terminalreporter.section("secrets in captured output", red=True)
         for leak in self.leaks:
             terminalreporter.write_line(f"{leak.nodeid} ({leak.section}): {leak.kind}")
+            terminalreporter.write_line(f"    {leak.where}")
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:

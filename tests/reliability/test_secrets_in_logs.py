@@ -371,6 +371,8 @@ def test_the_suite_scan_finds_each_kind_of_secret_by_its_shape() -> None:
         line = f'2026-11-27 13:53:14 [info     ] http.request authorization="{secret}" x=1'
         assert len(find_secrets(line)) == 1, name
         assert len(find_secrets(f'{{"event": "x", "value": "{secret}"}}')) == 1, name
+        coloured = f"\x1b[36mauthorization\x1b[0m=\x1b[35m{secret}\x1b[0m"
+        assert len(find_secrets(coloured)) == 1, name
     harmless = [
         new_token("tbk_", 18),  # an app key is public: it ships in the app
         new_token("k_", 6),  # a key id
