@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -168,10 +169,9 @@ class SharedLimits:
                     _SYNC, {"keys": digests, "debts": [taken[names[d]] for d in digests]}
                 )
                 rows = result.all()
-                if sent_at - self._pruned_at >= self._prune_every:
-                    self._pruned_at = sent_at
-                    await conn.execute(_PRUNE)
         except Exception as exc:
+            # Sent again with the next sync. Had it committed before its answer was lost,
+            # these counts are then counted twice: stricter for a moment, never looser.
             self._limiter.give_back(taken)
             if not self._failing:
                 self._failing = True
@@ -181,6 +181,17 @@ class SharedLimits:
             self._failing = False
             log.info("ratelimit.sync_recovered")
         self._limiter.merge({names[bytes(d)]: float(a) for d, a in rows}, sent_at)
+        if sent_at - self._pruned_at >= self._prune_every:
+            self._pruned_at = sent_at
+            await self._prune()
+
+    async def _prune(self) -> None:
+        """Drop the keys whose time has passed; a failure waits for the next prune."""
+        try:
+            async with self._engine.connect() as conn:
+                await conn.execute(_PRUNE)
+        except (SQLAlchemyError, OSError, TimeoutError) as exc:  # the database away
+            log.warning("ratelimit.prune_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def run(self, stop: asyncio.Event) -> None:
         """Sync every ``every`` seconds until ``stop`` is set, then once more."""
