@@ -66,8 +66,8 @@ async def test_two_processes_syncing_after_each_request_admit_what_one_would(
     database_url: str, tmp_path: Path
 ) -> None:
     """60 new sessions a minute from one address, a ten-second burst: one process admits
-    10 (and one more per second). Alternating between two processes that sync after each
-    request admits the same, not twice it."""
+    11 at once (the burst and the request at its edge), then one a second. Alternating
+    between two processes that sync after each request admits the same, not twice it."""
     async with _processes(
         database_url, tmp_path, sessions_per_ip_per_minute=60, rate_limit_sync_seconds=60
     ) as (a, b):
