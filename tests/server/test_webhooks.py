@@ -15,6 +15,7 @@ import gc
 import ipaddress
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,11 @@ from tests.server.conftest import Api, AppInfo, make_settings, serve_app
 from tests.server.webhook_receiver import Received, Reply, WebhookReceiver
 
 PROBLEM_JSON = "application/problem+json"
+# The attempt deadline of the tests about slow receivers (``tight``). The others get a
+# patient one: the receiver runs in the test process, and a pause of that process (its
+# heap is large by the end of the suite) once made a 1 s attempt fail on a healthy one.
 TIMEOUT_S = 1.0
+PATIENT_S = 10.0
 SQLITE_ONLY = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 
@@ -164,23 +169,38 @@ async def _hooks(api: Api, rx: WebhookReceiver) -> Hooks:
     return Hooks(api, rx, app, user, agent)
 
 
-@pytest.fixture
-async def hooks(database_url: str, tmp_path: Path, rx: WebhookReceiver) -> AsyncIterator[Hooks]:
-    """An app whose webhooks may call 127.0.0.1 (the operator allowed private addresses)."""
+@asynccontextmanager
+async def _allowed(
+    database_url: str, tmp_path: Path, rx: WebhookReceiver, deadline: float
+) -> AsyncIterator[Hooks]:
     settings = make_settings(
         database_url,
         tmp_path / "data",
         webhook_allow_private=True,
-        webhook_timeout_seconds=TIMEOUT_S,
+        webhook_timeout_seconds=deadline,
     )
     async with serve_app(settings, build_registry()) as api:
         yield await _hooks(api, rx)
 
 
 @pytest.fixture
+async def hooks(database_url: str, tmp_path: Path, rx: WebhookReceiver) -> AsyncIterator[Hooks]:
+    """An app whose webhooks may call 127.0.0.1 (the operator allowed private addresses)."""
+    async with _allowed(database_url, tmp_path, rx, PATIENT_S) as h:
+        yield h
+
+
+@pytest.fixture
+async def tight(database_url: str, tmp_path: Path, rx: WebhookReceiver) -> AsyncIterator[Hooks]:
+    """The same, with a 1 s attempt deadline, for the tests about slow receivers."""
+    async with _allowed(database_url, tmp_path, rx, TIMEOUT_S) as h:
+        yield h
+
+
+@pytest.fixture
 async def guarded(database_url: str, tmp_path: Path, rx: WebhookReceiver) -> AsyncIterator[Hooks]:
     """The default configuration: private addresses refused."""
-    settings = make_settings(database_url, tmp_path / "data", webhook_timeout_seconds=TIMEOUT_S)
+    settings = make_settings(database_url, tmp_path / "data", webhook_timeout_seconds=PATIENT_S)
     assert settings.webhook_allow_private is False
     async with serve_app(settings, build_registry()) as api:
         yield await _hooks(api, rx)
@@ -421,7 +441,8 @@ async def test_receiver_down_then_up(hooks: Hooks) -> None:
 
 
 @SQLITE_ONLY
-async def test_slow_receiver_times_out_and_is_retried(hooks: Hooks) -> None:
+async def test_slow_receiver_times_out_and_is_retried(tight: Hooks) -> None:
+    hooks = tight
     created = await hooks.create()
     hooks.rx.then(Reply(delay=TIMEOUT_S * 4))
     await hooks.api.feedback(hooks.user)
@@ -748,7 +769,7 @@ async def test_ssrf_guard_rechecks_at_delivery_time(
         await api.feedback(hooks.user)
     # The operator turns private addresses off (or DNS now points inside): the queued
     # delivery must not reach the receiver.
-    strict = make_settings(database_url, data_dir, webhook_timeout_seconds=TIMEOUT_S)
+    strict = make_settings(database_url, data_dir, webhook_timeout_seconds=PATIENT_S)
     async with serve_app(strict, build_registry()) as api:
         hooks = Hooks(api, rx, hooks.app, hooks.user, hooks.agent)
         await hooks.run_jobs()
@@ -800,7 +821,8 @@ def _collect_first() -> None:
 
 
 @SQLITE_ONLY
-async def test_only_an_excerpt_of_a_huge_answer_is_read(hooks: Hooks) -> None:
+async def test_only_an_excerpt_of_a_huge_answer_is_read(tight: Hooks) -> None:
+    hooks = tight
     await hooks.create()
     size = 8 * 1024 * 1024
     hooks.rx.then(Reply(status=500, stream_bytes=size), Reply(status=200, endless=True))
