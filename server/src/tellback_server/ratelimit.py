@@ -34,6 +34,8 @@ import structlog
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
+from tellback_server.http.errors import brief_db_error
+
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -175,7 +177,7 @@ class SharedLimits:
             self._limiter.give_back(taken)
             if not self._failing:
                 self._failing = True
-                log.warning("ratelimit.sync_failed", error=f"{type(exc).__name__}: {exc}")
+                log.warning("ratelimit.sync_failed", error=brief_db_error(exc))
             raise
         if self._failing:
             self._failing = False
@@ -191,7 +193,7 @@ class SharedLimits:
             async with self._engine.connect() as conn:
                 await conn.execute(_PRUNE)
         except (SQLAlchemyError, OSError, TimeoutError) as exc:  # the database away
-            log.warning("ratelimit.prune_failed", error=f"{type(exc).__name__}: {exc}")
+            log.warning("ratelimit.prune_failed", error=brief_db_error(exc))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Sync every ``every`` seconds until ``stop`` is set, then once more."""

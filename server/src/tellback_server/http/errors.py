@@ -339,8 +339,9 @@ def _raised_connecting(exc: BaseException) -> bool:
     return False
 
 
-def _brief(exc: BaseException) -> str:
-    """The driver's own message for ``exc`` (not SQLAlchemy's, which quotes the SQL)."""
+def brief_db_error(exc: BaseException) -> str:
+    """The driver's own message for ``exc`` (not SQLAlchemy's, which quotes the SQL): for
+    one-line logs of a database that is away."""
     cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
     return f"{type(cause).__name__}: {cause}"[:500]
 
@@ -354,7 +355,7 @@ def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[byt
     if is_database_unavailable(exc):
         # One line, no traceback: an outage fails every request until it ends, and a
         # rendered traceback each (about 0.7 s on a console) would hold the server up.
-        log.error("db.unavailable", error_type=type(exc).__name__, error=_brief(exc))
+        log.error("db.unavailable", error_type=type(exc).__name__, error=brief_db_error(exc))
         return problem_response(
             request,
             503,
