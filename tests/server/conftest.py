@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ import httpx
 import jwt
 import pytest
 from litestar import Litestar
+from sqlalchemy import text
 
 from tellback_server.asgi import build_state, create_app
 from tellback_server.db.models import AdminToken
@@ -177,6 +179,36 @@ async def lifespan(app: Litestar) -> AsyncIterator[None]:
     finally:
         stop.set()
         await task
+
+
+@asynccontextmanager
+async def processes(
+    database_url: str, tmp_path: Path, n: int = 2, **overrides: Any
+) -> AsyncIterator[list[Api]]:
+    """``n`` apps on one PostgreSQL database, standing for ``tellback serve`` processes:
+    each with its engine, caches, limiter and LISTEN connection of its own. Skipped on
+    SQLite, which runs one API process."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite runs one API process")
+    from tellback_server.plugins import build_registry
+
+    settings = make_settings(database_url, tmp_path / "data", **overrides)
+    async with contextlib.AsyncExitStack() as stack:
+        yield [
+            await stack.enter_async_context(serve_app(settings, build_registry())) for _ in range(n)
+        ]
+
+
+async def listening_backends(state: AppState) -> int:
+    """PostgreSQL sessions of this database (other than ours) whose last query was LISTEN."""
+    async with state.db.session(write=False) as db:
+        n = await db.scalar(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid() AND query ILIKE 'LISTEN%'"
+            )
+        )
+    return int(n or 0)
 
 
 @pytest.fixture(params=["local", "s3"])

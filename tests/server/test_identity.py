@@ -11,17 +11,18 @@ import hmac
 import json
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
 import jwt
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.pool import QueuePool
 
 from tellback_server.db.models import ClientSession
 from tellback_server.security import hash_token
-from tests.server.conftest import Api, AppInfo, identity_token
+from tests.server.conftest import Api, AppInfo, identity_token, listening_backends, processes
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -835,3 +836,82 @@ async def test_session_checks_are_cached_briefly_and_dropped_when_access_changes
     )
     assert r.status_code == 200, r.text
     assert_problem(await api.http.get("/v1/client/me", headers=headers), 401, "unauthenticated")
+
+
+UNLIMITED = {"app_per_minute": 0, "user_per_minute": 0}
+
+
+async def _until_refused(api: Api, headers: dict[str, str], within: float) -> float:
+    """Seconds until ``api`` refuses these credentials (401), polled every 20 ms."""
+    start = time.monotonic()
+    while (r := await api.http.get("/v1/client/me", headers=headers)).status_code == 200:
+        elapsed = time.monotonic() - start
+        assert elapsed < within, f"still trusted after {elapsed:.1f}s"
+        await asyncio.sleep(0.02)
+    assert_problem(r, 401, "unauthenticated")
+    return time.monotonic() - start
+
+
+async def _listening(apis: list[Api]) -> None:
+    """Until every process's LISTEN connection is up (a change before it would be missed)."""
+    deadline = time.monotonic() + 20
+    while await listening_backends(apis[0].state) < len(apis):
+        assert time.monotonic() < deadline, "the processes' LISTEN connections"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_session_ended_in_one_process_is_refused_by_the_others_at_once(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Two API processes on PostgreSQL. Bob signs in on the phone Alice used, through
+    one process; Alice's session ends there at commit, and NOTIFY tellback_auth empties
+    the other process's cache of checked sessions too. The cache lifetime is a minute
+    here: without the notification, the other process would keep trusting it that long."""
+    async with processes(database_url, tmp_path, auth_cache_seconds=60) as (a, b):
+        await _listening([a, b])
+        app = await a.create_app(rate_limits=UNLIMITED)  # (the polling below)
+        phone = uuid.uuid4().hex
+
+        async def sign_in(sub: str) -> dict[str, str]:
+            token = identity_token(app.identity_secret, sub, kid=app.identity_kid)
+            session = await a.session(app, installation_id=phone, user_token=token)
+            return a.bearer(session["session_token"])
+
+        alice = await sign_in("alice")
+        assert (await b.http.get("/v1/client/me", headers=alice)).status_code == 200  # cached
+        bob = await sign_in("bob")
+        assert_problem(await a.http.get("/v1/client/me", headers=alice), 401, "unauthenticated")
+        assert await _until_refused(b, alice, within=3) < 3
+        assert (await b.http.get("/v1/client/me", headers=bob)).status_code == 200
+
+
+async def test_a_process_that_listens_again_forgets_the_checks_it_cached(
+    database_url: str, tmp_path: Path
+) -> None:
+    """While a process's LISTEN connection is down it may miss a change of access, so
+    when it listens again it drops every cached check. Here the change is made behind
+    the server's back (no notification at all) and the connection is cut: the session
+    is refused once the process has reconnected, not after the minute-long lifetime."""
+    async with processes(database_url, tmp_path, auth_cache_seconds=60) as (a, b):
+        await _listening([a, b])
+        app = await a.create_app(rate_limits=UNLIMITED)  # (the polling below)
+        token = (await a.session(app))["session_token"]
+        headers = b.bearer(token)
+        assert (await b.http.get("/v1/client/me", headers=headers)).status_code == 200
+        async with a.state.db.session(write=True) as db:
+            await db.execute(
+                update(ClientSession)
+                .where(ClientSession.token_hash == hash_token(token))
+                .values(revoked_at=dt.datetime.now(dt.UTC))
+            )
+        await asyncio.sleep(0.3)
+        # Control: nothing told the processes, so b still trusts its cached check.
+        assert (await b.http.get("/v1/client/me", headers=headers)).status_code == 200
+        async with a.state.db.session(write=True) as db:
+            await db.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND query ILIKE 'LISTEN%'"
+                )
+            )
+        assert await _until_refused(b, headers, within=10) < 10

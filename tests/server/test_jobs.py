@@ -26,20 +26,20 @@ from uuid import UUID
 
 import asyncpg
 import pytest
-from sqlalchemy import event, func, insert, select, text, update
+from sqlalchemy import event, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tellback_server.asgi import build_state, create_app
 from tellback_server.db.models import AdminToken, Job
 from tellback_server.jobs import enqueue
-from tellback_server.jobs.queue import NOTIFY_CHANNEL
+from tellback_server.jobs.notify import NOTIFY_CHANNEL
 from tellback_server.jobs.registry import JobContext, JobRegistry
 from tellback_server.jobs.worker import Worker, asyncpg_dsn, backoff_delay
 from tellback_server.security import hash_token
 from tellback_server.settings import Settings
 from tellback_server.state import AppState
 from tests.server import job_plugins
-from tests.server.conftest import SECRET, lifespan, make_settings
+from tests.server.conftest import SECRET, lifespan, listening_backends, make_settings
 from tests.server.job_plugins import read_lines
 
 REPO = Path(__file__).resolve().parents[2]
@@ -236,18 +236,6 @@ async def worker_process(
         if proc.returncode is None:
             proc.kill()
         await proc.wait()
-
-
-async def listening_backends(state: AppState) -> int:
-    """PostgreSQL sessions of this database (other than ours) whose last query was LISTEN."""
-    async with state.db.session(write=False) as db:
-        n = await db.scalar(
-            text(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND pid <> pg_backend_pid() AND query ILIKE 'LISTEN%'"
-            )
-        )
-    return int(n or 0)
 
 
 # --- enqueue: the transactional outbox ---------------------------------------------------
@@ -634,6 +622,38 @@ async def test_app_runs_the_worker_unless_disabled(state: AppState, tmp_path: Pa
         assert latency < 1.0
         assert (await load_job(state, first)).status == "done"
     assert sorted(read_lines(out)) == ["one", "two"]
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+@pytest.mark.timeout(60)
+async def test_the_apps_worker_is_woken_through_the_apps_one_listen_connection(
+    database_url: str, state: AppState, tmp_path: Path
+) -> None:
+    """``tellback serve`` on PostgreSQL holds one LISTEN connection for all it hears:
+    events, access changes, and ``tellback_jobs`` for its in-process worker. A job
+    committed by another process wakes that worker at once (the poll is 30 s)."""
+    out = tmp_path / "out.txt"
+    other = build_state(job_settings(database_url, tmp_path / "other"))  # another process
+    app = create_app(state.settings, registry=plugin_registry(), state=state, run_worker=True)
+    try:
+        async with lifespan(app):
+
+            async def listening() -> bool:
+                return await listening_backends(other) >= 1
+
+            await wait_until(listening, within=20, what="LISTEN")
+            await asyncio.sleep(0.5)  # past the worker's first claim: it sleeps for the poll
+            assert await listening_backends(other) == 1
+            job_id = await add_job(other, "test.append", {"path": str(out), "line": "woken"})
+
+            async def done() -> bool:
+                return (await load_job(other, job_id)).status == "done"
+
+            latency = await wait_until(done, within=10, what="the notified job")
+            assert latency < 1.0, f"picked up after {latency:.2f}s"
+    finally:
+        await other.db.dispose()
+    assert read_lines(out) == ["woken"]
 
 
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)

@@ -8,9 +8,7 @@ account matters, and leave them to their background task where the bound does.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +18,11 @@ from sqlalchemy import make_url, select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from tellback_server.db.models.ops import rate_limits
-from tellback_server.plugins import build_registry
 from tellback_server.ratelimit import SharedLimits
 from tellback_server.settings import SettingsError, load_settings
-from tests.server.conftest import Api, make_settings, serve_app
+from tests.server.conftest import Api, processes
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@contextlib.asynccontextmanager
-async def _processes(
-    database_url: str, tmp_path: Path, n: int = 2, **overrides: Any
-) -> AsyncIterator[list[Api]]:
-    if not database_url.startswith("postgresql"):
-        pytest.skip("SQLite runs one API process: its limiter has nothing to share")
-    settings = make_settings(database_url, tmp_path / "data", **overrides)
-    async with contextlib.AsyncExitStack() as stack:
-        yield [
-            await stack.enter_async_context(serve_app(settings, build_registry())) for _ in range(n)
-        ]
 
 
 def _shared(api: Api) -> SharedLimits:
@@ -68,7 +52,7 @@ async def test_two_processes_syncing_after_each_request_admit_what_one_would(
     """60 new sessions a minute from one address, a ten-second burst: one process admits
     11 at once (the burst and the request at its edge), then one a second. Alternating
     between two processes that sync after each request admits the same, not twice it."""
-    async with _processes(
+    async with processes(
         database_url, tmp_path, sessions_per_ip_per_minute=60, rate_limit_sync_seconds=60
     ) as (a, b):
         app = await a.create_app(rate_limits={"app_per_minute": 0, "user_per_minute": 0})
@@ -91,7 +75,7 @@ async def test_without_sharing_each_process_admits_its_own_burst(
 ) -> None:
     """The control: ``TELLBACK_RATE_LIMIT_SYNC_SECONDS=0`` turns sharing off, and the same
     alternating flood gets one burst per process."""
-    async with _processes(
+    async with processes(
         database_url, tmp_path, sessions_per_ip_per_minute=60, rate_limit_sync_seconds=0
     ) as (a, b):
         assert a.state.shared_limits is None
@@ -109,7 +93,7 @@ async def test_background_syncs_hold_three_processes_to_one_rate(
     and each process the rate."""
     per_minute, seconds = 600, 3.0
     rate, burst = per_minute / 60, per_minute / 6  # 10 a second, ten seconds' worth
-    async with _processes(
+    async with processes(
         database_url,
         tmp_path,
         n=3,
@@ -141,7 +125,7 @@ async def test_counts_are_kept_as_keyed_hashes_and_pruned(
     database_url: str, tmp_path: Path
 ) -> None:
     """The shared table holds no client address, and a key whose time has passed goes."""
-    async with _processes(database_url, tmp_path, n=1, rate_limit_sync_seconds=60) as (a,):
+    async with processes(database_url, tmp_path, n=1, rate_limit_sync_seconds=60) as (a,):
         app = await a.create_app(rate_limits={"app_per_minute": 0, "user_per_minute": 0})
         stale = uuid.uuid4().bytes
         async with a.state.db.engine.begin() as conn:
@@ -167,7 +151,7 @@ async def test_a_failed_sync_keeps_its_counts_for_the_next(
 ) -> None:
     """The database away for two syncs: the process limits alone, logs once, and the next
     sync carries what it admitted meanwhile."""
-    async with _processes(
+    async with processes(
         database_url, tmp_path, sessions_per_ip_per_minute=60, rate_limit_sync_seconds=60
     ) as (a, b):
         app = await a.create_app(rate_limits={"app_per_minute": 0, "user_per_minute": 0})

@@ -16,6 +16,7 @@ from litestar.openapi.plugins import ScalarRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 
 from tellback_server.db.engine import Database
+from tellback_server.db.listen import listen_forever
 from tellback_server.domain.agents.controllers import AdminAgentsController, AgentMeController
 from tellback_server.domain.apps.controllers import AdminAppsController
 from tellback_server.domain.attachments.controllers import (
@@ -99,6 +100,20 @@ def build_state(settings: Settings) -> AppState:
     )
 
 
+def _listen(state: AppState, *, worker: bool) -> list[asyncio.Task[None]]:
+    """PostgreSQL: the process's one LISTEN connection, for the live streams (events
+    other processes committed), the session-check cache (access changed elsewhere) and
+    the in-process worker (jobs queued elsewhere); and the task that reads the events."""
+    channels = [state.events.channel(state.db), state.principals.channel(state.db.instance)]
+    if worker:
+        channels.append(state.notifier.channel())
+    dsn = asyncpg_dsn(state.db.url)
+    return [
+        asyncio.create_task(listen_forever(dsn, channels, name="app")),
+        asyncio.create_task(state.events.load_forever(state.db)),
+    ]
+
+
 def build_store(settings: Settings) -> ObjectStore:
     if settings.s3 is not None:
         return S3Store(settings.s3)
@@ -143,20 +158,19 @@ def create_app(
             await app_state.store.ensure_ready()
         except StorageError as exc:
             log.exception("storage.not_ready", error=str(exc))
-        if run_worker:
-            task = asyncio.create_task(Worker(app_state, registry).run(stop))
+        if run_worker:  # (it hears NOTIFY tellback_jobs through the app's connection)
+            task = asyncio.create_task(Worker(app_state, registry, listen=False).run(stop))
         limits = None
         if app_state.shared_limits is not None:
             limits = asyncio.create_task(app_state.shared_limits.run(stop))
-        listener = None
+        listening: list[asyncio.Task[None]] = []
         if not app_state.db.is_sqlite:
-            dsn = asyncpg_dsn(app_state.db.url)
-            listener = asyncio.create_task(app_state.events.listen_postgres(app_state.db, dsn))
+            listening = _listen(app_state, worker=run_worker)
         try:
             yield
         finally:
             app_state.events.close()
-            if listener is not None:
+            for listener in listening:
                 listener.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await listener

@@ -1,10 +1,11 @@
-"""Holding a PostgreSQL ``LISTEN`` connection for as long as the process runs."""
+"""A process's PostgreSQL ``LISTEN`` connection, held for as long as the process runs."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -13,20 +14,26 @@ import structlog
 log = structlog.get_logger("tellback.db")
 
 
-async def listen_forever(
-    dsn: str,
-    channel: str,
-    on_notify: Callable[[str], None],
-    *,
-    name: str,
-    on_connected: Callable[[], None] | None = None,
-    on_lost: Callable[[], None] | None = None,
-) -> None:
-    """Call ``on_notify(payload)`` for each NOTIFY on ``channel``; reconnect with backoff.
+@dataclass(frozen=True, slots=True)
+class Channel:
+    """What to do with one channel's notifications.
 
-    ``on_connected`` runs once listening (catch up on what was committed meanwhile),
-    ``on_lost`` when the connection drops (notifications may have been missed).
-    Runs until cancelled.
+    ``on_connected`` runs each time listening starts (catch up on what was committed
+    while not listening), ``on_lost`` when the connection drops (notifications may be
+    missed until it is back).
+    """
+
+    name: str
+    on_notify: Callable[[str], None]
+    on_connected: Callable[[], None] | None = None
+    on_lost: Callable[[], None] | None = None
+
+
+async def listen_forever(dsn: str, channels: Sequence[Channel], *, name: str) -> None:
+    """Listen on every channel over one connection; reconnect with backoff.
+
+    One connection per process, whatever the number of channels: each holds a
+    PostgreSQL backend for the life of the process. Runs until cancelled.
     """
     backoff = 1.0
     while True:
@@ -41,19 +48,25 @@ async def listen_forever(
             continue
         backoff = 1.0
         lost = asyncio.Event()
-
-        def notified(*args: Any) -> None:
-            on_notify(str(args[3]))
-
         try:
             conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-            await conn.add_listener(channel, notified)
-            if on_connected is not None:
-                on_connected()
+            for channel in channels:
+                await conn.add_listener(channel.name, _callback(channel.on_notify))
+            for channel in channels:
+                if channel.on_connected is not None:
+                    channel.on_connected()
             await lost.wait()
             log.warning("db.listen_connection_lost", listener=name)
-            if on_lost is not None:
-                on_lost()
+            for channel in channels:
+                if channel.on_lost is not None:
+                    channel.on_lost()
         finally:
             with contextlib.suppress(Exception):
                 await conn.close()
+
+
+def _callback(on_notify: Callable[[str], None]) -> Callable[..., None]:
+    def notified(*args: Any) -> None:  # (connection, pid, channel, payload)
+        on_notify(str(args[3]))
+
+    return notified

@@ -5,8 +5,12 @@ A session token is checked against the database once, then trusted for
 in this process. What could make a cached answer wrong -- another user signing in
 on the installation (which ends the previous user's sessions), an app's settings
 changing, an app or user being deleted -- empties this process's cache when its
-transaction commits (the ``AUTH_CHANGED`` key, a commit hook). Other processes
-notice within the cache lifetime.
+transaction commits (the ``AUTH_CHANGED`` key, a commit hook). On PostgreSQL the
+same commit sends ``NOTIFY tellback_auth``, and every other process empties its
+cache when it arrives (:meth:`PrincipalCache.channel`, on the process's LISTEN
+connection), a few milliseconds later. A process that is not listening (its
+connection lost) still trusts a check for no longer than the cache lifetime, and
+empties its cache when it listens again.
 """
 
 from __future__ import annotations
@@ -17,14 +21,20 @@ from typing import Generic, TypeVar
 
 from sqlalchemy.orm import Session
 
+from tellback_server.db.engine import notify
+from tellback_server.db.listen import Channel
+
 AUTH_CHANGED = "tellback_auth_changed"  # session.info: this transaction changed who may do what
+NOTIFY_CHANNEL = "tellback_auth"  # payload: the committing process's instance
 
 P = TypeVar("P")
 
 
 def auth_changed(db: Session) -> None:
-    """Mark the open transaction: cached principals are dropped when it commits."""
+    """Mark the open transaction: cached principals are dropped when it commits, here
+    and (PostgreSQL) in every other process."""
     db.info[AUTH_CHANGED] = True
+    notify(db, NOTIFY_CHANNEL, str(db.info.get("instance", "")))
 
 
 class PrincipalCache(Generic[P]):
@@ -52,3 +62,14 @@ class PrincipalCache(Generic[P]):
 
     def clear(self, _: object = None) -> None:
         self._entries.clear()
+
+    def channel(self, instance: str) -> Channel:
+        """``NOTIFY tellback_auth`` from another process (``instance`` is this one's, whose
+        commit hook already emptied the cache) empties this cache; so does listening
+        again after the connection was lost, since a change may have been missed."""
+
+        def on_notify(payload: str) -> None:
+            if payload != instance:
+                self.clear()
+
+        return Channel(NOTIFY_CHANNEL, on_notify, on_connected=self.clear)

@@ -12,12 +12,13 @@ import asyncio
 import contextlib
 from typing import TYPE_CHECKING
 
-from tellback_server.db.listen import listen_forever
+from tellback_server.db.listen import Channel, listen_forever
 
 if TYPE_CHECKING:
     from tellback_server.db.engine import Database
 
 ENQUEUED_KEY = "jobs_enqueued"  # session.info: jobs this transaction queued
+NOTIFY_CHANNEL = "tellback_jobs"
 
 
 class JobNotifier:
@@ -35,9 +36,11 @@ class JobNotifier:
     def install_commit_hook(self, db: Database) -> None:
         db.on_commit(ENQUEUED_KEY, lambda _count: self.wake())
 
-    async def listen_postgres(self, dsn: str, channel: str) -> None:
-        """Hold a LISTEN connection (asyncpg) that wakes this process's workers."""
-        # On (re)connect, wake anyway: jobs may have committed while we were not listening.
-        await listen_forever(
-            dsn, channel, lambda _payload: self.wake(), name="jobs", on_connected=self.wake
-        )
+    def channel(self) -> Channel:
+        """``NOTIFY tellback_jobs`` wakes this process's workers. On (re)connecting they
+        wake anyway: jobs may have committed while nobody here was listening."""
+        return Channel(NOTIFY_CHANNEL, lambda _payload: self.wake(), on_connected=self.wake)
+
+    async def listen_postgres(self, dsn: str) -> None:
+        """Hold a LISTEN connection of its own (``tellback worker``: no app to share one)."""
+        await listen_forever(dsn, [self.channel()], name="jobs")

@@ -15,9 +15,8 @@ from tellback_server.db.base import table_of
 from tellback_server.db.engine import WithInfo, notify
 from tellback_server.db.models import Job
 from tellback_server.db.prepared import insert_into
-from tellback_server.jobs.notify import ENQUEUED_KEY
+from tellback_server.jobs.notify import ENQUEUED_KEY, NOTIFY_CHANNEL
 
-NOTIFY_CHANNEL = "tellback_jobs"
 JOB_COLUMNS = (
     "id",
     "kind",

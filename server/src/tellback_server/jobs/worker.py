@@ -28,7 +28,6 @@ from tellback_server.db.base import table_of
 from tellback_server.db.models import Job
 from tellback_server.db.prepared import Prepared
 from tellback_server.http.idempotency import purge_expired
-from tellback_server.jobs.queue import NOTIFY_CHANNEL
 from tellback_server.jobs.registry import (
     JobContext,
     JobKind,
@@ -127,8 +126,12 @@ class Worker:
         *,
         concurrency: int | None = None,
         name: str | None = None,
+        listen: bool = True,
     ) -> None:
+        """``listen=False``: the process's app already listens for ``NOTIFY tellback_jobs``
+        (``JobNotifier.channel`` on its one LISTEN connection), so no connection of its own."""
         self.state = state
+        self.listen = listen
         self.registry = registry
         self.concurrency = concurrency or state.settings.worker_concurrency
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
@@ -143,9 +146,9 @@ class Worker:
         """Work until ``stop`` is set, then let running jobs finish (their leases cover a kill)."""
         log.info("jobs.worker_started", worker=self.name, concurrency=self.concurrency)
         listener: asyncio.Task[None] | None = None
-        if not self.state.db.is_sqlite:
+        if self.listen and not self.state.db.is_sqlite:
             listener = asyncio.create_task(
-                self.state.notifier.listen_postgres(asyncpg_dsn(self.state.db.url), NOTIFY_CHANNEL)
+                self.state.notifier.listen_postgres(asyncpg_dsn(self.state.db.url))
             )
         stop_waiter = asyncio.create_task(stop.wait())
         try:

@@ -122,8 +122,8 @@ from tellback_server.http.pagination import (
     keyset_order,
     next_cursor_for,
 )
+from tellback_server.jobs.notify import NOTIFY_CHANNEL as JOBS_CHANNEL
 from tellback_server.jobs.queue import JOB_COLUMNS, job_row, wake_at_commit
-from tellback_server.jobs.queue import NOTIFY_CHANNEL as JOBS_CHANNEL
 from tellback_server.storage.base import ObjectStore
 
 DETAIL_MESSAGES = 100

@@ -17,7 +17,6 @@ database, so a slow reader costs memory of its own bounded queue only.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import defaultdict
 from collections.abc import Iterable
 from uuid import UUID
@@ -26,7 +25,7 @@ import structlog
 from sqlalchemy import select
 
 from tellback_server.db.engine import Database
-from tellback_server.db.listen import listen_forever
+from tellback_server.db.listen import Channel
 from tellback_server.db.models import Event
 from tellback_server.domain.events.records import (
     EVENT_COLUMNS,
@@ -77,6 +76,7 @@ class EventBroker:
         self._count = 0
         self.closed = False
         self.metrics = metrics
+        self._notified: asyncio.Queue[list[int]] = asyncio.Queue()  # event ids, see channel()
 
     @property
     def subscriptions(self) -> int:
@@ -139,9 +139,11 @@ class EventBroker:
     def install_commit_hook(self, db: Database) -> None:
         db.on_commit(PENDING_KEY, self.publish)
 
-    async def listen_postgres(self, db: Database, dsn: str) -> None:
-        """Hold a LISTEN connection; publish events other processes committed."""
-        pending: asyncio.Queue[list[int]] = asyncio.Queue()
+    def channel(self, db: Database) -> Channel:
+        """``NOTIFY tellback_events`` from other processes: the events a stream here may
+        want are queued for :meth:`load_forever` to read and publish. When the connection
+        drops, every stream ends: events committed while nobody here listened would never
+        reach them, and their clients reconnect and replay from the database."""
 
         def on_notify(payload: str) -> None:
             # Rows no stream here may want are not read (a stream opened later replays
@@ -154,19 +156,9 @@ class EventBroker:
                 return
             wanted = [int(e.partition("/")[0]) for e in entries.split(",") if self._may_want(e)]
             if wanted:
-                pending.put_nowait(wanted)
+                self._notified.put_nowait(wanted)
 
-        loader = asyncio.create_task(self._load_loop(db, pending))
-        try:
-            # Events committed while we were not listening never reach these streams:
-            # ending them makes their clients reconnect and replay from the database.
-            await listen_forever(
-                dsn, NOTIFY_CHANNEL, on_notify, name="events", on_lost=self.end_all
-            )
-        finally:
-            loader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await loader
+        return Channel(NOTIFY_CHANNEL, on_notify, on_lost=self.end_all)
 
     def _may_want(self, entry: str) -> bool:
         """Whether a stream here may want the event a notification names
@@ -181,11 +173,12 @@ class EventBroker:
             return True
         return app_id in self._by_app or (user_id is not None and user_id in self._by_user)
 
-    async def _load_loop(self, db: Database, pending: asyncio.Queue[list[int]]) -> None:
+    async def load_forever(self, db: Database) -> None:
+        """Read and publish the events :meth:`channel` was notified of, until cancelled."""
         while True:
-            ids = await pending.get()
-            while not pending.empty():  # one query for everything that arrived meanwhile
-                ids.extend(pending.get_nowait())
+            ids = await self._notified.get()
+            while not self._notified.empty():  # one query for everything that arrived meanwhile
+                ids.extend(self._notified.get_nowait())
             if not self._count:  # the last stream closed meanwhile
                 continue
             try:
