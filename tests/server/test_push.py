@@ -142,6 +142,53 @@ async def test_agent_reply_reaches_the_users_iphone(push: Push) -> None:
     assert sent[0]["latency_ms"] > 0
 
 
+async def test_the_users_badge_counts_unread_replies_across_their_conversations(
+    push: Push,
+) -> None:
+    """A reply's badge is the end user's unread replies in all their conversations,
+    as they stand when the reply is stored; reading a conversation takes its own off."""
+    await push.set_apns()
+    await push.register(push.user)
+    first = await push.api.feedback(push.user, body="one")
+    second = await push.api.feedback(push.user, body="two")
+    badges, last = [], {}
+    for conv in (first, second, first):
+        last[conv["id"]] = (await push.reply(conv["id"]))["id"]
+        await push.run_jobs()
+        badges.append(push.apns.received[-1].payload["aps"]["badge"])
+    assert badges == [1, 2, 3]
+    r = await push.api.http.post(
+        f"/v1/client/conversations/{first['id']}/read",
+        json={"up_to_message_id": last[first["id"]]},
+        headers=push.user,
+    )
+    assert r.status_code == 204, r.text
+    await push.reply(second["id"])
+    await push.run_jobs()
+    assert push.apns.received[-1].payload["aps"]["badge"] == 2
+
+
+async def test_only_devices_whose_provider_the_app_configured_are_sent_to(push: Push) -> None:
+    """An app with APNs credentials and none for FCM: the user's iPhone gets the reply,
+    their Android phone is recorded as skipped with the reason, and nothing reaches FCM."""
+    await push.set_apns()
+    signed = identity_token(push.app.identity_secret, "sam", kid=push.app.identity_kid)
+    on_iphone, on_android = [
+        await push.api.user_headers(push.app, user_token=signed) for _ in range(2)
+    ]  # one user, two installations
+    iphone = await push.register(on_iphone)
+    await push.register(on_android, provider="fcm")
+    conv = await push.api.feedback(on_iphone)
+    await push.reply(conv["id"])
+    await push.run_jobs()
+    assert [n.token for n in push.apns.received] == [iphone]
+    assert push.fcm.received_count == 0
+    skipped = await push.deliveries("skipped")
+    assert [(d["provider"], d["reason"]) for d in skipped] == [
+        ("fcm", "the app has no FCM credentials")
+    ]
+
+
 async def test_android_gets_fcm_with_string_data(push: Push) -> None:
     await push.set_fcm()
     token = await push.register(push.user, provider="fcm")

@@ -204,8 +204,13 @@ class Worker:
     async def _claim(self, limit: int) -> list[ClaimedJob]:
         now = _now()
         params = {"now": now, "limit": limit, "worker": self.name, "until": now + self.lease}
-        async with self.state.db.transaction(write=True) as tx:
-            rows = await tx.run(_CLAIM.execute, params)
+        db = self.state.db
+        if db.is_sqlite:  # (under the writer lock: SQLite serialises claims)
+            async with db.transaction(write=True) as tx:
+                rows = await tx.run(_CLAIM.execute, params)
+        else:  # one statement that commits by itself: no BEGIN and COMMIT round trips
+            async with db.engine.connect() as connection:
+                rows = await _CLAIM.fetch_alone(connection, params)
         return [
             ClaimedJob(job_id, kind, payload or {}, attempts, max_attempts, created_at)
             for job_id, kind, payload, attempts, max_attempts, created_at in rows

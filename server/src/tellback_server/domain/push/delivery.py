@@ -32,7 +32,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from tellback_server.db.base import table_of
 from tellback_server.db.models import (
@@ -176,6 +176,7 @@ class _Facts:
     text: str
     agent_name: str | None
     user_name: str | None
+    user_unread: int  # the end user's unread replies across their conversations: their badge
 
 
 async def _facts(db: Any, message_id: UUID) -> _Facts | None:
@@ -186,9 +187,15 @@ async def _facts(db: Any, message_id: UUID) -> _Facts | None:
         .where(Attachment.message_id == Message.id, Attachment.kind == "photo")
         .scalar_subquery()
     )
+    others = aliased(Conversation)
+    user_unread = (
+        select(func.coalesce(func.sum(others.user_unread_count), 0))
+        .where(others.end_user_id == Conversation.end_user_id)
+        .scalar_subquery()
+    )
     row = (
         await db.execute(
-            select(Message, Conversation, App, Agent.name, EndUser.name, has_photo)
+            select(Message, Conversation, App, Agent.name, EndUser.name, has_photo, user_unread)
             .join(Conversation, Conversation.id == Message.conversation_id)
             .join(App, App.id == Conversation.app_id)
             .join(EndUser, EndUser.id == Conversation.end_user_id)
@@ -198,7 +205,7 @@ async def _facts(db: Any, message_id: UUID) -> _Facts | None:
     ).first()
     if row is None:
         return None
-    message, conv, app, agent_name, user_name, photos = row
+    message, conv, app, agent_name, user_name, photos, unread = row
     if message.internal:
         return None
     has_image = bool(photos)
@@ -211,18 +218,12 @@ async def _facts(db: Any, message_id: UUID) -> _Facts | None:
         text=snippet(message.body) or ("Sent a photo" if has_image else "Sent an attachment"),
         agent_name=agent_name,
         user_name=user_name,
+        user_unread=int(unread or 0),
     )
 
 
-async def _badges(db: Any, facts: _Facts, audience: str, devices: list[Device]) -> dict[UUID, int]:
-    """Badge per device: the user's unread total, or per agent the conversations to read."""
-    if audience == "user":
-        total = await db.scalar(
-            select(func.coalesce(func.sum(Conversation.user_unread_count), 0)).where(
-                Conversation.end_user_id == facts.conv.end_user_id
-            )
-        )
-        return {d.id: int(total or 0) for d in devices}
+async def _agent_badges(db: Any, devices: list[Device]) -> dict[UUID, int]:
+    """Badge per agent's device: the conversations its agent has to read."""
     per_agent: dict[UUID, int] = {}
     for agent_id in {d.agent_id for d in devices if d.agent_id is not None}:
         apps = select(AgentApp.app_id).where(AgentApp.agent_id == agent_id)
@@ -313,8 +314,11 @@ async def _deliver(
     final: bool,
 ) -> list[tuple[Device, Outcome]]:
     """Send one message to ``devices``, record every outcome; return the ones to retry."""
-    async with state.db.session(write=False) as db:
-        badges = await _badges(db, facts, audience, devices)
+    if audience == "user":  # (read with the facts)
+        badges = {d.id: facts.user_unread for d in devices}
+    else:
+        async with state.db.session(write=False) as db:
+            badges = await _agent_badges(db, devices)
     notes = {d.id: _notification(facts, audience, badges[d.id]) for d in devices}
     groups: dict[tuple[UUID, str, str | None], list[Device]] = {}
     for d in devices:
@@ -487,12 +491,11 @@ async def fanout(ctx: JobContext, payload: dict[str, Any]) -> None:
         done = select(PushDelivery.device_id).where(
             PushDelivery.message_id == message_id, PushDelivery.status.in_(("sent", "skipped"))
         )
-        devices = list(await db.scalars(stmt.where(Device.id.not_in(done))))
-        configured = {
-            (r.app_id, r.provider)
-            for r in await db.execute(select(PushCredential.app_id, PushCredential.provider))
-        }
-    unconfigured = [d for d in devices if (d.app_id, d.provider) not in configured]
+        configured = exists().where(
+            PushCredential.app_id == Device.app_id, PushCredential.provider == Device.provider
+        )
+        found = (await db.execute(stmt.add_columns(configured).where(Device.id.not_in(done)))).all()
+    unconfigured = [d for d, has_credentials in found if not has_credentials]
     if unconfigured:
         async with state.db.session(write=True) as db:
             db.add_all(
@@ -510,7 +513,7 @@ async def fanout(ctx: JobContext, payload: dict[str, Any]) -> None:
                 )
                 for d in unconfigured
             )
-    devices = [d for d in devices if (d.app_id, d.provider) in configured]
+    devices = [d for d, has_credentials in found if has_credentials]
     if not devices:
         return
     retry = await _deliver(state, ctx, facts, audience, devices, final=False)
