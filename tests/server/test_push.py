@@ -224,6 +224,40 @@ async def test_new_feedback_reaches_the_agents_phone(push: Push) -> None:
     assert payload["aps"]["badge"] == 1
 
 
+async def test_each_agents_badge_counts_the_conversations_to_read_in_their_own_apps(
+    push: Push,
+) -> None:
+    """Ada serves the app; Bo serves it and a second app with two unread conversations.
+    New feedback in the app (its second unread one) reaches both phones, each with the
+    unread conversations of the apps that agent serves: 2 for Ada, 4 for Bo."""
+    await push.set_apns()
+    other = await push.api.create_app("Second App")
+    _, bo = await push.api.create_agent(push.app, other, name="Bo")
+    ada_phone = await push.register(push.agent)
+    bo_phone = ApnsFake.make_token()
+    r = await push.api.http.put(
+        "/v1/agent/devices/current",
+        json={
+            "platform": "ios",
+            "push_provider": "apns",
+            "push_token": bo_phone,
+            "app_id": push.app.id,  # (whose credentials reach the phone)
+        },
+        headers=bo,
+    )
+    assert r.status_code == 200, r.text
+    other_user = await push.api.user_headers(other)
+    for _ in range(2):
+        await push.api.feedback(other_user)  # (no APNs credentials in that app)
+    await push.api.feedback(push.user)
+    await push.run_jobs()
+    push.apns.received.clear()
+    await push.api.feedback(push.user, body="second")
+    await push.run_jobs()
+    badges = {n.token: n.payload["aps"]["badge"] for n in push.apns.received}
+    assert badges == {ada_phone: 2, bo_phone: 4}
+
+
 async def _fanout_jobs(push: Push) -> int:
     async with push.api.state.db.session(write=False) as db:
         return len(list(await db.scalars(select(Job.id).where(Job.kind == "push.fanout"))))

@@ -223,18 +223,26 @@ async def _facts(db: Any, message_id: UUID) -> _Facts | None:
 
 
 async def _agent_badges(db: Any, devices: list[Device]) -> dict[UUID, int]:
-    """Badge per agent's device: the conversations its agent has to read."""
+    """Badge per agent's device: the conversations its agent has to read, over the apps
+    the agent serves. One statement whatever the number of agents: each app's unread
+    conversations are counted once, then summed per agent."""
+    agent_ids = {d.agent_id for d in devices if d.agent_id is not None}
     per_agent: dict[UUID, int] = {}
-    for agent_id in {d.agent_id for d in devices if d.agent_id is not None}:
-        apps = select(AgentApp.app_id).where(AgentApp.agent_id == agent_id)
-        per_agent[agent_id] = int(
-            await db.scalar(
-                select(func.count())
-                .select_from(Conversation)
-                .where(Conversation.app_id.in_(apps), Conversation.agent_unread_count > 0)
-            )
-            or 0
+    if agent_ids:
+        served = select(AgentApp.app_id).where(AgentApp.agent_id.in_(agent_ids))
+        per_app = (
+            select(Conversation.app_id, func.count().label("unread"))
+            .where(Conversation.app_id.in_(served), Conversation.agent_unread_count > 0)
+            .group_by(Conversation.app_id)
+            .subquery()
         )
+        rows = await db.execute(
+            select(AgentApp.agent_id, func.sum(per_app.c.unread))
+            .join(per_app, per_app.c.app_id == AgentApp.app_id)
+            .where(AgentApp.agent_id.in_(agent_ids))
+            .group_by(AgentApp.agent_id)
+        )
+        per_agent = {agent_id: int(unread) for agent_id, unread in rows}
     return {d.id: per_agent.get(d.agent_id, 0) if d.agent_id else 0 for d in devices}
 
 
