@@ -146,7 +146,7 @@ async def test_the_users_badge_counts_unread_replies_across_their_conversations(
     push: Push,
 ) -> None:
     """A reply's badge is the end user's unread replies in all their conversations,
-    as they stand when the reply is stored; reading a conversation takes its own off."""
+    as they stand when the push goes out; reading a conversation takes its own off."""
     await push.set_apns()
     await push.register(push.user)
     first = await push.api.feedback(push.user, body="one")
