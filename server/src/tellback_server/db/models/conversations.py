@@ -4,7 +4,7 @@ import datetime as dt
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from tellback_server.db.base import GUID, JSON, DateTimeUTC, UUIDv7AuditBase
@@ -15,6 +15,13 @@ class Conversation(UUIDv7AuditBase):
     __table_args__ = (
         Index("ix_conversations_user_activity", "end_user_id", "public_activity_at", "id"),
         Index("ix_conversations_app_activity", "app_id", "last_activity_at", "id"),
+        # The agents' backlog, for their push badges (domain/push/delivery.py): small.
+        Index(
+            "ix_conversations_agent_unread",
+            "app_id",
+            postgresql_where=text("agent_unread_count > 0"),
+            sqlite_where=text("agent_unread_count > 0"),
+        ),
     )
 
     app_id: Mapped[UUID] = mapped_column(GUID, ForeignKey("apps.id", ondelete="CASCADE"))
