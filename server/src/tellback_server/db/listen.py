@@ -37,9 +37,17 @@ async def listen_forever(dsn: str, channels: Sequence[Channel], *, name: str) ->
     """
     backoff = 1.0
     while True:
+        conn = None
+        lost = asyncio.Event()
         try:
             conn = await asyncpg.connect(dsn)
-        except (OSError, asyncpg.PostgresError) as exc:
+            conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+            for channel in channels:
+                await conn.add_listener(channel.name, _callback(channel.on_notify))
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
             log.warning(
                 "db.listen_failed", listener=name, error_type=type(exc).__name__, retry_in=backoff
             )
@@ -47,11 +55,7 @@ async def listen_forever(dsn: str, channels: Sequence[Channel], *, name: str) ->
             backoff = min(backoff * 2, 30.0)
             continue
         backoff = 1.0
-        lost = asyncio.Event()
         try:
-            conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-            for channel in channels:
-                await conn.add_listener(channel.name, _callback(channel.on_notify))
             for channel in channels:
                 if channel.on_connected is not None:
                     channel.on_connected()
