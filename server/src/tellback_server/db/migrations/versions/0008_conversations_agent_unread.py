@@ -8,7 +8,8 @@ conversations. The index holds only the conversations with
 ``agent_unread_count > 0``, so it stays as small as the agents' backlog.
 
 Building it reads the conversations table once, holding off writes to it for that
-time (about a second per million conversations).
+time: 0.5 s for 500,000 conversations of 1 KiB on PostgreSQL on the benchmark
+machine, with the table in memory.
 
 Revision ID: 0008
 Revises: 0007
