@@ -199,16 +199,21 @@ async def processes(
         ]
 
 
-async def listening_backends(state: AppState) -> int:
-    """PostgreSQL sessions of this database (other than ours) whose last query was LISTEN."""
+async def listening_pids(state: AppState) -> list[int]:
+    """The PostgreSQL backends of this database's LISTEN connections, each process's
+    (``db/listen.py`` names them ``tellback listen``)."""
     async with state.db.session(write=False) as db:
-        n = await db.scalar(
+        pids = await db.scalars(
             text(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND pid <> pg_backend_pid() AND query ILIKE 'LISTEN%'"
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name = 'tellback listen'"
             )
         )
-    return int(n or 0)
+    return list(pids)
+
+
+async def listening_backends(state: AppState) -> int:
+    return len(await listening_pids(state))
 
 
 @pytest.fixture(params=["local", "s3"])

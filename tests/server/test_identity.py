@@ -9,6 +9,8 @@ import gc
 import hashlib
 import hmac
 import json
+import os
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -21,8 +23,16 @@ from sqlalchemy import select, text, update
 from sqlalchemy.pool import QueuePool
 
 from tellback_server.db.models import ClientSession
+from tellback_server.http.auth_cache import PrincipalCache
 from tellback_server.security import hash_token
-from tests.server.conftest import Api, AppInfo, identity_token, listening_backends, processes
+from tests.server.conftest import (
+    Api,
+    AppInfo,
+    identity_token,
+    listening_backends,
+    listening_pids,
+    processes,
+)
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -908,10 +918,55 @@ async def test_a_process_that_listens_again_forgets_the_checks_it_cached(
         # Control: nothing told the processes, so b still trusts its cached check.
         assert (await b.http.get("/v1/client/me", headers=headers)).status_code == 200
         async with a.state.db.session(write=True) as db:
-            await db.execute(
-                text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND query ILIKE 'LISTEN%'"
-                )
-            )
+            for pid in await listening_pids(a.state):
+                await db.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
         assert await _until_refused(b, headers, within=10) < 10
+
+
+async def test_a_listen_connection_that_stops_answering_is_replaced(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A LISTEN connection can die without a word (a NAT timeout, a failover): nothing
+    arrives and nothing says so. Here each process's LISTEN backend is frozen (SIGSTOP)
+    and the session ended behind the servers' backs. The ping (every 0.2 s here, 30 s
+    by default) goes unanswered, the process listens again on a new connection and
+    forgets what it cached, where it would otherwise trust the session for a minute."""
+    from tellback_server.db import listen
+
+    monkeypatch.setattr(listen, "PING_SECONDS", 0.2)
+    monkeypatch.setattr(listen, "PING_TIMEOUT", 0.5)
+    async with processes(database_url, tmp_path, auth_cache_seconds=60) as (a, b):
+        await _listening([a, b])
+        app = await a.create_app(rate_limits=UNLIMITED)
+        token = (await a.session(app))["session_token"]
+        headers = b.bearer(token)
+        assert (await b.http.get("/v1/client/me", headers=headers)).status_code == 200
+        frozen = await listening_pids(a.state)
+        assert len(frozen) == 2
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            async with a.state.db.session(write=True) as db:
+                await db.execute(
+                    update(ClientSession)
+                    .where(ClientSession.token_hash == hash_token(token))
+                    .values(revoked_at=dt.datetime.now(dt.UTC))
+                )
+            assert await _until_refused(b, headers, within=15) < 15
+        finally:
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+
+
+def test_a_check_read_before_the_cache_was_emptied_is_not_kept() -> None:
+    """A request reads a session row, then (before it stores the answer) a change of
+    access empties the cache, here or through another process's notification. The row
+    it read may be the one just revoked: it is used for this request, never cached."""
+    cache: PrincipalCache[str] = PrincipalCache(60)
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    generation = cache.generation
+    cache.clear()  # (access changed while the row was being read)
+    cache.put("hash", "alice", later, generation)
+    assert cache.get("hash") is None
+    cache.put("hash", "alice", later, cache.generation)
+    assert cache.get("hash") == "alice"

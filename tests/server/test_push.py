@@ -149,6 +149,8 @@ async def test_the_users_badge_counts_unread_replies_across_their_conversations(
     as they stand when the push goes out; reading a conversation takes its own off."""
     await push.set_apns()
     await push.register(push.user)
+    someone_else = await push.api.user_headers(push.app)  # their unread is not counted
+    await push.reply((await push.api.feedback(someone_else))["id"])
     first = await push.api.feedback(push.user, body="one")
     second = await push.api.feedback(push.user, body="two")
     badges, last = [], {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,48 +30,78 @@ class Channel:
     on_lost: Callable[[], None] | None = None
 
 
+# A connection silently gone (a NAT timeout, a failover) is found by a ping this often,
+# answered within PING_TIMEOUT seconds.
+PING_SECONDS = 30.0
+PING_TIMEOUT = 5.0
+APPLICATION_NAME = "tellback listen"
+
+
 async def listen_forever(dsn: str, channels: Sequence[Channel], *, name: str) -> None:
     """Listen on every channel over one connection; reconnect with backoff.
 
     One connection per process, whatever the number of channels: each holds a
-    PostgreSQL backend for the life of the process. Runs until cancelled.
+    PostgreSQL backend for the life of the process. Nothing but cancellation ends it:
+    any failure (connecting, listening, a connection that stops answering its ping
+    every ``PING_SECONDS``) is logged and listening starts over. Runs until cancelled.
     """
     backoff = 1.0
     while True:
-        conn = None
-        lost = asyncio.Event()
+        began = time.monotonic()
         try:
-            conn = await asyncpg.connect(dsn)
-            conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-            for channel in channels:
-                await conn.add_listener(channel.name, _callback(channel.on_notify))
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    await conn.close()
+            await _listen_once(dsn, channels, name)
+        except Exception as exc:  # noqa: BLE001 (every failure: log, wait, start over)
             log.warning(
                 "db.listen_failed", listener=name, error_type=type(exc).__name__, retry_in=backoff
             )
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 30.0)
-            continue
-        backoff = 1.0
-        try:
-            for channel in channels:
-                if channel.on_connected is not None:
-                    channel.on_connected()
-            await lost.wait()
-            log.warning("db.listen_connection_lost", listener=name)
-            for channel in channels:
-                if channel.on_lost is not None:
-                    channel.on_lost()
-        finally:
-            with contextlib.suppress(Exception):
-                await conn.close()
+        else:
+            if time.monotonic() - began > 10:  # it had listened a while: again at once
+                backoff = 1.0
+                continue
+        await asyncio.sleep(backoff)
+        backoff = min(backoff * 2, 30.0)
 
 
-def _callback(on_notify: Callable[[str], None]) -> Callable[..., None]:
+async def _listen_once(dsn: str, channels: Sequence[Channel], name: str) -> None:
+    """One connection's life: returns when it is lost, raises if it cannot listen."""
+    lost = asyncio.Event()
+    # Named, so that operators (and tests) see it in pg_stat_activity for what it is.
+    conn = await asyncpg.connect(dsn, server_settings={"application_name": APPLICATION_NAME})
+    try:
+        conn.add_termination_listener(lambda _c: lost.set())
+        for channel in channels:
+            await conn.add_listener(channel.name, _callback(channel.on_notify, name))
+        for channel in channels:
+            if channel.on_connected is not None:
+                _safely(channel.on_connected, name)
+        while not lost.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lost.wait(), PING_SECONDS)
+                break
+            try:
+                await conn.execute("SELECT 1", timeout=PING_TIMEOUT)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                break
+        log.warning("db.listen_connection_lost", listener=name)
+        for channel in channels:
+            if channel.on_lost is not None:
+                _safely(channel.on_lost, name)
+    finally:
+        conn.terminate()  # (no round trip to wait for, nothing to cancel)
+
+
+def _safely(callback: Callable[[], None], name: str) -> None:
+    try:
+        callback()
+    except Exception:
+        log.exception("db.listen_callback_failed", listener=name)
+
+
+def _callback(on_notify: Callable[[str], None], name: str) -> Callable[..., None]:
     def notified(*args: Any) -> None:  # (connection, pid, channel, payload)
-        on_notify(str(args[3]))
+        try:
+            on_notify(str(args[3]))
+        except Exception:
+            log.exception("db.listen_callback_failed", listener=name)
 
     return notified

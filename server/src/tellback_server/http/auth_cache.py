@@ -42,6 +42,8 @@ class PrincipalCache(Generic[P]):
         self.seconds = seconds
         self.max_entries = max_entries
         self._entries: dict[str, tuple[float, P]] = {}
+        # Counts the clears: a check read before one may already be stale, and is not kept.
+        self.generation = 0
 
     def get(self, token_hash: str) -> P | None:
         entry = self._entries.get(token_hash)
@@ -52,8 +54,10 @@ class PrincipalCache(Generic[P]):
             return None
         return entry[1]
 
-    def put(self, token_hash: str, principal: P, not_after: dt.datetime) -> None:
-        if self.seconds <= 0:
+    def put(self, token_hash: str, principal: P, not_after: dt.datetime, generation: int) -> None:
+        """Keep a check read when :attr:`generation` was ``generation``; not if the cache
+        was cleared since (access may have changed after the row was read)."""
+        if self.seconds <= 0 or generation != self.generation:
             return
         if len(self._entries) >= self.max_entries:
             self._entries.clear()  # a flood of distinct tokens: start over, stay bounded
@@ -62,6 +66,7 @@ class PrincipalCache(Generic[P]):
 
     def clear(self, _: object = None) -> None:
         self._entries.clear()
+        self.generation += 1
 
     def channel(self, instance: str) -> Channel:
         """``NOTIFY tellback_auth`` from another process (``instance`` is this one's, whose

@@ -217,6 +217,7 @@ _SESSION = Prepared(
 
 
 async def _client_principal(state: AppState, token_hash: str) -> ClientPrincipal:
+    generation = state.principals.generation  # (a change of access meanwhile: not cached)
     async with state.db.transaction(write=False) as tx:
         rows = await tx.run(_SESSION.execute, {"token_hash": token_hash})
     if not rows or rows[0][4] <= _now():
@@ -229,7 +230,7 @@ async def _client_principal(state: AppState, token_hash: str) -> ClientPrincipal
         installation_pk=installation_pk,
         app_settings=settings or {},
     )
-    state.principals.put(token_hash, principal, expires_at)
+    state.principals.put(token_hash, principal, expires_at, generation)
     return principal
 
 
