@@ -870,6 +870,27 @@ async def _listening(apis: list[Api]) -> None:
         await asyncio.sleep(0.05)
 
 
+async def _checked_through(a: Api, b: Api) -> tuple[str, dict[str, str]]:
+    """Once both processes listen: a session created through ``a`` whose check ``b`` has
+    cached (for the minute these tests set), and its headers."""
+    await _listening([a, b])
+    app = await a.create_app(rate_limits=UNLIMITED)  # (the tests poll)
+    token = (await a.session(app))["session_token"]
+    headers = b.bearer(token)
+    assert (await b.http.get("/v1/client/me", headers=headers)).status_code == 200
+    return token, headers
+
+
+async def _revoke_behind_the_servers_back(api: Api, token: str) -> None:
+    """End the session in the database directly: no commit hook, no notification."""
+    async with api.state.db.session(write=True) as db:
+        await db.execute(
+            update(ClientSession)
+            .where(ClientSession.token_hash == hash_token(token))
+            .values(revoked_at=dt.datetime.now(dt.UTC))
+        )
+
+
 async def test_a_session_ended_in_one_process_is_refused_by_the_others_at_once(
     database_url: str, tmp_path: Path
 ) -> None:
@@ -903,17 +924,8 @@ async def test_a_process_that_listens_again_forgets_the_checks_it_cached(
     the server's back (no notification at all) and the connection is cut: the session
     is refused once the process has reconnected, not after the minute-long lifetime."""
     async with processes(database_url, tmp_path, auth_cache_seconds=60) as (a, b):
-        await _listening([a, b])
-        app = await a.create_app(rate_limits=UNLIMITED)  # (the polling below)
-        token = (await a.session(app))["session_token"]
-        headers = b.bearer(token)
-        assert (await b.http.get("/v1/client/me", headers=headers)).status_code == 200
-        async with a.state.db.session(write=True) as db:
-            await db.execute(
-                update(ClientSession)
-                .where(ClientSession.token_hash == hash_token(token))
-                .values(revoked_at=dt.datetime.now(dt.UTC))
-            )
+        token, headers = await _checked_through(a, b)
+        await _revoke_behind_the_servers_back(a, token)
         await asyncio.sleep(0.3)
         # Control: nothing told the processes, so b still trusts its cached check.
         assert (await b.http.get("/v1/client/me", headers=headers)).status_code == 200
@@ -936,22 +948,13 @@ async def test_a_listen_connection_that_stops_answering_is_replaced(
     monkeypatch.setattr(listen, "PING_SECONDS", 0.2)
     monkeypatch.setattr(listen, "PING_TIMEOUT", 0.5)
     async with processes(database_url, tmp_path, auth_cache_seconds=60) as (a, b):
-        await _listening([a, b])
-        app = await a.create_app(rate_limits=UNLIMITED)
-        token = (await a.session(app))["session_token"]
-        headers = b.bearer(token)
-        assert (await b.http.get("/v1/client/me", headers=headers)).status_code == 200
+        token, headers = await _checked_through(a, b)
         frozen = await listening_pids(a.state)
         assert len(frozen) == 2
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)
         try:
-            async with a.state.db.session(write=True) as db:
-                await db.execute(
-                    update(ClientSession)
-                    .where(ClientSession.token_hash == hash_token(token))
-                    .values(revoked_at=dt.datetime.now(dt.UTC))
-                )
+            await _revoke_behind_the_servers_back(a, token)
             assert await _until_refused(b, headers, within=15) < 15
         finally:
             for pid in frozen:
