@@ -224,7 +224,7 @@ def _create_upload(ctx: Context, user: dict[str, str], body: dict[str, Any]) -> 
 def _put(url: str, data: bytes, headers: dict[str, str] | None = None) -> str:
     r = httpx.put(url, content=data, headers=headers or {}, timeout=60)
     expect(r, 200, f"PUT {url.split('?', maxsplit=1)[0]}")
-    return r.headers.get("ETag", "")
+    return str(r.headers.get("ETag", ""))
 
 
 def upload_single(ctx: Context) -> str:

@@ -96,18 +96,18 @@ def jwt_clock(now: float) -> Iterator[None]:
     """Make PyJWT (which the server uses) see ``now`` as the current time."""
     import jwt.api_jwt as api  # noqa: PLC0415
 
-    real = api.datetime
+    real = api.datetime  # type: ignore[attr-defined]
 
     class Frozen(real):  # type: ignore[misc,valid-type]
         @classmethod
         def now(cls, tz: dt.tzinfo | None = None) -> Any:
             return real.fromtimestamp(now, tz)
 
-    api.datetime = Frozen  # type: ignore[misc]
+    api.datetime = Frozen  # type: ignore[attr-defined]
     try:
         yield
     finally:
-        api.datetime = real  # type: ignore[misc]
+        api.datetime = real  # type: ignore[attr-defined]
 
 
 def verify_token_with_server(token: str, secrets: list[dict[str, str]], now: int) -> dict[str, Any]:
@@ -468,6 +468,7 @@ def _server_notification(inp: dict[str, Any]) -> Any:
         text=text,
         agent_name=inp["agent_name"],
         user_name=inp["user_name"],
+        user_unread=inp["badge"],
     )
     return _notification(facts, inp["audience"], inp["badge"])
 
