@@ -67,10 +67,12 @@ async def _listen_once(dsn: str, channels: Sequence[Channel], name: str) -> None
     lost = asyncio.Event()
     # Named, so that operators (and tests) see it in pg_stat_activity for what it is.
     conn = await asyncpg.connect(dsn, server_settings={"application_name": APPLICATION_NAME})
+    listening = False
     try:
         conn.add_termination_listener(lambda _c: lost.set())
         for channel in channels:
             await conn.add_listener(channel.name, _callback(channel.on_notify, name))
+        listening = True
         for channel in channels:
             if channel.on_connected is not None:
                 _safely(channel.on_connected, name)
@@ -80,14 +82,18 @@ async def _listen_once(dsn: str, channels: Sequence[Channel], name: str) -> None
                 break
             try:
                 await conn.execute("SELECT 1", timeout=PING_TIMEOUT)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            except Exception:  # noqa: BLE001 (whatever the reason, it no longer answers)
                 break
-        log.warning("db.listen_connection_lost", listener=name)
-        for channel in channels:
-            if channel.on_lost is not None:
-                _safely(channel.on_lost, name)
+    except asyncio.CancelledError:
+        listening = False  # (the process is stopping: nothing was lost)
+        raise
     finally:
         conn.terminate()  # (no round trip to wait for, nothing to cancel)
+        if listening:  # (lost, or failed in a way of its own: what it heard stops here)
+            log.warning("db.listen_connection_lost", listener=name)
+            for channel in channels:
+                if channel.on_lost is not None:
+                    _safely(channel.on_lost, name)
 
 
 def _safely(callback: Callable[[], None], name: str) -> None:
