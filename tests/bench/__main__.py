@@ -28,7 +28,7 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     # name: (default arguments, --quick arguments)
     "ingest": ([], ["--seconds", "5", "--warmup", "1"]),
     "events": ([], ["--streams", "300", "--replies", "60"]),
-    "push": ([], ["--devices", "1000", "--replies", "60"]),
+    "push": ([], ["--devices", "1000", "--replies", "60", "--team", "30", "--backlog", "300"]),
     "upload": ([], ["--size-mib", "64"]),
 }
 

