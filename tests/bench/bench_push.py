@@ -134,6 +134,21 @@ async def setup_app(
     return {"app": app, "agent": agent}
 
 
+async def agent_phone(http: httpx.AsyncClient, agent: dict[str, str], i: int) -> None:
+    """Register the agent's phone number ``i`` (an installation of its own) with APNs."""
+    r = await http.put(
+        "/v1/agent/devices/current",
+        headers=agent,
+        json={
+            "platform": "ios",
+            "push_provider": "apns",
+            "push_token": ApnsFake.make_token(),
+            "installation_id": f"phone-{i}",
+        },
+    )
+    r.raise_for_status()
+
+
 async def user_session(http: httpx.AsyncClient, app: dict[str, Any]) -> dict[str, str]:
     s = (
         await http.post(
@@ -159,17 +174,7 @@ async def fanout(workdir: Path, devices: int, concurrency: int) -> float:
 
             async def register(i: int) -> None:
                 async with sem:
-                    r = await http.put(
-                        "/v1/agent/devices/current",
-                        headers=agent,
-                        json={
-                            "platform": "ios",
-                            "push_provider": "apns",
-                            "push_token": ApnsFake.make_token(),
-                            "installation_id": f"phone-{i}",
-                        },
-                    )
-                    r.raise_for_status()
+                    await agent_phone(http, agent, i)
 
             await asyncio.gather(*(register(i) for i in range(devices)))
             user = await user_session(http, ids["app"])
@@ -199,42 +204,51 @@ async def fanout(workdir: Path, devices: int, concurrency: int) -> float:
         return (devices - 1) / (last - first)
 
 
-async def latency(workdir: Path, database_url: str | None, replies: int) -> list[float]:
+@asynccontextmanager
+async def served_app(
+    workdir: Path, database_url: str | None
+) -> AsyncIterator[tuple[ApnsFake, httpx.AsyncClient, dict[str, str], dict[str, Any]]]:
+    """A migrated `tellback serve` (worker in process) sending to an APNs fake, with an
+    app and an agent (``setup_app``): the fake, a client, admin headers and the ids."""
     async with ApnsFake(topics=[TOPIC], max_records=10) as fake:
         env = env_for(workdir, database_url, fake)
         tellback(env, "migrate")
         token = tellback(env, "admin", "create-token").strip().splitlines()[-1]
         admin = {"Authorization": f"Bearer {token}"}
         async with serve(env) as url, httpx.AsyncClient(base_url=url, timeout=60) as http:
-            ids = await setup_app(http, admin, fake)
-            agent = {"Authorization": f"Bearer {ids['agent']['token']}"}
-            user = await user_session(http, ids["app"])
-            await http.put(
-                "/v1/client/devices/current",
-                headers=user,
-                json={
-                    "platform": "ios",
-                    "push_provider": "apns",
-                    "push_token": ApnsFake.make_token(),
-                },
+            yield fake, http, admin, await setup_app(http, admin, fake)
+
+
+async def latency(workdir: Path, database_url: str | None, replies: int) -> list[float]:
+    async with served_app(workdir, database_url) as (fake, http, _, ids):
+        agent = {"Authorization": f"Bearer {ids['agent']['token']}"}
+        user = await user_session(http, ids["app"])
+        await http.put(
+            "/v1/client/devices/current",
+            headers=user,
+            json={
+                "platform": "ios",
+                "push_provider": "apns",
+                "push_token": ApnsFake.make_token(),
+            },
+        )
+        conv = (
+            await http.post("/v1/client/conversations", json={"body": "hi"}, headers=user)
+        ).json()
+        samples = []
+        for i in range(replies + 5):
+            before = fake.received_count
+            started = time.monotonic()
+            r = await http.post(
+                f"/v1/agent/conversations/{conv['id']}/messages",
+                json={"body": f"reply {i}"},
+                headers=agent,
             )
-            conv = (
-                await http.post("/v1/client/conversations", json={"body": "hi"}, headers=user)
-            ).json()
-            samples = []
-            for i in range(replies + 5):
-                before = fake.received_count
-                started = time.monotonic()
-                r = await http.post(
-                    f"/v1/agent/conversations/{conv['id']}/messages",
-                    json={"body": f"reply {i}"},
-                    headers=agent,
-                )
-                r.raise_for_status()
-                await fake.wait_for(before + 1, timeout=30)
-                if i >= 5:  # warm-up: first connection, JWT, caches
-                    samples.append((fake.received[-1].received_at - started) * 1000)
-            return samples
+            r.raise_for_status()
+            await fake.wait_for(before + 1, timeout=30)
+            if i >= 5:  # warm-up: first connection, JWT, caches
+                samples.append((fake.received[-1].received_at - started) * 1000)
+        return samples
 
 
 async def team_fanout(
@@ -256,64 +270,46 @@ async def team_fanout(
 async def _team_once(
     workdir: Path, database_url: str | None, shape: str, phones: int, backlog: int, rounds: int
 ) -> float:
-    async with ApnsFake(topics=[TOPIC], max_records=10) as fake:
-        env = env_for(workdir, database_url, fake)
-        tellback(env, "migrate")
-        token = tellback(env, "admin", "create-token").strip().splitlines()[-1]
-        admin = {"Authorization": f"Bearer {token}"}
-        async with serve(env) as url, httpx.AsyncClient(base_url=url, timeout=60) as http:
-            ids = await setup_app(http, admin, fake)
-            app = ids["app"]
-            unlimited = {"rate_limits": {"app_per_minute": 0, "user_per_minute": 0}}
-            r = await http.patch(
-                f"/v1/admin/apps/{app['id']}", json={"settings": unlimited}, headers=admin
-            )
-            r.raise_for_status()
-            user = await user_session(http, app)
-            sem = asyncio.Semaphore(16)
+    async with served_app(workdir, database_url) as (fake, http, admin, ids):
+        app = ids["app"]
+        unlimited = {"rate_limits": {"app_per_minute": 0, "user_per_minute": 0}}
+        r = await http.patch(
+            f"/v1/admin/apps/{app['id']}", json={"settings": unlimited}, headers=admin
+        )
+        r.raise_for_status()
+        user = await user_session(http, app)
+        sem = asyncio.Semaphore(16)
 
-            async def send(body: str) -> None:
-                async with sem:
-                    r = await http.post(
-                        "/v1/client/conversations", json={"body": body}, headers=user
-                    )
-                    r.raise_for_status()
+        async def send(body: str) -> None:
+            async with sem:
+                r = await http.post("/v1/client/conversations", json={"body": body}, headers=user)
+                r.raise_for_status()
 
-            # The backlog first, while no phone can hear of it.
-            await asyncio.gather(*(send(f"backlog {i}") for i in range(backlog)))
-            if shape == "one agent":
-                tokens = [ids["agent"]["token"]] * phones
-            else:
-                tokens = []
-                for i in range(phones):
-                    r = await http.post(
-                        "/v1/admin/agents",
-                        headers=admin,
-                        json={"name": f"Agent {i}", "app_ids": [app["id"]]},
-                    )
-                    r.raise_for_status()
-                    tokens.append(r.json()["token"])
-            for i, agent_token in enumerate(tokens):
-                r = await http.put(
-                    "/v1/agent/devices/current",
-                    headers={"Authorization": f"Bearer {agent_token}"},
-                    json={
-                        "platform": "ios",
-                        "push_provider": "apns",
-                        "push_token": ApnsFake.make_token(),
-                        "installation_id": f"phone-{i}",
-                    },
+        # The backlog first, while no phone can hear of it.
+        await asyncio.gather(*(send(f"backlog {i}") for i in range(backlog)))
+        if shape == "one agent":
+            tokens = [ids["agent"]["token"]] * phones
+        else:
+            tokens = []
+            for i in range(phones):
+                r = await http.post(
+                    "/v1/admin/agents",
+                    headers=admin,
+                    json={"name": f"Agent {i}", "app_ids": [app["id"]]},
                 )
                 r.raise_for_status()
-            samples = []
-            for i in range(rounds + 1):
-                before = fake.received_count
-                started = time.monotonic()
-                await send(f"new {i}")
-                await fake.wait_for(before + phones, timeout=120)
-                if i:  # (the first: connections, JWT, caches)
-                    samples.append((fake.received[-1].received_at - started) * 1000)
-            return statistics.median(samples)
+                tokens.append(r.json()["token"])
+        for i, agent_token in enumerate(tokens):
+            await agent_phone(http, {"Authorization": f"Bearer {agent_token}"}, i)
+        samples = []
+        for i in range(rounds + 1):
+            before = fake.received_count
+            started = time.monotonic()
+            await send(f"new {i}")
+            await fake.wait_for(before + phones, timeout=120)
+            if i:  # (the first: connections, JWT, caches)
+                samples.append((fake.received[-1].received_at - started) * 1000)
+        return statistics.median(samples)
 
 
 def pct(values: list[float], p: float) -> float:
