@@ -103,6 +103,7 @@ from tellback_server.domain.push.delivery import (
     fanout_job,
     queue_fanout_in,
     user_listens,
+    user_unread_total,
 )
 from tellback_server.domain.webhooks.outbox import (
     DELIVERY_PARAMS,
@@ -1127,12 +1128,7 @@ def _read_target(db: Session, statement: Prepared, params: dict[str, Any]) -> _T
 def _reply_read() -> Prepared:
     """Asked along for a reply: the user's unread total across the app, and whether any
     device of theirs may hear of it."""
-    others = _CONVS.alias("others")
-    unread = (
-        select(func.coalesce(func.sum(others.c.user_unread_count), 0))
-        .where(others.c.app_id == _CONVS.c.app_id, others.c.end_user_id == _CONVS.c.end_user_id)
-        .scalar_subquery()
-    )
+    unread = user_unread_total(_CONVS.c.app_id, _CONVS.c.end_user_id)
     return _conversation_read(
         unread.label("unread_total"), user_listens(_CONVS.c.end_user_id).label("user_listens")
     )

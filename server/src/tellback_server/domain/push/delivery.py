@@ -32,7 +32,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session
 
 from tellback_server.db.base import table_of
 from tellback_server.db.models import (
@@ -187,12 +187,7 @@ async def _facts(db: Any, message_id: UUID) -> _Facts | None:
         .where(Attachment.message_id == Message.id, Attachment.kind == "photo")
         .scalar_subquery()
     )
-    others = aliased(Conversation)
-    user_unread = (
-        select(func.coalesce(func.sum(others.user_unread_count), 0))
-        .where(others.end_user_id == Conversation.end_user_id)
-        .scalar_subquery()
-    )
+    user_unread = user_unread_total(Conversation.app_id, Conversation.end_user_id)
     row = (
         await db.execute(
             select(Message, Conversation, App, Agent.name, EndUser.name, has_photo, user_unread)
@@ -445,6 +440,18 @@ def _user_phones() -> Select[tuple[Any]]:
     an agent's reply."""
     devices = table_of(Device)
     return select(literal_column("1")).select_from(devices).where(devices.c.active.is_(True))
+
+
+def user_unread_total(app_id: Any, end_user_id: Any) -> Any:
+    """The end user's unread replies over their conversations in the app (``app_id``,
+    ``end_user_id``: columns of the enclosing query), as a scalar subquery: their push
+    badge, and the total an ``unread.changed`` event carries."""
+    others = table_of(Conversation).alias("others")
+    return (
+        select(func.coalesce(func.sum(others.c.user_unread_count), 0))
+        .where(others.c.app_id == app_id, others.c.end_user_id == end_user_id)
+        .scalar_subquery()
+    )
 
 
 def user_listens(end_user_id: Any) -> Exists:
