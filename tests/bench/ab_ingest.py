@@ -91,7 +91,7 @@ async def serving(
     env["PYTHONPATH"] = str(build.source)  # ahead of the editable install's path
     port = free_port()
     async with process(serve_args(port), env, port) as url:
-        tokens, _ = await setup(url, env, args.connections)
+        tokens, *_ = await setup(url, env, args.connections)
         body = feedback_body()
 
         def ingest(i: int) -> tuple[bytes, bytes]:

@@ -13,10 +13,11 @@ session authentication, dependencies, body type) whose handler stores nothing an
 answers a fixed conversation: what is left for the handler's own work. And the
 issue's naive prototype (`tests/bench/naive_app.py`: ORM inserts of conversation,
 message and job, nothing else), the reference its targets were set beside. Reads:
-the conversation list and a message page, against the ceiling's GET that
-returns a same-sized page, after an ANALYZE on PostgreSQL (as autovacuum would
-run within a minute of the ingest: see :func:`analyze`). Same uvicorn settings,
-same load.
+the conversation list and a message page (an end user's), and an agent's inbox
+page (agent token auth; the console reloads it on every event), each against the
+ceiling's GET that returns a page of the same size and shape, after an ANALYZE
+on PostgreSQL (as autovacuum would run within a minute of the ingest: see
+:func:`analyze`). Same uvicorn settings, same load.
 
 Load generator: an asyncio HTTP/1.1 keep-alive client over raw sockets
 (`--connections` concurrent, one end user per connection), in this process,
@@ -47,6 +48,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import asyncpg
 import httpx
@@ -388,7 +390,13 @@ def get_head(path: str, host: str, headers: dict[str, str]) -> bytes:
     return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode()
 
 
-async def setup(url: str, env: dict[str, str], connections: int) -> tuple[list[str], str]:
+class Setup(NamedTuple):
+    tokens: list[str]  # one end user's session each
+    conv_id: str  # the first user's conversation with 25 messages
+    agent_token: str  # an agent of the app, whose inbox holds the 30 conversations
+
+
+async def setup(url: str, env: dict[str, str], connections: int) -> Setup:
     out = subprocess.run(  # noqa: ASYNC221 (setup, before anything is measured)
         [sys.executable, "-m", "tellback_server", "admin", "create-token"],
         env=env,
@@ -426,7 +434,13 @@ async def setup(url: str, env: dict[str, str], connections: int) -> tuple[list[s
                 headers=user,
             )
             r.raise_for_status()
-    return tokens, conv_id
+        r = await http.post(
+            "/v1/admin/agents",
+            json={"name": "Bench agent", "email": "agent@example.com", "app_ids": [app["id"]]},
+            headers=admin,
+        )
+        r.raise_for_status()
+    return Setup(tokens, conv_id, r.json()["token"])
 
 
 def report_row(name: str, ours: Result, ceiling: Result) -> report.Row:
@@ -469,7 +483,7 @@ async def run_database(
             + [process(floor_args(floor_port), env, floor_port)]
         ]
         *ours, ceiling, floor = started
-        tokens, conv_id = await setup(ours[0], env, args.connections)
+        tokens, conv_id, agent_token = await setup(ours[0], env, args.connections)
         naive = None
         if processes == 1:  # it writes for an end user: it starts once setup made them
             naive_server = process(naive_args(naive_port), env, naive_port)
@@ -507,13 +521,22 @@ async def run_database(
         def ceiling_list(_: int) -> tuple[bytes, bytes]:
             return get_head("/ceiling/conversations?limit=25", host, reader), b""
 
+        agent = {"Authorization": f"Bearer {agent_token}"}
+
+        def inbox(_: int) -> tuple[bytes, bytes]:
+            return get_head("/v1/agent/conversations?limit=25", host, agent), b""
+
+        def ceiling_inbox(_: int) -> tuple[bytes, bytes]:
+            return get_head("/ceiling/agent/conversations?limit=25", host, agent), b""
+
         label = f"{name}, {processes} process{'es' if processes > 1 else ''}"
         for title, ours_req, ceiling_req in (
             ("ingest", ingest, ceiling_ingest),
             ("conversation list", list_convs, ceiling_list),
             ("message page", list_msgs, ceiling_list),
+            ("agent inbox", inbox, ceiling_inbox),
         ):
-            if title != "ingest" and not args.reads:
+            if not (args.reads if title != "ingest" else args.ingest):
                 continue
             if title == "conversation list":
                 await analyze(database_url)
@@ -631,6 +654,9 @@ def main() -> None:
         "--processes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2]
     )
     parser.add_argument("--no-reads", dest="reads", action="store_false")
+    parser.add_argument(
+        "--no-ingest", dest="ingest", action="store_false", help="the reads alone (faster)"
+    )
     parser.add_argument(
         "--client",
         choices=["asyncio", "wrk"],

@@ -22,11 +22,14 @@ from litestar.params import JSONBody
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tellback_server.cli import freeze_startup_heap
 from tellback_server.domain.conversations.schemas import (
+    AgentConversation,
+    AgentMessageOut,
     Author,
     ConversationCreate,
     ConversationOut,
     MessageOut,
 )
+from tellback_server.domain.identity.schemas import EndUserOut
 from tellback_server.http.pagination import Page
 
 
@@ -74,6 +77,44 @@ async def list_(request: Request[Any, Any, Any], limit: int = 25) -> Page[Conver
     return Page(items=[_out(_SAMPLE) for _ in range(limit)], next_cursor="x" * 40)
 
 
+def _agent_out(data: ConversationCreate) -> AgentConversation:
+    """``data`` as it shows in an agent's inbox: the end user and the last message."""
+    now = dt.datetime.now(dt.UTC)
+    conv_id, user_id = uuid.uuid4(), uuid.uuid4()
+    message = AgentMessageOut(
+        id=uuid.uuid4(),
+        conversation_id=conv_id,
+        author=Author(type="user", id=user_id, name=None),
+        body=data.body,
+        attachments=[],
+        location=data.location,
+        created_at=now,
+    )
+    return AgentConversation(
+        id=conv_id,
+        app_id=uuid.uuid4(),
+        status="open",
+        priority="normal",
+        subject=data.subject,
+        category=data.category,
+        tags=data.tags,
+        assignee_id=None,
+        end_user=EndUserOut(id=user_id, external_id=None, name=None, email=None, attributes={}),
+        last_message=message,
+        message_count=1,
+        unread_count=1,
+        created_at=now,
+        updated_at=now,
+        last_activity_at=now,
+    )
+
+
+@get("/ceiling/agent/conversations")
+async def agent_list(request: Request[Any, Any, Any], limit: int = 25) -> Page[AgentConversation]:
+    _ = request.headers.get("authorization")
+    return Page(items=[_agent_out(_SAMPLE) for _ in range(limit)], next_cursor="x" * 40)
+
+
 @get("/healthz")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
@@ -83,7 +124,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    app = Litestar([create, list_, healthz], debug=False, logging_config=None)
+    app = Litestar([create, list_, agent_list, healthz], debug=False, logging_config=None)
     freeze_startup_heap()  # the garbage collector's settings `tellback serve` uses
     uvicorn.run(
         app,

@@ -51,7 +51,7 @@ async def _prepare(
     env = env_for(base / "data", database_url)
     port = free_port()
     async with process(serve_args(port), env, port) as url:
-        tokens, _ = await setup(url, env, tasks)
+        tokens, *_ = await setup(url, env, tasks)
     return env, tokens
 
 

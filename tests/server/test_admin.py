@@ -550,6 +550,9 @@ async def test_agent_app_ids_decide_what_it_sees(api: Api) -> None:
 async def test_disabled_agent_is_unauthenticated(api: Api) -> None:
     app = await api.create_app()
     agent_id, agent = await api.create_agent(app)
+    # Checked once, so the process has the agent cached (http/auth_cache.py) ...
+    assert (await api.http.get("/v1/agent/me", headers=agent)).status_code == 200
+    # ... and disabling it empties that cache when it commits.
     r = await api.http.patch(
         f"/v1/admin/agents/{agent_id}", json={"disabled": True}, headers=api.admin
     )
@@ -578,6 +581,7 @@ async def test_disabled_agent_is_unauthenticated(api: Api) -> None:
 async def test_rotate_agent_token(api: Api) -> None:
     app = await api.create_app()
     agent_id, old = await api.create_agent(app)
+    assert (await api.http.get("/v1/agent/me", headers=old)).status_code == 200  # (cached)
     r = await api.http.post(f"/v1/admin/agents/{agent_id}/rotate-token", headers=api.admin)
     assert r.status_code == 200, r.text
     body = r.json()

@@ -851,10 +851,13 @@ async def test_session_checks_are_cached_briefly_and_dropped_when_access_changes
 UNLIMITED = {"app_per_minute": 0, "user_per_minute": 0}
 
 
-async def _until_refused(api: Api, headers: dict[str, str], within: float) -> float:
-    """Seconds until ``api`` refuses these credentials (401), polled every 20 ms."""
+async def _until_refused(
+    api: Api, headers: dict[str, str], within: float, path: str = "/v1/client/me"
+) -> float:
+    """Seconds until ``api`` refuses these credentials on ``path`` (401), polled every
+    20 ms."""
     start = time.monotonic()
-    while (r := await api.http.get("/v1/client/me", headers=headers)).status_code == 200:
+    while (r := await api.http.get(path, headers=headers)).status_code == 200:
         elapsed = time.monotonic() - start
         assert elapsed < within, f"still trusted after {elapsed:.1f}s"
         await asyncio.sleep(0.02)
@@ -914,6 +917,30 @@ async def test_a_session_ended_in_one_process_is_refused_by_the_others_at_once(
         assert_problem(await a.http.get("/v1/client/me", headers=alice), 401, "unauthenticated")
         assert await _until_refused(b, alice, within=3) < 3
         assert (await b.http.get("/v1/client/me", headers=bob)).status_code == 200
+
+
+async def test_an_agent_disabled_or_rotated_in_one_process_is_refused_by_the_others_at_once(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Agent tokens are cached like sessions. Disabling an agent, or rotating its token,
+    through one process empties the other's cache too (NOTIFY tellback_auth): refused
+    there at once, not after the minute-long lifetime set here."""
+    async with processes(database_url, tmp_path, auth_cache_seconds=60) as (a, b):
+        await _listening([a, b])
+        app = await a.create_app()
+        me = "/v1/agent/me"
+        for change in ("disable", "rotate"):
+            agent_id, agent = await a.create_agent(app)
+            assert (await b.http.get(me, headers=agent)).status_code == 200  # cached
+            if change == "disable":
+                r = await a.http.patch(
+                    f"/v1/admin/agents/{agent_id}", json={"disabled": True}, headers=a.admin
+                )
+            else:
+                r = await a.http.post(f"/v1/admin/agents/{agent_id}/rotate-token", headers=a.admin)
+            assert r.status_code == 200, r.text
+            assert_problem(await a.http.get(me, headers=agent), 401, "unauthenticated")
+            assert await _until_refused(b, agent, within=3, path=me) < 3
 
 
 async def test_a_process_that_listens_again_forgets_the_checks_it_cached(

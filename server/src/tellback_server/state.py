@@ -28,7 +28,8 @@ class AppState:
     limiter: RateLimiter = field(default_factory=RateLimiter)
     # PostgreSQL: the limiter's counts shared with the other processes (ratelimit.py).
     shared_limits: SharedLimits | None = None
-    # Recently verified session tokens (hash -> ClientPrincipal), see http/auth_cache.py.
+    # Recently verified session and agent tokens (hash -> ClientPrincipal or AgentPrincipal),
+    # see http/auth_cache.py.
     principals: PrincipalCache[Any] = field(default_factory=lambda: PrincipalCache(0))
     # Per-process caches owned by capabilities (e.g. open push clients).
     extras: dict[str, Any] = field(default_factory=dict)

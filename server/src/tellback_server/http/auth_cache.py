@@ -1,11 +1,12 @@
-"""Recently verified session tokens, so a busy client's requests skip the lookup.
+"""Recently verified session and agent tokens, so a busy client's or agent's requests
+skip the lookup.
 
-A session token is checked against the database once, then trusted for
+A session or agent token is checked against the database once, then trusted for
 ``TELLBACK_AUTH_CACHE_SECONDS`` (default 5 s; never past the session's expiry)
 in this process. What could make a cached answer wrong -- another user signing in
 on the installation (which ends the previous user's sessions), an app's settings
-changing, an app or user being deleted -- empties this process's cache when its
-transaction commits (the ``AUTH_CHANGED`` key, a commit hook). On PostgreSQL the
+changing, a user being erased, an agent disabled, renamed, given other apps or a
+new token -- empties this process's cache when its transaction commits (the ``AUTH_CHANGED`` key, a commit hook). On PostgreSQL the
 same commit sends ``NOTIFY tellback_auth``, and every other process empties its
 cache when it arrives (:meth:`PrincipalCache.channel`, on the process's LISTEN
 connection), a few milliseconds later. A process that is not listening (its

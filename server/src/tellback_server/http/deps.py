@@ -151,16 +151,28 @@ _AGENT = Prepared(
 )
 
 
+# An agent's token never expires by itself: a check is kept for the cache's lifetime.
+_AGENT_NOT_AFTER = dt.datetime.max.replace(tzinfo=dt.UTC)
+
+
 async def agent_by_token_hash(state: AppState, token_hash: str) -> AgentPrincipal | None:
     """The active agent whose token has this hash, with its apps (the one agent lookup:
-    the API's authentication and the console's sign-in and pages all use it)."""
+    the API's authentication and the console's sign-in and pages all use it). A found
+    agent is kept in the process's principal cache (``http/auth_cache.py``), which
+    disabling the agent, changing its apps or rotating its token empties."""
+    cached = state.principals.get(token_hash)
+    if isinstance(cached, AgentPrincipal):
+        return cached
+    generation = state.principals.generation  # (a change of access meanwhile: not cached)
     async with state.db.transaction(write=False) as tx:
         rows = await tx.run(_AGENT.execute, {"token_hash": token_hash})
     if not rows:
         return None
     agent_id, name, _ = rows[0]
     app_ids = frozenset(app_id for _, _, app_id in rows if app_id is not None)
-    return AgentPrincipal(agent_id=agent_id, name=name, app_ids=app_ids)
+    principal = AgentPrincipal(agent_id=agent_id, name=name, app_ids=app_ids)
+    state.principals.put(token_hash, principal, _AGENT_NOT_AFTER, generation)
+    return principal
 
 
 # The console's EventSource cannot send an Authorization header, so this one read-only
@@ -194,7 +206,7 @@ async def authenticate_client(connection: ASGIConnection[Any, Any, Any, Any]) ->
     state = app_state(connection)
     token_hash = hash_token(token)
     principal = state.principals.get(token_hash)
-    if principal is None:
+    if not isinstance(principal, ClientPrincipal):
         principal = await _client_principal(state, token_hash)
     connection.scope["state"]["app_id"] = principal.app_text
     structlog.contextvars.bind_contextvars(app_id=principal.app_text)

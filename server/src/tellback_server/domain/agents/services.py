@@ -17,6 +17,7 @@ from tellback_server.domain.agents.schemas import (
     AgentUpdate,
     Teammate,
 )
+from tellback_server.http.auth_cache import auth_changed
 from tellback_server.http.deps import AgentPrincipal
 from tellback_server.http.errors import NotFound, ValidationFailed
 from tellback_server.http.pagination import Page, keyset_page
@@ -99,6 +100,7 @@ class AgentService:
             await self._set_apps(agent.id, data.app_ids)
         agent.updated_at = _now()
         await self.db.flush()
+        auth_changed(self.db.sync_session)  # cached agents carry their name, apps, state
         return await self._out(agent)
 
     async def rotate_token(self, agent_id: UUID) -> AgentCreated:
@@ -107,6 +109,7 @@ class AgentService:
         agent.token_hash = hash_token(token)
         agent.updated_at = _now()
         await self.db.flush()
+        auth_changed(self.db.sync_session)  # the old token may be cached
         out = await self._out(agent)
         return AgentCreated(**msgspec.structs.asdict(out), token=token)
 
