@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import pickle
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import String, bindparam, func, literal_column, select, text
+from advanced_alchemy.types import GUID, DateTimeUTC
+from sqlalchemy import String, bindparam, func, literal, literal_column, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, ProgrammingError
 from sqlalchemy.exc import OperationalError as SAOperationalError
 from sqlalchemy.orm import Session
@@ -147,6 +149,50 @@ async def test_times_are_stored_as_the_orm_stores_them(db: Database) -> None:
     for name, at in times.items():
         assert found[f"prepared-{name}"] == found[f"orm-{name}"]
         assert found[f"prepared-{name}"][1] == at
+
+
+async def test_ids_and_times_are_read_as_the_orm_reads_them(db: Database) -> None:
+    """What a prepared SELECT gives back (SQLite: ids and times converted by shortcuts)
+    is what ``Session.execute`` gives for the same statement: equal, of the same types,
+    hashing, printing and pickling alike, aware datetimes in UTC, NULL as None."""
+    scope = f"s-{uuid.uuid4().hex}"
+    times = [
+        dt.datetime(2026, 11, 27, 7, 30, 1, 250, tzinfo=dt.UTC),
+        dt.datetime(2026, 11, 27, 8, 30, 1, 999999, tzinfo=dt.timezone(dt.timedelta(hours=1))),
+        dt.datetime(2026, 11, 27, 7, 30, 1, tzinfo=dt.UTC),  # a whole second
+        dt.datetime(1, 1, 1, tzinfo=dt.UTC),
+    ]
+    async with db.session(write=True) as session:
+        session.add_all(
+            IdempotencyKey(**{**_row(scope, f"k{i}"), "expires_at": at})
+            for i, at in enumerate(times)
+        )
+    statement = (
+        select(
+            _KEYS.c.id,
+            _KEYS.c.expires_at,
+            _KEYS.c.created_at,
+            literal(None, type_=GUID()).label("no_id"),
+            literal(None, type_=DateTimeUTC(timezone=True)).label("no_time"),
+        )
+        .where(_KEYS.c.scope == bindparam("scope"))
+        .order_by(_KEYS.c.key)
+    )
+    async with db.transaction(write=False) as tx:
+        prepared = await tx.run(Prepared(statement).execute, {"scope": scope})
+    async with db.session(write=False) as session:
+        orm = [tuple(r) for r in await session.execute(statement, {"scope": scope})]
+    assert [r[1] for r in orm] == times
+    assert len(prepared) == len(orm) == len(times)
+    for ours, theirs in zip(prepared, orm, strict=True):
+        assert tuple(ours) == theirs
+        for a, b in zip(ours, theirs, strict=True):
+            assert type(a) is type(b)
+            assert (hash(a), str(a), repr(a)) == (hash(b), str(b), repr(b))
+            assert pickle.loads(pickle.dumps(a)) == b  # noqa: S301 (our own bytes)
+        assert ours[0].is_safe == theirs[0].is_safe
+        assert ours[1].tzinfo == ours[2].tzinfo == dt.UTC
+        assert ours[3:] == (None, None)
 
 
 async def test_errors_arrive_as_sqlalchemys(db: Database) -> None:

@@ -22,7 +22,7 @@ import datetime as dt
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
-from uuid import UUID
+from uuid import UUID, SafeUUID
 
 from advanced_alchemy.types import GUID, DateTimeUTC
 from sqlalchemy import Select, Table, bindparam, insert
@@ -69,9 +69,7 @@ class Prepared:
                 columns = self.statement.selected_columns
             elif isinstance(self.statement, UpdateBase) and self.statement._returning:
                 columns = self.statement.exported_columns
-            results = (
-                col.type.dialect_impl(dialect).result_processor(dialect, None) for col in columns
-            )
+            results = (_result_processor(col.type, dialect) for col in columns)
             converted = tuple((i, p) for i, p in enumerate(results) if p is not None)
             constants = {n: c.binds[n].effective_value for n in names if not c.binds[n].required}
             compiled = _Compiled(c.string, names, processors, converted, constants)
@@ -253,6 +251,61 @@ def _bind_processor(type_: TypeEngine[Any], dialect: Dialect) -> Callable[[Any],
     if key not in _MEMOIZED:
         _MEMOIZED[key] = _remembering_last(processor)
     return _MEMOIZED[key]
+
+
+def _result_processor(type_: TypeEngine[Any], dialect: Dialect) -> Callable[[Any], Any] | None:
+    """The column type's result processor; on SQLite, for a GUID or a DateTimeUTC, one
+    that converts the stored form directly (a list page reads hundreds of each)."""
+    chain = type_.dialect_impl(dialect).result_processor(dialect, None)
+    if chain is None or dialect.name != "sqlite":
+        return chain
+    if isinstance(type_, GUID) and type_.binary:
+        return _uuid_from_bytes(chain)
+    if isinstance(type_, DateTimeUTC):
+        return _utc_from_text(chain)
+    return chain
+
+
+def _uuid_from_bytes(processor: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """SQLite's GUID: its 16 stored bytes straight to a ``uuid.UUID`` (0.26 us a value
+    against the type's 0.9); anything else (None, a text id) through the type's chain.
+
+    The UUID is made as ``UUID.__init__`` makes one, without its argument checks: the
+    128-bit ``int`` it holds, and ``is_safe`` unknown. Equal, hashing and printing
+    alike to ``UUID(bytes=...)`` (``tests/server/test_prepared.py`` checks)."""
+    new, set_, from_bytes, unknown = (
+        object.__new__,
+        object.__setattr__,
+        int.from_bytes,
+        SafeUUID.unknown,
+    )
+
+    def process(value: Any) -> Any:
+        if value.__class__ is not bytes or len(value) != 16:
+            return processor(value)
+        uuid = new(UUID)
+        set_(uuid, "int", from_bytes(value, "big"))
+        set_(uuid, "is_safe", unknown)
+        return uuid
+
+    return process
+
+
+def _utc_from_text(processor: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """SQLite's DateTimeUTC: the stored text (``YYYY-MM-DD HH:MM:SS[.ffffff]``, in UTC)
+    straight to an aware datetime with ``datetime.fromisoformat`` (0.08 us a value
+    against the type's 0.8); anything else through the type's chain."""
+    fromisoformat = dt.datetime.fromisoformat
+
+    def process(value: Any) -> Any:
+        if value.__class__ is str and len(value) in (19, 26):
+            try:
+                return fromisoformat(value + "+00:00")
+            except ValueError:
+                pass
+        return processor(value)
+
+    return process
 
 
 def _uuid_bytes(processor: Callable[[Any], Any]) -> Callable[[Any], Any]:
