@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from types import SimpleNamespace
 from typing import Any, NamedTuple, cast
 from uuid import UUID
@@ -20,6 +20,7 @@ from sqlalchemy import (
     Boolean,
     Integer,
     Select,
+    String,
     TextClause,
     bindparam,
     exists,
@@ -145,8 +146,8 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _has_tag(dialect: str, tag: str) -> TextClause:
-    """Conversations carrying ``tag`` (case-insensitive; tags are a JSON array)."""
+def _has_tag(dialect: str) -> TextClause:
+    """Conversations carrying the tag ``:tag`` (case-insensitive; tags are a JSON array)."""
     if dialect == "postgresql":
         sql = (
             "EXISTS (SELECT 1 FROM jsonb_array_elements_text(conversations.tags) AS t(v) "
@@ -157,7 +158,7 @@ def _has_tag(dialect: str, tag: str) -> TextClause:
             "EXISTS (SELECT 1 FROM json_each(conversations.tags) AS t "
             "WHERE lower(t.value) = lower(:tag))"
         )
-    return text(sql).bindparams(tag=tag)
+    return text(sql).bindparams(bindparam("tag", type_=String))
 
 
 def _like(q: str) -> str:
@@ -422,25 +423,21 @@ class ConversationService:
         apps = agent.app_ids if app_id is None else agent.app_ids & {app_id}
         if not apps:
             return Page(items=[], next_cursor=None)
-        stmt = _INBOX_SELECT
-        if status is not None:
-            stmt = stmt.where(_CONVS.c.status == status)
-        if assignee_id is not None:
-            stmt = stmt.where(_CONVS.c.assignee_id == assignee_id)
-        if tag:
-            stmt = stmt.where(_has_tag(self.db.get_bind().dialect.name, tag.strip()))
-        if q:
-            pattern = _like(q.strip())
-            matching = _MSGS.alias("matching")  # not the joined last message
-            body_match = exists().where(
-                matching.c.conversation_id == _CONVS.c.id,
-                matching.c.body.ilike(pattern, escape="\\"),
-            )
-            stmt = stmt.where(or_(_CONVS.c.subject.ilike(pattern, escape="\\"), body_match))
-        paging, params = _page_params(cursor, limit, apps=sorted(apps))
-        at, id_ = _CONVS.c.last_activity_at, _CONVS.c.id
-        stmt = _ordered(stmt, at, id_, after_cursor=paging, descending=True)
-        rows = list(await self.db.execute(stmt, params))
+        paging, params = _page_params(cursor, limit, **_apps_params(apps))
+        filters = {
+            "status": status,
+            "assignee_id": assignee_id,
+            "tag": tag.strip() if tag else None,
+            "pattern": _like(q.strip()) if q else None,
+        }
+        params.update((k, v) for k, v in filters.items() if v is not None)
+        statement = _inbox_page(
+            len(apps),
+            self.db.get_bind().dialect.name,
+            *(v is not None for v in filters.values()),
+            after_cursor=paging,
+        )
+        rows: list[Any] = await self.db.run_sync(statement.execute, params)
         convs = [_InboxRow._make(r[:_INBOX]) for r in rows]
         authors = Related(self.db, self.attachments)
         lasts = [
@@ -460,21 +457,27 @@ class ConversationService:
     ) -> tuple[list[_ListedMessage], Related, str | None]:
         """A page of the conversation's messages (none unless it is of the agent's apps),
         their authors and attachments, and the next page's cursor."""
+        if not agent.app_ids:
+            return [], Related(self.db, self.attachments), None
         paging, params = _page_params(
-            cursor, limit, conversation_id=conv_id, apps=sorted(agent.app_ids)
+            cursor, limit, conversation_id=conv_id, **_apps_params(agent.app_ids)
         )
-        statement = _AGENT_MESSAGES_AFTER if paging else _AGENT_MESSAGES
+        statement = _agent_messages(len(agent.app_ids), after_cursor=paging)
         authors = Related(self.db, self.attachments)
-        messages = [_listed_message(r, authors) for r in await self.db.execute(statement, params)]
+        rows: list[Any] = await self.db.run_sync(statement.execute, params)
+        messages = [_listed_message(r, authors) for r in rows]
         await authors.load(messages[:limit])
         nxt = next_cursor_for([(m.created_at, m.id) for m in messages], limit)
         return messages[:limit], authors, nxt
 
     async def agent_get(self, agent: AgentPrincipal, conv_id: UUID) -> AgentConversationDetail:
-        params = {"apps": sorted(agent.app_ids), "conversation_id": conv_id}
-        row = (await self.db.execute(_DETAIL_SELECT, params)).first()
-        if row is None:
+        if not agent.app_ids:
             raise NotFound("no such conversation")
+        params = {"conversation_id": conv_id, **_apps_params(agent.app_ids)}
+        rows = await self.db.run_sync(_detail(len(agent.app_ids)).execute, params)
+        if not rows:
+            raise NotFound("no such conversation")
+        row = rows[0]
         messages, authors, nxt = await self._agent_messages(agent, conv_id, None, DETAIL_MESSAGES)
         last = None if row[_DETAIL_MESSAGE] is None else _listed_message(row, authors)
         if last is not None:
@@ -791,9 +794,21 @@ _INBOX = len(_InboxRow._fields)
 _INBOX_USER = _INBOX + len(_User._fields)  # the row's message columns start here
 
 
-def _inbox(*detail: str) -> Select[Any]:
-    """The agents' inbox over the apps ``:apps`` (a list), unfiltered and unordered; a
-    row is ``_InboxRow``'s columns, the ``detail`` columns of the conversation, the end
+def _apps_in(count: int) -> Any:
+    """The conversation is of one of ``count`` apps: ``:app_0``, ``:app_1``, ...
+    (:func:`_apps_params`). A parameter each, not an expanding list: the statement is
+    prepared once per count (an agent serves a handful of apps)."""
+    app_id = _CONVS.c.app_id
+    return app_id.in_([bindparam(f"app_{i}", type_=app_id.type) for i in range(count)])
+
+
+def _apps_params(app_ids: Iterable[UUID]) -> dict[str, UUID]:
+    return {f"app_{i}": a for i, a in enumerate(sorted(app_ids))}
+
+
+def _inbox(apps: int, *detail: str) -> Select[Any]:
+    """The agents' inbox over ``apps`` apps (:func:`_apps_in`), unfiltered and unordered;
+    a row is ``_InboxRow``'s columns, the ``detail`` columns of the conversation, the end
     user's (``_User``), then ``_message_columns()`` of the last message."""
     owners = table_of(EndUser).alias("owner")
     columns, with_names = _message_columns()
@@ -810,27 +825,68 @@ def _inbox(*detail: str) -> Select[Any]:
                 )
             )
         )
-        .where(_CONVS.c.app_id.in_(bindparam("apps", expanding=True)))
+        .where(_apps_in(apps))
     )
 
 
-def _agent_messages(*, after_cursor: bool) -> Any:
-    """The messages of a conversation of the agent's apps, internal notes too, oldest
-    first."""
-    stmt = _conversation_messages(_CONVS.c.app_id.in_(bindparam("apps", expanding=True)))
+# Built on first use, per shape: the number of apps, the filters given, a cursor or not.
+# (The shapes an inbox meets are few; the cache's bound only stops an agent of hundreds of
+# apps, each count a shape, from growing it for good.)
+
+
+@lru_cache(maxsize=512)
+def _inbox_page(
+    apps: int,
+    dialect: str,
+    status: bool,
+    assignee: bool,
+    tag: bool,
+    q: bool,
+    *,
+    after_cursor: bool,
+) -> Prepared:
+    """A page of the inbox with the filters asked: ``:status``, ``:assignee_id``, ``:tag``,
+    ``:pattern`` (``q``: in the subject or any message's body, a LIKE pattern)."""
+    stmt = _inbox(apps)
+    if status:
+        stmt = stmt.where(_CONVS.c.status == bindparam("status", type_=_CONVS.c.status.type))
+    if assignee:
+        assignee_id = _CONVS.c.assignee_id
+        stmt = stmt.where(assignee_id == bindparam("assignee_id", type_=assignee_id.type))
+    if tag:
+        stmt = stmt.where(_has_tag(dialect))
+    if q:
+        pattern = bindparam("pattern", type_=String)
+        matching = _MSGS.alias("matching")  # not the joined last message
+        body_match = exists().where(
+            matching.c.conversation_id == _CONVS.c.id,
+            matching.c.body.ilike(pattern, escape="\\"),
+        )
+        stmt = stmt.where(or_(_CONVS.c.subject.ilike(pattern, escape="\\"), body_match))
+    at, id_ = _CONVS.c.last_activity_at, _CONVS.c.id
+    return _paged(stmt, at, id_, after_cursor=after_cursor, descending=True)
+
+
+@lru_cache(maxsize=256)
+def _agent_messages(apps: int, *, after_cursor: bool) -> Prepared:
+    """The messages of a conversation of the agent's ``apps`` apps, internal notes too,
+    oldest first."""
+    stmt = _conversation_messages(_apps_in(apps))
     at, id_ = _MSGS.c.created_at, _MSGS.c.id
-    return _ordered(stmt, at, id_, after_cursor=after_cursor, descending=False)
+    return _paged(stmt, at, id_, after_cursor=after_cursor, descending=False)
 
 
 _DETAIL = ("custom_fields", "context", "location")
 _DETAIL_USER = _INBOX + len(_DETAIL)  # in a detail row, the end user's columns start here
 _DETAIL_MESSAGE = _DETAIL_USER + len(_User._fields)  # and the last message's here
-_DETAIL_SELECT = _inbox(*_DETAIL).where(
-    _CONVS.c.id == bindparam("conversation_id", type_=_CONVS.c.id.type)
-)
-_AGENT_MESSAGES = _agent_messages(after_cursor=False)
-_AGENT_MESSAGES_AFTER = _agent_messages(after_cursor=True)
-_INBOX_SELECT = _inbox()  # built once: filters are added per request
+
+
+@lru_cache(maxsize=256)
+def _detail(apps: int) -> Prepared:
+    """One conversation ``:conversation_id`` of the agent's ``apps`` apps, as the inbox
+    shows it with the ``_DETAIL`` columns."""
+    conv_id = bindparam("conversation_id", type_=_CONVS.c.id.type)
+    return Prepared(_inbox(apps, *_DETAIL).where(_CONVS.c.id == conv_id))
 
 
 def _insert_both() -> Prepared:
