@@ -6,10 +6,11 @@ A session or agent token is checked against the database once, then trusted for
 in this process. What could make a cached answer wrong -- another user signing in
 on the installation (which ends the previous user's sessions), an app's settings
 changing, a user being erased, an agent disabled, renamed, given other apps or a
-new token -- empties this process's cache when its transaction commits (the ``AUTH_CHANGED`` key, a commit hook). On PostgreSQL the
-same commit sends ``NOTIFY tellback_auth``, and every other process empties its
-cache when it arrives (:meth:`PrincipalCache.channel`, on the process's LISTEN
-connection), a few milliseconds later. A process that is not listening (its
+new token -- empties this process's cache when its transaction commits (the
+``AUTH_CHANGED`` key, a commit hook). On PostgreSQL the same commit sends
+``NOTIFY tellback_auth``, and every other process empties its cache when it
+arrives (:meth:`PrincipalCache.channel`, on the process's LISTEN connection), a
+few milliseconds later. A process that is not listening (its
 connection lost) still trusts a check for no longer than the cache lifetime, and
 empties its cache when it listens again.
 """
