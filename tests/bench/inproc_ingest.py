@@ -1,7 +1,7 @@
 """The ingest route driven in process: our code's CPU per create, without HTTP.
 
     uv run python tests/bench/inproc_ingest.py [--requests 20000] [--tasks 32]
-        [--database sqlite|postgresql] [--profile FILE]
+        [--database sqlite|postgresql] [--profile FILE] [--read list|page|inbox]
 
 ``bench_ingest.py`` measures Tellback as a client meets it, with uvicorn, sockets and
 the load generator sharing the machine; its figures drift by 20 % between runs. This
@@ -17,7 +17,10 @@ figures (about ±5 % between runs), which makes it the tool for weighing a small
 change: run the base revision's code with ``PYTHONPATH=<worktree>/server/src`` and the
 working tree's alternately.
 ``--profile`` writes a cProfile of the measured part (cProfile slows Python-heavy code
-more than C: compare its shares, not its times).
+more than C: compare its shares, not its times). ``--read`` measures one of
+``bench_ingest.py``'s reads the same way instead (after the warm-up's creates, whose
+conversations the list and the inbox then page through): the end user's conversation
+list, a message page, or an agent's inbox page, 25 items each.
 
 Setup (the app, the sessions) goes through a real ``tellback serve`` first, as
 ``bench_ingest.py`` does; the measured part binds nothing.
@@ -34,11 +37,12 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.bench.bench_ingest import env_for, feedback_body, process, serve_args, setup
+from tests.bench.bench_ingest import Setup, env_for, feedback_body, process, serve_args, setup
 from tests.bench.bench_push import _embedded_postgres
 from tests.bench.bench_upload import free_port
 
@@ -47,12 +51,12 @@ PATH = "/v1/client/conversations"
 
 async def _prepare(
     base: Path, tasks: int, database_url: str | None
-) -> tuple[dict[str, str], list[str]]:
+) -> tuple[dict[str, str], Setup]:
     env = env_for(base / "data", database_url)
     port = free_port()
     async with process(serve_args(port), env, port) as url:
-        tokens, *_ = await setup(url, env, tasks)
-    return env, tokens
+        made = await setup(url, env, tasks)
+    return env, made
 
 
 class _GcClock:
@@ -73,9 +77,10 @@ class _GcClock:
 
 
 async def _drive(
-    app: Any, tokens: list[str], per_task: int, warmup: int, profile: str | None
+    app: Any, made: Setup, per_task: int, warmup: int, profile: str | None, read: str | None
 ) -> None:
     body = feedback_body()
+    tokens = made.tokens
     lifespan_in: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     lifespan_out: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     await lifespan_in.put({"type": "lifespan.startup"})
@@ -90,6 +95,12 @@ async def _drive(
     if started["type"] != "lifespan.startup.complete":
         raise RuntimeError(f"the app did not start: {started}")
 
+    reads = {
+        "list": ("/v1/client/conversations", tokens[0]),
+        "page": (f"/v1/client/conversations/{made.conv_id}/messages", tokens[0]),
+        "inbox": ("/v1/agent/conversations", made.agent_token),
+    }
+
     async def create(token: str) -> None:
         headers = [
             (b"host", b"127.0.0.1"),
@@ -98,22 +109,34 @@ async def _drive(
             (b"authorization", f"Bearer {token}".encode()),
             (b"idempotency-key", uuid.uuid4().hex.encode()),
         ]
+        await call("POST", PATH, headers, b"", 201)
+
+    async def get(_: str) -> None:
+        assert read is not None
+        path, token = reads[read]
+        headers = [(b"host", b"127.0.0.1"), (b"authorization", f"Bearer {token}".encode())]
+        await call("GET", path, headers, b"limit=25", 200)
+
+    async def call(
+        method: str, path: str, headers: list[tuple[bytes, bytes]], query: bytes, status: int
+    ) -> None:
         scope = {
             "type": "http",
             "asgi": {"version": "3.0"},
             "http_version": "1.1",
-            "method": "POST",
+            "method": method,
             "scheme": "http",
-            "path": PATH,
-            "raw_path": PATH.encode(),
-            "query_string": b"",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": query,
             "root_path": "",
             "headers": headers,
             "client": ("127.0.0.1", 40000),
             "server": ("127.0.0.1", 8080),
             "state": {},
         }
-        messages = [{"type": "http.request", "body": body, "more_body": False}]
+        sent = body if method == "POST" else b""
+        messages = [{"type": "http.request", "body": sent, "more_body": False}]
         statuses: list[int] = []
 
         async def receive() -> dict[str, Any]:
@@ -127,24 +150,24 @@ async def _drive(
                 statuses.append(message["status"])
 
         await app(scope, receive, send)
-        if statuses != [201]:
-            raise RuntimeError(f"a create answered {statuses}")
+        if statuses != [status]:
+            raise RuntimeError(f"a {method} {path} answered {statuses}")
 
-    async def run(count: int) -> None:
+    async def run(count: int, one: Callable[[str], Awaitable[None]]) -> None:
         async def one_task(token: str) -> None:
             for _ in range(count):
-                await create(token)
+                await one(token)
 
         await asyncio.gather(*(one_task(t) for t in tokens))
 
-    await run(warmup)
+    await run(warmup, create)
     clock = _GcClock()
     gc.callbacks.append(clock)
     profiler = cProfile.Profile() if profile else None
     if profiler is not None:
         profiler.enable()
     cpu, wall = time.process_time(), time.perf_counter()
-    await run(per_task)
+    await run(per_task, create if read is None else get)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     if profiler is not None and profile is not None:
         profiler.disable()
@@ -152,10 +175,11 @@ async def _drive(
     gc.callbacks.remove(clock)
     creates = per_task * len(tokens)
     per_create = [1e6 * s / creates for s in clock.seconds]
+    what = "creates" if read is None else f"{read} reads"
     print(
-        f"{creates} creates from {len(tokens)} tasks: {1e6 * cpu / creates:.0f} us of CPU "
-        f"per create ({creates / wall:.0f} creates/s); garbage collector "
-        f"{sum(per_create):.1f} us per create (young, middle, old: "
+        f"{creates} {what} from {len(tokens)} tasks: {1e6 * cpu / creates:.0f} us of CPU "
+        f"per request ({creates / wall:.0f}/s); garbage collector "
+        f"{sum(per_create):.1f} us per request (young, middle, old: "
         f"{', '.join(f'{x:.1f}' for x in per_create)}; collections {clock.collections})"
     )
     await lifespan_in.put({"type": "lifespan.shutdown"})
@@ -169,6 +193,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=300, help="creates per task first")
     parser.add_argument("--profile", help="write a cProfile of the measured part here")
     parser.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite")
+    parser.add_argument(
+        "--read", choices=("list", "page", "inbox"), help="measure this read, not the create"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tellback-inproc-") as tmp:
         server = None
@@ -190,7 +217,7 @@ def main() -> None:
 
 
 def _measure(args: argparse.Namespace, base: Path, url: str | None) -> None:
-    env, tokens = asyncio.run(_prepare(base, args.tasks, url))
+    env, made = asyncio.run(_prepare(base, args.tasks, url))
     os.environ.update(env)
     # Imported after the environment is set, as `tellback serve` reads it.
     import uvloop
@@ -206,7 +233,7 @@ def _measure(args: argparse.Namespace, base: Path, url: str | None) -> None:
     app = create_app(settings, registry=build_registry(()), run_worker=True)
     freeze_startup_heap()
     per_task = max(1, args.requests // args.tasks)
-    uvloop.run(_drive(app, tokens, per_task, args.warmup, args.profile))
+    uvloop.run(_drive(app, made, per_task, args.warmup, args.profile, args.read))
 
 
 if __name__ == "__main__":
