@@ -13,7 +13,7 @@ import datetime as dt
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import uvicorn
 from litestar import Litestar, Request, get, post
@@ -32,19 +32,26 @@ from tellback_server.domain.conversations.schemas import (
 from tellback_server.domain.identity.schemas import EndUserOut
 from tellback_server.http.pagination import Page
 
+M = TypeVar("M", bound=MessageOut)
+
+
+def _message(kind: type[M], conv_id: uuid.UUID, user_id: uuid.UUID, data: ConversationCreate) -> M:
+    """``data``'s body as the end user's message, of the client's or an agent's shape."""
+    return kind(
+        id=uuid.uuid4(),
+        conversation_id=conv_id,
+        author=Author(type="user", id=user_id, name=None),
+        body=data.body,
+        attachments=[],
+        location=data.location,
+        created_at=dt.datetime.now(dt.UTC),
+    )
+
 
 def _out(data: ConversationCreate) -> ConversationOut:
     now = dt.datetime.now(dt.UTC)
     conv_id = uuid.uuid4()
-    message = MessageOut(
-        id=uuid.uuid4(),
-        conversation_id=conv_id,
-        author=Author(type="user", id=uuid.uuid4(), name=None),
-        body=data.body,
-        attachments=[],
-        location=data.location,
-        created_at=now,
-    )
+    message = _message(MessageOut, conv_id, uuid.uuid4(), data)
     return ConversationOut(
         id=conv_id,
         status="open",
@@ -81,15 +88,7 @@ def _agent_out(data: ConversationCreate) -> AgentConversation:
     """``data`` as it shows in an agent's inbox: the end user and the last message."""
     now = dt.datetime.now(dt.UTC)
     conv_id, user_id = uuid.uuid4(), uuid.uuid4()
-    message = AgentMessageOut(
-        id=uuid.uuid4(),
-        conversation_id=conv_id,
-        author=Author(type="user", id=user_id, name=None),
-        body=data.body,
-        attachments=[],
-        location=data.location,
-        created_at=now,
-    )
+    message = _message(AgentMessageOut, conv_id, user_id, data)
     return AgentConversation(
         id=conv_id,
         app_id=uuid.uuid4(),
