@@ -20,7 +20,9 @@ working tree's alternately.
 more than C: compare its shares, not its times). ``--read`` measures one of
 ``bench_ingest.py``'s reads the same way instead (after the warm-up's creates, whose
 conversations the list and the inbox then page through): the end user's conversation
-list, a message page, or an agent's inbox page, 25 items each.
+list, a message page, or an agent's inbox page, 25 items each. On PostgreSQL those
+conversations are not analyzed yet (as in a new app's first minute, before autovacuum
+gets to them), which decides some plans: ``bench_ingest.py`` reads after an ANALYZE.
 
 Setup (the app, the sessions) goes through a real ``tellback serve`` first, as
 ``bench_ingest.py`` does; the measured part binds nothing.
