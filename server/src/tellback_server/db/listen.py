@@ -105,9 +105,6 @@ def _safely(callback: Callable[[], None], name: str) -> None:
 
 def _callback(on_notify: Callable[[str], None], name: str) -> Callable[..., None]:
     def notified(*args: Any) -> None:  # (connection, pid, channel, payload)
-        try:
-            on_notify(str(args[3]))
-        except Exception:
-            log.exception("db.listen_callback_failed", listener=name)
+        _safely(lambda: on_notify(str(args[3])), name)
 
     return notified
