@@ -12,18 +12,21 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import Float, bindparam, func, insert, literal, select, text, union_all
+from sqlalchemy.dialects.postgresql import asyncpg
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from tellback_server.db.base import table_of
 from tellback_server.db.batch import Batched, member_name
-from tellback_server.db.engine import Database
+from tellback_server.db.engine import MAX_CACHED_STATEMENT, Database, LazyTx
 from tellback_server.db.models import IdempotencyKey
 from tellback_server.db.prepared import Prepared
+from tellback_server.domain.conversations import services as conversations
 from tests.conftest import _admin_exec
 from tests.server.conftest import Api, make_settings
 from tests.server.test_prepared import _row as key_row
@@ -66,9 +69,17 @@ async def db(database_url: str, tmp_path: Path) -> AsyncIterator[Database]:
         await database.dispose()
 
 
+@asynccontextmanager
+async def _lazy(db: Database) -> AsyncIterator[LazyTx]:
+    """A request's lazy transaction, as a new feedback on PostgreSQL has one."""
+    async with db.transaction(write=True, lazy=True) as tx:
+        assert isinstance(tx, LazyTx)
+        yield tx
+
+
 async def _fetch(db: Database, batched: Batched, row: dict[str, Any]) -> list[Any]:
-    async with db.session(write=True) as session:
-        return await batched.fetch(await session.connection(), row)
+    async with _lazy(db) as tx:
+        return await batched.fetch(tx, row)
 
 
 async def _transactions(db: Database, scope: str) -> dict[str, int]:
@@ -98,6 +109,17 @@ async def _busy_lane(db: Database, batched: Batched, scope: str) -> asyncio.Task
     return task
 
 
+def test_every_statement_of_a_new_feedback_is_prepared_once_per_connection() -> None:
+    """asyncpg keeps a connection's prepared statement only up to a size of SQL: one
+    larger is parsed and planned by PostgreSQL on every run."""
+    dialect = asyncpg.dialect()  # type: ignore[no-untyped-call]
+    batches = [*conversations._NEW_FEEDBACK.values(), *conversations._NEW_HOOKED_FEEDBACK.values()]
+    # (compiled here, not through Prepared, whose compiled forms are kept per dialect kind)
+    statements = [s.statement for b in batches for s in b._statements.values()]
+    sizes = [len(str(s.compile(dialect=dialect)).encode()) for s in statements]
+    assert max(sizes) <= MAX_CACHED_STATEMENT
+
+
 async def test_runs_that_wait_for_a_lane_go_in_one_statement(db: Database) -> None:
     batched = Batched(_build, shared=("sleep",), sizes=(1, 4), lanes=1)
     scope = f"s-{uuid.uuid4().hex}"
@@ -111,6 +133,29 @@ async def test_runs_that_wait_for_a_lane_go_in_one_statement(db: Database) -> No
     # The first four waiting went together; the fifth after them, alone.
     assert len({written[f"k{i}"] for i in range(4)}) == 1
     assert len(set(written.values())) == 3
+
+
+async def test_requests_carried_by_a_statement_never_take_a_connection(db: Database) -> None:
+    """Only the request that sends a statement checks a connection out of the pool: the
+    ones it carries neither hold one nor wait for one."""
+    batched = Batched(_build, shared=("sleep",), sizes=(1, 4), lanes=1)
+    scope = f"s-{uuid.uuid4().hex}"
+
+    async def request(key: str) -> tuple[list[Any], bool]:
+        async with _lazy(db) as tx:
+            rows = await batched.fetch(tx, _row(scope, key))
+            return rows, tx.connection is not None
+
+    first = await _busy_lane(db, batched, scope)
+    others = []
+    for i in range(4):
+        others.append(asyncio.create_task(request(f"k{i}")))
+        await asyncio.sleep(0.02)
+    await first
+    outcomes = [await task for task in others]
+    assert [rows for rows, _ in outcomes] == [[(f"k{i}", None)] for i in range(4)]
+    assert [held for _, held in outcomes] == [True, False, False, False]
+    assert len(set((await _transactions(db, scope)).values())) == 2
 
 
 async def test_requests_of_another_database_neither_wait_nor_go_along(
@@ -202,12 +247,12 @@ async def test_a_statement_whose_backend_is_terminated_fails_for_all_in_it(
     invalidated: list[bool] = []
 
     async def leader() -> list[Any]:
-        async with db.session(write=True) as session:
-            connection = await session.connection()
+        async with _lazy(db) as tx:
+            connection = await tx.connected()
             [(pid,)] = await _PID.fetch_alone(connection, {})
             pids.append(pid)
             try:
-                return await batched.fetch(connection, _row(scope, "k0", sleep=0.3))
+                return await batched.fetch(tx, _row(scope, "k0", sleep=0.3))
             finally:
                 invalidated.append(connection.invalidated)
 
@@ -234,8 +279,8 @@ async def test_a_statement_that_never_answered_is_not_run_again(db: Database) ->
     scope = f"s-{uuid.uuid4().hex}"
 
     async def leader() -> list[Any]:
-        async with db.session(write=True) as session:
-            connection = await session.connection()
+        async with _lazy(db) as tx:
+            connection = await tx.connected()
             raw = (await connection.get_raw_connection()).dbapi_connection
             assert raw is not None
 
@@ -245,7 +290,7 @@ async def test_a_statement_that_never_answered_is_not_run_again(db: Database) ->
 
             dropping = asyncio.create_task(drop_soon())
             try:
-                return await batched.fetch(connection, _row(scope, "k0", sleep=0.2))
+                return await batched.fetch(tx, _row(scope, "k0", sleep=0.2))
             finally:
                 await dropping
 

@@ -22,8 +22,9 @@ import pytest
 from sqlalchemy import select, text, update
 from sqlalchemy.pool import QueuePool
 
-from tellback_server.db.models import ClientSession
+from tellback_server.db.models import ClientSession, Event
 from tellback_server.http.auth_cache import PrincipalCache
+from tellback_server.http.deps import ClientPrincipal
 from tellback_server.security import hash_token
 from tests.server.conftest import (
     Api,
@@ -552,6 +553,63 @@ async def test_patch_me(api: Api) -> None:
     assert r.json()["name"] is None
     assert r.json()["email"] == "ada@example.com"
     assert r.json()["attributes"] == {"seats": 4, "beta": True, "score": 1.5, "locale": "de"}
+
+
+async def _end_user_in_created_event(api: Api, conversation_id: str) -> Any:
+    """The end user as the ``conversation.created`` event of a conversation shows them
+    (what agents' streams and webhooks carry)."""
+    async with api.state.db.session(write=False) as db:
+        data = await db.scalar(
+            select(Event.data).where(
+                Event.conversation_id == uuid.UUID(conversation_id),
+                Event.type == "conversation.created",
+            )
+        )
+    assert data is not None
+    return data["conversation"]["end_user"]
+
+
+async def test_a_new_feedback_shows_its_end_user_as_they_are_now(api: Api) -> None:
+    """The session's check is kept for a few seconds with the end user as it read them;
+    on PostgreSQL a new feedback takes them from there rather than reading them again,
+    in a statement that writes only if their row is unchanged since. A change made
+    meanwhile (PATCH /v1/client/me keeps the check) sends the feedback the way that
+    reads them: what the agents' event and webhooks carry is never an old name."""
+    app = await api.create_app()
+    user = await api.user_headers(app)
+
+    async def shown(body: str, **headers: str) -> Any:
+        conv = await api.feedback({**user, **headers}, body=body)
+        return await _end_user_in_created_event(api, conv["id"])
+
+    assert (await shown("first"))["name"] is None  # (the check is kept from here on)
+    for name, headers in (("Ada", {}), ("Grace", {"Idempotency-Key": "after-rename"})):
+        r = await api.http.patch(
+            "/v1/client/me", json={"name": name, "attributes": {"plan": name}}, headers=user
+        )
+        assert r.status_code == 200, r.text
+        end_user = await shown(f"as {name}", **headers)
+        assert (end_user["name"], end_user["attributes"]) == (name, {"plan": name})
+        assert (await shown(f"again as {name}"))["name"] == name
+
+
+async def test_a_session_check_keeps_the_end_user_only_while_small(api: Api) -> None:
+    """The cache holds up to 100,000 checks: an end user's attributes (up to 50 x 1,000
+    characters) are kept with one only up to 2 KiB; beyond, a new feedback reads them."""
+    app = await api.create_app()
+    user = await api.user_headers(app)
+    token_hash = hash_token(user["Authorization"].removeprefix("Bearer "))
+    large = {k: k * 1000 for k in "abc"}
+    for attributes, kept in (({"plan": "pro"}, True), (large, False)):
+        r = await api.http.patch("/v1/client/me", json={"attributes": attributes}, headers=user)
+        assert r.status_code == 200, r.text
+        api.state.principals.clear()
+        conv = await api.feedback(user, body="hello")
+        principal = api.state.principals.get(token_hash)
+        assert isinstance(principal, ClientPrincipal)
+        assert (principal.user is not None) is kept
+        shown = await _end_user_in_created_event(api, conv["id"])
+        assert shown["attributes"] == r.json()["attributes"]
 
 
 @pytest.mark.parametrize(

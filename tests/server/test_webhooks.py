@@ -13,6 +13,7 @@ import base64
 import datetime as dt
 import gc
 import ipaddress
+import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -886,6 +887,36 @@ async def test_failed_or_replayed_requests_queue_no_delivery(hooks: Hooks) -> No
     assert len(await hooks.deliveries()) == 1
     await hooks.run_jobs()
     assert len(hooks.rx.received()) == 1
+
+
+async def test_an_endpoint_registered_while_a_session_is_trusted_hears_its_next_feedback(
+    hooks: Hooks,
+) -> None:
+    """The session's check, kept for a few seconds, saw an app without webhooks; on
+    PostgreSQL a new feedback then goes in one statement without reading the endpoints,
+    which writes only if the app still has none. One registered meanwhile (on another
+    process, whose notice has not come) still gets the feedback, keyed or not, once."""
+    api = hooks.api
+    before = await api.http.post(
+        "/v1/client/conversations", json={"body": "before"}, headers=hooks.user
+    )
+    assert before.status_code == 201, before.text  # the session's check is kept now
+    await hooks.create()
+    keyed = {**hooks.user, "Idempotency-Key": "after-endpoint"}
+    sent = []
+    for headers in (hooks.user, keyed, keyed):
+        r = await api.http.post("/v1/client/conversations", json={"body": "after"}, headers=headers)
+        assert r.status_code == 201, r.text
+        sent.append(r)
+    assert sent[2].headers.get("Idempotent-Replayed") == "true"
+    assert sent[2].json()["id"] == sent[1].json()["id"]
+    deliveries = await hooks.deliveries()
+    assert sorted(d["event_type"] for d in deliveries) == ["conversation.created"] * 2
+    await hooks.run_jobs()
+    delivered = [json.loads(req.body)["data"] for req in hooks.rx.received()]
+    assert sorted(d["conversation"]["id"] for d in delivered) == sorted(
+        r.json()["id"] for r in sent[:2]
+    )
 
 
 async def test_deleting_an_endpoint_removes_its_deliveries(hooks: Hooks) -> None:

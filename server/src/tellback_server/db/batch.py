@@ -15,9 +15,13 @@ when every lane is busy does it wait, and then it goes with the next statement,
 as many as waited, rounded down to one of ``sizes`` (a statement per size, each
 prepared once per connection). At low load every run is alone, as before.
 
+A request hands over where its connection comes from (:class:`Source`, a ``LazyTx``),
+not a connection: only the one that sends a statement takes one from the pool, so the
+requests it carries never check one out, nor wait for one.
+
 One statement is one transaction. When PostgreSQL refuses it (a constraint, a row
 gone), it wrote nothing for any of its requests: each then runs its own copy alone,
-on its own connection, so that a request's failure is its own again (the leader
+on a connection of its own, so that a request's failure is its own again (the leader
 keeps the error if its connection was lost with it). When the statement's answer
 never came (the connection dropped), whether it committed is unknown, for every
 request in it: each gets the error, as a request alone would, and a retry with its
@@ -35,7 +39,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -57,6 +61,18 @@ def member_name(index: int, name: str) -> str:
     return f"m{index}_{name}"
 
 
+class Source(Protocol):
+    """Where a request's connection comes from (``db/engine.py``'s ``LazyTx``)."""
+
+    @property
+    def engine(self) -> AsyncEngine: ...
+
+    async def connected(self) -> AsyncConnection:
+        """The request's connection, with no transaction open on it, checked out of the
+        pool on the first call."""
+        ...
+
+
 class _Lead:
     """A waiting request's turn to send the next statement, with a lane handed to it."""
 
@@ -71,7 +87,7 @@ _LEAD, _ALONE = _Lead(), _Alone()
 @dataclass(slots=True, eq=False)
 class _Waiting:
     params: Mapping[str, Any]
-    connection: AsyncConnection
+    source: Source
     outcome: asyncio.Future[Any] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -108,24 +124,26 @@ class Batched:
         self._queues: weakref.WeakKeyDictionary[Any, weakref.WeakKeyDictionary[Any, _Queue]]
         self._queues = weakref.WeakKeyDictionary()
 
-    def _queue(self, connection: AsyncConnection) -> _Queue:
-        by_loop = self._queues.get(connection.sync_engine)
+    def _queue(self, source: Source) -> _Queue:
+        engine = source.engine.sync_engine
+        by_loop = self._queues.get(engine)
         if by_loop is None:
-            by_loop = self._queues[connection.sync_engine] = weakref.WeakKeyDictionary()
+            by_loop = self._queues[engine] = weakref.WeakKeyDictionary()
         loop = asyncio.get_running_loop()
         queue = by_loop.get(loop)
         if queue is None:
             queue = by_loop[loop] = _Queue()
         return queue
 
-    async def fetch(self, connection: AsyncConnection, params: Mapping[str, Any]) -> list[Any]:
-        """Run with ``params`` on ``connection`` (no transaction open on it), alone or
-        with others; the rows that belong to this request, without the index."""
-        queue = self._queue(connection)
+    async def fetch(self, source: Source, params: Mapping[str, Any]) -> list[Any]:
+        """Run with ``params``, alone or with others, on ``source``'s connection if this
+        request sends the statement; the rows that belong to this request, without the
+        index."""
+        queue = self._queue(source)
         if queue.running < self._lanes:
             queue.running += 1
-            return await self._lead(queue, _Waiting(params, connection))
-        me = _Waiting(params, connection)
+            return await self._lead(queue, _Waiting(params, source))
+        me = _Waiting(params, source)
         queue.waiting.append(me)
         try:
             # (shielded: a cancelled request leaves its outcome to be set, as below)
@@ -140,7 +158,7 @@ class Batched:
         if outcome is _LEAD:
             return await self._lead(queue, me)
         if outcome is _ALONE:
-            return await self.alone(connection, params)
+            return await self.alone(await source.connected(), params)
         rows: list[Any] = outcome
         return rows
 
@@ -152,7 +170,7 @@ class Batched:
             while len(batch) < size:
                 batch.append(queue.waiting.popleft())
             if len(batch) == 1:
-                return await self.alone(first.connection, first.params)
+                return await self.alone(await first.source.connected(), first.params)
             return await self._send(batch)
         finally:
             for member in batch[1:]:  # (a safety net: _send settles each of them)
@@ -165,16 +183,24 @@ class Batched:
         through its future, the first's rows are returned."""
         first, others = batch[0], batch[1:]
         try:
+            connection = await first.source.connected()
+        except Exception as exc:
+            _settle(others, exc)  # no connection (the database down): theirs too, at once
+            raise
+        except BaseException:
+            _settle(others, _ALONE)  # (cancelled) nothing was sent
+            raise
+        try:
             statement = self._statements[len(batch)]
-            params = self._params([m.params for m in batch], first.connection.dialect)
+            params = self._params([m.params for m in batch], connection.dialect)
         except BaseException:
             _settle(others, _ALONE)  # nothing was sent
             raise
-        task = asyncio.ensure_future(statement.fetch_alone(first.connection, params))
+        task = asyncio.ensure_future(statement.fetch_alone(connection, params))
         cancelled = await _wait_out(task)
         error = task.exception()
         if error is None:
-            _observed(first.connection, len(batch))
+            _observed(connection, len(batch))
             mine: list[list[Any]] = [[] for _ in batch]
             for row in task.result():
                 mine[row[0]].append(tuple(row[1:]))
@@ -192,7 +218,7 @@ class Batched:
             return mine[0]
         if not _refused(error) or getattr(error, "connection_invalidated", False):
             raise error  # (only this request's connection is gone if it was refused)
-        return await self.alone(first.connection, first.params)
+        return await self.alone(connection, first.params)
 
     def _params(self, members: list[Mapping[str, Any]], dialect: Dialect) -> dict[str, Any]:
         """The statement's parameters: each request's own under its member name."""

@@ -119,7 +119,7 @@ def notify(db: Session, channel: str, payload: str = "") -> None:
 
 
 _NOTIFY_BATCH = 8
-_MAX_CACHED_STATEMENT = 64 * 1024  # bytes of SQL
+MAX_CACHED_STATEMENT = 128 * 1024  # bytes of SQL
 
 
 def _notify_statement(count: int) -> Prepared:
@@ -257,6 +257,10 @@ class LazyTx(Tx):
         self._sessionmaker = sessionmaker
         self.info = info
 
+    @property
+    def engine(self) -> AsyncEngine:
+        return self._engine
+
     async def connected(self) -> AsyncConnection:
         """The transaction's connection, checked out of the pool on the first call."""
         if self.connection is None:
@@ -328,9 +332,9 @@ class Database:
                 "command_timeout": 30,
                 "timeout": 5,
                 # asyncpg prepares each statement once per connection, but only up to 15 KiB
-                # of SQL; a batch of feedback (db/batch.py) is up to 52 KiB, and PostgreSQL
-                # parsed and analyzed it anew on every run.
-                "max_cacheable_statement_size": _MAX_CACHED_STATEMENT,
+                # of SQL; a batch of feedback (db/batch.py) is up to 62 KiB, and PostgreSQL
+                # parsed and analyzed it anew on every run (test_batch checks the bound).
+                "max_cacheable_statement_size": MAX_CACHED_STATEMENT,
             }
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         if not self.is_sqlite:

@@ -52,14 +52,18 @@ def claim(db: Session, row: Mapping[str, Any]) -> bool:
     return bool(_CLAIM.execute(db, row))
 
 
-def answer_cte(prefix: str = "") -> CTE:
+def answer_cte(prefix: str = "", gate: CTE | None = None) -> CTE:
     """PostgreSQL: the key row's INSERT ... ON CONFLICT DO NOTHING RETURNING id as a
     data-modifying CTE (no row: the key was taken), with :func:`key_params`'s
-    parameters, each name after ``prefix`` (as is the CTE's). For statements built
-    once: the ON CONFLICT construct compiles there."""
+    parameters, each name after ``prefix`` (as is the CTE's); with ``gate`` (a CTE), no
+    row either when the gate has none. For statements built once: the ON CONFLICT
+    construct compiles there."""
+    values = select(*(bindparam(f"{prefix}key_{k}", type_=KEYS.c[k].type) for k in KEY_COLUMNS))
+    if gate is not None:
+        values = values.select_from(gate)
     return (
         postgresql.insert(KEYS)
-        .values({k: bindparam(f"{prefix}key_{k}", type_=KEYS.c[k].type) for k in KEY_COLUMNS})
+        .from_select(list(KEY_COLUMNS), values)
         .on_conflict_do_nothing(index_elements=[KEYS.c.scope, KEYS.c.key])
         .returning(KEYS.c.id)
         .cte(f"{prefix}answer")

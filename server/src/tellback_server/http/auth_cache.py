@@ -13,6 +13,12 @@ arrives (:meth:`PrincipalCache.channel`, on the process's LISTEN connection), a
 few milliseconds later. A process that is not listening (its
 connection lost) still trusts a check for no longer than the cache lifetime, and
 empties its cache when it listens again.
+
+A session's check also keeps what it read along: the end user as the views show
+them (with their row's ``updated_at``) and whether the app had a webhook endpoint.
+Changing those does not empty the cache: a new feedback that relies on them writes
+only if they still hold, and reads them afresh otherwise
+(``domain/conversations/services.py``, ``_create_alone``).
 """
 
 from __future__ import annotations

@@ -17,7 +17,6 @@ from uuid import UUID
 
 import msgspec
 from sqlalchemy import (
-    Boolean,
     Integer,
     Select,
     String,
@@ -113,7 +112,7 @@ from tellback_server.domain.webhooks.outbox import (
     endpoints_of,
     planned_deliveries,
 )
-from tellback_server.http.deps import AgentPrincipal, ClientPrincipal
+from tellback_server.http.deps import AgentPrincipal, ClientPrincipal, SessionUser
 from tellback_server.http.errors import AppError, NotFound, ValidationFailed
 from tellback_server.http.idempotency import Answer
 from tellback_server.http.pagination import (
@@ -738,16 +737,7 @@ _INSERT_CONVERSATION = insert_into(table_of(Conversation), _CONVERSATION_COLUMNS
 _INSERT_MESSAGE = insert_into(table_of(Message), _MESSAGE_COLUMNS)
 
 
-class _User(NamedTuple):
-    """The end user as the views show them (the columns ``user_out`` reads)."""
-
-    id: UUID
-    external_id: str | None
-    name: str | None
-    email: str | None
-    attributes: dict[str, Any] | None
-
-
+_User = SessionUser  # the end user as the views show them (the columns user_out reads)
 _USERS = table_of(EndUser)
 
 
@@ -762,8 +752,13 @@ def _user_select(webhooks: Any) -> Select[Any]:
 
 _USER_SELECT = _user_select(any_endpoint().label("any_endpoint"))  # whether it has any
 _USER = Prepared(_USER_SELECT)
-# A new feedback on PostgreSQL (_create_alone) reads the endpoints themselves.
-_FEEDBACK_READ = Prepared(_user_select(endpoints_of().label("endpoints")))
+# A new feedback on PostgreSQL to an app with webhooks (_create_alone) reads the end user
+# and the endpoints themselves (its statement asks whether an agent listens).
+_FEEDBACK_READ = Prepared(
+    select(*(_USERS.c[k] for k in _User._fields), endpoints_of().label("endpoints")).where(
+        _USERS.c.id == bindparam("id")
+    )
+)
 
 
 # ----- the agents' inbox: one statement per page ---------------------------------------------
@@ -947,42 +942,63 @@ def _gated_insert(
     return insert(table).from_select(list(columns), values.where(*where))
 
 
-def _new_feedback(count: int, *, keyed: bool, hooked: bool) -> Prepared:
+def _fresh_gate(prefix: str) -> Any:
+    """A row when the end user (``c_end_user_id``) is as the session's check read them
+    (``user_updated_at``: every change of theirs moves it) and the app (``c_app_id``)
+    has no enabled webhook endpoint: what a feedback written without a read of its own
+    (``_create_alone``) took for granted."""
+    users, conversations = _USERS, table_of(Conversation)
+    user_id = bindparam(f"{prefix}c_end_user_id", type_=conversations.c.end_user_id.type)
+    app_id = bindparam(f"{prefix}c_app_id", type_=conversations.c.app_id.type)
+    seen = bindparam(f"{prefix}user_updated_at", type_=users.c.updated_at.type)
+    unchanged = exists().where(users.c.id == user_id, users.c.updated_at == seen)
+    return select(literal(1).label("fresh")).where(unchanged, ~any_endpoint(app_id))
+
+
+def _new_feedback(count: int, *, keyed: bool, hooked: bool, fresh: bool = False) -> Prepared:
     """PostgreSQL: ``count`` whole new feedbacks in one statement, which commits by
     itself (``db/batch.py``; ``count`` is 1 when ``hooked``). For each, parameters named
     by ``member_name`` (``i``, ...): the conversation, its message, the event (queuing its
-    NOTIFY), when ``listening`` the agents' push job, with ``hooked`` the webhook
-    deliveries ``planned_deliveries`` planned with their jobs (its parameters unnamed,
-    shared), and the NOTIFY that wakes workers when a job was queued (when no endpoint
-    wants the event, the statement goes without the deliveries' CTEs, which cost
-    PostgreSQL work even with nothing to write). ``keyed``: also the idempotency key
-    with its answer (``db/keys.py``), which every other row of that feedback depends on:
-    when its key is taken, none of them is written and no row comes back for it.
-    Otherwise one row for each, its index and its event's id. Parameters ``c_``, ``m_``,
-    ``e_`` and ``j_<column>``, ``listening``, with ``keyed`` ``key_<column>``, and
-    ``notify_prefix`` (shared); the foreign keys between the new rows are checked at
-    the end of the statement."""
+    NOTIFY), the agents' push job when an agent's phone may hear of it
+    (``agents_listen``), with ``hooked`` the webhook deliveries ``planned_deliveries``
+    planned with their jobs (its parameters unnamed, shared), and the NOTIFY that wakes
+    workers when a job was queued (when no endpoint wants the event, the statement goes
+    without the deliveries' CTEs, which cost PostgreSQL work even with nothing to
+    write). ``keyed``: also the idempotency key with its answer (``db/keys.py``), which
+    every other row of that feedback depends on: when its key is taken, none of them is
+    written and no row comes back for it. ``fresh`` (not with ``hooked``): nothing of it
+    is written, and no row comes back, either unless :func:`_fresh_gate` holds.
+    Otherwise one row for each: its index, its event's id and whether its push job was
+    queued. Parameters ``c_``, ``m_``, ``e_`` and ``j_<column>``, with ``keyed``
+    ``key_<column>``, with ``fresh`` ``user_updated_at``, and ``notify_prefix``
+    (shared); the foreign keys between the new rows are checked at the end of the
+    statement."""
     assert count == 1 or not hooked
+    assert not (fresh and hooked)
     writes: list[Any] = []
     queued: list[Any] = []
     answered: list[Any] = []
-    events = table_of(Event)
+    events, conversations = table_of(Event), table_of(Conversation)
     for i in range(count):
         prefix = member_name(i, "")
-        rows = partial(_gated_insert, answer_cte(prefix) if keyed else None)
+        gate = _fresh_gate(prefix).cte(f"{prefix}fresh") if fresh else None
+        if keyed:
+            gate = answer_cte(prefix, gate)
+        rows = partial(_gated_insert, gate)
         conv = rows(Conversation, _CONVERSATION_COLUMNS, f"{prefix}c_")
         message = rows(Message, _MESSAGE_COLUMNS, f"{prefix}m_")
-        listening = bindparam(f"{prefix}listening", type_=Boolean)
-        job = rows(Job, JOB_COLUMNS, f"{prefix}j_", listening).returning(table_of(Job).c.id)
+        app_id = bindparam(f"{prefix}c_app_id", type_=conversations.c.app_id.type)
+        job = rows(Job, JOB_COLUMNS, f"{prefix}j_", agents_listen(app_id))
         event = (
             notifying(rows(Event, ROW_COLUMNS, f"{prefix}e_"))
             .returning(events.c.type, events.c.app_id, events.c.created_at)
             .cte(f"{prefix}new_event")
         )
         writes += [conv.cte(f"{prefix}new_conversation"), message.cte(f"{prefix}new_message")]
-        new_job = job.cte(f"{prefix}new_job")
+        new_job = job.returning(table_of(Job).c.id).cte(f"{prefix}new_job")
         queued.append(select(new_job.c.id))
-        answered.append(select(literal(i).label("member"), event.c.id))
+        its_job = select(func.count()).select_from(new_job).scalar_subquery()
+        answered.append(select(literal(i).label("member"), event.c.id, its_job.label("queued")))
         if hooked:
             deliveries, delivery_jobs = delivery_ctes(event)
             writes.append(deliveries)
@@ -995,10 +1011,15 @@ def _new_feedback(count: int, *, keyed: bool, hooked: bool) -> Prepared:
     return Prepared(select(*result.c, woken.scalar_subquery()).add_cte(*writes))
 
 
-# Unhooked feedback from concurrent requests goes in batches (keyed or not), hooked alone.
+# Unhooked feedback from concurrent requests goes in batches (keyed or not, fresh or not),
+# hooked alone.
 _NEW_FEEDBACK = {
-    keyed: Batched(partial(_new_feedback, keyed=keyed, hooked=False), shared=("notify_prefix",))
+    (keyed, fresh): Batched(
+        partial(_new_feedback, keyed=keyed, hooked=False, fresh=fresh),
+        shared=("notify_prefix",),
+    )
     for keyed in (False, True)
+    for fresh in (False, True)
 }
 _NEW_HOOKED_FEEDBACK = {
     keyed: Batched(
@@ -1017,26 +1038,36 @@ async def _create_alone(
     msg: dict[str, Any],
     answer: Answer | None,
 ) -> ConversationOut | None:
-    """PostgreSQL, feedback without attachments: two statements that each commit by
-    themselves, with no transaction around them. The first reads the end user (for the
-    views), whether any agent's phone may hear of it and the app's webhook endpoints;
-    the second writes everything (``_new_feedback``, with other requests' feedback
-    when they come together: ``db/batch.py``), so the feedback, its event, its
-    push job, its webhook deliveries and its key are stored together or not at all, as
-    in a transaction. Two round trips where the transaction takes four or more (BEGIN,
-    two statements, the endpoints and deliveries when the app has any, COMMIT).
+    """PostgreSQL, feedback without attachments: at most two statements that each commit
+    by themselves, with no transaction around them; the last writes everything
+    (``_new_feedback``, with other requests' feedback when they come together:
+    ``db/batch.py``), so the feedback, its event, its push job, its webhook deliveries
+    and its key are stored together or not at all, as in a transaction.
 
-    None, with nothing written, when the end user is gone or the key is taken: the
+    For an app with no webhook endpoint, as the session's check found it, that one
+    statement is all (``fresh``): the views take the end user as that check read them
+    (``ClientPrincipal.user``, when it kept them), and the statement writes only if
+    both still hold (:func:`_fresh_gate`); a request it carries never takes a
+    connection of its own. Otherwise a read comes first: the end user (for the views)
+    and the app's endpoints (for the deliveries). One or two round trips where a
+    transaction takes four or more (BEGIN, two statements, the endpoints and
+    deliveries when the app has any, COMMIT).
+
+    None, with nothing written, when the end user is gone or changed since the check,
+    the app has an endpoint the check did not see, or the key is taken: the
     transaction's way (:func:`_store_feedback`) handles those (a replay, an expired key
     taken again). The transaction's commit hooks run when it ends (events published,
     workers woken)."""
-    connection = await tx.connected()
-    who = {"id": client.end_user_id, "app_id": client.app_id}
-    found = await _FEEDBACK_READ.fetch_alone(connection, who)
-    if not found:
-        return None
-    [(*user, listening, endpoints)] = found
-    stored = _NewMessage(conv, msg, _User(*user), [], 0, False, bool(endpoints))
+    user = None if client.app_hooked else client.user
+    fresh, endpoints = user is not None, None
+    if user is None:
+        who = {"id": client.end_user_id, "app_id": client.app_id}
+        found = await _FEEDBACK_READ.fetch_alone(await tx.connected(), who)
+        if not found:
+            return None
+        [(*columns, endpoints)] = found
+        user = _User(*columns)
+    stored = _NewMessage(conv, msg, user, [], 0, False, bool(endpoints))
     [draft], views = _message_views(stored, Related(), created=True)
     assert views.client_conv is not None  # the user's own new conversation
     event = event_row(client.app_id, draft, _now())
@@ -1044,22 +1075,25 @@ async def _create_alone(
     params.update({f"m_{k}": v for k, v in msg.items()})
     params.update({f"e_{k}": v for k, v in event.items()})
     params.update({f"j_{k}": v for k, v in job_row(**fanout_job(msg["id"], "agents")).items()})
-    params.update(listening=bool(listening), notify_prefix=notify_prefix(tx))
+    params["notify_prefix"] = notify_prefix(tx)
+    if fresh:
+        params["user_updated_at"] = client.user_updated_at
     deliveries = planned_deliveries(endpoints, draft.type)
     params.update(deliveries)
     if answer is not None:
         params.update(key_params(answer.produced(views.client_conv)))
     keyed = answer is not None
     if deliveries["w_ids"]:
-        written = await _NEW_HOOKED_FEEDBACK[keyed].alone(connection, params)
+        written = await _NEW_HOOKED_FEEDBACK[keyed].alone(await tx.connected(), params)
     else:
-        written = await _NEW_FEEDBACK[keyed].fetch(connection, params)
-    if not written:  # the key is taken (or had expired): idempotent() sorts that out
+        written = await _NEW_FEEDBACK[keyed, fresh].fetch(tx, params)
+    if not written:  # gone, changed or taken: the transaction's way sorts that out
         return None
+    event_id, queued = written[0][:2]
     if answer is not None:
         answer.claimed = True
-    publish_at_commit(tx, [EventRecord(id=written[0][0], **event)])
-    if listening or deliveries["w_ids"]:
+    publish_at_commit(tx, [EventRecord(id=event_id, **event)])
+    if queued or deliveries["w_ids"]:
         wake_at_commit(tx)
     return views.client_conv
 

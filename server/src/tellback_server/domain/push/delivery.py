@@ -426,12 +426,14 @@ def _agent_phones() -> Select[tuple[Any]]:
     )
 
 
-def agents_listen() -> Exists:
-    """Whether an active phone of an enabled agent of the app (parameter ``app_id``) may
-    hear of its new feedback: the "agents" question of :func:`queue_fanout_in`, for a
-    query that asks it along with what it reads anyway."""
+def agents_listen(app_id: Any = None) -> Exists:
+    """Whether an active phone of an enabled agent of the app (``app_id``: an expression
+    of the enclosing query, by default the parameter ``app_id``) may hear of its new
+    feedback: the "agents" question of :func:`queue_fanout_in`, for a query that asks
+    it along with what it reads or writes anyway."""
     agent_apps = table_of(AgentApp)
-    app_id = bindparam("app_id", type_=agent_apps.c.app_id.type)
+    if app_id is None:
+        app_id = bindparam("app_id", type_=agent_apps.c.app_id.type)
     return exists(_agent_phones().where(agent_apps.c.app_id == app_id))
 
 
