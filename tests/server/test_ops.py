@@ -22,7 +22,7 @@ from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy import select, text
 from structlog.testing import capture_logs
 
-from tellback_server.asgi import build_state, create_app
+from tellback_server.asgi import build_state, create_app, stopped
 from tellback_server.cli import GC_YOUNG_THRESHOLD, freeze_startup_heap
 from tellback_server.db import engine
 from tellback_server.db.engine import Database
@@ -896,3 +896,34 @@ async def test_agent_message_pages_are_stable_under_appends(api: Api) -> None:
     times = [_ts(m["created_at"]) for m in seen]
     assert times == sorted(times)
     assert appended
+
+
+async def test_a_background_task_that_overruns_the_shutdown_is_cancelled_quietly() -> None:
+    """At shutdown the lifespan waits a bounded time for the job worker and the rate
+    limit sync. One that overruns (the database down: a pool timeout, then the wait for
+    running jobs) or failed is logged and left behind, and the shutdown goes on to close
+    the push clients and the pool; before, its TimeoutError ended the shutdown there."""
+    running = asyncio.Event()
+
+    async def stubborn() -> None:  # never looks at its stop event
+        running.set()
+        await asyncio.sleep(3600)
+
+    async def failing() -> None:
+        raise RuntimeError("the worker failed")
+
+    task = asyncio.create_task(stubborn())
+    await running.wait()
+    await stopped(task, 0.05, "stubborn")
+    assert task.cancelled()
+    await stopped(asyncio.create_task(failing()), 1, "failing")
+    # A shutdown that is itself cancelled still is.
+    running.clear()
+    task = asyncio.create_task(stubborn())
+    await running.wait()
+    shutdown = asyncio.create_task(stopped(task, 60, "stubborn"))
+    await asyncio.sleep(0.01)
+    shutdown.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await shutdown
+    assert task.cancelled()

@@ -140,6 +140,23 @@ def openapi_config() -> OpenAPIConfig:
     )
 
 
+async def stopped(task: asyncio.Task[None], seconds: float, what: str) -> None:
+    """Wait for a background task told to stop, cancelling it after ``seconds``. Never
+    raises: the rest of the shutdown (push clients, the connection pool) still runs when
+    a task overruns (the database down: a pool timeout, then the worker's wait for its
+    running jobs) or failed."""
+    try:
+        await asyncio.wait_for(task, timeout=seconds)
+    except TimeoutError:
+        log.warning("shutdown.task_cancelled", task=what, after_seconds=seconds)
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # the shutdown itself was cancelled, not the task
+    except Exception:
+        log.exception("shutdown.task_failed", task=what)
+
+
 def create_app(
     settings: Settings,
     *,
@@ -176,14 +193,14 @@ def create_app(
                     await listener
             stop.set()
             if limits is not None:  # its last sync, bounded: the database may be down
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(limits, timeout=5)
+                await stopped(limits, 5, "rate limit sync")
             if task is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait_for(task, timeout=15)
-            await close_clients(app_state)
-            await close_http_client(app_state)
-            await app_state.db.dispose()
+                await stopped(task, 15, "job worker")
+            try:
+                await close_clients(app_state)
+                await close_http_client(app_state)
+            finally:
+                await app_state.db.dispose()
 
     app = Litestar(
         route_handlers=[
