@@ -22,7 +22,8 @@ more than C: compare its shares, not its times). ``--read`` measures one of
 conversations the list and the inbox then page through): the end user's conversation
 list, a message page, or an agent's inbox page, 25 items each. On PostgreSQL those
 conversations are not analyzed yet (as in a new app's first minute, before autovacuum
-gets to them), which decides some plans: ``bench_ingest.py`` reads after an ANALYZE.
+gets to them), which decides some plans, unless ``--analyze`` (``bench_ingest.py``
+reads after an ANALYZE).
 
 Setup (the app, the sessions) goes through a real ``tellback serve`` first, as
 ``bench_ingest.py`` does; the measured part binds nothing.
@@ -88,7 +89,14 @@ class _GcClock:
 
 
 async def _drive(
-    app: Any, made: Setup, per_task: int, warmup: int, profile: str | None, read: str | None
+    app: Any,
+    made: Setup,
+    per_task: int,
+    warmup: int,
+    profile: str | None,
+    read: str | None,
+    *,
+    analyze: bool = False,
 ) -> None:
     body = feedback_body()
     tokens = made.tokens
@@ -172,6 +180,9 @@ async def _drive(
         await asyncio.gather(*(one_task(t) for t in tokens))
 
     await run(warmup, create)
+    if analyze:  # PostgreSQL's statistics brought up to date, as autovacuum would
+        async with app.state["tb"].db.engine.connect() as connection:
+            await connection.exec_driver_sql("ANALYZE")
     clock = _GcClock()
     gc.callbacks.append(clock)
     profiler = cProfile.Profile() if profile else None
@@ -209,6 +220,9 @@ def main() -> None:
     parser.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite")
     parser.add_argument(
         "--read", choices=("list", "page", "inbox"), help="measure this read, not the create"
+    )
+    parser.add_argument(
+        "--analyze", action="store_true", help="PostgreSQL: ANALYZE after the warm-up"
     )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tellback-inproc-") as tmp:
@@ -248,7 +262,9 @@ def _measure(args: argparse.Namespace, base: Path, url: str | None) -> None:
     app = create_app(settings, registry=build_registry(()), run_worker=True)
     freeze_startup_heap()
     per_task = max(1, args.requests // args.tasks)
-    uvloop.run(_drive(app, made, per_task, args.warmup, args.profile, args.read))
+    uvloop.run(
+        _drive(app, made, per_task, args.warmup, args.profile, args.read, analyze=args.analyze)
+    )
 
 
 if __name__ == "__main__":

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+from sqlalchemy import text
+
+from tellback_server.db.base import table_of
+from tellback_server.db.models import Conversation
 from tellback_server.http.pagination import encode_cursor
-from tests.server.conftest import Api
+from tests.server.conftest import Api, processes
 
 
 async def _pages(api: Api, headers: dict[str, str], limit: int) -> list[list[dict[str, Any]]]:
@@ -156,3 +161,66 @@ async def test_message_pages_leave_out_internal_notes_and_match_the_agents_view(
     r = await api.http.get(path, params={"cursor": past}, headers=alice)
     assert r.status_code == 200, r.text
     assert r.json() == {"items": [], "next_cursor": None}
+
+
+_TIMES = {"created_at", "updated_at", "last_activity_at", "public_activity_at"}
+
+
+async def test_pages_are_planned_once_not_at_every_request(
+    database_url: str, tmp_path: Path
+) -> None:
+    """PostgreSQL plans a prepared statement once for all its runs only when that plan
+    costs no more than the ones it makes for each run's parameters. A page's row count
+    passed as a parameter (``LIMIT $n``) hid that the plan stops early, so the list and
+    the agents' inbox were planned anew at every request (3-4 times the CPU of running
+    them). One connection here, so that its prepared statements can be looked at:
+    after 3,000 conversations and eight pages of each kind, each statement that ran six
+    times or more has been run by its generic plan."""
+    async with processes(database_url, tmp_path, n=1, database_pool_size=1) as [api]:
+        app = await api.create_app(rate_limits={"app_per_minute": 0, "user_per_minute": 0})
+        user = await api.user_headers(app)
+        _, agent = await api.create_agent(app)
+        conv = await api.feedback(user, "The first of many")
+        convs = table_of(Conversation)
+        columns = [c.name for c in convs.columns]
+        copied = [
+            "gen_random_uuid()"
+            if c == "id"
+            else f"c.{c} - g * interval '1 second'"
+            if c in _TIMES
+            else f"c.{c}"
+            for c in columns
+        ]
+        async with api.state.db.session(write=True) as db:
+            await db.execute(
+                text(
+                    f"INSERT INTO conversations ({', '.join(columns)}) "  # noqa: S608 (our names)
+                    f"SELECT {', '.join(copied)} FROM conversations c, "
+                    "generate_series(1, 3000) g WHERE c.id = :id"
+                ),
+                {"id": UUID(conv["id"])},
+            )
+            await db.execute(text("ANALYZE"))
+        pages = [
+            ("/v1/client/conversations", user),
+            (f"/v1/client/conversations/{conv['id']}/messages", user),
+            ("/v1/agent/conversations", agent),
+            (f"/v1/agent/conversations/{conv['id']}/messages", agent),
+        ]
+        for _ in range(8):
+            for path, headers in pages:
+                r = await api.http.get(path, params={"limit": 25}, headers=headers)
+                assert r.status_code == 200, r.text
+                assert len(r.json()["items"]) == (25 if path.endswith("conversations") else 1)
+        async with api.state.db.session(write=False) as db:
+            plans = (
+                await db.execute(
+                    text(
+                        "SELECT statement, generic_plans, custom_plans "
+                        "FROM pg_prepared_statements WHERE statement LIKE '%LIMIT%'"
+                    )
+                )
+            ).all()
+    ran = [(sql, generic) for sql, generic, custom in plans if generic + custom >= 6]
+    assert len(ran) >= len(pages)
+    assert [sql for sql, generic in ran if generic == 0] == []
