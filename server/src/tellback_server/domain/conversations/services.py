@@ -748,24 +748,23 @@ _User = SessionUser  # the end user as the views show them (the columns user_out
 _USERS = table_of(EndUser)
 
 
-def _user_select(webhooks: Any) -> Select[Any]:
-    """The end user as the views show them, and (asked along, a statement less each)
-    whether any agent's phone may hear of the new feedback and ``webhooks``, what the
-    statement asks of the app's webhook endpoints."""
-    return select(
-        *(_USERS.c[k] for k in _User._fields), agents_listen().label("agents_listen"), webhooks
-    ).where(_USERS.c.id == bindparam("id"))
+def _user_select(*asked: Any) -> Select[Any]:
+    """The end user (``:id``) as the views show them, then ``asked`` (one column each,
+    read along: a statement less each)."""
+    return select(*(_USERS.c[k] for k in _User._fields), *asked).where(
+        _USERS.c.id == bindparam("id")
+    )
 
 
-_USER_SELECT = _user_select(any_endpoint().label("any_endpoint"))  # whether it has any
+# The end user, whether any agent's phone may hear of the new feedback and whether the app
+# has a webhook endpoint.
+_USER_SELECT = _user_select(
+    agents_listen().label("agents_listen"), any_endpoint().label("any_endpoint")
+)
 _USER = Prepared(_USER_SELECT)
 # A new feedback on PostgreSQL to an app with webhooks (_create_alone) reads the end user
 # and the endpoints themselves (its statement asks whether an agent listens).
-_FEEDBACK_READ = Prepared(
-    select(*(_USERS.c[k] for k in _User._fields), endpoints_of().label("endpoints")).where(
-        _USERS.c.id == bindparam("id")
-    )
-)
+_FEEDBACK_READ = Prepared(_user_select(endpoints_of().label("endpoints")))
 
 
 # ----- the agents' inbox: one statement per page ---------------------------------------------
