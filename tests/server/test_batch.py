@@ -20,6 +20,7 @@ import pytest
 from sqlalchemy import Float, bindparam, func, insert, literal, select, text, union_all
 from sqlalchemy.dialects.postgresql import asyncpg
 from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from tellback_server.db.base import table_of
 from tellback_server.db.batch import Batched, member_name
@@ -190,6 +191,36 @@ async def test_a_request_that_fails_the_statement_fails_alone(db: Database) -> N
     assert sorted(written) == ["a", "b", "c", "first", "taken"]  # once each
     # The failed statement wrote nothing; each then went alone.
     assert len({written[k] for k in "abc"}) == 3
+
+
+async def test_a_leader_with_no_connection_fails_the_others_at_once(
+    database_url: str, tmp_path: Path
+) -> None:
+    """When the pool has no connection to lend (all in use, or the database away), the
+    request that would send a statement fails after the pool's wait, and the ones it
+    would carry fail with its error then, rather than each waiting as long again."""
+    if database_url.startswith("sqlite"):
+        pytest.skip("SQLite writes go through the process's write group")
+    small = Database(make_settings(database_url, tmp_path / "data"), pool_size=1, pool_timeout=0.3)
+    batched = Batched(_build, shared=("sleep",), sizes=(1, 4), lanes=1)
+    scope = f"s-{uuid.uuid4().hex}"
+    try:
+        held = await small.engine.connect()  # the pool's one connection
+        try:
+            await held.execute(text("SELECT 1"))
+            # The first waits for a connection alone; four wait behind it for the lane.
+            tasks = await _queue(small, batched, *(_row(scope, k) for k in "abcde"))
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            await held.close()
+        assert all(isinstance(o, PoolTimeoutError) for o in outcomes), outcomes
+        # b led c, d and e: its one wait failed all four, with the one error.
+        assert outcomes[0] is not outcomes[1]
+        assert all(o is outcomes[1] for o in outcomes[2:])
+        assert await _transactions(small, scope) == {}
+        assert await _fetch(small, batched, _row(scope, "after")) == [("after", None)]
+    finally:
+        await small.dispose()
 
 
 async def test_a_leader_cancelled_mid_statement_leaves_the_others_theirs(db: Database) -> None:
