@@ -200,6 +200,8 @@ async def test_invalid_forms_show_the_error_and_keep_the_draft(api: Api, console
     assert r.status_code == 422
     r = await console.post(f"/console/c/{cid}/update", tags=",".join(f"t{i}" for i in range(30)))
     assert r.status_code == 422
+    r = await console.post(f"/console/c/{cid}/reply", body="a\x00b")  # PostgreSQL can't hold it
+    assert r.status_code == 422
     detail = (await api.http.get(f"/v1/agent/conversations/{cid}", headers=w.agent)).json()
     assert len(detail["messages"]) == 1
     assert detail["tags"] == []

@@ -173,3 +173,21 @@ def test_sync_identify_logout_and_persisted_login(live: Live, tmp_path: Path) ->
         tb.logout()
         assert tb.me.get().external_id is None
         assert list(tb.conversations.list()) == []
+
+
+async def test_text_with_the_nul_character_is_sent_without_it(
+    server: InProcess, tmp_path: Path
+) -> None:
+    """The server refuses U+0000 (PostgreSQL cannot store it); feedback whose log
+    excerpt holds one is sent without it rather than refused, and nothing else moves:
+    an escaped backslash before "u0000" is text and stays."""
+    faults = Faults()
+    async with client(server, tmp_path, faults) as tb:
+        conv = await tb.conversations.create(
+            "crash\x00 in C:\\u0000", context={"extra": {"log\x00": "a\x00\x00b"}}
+        )
+    assert conv.last_message is not None
+    assert conv.last_message.body == "crash in C:\\u0000"
+    _, agent = await server.api.create_agent(server.app)
+    r = await server.api.http.get(f"/v1/agent/conversations/{conv.id}", headers=agent)
+    assert r.json()["context"]["extra"] == {"log": "ab"}

@@ -526,6 +526,87 @@ async def test_context_over_64_kib_is_422(api: Api) -> None:
     assert await conversation_ids(api, user) == [conv["id"]]
 
 
+# ----- the NUL character ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        pytest.param({"body": "a\u0000b"}, "body", id="body"),
+        pytest.param({"body": "x", "subject": "s\u0000"}, "subject", id="subject"),
+        pytest.param({"body": "x", "tags": ["ok", "t\u0000"]}, "tags[1]", id="list-item"),
+        pytest.param(
+            {"body": "x", "context": {"extra": {"k": "\u0000"}}}, "context.extra.k", id="nested"
+        ),
+        pytest.param(
+            {"body": "x", "context": {"extra": {"k\u0000": 1}}},
+            "context.extra.k\\u0000",  # (the key as JSON would escape it)
+            id="key",
+        ),
+    ],
+)
+async def test_nul_in_a_json_string_is_422_on_every_database(
+    api: Api, payload: dict[str, Any], field: str
+) -> None:
+    """PostgreSQL's text and JSONB cannot hold U+0000: it failed there with a 500 while
+    SQLite stored it. Refused on both, naming the field, before anything is written."""
+    _, user = await unlimited_user(api)
+    r = await api.http.post("/v1/client/conversations", json=payload, headers=user)
+    problem = assert_validation(r, re.split(r"[.\[]", field, maxsplit=1)[0])
+    assert error_fields(problem) == [field]
+    assert "NUL" in problem["detail"]
+    assert await conversation_ids(api, user) == []
+
+
+async def test_nul_is_refused_wherever_a_caller_writes(api: Api) -> None:
+    app, user = await unlimited_user(api)
+    conv = await api.feedback(user)
+    r = await api.http.patch("/v1/client/me", json={"name": "x\u0000"}, headers=user)
+    assert_validation(r, "name")
+    r = await api.http.post(
+        f"/v1/client/conversations/{conv['id']}/messages", json={"body": "\u0000"}, headers=user
+    )
+    assert_validation(r, "body")
+    _, agent = await api.create_agent(app)
+    r = await api.http.post(
+        f"/v1/agent/conversations/{conv['id']}/messages", json={"body": "hi\u0000"}, headers=agent
+    )
+    assert_validation(r, "body")
+    r = await api.http.patch(f"/v1/admin/apps/{app.id}", json={"name": "\u0000"}, headers=api.admin)
+    assert_validation(r, "name")
+    assert await message_ids(api, user, conv["id"]) == [conv["last_message"]["id"]]
+    r = await api.http.get("/v1/client/me", headers=user)
+    assert r.json()["name"] is None
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param("/v1/agent/conversations?q=a%00b", id="query"),
+        pytest.param("/v1/agent/conversations?tag=%00", id="query-filter"),
+        pytest.param("/v1/admin/apps/{app}/identity-secrets/k%00", id="path"),
+    ],
+)
+async def test_nul_in_the_url_is_400(api: Api, url: str) -> None:
+    app, _ = await unlimited_user(api)
+    _, agent = await api.create_agent(app)
+    headers = api.admin if "admin" in url else agent
+    method = "DELETE" if "identity-secrets" in url else "GET"
+    r = await api.http.request(method, url.replace("{app}", app.id), headers=headers)
+    problem = assert_problem(r, 400, "bad_request")
+    assert "NUL" in problem["detail"]
+    # The app's identity secret is still there.
+    r = await api.http.get(f"/v1/admin/apps/{app.id}", headers=api.admin)
+    assert r.status_code == 200, r.text
+
+
+async def test_an_escaped_backslash_before_u0000_is_plain_text(api: Api) -> None:
+    """``"\\u0000"`` in JSON is a backslash and five characters, which are kept."""
+    _, user = await unlimited_user(api)
+    conv = await api.feedback(user, body="path C:\\u0000 and \\\\u0000")
+    assert conv["last_message"]["body"] == "path C:\\u0000 and \\\\u0000"
+
+
 async def test_unknown_attachment_id_is_422(api: Api) -> None:
     _, user = await unlimited_user(api)
     for ids in (["att_does_not_exist"], [str(uuid.uuid4())]):

@@ -8,6 +8,7 @@ import base64
 import datetime as dt
 import json
 import platform
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -65,8 +66,19 @@ class SessionState:
         return self.expires_at - EXPIRY_MARGIN > dt.datetime.now(dt.UTC)
 
 
+# A JSON escape of U+0000: ``\u0000`` after an even run of backslashes (an odd run
+# makes it text: ``\\u0000`` is a backslash, then "u0000").
+_NUL_ESCAPE = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")
+
+
 def encode(body: Any) -> bytes:
-    return _encoder.encode(body)
+    """The JSON of ``body``, without the NUL character (U+0000) in any string: the
+    server refuses it (PostgreSQL cannot store it), and it comes from log excerpts
+    and device strings, not from what a person typed."""
+    raw = _encoder.encode(body)
+    if b"\\u0000" in raw:
+        raw = _NUL_ESCAPE.sub(rb"\1", raw)
+    return raw
 
 
 def decode(response: httpx.Response, cast: type[T]) -> T:

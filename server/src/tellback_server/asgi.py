@@ -51,6 +51,7 @@ from tellback_server.http.deps import DEPENDENCIES
 from tellback_server.http.errors import exception_handlers
 from tellback_server.http.middleware import request_id_middleware
 from tellback_server.http.openapi import document_responses
+from tellback_server.http.text import TellbackRequest, refuse_nul_in_url
 from tellback_server.jobs.notify import JobNotifier
 from tellback_server.jobs.registry import JobRegistry
 from tellback_server.jobs.worker import Worker, asyncpg_dsn
@@ -232,6 +233,8 @@ def create_app(
         exception_handlers=exception_handlers(),
         openapi_config=openapi_config(),
         request_max_body_size=settings.max_request_body_bytes,
+        request_class=TellbackRequest,
+        before_request=refuse_nul_in_url,
         state=State({"tb": app_state, "registry": registry}),
         lifespan=[lifespan],
         debug=False,

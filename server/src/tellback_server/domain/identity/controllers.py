@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from litestar import Controller, Request, get, patch, post
+from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency, Provide
+from litestar.handlers.base import BaseRouteHandler
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tellback_server.domain.identity.schemas import (
@@ -35,12 +37,22 @@ def provide_identity(
     return IdentityService(db, state.sealer, state.settings.session_ttl_seconds)
 
 
+def address_limit(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    enforce_address_limit(connection)
+
+
 class SessionsController(Controller):
     path = "/v1/client/sessions"
     tags = ["client"]
     dependencies = {"identity": Provide(provide_identity, sync_to_thread=False)}
 
-    @post("/", status_code=201, summary="Start a session (anonymous or identified)")
+    # The limit per client address is a guard: checked before the body is read.
+    @post(
+        "/",
+        status_code=201,
+        summary="Start a session (anonymous or identified)",
+        guards=[address_limit],
+    )
     async def create_session(
         self,
         request: Request[Any, Any, Any],
@@ -52,7 +64,6 @@ class SessionsController(Controller):
     ) -> SessionCreated:
         """Creates or resumes the installation's end user. With `user_token`, the
         anonymous user of this installation is merged into the identified one."""
-        enforce_address_limit(request)
         app = await identity.find_app(data.app_key)
         enforce_rate_limits(request, app.id, app.settings or {}, None)
         return await identity.create_session(app, data)

@@ -1,0 +1,67 @@
+"""No NUL character (U+0000) in what a request asks us to store or look up.
+
+JSON allows ``"\\u0000"`` in a string, and a URL ``%00``, but PostgreSQL's text and
+JSONB cannot hold the character: such a request failed there with a 500 while SQLite
+stored it. Every database now answers it the same way, before anything is written: a
+JSON body or a form with the character anywhere (keys included) is a 422
+``validation_failed`` naming the field; a URL with it, a 400 ``bad_request``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request
+from litestar.datastructures import FormMultiDict
+
+from tellback_server.http.errors import BadRequest, ValidationFailed
+
+NUL_MESSAGE = "must not contain the NUL character (U+0000)"
+
+
+def nul_at(value: Any, path: str = "") -> str | None:
+    """The path (``a.b[2]``) of the first string in ``value`` with a NUL, if any."""
+    if isinstance(value, str):
+        return (path or "body") if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            name = str(key).replace("\x00", "\\u0000")  # (as JSON escapes it)
+            here = f"{path}.{name}" if path else name
+            if name != key:
+                return here
+            found = nul_at(item, here)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = nul_at(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
+
+
+async def refuse_nul_in_url(request: Request[Any, Any, Any]) -> None:
+    """The app's ``before_request``: path and query string, before any parameter is read."""
+    if b"%00" in request.scope["query_string"] or "\x00" in request.scope["path"]:
+        raise BadRequest(f"the URL {NUL_MESSAGE}")
+
+
+class TellbackRequest(Request[Any, Any, Any]):
+    """Litestar's request, whose JSON body and form are refused when they hold a NUL."""
+
+    async def json(self) -> Any:
+        value = await super().json()
+        # The character can only come from the escape: JSON forbids it raw in a string.
+        # (The search is over the bytes, fast; the walk only when it may be there.)
+        if b"\\u0000" in await self.body():
+            found = nul_at(value)
+            if found is not None:
+                raise ValidationFailed.field(found, NUL_MESSAGE)
+        return value
+
+    async def form(self) -> FormMultiDict:
+        form = await super().form()
+        for key, item in form.multi_items():
+            if "\x00" in key or (isinstance(item, str) and "\x00" in item):
+                raise ValidationFailed.field(key.replace("\x00", "\\u0000"), NUL_MESSAGE)
+        return form
