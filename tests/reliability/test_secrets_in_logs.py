@@ -4,7 +4,10 @@ The server logs as operators run it (JSON lines; and the console renderer); ever
 secret, key, identity token, push token and message body created during the scenario is
 then searched for in everything the process wrote (stdout minus the admin token it prints
 once by design, and stderr). Error paths are included: a bad identity token, an unknown
-bearer token, a 500 from a request whose body carries a secret, failing webhook attempts.
+bearer token, a refused request whose body carries a secret, failing webhook attempts; and
+webhook deliveries to a URL that carries its receiver's credential in its path and query,
+as Slack's and Zapier's do. (A 500's traceback is the console test below, and
+test_validation's 500 tests.)
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from tellback_server.dev.apns_fake import ApnsFake
 from tellback_server.dev.fcm_fake import FcmFake
 from tests.reliability.world import PNG
 from tests.server.live import free_port
+from tests.server.webhook_receiver import WebhookReceiver
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 TOPIC = "com.example.secrets"
@@ -62,7 +66,7 @@ async def test_no_secret_in_the_logs_of_a_full_scenario(tmp_path: Path, fmt: str
     base = f"http://127.0.0.1:{port}"
     server_key = f"sk-{uuid.uuid4().hex}{uuid.uuid4().hex}"
     secrets["TELLBACK_SECRET_KEY"] = server_key
-    async with ApnsFake(topics=[TOPIC]) as apns, FcmFake() as fcm:
+    async with ApnsFake(topics=[TOPIC]) as apns, FcmFake() as fcm, WebhookReceiver() as receiver:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TELLBACK_")}
         env.update(
             TELLBACK_DATA_DIR=str(tmp_path / "data"),
@@ -96,7 +100,9 @@ async def test_no_secret_in_the_logs_of_a_full_scenario(tmp_path: Path, fmt: str
                     except httpx.TransportError:
                         pass
                     await asyncio.sleep(0.1)
-                await _scenario(http, admin_token, apns, fcm, secrets, crash=fmt == "json")
+                await _scenario(
+                    http, admin_token, apns, fcm, receiver, secrets, crash=fmt == "json"
+                )
         finally:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -122,6 +128,7 @@ async def _scenario(
     admin_token: str,
     apns: ApnsFake,
     fcm: FcmFake,
+    receiver: WebhookReceiver,
     secrets: dict[str, str],
     *,
     crash: bool,
@@ -173,6 +180,17 @@ async def _scenario(
         headers=admin,
     )
     secrets["webhook secret"] = hook["secret"]
+    in_path, in_query = f"T0-{uuid.uuid4().hex}", f"q{uuid.uuid4().hex}"
+    secrets["credential in a webhook URL's path"] = in_path
+    secrets["credential in a webhook URL's query"] = in_query
+    live_hook = await call(
+        "POST",
+        f"/v1/admin/apps/{app['id']}/webhooks",
+        201,
+        json={"url": f"{receiver.url(f'/services/{in_path}')}?token={in_query}"},
+        headers=admin,
+    )
+    secrets["live webhook secret"] = live_hook["secret"]
     rotated = await call(
         "POST",
         f"/v1/admin/apps/{app['id']}/webhooks/{hook['id']}/rotate-secret",
@@ -304,9 +322,9 @@ async def _scenario(
         headers=agent_h,
     )
     if crash:
-        # A request that fails inside the server (today: the deep-nesting 500), its body
-        # carrying a secret. Only in JSON mode: the console renderer's leak of locals is
-        # test_console_tracebacks_do_not_show_locals below.
+        # A request refused deep in decoding (a 500 until the nesting was bounded), its
+        # body carrying a secret. Only in JSON mode: the console renderer's leak of locals
+        # is test_console_tracebacks_do_not_show_locals below.
         crash_marker = f"crash-{uuid.uuid4().hex}"
         secrets["body of a failing request"] = crash_marker
         nested = "[" * 2000 + "]" * 2000
@@ -315,7 +333,7 @@ async def _scenario(
             content=f'{{"body": "{crash_marker}", "context": {{"extra": {nested}}}}}',
             headers={**user, "Content-Type": "application/json"},
         )
-        assert r.status_code >= 400
+        assert r.status_code == 400, r.text
     rotated_agent = await call(
         "POST", f"/v1/admin/agents/{agent['id']}/rotate-token", 200, json={}, headers=admin
     )
@@ -323,6 +341,11 @@ async def _scenario(
 
     await apns.wait_for(1, timeout=20)
     await fcm.wait_for(1, timeout=20)
+    for _ in range(200):  # the live receiver's deliveries (whose requests httpx logs)
+        if len(receiver.requests) >= 2:
+            break
+        await asyncio.sleep(0.1)
+    assert len(receiver.requests) >= 2, receiver.requests
     await asyncio.sleep(1.5)  # the webhook's first attempts (to a closed port) are logged
 
 

@@ -62,6 +62,10 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
         logging.getLogger(name).propagate = True
     logging.getLogger("sqlalchemy.engine").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # httpx logs every request's URL at INFO, and a webhook URL may carry its
+    # receiver's credential in its path or query (Slack's, Zapier's).
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _identity(_logger: Any, _name: str, event: Any) -> Any:
