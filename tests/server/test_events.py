@@ -264,6 +264,40 @@ async def test_a_revoked_session_ends_its_stream(
             await stream.next(wait=5)
 
 
+async def test_a_disabled_agents_busy_stream_ends_too(
+    live: LiveApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Credentials are checked again every RECHECK_SECONDS whether or not events flow:
+    a stream that a new feedback reached every few seconds was never checked (the
+    check ran only between heartbeats), and went on after its agent was disabled."""
+    monkeypatch.setattr(streams, "RECHECK_SECONDS", 0.5)
+    app = await live.create_app(rate_limits={"app_per_minute": 0, "user_per_minute": 0})
+    user = await live.user_headers(app)
+    agent_id, agent = await live.create_agent(app)
+    async with sse(live.http, AGENT_EVENTS, agent) as stream:
+        await live.feedback(user)
+        assert (await stream.next(wait=5)).event == "conversation.created"
+        r = await live.http.patch(
+            f"/v1/admin/agents/{agent_id}", json={"disabled": True}, headers=live.admin
+        )
+        assert r.status_code == 200, r.text
+        got, ended = 0, False
+        for _ in range(40):  # an event every 0.1 s or so, well inside the heartbeat
+            await live.feedback(user)
+            await asyncio.sleep(0.05)
+            try:
+                event = await stream.next(wait=5)
+            except EOFError:
+                ended = True
+                break
+            assert event.event == "conversation.created"
+            got += 1
+        assert stream.comments == ["connected"]  # no heartbeat was due: it was busy
+    assert ended, "the stream outlived its agent"
+    # What arrived before the check came round (its 0.5 s of feedback, ten or so).
+    assert got <= 20, got
+
+
 async def test_an_idempotent_replay_emits_nothing_twice(live: LiveApi) -> None:
     app = await live.create_app()
     user = await live.user_headers(app)

@@ -123,14 +123,16 @@ async def stream(
         loop = asyncio.get_running_loop()
         next_check = loop.time() + RECHECK_SECONDS
         while True:
+            # Before whatever comes next, a busy stream's as an idle one's: a stream
+            # that an event reaches every few seconds must end with its credentials too.
+            if loop.time() >= next_check:
+                next_check = loop.time() + RECHECK_SECONDS
+                if not await recheck():
+                    log.info("events.stream_revoked", client=sub.client)
+                    return
             try:
                 live = await asyncio.wait_for(sub.queue.get(), heartbeat_s)
             except TimeoutError:
-                if loop.time() >= next_check:
-                    next_check = loop.time() + RECHECK_SECONDS
-                    if not await recheck():
-                        log.info("events.stream_revoked", client=sub.client)
-                        return
                 yield b": ping\n\n"
                 continue
             if live is None:
