@@ -22,6 +22,7 @@ from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy import select, text
 from structlog.testing import capture_logs
 
+from tellback_server import cli
 from tellback_server.asgi import build_state, create_app, stopped
 from tellback_server.cli import GC_YOUNG_THRESHOLD, freeze_startup_heap
 from tellback_server.db import engine
@@ -713,11 +714,58 @@ def test_the_server_freezes_its_startup_heap_and_collects_young_objects_less_oft
         gc.set_threshold(*before)
 
 
+_ALL = "0.0.0.0"  # noqa: S104 (settings only: nothing binds)
+
+
+@pytest.mark.parametrize(
+    ("env", "warned"),
+    [
+        pytest.param({}, [], id="sqlite-loopback"),
+        pytest.param({"TELLBACK_HOST": _ALL}, ["serve.no_public_url"], id="no-public-url"),
+        pytest.param(
+            {"TELLBACK_HOST": _ALL, "TELLBACK_PUBLIC_URL": "https://fb.example.com"},
+            [],
+            id="public-url",
+        ),
+        pytest.param(
+            {"TELLBACK_DATABASE_URL": "postgresql+asyncpg://db/tellback"},
+            ["serve.local_storage"],
+            id="postgresql-local-disk",
+        ),
+        pytest.param(
+            {
+                "TELLBACK_DATABASE_URL": "postgresql+asyncpg://db/tellback",
+                "TELLBACK_S3_ENDPOINT": "s3.example.com",
+                "TELLBACK_S3_ACCESS_KEY": "a",
+                "TELLBACK_S3_SECRET_KEY": "b",
+            },
+            [],
+            id="postgresql-s3",
+        ),
+    ],
+)
+def test_serve_warns_of_what_breaks_past_one_machine(
+    env: dict[str, str], warned: list[str]
+) -> None:
+    """Links naming 0.0.0.0 reach no client; files on one machine's disk, no other
+    machine's process. Both work on one machine, so they are warnings, said at start."""
+    with capture_logs() as logs:
+        cli._warn_about_links_and_storage(load_settings(env))
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == warned
+
+
 def test_the_pool_size_is_a_setting() -> None:
     assert load_settings({}).database_pool_size == 20
     assert load_settings({"TELLBACK_DATABASE_POOL_SIZE": "64"}).database_pool_size == 64
     with pytest.raises(SettingsError, match="TELLBACK_DATABASE_POOL_SIZE"):
         load_settings({"TELLBACK_DATABASE_POOL_SIZE": "0"})
+
+
+def test_the_heartbeat_is_at_most_the_20_seconds_clients_are_promised() -> None:
+    assert load_settings({}).sse_heartbeat_seconds == 15
+    assert load_settings({"TELLBACK_SSE_HEARTBEAT_SECONDS": "20"}).sse_heartbeat_seconds == 20
+    with pytest.raises(SettingsError, match="TELLBACK_SSE_HEARTBEAT_SECONDS"):
+        load_settings({"TELLBACK_SSE_HEARTBEAT_SECONDS": "60"})
 
 
 # ----- pagination under concurrent inserts ------------------------------------------------------

@@ -238,7 +238,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         worker_concurrency=env.get("WORKER_CONCURRENCY", _int_in(1, 256), 4),
         worker_poll_seconds=env.get("WORKER_POLL_SECONDS", _positive_float, 5.0),
         job_lease_seconds=env.get("JOB_LEASE_SECONDS", _int_in(5, 3600), 60),
-        sse_heartbeat_seconds=env.get("SSE_HEARTBEAT_SECONDS", _positive_float, 15.0),
+        # At most 20 s (API.md): clients count a longer silence as a dead connection.
+        sse_heartbeat_seconds=env.get("SSE_HEARTBEAT_SECONDS", _float_in(0.05, 20), 15.0),
         sessions_per_ip_per_minute=env.get(
             "SESSIONS_PER_IP_PER_MINUTE", _int_in(0, 1_000_000), 300
         ),

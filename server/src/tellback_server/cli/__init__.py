@@ -209,6 +209,24 @@ def freeze_startup_heap() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, oldest)
 
 
+def _warn_about_links_and_storage(settings: Settings) -> None:
+    """What works on one machine but not behind a load balancer, said at start."""
+    if settings.public_url is None and settings.host in {"0.0.0.0", "::", ""}:  # noqa: S104
+        log.warning(
+            "serve.no_public_url",
+            detail="upload and attachment links will name this listening address, which "
+            "clients cannot reach: set TELLBACK_PUBLIC_URL to the address they use",
+            url=settings.base_url(),
+        )
+    if settings.s3 is None and not settings.is_sqlite:
+        log.warning(
+            "serve.local_storage",
+            detail="attachments are kept on this machine's disk: with more than one server "
+            "or worker machine, set TELLBACK_S3_* so that every process sees every file",
+            path=str(settings.data_dir / "blobs"),
+        )
+
+
 @main.command()
 @click.option("--host", default=None, help="Bind address (default TELLBACK_HOST or 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (default TELLBACK_PORT or 8080).")
@@ -264,6 +282,7 @@ def serve(
             worker=not no_worker,
             loop=type(asyncio.get_running_loop()).__module__.partition(".")[0],
         )
+        _warn_about_links_and_storage(settings)
         server = Server(config, on_stop=app.state["tb"].events.close)
         running = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -60,7 +60,7 @@ BAD_REQUEST = _Error(
     "Bad Request",
     "bad_request",
     "the body is not valid JSON",
-    "Malformed JSON, header or parameter (`bad_request`)",
+    "Malformed JSON or header, a bad cursor, `%00` in the URL (`bad_request`)",
 )
 UNAUTHENTICATED = _Error(
     401,
