@@ -454,6 +454,14 @@ async def test_providers_failing_for_a_minute_then_everything_is_delivered(
     got_fcm = {str(m.token): m.data["message_id"] for m in fcm.received}
     got: dict[str, str] = {**got_apns, **got_fcm}
     assert got == expected
+    # Each delivered once (the dicts above would hide a second), after real refusals
+    # from both providers: each device's first sends were answered 429 or 503.
+    assert len(apns.received) == len(ios)
+    assert len(fcm.received) == len(android)
+    refused_apns = [a for a in apns.attempts if a.status == 429]
+    refused_fcm = [a for a in fcm.attempts if a.status == 503]
+    assert {a.token for a in refused_apns} == {t for _, t in ios}
+    assert {str(a.token) for a in refused_fcm} == {t for _, t in android}
     r = await api.http.get(
         f"/v1/admin/apps/{app.id}/push-deliveries", params={"status": "failed"}, headers=api.admin
     )
