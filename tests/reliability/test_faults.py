@@ -475,17 +475,18 @@ async def test_providers_failing_for_a_minute_then_everything_is_delivered(
 async def test_sigkilled_worker_loses_no_push(
     push_api: tuple[Api, ApnsFake, FcmFake], tmp_path: Path
 ) -> None:
-    """A `tellback worker` process is SIGKILLed while sends are in flight (APNs hangs on
-    some devices); a new worker retakes the lapsed leases and every device gets its push,
-    duplicates only with the same apns-collapse-id."""
+    """A `tellback worker` process is SIGKILLed while sends are in flight: APNs has
+    delivered them but not answered, the window in which at-least-once delivery sends
+    twice. A new worker retakes the lapsed leases and every device gets its push; those
+    in flight get a second, with the same apns-collapse-id (the phone shows one)."""
     api, apns, _ = push_api
     app = await api.create_app(rate_limits={"app_per_minute": 0, "user_per_minute": 0})
     await _set_apns(api, apns, app)
     _, agent = await api.create_agent(app)
     users = await _users_with_devices(api, app, 24, "apns")
-    hung = [token for _, token in users[8:]]
+    hung = {token for _, token in users[8:]}
     for token in hung:
-        apns.hang_next(count=None, token=token)
+        apns.accept_then_hang(count=None, token=token)
     expected = await _reply_to_each(api, agent, users)
     settings = api.state.settings
     env = {k: v for k, v in os.environ.items() if not k.startswith("TELLBACK_")}
@@ -507,14 +508,15 @@ async def test_sigkilled_worker_loses_no_push(
 
     first = start()
     try:
-        # Wait until the first worker is stuck with sends in flight on hung devices.
+        # Wait until the first worker's 4 sends are all in flight: delivered, unanswered.
         for _ in range(300):
-            if len(apns.attempts) >= apns.received_count + 4 and apns.received_count >= 1:
+            if sum(1 for a in apns.attempts if a.token in hung) >= 4:
                 break
             await asyncio.sleep(0.1)
         else:
             raise AssertionError(f"worker made no progress: {len(apns.attempts)} attempts")
         delivered_before = apns.received_count
+        in_flight = {a.token for a in apns.attempts if a.token in hung}
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)
     finally:
@@ -525,8 +527,9 @@ async def test_sigkilled_worker_loses_no_push(
     apns.clear_failures()
     second = start()
     try:
-        await apns.wait_for(len(users), timeout=60)
-        await asyncio.sleep(1.0)  # let any duplicate arrive before counting
+        # Every device once, and those in flight again once their lease (5 s) lapses.
+        await apns.wait_for(len(users) + len(in_flight), timeout=60)
+        await asyncio.sleep(1.0)  # let any further duplicate arrive before counting
     finally:
         second.send_signal(signal.SIGTERM)
         try:
@@ -541,7 +544,9 @@ async def test_sigkilled_worker_loses_no_push(
     for token, collapse_ids in received.items():
         assert set(collapse_ids) == {expected[token]}
     duplicates = sum(len(v) - 1 for v in received.values())
-    assert duplicates <= 4, f"{duplicates} duplicates: more than the 4 sends in flight"
+    # Exactly the sends in flight went twice: none of the others, none of them thrice.
+    assert {t for t, v in received.items() if len(v) > 1} == in_flight
+    assert duplicates == len(in_flight) <= 4, f"{duplicates} duplicates, {in_flight} in flight"
     print(
         f"sigkill: {delivered_before}/{len(users)} delivered before the kill, "
         f"{duplicates} duplicates after the restart"

@@ -18,9 +18,10 @@ Pointing aioapns at it::
     fake.configure_client(client)   # pool.protocol_class -> 127.0.0.1:<port>
 
 Faults: :meth:`ApnsFake.fail_next` (status + reason), :meth:`fail_next_without_body`
-(status, no body: aioapns never resolves such a send) and :meth:`hang_next` (no
-answer at all). Every request is recorded in :attr:`attempts`; the accepted
-ones (what would reach a phone) also in :attr:`received`.
+(status, no body: aioapns never resolves such a send), :meth:`hang_next` (no
+answer at all) and :meth:`accept_then_hang` (delivered, but no answer). Every
+request is recorded in :attr:`attempts`; the accepted ones (what would reach a phone)
+also in :attr:`received`.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ _CA_FILE = "apns-fake-ca.pem"
 _CERT_FILE = "apns-fake-cert.pem"
 _KEY_FILE = "apns-fake-key.pem"
 
-FailureMode = Literal["body", "no-body", "hang"]
+FailureMode = Literal["body", "no-body", "hang", "accept-hang"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +138,7 @@ class ApnsNotification:
     payload: Any  # the parsed JSON body, None when it was empty or not JSON
     body: bytes
     apns_id: str  # the apns-id the fake answered with (echoed, or generated)
-    status: int  # HTTP status answered; 0 while the fake is told to never answer
+    status: int  # HTTP status answered; 0 for hang_next, 200 for accept_then_hang's
     reason: str | None
     team_id: str | None  # from the provider token, when it verified
     key_id: str | None
@@ -776,6 +777,12 @@ class ApnsFake(Recorder[ApnsNotification, _Failure]):
         """Never answer the next ``count`` requests (the stream stays open)."""
         self._add_failure(_Failure(0, None, count, None, token, "hang"))
 
+    def accept_then_hang(self, count: int | None = 1, token: str | None = None) -> None:
+        """Accept the next ``count`` requests (checked as usual; a valid one is in
+        :attr:`received`: it reached the phone) and never answer them: the sender cannot
+        tell it arrived, the window in which at-least-once delivery sends twice."""
+        self._add_failure(_Failure(0, None, count, None, token, "accept-hang"))
+
     def reset(self) -> None:
         """Forget records, failures and unregistered tokens (keys and topics stay)."""
         self._reset_records()
@@ -828,7 +835,7 @@ class ApnsFake(Recorder[ApnsNotification, _Failure]):
         payload: Any = None
 
         failure = self._take_failure(token) if self._failures else None
-        if failure is not None:
+        if failure is not None and failure.mode != "accept-hang":
             status, reason, retry_after = failure.status, failure.reason, failure.retry_after
             send_body = failure.mode == "body"
             if status == 410 and send_body:
@@ -859,7 +866,7 @@ class ApnsFake(Recorder[ApnsNotification, _Failure]):
         )
         self._record(record, record.accepted)
 
-        if failure is not None and failure.mode == "hang":
+        if failure is not None and failure.mode in {"hang", "accept-hang"}:
             return
         response: bytes | None = None
         if send_body and status != 200:
