@@ -74,6 +74,70 @@ async def test_session_flood_from_one_address_is_cut_by_the_address_limit(
     assert (await api.http.get("/healthz")).status_code == 200
 
 
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_ten_thousand_sessions_from_one_address_over_real_sockets(
+    sqlite_template: Path, tmp_path: Path
+) -> None:
+    """10,000 session requests from one address, 16 at a time, against a live server:
+    the address's allowance (a ten-second burst, then 5 a second) is admitted and
+    every other request is a 429 with Retry-After, those with a broken body too (the
+    limit comes before the body is read); the health probe answers throughout and the
+    process's memory stays flat."""
+    db = tmp_path / "tellback.db"
+    shutil.copyfile(sqlite_template, db)
+    settings = make_settings(f"sqlite+aiosqlite:///{db}", tmp_path / "data")
+    async with live_app(settings, build_registry()) as live:
+        app = await live.create_app(rate_limits={"app_per_minute": 0, "user_per_minute": 0})
+        total, concurrency = 10_000, 16
+        statuses: dict[int, int] = {}
+        problems: list[str] = []
+        limits = httpx.Limits(max_connections=concurrency)
+        async with (
+            httpx.AsyncClient(base_url=live.base_url, limits=limits, timeout=10) as http,
+            Probe(live.base_url) as probe,
+        ):
+            rss_before = _rss_bytes()
+            started = time.monotonic()
+            for start in range(0, total, concurrency):
+                batch = []
+                for i in range(start, start + concurrency):
+                    if i % 100 == 99:  # now and then a broken body
+                        batch.append(http.post("/v1/client/sessions", content=b"{broken"))
+                    else:
+                        batch.append(
+                            http.post("/v1/client/sessions", json=session_body(app.app_key))
+                        )
+                for i, r in enumerate(await asyncio.gather(*batch), start):
+                    statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                    if r.status_code == 429 and "retry-after" not in r.headers:
+                        problems.append(f"{i}: 429 without Retry-After")
+                    elif r.status_code not in (201, 429, 400):
+                        problems.append(f"{i}: {r.status_code} {r.text[:200]}")
+                    elif r.status_code == 400 and i % 100 != 99:
+                        problems.append(f"{i}: 400 for a good body")
+            elapsed = time.monotonic() - started
+            rss_after = _rss_bytes()
+        print(
+            f"sessions: {total} from one address in {elapsed:.1f} s: {statuses}; health worst "
+            f"{probe.worst * 1000:.0f} ms of {len(probe.latencies or [])}; "
+            f"RSS {rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB"
+        )
+        assert problems == []
+        # A burst of 50 (ten seconds' worth), then 5 a second.
+        assert 40 <= statuses.get(201, 0) <= 50 + 5 * elapsed + 5, statuses
+        # Broken bodies met the limit first: at most the few sent within the allowance.
+        assert statuses.get(400, 0) <= 2, statuses
+        assert probe.failures == 0
+        assert probe.worst < 1.0, probe.latencies
+        assert rss_after - rss_before < 64 * 2**20
+
+
 async def test_a_flood_from_many_addresses_hits_the_app_limit(served: Served) -> None:
     """The app's own bucket still bounds the total: 600/min admits about 100, then 429."""
     api = served.api
