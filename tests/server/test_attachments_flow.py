@@ -266,3 +266,42 @@ async def test_a_stalled_upload_body_is_cut_with_408(
     r = await put(api, up["single"]["url"], b"helloworld", up["single"]["headers"])
     assert r.status_code == 200, r.text
     assert r.headers["etag"]
+
+
+async def test_an_upload_body_trickled_below_the_minimum_rate_is_cut_with_408(
+    storage_api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A byte every little while resets the idle clock for ever (slowloris): the body
+    also has a grace period plus a second per UPLOAD_MIN_RATE bytes, and no more."""
+    api = storage_api
+    if api.state.settings.s3 is not None:
+        pytest.skip("S3 servers apply their own timeouts; bytes never reach us")
+    from tellback_server.domain.attachments import controllers
+
+    monkeypatch.setattr(controllers, "UPLOAD_GRACE_SECONDS", 0.5)
+    app = await api.create_app()
+    user = await api.user_headers(app)
+    size = 4000
+    up = await start_upload(
+        api, user, filename="log.txt", content_type="text/plain", size=size, kind="file"
+    )
+    sent = 0
+
+    async def trickle(chunk: int, pause: float) -> AsyncIterator[bytes]:
+        nonlocal sent
+        for _ in range(size // chunk):
+            await asyncio.sleep(pause)  # well inside the idle limit (60 s)
+            sent += chunk
+            yield b"x" * chunk
+
+    r = await api.http.put(
+        up["single"]["url"], content=trickle(1, 0.05), headers=up["single"]["headers"]
+    )
+    assert r.status_code == 408, r.text
+    assert "bytes a second" in r.json()["detail"]
+    assert sent < 20  # cut after its 0.5 s (20 B/s, where 500 are asked)
+    # Above the rate it is not cut, though it takes twice the grace period (4 KB/s).
+    r = await api.http.put(
+        up["single"]["url"], content=trickle(1000, 0.25), headers=up["single"]["headers"]
+    )
+    assert r.status_code == 200, r.text

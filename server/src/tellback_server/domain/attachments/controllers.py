@@ -153,23 +153,36 @@ def _local_store(request: Request[Any, Any, Any]) -> LocalStore:
 
 
 UPLOAD_IDLE_SECONDS = 60.0
+# Apache's mod_reqtimeout rule against a body trickled a byte at a time (each byte
+# resetting the idle clock): the body's time is UPLOAD_GRACE_SECONDS, plus a second for
+# every UPLOAD_MIN_RATE bytes received. 500 B/s is 4 kbit/s, below any working mobile link.
+UPLOAD_GRACE_SECONDS = 60.0
+UPLOAD_MIN_RATE = 500
 
 
 async def _idle_limited(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """The body's chunks, ending a sender that stalls (slowloris) with 408.
+    """The body's chunks, ending with 408 a sender that stalls or trickles (slowloris).
 
-    A stalled upload holds a socket and an open file; S3 servers cut such clients too.
+    A held upload keeps a socket and an open file; S3 servers cut such clients too.
     """
     it = chunks.__aiter__()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + UPLOAD_GRACE_SECONDS
     while True:
+        left = deadline - loop.time()
         try:
-            chunk = await asyncio.wait_for(it.__anext__(), UPLOAD_IDLE_SECONDS)
+            chunk = await asyncio.wait_for(it.__anext__(), min(UPLOAD_IDLE_SECONDS, left))
         except StopAsyncIteration:
             return
         except TimeoutError:
+            if left < UPLOAD_IDLE_SECONDS:
+                raise RequestTimeout(
+                    f"the body came slower than {UPLOAD_MIN_RATE} bytes a second; resume the upload"
+                ) from None
             raise RequestTimeout(
                 f"no bytes for {UPLOAD_IDLE_SECONDS:g} s; resume the upload"
             ) from None
+        deadline += len(chunk) / UPLOAD_MIN_RATE
         yield chunk
 
 
