@@ -163,6 +163,52 @@ async def test_multipart_resume_lists_parts_and_completes(storage_api: Api) -> N
     assert (await get(api, att["url"])).content == blob
 
 
+async def test_a_complete_whose_answer_was_lost_after_storage_assembled_it_succeeds(
+    storage_api: Api,
+) -> None:
+    """``complete`` assembles the parts in storage, then fails (the database or storage
+    away next, the client's connection cut): storage has the whole object and forgets
+    the multipart upload. Retried, ``complete`` succeeded nowhere: storage listed no
+    part, so it answered 409 "parts not uploaded yet" for ever, and the status handed
+    out URLs for parts of an upload storage no longer had. The video was lost."""
+    from tellback_server.db.models import Attachment
+
+    api = storage_api
+    app = await api.create_app()
+    user = await api.user_headers(app)
+    size = 17 * 1024 * 1024 + 7  # (over 16 MiB: multipart)
+    blob = b"PK\x03\x04" + os.urandom(size - 4)
+    up = await start_upload(
+        api, user, filename="logs.zip", content_type="application/zip", size=size, kind="file"
+    )
+    part_size = up["multipart"]["part_size"]
+    parts = []
+    for part in up["multipart"]["parts"]:
+        n = part["part_number"]
+        r = await put(api, part["url"], blob[(n - 1) * part_size : n * part_size])
+        assert r.status_code == 200, r.text
+        parts.append((n, r.headers["etag"].strip('"')))
+    # The first complete got as far as storage.
+    async with api.state.db.session(write=False) as db:
+        att = await db.get(Attachment, uuid.UUID(up["upload_id"]))
+    assert att is not None
+    assert att.multipart_upload_id is not None
+    await api.state.store.complete_multipart(att.storage_key, att.multipart_upload_id, parts)
+    # A client resuming from scratch is told there is nothing left to send...
+    r = await api.http.get(f"/v1/client/uploads/{up['upload_id']}", headers=user)
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "pending"
+    assert r.json()["multipart"]["parts"] == []
+    # ...and completing, again or for the first time as it sees it, succeeds.
+    complete = f"/v1/client/uploads/{up['upload_id']}/complete"
+    r = await api.http.post(complete, json={}, headers=user)
+    assert r.status_code == 200, r.text
+    await run_jobs(api)
+    got = (await api.http.get(f"/v1/client/attachments/{up['upload_id']}", headers=user)).json()
+    assert got["status"] == "ready"
+    assert (await get(api, got["url"])).content == blob
+
+
 async def test_script_named_jpg_is_rejected_and_visible(storage_api: Api) -> None:
     api = storage_api
     app = await api.create_app()

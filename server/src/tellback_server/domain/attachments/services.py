@@ -202,12 +202,23 @@ class AttachmentService:
             return []
         return await self.store.list_parts(att.storage_key, att.multipart_upload_id)
 
+    async def _assembled(self, att: Attachment) -> bool:
+        """Whether storage already holds the whole object of a multipart upload: an
+        earlier ``complete`` got as far as assembling it, and its answer was lost (the
+        storage or the database failed next, or the client gave up waiting). Storage
+        then knows the multipart upload no more, and lists none of its parts."""
+        info = await self.store.stat(att.storage_key)
+        return info is not None and info.size == att.size
+
     async def upload_status(self, client: ClientPrincipal, upload_id: UUID) -> UploadStatus:
         att = await self._own_upload(client, upload_id)
         parts = await self._uploaded_parts(att)
         single = multipart = None
         if att.status == "pending":
-            single, multipart = await self._urls(att, done={p.part_number for p in parts})
+            done = {p.part_number for p in parts}
+            if att.method == "multipart" and not parts and await self._assembled(att):
+                done = set(range(1, att.part_count + 1))  # nothing left to send: complete
+            single, multipart = await self._urls(att, done=done)
         return UploadStatus(
             upload_id=att.id,
             status=att.status,  # type: ignore[arg-type]
@@ -235,6 +246,8 @@ class AttachmentService:
             p.part_number: p
             for p in await self.store.list_parts(att.storage_key, att.multipart_upload_id)
         }
+        if not stored and await self._assembled(att):
+            return  # (a retry: an earlier complete assembled it)
         wanted = range(1, att.part_count + 1)
         missing = [n for n in wanted if n not in stored]
         if missing:
@@ -252,6 +265,8 @@ class AttachmentService:
                 att.storage_key, att.multipart_upload_id, [(n, stored[n].etag) for n in wanted]
             )
         except ValueError as exc:
+            if await self._assembled(att):
+                return  # assembled by a complete running at the same time
             raise UploadIncomplete(f"storage refused to assemble the parts: {exc}") from None
 
     async def complete(
