@@ -1,7 +1,9 @@
 """The isolation matrix over every operation of the OpenAPI document.
 
 - every `/v1/client/*` operation with a path id, called by an end user of app A with the
-  ids of app B's objects -> 404 `not_found`, exactly as for a random id;
+  ids of app B's objects -> 404 `not_found`, exactly as for a random id; and called by
+  another end user of app A (a neighbour: the same app key, another installation)
+  with the first one's ids -> the same;
 - every `/v1/agent/*` operation with a path id, called by app A's agent with app B's ids ->
   the same;
 - every `/v1/admin/*` operation without a token, with an agent token and with a session
@@ -24,7 +26,7 @@ import pytest
 from tellback_server.asgi import create_app
 from tellback_server.plugins import build_registry
 from tellback_server.settings import Settings
-from tests.reliability.world import World, seed
+from tests.reliability.world import Side, World, seed
 from tests.server.conftest import Api, make_settings, serve_app
 
 SPEC: dict[str, Any] = create_app(
@@ -88,7 +90,7 @@ async def test_other_apps_ids_are_not_found(
     headers = w.a.user if path.startswith("/v1/client/") else w.a.agent
     owner = w.b.user if path.startswith("/v1/client/") else w.b.agent
     body = _body(method, path, w)
-    before = await _owner_view(api, w, owner, path) if method != "GET" else None
+    before = await _owner_view(api, w.b, owner, path) if method != "GET" else None
     theirs = await api.http.request(method, _fill(path, w.b.ids), json=body, headers=headers)
     random_ids = {k: str(uuid.uuid4()) for k in w.b.ids}
     unknown = await api.http.request(method, _fill(path, random_ids), json=body, headers=headers)
@@ -99,21 +101,46 @@ async def test_other_apps_ids_are_not_found(
         k: v for k, v in unknown.json().items() if k not in strip
     }
     if before is not None:
-        assert await _owner_view(api, w, owner, path) == before
+        assert await _owner_view(api, w.b, owner, path) == before
 
 
-async def _owner_view(api: Api, w: World, owner: dict[str, str], path: str) -> Any:
+NEIGHBOUR = [(m, p) for m, p in CROSS if p.startswith("/v1/client/")]
+
+
+@pytest.mark.parametrize(("method", "path"), NEIGHBOUR, ids=[f"{m} {p}" for m, p in NEIGHBOUR])
+async def test_a_neighbours_ids_are_not_found(
+    world: tuple[Api, World], method: str, path: str
+) -> None:
+    """Another end user of the same app (the app key is public: anyone can be one)
+    reaches nothing of the first one's by its ids."""
+    api, w = world
+    neighbour = await api.user_headers(w.a.app)
+    body = _body(method, path, w)
+    before = await _owner_view(api, w.a, w.a.user, path) if method != "GET" else None
+    theirs = await api.http.request(method, _fill(path, w.a.ids), json=body, headers=neighbour)
+    random_ids = {k: str(uuid.uuid4()) for k in w.a.ids}
+    unknown = await api.http.request(method, _fill(path, random_ids), json=body, headers=neighbour)
+    assert theirs.status_code == 404, f"{method} {path}: {theirs.status_code} {theirs.text}"
+    strip = {"request_id", "instance"}
+    assert {k: v for k, v in theirs.json().items() if k not in strip} == {
+        k: v for k, v in unknown.json().items() if k not in strip
+    }
+    if before is not None:
+        assert await _owner_view(api, w.a, w.a.user, path) == before
+
+
+async def _owner_view(api: Api, side: Side, owner: dict[str, str], path: str) -> Any:
     prefix = "/v1/client" if path.startswith("/v1/client/") else "/v1/agent"
     out = []
     for p in (
-        f"{prefix}/conversations/{w.b.conversation_id}",
-        f"{prefix}/conversations/{w.b.conversation_id}/messages",
+        f"{prefix}/conversations/{side.conversation_id}",
+        f"{prefix}/conversations/{side.conversation_id}/messages",
     ):
         r = await api.http.get(p, headers=owner)
         assert r.status_code == 200, r.text
         out.append(r.json())
     if prefix == "/v1/client":
-        r = await api.http.get(f"/v1/client/uploads/{w.b.upload_id}", headers=owner)
+        r = await api.http.get(f"/v1/client/uploads/{side.upload_id}", headers=owner)
         out.append({k: v for k, v in r.json().items() if "url" not in k and k != "parts"})
     return out
 
