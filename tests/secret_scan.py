@@ -12,18 +12,25 @@ the kind of secret and what came before it on its line, never the secret.
 The one place a token is meant to be shown is the CLI's one-time display of a new admin
 token, on the line after "(shown once; store it now)"; that line is skipped.
 
+Push tokens have no shape of their own (an APNs token is 64 hex digits), so they are
+searched by value: every token the APNs and FCM fakes made in this process is recorded,
+and a run of 64 hex digits, or of an FCM token's form, that is one of them is a leak.
+
 ``tests/reliability/test_secrets_in_logs.py`` does the same for one real
-``tellback serve`` through a full scenario, with every value it created (push tokens and
-message bodies too, which have no shape to search for).
+``tellback serve`` through a full scenario, with every value it created (message
+bodies too, which have no shape to search for).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 
+from tellback_server.dev.apns_fake import ApnsFake
+from tellback_server.dev.fcm_fake import FcmFake
 from tests.conftest import S3_SECRET_KEY
 from tests.server.conftest import SECRET
 
@@ -39,6 +46,11 @@ SHAPES: dict[str, re.Pattern[str]] = {
     "the tests' TELLBACK_SECRET_KEY": re.compile(re.escape(SECRET)),
     "the tests' S3 secret key": re.compile(re.escape(S3_SECRET_KEY)),
 }
+# Push tokens the fakes made in this process (pytest_configure wraps their make_token).
+PUSH_TOKENS: set[str] = set()
+_PUSH_TOKEN_RUN = re.compile(
+    r"(?<![0-9a-f])[0-9a-f]{64}(?![0-9a-f])|[A-Za-z0-9_-]{22}:APA91b[A-Za-z0-9_-]{134}"
+)
 SHOWN_ONCE = "(shown once; store it now)"
 # The console renderer colours keys and values: `\x1b[35mtbs_...` has no word boundary
 # before the token until the colour codes are gone.
@@ -61,6 +73,10 @@ def _matches(text: str) -> list[tuple[str, str]]:
                 for match in shape.finditer(line):
                     before = line[: match.start()][-100:].strip()
                     found.append((kind, f"line {number}: {before} <the secret>"))
+            for match in _PUSH_TOKEN_RUN.finditer(line):
+                if match.group() in PUSH_TOKENS:
+                    before = line[: match.start()][-100:].strip()
+                    found.append(("push token", f"line {number}: {before} <the token>"))
         shown = SHOWN_ONCE in line
     return found
 
@@ -109,5 +125,16 @@ class SecretScan:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+def _recorded(make: Callable[[], str]) -> Callable[[], str]:
+    def make_and_record() -> str:
+        token = make()
+        PUSH_TOKENS.add(token)
+        return token
+
+    return make_and_record
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(SecretScan(), "tellback-secret-scan")
+    for fake in (ApnsFake, FcmFake):
+        fake.make_token = staticmethod(_recorded(fake.make_token))  # type: ignore[method-assign]

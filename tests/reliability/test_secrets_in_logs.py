@@ -377,7 +377,7 @@ except RuntimeError:
 # ----- the whole suite's captured output (tests/secret_scan.py) ------------------------------
 
 
-def test_the_suite_scan_finds_each_kind_of_secret_by_its_shape() -> None:
+def test_the_suite_scan_finds_each_kind_of_secret() -> None:
     """What ``tests/secret_scan.py`` searches every test's captured output for."""
     from tellback_server.domain.webhooks.signing import new_secret
     from tellback_server.security import new_token
@@ -390,6 +390,9 @@ def test_the_suite_scan_finds_each_kind_of_secret_by_its_shape() -> None:
     leaked = {f"{prefix} token": new_token(prefix) for prefix in ("tba_", "tbg_", "tbs_", "tbi_")}
     leaked |= {"webhook": new_secret(), "jwt": jwt_, "pem": pem}
     leaked |= {"key": SECRET, "s3": S3_SECRET_KEY}
+    # Push tokens by value: those the fakes made here (a 64-hex run that is not one of
+    # them, such as a request id, is harmless).
+    leaked |= {"APNs token": ApnsFake.make_token(), "FCM token": FcmFake.make_token()}
     for name, secret in leaked.items():
         line = f'2026-11-27 13:53:14 [info     ] http.request authorization="{secret}" x=1'
         assert len(find_secrets(line)) == 1, name
@@ -399,7 +402,7 @@ def test_the_suite_scan_finds_each_kind_of_secret_by_its_shape() -> None:
     harmless = [
         new_token("tbk_", 18),  # an app key is public: it ships in the app
         new_token("k_", 6),  # a key id
-        uuid.uuid4().hex + uuid.uuid4().hex,  # request ids, hashes
+        uuid.uuid4().hex + uuid.uuid4().hex,  # request ids, hashes (64 hex digits too)
         "tbs_short",  # a made-up token a test sends to be refused
         "Authorization: Bearer <redacted>",
     ]
