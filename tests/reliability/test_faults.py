@@ -43,13 +43,24 @@ TEAM = "TEAM123456"
 
 
 class Proxy:
-    """127.0.0.1:<port> -> target; ``down()`` closes the listener and every open connection."""
+    """127.0.0.1:<port> -> target; ``down()`` closes the listener and every open connection.
+
+    ``cut_at(predicate)``: the first request (HTTP/1.1, one per connection at a time)
+    whose opening bytes match is not passed on; the proxy goes down instead, as the
+    storage would between two requests of one operation.
+    """
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
         self.port = 0
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.StreamWriter] = set()
+        self._cut: Callable[[bytes], bool] | None = None
+        self.cut = asyncio.Event()
+
+    def cut_at(self, predicate: Callable[[bytes], bool]) -> None:
+        self._cut = predicate
+        self.cut.clear()
 
     async def up(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
@@ -71,14 +82,23 @@ class Proxy:
             return
         self._conns.update({writer, up_writer})
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        async def pipe(
+            src: asyncio.StreamReader, dst: asyncio.StreamWriter, *, requests: bool
+        ) -> None:
             with contextlib.suppress(OSError, asyncio.CancelledError):
                 while data := await src.read(65536):
+                    if requests and self._cut is not None and self._cut(data):
+                        self._cut = None
+                        await self.down()
+                        self.cut.set()
+                        return
                     dst.write(data)
                     await dst.drain()
             dst.transport.abort()
 
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        await asyncio.gather(
+            pipe(reader, up_writer, requests=True), pipe(up_reader, writer, requests=False)
+        )
         self._conns.difference_update({writer, up_writer})
 
 
@@ -138,6 +158,72 @@ async def test_storage_down_during_complete_is_503_then_retry_succeeds(
         assert r.status_code == 200, r.text
         assert r.json()["status"] in ("processing", "ready")
         assert (await api.http.get("/readyz")).status_code == 200
+    await proxy.down()
+
+
+async def test_storage_lost_between_assembling_and_checking_an_upload_then_retry_succeeds(
+    s3_endpoint: str, sqlite_template: Path, tmp_path: Path
+) -> None:
+    """S3 goes away in the middle of a multipart upload's ``complete``: after it has
+    assembled the parts (``CompleteMultipartUpload`` answered), before the object is
+    checked (``HEAD``). 503; storage now holds the whole object and knows the upload no
+    more. Retried once S3 is back, ``complete`` succeeds and the file is whole."""
+    host, port = s3_endpoint.rsplit(":", 1)
+    proxy = Proxy(host, int(port))
+    await proxy.up()
+    db = tmp_path / "tellback.db"
+    shutil.copyfile(sqlite_template, db)
+    s3 = S3Settings(
+        endpoint=f"127.0.0.1:{proxy.port}",
+        access_key=S3_ACCESS_KEY,
+        secret_key=S3_SECRET_KEY,
+        bucket=f"tb-{uuid.uuid4().hex[:12]}",
+        secure=False,
+        region="us-east-1",
+    )
+    settings = make_settings(f"sqlite+aiosqlite:///{db}", tmp_path / "data", s3=s3)
+    async with serve_app(settings, build_registry()) as api:
+        app = await api.create_app()
+        user = await api.user_headers(app)
+        size = 17 * 1024 * 1024
+        blob = b"PK\x03\x04" + os.urandom(size - 4)
+        r = await api.http.post(
+            "/v1/client/uploads",
+            json={
+                "filename": "a.zip",
+                "content_type": "application/zip",
+                "size": size,
+                "kind": "file",
+            },
+            headers=user,
+        )
+        assert r.status_code == 201, r.text
+        up = r.json()
+        part_size = up["multipart"]["part_size"]
+        async with httpx.AsyncClient(timeout=60) as raw:
+            for part in up["multipart"]["parts"]:
+                n = part["part_number"]
+                r = await raw.put(part["url"], content=blob[(n - 1) * part_size : n * part_size])
+                assert r.status_code == 200, r.text
+
+        proxy.cut_at(lambda request: request.startswith(b"HEAD "))
+        complete = f"/v1/client/uploads/{up['upload_id']}/complete"
+        r = await api.http.post(complete, json={}, headers=user)
+        assert proxy.cut.is_set(), "the cut never came"
+        assert r.status_code == 503, r.text
+        assert r.json()["code"] == "storage_unavailable"
+
+        await proxy.up()
+        r = await api.http.get(f"/v1/client/uploads/{up['upload_id']}", headers=user)
+        assert r.status_code == 200, r.text
+        assert r.json()["multipart"]["parts"] == []  # nothing left to send
+        r = await api.http.post(complete, json={}, headers=user)
+        assert r.status_code == 200, r.text
+        await Worker(api.state, build_registry()).run_until_idle()
+        r = await api.http.get(f"/v1/client/attachments/{up['upload_id']}", headers=user)
+        assert r.json()["status"] == "ready", r.text
+        async with httpx.AsyncClient(timeout=60) as raw:
+            assert (await raw.get(r.json()["url"])).content == blob
     await proxy.down()
 
 
