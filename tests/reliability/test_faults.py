@@ -380,7 +380,7 @@ async def _assert_whole(
     announced = [
         (e.type, e.data["message"]["id"])
         for e in events
-        if e.type in ("conversation.created", "message.created")
+        if e.type in ("conversation.created", "message.created") and e.data is not None
     ]
     first = {
         min((m for m in messages if m.conversation_id == c.id), key=lambda m: m.id).id
