@@ -244,6 +244,61 @@ async def test_deeply_nested_json_is_a_4xx(served: Served, depth: int) -> None:
     assert failures == []
 
 
+async def test_a_flood_of_oversized_and_nested_bodies_over_real_sockets(
+    sqlite_template: Path, tmp_path: Path
+) -> None:
+    """192 bodies, 16 at a time, over real sockets: 1 MiB + 1 with a Content-Length,
+    the same chunked, and JSON nested 100,000 deep. Each is a 4xx problem document;
+    the health probe answers throughout and the process's memory stays bounded (the
+    bodies are refused at the limit, not held)."""
+    db = tmp_path / "tellback.db"
+    shutil.copyfile(sqlite_template, db)
+    settings = make_settings(f"sqlite+aiosqlite:///{db}", tmp_path / "data")
+    async with live_app(settings, build_registry()) as live:
+        app = await live.create_app(rate_limits={"app_per_minute": 0, "user_per_minute": 0})
+        user = await live.user_headers(app)
+        headers = {**user, "Content-Type": "application/json"}
+        big = b'{"body": "' + b"x" * (1024 * 1024 + 1) + b'"}'
+        nested = b'{"body": "hi", "context": {"extra": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}"
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for i in range(0, len(big), 65536):
+                yield big[i : i + 65536]
+
+        def body(i: int) -> Any:
+            return (big, chunks(), nested)[i % 3]
+
+        statuses: dict[int, int] = {}
+        limits = httpx.Limits(max_connections=16)
+        async with (
+            httpx.AsyncClient(base_url=live.base_url, limits=limits, timeout=30) as http,
+            Probe(live.base_url) as probe,
+        ):
+            rss_before = _rss_bytes()
+            for start in range(0, 192, 16):
+                answers = await asyncio.gather(
+                    *(
+                        http.post("/v1/client/conversations", content=body(i), headers=headers)
+                        for i in range(start, start + 16)
+                    )
+                )
+                for r in answers:
+                    assert r.headers["content-type"].split(";")[0] == PROBLEM, r.text[:200]
+                    statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            rss_after = _rss_bytes()
+        print(
+            f"bodies: 192 oversized or nested, 16 at a time: {statuses}; health worst "
+            f"{probe.worst * 1000:.0f} ms; RSS {rss_before / 2**20:.0f} -> "
+            f"{rss_after / 2**20:.0f} MiB"
+        )
+        assert statuses == {413: 128, 400: 64}
+        assert probe.failures == 0
+        assert probe.worst < 1.0, probe.latencies
+        assert rss_after - rss_before < 64 * 2**20
+        r = await live.http.get("/v1/client/conversations", headers=user)
+        assert r.json()["items"] == []
+
+
 # ----- many idempotency keys ----------------------------------------------------------------
 
 
