@@ -105,9 +105,11 @@ class Proxy:
 # ----- storage down during complete ---------------------------------------------------------
 
 
-async def test_storage_down_during_complete_is_503_then_retry_succeeds(
+@contextlib.asynccontextmanager
+async def _behind_proxy(
     s3_endpoint: str, sqlite_template: Path, tmp_path: Path
-) -> None:
+) -> AsyncIterator[tuple[Proxy, Api, dict[str, str]]]:
+    """The app on S3 reached through a :class:`Proxy`, and an end user of one of its apps."""
     host, port = s3_endpoint.rsplit(":", 1)
     proxy = Proxy(host, int(port))
     await proxy.up()
@@ -122,9 +124,19 @@ async def test_storage_down_during_complete_is_503_then_retry_succeeds(
         region="us-east-1",
     )
     settings = make_settings(f"sqlite+aiosqlite:///{db}", tmp_path / "data", s3=s3)
-    async with serve_app(settings, build_registry()) as api:
-        app = await api.create_app()
-        user = await api.user_headers(app)
+    try:
+        async with serve_app(settings, build_registry()) as api:
+            user = await api.user_headers(await api.create_app())
+            yield proxy, api, user
+    finally:
+        with contextlib.suppress(AssertionError):  # (already down)
+            await proxy.down()
+
+
+async def test_storage_down_during_complete_is_503_then_retry_succeeds(
+    s3_endpoint: str, sqlite_template: Path, tmp_path: Path
+) -> None:
+    async with _behind_proxy(s3_endpoint, sqlite_template, tmp_path) as (proxy, api, user):
         r = await api.http.post(
             "/v1/client/uploads",
             json={
@@ -158,7 +170,6 @@ async def test_storage_down_during_complete_is_503_then_retry_succeeds(
         assert r.status_code == 200, r.text
         assert r.json()["status"] in ("processing", "ready")
         assert (await api.http.get("/readyz")).status_code == 200
-    await proxy.down()
 
 
 async def test_storage_lost_between_assembling_and_checking_an_upload_then_retry_succeeds(
@@ -168,23 +179,7 @@ async def test_storage_lost_between_assembling_and_checking_an_upload_then_retry
     assembled the parts (``CompleteMultipartUpload`` answered), before the object is
     checked (``HEAD``). 503; storage now holds the whole object and knows the upload no
     more. Retried once S3 is back, ``complete`` succeeds and the file is whole."""
-    host, port = s3_endpoint.rsplit(":", 1)
-    proxy = Proxy(host, int(port))
-    await proxy.up()
-    db = tmp_path / "tellback.db"
-    shutil.copyfile(sqlite_template, db)
-    s3 = S3Settings(
-        endpoint=f"127.0.0.1:{proxy.port}",
-        access_key=S3_ACCESS_KEY,
-        secret_key=S3_SECRET_KEY,
-        bucket=f"tb-{uuid.uuid4().hex[:12]}",
-        secure=False,
-        region="us-east-1",
-    )
-    settings = make_settings(f"sqlite+aiosqlite:///{db}", tmp_path / "data", s3=s3)
-    async with serve_app(settings, build_registry()) as api:
-        app = await api.create_app()
-        user = await api.user_headers(app)
+    async with _behind_proxy(s3_endpoint, sqlite_template, tmp_path) as (proxy, api, user):
         size = 17 * 1024 * 1024
         blob = b"PK\x03\x04" + os.urandom(size - 4)
         r = await api.http.post(
@@ -224,7 +219,6 @@ async def test_storage_lost_between_assembling_and_checking_an_upload_then_retry
         assert r.json()["status"] == "ready", r.text
         async with httpx.AsyncClient(timeout=60) as raw:
             assert (await raw.get(r.json()["url"])).content == blob
-    await proxy.down()
 
 
 # ----- PostgreSQL lost during writes -----------------------------------------------------

@@ -284,17 +284,25 @@ async def test_processing_announces_the_attachment_to_open_screens(storage_api: 
     assert "url" not in str(record.data)  # URLs expire; events are replayed for days
 
 
-async def test_a_stalled_upload_body_is_cut_with_408(
-    storage_api: Api, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    api = storage_api
+async def _local_store_user(
+    api: Api, monkeypatch: pytest.MonkeyPatch, **limits: float
+) -> dict[str, str]:
+    """An end user of a new app, with the local store's body ``limits`` set (its
+    module's names); skipped on S3, whose servers apply their own."""
     if api.state.settings.s3 is not None:
         pytest.skip("S3 servers apply their own timeouts; bytes never reach us")
     from tellback_server.domain.attachments import controllers
 
-    monkeypatch.setattr(controllers, "UPLOAD_IDLE_SECONDS", 0.3)
-    app = await api.create_app()
-    user = await api.user_headers(app)
+    for name, value in limits.items():
+        monkeypatch.setattr(controllers, name, value)
+    return await api.user_headers(await api.create_app())
+
+
+async def test_a_stalled_upload_body_is_cut_with_408(
+    storage_api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = storage_api
+    user = await _local_store_user(api, monkeypatch, UPLOAD_IDLE_SECONDS=0.3)
     up = await start_upload(
         api, user, filename="log.txt", content_type="text/plain", size=10, kind="file"
     )
@@ -320,13 +328,7 @@ async def test_an_upload_body_trickled_below_the_minimum_rate_is_cut_with_408(
     """A byte every little while resets the idle clock for ever (slowloris): the body
     also has a grace period plus a second per UPLOAD_MIN_RATE bytes, and no more."""
     api = storage_api
-    if api.state.settings.s3 is not None:
-        pytest.skip("S3 servers apply their own timeouts; bytes never reach us")
-    from tellback_server.domain.attachments import controllers
-
-    monkeypatch.setattr(controllers, "UPLOAD_GRACE_SECONDS", 0.5)
-    app = await api.create_app()
-    user = await api.user_headers(app)
+    user = await _local_store_user(api, monkeypatch, UPLOAD_GRACE_SECONDS=0.5)
     size = 4000
     up = await start_upload(
         api, user, filename="log.txt", content_type="text/plain", size=size, kind="file"
