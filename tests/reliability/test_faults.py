@@ -652,8 +652,13 @@ async def test_sigkilled_worker_loses_no_push(
     )
     cmd = [sys.executable, "-m", "tellback_server", "worker", "--concurrency", "4"]
 
+    logs: list[Path] = []
+
     def start() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Their output is printed below: the suite's secret scan reads it (push tokens).
+        logs.append(tmp_path / f"worker-{len(logs)}.log")
+        with logs[-1].open("wb") as out:
+            return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
 
     first = start()
     try:
@@ -700,6 +705,8 @@ async def test_sigkilled_worker_loses_no_push(
         f"sigkill: {delivered_before}/{len(users)} delivered before the kill, "
         f"{duplicates} duplicates after the restart"
     )
+    for log in logs:
+        print(f"--- {log.name}\n{log.read_text(errors='replace')}")
 
 
 # ----- a webhook receiver down for ten (simulated) minutes ----------------------------------
