@@ -23,7 +23,14 @@ from structlog.testing import capture_logs
 from tellback_server.asgi import build_state, create_app
 from tellback_server.domain.conversations.services import ConversationService
 from tellback_server.jobs.registry import JobRegistry
-from tests.server.conftest import Api, AppInfo, lifespan, make_settings, serve_app
+from tests.server.conftest import (
+    Api,
+    AppInfo,
+    identity_token,
+    lifespan,
+    make_settings,
+    serve_app,
+)
 
 PROBLEM_JSON = "application/problem+json"
 VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -598,6 +605,26 @@ async def test_nul_in_the_url_is_400(api: Api, url: str) -> None:
     # The app's identity secret is still there.
     r = await api.http.get(f"/v1/admin/apps/{app.id}", headers=api.admin)
     assert r.status_code == 200, r.text
+
+
+async def test_nul_in_an_identity_tokens_claims(api: Api) -> None:
+    """Claims arrive base64-encoded inside the token, past the body's check: a ``sub``
+    with U+0000 is refused as an invalid token, a name or email loses the character."""
+    app = await api.create_app()
+
+    async def session(sub: str, **claims: Any) -> httpx.Response:
+        token = identity_token(app.identity_secret, sub, kid=app.identity_kid, **claims)
+        return await api.http.post(
+            "/v1/client/sessions",
+            json={"app_key": app.app_key, "installation_id": uuid.uuid4().hex, "user_token": token},
+        )
+
+    problem = assert_problem(await session("u\x00x"), 401, "unauthenticated")
+    assert "NUL" in problem["detail"]
+    r = await session("grace", name="Grace\x00 Hopper", email="grace\x00@example.com")
+    assert r.status_code == 201, r.text
+    me = await api.http.get("/v1/client/me", headers=api.bearer(r.json()["session_token"]))
+    assert (me.json()["name"], me.json()["email"]) == ("Grace Hopper", "grace@example.com")
 
 
 async def test_an_escaped_backslash_before_u0000_is_plain_text(api: Api) -> None:

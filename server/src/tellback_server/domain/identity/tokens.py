@@ -63,10 +63,14 @@ def verify_identity_token(token: str, secrets_by_kid: dict[str, bytes]) -> Ident
     sub = claims.get("sub")
     if not isinstance(sub, str) or not 1 <= len(sub) <= 255:
         raise InvalidIdentityToken("user_token 'sub' must be a string of 1-255 characters")
+    # (Claims arrive base64-encoded: the request's own check for U+0000 cannot see them,
+    # and PostgreSQL cannot store it.)
+    if "\x00" in sub:
+        raise InvalidIdentityToken("user_token 'sub' must not contain the NUL character")
     name, email = claims.get("name"), claims.get("email")
     return IdentityClaims(
         sub=sub,
-        name=name[:200] if isinstance(name, str) else None,
-        email=email[:320] if isinstance(email, str) else None,
+        name=name.replace("\x00", "")[:200] if isinstance(name, str) else None,
+        email=email.replace("\x00", "")[:320] if isinstance(email, str) else None,
         kid=kid,
     )
