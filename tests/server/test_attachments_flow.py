@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
+from sqlalchemy import select
 
 from tellback_server.jobs.worker import Worker
 from tellback_server.plugins import build_registry
@@ -203,6 +204,51 @@ async def test_a_complete_whose_answer_was_lost_after_storage_assembled_it_succe
     complete = f"/v1/client/uploads/{up['upload_id']}/complete"
     r = await api.http.post(complete, json={}, headers=user)
     assert r.status_code == 200, r.text
+    await run_jobs(api)
+    got = (await api.http.get(f"/v1/client/attachments/{up['upload_id']}", headers=user)).json()
+    assert got["status"] == "ready"
+    assert (await get(api, got["url"])).content == blob
+
+
+async def test_two_completes_at_once_process_the_upload_once(
+    storage_api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that times out while storage assembles a large upload retries while the
+    first ``complete`` still runs (the SDK's complete may be repeated). Both answer
+    200 with the attachment, and it is processed once: two jobs could each rewrite and
+    check the file, and one delete it after the other had marked it ready."""
+    from tellback_server.db.models.ops import Job
+
+    api = storage_api
+    app = await api.create_app()
+    user = await api.user_headers(app)
+    size = 17 * 1024 * 1024 + 7
+    blob = b"PK\x03\x04" + os.urandom(size - 4)
+    up = await start_upload(
+        api, user, filename="logs.zip", content_type="application/zip", size=size, kind="file"
+    )
+    part_size = up["multipart"]["part_size"]
+    for part in up["multipart"]["parts"]:
+        n = part["part_number"]
+        r = await put(api, part["url"], blob[(n - 1) * part_size : n * part_size])
+        assert r.status_code == 200, r.text
+    store = api.state.store
+    assemble = store.complete_multipart
+
+    async def slowly(*args: Any, **kwargs: Any) -> None:  # storage takes its time
+        await asyncio.sleep(0.3)
+        await assemble(*args, **kwargs)
+
+    monkeypatch.setattr(store, "complete_multipart", slowly)
+    complete = f"/v1/client/uploads/{up['upload_id']}/complete"
+    answers = await asyncio.gather(
+        api.http.post(complete, json={}, headers=user),
+        api.http.post(complete, json={}, headers=user),
+    )
+    assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
+    async with api.state.db.session(write=False) as db:
+        jobs = (await db.scalars(select(Job).where(Job.kind == "media.process"))).all()
+    assert [j.payload["attachment_id"] for j in jobs] == [up["upload_id"]]
     await run_jobs(api)
     got = (await api.http.get(f"/v1/client/attachments/{up['upload_id']}", headers=user)).json()
     assert got["status"] == "ready"

@@ -214,6 +214,8 @@ class LocalStore:
         target = self.path(key)
         total = sum(p.size for p in await self.list_parts(key, upload_id))
         data = folder / "data"
+        if not data.exists():  # assembled already, by a complete running at the same time
+            raise ValueError("NoSuchUpload")
         if data.stat().st_size != total:
             # Only when a part was re-sent shorter than before: drop the stale tail.
             os.truncate(data, total)

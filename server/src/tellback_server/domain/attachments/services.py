@@ -301,7 +301,15 @@ class AttachmentService:
             return await self.out(att), reason
         att.status = "processing"
         await self.db.flush()
-        await enqueue(self.db, PROCESS_JOB, {"attachment_id": str(att.id)}, max_attempts=5)
+        # Once per attachment, though two completes (a client's retry while its first
+        # was still assembling a large upload) may both get this far.
+        await enqueue(
+            self.db,
+            PROCESS_JOB,
+            {"attachment_id": str(att.id)},
+            max_attempts=5,
+            dedupe_key=f"{PROCESS_JOB}:{att.id}",
+        )
         return await self.out(att), None
 
     async def abort(self, client: ClientPrincipal, upload_id: UUID) -> None:
