@@ -3,8 +3,9 @@
 JSON allows ``"\\u0000"`` in a string, and a URL ``%00``, but PostgreSQL's text and
 JSONB cannot hold the character: such a request failed there with a 500 while SQLite
 stored it. Every database now answers it the same way, before anything is written: a
-JSON body or a form with the character anywhere (keys included) is a 422
-``validation_failed`` naming the field; a URL with it, a 400 ``bad_request``.
+JSON body with the character anywhere (keys included) is a 422 ``validation_failed``
+naming the field; a URL with it, a 400 ``bad_request``. A form (the console's) has it
+removed.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ async def refuse_nul_in_url(request: Request[Any, Any, Any]) -> None:
 
 
 class TellbackRequest(Request[Any, Any, Any]):
-    """Litestar's request, whose JSON body and form are refused when they hold a NUL."""
+    """Litestar's request: a JSON body holding a NUL is refused, a form loses it."""
 
     async def json(self) -> Any:
         value = await super().json()
@@ -60,8 +61,16 @@ class TellbackRequest(Request[Any, Any, Any]):
         return value
 
     async def form(self) -> FormMultiDict:
+        """The form, without U+0000 in its keys and text: forms come from the console's
+        own pages, where an agent may paste it unseen (from a log, say), and a reply
+        refused for a character nobody can see would lose the draft."""
         form = await super().form()
-        for key, item in form.multi_items():
-            if "\x00" in key or (isinstance(item, str) and "\x00" in item):
-                raise ValidationFailed.field(key.replace("\x00", "\\u0000"), NUL_MESSAGE)
-        return form
+        items = list(form.multi_items())
+        if not any("\x00" in k or (isinstance(v, str) and "\x00" in v) for k, v in items):
+            return form
+        return FormMultiDict(
+            [
+                (k.replace("\x00", ""), v.replace("\x00", "") if isinstance(v, str) else v)
+                for k, v in items
+            ]
+        )
