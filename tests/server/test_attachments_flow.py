@@ -164,20 +164,13 @@ async def test_multipart_resume_lists_parts_and_completes(storage_api: Api) -> N
     assert (await get(api, att["url"])).content == blob
 
 
-async def test_a_complete_whose_answer_was_lost_after_storage_assembled_it_succeeds(
-    storage_api: Api,
-) -> None:
-    """``complete`` assembles the parts in storage, then fails (the database or storage
-    away next, the client's connection cut): storage has the whole object and forgets
-    the multipart upload. Retried, ``complete`` succeeded nowhere: storage listed no
-    part, so it answered 409 "parts not uploaded yet" for ever, and the status handed
-    out URLs for parts of an upload storage no longer had. The video was lost."""
-    from tellback_server.db.models import Attachment
-
-    api = storage_api
-    app = await api.create_app()
-    user = await api.user_headers(app)
-    size = 17 * 1024 * 1024 + 7  # (over 16 MiB: multipart)
+async def _every_part_sent(
+    api: Api,
+) -> tuple[dict[str, str], dict[str, Any], bytes, list[tuple[int, str]]]:
+    """An end user, their multipart upload (17 MiB, over the single-PUT limit) with
+    every part sent, its bytes, and each part's number and ETag."""
+    user = await api.user_headers(await api.create_app())
+    size = 17 * 1024 * 1024 + 7
     blob = b"PK\x03\x04" + os.urandom(size - 4)
     up = await start_upload(
         api, user, filename="logs.zip", content_type="application/zip", size=size, kind="file"
@@ -189,6 +182,21 @@ async def test_a_complete_whose_answer_was_lost_after_storage_assembled_it_succe
         r = await put(api, part["url"], blob[(n - 1) * part_size : n * part_size])
         assert r.status_code == 200, r.text
         parts.append((n, r.headers["etag"].strip('"')))
+    return user, up, blob, parts
+
+
+async def test_a_complete_whose_answer_was_lost_after_storage_assembled_it_succeeds(
+    storage_api: Api,
+) -> None:
+    """``complete`` assembles the parts in storage, then fails (the database or storage
+    away next, the client's connection cut): storage has the whole object and forgets
+    the multipart upload. Retried, ``complete`` succeeded nowhere: storage listed no
+    part, so it answered 409 "parts not uploaded yet" for ever, and the status handed
+    out URLs for parts of an upload storage no longer had. The video was lost."""
+    from tellback_server.db.models import Attachment
+
+    api = storage_api
+    user, up, blob, parts = await _every_part_sent(api)
     # The first complete got as far as storage.
     async with api.state.db.session(write=False) as db:
         att = await db.get(Attachment, uuid.UUID(up["upload_id"]))
@@ -220,18 +228,7 @@ async def test_two_completes_at_once_process_the_upload_once(
     from tellback_server.db.models.ops import Job
 
     api = storage_api
-    app = await api.create_app()
-    user = await api.user_headers(app)
-    size = 17 * 1024 * 1024 + 7
-    blob = b"PK\x03\x04" + os.urandom(size - 4)
-    up = await start_upload(
-        api, user, filename="logs.zip", content_type="application/zip", size=size, kind="file"
-    )
-    part_size = up["multipart"]["part_size"]
-    for part in up["multipart"]["parts"]:
-        n = part["part_number"]
-        r = await put(api, part["url"], blob[(n - 1) * part_size : n * part_size])
-        assert r.status_code == 200, r.text
+    user, up, blob, _ = await _every_part_sent(api)
     store = api.state.store
     assemble = store.complete_multipart
 
