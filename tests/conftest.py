@@ -99,20 +99,31 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, migrated database of each kind."""
-    if request.param == "sqlite":
+@contextmanager
+def fresh_database(request: pytest.FixtureRequest, kind: str, directory: Path) -> Iterator[str]:
+    """The URL of a fresh, migrated database of ``kind`` ("sqlite": a copy of the
+    template in ``directory``; "postgres": a copy of the template database, dropped
+    afterwards), for a fixture of any scope."""
+    if kind == "sqlite":
         template: Path = request.getfixturevalue("sqlite_template")
-        target = tmp_path / "tellback.db"
+        target = directory / "tellback.db"
         shutil.copyfile(template, target)
         yield f"sqlite+aiosqlite:///{target}"
         return
     server_url: str = request.getfixturevalue("pg_template")
     name = f"t_{uuid.uuid4().hex[:16]}"
     asyncio.run(_admin_exec(server_url, f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}"))
-    yield _db_url(server_url, name)
-    asyncio.run(_admin_exec(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    try:
+        yield _db_url(server_url, name)
+    finally:
+        asyncio.run(_admin_exec(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, migrated database of each kind."""
+    with fresh_database(request, request.param, tmp_path) as url:
+        yield url
 
 
 def pytest_collection_modifyitems(items: list[Any]) -> None:

@@ -4,7 +4,6 @@ streams is quick and clean."""
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import TEMPLATE_DB, _admin_exec, _db_url
+from tests.conftest import fresh_database
 from tests.e2e.test_quickstart import Server, base_env
 from tests.server.live import sse
 
@@ -23,11 +22,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 
 @pytest.fixture
-def pg_database(pg_template: str) -> Iterator[str]:
-    name = f"t_{uuid.uuid4().hex[:16]}"
-    asyncio.run(_admin_exec(pg_template, f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}"))
-    yield _db_url(pg_template, name)
-    asyncio.run(_admin_exec(pg_template, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+def pg_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    with fresh_database(request, "postgres", tmp_path) as url:
+        yield url
 
 
 def _admin_token(env: dict[str, str], cwd: Path) -> str:

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import uuid
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -41,7 +39,7 @@ from tellback_server.asgi import create_app
 from tellback_server.jobs.registry import JobRegistry
 from tellback_server.plugins import build_registry
 from tellback_server.settings import Settings
-from tests.conftest import TEMPLATE_DB, _admin_exec, _db_url
+from tests.conftest import fresh_database
 from tests.reliability.world import World, seed
 from tests.server.conftest import Api, make_settings, serve_app
 
@@ -115,37 +113,25 @@ def target(
     """The app on each database: PostgreSQL runs code SQLite never does (the batched
     statements, its own types and limits: it refused U+0000 with a 500 once)."""
     tmp = tmp_path_factory.mktemp("fuzz")
-    drop: list[str] = []
-    if request.param == "sqlite":
-        db = tmp / "tellback.db"
-        shutil.copyfile(request.getfixturevalue("sqlite_template"), db)
-        url = f"sqlite+aiosqlite:///{db}"
-    else:
-        server_url: str = request.getfixturevalue("pg_template")
-        name = f"fuzz_{uuid.uuid4().hex[:12]}"
-        asyncio.run(_admin_exec(server_url, f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}"))
-        drop.append(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        url = _db_url(server_url, name)
-    config = make_settings(url, tmp / "data", port=8080, webhook_allow_private=True)
+    with fresh_database(request, request.param, tmp) as url:
+        config = make_settings(url, tmp / "data", port=8080, webhook_allow_private=True)
 
-    async def prepare() -> Target:
-        async with serve_app(config, build_registry(), base_url="http://127.0.0.1:8080") as api:
-            world = await seed(api)
-            spare = await spares(api, world)
-            served = (await api.http.get("/schema/openapi.json")).json()
-            assert served == SPEC, "the served document differs"
-            return Target(world, api.admin_token, spare, None)
+        async def prepare() -> Target:
+            async with serve_app(config, build_registry(), base_url="http://127.0.0.1:8080") as api:
+                world = await seed(api)
+                spare = await spares(api, world)
+                served = (await api.http.get("/schema/openapi.json")).json()
+                assert served == SPEC, "the served document differs"
+                return Target(world, api.admin_token, spare, None)
 
-    prepared = asyncio.run(prepare())
-    prepared.client = asgi.get_client(
-        create_app(config, registry=JobRegistry())  # type: ignore[arg-type]
-    )
-    try:
-        yield prepared
-    finally:
-        asgi.shutdown_lifespans()
-        if drop:
-            asyncio.run(_admin_exec(request.getfixturevalue("pg_template"), *drop))
+        prepared = asyncio.run(prepare())
+        prepared.client = asgi.get_client(
+            create_app(config, registry=JobRegistry())  # type: ignore[arg-type]
+        )
+        try:
+            yield prepared
+        finally:
+            asgi.shutdown_lifespans()
 
 
 async def spares(api: Api, world: World) -> dict[str, str]:
