@@ -195,32 +195,35 @@ class LocalStore:
 
     async def list_parts(self, key: str, upload_id: str) -> list[UploadedPart]:
         folder = self._parts_dir(upload_id)
-        if not folder.is_dir():
-            return []
         parts = []
-        for record in sorted(folder.glob("[0-9]*.etag")):
-            etag, size = record.read_text().split()
-            parts.append(UploadedPart(int(record.name.split(".")[0]), etag, int(size)))
+        try:
+            for record in sorted(folder.glob("[0-9]*.etag")):
+                etag, size = record.read_text().split()
+                parts.append(UploadedPart(int(record.name.split(".")[0]), etag, int(size)))
+        except FileNotFoundError:  # completed or aborted meanwhile (S3: NoSuchUpload)
+            return []
         return parts
 
     async def complete_multipart(
         self, key: str, upload_id: str, parts: list[tuple[int, str]]
     ) -> None:
         folder = self._parts_dir(upload_id)
-        stored = {p.part_number: p.etag for p in await self.list_parts(key, upload_id)}
+        uploaded = await self.list_parts(key, upload_id)
+        stored = {p.part_number: p.etag for p in uploaded}
         for number, etag in parts:
             if stored.get(number) != etag.strip('"'):
                 raise ValueError("InvalidPart")
         target = self.path(key)
-        total = sum(p.size for p in await self.list_parts(key, upload_id))
+        total = sum(p.size for p in uploaded)
         data = folder / "data"
-        if not data.exists():  # assembled already, by a complete running at the same time
-            raise ValueError("NoSuchUpload")
-        if data.stat().st_size != total:
-            # Only when a part was re-sent shorter than before: drop the stale tail.
-            os.truncate(data, total)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(data, target)
+        try:
+            if data.stat().st_size != total:
+                # Only when a part was re-sent shorter than before: drop the stale tail.
+                os.truncate(data, total)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(data, target)
+        except FileNotFoundError:  # assembled meanwhile, by a complete running at once
+            raise ValueError("NoSuchUpload") from None
         await asyncio.to_thread(shutil.rmtree, folder, True)
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:
