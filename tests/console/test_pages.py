@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import uuid
 
@@ -10,7 +11,7 @@ import pytest
 
 from tellback_server.domain.attachments.schemas import AttachmentOut
 from tellback_server.domain.console.pages import security_headers, storage_origin
-from tellback_server.domain.console.views import attachment_view
+from tellback_server.domain.console.views import attachment_view, when
 from tellback_server.settings import S3Settings, Settings
 from tests.console.conftest import Console, h264_mp4, jpeg, run_jobs, upload, world
 from tests.server.conftest import Api
@@ -402,3 +403,15 @@ async def test_assigning_to_a_teammate_by_name(api: Api, console: Console) -> No
     assert r.status_code in {400, 422}
     detail = (await api.http.get(f"/v1/agent/conversations/{conv['id']}", headers=grace)).json()
     assert detail["assignee_id"] == grace_id
+
+
+def test_times_are_shown_in_utc_whatever_was_stored() -> None:
+    """A time without an offset is UTC; one with no UTC equivalent (stored before the API
+    refused them, ``0001-01-01T00:00:00+01:00``) is shown as given, never a 500."""
+    naive = dt.datetime(2026, 11, 28, 10, 15)  # noqa: DTZ001 (the case under test)
+    assert when(naive) == "2026-11-28 10:15 UTC"
+    east = dt.datetime(2026, 11, 28, 10, 15, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    assert when(east) == "2026-11-28 08:15 UTC"
+    year_one = dt.datetime(1, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=1)))
+    assert when(year_one) == "0001-01-01T00:00:00+01:00"
+    assert when(None) == ""

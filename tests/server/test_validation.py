@@ -222,6 +222,16 @@ LOC = {"latitude": 48.1, "longitude": 11.5}
             "location.captured_at",
             id="captured-at-not-a-time",
         ),
+        pytest.param(
+            {"body": "x", "location": {**LOC, "captured_at": "0001-01-01T00:00:00+01:00"}},
+            "location.captured_at",
+            id="captured-at-before-year-1-in-utc",
+        ),
+        pytest.param(
+            {"body": "x", "location": {**LOC, "captured_at": "9999-12-31T23:30:00-01:00"}},
+            "location.captured_at",
+            id="captured-at-after-year-9999-in-utc",
+        ),
     ],
 )
 async def test_wrong_types_and_bounds_are_422_naming_the_field(
@@ -231,6 +241,30 @@ async def test_wrong_types_and_bounds_are_422_naming_the_field(
     r = await api.http.post("/v1/client/conversations", json=payload, headers=user)
     assert_validation(r, field)
     assert await conversation_ids(api, user) == []
+
+
+async def test_a_locations_time_is_stored_in_utc_and_one_without_utc_is_refused(api: Api) -> None:
+    """A follow-up's location is checked like a new conversation's, before anything is
+    written; a time without an offset is taken as UTC. (A time with no UTC equivalent
+    was stored as given and made every console page of its conversation a 500.)"""
+    _, user = await unlimited_user(api)
+    naive = {**LOC, "captured_at": "2026-11-28T10:15:00"}
+    r = await api.http.post(
+        "/v1/client/conversations", json={"body": "x", "location": naive}, headers=user
+    )
+    assert r.status_code == 201, r.text
+    conv = r.json()
+    assert conv["location"]["captured_at"] == "2026-11-28T10:15:00Z"
+    offset = {**LOC, "captured_at": "2026-11-28T10:15:00+02:00"}
+    path = f"/v1/client/conversations/{conv['id']}/messages"
+    r = await api.http.post(path, json={"location": offset}, headers=user)
+    assert r.status_code == 201, r.text
+    assert r.json()["location"]["captured_at"] == "2026-11-28T08:15:00Z"
+    far = {**LOC, "captured_at": "0001-01-01T00:00:00+01:00"}
+    r = await api.http.post(path, json={"body": "y", "location": far}, headers=user)
+    assert_validation(r, "location.captured_at")
+    page = (await api.http.get(path, headers=user)).json()
+    assert [m["body"] for m in page["items"]] == ["x", None]
 
 
 async def test_missing_body_names_the_body_field(api: Api) -> None:
@@ -734,6 +768,10 @@ BAD_CURSORS = [
     pytest.param(
         b64url(b'["2024-01-01T00:00:00", "0190f5e2-7c1a-7000-8000-000000000000"]'),
         id="naive-timestamp",
+    ),
+    pytest.param(
+        b64url(b'["0001-01-01T00:00:00+01:00", "0190f5e2-7c1a-7000-8000-000000000000"]'),
+        id="no-utc-equivalent",
     ),
 ]
 

@@ -45,8 +45,11 @@ def decode_cursor(cursor: str | None) -> Cursor | None:
     if cursor is None or cursor == "":
         return None
     try:
-        return _cursor_decoder.decode(b64url_decode(cursor))
-    except (msgspec.DecodeError, binascii.Error, ValueError):
+        decoded = _cursor_decoder.decode(b64url_decode(cursor))
+        # In UTC, as the cursors this server makes: one whose time has no UTC equivalent
+        # (year 1 at +01:00) would fail as a bound parameter.
+        return Cursor(at=decoded.at.astimezone(dt.UTC), id=decoded.id)
+    except (msgspec.DecodeError, binascii.Error, ValueError, OverflowError):
         raise BadRequest("cursor is not valid; pass the next_cursor of a previous page") from None
 
 

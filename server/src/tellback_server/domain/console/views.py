@@ -47,9 +47,15 @@ def filesize(n: int | None) -> str:
 
 
 def when(value: dt.datetime | None) -> str:
+    """A time in UTC, to the minute; one without an offset is taken as UTC. A time with
+    no UTC equivalent (stored before the API refused them) is shown as it was given."""
     if value is None:
         return ""
-    return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    try:
+        utc = value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+    except OverflowError:
+        return value.isoformat()
+    return utc.strftime("%Y-%m-%d %H:%M UTC")
 
 
 def short_id(value: UUID | str | None) -> str:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from tellback_server.domain.apps.schemas import AppSettings, CustomFieldDefinition
 from tellback_server.http.errors import FieldError, ValidationFailed
+
+if TYPE_CHECKING:
+    from tellback_server.domain.conversations.schemas import Location
 
 MAX_CONTEXT_BYTES = 64 * 1024
 
@@ -109,3 +113,22 @@ def clean_body(body: str | None, *, required: bool) -> str | None:
     if not body.strip():
         raise ValidationFailed.field("body", "must not be blank")
     return body
+
+
+def clean_location(location: Location | None) -> dict[str, Any] | None:
+    """The location as its column stores it, ``captured_at`` in UTC (a time without an
+    offset is taken as UTC, as RFC 3339's ``Z``). A time that has no UTC equivalent
+    (``0001-01-01T00:00:00+01:00``) is refused: every reader would fail on it."""
+    if location is None:
+        return None
+    stored: dict[str, Any] = msgspec.to_builtins(location)
+    at = location.captured_at
+    if at is not None:
+        try:
+            utc = at.replace(tzinfo=dt.UTC) if at.tzinfo is None else at.astimezone(dt.UTC)
+        except OverflowError:
+            raise ValidationFailed.field(
+                "location.captured_at", "is outside the years 1 to 9999 in UTC"
+            ) from None
+        stored["captured_at"] = msgspec.to_builtins(utc)
+    return stored

@@ -25,7 +25,16 @@ class Location(Struct, omit_defaults=True):
     longitude: Annotated[float, Meta(ge=-180, le=180)]
     accuracy_m: Annotated[float, Meta(ge=0, le=1e7)] | None = None
     altitude_m: Annotated[float, Meta(ge=-1e5, le=1e6)] | None = None
-    captured_at: dt.datetime | None = None
+    captured_at: (
+        Annotated[
+            dt.datetime,
+            Meta(
+                description="When the position was taken. Stored and answered in UTC; a"
+                " time without an offset is taken as UTC."
+            ),
+        ]
+        | None
+    ) = None
     label: Annotated[str, Meta(max_length=200)] | None = None
 
 

@@ -60,6 +60,7 @@ from tellback_server.domain.attachments.services import (
 )
 from tellback_server.domain.conversations.rules import (
     clean_body,
+    clean_location,
     clean_tags,
     validate_category,
     validate_context,
@@ -1122,7 +1123,7 @@ async def create_feedback(
     body = clean_body(data.body, required=True)
     now = _now()
     conv_id, message_id = uuid7(), uuid7()
-    location = msgspec.to_builtins(data.location) if data.location is not None else None
+    location = clean_location(data.location)
     subject = data.subject.strip() if data.subject and data.subject.strip() else None
     conv: dict[str, Any] = {
         "id": conv_id,
@@ -1333,7 +1334,12 @@ def _store_reply(
 
 
 def _store_follow_up(
-    db: Session, client: ClientPrincipal, conv_id: UUID, data: MessageCreate, body: str | None
+    db: Session,
+    client: ClientPrincipal,
+    conv_id: UUID,
+    data: MessageCreate,
+    body: str | None,
+    location: dict[str, Any] | None,
 ) -> _NewMessage:
     target = _read_target(db, _FOLLOW_UP_READ, {"id": conv_id, "app_id": client.app_id})
     owner = (client.app_id, client.end_user_id)
@@ -1352,7 +1358,7 @@ def _store_follow_up(
         author_agent_id=None,
         body=body,
         internal=False,
-        location=msgspec.to_builtins(data.location) if data.location is not None else None,
+        location=location,
     )
     reopened = conv["status"] in {"pending", "solved"}
     if reopened:
@@ -1434,7 +1440,8 @@ async def follow_up_in(
     if data.body is None and not data.attachment_ids and data.location is None:
         raise ValidationFailed.field("body", "a message needs a body, attachments or a location")
     body = clean_body(data.body, required=False)
-    stored = await tx.run(_store_follow_up, client, conv_id, data, body)
+    location = clean_location(data.location)
+    stored = await tx.run(_store_follow_up, client, conv_id, data, body, location)
     views = await _message_events_in(tx, store, stored)
     assert views.client_msg is not None  # a user's message is never internal
     return views.client_msg
