@@ -119,6 +119,44 @@ async def test_login_form_needs_its_csrf_token(api: Api, console: Console) -> No
     assert (await console.http.get("/console/")).status_code == 303
 
 
+def multipart(*parts: tuple[str, bytes, bytes]) -> tuple[bytes, dict[str, str]]:
+    """A multipart body of (name, extra part headers, raw value) parts."""
+    body = b"".join(
+        b'--B\r\nContent-Disposition: form-data; name="%s"\r\n%s\r\n%s\r\n'
+        % (name.encode(), headers, value)
+        for name, headers, value in parts
+    )
+    return body + b"--B--\r\n", {"Content-Type": "multipart/form-data; boundary=B"}
+
+
+async def test_a_form_whose_text_cannot_be_decoded_is_a_400(api: Api, console: Console) -> None:
+    w = await world(api)
+    cid = (await api.feedback(w.user))["id"]
+    # before sign-in: bytes that are not UTF-8, and a charset nobody knows
+    for part in [
+        ("token", b"", b"\xff\xfe\xed\xa0\x80"),
+        ("token", b"Content-Type: text/plain; charset=nope\r\n", b"x"),
+    ]:
+        body, headers = multipart(part)
+        r = await console.http.post("/console/login", content=body, headers=headers)
+        assert r.status_code == 400, r.text
+        assert "character set" in r.text
+        assert "content-security-policy" in r.headers
+    # signed in: a reply that is not UTF-8 stores nothing
+    assert (await console.sign_in(w.agent_token)).status_code == 303
+    body, headers = multipart(("_csrf", b"", console.csrf.encode()), ("body", b"", b"\xff\xfe"))
+    r = await console.http.post(f"/console/c/{cid}/reply", content=body, headers=headers)
+    assert r.status_code == 400, r.text
+    detail = (await api.http.get(f"/v1/agent/conversations/{cid}", headers=w.agent)).json()
+    assert len(detail["messages"]) == 1
+    # a well-formed multipart form still works
+    body, headers = multipart(
+        ("_csrf", b"", console.csrf.encode()), ("body", b"", "h\u00e9".encode())
+    )
+    r = await console.http.post(f"/console/c/{cid}/reply", content=body, headers=headers)
+    assert r.status_code == 303, r.text
+
+
 async def test_pages_without_a_session_go_to_sign_in(api: Api, console: Console) -> None:
     w = await world(api)
     conv = await api.feedback(w.user)

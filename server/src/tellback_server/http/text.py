@@ -63,8 +63,14 @@ class TellbackRequest(Request[Any, Any, Any]):
     async def form(self) -> FormMultiDict:
         """The form, without U+0000 in its keys and text: forms come from the console's
         own pages, where an agent may paste it unseen (from a log, say), and a reply
-        refused for a character nobody can see would lose the draft."""
-        form = await super().form()
+        refused for a character nobody can see would lose the draft.
+
+        A multipart part that is not valid in its charset (or names an unknown one) is a
+        400: Litestar's parser decodes strictly, and the error was a 500."""
+        try:
+            form = await super().form()
+        except (UnicodeDecodeError, LookupError) as exc:
+            raise BadRequest("the form's text is not valid in its character set") from exc
         items = list(form.multi_items())
         if not any("\x00" in k or (isinstance(v, str) and "\x00" in v) for k, v in items):
             return form
