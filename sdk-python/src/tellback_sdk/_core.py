@@ -132,6 +132,9 @@ class ClientCore:
         self.app_key = app_key
         self.store = Store(data_dir)
         self.installation_id = self.store.installation_id()
+        # Made now, not on first use: two threads queueing at first launch must not each
+        # make an owner (the loser's item would never be flushed, listed or purged).
+        self.store.setdefault("owner", uuid.uuid4().hex)
         device = device or default_device()
         if device.sdk is None:
             device = msgspec.structs.replace(device, sdk=SDK_NAME)
@@ -157,9 +160,8 @@ class ClientCore:
     @property
     def owner(self) -> str:
         owner = self.store.get("owner")
-        if owner is None:
-            owner = uuid.uuid4().hex
-            self.store.set("owner", owner)
+        if owner is None:  # only if the row was removed behind our back
+            owner = self.store.setdefault("owner", uuid.uuid4().hex)
         return str(owner)
 
     def new_owner(self) -> str:

@@ -108,19 +108,21 @@ class Store:
                     (key, json.dumps(value)),
                 )
 
+    def setdefault(self, key: str, value: Any) -> Any:
+        """The stored value of ``key``, first storing ``value`` if it has none, in one
+        transaction: two threads asking at once get the same answer."""
+        with self.tx() as db:
+            db.execute(
+                "INSERT INTO kv (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+                (key, json.dumps(value)),
+            )
+            row = db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+            return json.loads(row["value"])
+
     def delete_prefix(self, prefix: str) -> None:
         with self.tx() as db:
             db.execute("DELETE FROM kv WHERE substr(key, 1, ?) = ?", (len(prefix), prefix))
 
     def installation_id(self) -> str:
         """A random id made once per install (never derived from hardware)."""
-        with self.tx() as db:
-            row = db.execute("SELECT value FROM kv WHERE key = 'installation_id'").fetchone()
-            if row is not None:
-                value: str = json.loads(row["value"])
-                return value
-            value = uuid.uuid4().hex
-            db.execute(
-                "INSERT INTO kv (key, value) VALUES ('installation_id', ?)", (json.dumps(value),)
-            )
-            return value
+        return str(self.setdefault("installation_id", uuid.uuid4().hex))

@@ -1,0 +1,150 @@
+"""Outbox safety rules found by a review, each against a small in-memory server
+(``httpx.MockTransport``): what a status, a file or a race must never do to queued
+feedback. The login merge, which needs the real server, is in test_outbox_rules.py."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tellback_sdk import MobileClient, RetryPolicy
+from tellback_sdk._store import Store
+
+CONVERSATIONS = "/v1/client/conversations"
+QUICK = RetryPolicy(max_retries=4, base=0.0001, cap=0.0001, max_retry_after=0.0001)
+LIMITS = {"max_bytes": 1_000_000, "content_types": ["text/plain", "image/png"]}
+
+Answer = Callable[[httpx.Request], httpx.Response | None]
+
+
+def problem(status: int, code: str = "x", **headers: str) -> httpx.Response:
+    return httpx.Response(
+        status,
+        headers={"Content-Type": "application/problem+json", **headers},
+        json={"type": "about:blank", "title": "t", "status": status, "code": code},
+    )
+
+
+class FakeServer:
+    """Sessions, config, single-part uploads and creates; ``answer`` may intercept a
+    create (return a response) or let it succeed (return None)."""
+
+    def __init__(self, answer: Answer | None = None) -> None:
+        self.answer = answer
+        self.created: list[str] = []
+        self.posts = 0
+        self.upload_sizes: list[int] = []
+        self.upload_kinds: list[tuple[str, str]] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/v1/client/sessions":
+            return httpx.Response(
+                201,
+                json={
+                    "session_token": "tbs_x",
+                    "expires_at": "2099-01-01T00:00:00Z",
+                    "user": {"id": "u1", "attributes": {}},
+                },
+            )
+        if path == "/v1/client/config":
+            kinds = dict.fromkeys(("photo", "video", "file", "log"), LIMITS)
+            return httpx.Response(200, json={"app": {"id": "a", "name": "x"}, "attachments": kinds})
+        if path == "/v1/client/uploads":
+            body = json.loads(request.content)
+            self.upload_sizes.append(body["size"])
+            self.upload_kinds.append((body["kind"], body["content_type"]))
+            uid = str(uuid.uuid4())
+            return httpx.Response(
+                201,
+                json={
+                    "upload_id": uid,
+                    "expires_at": "2099-01-01T00:00:00Z",
+                    "method": "single",
+                    "single": {"url": f"http://tb.test/put/{uid}", "headers": {}},
+                },
+            )
+        if path.startswith("/put/"):
+            request.read()
+            return httpx.Response(200, headers={"ETag": '"e"'})
+        if path.endswith("/complete"):
+            return httpx.Response(
+                200,
+                json={
+                    "id": path.split("/")[-2],
+                    "kind": "file",
+                    "filename": "f",
+                    "content_type": "text/plain",
+                    "size": 1,
+                    "status": "processing",
+                    "created_at": "2026-01-01T00:00:00Z",
+                },
+            )
+        if path == CONVERSATIONS and request.method == "POST":
+            self.posts += 1
+            intercepted = self.answer(request) if self.answer else None
+            if intercepted is not None:
+                return intercepted
+            self.created.append(json.loads(request.content)["body"])
+            return httpx.Response(201, json={"id": str(uuid.uuid4())})
+        return problem(404, "not_found")
+
+
+def client(tmp_path: Path, fake: FakeServer, policy: RetryPolicy = QUICK) -> MobileClient:
+    return MobileClient(
+        "http://tb.test",
+        "tbk_x",
+        data_dir=tmp_path / "sdk",
+        transport=httpx.MockTransport(fake),
+        retry_policy=policy,
+    )
+
+
+def fails_for(body: str, response: Callable[[], httpx.Response]) -> Answer:
+    def answer(request: httpx.Request) -> httpx.Response | None:
+        return response() if json.loads(request.content)["body"] == body else None
+
+    return answer
+
+
+# ----- the owner of queued items -----------------------------------------------------------
+
+
+def test_two_threads_queueing_at_first_launch_share_one_owner(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both threads read the owner at the same moment (a barrier makes the interleaving
+    certain); both items must be flushed."""
+    fake = FakeServer()
+    tb = client(tmp_path, fake)
+    barrier = threading.Barrier(2, timeout=5)
+    first_read = threading.local()
+    real_get = Store.get
+
+    def get(self: Store, key: str) -> Any:
+        value = real_get(self, key)
+        if key == "owner" and not getattr(first_read, "done", False):
+            first_read.done = True
+            barrier.wait()
+        return value
+
+    monkeypatch.setattr(Store, "get", get)
+    threads = [
+        threading.Thread(target=tb.conversations.create, args=(f"feedback {n}",)) for n in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    monkeypatch.undo()
+    with tb:
+        assert len(tb.outbox.pending()) == 2
+        assert tb.outbox.flush().sent == 2
+    assert sorted(fake.created) == ["feedback 0", "feedback 1"]
