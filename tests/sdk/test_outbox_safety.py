@@ -4,6 +4,7 @@ feedback. The login merge, which needs the real server, is in test_outbox_rules.
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import uuid
@@ -148,3 +149,30 @@ def test_two_threads_queueing_at_first_launch_share_one_owner(
         assert len(tb.outbox.pending()) == 2
         assert tb.outbox.flush().sent == 2
     assert sorted(fake.created) == ["feedback 0", "feedback 1"]
+
+
+def _jwt(sub: str) -> str:
+    """An unsigned stand-in: the SDK only reads ``sub`` to tell users apart."""
+    payload = base64.urlsafe_b64encode(json.dumps({"sub": sub}).encode()).decode().rstrip("=")
+    return f"e30.{payload}.sig"
+
+
+def test_identify_as_another_user_never_sends_the_first_users_items(tmp_path: Path) -> None:
+    offline = {"on": False}
+
+    def answer(request: httpx.Request) -> httpx.Response | None:
+        if offline["on"]:
+            raise httpx.ConnectError("offline", request=request)
+        return None
+
+    fake = FakeServer(answer)
+    with client(tmp_path, fake) as tb:
+        tb.identify(_jwt("alice"))
+        offline["on"] = True
+        tb.conversations.create("alice's feedback")
+        result = tb.identify(_jwt("bob"))
+        offline["on"] = False
+        assert result.discarded == 1  # reported, not lost silently
+        assert tb.outbox.pending() == []
+        assert tb.outbox.flush().sent == 0
+    assert fake.created == []

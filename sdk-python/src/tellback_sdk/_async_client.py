@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -43,6 +44,7 @@ from tellback_sdk.resources.outbox import AsyncOutbox
 from tellback_sdk.types import DeviceInfo
 
 AsyncTokenSource = str | Callable[[], str] | Callable[[], Awaitable[str]]
+log = logging.getLogger("tellback_sdk")
 
 
 class AsyncClientBase:
@@ -241,30 +243,42 @@ class AsyncClientBase:
         if stored.identity != identity_of(source):
             await self._identify_locked(source)
 
-    async def identify(self, user_token: AsyncTokenSource) -> None:
+    async def identify(self, user_token: AsyncTokenSource) -> LogoutResult:
         """Log in (see ``Client.identify``)."""
         async with self._identity_lock:
             self._reconciled = True
-            await self._identify_locked(user_token)
+            return await self._identify_locked(user_token)
 
-    async def _identify_locked(self, user_token: AsyncTokenSource) -> None:
+    async def _identify_locked(self, user_token: AsyncTokenSource) -> LogoutResult:
         token = await self._resolve(user_token)
         target = identity_of(token)
         current = self._core.session.identity if self._core.session else ANONYMOUS
         if current == target and self._core.session is not None:
             self._set_token_source(user_token)
-            return
+            return LogoutResult(discarded=0)
         await self._flush_quietly()
-        if current == ANONYMOUS:
-            self.outbox._store.prepare_for_new_user(self._core.owner)
-        else:
-            self.outbox._store.purge(self._core.owner)
-            self._core.new_owner()
-            forget_positions(self._core)
+        discarded = 0
+        # From anonymous, queued items stay as they are (frozen bodies, attachment ids,
+        # upload state): the server's merge moves the anonymous user's uploads and
+        # idempotency keys to the identified user, so a resend replays. From another
+        # identified user, this is that user's logout.
+        if current != ANONYMOUS:
+            discarded = self._forget_user()
         self._set_token_source(user_token)
         async with self._session_lock:
             response = await self._call(self._core.session_spec(token))
             self._core.save_session(response, target)
+        return LogoutResult(discarded=discarded)
+
+    def _forget_user(self) -> int:
+        """The previous user's unsent items go (never sent as, or shown to, the next
+        user); how many is reported, and logged, so none is lost silently."""
+        discarded = self.outbox._store.purge(self._core.owner)
+        if discarded:
+            log.warning("tellback.outbox_discarded_at_logout", extra={"count": discarded})
+        self._core.new_owner()
+        forget_positions(self._core)
+        return discarded
 
     async def logout(self) -> LogoutResult:
         """Forget the user (see ``Client.logout``)."""
@@ -272,9 +286,7 @@ class AsyncClientBase:
             self._reconciled = True
             if self._core.session is not None:
                 await self._flush_quietly()
-            discarded = self.outbox._store.purge(self._core.owner)
-            self._core.new_owner()
-            forget_positions(self._core)
+            discarded = self._forget_user()
             self._set_token_source(None)
             async with self._session_lock:
                 self._core.forget_session()

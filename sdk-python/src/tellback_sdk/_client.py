@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 import weakref
@@ -43,11 +44,13 @@ from tellback_sdk.resources.outbox import Outbox
 from tellback_sdk.types import DeviceInfo
 
 SyncTokenSource = str | Callable[[], str]
+log = logging.getLogger("tellback_sdk")
 
 
 @dataclass(frozen=True, slots=True)
 class LogoutResult:
-    """``discarded``: queued items of the previous user that could not be sent first."""
+    """``discarded``: queued items of the previous user that could not be sent first
+    (returned by ``logout()``, and by ``identify()`` when it replaces another user)."""
 
     discarded: int
 
@@ -224,34 +227,48 @@ class SyncClientBase:
         if stored.identity != identity_of(source):
             self._identify_locked(source)
 
-    def identify(self, user_token: SyncTokenSource) -> None:
+    def identify(self, user_token: SyncTokenSource) -> LogoutResult:
         """Log in: from now on the session belongs to the token's user.
 
-        From an anonymous session the server merges the installation's conversations into
-        the user. From another user's session this is a logout of that user first.
+        From an anonymous session the server merges the installation's conversations,
+        uploads and idempotency keys into the user, so queued items go out unchanged as
+        the user. From another user's session this is a logout of that user first; the
+        result says how many of their queued items could not be sent and were deleted.
         """
         with self._identity_lock:
             self._reconciled = True
-            self._identify_locked(user_token)
+            return self._identify_locked(user_token)
 
-    def _identify_locked(self, user_token: SyncTokenSource) -> None:
+    def _identify_locked(self, user_token: SyncTokenSource) -> LogoutResult:
         token = user_token() if callable(user_token) else user_token
         target = identity_of(token)
         current = self._core.session.identity if self._core.session else ANONYMOUS
         if current == target and self._core.session is not None:
             self._set_token_source(user_token)
-            return
+            return LogoutResult(discarded=0)
         self._flush_quietly()
-        if current == ANONYMOUS:
-            self.outbox._store.prepare_for_new_user(self._core.owner)
-        else:
-            self.outbox._store.purge(self._core.owner)
-            self._core.new_owner()
-            forget_positions(self._core)
+        discarded = 0
+        # From anonymous, queued items stay as they are (frozen bodies, attachment ids,
+        # upload state): the server's merge moves the anonymous user's uploads and
+        # idempotency keys to the identified user, so a resend replays. From another
+        # identified user, this is that user's logout.
+        if current != ANONYMOUS:
+            discarded = self._forget_user()
         self._set_token_source(user_token)
         with self._session_lock:
             spec = self._core.session_spec(token)
             self._core.save_session(self._call(spec), target)
+        return LogoutResult(discarded=discarded)
+
+    def _forget_user(self) -> int:
+        """The previous user's unsent items go (never sent as, or shown to, the next
+        user); how many is reported, and logged, so none is lost silently."""
+        discarded = self.outbox._store.purge(self._core.owner)
+        if discarded:
+            log.warning("tellback.outbox_discarded_at_logout", extra={"count": discarded})
+        self._core.new_owner()
+        forget_positions(self._core)
+        return discarded
 
     def logout(self) -> LogoutResult:
         """Forget the user: queued items are sent first if possible, the rest are dropped
@@ -260,9 +277,7 @@ class SyncClientBase:
             self._reconciled = True
             if self._core.session is not None:
                 self._flush_quietly()
-            discarded = self.outbox._store.purge(self._core.owner)
-            self._core.new_owner()
-            forget_positions(self._core)
+            discarded = self._forget_user()
             self._set_token_source(None)
             with self._session_lock:
                 self._core.forget_session()

@@ -278,23 +278,6 @@ class OutboxStore:
             shutil.rmtree(self.store.files_dir / row["id"], ignore_errors=True)
         return sum(1 for r in rows if r["state"] != "sent")
 
-    def prepare_for_new_user(self, owner: str) -> None:
-        """Anonymous -> identified: unsent items go out as the identified user, whose
-        session cannot attach the anonymous user's uploads; upload those again."""
-        rows = self.store.query(
-            "SELECT id, attachments FROM outbox WHERE owner = ? AND state != 'sent'", (owner,)
-        )
-        with self.store.tx() as db:
-            for row in rows:
-                atts = json.loads(row["attachments"])
-                for a in atts:
-                    a["attachment_id"] = None
-                db.execute(
-                    "UPDATE outbox SET attachments = ?, wire_body = NULL WHERE id = ?",
-                    (json.dumps(atts), row["id"]),
-                )
-            db.execute("DELETE FROM uploads WHERE owner = ?", (owner,))
-
 
 def _as_dict(failure: OutboxFailure) -> dict[str, Any]:
     return {"status": failure.status, "code": failure.code, "message": failure.message}
