@@ -315,6 +315,14 @@ async def test_sign_in_returns_to_the_page_asked_for(api: Api, console: Console)
         "/console/\\\\evil",
         "/console.evil.example",
         "/v1/admin/apps",
+        # dot segments, which a browser resolves (%2e included) out of /console
+        "/console/../healthz",
+        "/console/%2e%2e/healthz",
+        "/console/.%2E/healthz",
+        "/console/c/%252e%252e/%252e%252e/healthz",
+        "/console/./../v1/admin/apps",
+        "/console/c/..%2f..%2fhealthz",
+        "/console/..?x=1",
     ],
 )
 async def test_sign_in_never_redirects_off_the_console(
@@ -324,6 +332,12 @@ async def test_sign_in_never_redirects_off_the_console(
     page = await console.http.get("/console/login", params={"next": target})
     assert "evil" not in page.text
     assert "/v1/admin" not in page.text
+    assert "healthz" not in page.text
+    # nor does the page's same-origin retry (a link followed from another site)
+    page = await console.http.get(
+        "/console/login", params={"next": target}, headers={"Sec-Fetch-Site": "cross-site"}
+    )
+    assert "data-retry" not in page.text
     r = await console.http.post(
         "/console/login",
         data={"token": w.agent_token, "_csrf": csrf_of(page.text), "next": target},

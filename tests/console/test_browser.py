@@ -18,7 +18,7 @@ import re
 import shutil
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,3 +303,73 @@ async def test_console_in_a_real_browser(
     assert dialogs == [], dialogs
     assert problems == [], problems
     assert len(list(shots.glob("*.png"))) == 7
+
+
+async def test_sign_in_in_a_browser_never_leaves_the_console(
+    chromium: Path, sqlite_template: Path, tmp_path: Path
+) -> None:
+    """``next=`` with dot segments, which the browser resolves out of ``/console``: the
+    server drops it, and the page's script refuses such a retry even if it were given."""
+    from playwright.async_api import Route, async_playwright, expect
+
+    async with live_server(sqlite_template, tmp_path) as live, async_playwright() as pw:
+        r = await live.http.post("/v1/admin/apps", json={"name": "Shop"}, headers=live.admin)
+        r = await live.http.post(
+            "/v1/admin/agents",
+            json={"name": "Ada", "app_ids": [r.json()["id"]]},
+            headers=live.admin,
+        )
+        agent_token = r.json()["token"]
+        browser = await pw.chromium.launch(executable_path=str(chromium), args=FLAGS)
+        try:
+            for target in ["/console/../healthz", "/console/%2e%2e/healthz"]:
+                context = await browser.new_context()
+                page = await context.new_page()
+                page.set_default_timeout(WAIT_MS)
+                await page.goto(f"{live.base}/console/login?next={target}")
+                await page.fill("#token", agent_token)
+                await page.click("button[type=submit]")
+                await expect(page).to_have_url(f"{live.base}/console/")
+                await context.close()
+
+            # The script alone: the login page as served, with a retry it must refuse.
+            served: list[str] = []
+
+            def with_retry(retry: str) -> Callable[[Route], Awaitable[None]]:
+                async def handle(route: Route) -> None:
+                    response = await route.fetch()
+                    html = await response.text()
+                    html = html.replace("<body ", f'<body data-retry="{retry}" ', 1)
+                    served.append(retry)
+                    await route.fulfill(response=response, body=html)
+
+                return handle
+
+            context = await browser.new_context()
+            page = await context.new_page()
+            page.set_default_timeout(WAIT_MS)
+            requested: list[str] = []
+            page.on("request", lambda request: requested.append(request.url))
+            probe = f"{live.base}/console/login?probe=1"
+            refused = [
+                "/console/../healthz",
+                "/console/%2e%2e/healthz",
+                "/console/.%2E/healthz",
+                "/console/c/..%2f..%2fhealthz",
+                "/console/%zz",
+            ]
+            for retry in refused:
+                await page.route("**/console/login?probe=*", with_retry(retry))
+                await page.goto(probe)
+                await page.wait_for_timeout(300)
+                assert page.url == probe, (retry, page.url)
+                await page.unroute("**/console/login?probe=*")
+            assert served == refused
+            assert [u for u in requested if "/console/" not in u] == [], requested
+            # ... and follows a good one (the check is not refusing everything)
+            await page.route("**/console/login?probe=*", with_retry("/console/login?retried=1"))
+            await page.goto(probe)
+            await expect(page).to_have_url(f"{live.base}/console/login?retried=1")
+            await context.close()
+        finally:
+            await browser.close()

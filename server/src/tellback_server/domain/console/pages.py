@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import unquote, urlencode, urlsplit
 
 from jinja2 import Environment, PackageLoader, PrefixLoader, StrictUndefined
 from litestar import Request, Response
@@ -118,12 +118,25 @@ def render(
 
 
 def safe_next(value: str | None) -> str | None:
-    """A console path to return to after sign-in; anything else (another site) is dropped."""
+    """A console path to return to after sign-in; anything else (another site) is dropped.
+
+    The path is checked as a browser resolves it: percent-decoded (``%2e`` is a dot to a
+    browser), with no ``.`` or ``..`` segment, which would climb out of ``/console``
+    (``/console/../healthz``)."""
     if not value or len(value) > 1000 or not value.startswith("/console"):
         return None
     if value != "/console" and not value.startswith(("/console/", "/console?")):
         return None
-    if "//" in value or "\\" in value or any(ord(c) < 0x21 for c in value):
+    path = re.split(r"[?#]", value, maxsplit=1)[0]
+    for _ in range(3):  # (decoded until it stops changing: %252e is %2e after one round)
+        path, decoded = unquote(path), path
+        if path == decoded:
+            break
+    else:
+        return None
+    if "%" in path or any(segment in {".", ".."} for segment in path.split("/")):
+        return None
+    if any("//" in v or "\\" in v or any(ord(c) < 0x21 for c in v) for v in (value, path)):
         return None
     return value
 

@@ -191,9 +191,27 @@
     // as a same-origin navigation (which sends it); if there is no session, the server
     // answers with this page again, without data-retry.
     const retry = body.dataset.retry || "";
-    if (retry.indexOf("/console/") === 0 && retry.indexOf("//") === -1) {
-      window.location.replace(retry);
+    if (!staysInConsole(retry)) return;
+    const target = new URL(retry, window.location.origin);
+    if (target.origin !== window.location.origin) return;
+    if (target.pathname.indexOf("/console/") !== 0) return;
+    window.location.replace(target.pathname + target.search + target.hash);
+  }
+
+  function staysInConsole(retry) {
+    // As the server's safe_next: a console path, without a "." or ".." segment once
+    // percent-decoded (a browser resolves %2e%2e as ..), which would climb out of it.
+    if (retry.indexOf("/console/") !== 0) return false;
+    let path;
+    try {
+      path = decodeURIComponent(retry.split(/[?#]/)[0]);
+    } catch (_) {
+      return false;
     }
+    if (/\/\/|\\|%/.test(path) || /\/\/|\\/.test(retry)) return false;
+    return path.split("/").every(function (segment) {
+      return segment !== "." && segment !== "..";
+    });
   }
 
   if (body.dataset.page === "login") login();
