@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
+from tellback_server.db.models import Event
 from tellback_server.jobs.worker import Worker
 from tellback_server.plugins import build_registry
 from tests.server.conftest import Api, identity_token
@@ -115,6 +116,57 @@ async def test_photo_single_upload_processed_and_gps_stripped(storage_api: Api) 
         headers=user,
     )
     assert r.status_code == 422
+
+
+def attachment_views(found: Any) -> list[dict[str, Any]]:
+    """Every attachment view (a dict with ``thumbnail_url``) anywhere inside ``found``."""
+    if isinstance(found, dict):
+        inner = [v for k, v in found.items() if k != "thumbnail_url"]
+        return ([found] if "thumbnail_url" in found else []) + attachment_views(inner)
+    if isinstance(found, list | tuple):
+        return [view for item in found for view in attachment_views(item)]
+    return []
+
+
+async def uploaded(api: Api, user: dict[str, str], data: bytes, kind: str, ctype: str) -> str:
+    """A single upload of ``data``, completed: its id (the attachment, processing)."""
+    up = await start_upload(api, user, filename="f", content_type=ctype, size=len(data), kind=kind)
+    assert (await put(api, up["single"]["url"], data, up["single"]["headers"])).status_code == 200
+    r = await api.http.post(f"/v1/client/uploads/{up['upload_id']}/complete", json={}, headers=user)
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "processing"
+    return str(up["upload_id"])
+
+
+async def test_a_photo_has_no_url_until_processing_removed_its_location(storage_api: Api) -> None:
+    """While a photo is processing its stored bytes still hold the GPS position, so no
+    one gets a URL to them: not the uploader, not the agents, not the events webhooks
+    and streams carry (a receiver that fetches images would win the race against the
+    job). A file or a log, which processing never rewrites, has one at once."""
+    api = storage_api
+    app = await api.create_app()
+    user = await api.user_headers(app)
+    _, agent = await api.create_agent(app)
+    photo = await uploaded(api, user, jpeg_with_gps(), "photo", "image/jpeg")
+    log = await uploaded(api, user, b"boot ok\n", "log", "text/plain")
+    conv = await api.feedback(user, attachment_ids=[photo, log])
+    urls = {a["id"]: a["url"] for a in conv["last_message"]["attachments"]}
+    assert urls[photo] is None
+    assert (await get(api, urls[log] or "")).content == b"boot ok\n"
+    r = await api.http.get(f"/v1/agent/conversations/{conv['id']}/messages", headers=agent)
+    shown = {a["id"]: a for a in r.json()["items"][0]["attachments"]}
+    assert (shown[photo]["url"], shown[photo]["thumbnail_url"]) == (None, None)
+    async with api.state.db.session(write=False) as db:
+        payloads = [tuple(r) for r in await db.execute(select(Event.data, Event.client_data))]
+    carried = {(a["id"], a["url"] is None) for a in attachment_views(payloads)}
+    assert carried == {(photo, True), (log, False)}
+    r = await api.http.get(f"/v1/client/attachments/{photo}", headers=user)
+    assert r.json()["url"] is None
+    await run_jobs(api)
+    r = await api.http.get(f"/v1/agent/attachments/{photo}", headers=agent)
+    assert r.json()["status"] == "ready", r.text
+    stored = Image.open(io.BytesIO((await get(api, r.json()["url"])).content))
+    assert 0x8825 not in stored.getexif()
 
 
 async def test_multipart_resume_lists_parts_and_completes(storage_api: Api) -> None:

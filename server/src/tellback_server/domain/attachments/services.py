@@ -57,6 +57,7 @@ DOWNLOAD_URL_TTL = dt.timedelta(minutes=15)
 PROCESS_JOB = "media.process"
 DELETE_JOB = "storage.delete"
 USABLE = {"processing", "ready"}
+UNCHANGED = {"file", "log"}  # kinds whose bytes processing never rewrites
 
 
 class UploadIncomplete(AppError):
@@ -438,10 +439,13 @@ def claim_in(
 
 
 async def attachment_out(store: ObjectStore, att: Attachment) -> AttachmentOut:
-    """The wire view of an attachment, with fresh download URLs once it is usable."""
+    """The wire view of an attachment, with fresh download URLs once it may be fetched:
+    a photo or video once ``ready`` (while it is ``processing`` its stored bytes are
+    still the upload's own, with any location processing removes), a file or a log
+    from ``processing`` on (processing only checks them)."""
     url = thumb = None
     expires = None
-    if att.status in USABLE:
+    if att.status == "ready" or (att.status == "processing" and att.kind in UNCHANGED):
         expires = _now() + DOWNLOAD_URL_TTL
         url = await store.presign_get(
             att.storage_key,
