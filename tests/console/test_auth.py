@@ -6,8 +6,11 @@ import time
 
 import httpx
 import pytest
+from structlog.testing import capture_logs
 
 from tellback_server.domain.console import session as cs
+from tellback_server.domain.console.controllers import SIGN_INS_PER_MINUTE
+from tellback_server.ratelimit import RateLimiter
 from tellback_server.security import Sealer, hash_token
 from tests.console.conftest import BASE, Console, csrf_of, open_console, world
 from tests.server.conftest import Api
@@ -95,6 +98,49 @@ async def test_bad_token_is_refused_without_a_session(api: Api, console: Console
         assert "That agent token is not valid." in r.text
         assert not [h for h in r.headers.get_list("set-cookie") if h.startswith(f"{cs.COOKIE}=")]
     assert (await console.http.get("/console/")).status_code == 303
+
+
+class StoppedClock(RateLimiter):
+    """The limiter with time standing still: what a burst admits, exactly."""
+
+    def hit(self, key: str, per_minute: int, now: float | None = None) -> int | None:
+        return super().hit(key, per_minute, now=1000.0)
+
+
+async def test_sign_in_attempts_are_limited_per_address_and_failures_logged(
+    api: Api, console: Console
+) -> None:
+    w = await world(api)
+    api.state.limiter = StoppedClock()
+    page = await console.http.get("/console/login")
+    guess = "tbg_guess-" + "x" * 40
+    statuses = []
+    with capture_logs() as logs:
+        for _ in range(10):
+            r = await console.http.post(
+                "/console/login", data={"token": guess, "_csrf": csrf_of(page.text)}
+            )
+            statuses.append(r.status_code)
+            page = r if r.status_code == 401 else page
+    # a burst of 10 s worth (one every 2 s), then nothing until time passes
+    assert SIGN_INS_PER_MINUTE == 30
+    assert statuses == [401] * 6 + [429] * 4
+    # the console's own page, with its headers and when to try again
+    assert r.headers["content-type"].startswith("text/html")
+    assert "content-security-policy" in r.headers
+    assert int(r.headers["retry-after"]) >= 1
+    assert "Too many sign-in attempts" in r.text
+    failed = [e for e in logs if e["event"] == "console.sign_in_failed"]
+    assert [e["reason"] for e in failed] == ["token_not_valid"] * 6 + ["rate_limited"] * 4
+    assert all(e["address"] == "127.0.0.1" for e in failed)
+    assert "xxxxxxxx" not in repr(logs)  # never the token, nor part of it
+    # the right token too, from this address, until the wait is over
+    assert (await console.sign_in(w.agent_token)).status_code == 429
+    # another address is not held back
+    app = api.http._transport.app  # type: ignore[attr-defined]
+    elsewhere = httpx.ASGITransport(app=app, client=("192.0.2.7", 40000))
+    async with httpx.AsyncClient(transport=elsewhere, base_url=BASE) as http:
+        assert (await Console(http).sign_in(w.agent_token)).status_code == 303
 
 
 async def test_login_form_needs_its_csrf_token(api: Api, console: Console) -> None:

@@ -50,6 +50,7 @@ from tellback_server.http.errors import (
     AppError,
     Forbidden,
     NotFound,
+    RateLimited,
     Unauthenticated,
     ValidationFailed,
 )
@@ -62,6 +63,10 @@ _STATIC = {
     "favicon.svg": "image/svg+xml",
 }
 _STATIC_CACHE: dict[str, bytes] = {}
+_log = structlog.get_logger("tellback.console")
+# Per client address (a burst of 10 s worth, then one every 2 s): plenty for people
+# behind one office address, and far too slow to guess a token.
+SIGN_INS_PER_MINUTE = 30
 
 
 async def console_guard(
@@ -93,6 +98,26 @@ async def checked_form(request: Request[Any, Any, Any]) -> dict[str, str]:
     if not cs.csrf_matches(secret_key(request), bound, given if isinstance(given, str) else None):
         raise Forbidden("this form has expired or did not come from the console; reload the page")
     return {k: v for k, v in form.items() if isinstance(v, str)}
+
+
+def _address(request: Request[Any, Any, Any]) -> str | None:
+    return request.client.host if request.client else None
+
+
+def _limit_sign_in(request: Request[Any, Any, Any]) -> None:
+    """Sign-in attempts per client address, each counted before the token is looked up:
+    guessing tokens (or making the server look them up) is slow from any one address.
+    On PostgreSQL the processes share the count, as every rate limit (``ratelimit.py``)."""
+    address = _address(request)
+    if address is None:
+        return
+    wait = app_state(request).limiter.hit(f"console-login:{address}", SIGN_INS_PER_MINUTE)
+    if wait is not None:
+        _log.warning("console.sign_in_failed", reason="rate_limited", address=address)
+        raise RateLimited(
+            f"Too many sign-in attempts from this address; try again in {wait} s.",
+            retry_after=wait,
+        )
 
 
 def _cookie(request: Request[Any, Any, Any], key: str, value: str, max_age: int) -> Cookie:
@@ -141,6 +166,7 @@ class ConsoleAuthController(Controller):
     @post("/login", status_code=303)
     async def login(self, request: Request[Any, Any, Any]) -> Response[Any]:
         _refuse_cross_site(request)
+        _limit_sign_in(request)
         form = await request.form()
         nonce = request.cookies.get(cs.LOGIN_COOKIE)
         given = form.get(cs.CSRF_FIELD)
@@ -155,10 +181,11 @@ class ConsoleAuthController(Controller):
         if token.startswith(AGENT_TOKEN_PREFIX) and len(token) <= 200:
             principal = await agent_by_token_hash(app_state(request), hash_token(token))
         if principal is None:
+            _log.warning(
+                "console.sign_in_failed", reason="token_not_valid", address=_address(request)
+            )
             return self._login_page(request, error="That agent token is not valid.", status=401)
-        structlog.get_logger("tellback.console").info(
-            "console.signed_in", agent_id=str(principal.agent_id)
-        )
+        _log.info("console.signed_in", agent_id=str(principal.agent_id))
         sealed = cs.seal_session(app_state(request).sealer, hash_token(token))
         next_path = form.get("next")
         response = redirect(

@@ -165,7 +165,10 @@ def error_page(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]
         )
     if status >= 500:
         detail = "Something went wrong on the server. Try again shortly."
-    return render(request, "error.html", status=status, status_code=status, detail=detail)
+    page = render(request, "error.html", status=status, status_code=status, detail=detail)
+    if isinstance(exc, AppError) and exc.retry_after is not None:
+        page.headers["Retry-After"] = str(exc.retry_after)
+    return page
 
 
 ERROR_HANDLERS = {AppError: error_page, HTTPException: error_page, Exception: error_page}
