@@ -930,7 +930,7 @@ def retry_decisions() -> dict[str, Any]:
             {"status": 429, "headers": {"Retry-After": "120"}},
         ),
         (
-            "outbox waits the full Retry-After",
+            "outbox: the next attempt waits the full Retry-After (after the flush stopped)",
             {"status": 429, "headers": {"Retry-After": "120"}, "mode": "outbox"},
         ),
         (
@@ -980,7 +980,9 @@ def retry_decisions() -> dict[str, Any]:
         "response at all. attempt 1 is the first retry. jitter is the value uniform(0.75, "
         "1.25) returned; delay is exact for it, delay_range covers every jitter. mode "
         "interactive: at most 4 retries, Retry-After capped at 60 s; outbox: no retry cap, "
-        "Retry-After waited in full. now is the clock for HTTP-date Retry-After values.",
+        "and the next attempt waits the full Retry-After, but outside the flush (a "
+        "Retry-After stops the flush; outbox.md). now is the clock for HTTP-date Retry-After "
+        "values.",
         vectors=vectors,
     )
 

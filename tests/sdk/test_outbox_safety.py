@@ -4,9 +4,11 @@ feedback. The login merge, which needs the real server, is in test_outbox_rules.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tellback_sdk import MobileClient, RetryPolicy
+from tellback_sdk import AsyncMobileClient, MobileClient, RetryPolicy
 from tellback_sdk._store import Store
 
 CONVERSATIONS = "/v1/client/conversations"
@@ -176,3 +178,66 @@ def test_identify_as_another_user_never_sends_the_first_users_items(tmp_path: Pa
         assert tb.outbox.pending() == []
         assert tb.outbox.flush().sent == 0
     assert fake.created == []
+
+
+# ----- a server asking for a pause -----------------------------------------------------------
+
+# The outbox's default: the full Retry-After (a test that slept it would hang for an hour).
+FULL_RETRY_AFTER = RetryPolicy(max_retries=4, base=0.0001, cap=0.0001)
+
+
+def _pause(request: httpx.Request) -> httpx.Response:
+    return problem(503, "service_unavailable", **{"Retry-After": "3600"})
+
+
+def test_retry_after_stops_the_flush_instead_of_sleeping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    naps: list[float] = []
+    monkeypatch.setattr(time, "sleep", naps.append)
+    fake = FakeServer(_pause)
+    with client(tmp_path, fake, FULL_RETRY_AFTER) as tb:
+        tb.conversations.create("kept for later")
+        result = tb.outbox.flush()
+        assert (result.sent, result.dead, result.pending) == (0, 0, 1)
+        assert result.retry_after == 3600
+        assert fake.posts == 1
+        assert naps == []
+        logged_out = tb.logout()  # tries once more, then deletes what is left
+        assert logged_out.discarded == 1
+    assert fake.posts == 2
+    assert naps == []
+
+
+async def test_async_logout_is_not_held_by_a_retry_after(tmp_path: Path) -> None:
+    fake = FakeServer(_pause)
+    async with AsyncMobileClient(
+        "http://tb.test",
+        "tbk_x",
+        data_dir=tmp_path / "sdk",
+        transport=httpx.MockTransport(fake),
+        retry_policy=FULL_RETRY_AFTER,
+        auto_flush=False,
+    ) as tb:
+        await tb.conversations.create("kept for later")
+        # Bounded so a regression fails here instead of sleeping an hour.
+        result = await asyncio.wait_for(tb.outbox.flush(), 30)
+        assert (result.pending, result.retry_after) == (1, 3600)
+        assert (await asyncio.wait_for(tb.logout(), 30)).discarded == 1
+    assert fake.posts == 2
+
+
+def test_logout_gives_up_sending_at_its_deadline(tmp_path: Path) -> None:
+    """Unreachable without Retry-After: logout stops retrying at ``flush_timeout``
+    instead of spending the whole backoff budget."""
+
+    def down(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("down", request=request)
+
+    slow = RetryPolicy(max_retries=4, base=60.0, cap=60.0)  # any wait passes the deadline
+    fake = FakeServer(down)
+    with client(tmp_path, fake, slow) as tb:
+        tb.config.get()  # signed in: logout tries to send first
+        tb.conversations.create("kept for later")
+        assert tb.logout(flush_timeout=1.0).discarded == 1
+    assert fake.posts == 1

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import time
 import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Self
 
 import httpx
 
-from tellback_sdk._client import LogoutResult
+from tellback_sdk._client import FLUSH_TIMEOUT, LogoutResult
 from tellback_sdk._core import (
     ANONYMOUS,
     DEFAULT_TIMEOUT,
@@ -22,13 +23,14 @@ from tellback_sdk._core import (
     RequestSpec,
     SessionState,
     identity_of,
+    outbox_calls,
+    retry_wait,
 )
 from tellback_sdk._retry import RetryPolicy, may_repeat, should_retry
 from tellback_sdk._sse import forget_positions
 from tellback_sdk.errors import (
     APIConnectionError,
     APIError,
-    APIStatusError,
     APITimeoutError,
     IdentityRequiredError,
     make_status_error,
@@ -175,6 +177,7 @@ class AsyncClientBase:
                 )
             attempt += 1
             delay = should_retry(status, headers, attempt, code=code, policy=policy)
+            delay = retry_wait(delay, status, headers)
             if not repeatable or delay is None:
                 raise error
             await asyncio.sleep(delay)
@@ -280,18 +283,19 @@ class AsyncClientBase:
         forget_positions(self._core)
         return discarded
 
-    async def logout(self) -> LogoutResult:
+    async def logout(self, *, flush_timeout: float = FLUSH_TIMEOUT) -> LogoutResult:
         """Forget the user (see ``Client.logout``)."""
         async with self._identity_lock:
             self._reconciled = True
             if self._core.session is not None:
-                await self._flush_quietly()
+                await self._flush_quietly(flush_timeout)
             discarded = self._forget_user()
             self._set_token_source(None)
             async with self._session_lock:
                 self._core.forget_session()
-                # Offline: the next call starts the anonymous session.
-                with contextlib.suppress(APIConnectionError):
+                # Offline, or the server asks for a pause: the next call starts the
+                # anonymous session; the user is logged out locally either way.
+                with contextlib.suppress(APIError), outbox_calls(time.monotonic() + flush_timeout):
                     await self._start_session()
             return LogoutResult(discarded=discarded)
 
@@ -299,9 +303,10 @@ class AsyncClientBase:
         self._token_source = source
         self._core.store.set("user_token", source if isinstance(source, str) else None)
 
-    async def _flush_quietly(self) -> None:
-        with contextlib.suppress(APIConnectionError, APIStatusError):
-            await self.outbox.flush()
+    async def _flush_quietly(self, seconds: float = FLUSH_TIMEOUT) -> None:
+        """Send what can be sent before the user changes; never waits past ``seconds``."""
+        with contextlib.suppress(APIError):
+            await self.outbox._flush(time.monotonic() + seconds)
 
 
 class AsyncClient(AsyncClientBase):

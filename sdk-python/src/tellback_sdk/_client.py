@@ -22,13 +22,14 @@ from tellback_sdk._core import (
     RequestSpec,
     SessionState,
     identity_of,
+    outbox_calls,
+    retry_wait,
 )
 from tellback_sdk._retry import RetryPolicy, may_repeat, should_retry
 from tellback_sdk._sse import forget_positions
 from tellback_sdk.errors import (
     APIConnectionError,
     APIError,
-    APIStatusError,
     APITimeoutError,
     IdentityRequiredError,
     make_status_error,
@@ -44,6 +45,8 @@ from tellback_sdk.resources.outbox import Outbox
 from tellback_sdk.types import DeviceInfo
 
 SyncTokenSource = str | Callable[[], str]
+# How long logout (or identifying as someone else) tries to send the user's queue first.
+FLUSH_TIMEOUT = 10.0
 log = logging.getLogger("tellback_sdk")
 
 
@@ -165,6 +168,7 @@ class SyncClientBase:
                 )
             attempt += 1
             delay = should_retry(status, headers, attempt, code=code, policy=policy)
+            delay = retry_wait(delay, status, headers)
             if not repeatable or delay is None:
                 raise error
             time.sleep(delay)
@@ -270,19 +274,21 @@ class SyncClientBase:
         forget_positions(self._core)
         return discarded
 
-    def logout(self) -> LogoutResult:
-        """Forget the user: queued items are sent first if possible, the rest are dropped
-        (they must never be sent as, or shown to, the next user of this device)."""
+    def logout(self, *, flush_timeout: float = FLUSH_TIMEOUT) -> LogoutResult:
+        """Forget the user: queued items are sent first if possible (for at most
+        ``flush_timeout`` seconds; a server asking for a pause ends it at once), the rest
+        are dropped (they must never be sent as, or shown to, the next user)."""
         with self._identity_lock:
             self._reconciled = True
             if self._core.session is not None:
-                self._flush_quietly()
+                self._flush_quietly(flush_timeout)
             discarded = self._forget_user()
             self._set_token_source(None)
             with self._session_lock:
                 self._core.forget_session()
-                # Offline: the next call starts the anonymous session.
-                with contextlib.suppress(APIConnectionError):
+                # Offline, or the server asks for a pause: the next call starts the
+                # anonymous session; the user is logged out locally either way.
+                with contextlib.suppress(APIError), outbox_calls(time.monotonic() + flush_timeout):
                     self._start_session()
             return LogoutResult(discarded=discarded)
 
@@ -290,9 +296,10 @@ class SyncClientBase:
         self._token_source = source
         self._core.store.set("user_token", source if isinstance(source, str) else None)
 
-    def _flush_quietly(self) -> None:
-        with contextlib.suppress(APIConnectionError, APIStatusError):
-            self.outbox.flush()
+    def _flush_quietly(self, seconds: float = FLUSH_TIMEOUT) -> None:
+        """Send what can be sent before the user changes; never waits past ``seconds``."""
+        with contextlib.suppress(APIError):
+            self.outbox._flush(time.monotonic() + seconds)
 
 
 class Client(SyncClientBase):

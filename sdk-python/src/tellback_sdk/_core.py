@@ -11,7 +11,9 @@ import platform
 import re
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,7 +21,7 @@ from typing import Any, TypeVar
 import httpx
 import msgspec
 
-from tellback_sdk._retry import DEFAULT_POLICY, RetryPolicy
+from tellback_sdk._retry import DEFAULT_POLICY, RetryPolicy, parse_retry_after
 from tellback_sdk._store import Store
 from tellback_sdk._version import SDK_NAME
 from tellback_sdk.types import ClientConfig, DeviceInfo, SessionCreated
@@ -81,6 +83,43 @@ def encode(body: Any) -> bytes:
     return raw
 
 
+@dataclass(frozen=True, slots=True)
+class OutboxCalls:
+    """Calls made for the outbox (its sessions and uploads included) never sleep on a
+    ``Retry-After``: the flush stops and the next one waits it out (outbox.md).
+    ``deadline`` (``time.monotonic()``): no retry is waited for past it (logout)."""
+
+    deadline: float | None = None
+
+
+_OUTBOX_CALLS: ContextVar[OutboxCalls | None] = ContextVar("tellback_outbox_calls", default=None)
+
+
+@contextmanager
+def outbox_calls(deadline: float | None = None) -> Iterator[None]:
+    outer = _OUTBOX_CALLS.get()
+    if outer is not None and outer.deadline is not None:
+        deadline = outer.deadline if deadline is None else min(deadline, outer.deadline)
+    token = _OUTBOX_CALLS.set(OutboxCalls(deadline))
+    try:
+        yield
+    finally:
+        _OUTBOX_CALLS.reset(token)
+
+
+def retry_wait(delay: float | None, status: int | None, headers: Mapping[str, str]) -> float | None:
+    """``delay`` (from ``should_retry``), or None when an outbox call must stop instead of
+    waiting: the server asked for a pause, or the wait would pass the deadline."""
+    calls = _OUTBOX_CALLS.get()
+    if delay is None or calls is None:
+        return delay
+    if status is not None and parse_retry_after(headers) is not None:
+        return None
+    if calls.deadline is not None and time.monotonic() + delay > calls.deadline:
+        return None
+    return delay
+
+
 def decode(response: httpx.Response, cast: type[T]) -> T:
     return msgspec.json.decode(response.content, type=cast)
 
@@ -140,7 +179,8 @@ class ClientCore:
             device = msgspec.structs.replace(device, sdk=SDK_NAME)
         self.device = device
         self.policy = (retry_policy or DEFAULT_POLICY).with_retries(max_retries)
-        # The outbox waits a server's full Retry-After; interactive calls cap it.
+        # Interactive calls cap a server's Retry-After; the outbox never sleeps on it
+        # (retry_wait) but stops the flush and tries again after the full time.
         self.outbox_policy = self.policy.for_outbox()
         self._session_key = f"session:{self.base_url}:{app_key}"
         self.session: SessionState | None = self._load_session()

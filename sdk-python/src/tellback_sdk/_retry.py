@@ -22,8 +22,9 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """``base``/``cap`` shape the exponential backoff; ``max_retry_after`` caps a server's
-    ``Retry-After`` for interactive calls, ``outbox_max_retry_after`` for the outbox
-    (None: wait the full time, as the spec asks of the outbox)."""
+    ``Retry-After`` for interactive calls, ``outbox_max_retry_after`` the one the outbox
+    reports (None: the full time, as the spec asks). The outbox never sleeps on it: its
+    flush stops and the next one comes after it."""
 
     max_retries: int = 4
     base: float = 0.5

@@ -1,7 +1,8 @@
 """The offline outbox: queued feedback sent in order once the network is back.
 
 ``flush()`` sends pending items oldest first. A connection error, 5xx, 429, 408 or an
-in-progress idempotency key stops the flush and keeps the item for later; any other
+in-progress idempotency key stops the flush and keeps the item for later (a
+``Retry-After`` stops it at once, never slept inside it); any other
 4xx moves it to the dead letters, which the app shows (``dead_letters()``) and the
 user retries or discards.
 """
@@ -13,14 +14,15 @@ import contextlib
 import logging
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import msgspec
 
-from tellback_sdk._core import RequestSpec
+from tellback_sdk._core import RequestSpec, outbox_calls
 from tellback_sdk._outbox_store import OutboxFailure, OutboxStore, QueuedItem
-from tellback_sdk._retry import backoff_delay, is_retryable_status
+from tellback_sdk._retry import backoff_delay, is_retryable_status, parse_retry_after
 from tellback_sdk.errors import (
     APIConnectionError,
     APIStatusError,
@@ -53,8 +55,11 @@ class FlushResult:
 
     @property
     def retry_after(self) -> float | None:
+        """Seconds the server asked to wait before the next flush (its ``Retry-After``)."""
         err = self.stopped_by
-        return getattr(err, "retry_after", None) if isinstance(err, APIStatusError) else None
+        if not isinstance(err, APIStatusError):
+            return None
+        return parse_retry_after(err.response.headers)
 
 
 class _Dependency(Exception):
@@ -128,11 +133,19 @@ class Outbox(SyncAPIResource, _OutboxBase):
         return self._store.retry(item_id)
 
     def flush(self) -> FlushResult:
-        """Send what is queued, in order. Returns counts; never raises for delivery errors."""
-        with self._lock:
+        """Send what is queued, in order. Returns counts; never raises for delivery errors.
+        Never sleeps on a server's ``Retry-After``: the flush stops and
+        ``FlushResult.retry_after`` says when to try again."""
+        return self._flush(None)
+
+    def _flush(self, deadline: float | None) -> FlushResult:
+        with self._lock, outbox_calls(deadline):
             sent = dead = 0
             owner = self._owner
             while (row := self._store.next_pending(owner)) is not None:
+                if deadline is not None and time.monotonic() >= deadline:
+                    pending = len(self._store.items(owner, "pending"))
+                    return FlushResult(sent, dead, pending, _Blocked("out of time"))
                 try:
                     self._deliver(row)
                 except _EXPECTED as exc:
@@ -183,23 +196,34 @@ class AsyncOutbox(AsyncAPIResource, _OutboxBase):
         return ok
 
     async def flush(self) -> FlushResult:
+        """See ``Outbox.flush``."""
+        return await self._flush(None)
+
+    async def _flush(self, deadline: float | None) -> FlushResult:
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            sent = dead = 0
-            owner = self._owner
-            while (row := self._store.next_pending(owner)) is not None:
-                try:
-                    await self._deliver(row)
-                except _EXPECTED as exc:
-                    if self._record(row, exc):
-                        pending = len(self._store.items(owner, "pending"))
-                        err = exc if isinstance(exc, TellbackError) else TellbackError(str(exc))
-                        return FlushResult(sent, dead, pending, err)
-                    dead += 1
-                    continue
-                sent += 1
-            return FlushResult(sent, dead, 0)
+            with outbox_calls(deadline):
+                return await self._send_all(deadline)
+
+    async def _send_all(self, deadline: float | None) -> FlushResult:
+        sent = dead = 0
+        owner = self._owner
+        while (row := self._store.next_pending(owner)) is not None:
+            if deadline is not None and time.monotonic() >= deadline:
+                pending = len(self._store.items(owner, "pending"))
+                return FlushResult(sent, dead, pending, _Blocked("out of time"))
+            try:
+                await self._deliver(row)
+            except _EXPECTED as exc:
+                if self._record(row, exc):
+                    pending = len(self._store.items(owner, "pending"))
+                    err = exc if isinstance(exc, TellbackError) else TellbackError(str(exc))
+                    return FlushResult(sent, dead, pending, err)
+                dead += 1
+                continue
+            sent += 1
+        return FlushResult(sent, dead, 0)
 
     async def _deliver(self, row: sqlite3.Row) -> None:
         path = self._path(row)
