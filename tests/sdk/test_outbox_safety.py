@@ -241,3 +241,42 @@ def test_logout_gives_up_sending_at_its_deadline(tmp_path: Path) -> None:
         tb.conversations.create("kept for later")
         assert tb.logout(flush_timeout=1.0).discarded == 1
     assert fake.posts == 1
+
+
+# ----- which answers dead-letter an item ---------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [501, 505, 507, 520, 522, 524, 530, 599, 302, 407])
+def test_odd_5xx_redirects_and_407_keep_the_queue(tmp_path: Path, status: int) -> None:
+    """Not a 4xx refusing the item: a captive portal, a CDN, a proxy. Kept, in order."""
+    down = {"on": True}
+
+    def answer(request: httpx.Request) -> httpx.Response | None:
+        if not down["on"]:
+            return None
+        if status == 302:
+            return httpx.Response(302, headers={"Location": "http://portal.test/login"})
+        return problem(status)
+
+    fake = FakeServer(answer)
+    with client(tmp_path, fake) as tb:
+        for n in range(3):
+            tb.conversations.create(f"feedback {n}")
+        result = tb.outbox.flush()
+        assert (result.sent, result.dead, result.pending) == (0, 0, 3)
+        assert tb.outbox.dead_letters() == []
+        down["on"] = False
+        assert tb.outbox.flush().sent == 3
+    assert fake.created == ["feedback 0", "feedback 1", "feedback 2"]
+
+
+@pytest.mark.parametrize("status", [400, 403, 404, 409, 413, 415, 422])
+def test_a_4xx_refusing_the_item_dead_letters_it_alone(tmp_path: Path, status: int) -> None:
+    fake = FakeServer(fails_for("refused", lambda: problem(status)))
+    with client(tmp_path, fake) as tb:
+        refused = tb.conversations.create("refused")
+        tb.conversations.create("fine")
+        result = tb.outbox.flush()
+        assert (result.sent, result.dead, result.pending) == (1, 1, 0)
+        assert [d.id for d in tb.outbox.dead_letters()] == [refused.id]
+    assert fake.created == ["fine"]

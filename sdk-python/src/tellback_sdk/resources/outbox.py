@@ -1,10 +1,10 @@
 """The offline outbox: queued feedback sent in order once the network is back.
 
-``flush()`` sends pending items oldest first. A connection error, 5xx, 429, 408 or an
-in-progress idempotency key stops the flush and keeps the item for later (a
-``Retry-After`` stops it at once, never slept inside it); any other
-4xx moves it to the dead letters, which the app shows (``dead_letters()``) and the
-user retries or discards.
+``flush()`` sends pending items oldest first. A connection error, any 5xx, a
+redirect, 401, 407, 408, 429 or an in-progress idempotency key stops the flush and
+keeps the item for later (a ``Retry-After`` stops it at once, never slept inside
+it); any other 4xx moves it to the dead letters, which the app shows
+(``dead_letters()``) and the user retries or discards.
 """
 
 from __future__ import annotations
@@ -70,10 +70,24 @@ class _Blocked(TellbackError):
     """A message whose queued conversation is still waiting: try again later."""
 
 
+# 4xx answers that say "not now" rather than "never": a session to renew, a proxy
+# wanting credentials (a captive portal), a timeout, a rate limit.
+_KEEP_4XX = frozenset({401, 407, 408, 429})
+
+
+def final_status(status: int, code: str | None) -> bool:
+    """Whether an answer dead-letters an outbox item: only a 4xx that refuses this item.
+    A 5xx of any number, a redirect (a captive portal's 302) or any other odd status
+    is about the network or the server, and every later item would get it too."""
+    if not 400 <= status < 500 or status in _KEEP_4XX:
+        return False
+    return not is_retryable_status(status, code)  # 409 idempotency_key_in_progress
+
+
 def failure_of(exc: BaseException) -> tuple[OutboxFailure, bool]:
     """How an error is recorded, and whether it is final (dead letter) or transient."""
     if isinstance(exc, APIStatusError):
-        final = not (is_retryable_status(exc.status_code, exc.code) or exc.status_code == 401)
+        final = final_status(exc.status_code, exc.code)
         return OutboxFailure(exc.status_code, exc.code, exc.detail or exc.message), final
     if isinstance(exc, APIConnectionError | IdentityRequiredError):
         return OutboxFailure(None, None, str(exc)), False
