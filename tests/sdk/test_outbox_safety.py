@@ -280,3 +280,39 @@ def test_a_4xx_refusing_the_item_dead_letters_it_alone(tmp_path: Path, status: i
         assert (result.sent, result.dead, result.pending) == (1, 1, 0)
         assert [d.id for d in tb.outbox.dead_letters()] == [refused.id]
     assert fake.created == ["fine"]
+
+
+# ----- two clients on one data directory ---------------------------------------------------
+
+
+def test_a_sent_item_is_never_turned_into_a_dead_letter(tmp_path: Path) -> None:
+    """Client B is uploading the item's file when client A (same data directory) sends
+    the item and deletes its copies; B's upload then fails for a missing file, which
+    must not overwrite "sent" with "dead"."""
+    log_file = tmp_path / "app.txt"
+    log_file.write_text("trace")
+    fake_a, fake_b = FakeServer(), FakeServer()
+    a = client(tmp_path, fake_a)
+    item = a.conversations.create("bug report", attachments=[log_file])
+
+    def b_handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/client/uploads":
+            assert a.outbox.flush().sent == 1  # A wins the race, here, every time
+        return fake_b(request)
+
+    b = MobileClient(
+        "http://tb.test",
+        "tbk_x",
+        data_dir=tmp_path / "sdk",
+        transport=httpx.MockTransport(b_handler),
+        retry_policy=QUICK,
+    )
+    with a, b:
+        result = b.outbox.flush()
+        assert (result.sent, result.dead) == (0, 0)
+        sent = a.outbox.get(item.id)
+        assert sent is not None
+        assert (sent.state, sent.error) == ("sent", None)
+        assert b.outbox.dead_letters() == []
+    assert fake_a.created == ["bug report"]
+    assert fake_b.created == []

@@ -189,9 +189,16 @@ class OutboxStore:
 
     # ----- progress of one item -----------------------------------------------------------
 
+    # Every change of an item's progress applies only to a pending item: another client
+    # on this data directory may have sent it, or the app discarded it, meanwhile.
+
     def set_attachment_id(self, item_id: str, index: int, attachment_id: str) -> None:
         with self.store.tx() as db:
-            raw = db.execute("SELECT attachments FROM outbox WHERE id = ?", (item_id,)).fetchone()
+            raw = db.execute(
+                "SELECT attachments FROM outbox WHERE id = ? AND state = 'pending'", (item_id,)
+            ).fetchone()
+            if raw is None:
+                return
             atts = json.loads(raw["attachments"])
             atts[index]["attachment_id"] = attachment_id
             db.execute(
@@ -217,14 +224,18 @@ class OutboxStore:
     def note_attempt(self, item_id: str) -> None:
         with self.store.tx() as db:
             db.execute(
-                "UPDATE outbox SET attempts = attempts + 1, updated_at = ? WHERE id = ?",
+                "UPDATE outbox SET attempts = attempts + 1, updated_at = ? "
+                "WHERE id = ? AND state = 'pending'",
                 (time.time(), item_id),
             )
 
-    def note_failure(self, item_id: str, failure: OutboxFailure, *, dead: bool) -> None:
+    def note_failure(self, item_id: str, failure: OutboxFailure, *, dead: bool) -> bool:
+        """False if the item is no longer pending (sent or discarded meanwhile): a
+        delivered item is never turned into a dead letter."""
         with self.store.tx() as db:
-            db.execute(
-                "UPDATE outbox SET last_error = ?, state = ?, updated_at = ? WHERE id = ?",
+            cur = db.execute(
+                "UPDATE outbox SET last_error = ?, state = ?, updated_at = ? "
+                "WHERE id = ? AND state = 'pending'",
                 (
                     json.dumps(_as_dict(failure)),
                     "dead" if dead else "pending",
@@ -232,13 +243,15 @@ class OutboxStore:
                     item_id,
                 ),
             )
+            return cur.rowcount == 1
 
     def mark_sent(self, item_id: str, remote_id: str) -> None:
         now = time.time()
         with self.store.tx() as db:
+            # The server's 2xx is the truth, whatever this row said (even dead).
             db.execute(
                 "UPDATE outbox SET state = 'sent', remote_id = ?, last_error = NULL, "
-                "updated_at = ? WHERE id = ?",
+                "updated_at = ? WHERE id = ? AND state != 'sent'",
                 (remote_id, now, item_id),
             )
             db.execute(

@@ -126,11 +126,13 @@ class _OutboxBase:
             raise _Dependency(resolved.dead_reason)
         return resolved.path
 
-    def _record(self, row: sqlite3.Row, exc: BaseException) -> bool:
-        """Store the failure; True if the flush must stop (transient)."""
+    def _record(self, row: sqlite3.Row, exc: BaseException) -> str:
+        """Store the failure: "stop" the flush (transient), "dead", or "gone" (the item
+        was sent or discarded meanwhile, by another client on this data directory)."""
         failure, final = failure_of(exc)
-        self._store.note_failure(row["id"], failure, dead=final)
-        return not final
+        if not self._store.note_failure(row["id"], failure, dead=final):
+            return "gone"
+        return "dead" if final else "stop"
 
 
 class Outbox(SyncAPIResource, _OutboxBase):
@@ -163,11 +165,12 @@ class Outbox(SyncAPIResource, _OutboxBase):
                 try:
                     self._deliver(row)
                 except _EXPECTED as exc:
-                    if self._record(row, exc):
+                    outcome = self._record(row, exc)
+                    if outcome == "stop":
                         pending = len(self._store.items(owner, "pending"))
                         err = exc if isinstance(exc, TellbackError) else TellbackError(str(exc))
                         return FlushResult(sent, dead, pending, err)
-                    dead += 1
+                    dead += outcome == "dead"
                     continue
                 sent += 1
             return FlushResult(sent, dead, 0)
@@ -230,11 +233,12 @@ class AsyncOutbox(AsyncAPIResource, _OutboxBase):
             try:
                 await self._deliver(row)
             except _EXPECTED as exc:
-                if self._record(row, exc):
+                outcome = self._record(row, exc)
+                if outcome == "stop":
                     pending = len(self._store.items(owner, "pending"))
                     err = exc if isinstance(exc, TellbackError) else TellbackError(str(exc))
                     return FlushResult(sent, dead, pending, err)
-                dead += 1
+                dead += outcome == "dead"
                 continue
             sent += 1
         return FlushResult(sent, dead, 0)
