@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tellback_sdk import AsyncMobileClient, MobileClient, RetryPolicy
+from tellback_sdk import AsyncMobileClient, AttachmentEmptyError, MobileClient, RetryPolicy
 from tellback_sdk._store import Store
 
 CONVERSATIONS = "/v1/client/conversations"
@@ -316,3 +316,29 @@ def test_a_sent_item_is_never_turned_into_a_dead_letter(tmp_path: Path) -> None:
         assert b.outbox.dead_letters() == []
     assert fake_a.created == ["bug report"]
     assert fake_b.created == []
+
+
+# ----- files -----------------------------------------------------------------------------------
+
+
+def test_a_log_file_goes_as_a_text_log(tmp_path: Path) -> None:
+    log_file = tmp_path / "app.log"
+    log_file.write_text("12:00 crash\n")
+    fake = FakeServer()
+    with client(tmp_path, fake) as tb:
+        tb.conversations.create("it crashed", attachments=[log_file])
+        assert tb.outbox.flush().sent == 1
+    assert fake.upload_kinds == [("log", "text/plain")]
+
+
+def test_an_empty_file_is_refused_when_queued(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.log"
+    empty.touch()
+    fake = FakeServer()
+    with client(tmp_path, fake) as tb:
+        with pytest.raises(AttachmentEmptyError, match=r"empty\.log is empty"):
+            tb.conversations.create("with nothing attached", attachments=[empty])
+        assert tb.outbox.pending() == []
+        with pytest.raises(AttachmentEmptyError):
+            tb.attachments.upload(b"", filename="blank.txt")
+    assert (fake.posts, fake.upload_sizes) == (0, [])

@@ -23,6 +23,8 @@ from typing import Any
 
 from tellback_sdk._core import encode, new_idempotency_key
 from tellback_sdk._store import Store
+from tellback_sdk._uploads import guess_content_type, kind_for
+from tellback_sdk.errors import AttachmentEmptyError
 
 LOCAL_PREFIX = "local:"
 SENT_RETENTION = 7 * 24 * 3600
@@ -81,6 +83,12 @@ class OutboxStore:
         conversation_ref: str | None,
         files: Sequence[AttachmentFile],
     ) -> QueuedItem:
+        for f in files:  # refused now, while the user can still pick another file
+            if Path(f.path).stat().st_size < 1:
+                name = f.filename or Path(f.path).name
+                ct = (f.content_type or guess_content_type(name)).lower()
+                kind = f.kind or kind_for(ct, name)
+                raise AttachmentEmptyError(filename=name, kind=kind, content_type=ct)
         item_id = uuid.uuid4().hex
         folder = self.store.files_dir / item_id
         attachments = []

@@ -24,13 +24,21 @@ from typing import IO, Any
 
 from tellback_sdk._core import new_idempotency_key
 from tellback_sdk._store import Store
-from tellback_sdk.errors import AttachmentTooLargeError, AttachmentTypeNotAllowedError
+from tellback_sdk.errors import (
+    AttachmentEmptyError,
+    AttachmentTooLargeError,
+    AttachmentTypeNotAllowedError,
+)
 from tellback_sdk.types import ClientConfig, MultipartPlan, SinglePlan, UploadedPart
 
 CHUNK = 256 * 1024
 UploadInput = str | os.PathLike[str] | bytes | IO[bytes]
 
 _EXTRA_TYPES = {".heic": "image/heic", ".heif": "image/heif", ".webp": "image/webp"}
+# Plain-text logs that ``mimetypes`` does not know (it says nothing for ``.log``): sent as
+# text/plain of kind ``log``, which the server takes by default (sdk-spec/uploads.md).
+LOG_SUFFIXES = frozenset({".log", ".logcat", ".crash"})
+_EXTRA_TYPES.update(dict.fromkeys(LOG_SUFFIXES, "text/plain"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +111,9 @@ def guess_content_type(filename: str) -> str:
     return _EXTRA_TYPES.get(ext) or mimetypes.guess_type(filename)[0] or "application/octet-stream"
 
 
-def kind_for(content_type: str) -> str:
+def kind_for(content_type: str, filename: str = "") -> str:
+    if os.path.splitext(filename)[1].lower() in LOG_SUFFIXES and content_type == "text/plain":
+        return "log"
     if content_type.startswith("image/"):
         return "photo"
     if content_type.startswith("video/"):
@@ -111,8 +121,12 @@ def kind_for(content_type: str) -> str:
     return "file"
 
 
-def check_limits(config: ClientConfig, kind: str, size: int, content_type: str) -> None:
+def check_limits(
+    config: ClientConfig, kind: str, size: int, content_type: str, filename: str = "the file"
+) -> None:
     """Refuse locally what the server would refuse (sdk-spec/uploads.md: check first)."""
+    if size < 1:
+        raise AttachmentEmptyError(filename=filename, kind=kind, content_type=content_type)
     limits = config.attachments.for_kind(kind)
     if limits is None:
         return  # a kind this SDK version does not know: let the server decide

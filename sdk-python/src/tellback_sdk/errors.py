@@ -24,7 +24,8 @@
      │              └── ServiceUnavailableError  503 (``.retry_after``)
      ├── AttachmentLimitError              refused locally, before any byte was sent
      │    ├── AttachmentTooLargeError
-     │    └── AttachmentTypeNotAllowedError
+     │    ├── AttachmentTypeNotAllowedError
+     │    └── AttachmentEmptyError         a 0-byte file (the server takes 1 byte or more)
      ├── IdentityRequiredError             an identified session expired and no user_token
      │                                     is at hand to renew it (pass one, or identify())
      └── OutboxError                       misuse of the offline outbox
@@ -48,6 +49,7 @@ __all__ = [
     "APIError",
     "APIStatusError",
     "APITimeoutError",
+    "AttachmentEmptyError",
     "AttachmentLimitError",
     "AttachmentTooLargeError",
     "AttachmentTypeNotAllowedError",
@@ -232,6 +234,17 @@ class AttachmentTypeNotAllowedError(AttachmentLimitError):
             content_type=content_type,
         )
         self.allowed = allowed
+
+
+class AttachmentEmptyError(AttachmentLimitError):
+    def __init__(self, *, filename: str, kind: str, content_type: str) -> None:
+        super().__init__(
+            f"{filename} is empty: an attachment must have at least 1 byte",
+            kind=kind,
+            size=0,
+            content_type=content_type,
+        )
+        self.filename = filename
 
 
 class OutboxError(TellbackError):

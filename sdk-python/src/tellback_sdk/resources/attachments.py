@@ -35,7 +35,7 @@ Step = Attachment | tuple[list[Part], list[UploadedPart], bool]
 
 def _prepared(src: Source, kind: str | None, content_type: str | None) -> tuple[str, str]:
     ct = (content_type or guess_content_type(src.filename)).lower()
-    return kind or kind_for(ct), ct
+    return kind or kind_for(ct, src.filename), ct
 
 
 def _create_spec(job: UploadJob, src: Source, kind: str, ct: str) -> RequestSpec:
@@ -96,7 +96,7 @@ class Attachments(SyncAPIResource):
         when the app's limits refuse the file."""
         src = Source(data, filename)
         kind, ct = _prepared(src, kind, content_type)
-        check_limits(self._client.config.get(), kind, src.size, ct)
+        check_limits(self._client.config.get(), kind, src.size, ct, src.filename)
         job = UploadJob(self._core.store, self._core.owner, src.resume_key(kind, ct))
         error: Exception | None = None
         for _ in range(PASSES):
@@ -178,7 +178,7 @@ class AsyncAttachments(AsyncAPIResource):
         """As ``Client.attachments.upload``; parts go up to three at a time."""
         src = await asyncio.to_thread(Source, data, filename)
         kind, ct = _prepared(src, kind, content_type)
-        check_limits(await self._client.config.get(), kind, src.size, ct)
+        check_limits(await self._client.config.get(), kind, src.size, ct, src.filename)
         job = UploadJob(self._core.store, self._core.owner, src.resume_key(kind, ct))
         error: Exception | None = None
         for _ in range(PASSES):
