@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import threading
 import time
 import uuid
@@ -342,3 +343,29 @@ def test_an_empty_file_is_refused_when_queued(tmp_path: Path) -> None:
         with pytest.raises(AttachmentEmptyError):
             tb.attachments.upload(b"", filename="blank.txt")
     assert (fake.posts, fake.upload_sizes) == (0, [])
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names fds through /proc")
+def test_file_copies_reach_the_disk_before_the_item_is_queued(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy and the directory entries naming it are fsynced while no row names
+    them yet: a power cut after the commit finds every file the row lists."""
+    photo = tmp_path / "shot.png"
+    photo.write_bytes(b"\x89PNG....")
+    with client(tmp_path, FakeServer()) as tb:
+        synced: list[tuple[str, int]] = []
+        real_fsync = os.fsync
+
+        def fsync(fd: int) -> None:
+            rows = tb._core.store.query("SELECT count(*) AS n FROM outbox")[0]["n"]
+            synced.append((os.readlink(f"/proc/self/fd/{fd}"), rows))
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        item = tb.conversations.create("look", attachments=[photo])
+        monkeypatch.undo()
+        files = tb._core.store.files_dir
+        (copy,) = (files / item.id).iterdir()
+        for path in (copy, files / item.id, files, tb._core.store.data_dir):
+            assert (str(path), 0) in synced, (path, synced)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import shutil
 import sqlite3
 import time
@@ -98,7 +99,7 @@ class OutboxStore:
             src = Path(f.path)
             # A copy, so the app may delete its original (a camera temp file) at once.
             dest = folder / f"{n}-{src.name}"
-            shutil.copyfile(src, dest)
+            _durable_copy(src, dest)
             attachments.append(
                 {
                     "path": str(dest),
@@ -108,6 +109,12 @@ class OutboxStore:
                     "attachment_id": None,
                 }
             )
+        if files:
+            # The row names these copies: their directory entries reach the disk first
+            # (the folder's, and the folder's own in files_dir and data_dir, both maybe
+            # just made), or a power cut could leave a queued item without its files.
+            for directory in (folder, self.store.files_dir, self.store.data_dir):
+                _fsync_dir(directory)
         now = time.time()
         with self.store.tx() as db:
             db.execute(
@@ -298,6 +305,25 @@ class OutboxStore:
         for row in rows:
             shutil.rmtree(self.store.files_dir / row["id"], ignore_errors=True)
         return sum(1 for r in rows if r["state"] != "sent")
+
+
+def _durable_copy(src: Path, dest: Path) -> None:
+    shutil.copyfile(src, dest)
+    fd = os.open(dest, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name != "posix":  # Windows cannot open a directory; NTFS journals its entries
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _as_dict(failure: OutboxFailure) -> dict[str, Any]:
