@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import os
+import sqlite3
 import threading
 import time
 import uuid
@@ -96,6 +98,9 @@ class FakeServer:
             intercepted = self.answer(request) if self.answer else None
             if intercepted is not None:
                 return intercepted
+            self.created.append(json.loads(request.content)["body"])
+            return httpx.Response(201, json={"id": str(uuid.uuid4())})
+        if path.startswith(CONVERSATIONS) and path.endswith("/messages"):
             self.created.append(json.loads(request.content)["body"])
             return httpx.Response(201, json={"id": str(uuid.uuid4())})
         return problem(404, "not_found")
@@ -369,3 +374,89 @@ def test_file_copies_reach_the_disk_before_the_item_is_queued(
         (copy,) = (files / item.id).iterdir()
         for path in (copy, files / item.id, files, tb._core.store.data_dir):
             assert (str(path), 0) in synced, (path, synced)
+
+
+# ----- an item that can never go -----------------------------------------------------------
+
+
+def test_an_item_the_server_always_fails_on_is_given_up_and_the_queue_moves(
+    tmp_path: Path,
+) -> None:
+    crash = fails_for("poison", lambda: problem(500, "internal_error"))
+    fake = FakeServer(crash)
+    quick_give_up = dataclasses.replace(
+        QUICK, outbox_give_up_failures=3, outbox_give_up_seconds=0.0
+    )
+    with client(tmp_path, fake, quick_give_up) as tb:
+        poison = tb.conversations.create("poison")
+        reply = tb.messages.create(poison, "more about it")
+        tb.conversations.create("innocent")
+        results = [tb.outbox.flush() for _ in range(3)]
+        assert [(r.sent, r.dead, r.pending) for r in results] == [
+            (0, 0, 3),
+            (0, 0, 3),
+            (1, 2, 0),  # the poison and its reply (kept in order), then the rest
+        ]
+        dead = {d.id: d.error.message for d in tb.outbox.dead_letters() if d.error}
+        assert set(dead) == {poison.id, reply.id}
+        assert "given up" in dead[poison.id]
+        # Visible and retryable: the server is fixed, the user taps Retry.
+        fake.answer = None
+        assert tb.outbox.retry(poison.id)
+        assert tb.outbox.retry(reply.id)
+        assert tb.outbox.flush().sent == 2
+    assert fake.created == ["innocent", "poison", "more about it"]
+
+
+def test_an_outage_is_not_mistaken_for_a_poison_item(tmp_path: Path) -> None:
+    """Below the age bound, or with answers of an outage (503, Retry-After, no problem
+    code from a proxy), the item waits however many times it fails."""
+    answers = iter(
+        [problem(500, "internal_error")] * 5
+        + [problem(503, "service_unavailable")] * 5
+        + [problem(500, "internal_error", **{"Retry-After": "0"})] * 5
+        + [httpx.Response(502, text="Bad Gateway")] * 5
+    )
+    fake = FakeServer(lambda _request: next(answers, None))
+    policy = dataclasses.replace(QUICK, outbox_give_up_failures=3)
+    with client(tmp_path, fake, policy) as tb:
+        tb.conversations.create("waits")
+        while fake.posts < 20:
+            assert tb.outbox.flush().pending == 1
+        assert tb.outbox.flush().sent == 1
+        assert tb.outbox.dead_letters() == []
+
+
+@pytest.mark.parametrize("damage", ["directory", "gone"])
+def test_an_unreadable_file_copy_dead_letters_its_item_alone(tmp_path: Path, damage: str) -> None:
+    log_file = tmp_path / "a.txt"
+    log_file.write_text("log")
+    fake = FakeServer()
+    with client(tmp_path, fake) as tb:
+        broken = tb.conversations.create("with a log", attachments=[log_file])
+        tb.conversations.create("innocent")
+        (copy,) = (tb._core.store.files_dir / broken.id).iterdir()
+        copy.unlink()
+        if damage == "directory":  # EISDIR: unreadable, like EACCES or EIO
+            copy.mkdir()
+        result = tb.outbox.flush()
+        assert (result.sent, result.dead, result.pending) == (1, 1, 0)
+        (dead,) = tb.outbox.dead_letters()
+        assert dead.id == broken.id
+        assert dead.error is not None
+        assert dead.error.code == "local"
+    assert fake.created == ["innocent"]
+
+
+def test_a_data_directory_from_before_the_failure_count_is_upgraded(tmp_path: Path) -> None:
+    fake = FakeServer()
+    with client(tmp_path, fake) as tb:
+        tb.conversations.create("queued by the previous version")
+        db = sqlite3.connect(tmp_path / "sdk" / "tellback-sdk.db")
+        db.execute("ALTER TABLE outbox DROP COLUMN server_failures")
+        db.execute("ALTER TABLE outbox DROP COLUMN failing_since")
+        db.commit()
+        db.close()
+    with client(tmp_path, fake) as tb:
+        assert tb.outbox.flush().sent == 1
+    assert fake.created == ["queued by the previous version"]

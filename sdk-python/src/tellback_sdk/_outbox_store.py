@@ -244,21 +244,49 @@ class OutboxStore:
                 (time.time(), item_id),
             )
 
-    def note_failure(self, item_id: str, failure: OutboxFailure, *, dead: bool) -> bool:
-        """False if the item is no longer pending (sent or discarded meanwhile): a
-        delivered item is never turned into a dead letter."""
+    def note_failure(
+        self,
+        item_id: str,
+        failure: OutboxFailure,
+        *,
+        dead: bool,
+        server_failure: bool = False,
+        give_up: tuple[int, float] | None = None,
+    ) -> str | None:
+        """Record a failed attempt; the item's new state ("pending" or "dead"), or None
+        if it is no longer pending (sent or discarded meanwhile): a delivered item is
+        never turned into a dead letter. ``server_failure``: the server itself failed
+        on this item; ``give_up`` (count, seconds): so many of those, over at least so
+        long, make it a dead letter."""
+        now = time.time()
         with self.store.tx() as db:
-            cur = db.execute(
-                "UPDATE outbox SET last_error = ?, state = ?, updated_at = ? "
+            row = db.execute(
+                "SELECT server_failures, failing_since FROM outbox "
                 "WHERE id = ? AND state = 'pending'",
-                (
-                    json.dumps(_as_dict(failure)),
-                    "dead" if dead else "pending",
-                    time.time(),
-                    item_id,
-                ),
+                (item_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            failures, since = row["server_failures"], row["failing_since"]
+            if server_failure:
+                failures, since = failures + 1, since if since is not None else now
+                if not dead and give_up is not None:
+                    count, seconds = give_up
+                    if failures >= count and now - since >= seconds:
+                        dead = True
+                        failure = OutboxFailure(
+                            failure.status,
+                            failure.code,
+                            f"{failure.message} (the server failed on it {failures} times "
+                            f"over {int(now - since)} s; given up so later items can go)",
+                        )
+            state = "dead" if dead else "pending"
+            db.execute(
+                "UPDATE outbox SET last_error = ?, state = ?, updated_at = ?, "
+                "server_failures = ?, failing_since = ? WHERE id = ?",
+                (json.dumps(_as_dict(failure)), state, now, failures, since, item_id),
             )
-            return cur.rowcount == 1
+            return state
 
     def mark_sent(self, item_id: str, remote_id: str) -> None:
         now = time.time()
@@ -285,7 +313,8 @@ class OutboxStore:
         with self.store.tx() as db:
             cur = db.execute(
                 "UPDATE outbox SET state = 'pending', wire_body = NULL, last_error = NULL, "
-                "updated_at = ? WHERE id = ? AND state = 'dead'",
+                "server_failures = 0, failing_since = NULL, updated_at = ? "
+                "WHERE id = ? AND state = 'dead'",
                 (time.time(), item_id),
             )
             return cur.rowcount == 1

@@ -31,6 +31,11 @@ class RetryPolicy:
     cap: float = 30.0
     max_retry_after: float | None = 60.0
     outbox_max_retry_after: float | None = None
+    # An outbox item the server itself fails on (a 5xx problem document that is not an
+    # outage's 503) this many times, over at least this many seconds, is a dead letter:
+    # it would otherwise block every later item for good (outbox.md).
+    outbox_give_up_failures: int = 10
+    outbox_give_up_seconds: float = 3600.0
 
     def with_retries(self, max_retries: int) -> RetryPolicy:
         return dataclasses.replace(self, max_retries=max_retries)

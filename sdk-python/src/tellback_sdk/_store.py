@@ -45,9 +45,18 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_error TEXT,
     remote_id TEXT,
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    server_failures INTEGER NOT NULL DEFAULT 0,
+    failing_since REAL
 );
 """
+# Columns added since the first release, for data directories made before them.
+_ADDED = {
+    "outbox": (
+        ("server_failures", "INTEGER NOT NULL DEFAULT 0"),
+        ("failing_since", "REAL"),
+    )
+}
 
 
 class Store:
@@ -68,7 +77,16 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        self._add_columns()
         self.persistent = self._tmp is None
+
+    def _add_columns(self) -> None:
+        with self.tx() as db:
+            for table, columns in _ADDED.items():
+                have = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
+                for name, decl in columns:
+                    if name not in have:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
 
     def close(self) -> None:
         with self._lock:

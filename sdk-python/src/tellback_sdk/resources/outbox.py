@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import sqlite3
 import threading
@@ -84,6 +85,12 @@ def final_status(status: int, code: str | None) -> bool:
     return not is_retryable_status(status, code)  # 409 idempotency_key_in_progress
 
 
+# Errors of the process, not of one item's files: trying again later may work.
+_TRANSIENT_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EINTR, errno.ENOSPC}
+)
+
+
 def failure_of(exc: BaseException) -> tuple[OutboxFailure, bool]:
     """How an error is recorded, and whether it is final (dead letter) or transient."""
     if isinstance(exc, APIStatusError):
@@ -91,9 +98,22 @@ def failure_of(exc: BaseException) -> tuple[OutboxFailure, bool]:
         return OutboxFailure(exc.status_code, exc.code, exc.detail or exc.message), final
     if isinstance(exc, APIConnectionError | IdentityRequiredError):
         return OutboxFailure(None, None, str(exc)), False
-    if isinstance(exc, AttachmentLimitError | _Dependency | FileNotFoundError):
+    if isinstance(exc, AttachmentLimitError | _Dependency):
         return OutboxFailure(None, "local", str(exc)), True
+    if isinstance(exc, OSError):
+        # The only files a delivery reads are the item's own copies: one that is gone,
+        # unreadable or not a file any more will not get better by itself.
+        final = exc.errno not in _TRANSIENT_ERRNOS
+        return OutboxFailure(None, "local", f"{type(exc).__name__}: {exc}"), final
     return OutboxFailure(None, None, f"{type(exc).__name__}: {exc}"), False
+
+
+def server_failed_on_it(exc: BaseException) -> bool:
+    """The server itself (a problem document with a code) failed on this item, and not
+    for being overloaded or down: what a request that crashes it looks like."""
+    if not isinstance(exc, APIStatusError) or exc.status_code < 500 or exc.code is None:
+        return False
+    return exc.status_code != 503 and parse_retry_after(exc.response.headers) is None
 
 
 _EXPECTED = (TellbackError, _Dependency, OSError)
@@ -102,6 +122,7 @@ _EXPECTED = (TellbackError, _Dependency, OSError)
 class _OutboxBase:
     _store: OutboxStore
     _owner: str
+    _give_up: tuple[int, float]  # (failures, seconds): RetryPolicy.outbox_give_up_*
 
     def pending(self) -> list[QueuedItem]:
         return self._store.items(self._owner, "pending")
@@ -130,15 +151,24 @@ class _OutboxBase:
         """Store the failure: "stop" the flush (transient), "dead", or "gone" (the item
         was sent or discarded meanwhile, by another client on this data directory)."""
         failure, final = failure_of(exc)
-        if not self._store.note_failure(row["id"], failure, dead=final):
+        state = self._store.note_failure(
+            row["id"],
+            failure,
+            dead=final,
+            server_failure=server_failed_on_it(exc),
+            give_up=self._give_up,
+        )
+        if state is None:
             return "gone"
-        return "dead" if final else "stop"
+        return "dead" if state == "dead" else "stop"
 
 
 class Outbox(SyncAPIResource, _OutboxBase):
     def __init__(self, client: SyncClientBase) -> None:
         super().__init__(client)
         self._store = OutboxStore(client._core.store)
+        policy = client._core.outbox_policy
+        self._give_up = (policy.outbox_give_up_failures, policy.outbox_give_up_seconds)
         self._lock = threading.Lock()
 
     @property
@@ -199,6 +229,8 @@ class AsyncOutbox(AsyncAPIResource, _OutboxBase):
     def __init__(self, client: AsyncClientBase) -> None:
         super().__init__(client)
         self._store = OutboxStore(client._core.store)
+        policy = client._core.outbox_policy
+        self._give_up = (policy.outbox_give_up_failures, policy.outbox_give_up_seconds)
         self._lock: asyncio.Lock | None = None
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
