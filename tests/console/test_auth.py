@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import select
 from structlog.testing import capture_logs
 
+from tellback_server.db.models import console_signouts
 from tellback_server.domain.console import session as cs
 from tellback_server.domain.console.controllers import SIGN_INS_PER_MINUTE
+from tellback_server.plugins import build_registry
 from tellback_server.ratelimit import RateLimiter
-from tellback_server.security import Sealer, hash_token
+from tellback_server.security import Sealer, b64url, hash_token
 from tests.console.conftest import BASE, Console, csrf_of, open_console, world
-from tests.server.conftest import Api
+from tests.server.conftest import Api, make_settings, serve_app
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -272,6 +276,71 @@ async def test_logout_clears_the_cookie(api: Api, console: Console) -> None:
     cleared = attributes(set_cookie(r, cs.COOKIE))
     assert cleared["max-age"] == "0"
     assert (await console.http.get("/console/")).status_code == 303
+
+
+async def test_sign_out_ends_the_session_in_every_process(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Two servers on one database (SQLite, PostgreSQL): a copy of the cookie, taken
+    before "Sign out" on one, is refused by both, pages and event stream alike."""
+    settings = make_settings(database_url, tmp_path / "data")
+    async with (
+        serve_app(settings, build_registry(), base_url=BASE) as one,
+        serve_app(settings, build_registry(), base_url=BASE) as two,
+        open_console(one) as console,
+        open_console(two) as thief,
+        open_console(two) as elsewhere,
+    ):
+        w = await world(one)
+        assert (await console.sign_in(w.agent_token)).status_code == 303
+        assert (await elsewhere.sign_in(w.agent_token)).status_code == 303
+        copied = console.http.cookies[cs.COOKIE]
+        thief.http.cookies.set(cs.COOKIE, copied)
+        assert (await thief.http.get("/console/")).status_code == 200
+        assert (await console.post("/console/logout")).status_code == 303
+        for server in (console, thief):
+            server.http.cookies.set(cs.COOKIE, copied)
+            r = await server.http.get("/console/")
+            assert r.status_code == 303
+            assert r.headers["location"].startswith("/console/login")
+            r = await server.http.get("/console/inbox/rows", headers={"X-Console-Fragment": "1"})
+            assert r.status_code == 401
+            r = await server.http.get("/v1/agent/events")
+            assert r.status_code == 401
+            assert r.json()["code"] == "unauthenticated"
+        r = await thief.http.post("/console/logout", data={"_csrf": console.csrf})
+        assert r.status_code == 401
+        # the agent's other sessions go on
+        assert (await elsewhere.http.get("/console/")).status_code == 200
+
+
+async def test_sign_outs_are_kept_until_their_cookie_expires(api: Api) -> None:
+    db, sealer = api.state.db, api.state.sealer
+    start = time.time()
+    first = cs.open_session(sealer, cs.seal_session(sealer, "a" * 64, now=start), now=start)
+    second = cs.open_session(sealer, cs.seal_session(sealer, "a" * 64, now=start), now=start)
+    assert first is not None
+    assert second is not None
+    assert first.session_id != second.session_id
+    await cs.sign_out(db, first, now=start)
+    await cs.sign_out(db, first, now=start)  # twice (two tabs at once): no error
+
+    async def kept() -> list[str]:
+        async with db.session(write=False) as session:
+            return list(await session.scalars(select(console_signouts.c.session_id)))
+
+    assert await kept() == [first.session_id]
+    # a sign-out after the first cookie's expiry (and an hour's grace) prunes it
+    later = start + cs.SESSION_TTL_S + 3600 + 1
+    await cs.sign_out(db, second, now=later)
+    assert await kept() == [second.session_id]
+
+
+def test_cookies_from_before_session_ids_are_refused() -> None:
+    sealer = Sealer("a-secret-key-0123456789abcdef0123456789abcdef")
+    old = b64url(sealer.seal(f"v1:{int(time.time())}:{'a' * 64}".encode(), "console-session"))
+    assert cs.open_session(sealer, old) is None
+    assert cs.open_session(sealer, cs.seal_session(sealer, "a" * 64)) is not None
 
 
 async def test_session_expires_and_dies_with_the_agent(api: Api, console: Console) -> None:

@@ -201,20 +201,22 @@ async def agent_by_token_hash(state: AppState, token_hash: str) -> AgentPrincipa
 _COOKIE_ROUTE = ("GET", "/v1/agent/events")
 
 
-def _agent_token_hash(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
+async def _agent_token_hash(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
     route = (connection.scope.get("method"), connection.scope["path"].rstrip("/"))
     if "authorization" not in connection.headers and route == _COOKIE_ROUTE:
         cookie = connection.cookies.get(console_session.COOKIE)
         if cookie:
-            opened = console_session.open_session(app_state(connection).sealer, cookie)
+            state = app_state(connection)
+            opened = await console_session.signed_in(state.db, state.sealer, cookie)
             if opened is None:
-                raise Unauthenticated("the console session has expired; sign in again")
+                raise Unauthenticated("the console session has ended; sign in again")
             return opened.token_hash
     return hash_token(_bearer(connection, AGENT_TOKEN_PREFIX, "agent token"))
 
 
 async def authenticate_agent(connection: ASGIConnection[Any, Any, Any, Any]) -> None:
-    principal = await agent_by_token_hash(app_state(connection), _agent_token_hash(connection))
+    token_hash = await _agent_token_hash(connection)
+    principal = await agent_by_token_hash(app_state(connection), token_hash)
     if principal is None:
         raise Unauthenticated("the agent token is not valid")
     structlog.contextvars.bind_contextvars(agent_id=str(principal.agent_id))

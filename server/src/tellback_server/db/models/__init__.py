@@ -1,6 +1,6 @@
 """All ORM models; importing this package registers every table on the metadata."""
 
-from tellback_server.db.models.agents import Agent, AgentApp
+from tellback_server.db.models.agents import Agent, AgentApp, console_signouts
 from tellback_server.db.models.apps import AdminToken, App, AppIdentitySecret
 from tellback_server.db.models.conversations import Attachment, Conversation, Message
 from tellback_server.db.models.events import (
@@ -34,4 +34,5 @@ __all__ = [
     "WebhookAttempt",
     "WebhookDelivery",
     "WebhookEndpoint",
+    "console_signouts",
 ]

@@ -3,10 +3,10 @@ from __future__ import annotations
 import datetime as dt
 from uuid import UUID
 
-from sqlalchemy import ForeignKey, String, UniqueConstraint
+from sqlalchemy import Column, ForeignKey, String, Table, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from tellback_server.db.base import GUID, DateTimeUTC, UUIDv7AuditBase, UUIDv7Base
+from tellback_server.db.base import GUID, DateTimeUTC, UUIDv7AuditBase, UUIDv7Base, metadata
 
 
 class Agent(UUIDv7AuditBase):
@@ -28,3 +28,14 @@ class AgentApp(UUIDv7Base):
     app_id: Mapped[UUID] = mapped_column(
         GUID, ForeignKey("apps.id", ondelete="CASCADE"), index=True
     )
+
+
+# Console sessions their agent signed out of (``domain/console/session.py``): the random id
+# sealed in the session cookie, kept until the cookie would have expired anyway, so that a
+# copy of the cookie is refused by every process. Pruned at each sign-out.
+console_signouts = Table(
+    "console_signouts",
+    metadata,
+    Column("session_id", String(32), primary_key=True),
+    Column("expires_at", DateTimeUTC(timezone=True), nullable=False, index=True),
+)

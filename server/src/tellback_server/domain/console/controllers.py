@@ -64,6 +64,7 @@ _STATIC = {
 }
 _STATIC_CACHE: dict[str, bytes] = {}
 _log = structlog.get_logger("tellback.console")
+_SESSION = "console_session"  # the request state's key for the opened session
 # Per client address (a burst of 10 s worth, then one every 2 s): plenty for people
 # behind one office address, and far too slow to guess a token.
 SIGN_INS_PER_MINUTE = 30
@@ -74,12 +75,13 @@ async def console_guard(
 ) -> None:
     state = app_state(connection)
     value = connection.cookies.get(cs.COOKIE)
-    opened = cs.open_session(state.sealer, value) if value else None
+    opened = await cs.signed_in(state.db, state.sealer, value) if value else None
     principal = await agent_by_token_hash(state, opened.token_hash) if opened else None
     if principal is None:
         raise Unauthenticated("sign in to use the console")
     structlog.contextvars.bind_contextvars(agent_id=str(principal.agent_id))
     connection.scope["state"][PRINCIPAL] = principal  # read by the AGENT dependency
+    connection.scope["state"][_SESSION] = opened  # read by logout
 
 
 def _refuse_cross_site(request: Request[Any, Any, Any]) -> None:
@@ -337,6 +339,8 @@ class ConsoleController(Controller):
     @post("/logout", status_code=303)
     async def logout(self, request: Request[Any, Any, Any]) -> Response[Any]:
         await checked_form(request)
+        # Ended in the database, not only in this browser: a copy of the cookie dies too.
+        await cs.sign_out(app_state(request).db, request.scope["state"][_SESSION])
         response = redirect(request, LOGIN_PATH)
         response.cookies.append(_cookie(request, cs.COOKIE, "", 0))
         return response
