@@ -858,19 +858,21 @@ BASE_DELAY, CAP, MAX_RETRIES, INTERACTIVE_RETRY_AFTER_CAP = 0.5, 30.0, 4, 60.0
 SAFE = {"GET", "HEAD", "PUT", "DELETE", "OPTIONS"}
 
 
+RETRY_AFTER_MAX = 86400.0  # a day
+
+
 def _retry_after_seconds(headers: dict[str, str], now: dt.datetime) -> float | None:
     raw = next((v for k, v in headers.items() if k.lower() == "retry-after"), None)
     if raw is None:
         return None
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        pass
+    raw = raw.strip()
+    if raw and all(part.isdigit() and part.isascii() for part in raw.split(".", 1)):
+        return min(float(raw), RETRY_AFTER_MAX)
     try:
         when = email.utils.parsedate_to_datetime(raw)
     except (TypeError, ValueError):
         return None
-    return max(0.0, (when - now).total_seconds())
+    return min(max(0.0, (when - now).total_seconds()), RETRY_AFTER_MAX)
 
 
 def spec_retry(inp: dict[str, Any]) -> dict[str, Any]:
@@ -939,6 +941,19 @@ def retry_decisions() -> dict[str, Any]:
         ),
         ("backoff is capped at 30 s (outbox, attempt 8)", {"attempt": 8, "mode": "outbox"}),
         ("unparseable Retry-After falls back to backoff", {"headers": {"Retry-After": "soon"}}),
+        ("Retry-After inf is not a number of seconds", {"headers": {"Retry-After": "inf"}}),
+        ("Retry-After nan is not a number of seconds", {"headers": {"Retry-After": "nan"}}),
+        ("Retry-After 1e9 (an exponent) is not delay-seconds", {"headers": {"Retry-After": "1e9"}}),
+        ("a negative Retry-After is not delay-seconds", {"headers": {"Retry-After": "-3"}}),
+        ("Retry-After with a fraction", {"status": 429, "headers": {"Retry-After": "2.5"}}),
+        (
+            "Retry-After of a week is waited for a day at most (outbox)",
+            {"status": 429, "headers": {"Retry-After": "604800"}, "mode": "outbox"},
+        ),
+        (
+            "Retry-After of 400 digits is a day (outbox)",
+            {"status": 429, "headers": {"Retry-After": "9" * 400}, "mode": "outbox"},
+        ),
         (
             "Retry-After date in the past: retry at once",
             {"headers": {"Retry-After": "Fri, 15 Jan 2027 07:00:00 GMT"}},
@@ -980,7 +995,7 @@ def retry_decisions() -> dict[str, Any]:
         "response at all. attempt 1 is the first retry. jitter is the value uniform(0.75, "
         "1.25) returned; delay is exact for it, delay_range covers every jitter. mode "
         "interactive: at most 4 retries, Retry-After capped at 60 s; outbox: no retry cap, "
-        "and the next attempt waits the full Retry-After, but outside the flush (a "
+        "and the next attempt waits the full Retry-After (at most a day), but outside the flush (a "
         "Retry-After stops the flush; outbox.md). now is the clock for HTTP-date Retry-After "
         "values.",
         vectors=vectors,

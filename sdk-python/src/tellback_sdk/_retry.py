@@ -11,10 +11,15 @@ import dataclasses
 import datetime as dt
 import email.utils
 import random
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+# delay-seconds is digits (RFC 9110; a fraction is tolerated): never "inf", "nan", "1e9"
+# or "-3", which float() would take. No wait is longer than a day.
+_DELAY_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+MAX_RETRY_AFTER = 86400.0
 IN_PROGRESS = "idempotency_key_in_progress"
 SAFE_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 
@@ -48,23 +53,22 @@ DEFAULT_POLICY = RetryPolicy()
 
 
 def parse_retry_after(headers: Mapping[str, str], now: dt.datetime | None = None) -> float | None:
-    """Seconds to wait from ``Retry-After`` (delta-seconds or an HTTP date), or None."""
+    """Seconds to wait from ``Retry-After`` (delay-seconds or an HTTP date), at most a
+    day, or None when it is neither."""
     raw = _header(headers, "retry-after")
     if raw is None:
         return None
     raw = raw.strip()
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        pass
+    if _DELAY_SECONDS.fullmatch(raw):
+        return min(float(raw), MAX_RETRY_AFTER)  # a 400-digit number is inf: a day
     try:
         when = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.UTC)
     now = now or dt.datetime.now(dt.UTC)
-    return max(0.0, (when - now).total_seconds())
+    return min(max(0.0, (when - now).total_seconds()), MAX_RETRY_AFTER)
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
