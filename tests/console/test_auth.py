@@ -68,7 +68,27 @@ async def test_secure_cookie_over_https(api: Api) -> None:
         assert "secure" in attributes(login_cookie)
         r = await console.sign_in(w.agent_token)
         assert r.status_code == 303
-        assert "secure" in attributes(set_cookie(r, cs.COOKIE))
+        # Secure, so __Host-: only this host, over HTTPS, could have set it
+        attrs = attributes(set_cookie(r, cs.SECURE_COOKIE))
+        assert cs.SECURE_COOKIE == "__Host-tb_console"
+        assert "secure" in attrs
+        assert attrs["path"] == "/"
+        assert "domain" not in attrs
+        assert not [h for h in r.headers.get_list("set-cookie") if h.startswith(f"{cs.COOKIE}=")]
+        assert (await console.http.get("/console/")).status_code == 200
+        sealed = console.http.cookies[cs.SECURE_COOKIE]
+        # the unprefixed name (which a sibling subdomain or http page could plant) is not read
+        async with open_console(api, base_url="https://127.0.0.1:8080") as planted:
+            planted.http.cookies.set(cs.COOKIE, sealed)
+            assert (await planted.http.get("/console/")).status_code == 303
+            r = await planted.http.get("/v1/agent/events")
+            assert r.status_code == 401
+        # signing out clears the __Host- cookie
+        r = await console.post("/console/logout")
+        assert r.status_code == 303
+        cleared = attributes(set_cookie(r, cs.SECURE_COOKIE))
+        assert cleared["max-age"] == "0"
+        assert cleared["path"] == "/"
 
 
 async def test_secure_cookie_when_the_public_url_is_https(api: Api) -> None:
@@ -89,7 +109,7 @@ async def test_secure_cookie_when_the_public_url_is_https(api: Api) -> None:
                 headers={"Cookie": login_cookie.split(";", 1)[0]},
             )
             assert r.status_code == 303
-            assert "secure" in attributes(set_cookie(r, cs.COOKIE))
+            assert "secure" in attributes(set_cookie(r, cs.SECURE_COOKIE))
     finally:
         api.state.settings = original
 

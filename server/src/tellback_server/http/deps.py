@@ -204,9 +204,10 @@ _COOKIE_ROUTE = ("GET", "/v1/agent/events")
 async def _agent_token_hash(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
     route = (connection.scope.get("method"), connection.scope["path"].rstrip("/"))
     if "authorization" not in connection.headers and route == _COOKIE_ROUTE:
-        cookie = connection.cookies.get(console_session.COOKIE)
+        state = app_state(connection)
+        secure = console_session.is_secure(connection.url.scheme, state.settings.public_url)
+        cookie = connection.cookies.get(console_session.cookie_name(secure))
         if cookie:
-            state = app_state(connection)
             opened = await console_session.signed_in(state.db, state.sealer, cookie)
             if opened is None:
                 raise Unauthenticated("the console session has ended; sign in again")

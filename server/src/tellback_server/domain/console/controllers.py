@@ -34,6 +34,7 @@ from tellback_server.domain.console.pages import (
     safe_next,
     secret_key,
     security_headers,
+    session_cookie,
 )
 from tellback_server.domain.console.views import InboxFilters
 from tellback_server.domain.conversations.controllers import provide_conversations
@@ -74,7 +75,7 @@ async def console_guard(
     connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
 ) -> None:
     state = app_state(connection)
-    value = connection.cookies.get(cs.COOKIE)
+    value = connection.cookies.get(session_cookie(connection))
     opened = await cs.signed_in(state.db, state.sealer, value) if value else None
     principal = await agent_by_token_hash(state, opened.token_hash) if opened else None
     if principal is None:
@@ -96,7 +97,7 @@ async def checked_form(request: Request[Any, Any, Any]) -> dict[str, str]:
     _refuse_cross_site(request)
     form = await request.form()
     given = form.get(cs.CSRF_FIELD) or request.headers.get(cs.CSRF_HEADER)
-    bound = request.cookies.get(cs.COOKIE)
+    bound = request.cookies.get(session_cookie(request))
     if not cs.csrf_matches(secret_key(request), bound, given if isinstance(given, str) else None):
         raise Forbidden("this form has expired or did not come from the console; reload the page")
     return {k: v for k, v in form.items() if isinstance(v, str)}
@@ -122,11 +123,13 @@ def _limit_sign_in(request: Request[Any, Any, Any]) -> None:
         )
 
 
-def _cookie(request: Request[Any, Any, Any], key: str, value: str, max_age: int) -> Cookie:
+def _cookie(
+    request: Request[Any, Any, Any], key: str, value: str, max_age: int, path: str = "/console"
+) -> Cookie:
     return Cookie(
         key=key,
         value=value,
-        path="/" if key == cs.COOKIE else "/console",
+        path=path,
         max_age=max_age,
         httponly=True,
         secure=is_secure(request),
@@ -193,7 +196,8 @@ class ConsoleAuthController(Controller):
         response = redirect(
             request, safe_next(next_path if isinstance(next_path, str) else None) or "/console/"
         )
-        response.cookies.append(_cookie(request, cs.COOKIE, sealed, cs.SESSION_TTL_S))
+        name = session_cookie(request)  # (path /: the agent event stream reads it too)
+        response.cookies.append(_cookie(request, name, sealed, cs.SESSION_TTL_S, path="/"))
         response.cookies.append(_cookie(request, cs.LOGIN_COOKIE, "", 0))
         return response
 
@@ -342,5 +346,5 @@ class ConsoleController(Controller):
         # Ended in the database, not only in this browser: a copy of the cookie dies too.
         await cs.sign_out(app_state(request).db, request.scope["state"][_SESSION])
         response = redirect(request, LOGIN_PATH)
-        response.cookies.append(_cookie(request, cs.COOKIE, "", 0))
+        response.cookies.append(_cookie(request, session_cookie(request), "", 0, path="/"))
         return response

@@ -15,13 +15,14 @@ from urllib.parse import unquote, urlencode, urlsplit
 
 from jinja2 import Environment, PackageLoader, PrefixLoader, StrictUndefined
 from litestar import Request, Response
+from litestar.connection import ASGIConnection
 from litestar.exceptions import HTTPException
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.response import Redirect, Template
 from litestar.template.config import TemplateConfig
 
-from tellback_server.domain.console import views
-from tellback_server.domain.console.session import COOKIE, csrf_token
+from tellback_server.domain.console import session, views
+from tellback_server.domain.console.session import csrf_token
 from tellback_server.http.deps import app_state
 from tellback_server.http.errors import AppError, exception_handlers
 from tellback_server.settings import Settings
@@ -92,16 +93,20 @@ def secret_key(request: Request[Any, Any, Any]) -> str:
     return key
 
 
-def is_secure(request: Request[Any, Any, Any]) -> bool:
+def is_secure(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
     """Cookies get ``Secure`` when this request came over HTTPS or the public URL is HTTPS."""
-    public = app_state(request).settings.public_url or ""
-    return request.url.scheme == "https" or public.lower().startswith("https://")
+    return session.is_secure(connection.url.scheme, app_state(connection).settings.public_url)
+
+
+def session_cookie(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
+    """The session cookie's name for this connection (``__Host-`` when Secure)."""
+    return session.cookie_name(is_secure(connection))
 
 
 def render(
     request: Request[Any, Any, Any], name: str, *, status: int = 200, **context: Any
 ) -> Template:
-    cookie = request.cookies.get(COOKIE)
+    cookie = request.cookies.get(session_cookie(request))
     principal = getattr(request.state, "principal", None)
     base = {
         "agent": principal,

@@ -39,6 +39,10 @@ from tellback_server.db.models import console_signouts
 from tellback_server.security import Sealer, b64url, b64url_decode, signing_key
 
 COOKIE = "tb_console"
+# The name when the cookie is Secure: a browser takes a ``__Host-`` cookie only from this
+# host over HTTPS, with ``Path=/`` and no ``Domain``, so a neighbouring subdomain or a
+# plain-http page cannot plant one (its own session, say) for the console to read.
+SECURE_COOKIE = "__Host-tb_console"
 LOGIN_COOKIE = "tb_console_login"
 SESSION_TTL_S = 12 * 3600
 LOGIN_TTL_S = 3600
@@ -51,6 +55,16 @@ _CLOCK_SKEW_S = 60
 # A sign-out is kept this long past its cookie's expiry: a process whose clock runs
 # behind the one that prunes still finds it while it takes the cookie as unexpired.
 _KEPT_AFTER_EXPIRY_S = 3600
+
+
+def is_secure(scheme: str, public_url: str | None) -> bool:
+    """Cookies get ``Secure`` when the request came over HTTPS or the public URL is HTTPS."""
+    return scheme == "https" or (public_url or "").lower().startswith("https://")
+
+
+def cookie_name(secure: bool) -> str:
+    """The session cookie's name: only the ``__Host-`` one is read where cookies are Secure."""
+    return SECURE_COOKIE if secure else COOKIE
 
 
 @dataclass(frozen=True, slots=True)
