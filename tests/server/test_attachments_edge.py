@@ -27,7 +27,7 @@ from PIL import Image
 from sqlalchemy import func, select, update
 
 from tellback_server.asgi import build_state, create_app
-from tellback_server.db.models import Attachment
+from tellback_server.db.models import Attachment, Job
 from tellback_server.domain.attachments.media import expire_abandoned_uploads
 from tellback_server.plugins import build_registry
 from tellback_server.settings import S3Settings, Settings
@@ -170,6 +170,11 @@ def original_key(app: AppInfo, att_id: str) -> str:
 
 def thumb_key(app: AppInfo, att_id: str) -> str:
     return f"apps/{app.id}/att/{att_id}/thumb.jpg"
+
+
+def processed_key(app: AppInfo, att_id: str) -> str:
+    """Where a photo processing rewrote (its location removed) is stored."""
+    return f"apps/{app.id}/att/{att_id}/processed"
 
 
 def png(width: int = 40, height: int = 30) -> bytes:
@@ -512,6 +517,124 @@ async def test_keep_photo_location_keeps_gps(local_api: Api) -> None:
     assert gps.get(1) == "N"
     assert tuple(float(x) for x in gps[2]) == (48.0, 8.0, 0.0)
     assert stored.getexif().get(0x0110) == "TestPhone"
+
+
+XMP_GPS = (
+    b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF'
+    b' xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description rdf:about=""'
+    b' xmlns:exif="http://ns.adobe.com/exif/1.0/" exif:GPSLatitude="52,31.2N"'
+    b' exif:GPSLongitude="13,24.3E"/></rdf:RDF></x:xmpmeta>'
+)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "content_type"),
+    [("JPEG", "image/jpeg"), ("HEIF", "image/heic"), ("WEBP", "image/webp")],
+)
+async def test_a_location_in_xmp_is_removed_too(
+    local_api: Api, fmt: str, content_type: str
+) -> None:
+    """XMP carries a position as well as EXIF does (exif:GPSLatitude): a photo with
+    either loses both, whole XMP packet and GPS IFD, unless the app keeps locations.
+    (Only EXIF GPS was looked for: a JPEG with XMP alone was served as sent, and a HEIC
+    rewritten for its EXIF got its XMP written back by pillow-heif.)"""
+    api = local_api
+    app = await api.create_app()
+    user = await api.user_headers(app)
+    for with_exif in (False, True):
+        exif = Image.Exif()
+        if with_exif:
+            exif.get_ifd(0x8825)[1] = "N"
+        buf = io.BytesIO()
+        Image.new("RGB", (300, 200), (1, 2, 3)).save(buf, fmt, xmp=XMP_GPS, exif=exif)
+        assert b"GPSLatitude" in buf.getvalue()
+        att = await processed(
+            api, user, buf.getvalue(), filename="IMG", content_type=content_type, kind="photo"
+        )
+        assert att["status"] == "ready", att
+        served = (await get(api, att["url"])).content
+        assert b"GPSLatitude" not in served
+        assert 0x8825 not in Image.open(io.BytesIO(served)).getexif()
+
+
+async def test_a_failed_attempt_leaves_the_upload_for_the_next(local_api: Api) -> None:
+    """Processing stores what it rewrote beside the upload and switches to it only with
+    the row, so an attempt that fails after rewriting (here the thumbnail's store) is
+    followed by one that checks the same bytes again; the upload is deleted once the
+    row points at the rewritten photo. (The rewrite replaced the upload in place, so
+    the retry found bytes that no longer matched the declared sha256, rejected the
+    photo and deleted it.)"""
+    api = local_api
+    app = await api.create_app()
+    user = await api.user_headers(app)
+    photo = jpeg_with_gps()
+    up = await uploaded(
+        api,
+        user,
+        photo,
+        filename="IMG.jpg",
+        content_type="image/jpeg",
+        kind="photo",
+        sha256=hashlib.sha256(photo).hexdigest(),
+    )
+    assert (await complete(api, user, up["upload_id"])).status_code == 200
+    store = api.state.store
+    real_upload = store.upload_file
+    failed: list[str] = []
+
+    async def flaky_upload(key: str, source: Path, content_type: str) -> None:
+        if key.endswith("thumb.jpg") and not failed:
+            failed.append(key)
+            raise OSError("storage hiccup")
+        await real_upload(key, source, content_type)
+
+    store.upload_file = flaky_upload  # type: ignore[method-assign]
+    await run_jobs(api)
+    assert failed
+    assert (await attachment(api, user, up["upload_id"])).json()["status"] == "processing"
+    assert await store.stat(original_key(app, up["upload_id"])) is not None
+    async with api.state.db.session(write=True) as db:  # the retry is due now
+        await db.execute(update(Job).where(Job.status == "queued").values(run_after=func.now()))
+    await run_jobs(api)
+    att = (await attachment(api, user, up["upload_id"])).json()
+    assert att["status"] == "ready", att
+    assert 0x8825 not in Image.open(io.BytesIO((await get(api, att["url"])).content)).getexif()
+    assert await store.stat(original_key(app, up["upload_id"])) is None
+    assert await store.stat(processed_key(app, up["upload_id"])) is not None
+
+
+async def test_erasing_the_user_while_their_photo_is_processed_leaves_no_file(
+    local_api: Api,
+) -> None:
+    """An end user erased while the media job works on their photo: what the job then
+    stores (the rewritten photo, the thumbnail) has no row to point at it, and goes."""
+    api = local_api
+    app = await api.create_app()
+    token = identity_token(app.identity_secret, "erase-me", kid=app.identity_kid)
+    session = await api.session(app, user_token=token)
+    user = api.bearer(session["session_token"])
+    up = await uploaded(
+        api, user, jpeg_with_gps(), filename="IMG.jpg", content_type="image/jpeg", kind="photo"
+    )
+    assert (await complete(api, user, up["upload_id"])).status_code == 200
+    store = api.state.store
+    real_download = store.download
+
+    async def download_then_erase(key: str, target: Path) -> None:
+        await real_download(key, target)
+        path = f"/v1/admin/apps/{app.id}/users/{session['user']['id']}"
+        assert (await api.http.delete(path, headers=api.admin)).status_code == 204
+
+    store.download = download_then_erase  # type: ignore[method-assign]
+    await run_jobs(api)
+    store.download = real_download  # type: ignore[method-assign]
+    await run_jobs(api)
+    for key in (
+        original_key(app, up["upload_id"]),
+        processed_key(app, up["upload_id"]),
+        thumb_key(app, up["upload_id"]),
+    ):
+        assert await store.stat(key) is None, key
 
 
 # ----- broken uploads ----------------------------------------------------------------------
@@ -1036,7 +1159,7 @@ async def test_erasing_a_user_removes_conversations_and_stored_files(storage_api
     kept = await processed(api, other, b"keep me\n")
     other_conv = await api.feedback(other, attachment_ids=[kept["id"]])
     keys = [
-        original_key(app, photo["id"]),
+        processed_key(app, photo["id"]),
         thumb_key(app, photo["id"]),
         original_key(app, stray["id"]),
         original_key(app, pending["upload_id"]),

@@ -80,7 +80,7 @@ async def test_photo_single_upload_processed_and_gps_stripped(storage_api: Api) 
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "processing"
     assert r.json()["filename"] == "IMG_0001.JPG"
-    assert await run_jobs(api) == 1
+    assert await run_jobs(api) == 2  # processing, then deleting the upload as sent
     r = await api.http.get(f"/v1/client/attachments/{up['upload_id']}", headers=user)
     att = r.json()
     assert att["status"] == "ready", att
@@ -363,7 +363,8 @@ async def test_processing_announces_the_attachment_to_open_screens(storage_api: 
     conv = await api.feedback(user, body="See photo", attachment_ids=[up["upload_id"]])
     stream = api.state.events.subscribe_client(uuid.UUID(app.id), uuid.UUID(me["id"]))
     try:
-        assert await run_jobs(api) == 1  # the photo (no agent phone: no push job)
+        # the photo, then its upload as sent deleted (no agent phone: no push job)
+        assert await run_jobs(api) == 2
         record = stream.queue.get_nowait()
     finally:
         api.state.events.unsubscribe(stream)

@@ -31,7 +31,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from tellback_server.db.models import App, Attachment, Conversation, Message
 from tellback_server.domain.apps.services import parse_settings
+from tellback_server.domain.attachments.services import DELETE_JOB
 from tellback_server.domain.events.records import EventDraft, emit
+from tellback_server.jobs.queue import enqueue
 from tellback_server.jobs.registry import JobContext, JobRegistry, PermanentFailure
 from tellback_server.state import AppState
 
@@ -106,16 +108,19 @@ def analyse_photo(src: Path, content_type: str, workdir: Path, keep_location: bo
             fmt = image.format
             oriented = ImageOps.exif_transpose(image) or image
             thumbnail = _save_thumbnail(oriented, workdir / "thumb.jpg")
-            needs_rewrite = (GPS_TAG in exif and not keep_location) or exif.get(
-                ORIENTATION_TAG, 1
-            ) != 1
+            # XMP can carry the position too (exif:GPSLatitude), and any other place
+            # or person it names: it goes whole with the EXIF GPS.
+            located = GPS_TAG in exif or bool(image.info.get("xmp"))
+            needs_rewrite = (located and not keep_location) or exif.get(ORIENTATION_TAG, 1) != 1
             rewritten = None
             if needs_rewrite and fmt is not None:
+                options = dict(SAVE_OPTIONS.get(fmt, {}))
                 if not keep_location:
                     exif.pop(GPS_TAG, None)
+                    oriented.info.pop("xmp", None)  # (pillow-heif writes the image's own)
+                    options["xmp"] = None if fmt == "HEIF" else b""
                 exif[ORIENTATION_TAG] = 1
                 rewritten = workdir / "rewritten"
-                options = dict(SAVE_OPTIONS.get(fmt, {}))
                 save_format = "JPEG" if fmt == "MPO" else fmt
                 oriented.save(rewritten, save_format, exif=exif.tobytes(), **options)
             return Outcome(
@@ -199,15 +204,18 @@ async def process_attachment(ctx: JobContext, payload: dict[str, Any]) -> None:
         outcome = await asyncio.to_thread(
             analyse, att.kind, att.content_type, src, workdir, keep_location, att.sha256
         )
+        prefix = att.storage_key.rsplit("/", 1)[0]
+        written: list[str] = []  # what this attempt stored
+        if outcome.ready and outcome.rewritten is not None:
+            # A key of its own: the upload stays as sent until the row points here, so
+            # an attempt that fails after this checks the same bytes (and sha256) again.
+            written.append(f"{prefix}/processed")
+            await store.upload_file(written[-1], outcome.rewritten, att.content_type)
         thumbnail_key = None
-        if outcome.ready:
-            if outcome.rewritten is not None:
-                await store.upload_file(att.storage_key, outcome.rewritten, att.content_type)
-            if outcome.thumbnail is not None:
-                thumbnail_key = att.storage_key.rsplit("/", 1)[0] + "/thumb.jpg"
-                await store.upload_file(thumbnail_key, outcome.thumbnail, "image/jpeg")
-        else:
-            await store.delete(att.storage_key)
+        if outcome.ready and outcome.thumbnail is not None:
+            thumbnail_key = f"{prefix}/thumb.jpg"
+            written.append(thumbnail_key)
+            await store.upload_file(thumbnail_key, outcome.thumbnail, "image/jpeg")
         size = outcome.rewritten.stat().st_size if outcome.rewritten is not None else None
     values: dict[str, Any] = {
         "status": "ready" if outcome.ready else "rejected",
@@ -220,6 +228,12 @@ async def process_attachment(ctx: JobContext, payload: dict[str, Any]) -> None:
     }
     if size is not None:
         values["size"] = size
+        values["storage_key"] = written[0]
+    # What no row will point at once this commits: the upload as sent, when it was
+    # rewritten or rejected (deleted by a job queued with the change, so a crash cannot
+    # leave it behind), or, when the attachment went meanwhile (its end user erased),
+    # what this attempt stored.
+    unneeded = [att.storage_key] if size is not None or not outcome.ready else []
     async with state.db.session(write=True) as db:
         done = await db.execute(
             update(Attachment)
@@ -228,6 +242,12 @@ async def process_attachment(ctx: JobContext, payload: dict[str, Any]) -> None:
             .returning(Attachment.message_id)
         )
         row = done.first()
+        if row is None and await db.get(Attachment, att.id) is None:
+            unneeded = written
+        elif row is None:
+            unneeded = []  # another attempt finished first: its keys are these too
+        if unneeded:
+            await enqueue(db, DELETE_JOB, {"keys": unneeded}, max_attempts=20)
         if row is not None and row.message_id is not None:
             await _announce(db, att, row.message_id, values["status"], outcome.reason)
     log.info(
@@ -303,5 +323,5 @@ async def expire_abandoned_uploads(state: AppState) -> int:
 
 def register(registry: JobRegistry) -> None:
     registry.register("media.process", process_attachment, max_attempts=5, timeout_s=300)
-    registry.register("storage.delete", delete_objects, max_attempts=20)
+    registry.register(DELETE_JOB, delete_objects, max_attempts=20)
     registry.periodic("uploads.expire", 600, expire_abandoned_uploads)
