@@ -460,3 +460,25 @@ def test_a_data_directory_from_before_the_failure_count_is_upgraded(tmp_path: Pa
     with client(tmp_path, fake) as tb:
         assert tb.outbox.flush().sent == 1
     assert fake.created == ["queued by the previous version"]
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("attachments", "[{"), ("request", "{"), ("attachments", '[{"no": "path"}]')],
+)
+def test_an_unreadable_row_is_a_dead_letter_not_a_block(
+    tmp_path: Path, column: str, value: str
+) -> None:
+    fake = FakeServer()
+    with client(tmp_path, fake) as tb:
+        bad = tb.conversations.create("first")
+        tb.conversations.create("second")
+        tb._core.store.query(f"UPDATE outbox SET {column} = ? WHERE id = ?", (value, bad.id))
+        assert len(tb.outbox.pending()) == 2  # listing never raises
+        result = tb.outbox.flush()
+        assert (result.sent, result.dead, result.pending) == (1, 1, 0)
+        (dead,) = tb.outbox.dead_letters()
+        assert dead.id == bad.id
+        assert dead.error is not None
+        assert "cannot read" in dead.error.message
+    assert fake.created == ["second"]

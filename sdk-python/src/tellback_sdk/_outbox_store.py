@@ -155,17 +155,25 @@ class OutboxStore:
         elif local is not None:
             parent = self._row(local)
             conversation_id = parent["remote_id"] if parent is not None else None
-        error = json.loads(row["last_error"]) if row["last_error"] else None
+        try:
+            error = json.loads(row["last_error"]) if row["last_error"] else None
+            failure = OutboxFailure(**error) if error else None
+        except (ValueError, TypeError):
+            failure = OutboxFailure(None, "local", "the stored error cannot be read")
+        try:
+            body = json.loads(row["request"]).get("body")
+        except (ValueError, AttributeError):
+            body = None  # unreadable: the flush makes it a dead letter (unreadable())
         return QueuedItem(
             id=row["id"],
             kind=row["kind"],
             state=row["state"],
-            body=json.loads(row["request"]).get("body"),
+            body=body,
             conversation_id=conversation_id,
             local_conversation_id=local,
             remote_id=row["remote_id"],
             attempts=row["attempts"],
-            error=OutboxFailure(**error) if error else None,
+            error=failure,
             created_at=dt.datetime.fromtimestamp(row["created_at"], dt.UTC),
         )
 
@@ -197,6 +205,20 @@ class OutboxStore:
                 return Resolved(None)  # FIFO makes this rare: the parent is still queued
             ref = parent["remote_id"]
         return Resolved(f"/v1/client/conversations/{ref}/messages")
+
+    def unreadable(self, row: sqlite3.Row) -> str | None:
+        """Why this row cannot be sent as stored (a torn write, a bit flip, a row of a
+        newer SDK version), or None. Such a row becomes a dead letter, never a block."""
+        try:
+            request = json.loads(row["request"])
+            atts = json.loads(row["attachments"])
+            ok = isinstance(request, dict) and isinstance(atts, list)
+            ok = ok and all(isinstance(a, dict) and isinstance(a.get("path"), str) for a in atts)
+            if ok and row["kind"] == "message":
+                ok = isinstance(row["conversation_ref"], str)
+        except (ValueError, TypeError):
+            ok = False
+        return None if ok else "this item is stored in a form this SDK cannot read"
 
     def attachments(self, row: sqlite3.Row) -> list[dict[str, Any]]:
         value: list[dict[str, Any]] = json.loads(row["attachments"])

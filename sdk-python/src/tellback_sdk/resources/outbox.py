@@ -67,6 +67,10 @@ class _Dependency(Exception):
     """A message whose queued conversation could not be sent."""
 
 
+class _Unreadable(TellbackError):
+    """A row this SDK cannot read: sent never, blocking nothing."""
+
+
 class _Blocked(TellbackError):
     """A message whose queued conversation is still waiting: try again later."""
 
@@ -98,7 +102,7 @@ def failure_of(exc: BaseException) -> tuple[OutboxFailure, bool]:
         return OutboxFailure(exc.status_code, exc.code, exc.detail or exc.message), final
     if isinstance(exc, APIConnectionError | IdentityRequiredError):
         return OutboxFailure(None, None, str(exc)), False
-    if isinstance(exc, AttachmentLimitError | _Dependency):
+    if isinstance(exc, AttachmentLimitError | _Dependency | _Unreadable):
         return OutboxFailure(None, "local", str(exc)), True
     if isinstance(exc, OSError):
         # The only files a delivery reads are the item's own copies: one that is gone,
@@ -142,6 +146,9 @@ class _OutboxBase:
         self._store.mark_sent(row["id"], created.id)
 
     def _path(self, row: sqlite3.Row) -> str | None:
+        problem = self._store.unreadable(row)
+        if problem is not None:
+            raise _Unreadable(problem)
         resolved = self._store.resolve(row)
         if resolved.dead_reason is not None:
             raise _Dependency(resolved.dead_reason)
