@@ -473,7 +473,11 @@ def test_an_unreadable_row_is_a_dead_letter_not_a_block(
     with client(tmp_path, fake) as tb:
         bad = tb.conversations.create("first")
         tb.conversations.create("second")
-        tb._core.store.query(f"UPDATE outbox SET {column} = ? WHERE id = ?", (value, bad.id))
+        damage = {
+            "attachments": "UPDATE outbox SET attachments = ? WHERE id = ?",
+            "request": "UPDATE outbox SET request = ? WHERE id = ?",
+        }
+        tb._core.store.query(damage[column], (value, bad.id))
         assert len(tb.outbox.pending()) == 2  # listing never raises
         result = tb.outbox.flush()
         assert (result.sent, result.dead, result.pending) == (1, 1, 0)
