@@ -486,3 +486,38 @@ def test_an_unreadable_row_is_a_dead_letter_not_a_block(
         assert dead.error is not None
         assert "cannot read" in dead.error.message
     assert fake.created == ["second"]
+
+
+@pytest.mark.parametrize("stored", ["relative", "absolute (an older version)"])
+def test_a_moved_data_directory_keeps_its_queued_files(tmp_path: Path, stored: str) -> None:
+    log_file = tmp_path / "a.txt"
+    log_file.write_text("log")
+    fake = FakeServer()
+    with client(tmp_path, fake) as tb:
+        item = tb.conversations.create("with a log", attachments=[log_file])
+        if stored != "relative":
+            files = tb._core.store.files_dir
+            (copy,) = (files / item.id).iterdir()
+            atts = json.dumps(
+                [
+                    {
+                        "path": str(copy),
+                        "kind": None,
+                        "content_type": None,
+                        "filename": "a.txt",
+                        "attachment_id": None,
+                    }
+                ]
+            )
+            tb._core.store.query("UPDATE outbox SET attachments = ?", (atts,))
+    (tmp_path / "sdk").rename(tmp_path / "moved")  # e.g. restored from a backup elsewhere
+    moved = MobileClient(
+        "http://tb.test",
+        "tbk_x",
+        data_dir=tmp_path / "moved",
+        transport=httpx.MockTransport(fake),
+        retry_policy=QUICK,
+    )
+    with moved:
+        assert moved.outbox.flush().sent == 1
+    assert (fake.created, fake.upload_sizes) == (["with a log"], [3])

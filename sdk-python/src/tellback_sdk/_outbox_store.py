@@ -102,7 +102,8 @@ class OutboxStore:
             _durable_copy(src, dest)
             attachments.append(
                 {
-                    "path": str(dest),
+                    # Relative to files_dir: the app may move its data directory.
+                    "path": f"{item_id}/{dest.name}",
                     "kind": f.kind,
                     "content_type": f.content_type,
                     "filename": f.filename or src.name,
@@ -221,8 +222,20 @@ class OutboxStore:
         return None if ok else "this item is stored in a form this SDK cannot read"
 
     def attachments(self, row: sqlite3.Row) -> list[dict[str, Any]]:
+        """The item's files, each ``path`` made absolute under today's data directory."""
         value: list[dict[str, Any]] = json.loads(row["attachments"])
+        for att in value:
+            att["path"] = str(self._local(att["path"]))
         return value
+
+    def _local(self, stored: str) -> Path:
+        path = Path(stored)
+        if not path.is_absolute():
+            return self.store.files_dir / path
+        if path.exists():
+            return path
+        # Stored absolute by an older version, in a data directory moved since.
+        return self.store.files_dir / path.parent.name / path.name
 
     # ----- progress of one item -----------------------------------------------------------
 
