@@ -227,9 +227,15 @@ async def test_unknown_or_purged_last_event_id_asks_the_client_to_reload(live: L
     assert reset.event == "reset"
     assert reset.id is None
     assert reset.data["data"]["reason"] == "last_event_id_unknown"
-    r = await live.http.get(CLIENT_EVENTS, headers={**user, "Last-Event-ID": "abc"})
-    assert r.status_code == 400
-    assert r.json()["code"] == "bad_request"
+    for bad in ("abc", "\u00b2", "\u0661"):  # "²" and Arabic-Indic one: str.isdigit() holds
+        r = await live.http.get(CLIENT_EVENTS, params={"last_event_id": bad}, headers=user)
+        assert r.status_code == 400, (bad, r.text)
+        assert r.json()["code"] == "bad_request"
+    for header in (b"abc", b"\xb2"):  # (the header's bytes are Latin-1: "\xb2" is "²")
+        raw = [(k.encode(), v.encode()) for k, v in user.items()] + [(b"last-event-id", header)]
+        r = await live.http.get(CLIENT_EVENTS, headers=raw)
+        assert r.status_code == 400, (header, r.text)
+        assert r.json()["code"] == "bad_request"
 
 
 async def test_heartbeats_and_credentials(live: LiveApi) -> None:

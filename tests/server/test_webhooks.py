@@ -662,6 +662,8 @@ REFUSED_URLS = [
     "http://[::ffff:169.254.169.254]/",
     "http://224.0.0.1/",  # multicast (is_global is True for it)
     "http://[64:ff9b::a00:1]/",  # NAT64 to 10.0.0.1
+    "http://[64:ff9b:1::a9fe:a9fe]/",  # local-use NAT64 (RFC 8215), to 169.254.169.254
+    "http://[::ffff:0:127.0.0.1]/",  # SIIT's IPv4-translated form (RFC 2765)
     "http://[2002:a00:1::]/",  # 6to4 from 10.0.0.1
     "http://[::10.0.0.1]/",  # IPv4-compatible
     "http://[fec0::1]/",  # site-local

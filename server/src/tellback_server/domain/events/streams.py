@@ -41,7 +41,7 @@ def parse_last_event_id(raw: str | None) -> int | None:
     if raw is None or not raw.strip():
         return None
     value = raw.strip()
-    if not value.isdigit() or len(value) > 18:
+    if not (value.isascii() and value.isdigit()) or len(value) > 18:  # ("²" is a digit)
         raise BadRequest("Last-Event-ID must be the id of an event from this stream")
     return int(value)
 

@@ -18,8 +18,15 @@ import socket
 from urllib.parse import SplitResult, urlsplit
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-# Not covered by is_global on every Python: the AWS IPv6 metadata endpoint.
-_EXTRA_BLOCKED = (ipaddress.ip_network("fd00:ec2::/32"),)
+# Not covered by is_global on every Python: the AWS IPv6 metadata endpoint; the
+# local-use NAT64 prefix (RFC 8215: a gateway inside the network reaches any IPv4
+# address through it, 169.254.169.254 included) and SIIT's IPv4-translated addresses
+# (RFC 2765), neither of which is globally reachable.
+_EXTRA_BLOCKED = (
+    ipaddress.ip_network("fd00:ec2::/32"),
+    ipaddress.ip_network("64:ff9b:1::/48"),
+    ipaddress.ip_network("::ffff:0:0:0/96"),
+)
 # IPv6 prefixes that carry an IPv4 address: judged by the address they reach.
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
