@@ -278,3 +278,48 @@ def test_message_created_shortcuts() -> None:
     assert isinstance(event, MessageCreated)
     assert event.message.body == "hi"
     assert event.conversation.status == "open"
+
+
+@pytest.mark.parametrize("renewing", [False, True])
+def test_a_stream_waits_out_an_outage_that_refuses_sessions(tmp_path: Path, renewing: bool) -> None:
+    """During an outage POST /v1/client/sessions answers 503: a reconnecting stream
+    waits (as for a failed connect) instead of ending with ServiceUnavailableError,
+    whether it needs its first session or must renew one after a 401."""
+    calls = {"sessions": 0, "events": 0}
+    outage = range(2, 9) if renewing else range(1, 8)  # longer than the retry budget
+    body = "\n".join(["retry: 1", *unread(5)]) + "\n"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/client/sessions":
+            calls["sessions"] += 1
+            if calls["sessions"] in outage:
+                return httpx.Response(
+                    503,
+                    headers={"Retry-After": "0", "Content-Type": "application/problem+json"},
+                    json={"status": 503, "code": "service_unavailable", "title": "down"},
+                )
+            token = f"tbs_{calls['sessions']}"
+            user = {"id": "u1", "attributes": {}}
+            return httpx.Response(
+                201,
+                json={"session_token": token, "expires_at": "2099-01-01T00:00:00Z", "user": user},
+            )
+        calls["events"] += 1
+        if renewing and request.headers["Authorization"] == "Bearer tbs_1":  # revoked
+            return httpx.Response(401, json={"status": 401, "code": "unauthenticated"})
+        return httpx.Response(200, text=body, headers={"Content-Type": "text/event-stream"})
+
+    quick = RetryPolicy(max_retries=2, base=0.001, cap=0.002, max_retry_after=0.001)
+    with (
+        Client(
+            "http://tb.test",
+            "tbk_x",
+            data_dir=tmp_path,
+            transport=httpx.MockTransport(handler),
+            retry_policy=quick,
+        ) as tb,
+        tb.events.stream(reconnect=True) as stream,
+    ):
+        event = next(iter(stream))
+    assert isinstance(event, UnreadChanged)
+    assert calls["sessions"] == outage.stop

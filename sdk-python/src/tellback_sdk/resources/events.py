@@ -25,7 +25,13 @@ from typing import TYPE_CHECKING, Any, Self
 import httpx
 
 from tellback_sdk._sse import READ_TIMEOUT_S, StreamState
-from tellback_sdk.errors import APIConnectionError, APIError, APITimeoutError, make_status_error
+from tellback_sdk.errors import (
+    APIConnectionError,
+    APIError,
+    APIStatusError,
+    APITimeoutError,
+    make_status_error,
+)
 from tellback_sdk.events import LiveEvent
 from tellback_sdk.resources._base import AsyncAPIResource, SyncAPIResource
 
@@ -46,6 +52,20 @@ def _shutdown(response: httpx.Response | None) -> None:
     if isinstance(sock, socket.socket):
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
+
+
+def _session_failure(
+    state: StreamState, exc: APIError
+) -> tuple[APIError, int | None, httpx.Headers]:
+    """A session that could not be made or renewed: offline, or the server down (a 503
+    in an outage), is waited out like a failed connect; a final answer is raised. A
+    renewal that failed so did not "not help": the next 401 may renew again."""
+    if isinstance(exc, APIStatusError) and not state.retryable(exc.status_code):
+        raise exc
+    state.renewed = False
+    if isinstance(exc, APIStatusError):
+        return exc, exc.status_code, exc.response.headers
+    return exc, None, httpx.Headers()
 
 
 def _transport_error(exc: httpx.TransportError) -> APIConnectionError:
@@ -181,8 +201,8 @@ class EventStream:
                 session = client._ensure_session()
                 state.bind(session.user_id)
                 response = self._send(session.token)
-            except APIConnectionError as exc:  # no session: offline
-                error = exc
+            except APIError as exc:  # no session: offline, or the server is down
+                error, status, headers = _session_failure(state, exc)
             except httpx.TransportError as exc:
                 error = _transport_error(exc)
             else:
@@ -197,8 +217,8 @@ class EventStream:
                 if status == 401 and state.on_401():
                     try:
                         client._renew_session(session.token)
-                    except APIConnectionError as exc:
-                        error, status = exc, None
+                    except APIError as exc:
+                        error, status, headers = _session_failure(state, exc)
                     else:
                         continue
                 elif not state.retryable(status):
@@ -360,8 +380,8 @@ class AsyncEventStream:
                 session = await client._ensure_session()
                 state.bind(session.user_id)
                 response = await self._send(session.token)
-            except APIConnectionError as exc:
-                error = exc
+            except APIError as exc:  # no session: offline, or the server is down
+                error, status, headers = _session_failure(state, exc)
             except httpx.TransportError as exc:
                 error = _transport_error(exc)
             else:
@@ -377,8 +397,8 @@ class AsyncEventStream:
                 if status == 401 and state.on_401():
                     try:
                         await client._renew_session(session.token)
-                    except APIConnectionError as exc:
-                        error, status = exc, None
+                    except APIError as exc:
+                        error, status, headers = _session_failure(state, exc)
                     else:
                         continue
                 elif not state.retryable(status):
