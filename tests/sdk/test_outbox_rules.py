@@ -119,16 +119,24 @@ async def test_background_flush_backs_off_while_offline(server: InProcess, tmp_p
 async def test_429_and_503_stop_a_flush_but_keep_the_item(
     server: InProcess, tmp_path: Path
 ) -> None:
-    """A Retry-After stops the flush at once (no sleeping in it); the next one sends."""
+    """A Retry-After stops the flush at once (no sleeping in it) and is remembered (no
+    flush sends before it has passed: test_outbox_safety); then the next one sends."""
     faults = Faults(only=posts_to("/v1/client/conversations"), script=["status:503"])
     async with mobile(server, tmp_path, faults, auto_flush=False) as tb:
+
+        def once_the_pause_has_passed() -> None:
+            assert tb._core.store.get("outbox_paused_until") is not None
+            tb._core.store.set("outbox_paused_until", None)
+
         await tb.conversations.create("survives a 503 storm")
         result = await tb.outbox.flush()
         assert (result.pending, result.retry_after) == (1, 1.0)
+        once_the_pause_has_passed()
         faults.script = ["status:429"]
         result = await tb.outbox.flush()
         assert (result.pending, result.retry_after) == (1, 1.0)
         assert faults.counts == {"status:503": 1, "status:429": 1}
+        once_the_pause_has_passed()
         assert (await tb.outbox.flush()).sent == 1
         assert tb.outbox.dead_letters() == []
 

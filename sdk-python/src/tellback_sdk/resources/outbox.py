@@ -56,11 +56,27 @@ class FlushResult:
 
     @property
     def retry_after(self) -> float | None:
-        """Seconds the server asked to wait before the next flush (its ``Retry-After``)."""
+        """Seconds the server asked to wait before the next flush (its ``Retry-After``,
+        or what is left of it when this flush did not start because of it)."""
         err = self.stopped_by
+        if isinstance(err, _Paused):
+            return err.retry_after
         if not isinstance(err, APIStatusError):
             return None
         return parse_retry_after(err.response.headers)
+
+
+class _Paused(TellbackError):
+    """The server asked for a pause (``Retry-After``) that has not passed yet."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"the server asked to wait; {retry_after:.0f} s left")
+        self.retry_after = retry_after
+
+
+# Wall-clock time before which no flush sends: a server's Retry-After, kept in data_dir
+# so that neither another flush() nor a restart ignores it.
+PAUSED_UNTIL = "outbox_paused_until"
 
 
 class _Dependency(Exception):
@@ -154,6 +170,19 @@ class _OutboxBase:
             raise _Dependency(resolved.dead_reason)
         return resolved.path
 
+    def _paused(self) -> FlushResult | None:
+        until = self._store.store.get(PAUSED_UNTIL)
+        left = until - time.time() if isinstance(until, int | float) else 0.0
+        if left <= 0:
+            return None
+        return FlushResult(0, 0, len(self.pending()), _Paused(left))
+
+    def _remember_pause(self, result: FlushResult) -> FlushResult:
+        wait = result.retry_after
+        if wait is not None and wait > 0 and isinstance(result.stopped_by, APIStatusError):
+            self._store.store.set(PAUSED_UNTIL, time.time() + wait)
+        return result
+
     def _record(self, row: sqlite3.Row, exc: BaseException) -> str:
         """Store the failure: "stop" the flush (transient), "dead", or "gone" (the item
         was sent or discarded meanwhile, by another client on this data directory)."""
@@ -192,25 +221,32 @@ class Outbox(SyncAPIResource, _OutboxBase):
         return self._flush(None)
 
     def _flush(self, deadline: float | None) -> FlushResult:
-        with self._lock, outbox_calls(deadline):
-            sent = dead = 0
-            owner = self._owner
-            while (row := self._store.next_pending(owner)) is not None:
-                if deadline is not None and time.monotonic() >= deadline:
+        with self._lock:
+            paused = self._paused()
+            if paused is not None:
+                return paused
+            with outbox_calls(deadline):
+                return self._remember_pause(self._send_all(deadline))
+
+    def _send_all(self, deadline: float | None) -> FlushResult:
+        sent = dead = 0
+        owner = self._owner
+        while (row := self._store.next_pending(owner)) is not None:
+            if deadline is not None and time.monotonic() >= deadline:
+                pending = len(self._store.items(owner, "pending"))
+                return FlushResult(sent, dead, pending, _Blocked("out of time"))
+            try:
+                self._deliver(row)
+            except _EXPECTED as exc:
+                outcome = self._record(row, exc)
+                if outcome == "stop":
                     pending = len(self._store.items(owner, "pending"))
-                    return FlushResult(sent, dead, pending, _Blocked("out of time"))
-                try:
-                    self._deliver(row)
-                except _EXPECTED as exc:
-                    outcome = self._record(row, exc)
-                    if outcome == "stop":
-                        pending = len(self._store.items(owner, "pending"))
-                        err = exc if isinstance(exc, TellbackError) else TellbackError(str(exc))
-                        return FlushResult(sent, dead, pending, err)
-                    dead += outcome == "dead"
-                    continue
-                sent += 1
-            return FlushResult(sent, dead, 0)
+                    err = exc if isinstance(exc, TellbackError) else TellbackError(str(exc))
+                    return FlushResult(sent, dead, pending, err)
+                dead += outcome == "dead"
+                continue
+            sent += 1
+        return FlushResult(sent, dead, 0)
 
     def _deliver(self, row: sqlite3.Row) -> None:
         path = self._path(row)
@@ -259,8 +295,11 @@ class AsyncOutbox(AsyncAPIResource, _OutboxBase):
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
+            paused = self._paused()
+            if paused is not None:
+                return paused
             with outbox_calls(deadline):
-                return await self._send_all(deadline)
+                return self._remember_pause(await self._send_all(deadline))
 
     async def _send_all(self, deadline: float | None) -> FlushResult:
         sent = dead = 0
