@@ -27,7 +27,7 @@ from PIL import Image
 from sqlalchemy import func, select, update
 
 from tellback_server.asgi import build_state, create_app
-from tellback_server.db.models import Attachment, Job
+from tellback_server.db.models import Attachment, IdempotencyKey, Installation, Job
 from tellback_server.domain.attachments.media import expire_abandoned_uploads
 from tellback_server.plugins import build_registry
 from tellback_server.settings import S3Settings, Settings
@@ -637,6 +637,31 @@ async def test_erasing_the_user_while_their_photo_is_processed_leaves_no_file(
         assert await store.stat(key) is None, key
 
 
+async def test_a_completed_uploads_url_takes_no_more_bytes(local_api: Api) -> None:
+    """A PUT URL is signed for an hour, but once its upload is completed the bytes have
+    been checked (type, size; then processing removed the location): bytes sent after
+    that are refused, so nothing goes around the checks. (They were taken: a `ready`
+    photo could become a page of script, or get its location back.)"""
+    api = local_api
+    app = await api.create_app()
+    user = await api.user_headers(app)
+    photo = jpeg_with_gps()
+    up = await uploaded(
+        api, user, photo, filename="IMG.jpg", content_type="image/jpeg", kind="photo"
+    )
+    assert (await complete(api, user, up["upload_id"])).status_code == 200
+    sneaked = b"<html><script>alert(1)</script>" + b"-" * (len(photo) - 31)
+    for _ in range(2):  # while processing, then once ready
+        r = await put(api, up["single"]["url"], sneaked, up["single"]["headers"])
+        problem(r, 403, "forbidden")
+        await run_jobs(api)
+    att = (await attachment(api, user, up["upload_id"])).json()
+    served = (await get(api, att["url"])).content
+    assert served.startswith(b"\xff\xd8")
+    assert 0x8825 not in Image.open(io.BytesIO(served)).getexif()
+    assert await api.state.store.stat(original_key(app, up["upload_id"])) is None
+
+
 # ----- broken uploads ----------------------------------------------------------------------
 
 
@@ -1202,3 +1227,48 @@ async def test_erasing_a_user_removes_conversations_and_stored_files(storage_api
     r = await api.http.get(f"/v1/agent/attachments/{kept['id']}", headers=agent)
     assert r.status_code == 200
     assert (await get(api, r.json()["url"])).content == b"keep me\n"
+
+
+async def test_erasing_a_user_leaves_no_upload_device_or_stored_answer(storage_api: Api) -> None:
+    """Erasure also aborts their multipart uploads under way (whose parts stayed, and
+    whose URLs took more), and deletes the device context their installations reported
+    and the stored answers to their requests (sealed, yet holding what they wrote)."""
+    api = storage_api
+    app = await api.create_app()
+    token = identity_token(app.identity_secret, "user-43", kid=app.identity_kid)
+    session = await api.session(app, installation_id="phone-of-43", user_token=token)
+    user = api.bearer(session["session_token"])
+    r = await api.http.post(
+        "/v1/client/conversations",
+        json={"body": "at home", "location": {"latitude": 52.5, "longitude": 13.4}},
+        headers={**user, "Idempotency-Key": "k-43"},
+    )
+    assert r.status_code == 201, r.text
+    blob = multipart_blob()
+    up = await start_multipart(api, user, blob)
+    size = up["multipart"]["part_size"]
+    await put_part(api, up, 1, blob[:size])
+    row = await db_row(api, up["upload_id"])
+    key, upload_id = row.storage_key, row.multipart_upload_id or ""
+    store = api.state.store
+    assert len(await store.list_parts(key, upload_id)) == 1
+
+    path = f"/v1/admin/apps/{app.id}/users/{session['user']['id']}"
+    assert (await api.http.delete(path, headers=api.admin)).status_code == 204
+    await run_jobs(api)
+    assert await store.list_parts(key, upload_id) == []
+    if store.kind == "local":
+        assert not (local_store(api).root / ".multipart" / upload_id).exists()
+    url = next(p["url"] for p in up["multipart"]["parts"] if p["part_number"] == 2)
+    r = await put(api, url, blob[size : 2 * size])
+    assert r.status_code in {403, 404}, r.text  # (local: refused; S3: NoSuchUpload)
+    async with api.state.db.session(write=False) as db:
+        installations = await db.scalar(
+            select(func.count()).select_from(Installation).where(Installation.app_id == app.id)
+        )
+        keys = await db.scalar(
+            select(func.count())
+            .select_from(IdempotencyKey)
+            .where(IdempotencyKey.scope == f"user:{session['user']['id']}")
+        )
+    assert (installations, keys) == (0, 0)

@@ -11,8 +11,10 @@ from litestar import Controller, Request, Response, delete, get, post, put
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, JSONBody
 from litestar.response import File
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from tellback_server.db.models import Attachment
 from tellback_server.domain.attachments.schemas import (
     AttachmentOut,
     UploadComplete,
@@ -40,6 +42,7 @@ from tellback_server.http.errors import (
 )
 from tellback_server.http.idempotency import IdempotencyKeyHeader, idempotent
 from tellback_server.http.openapi import example_body
+from tellback_server.state import AppState
 from tellback_server.storage.local import BadSignature, LocalStore, TooLarge
 
 
@@ -186,6 +189,25 @@ async def _idle_limited(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         yield chunk
 
 
+async def _accepts_bytes(state: AppState, key: str) -> bool:
+    """Whether ``key`` (``apps/<app>/att/<id>/original``) is a ``pending`` upload's. A
+    URL stays signed for an hour, but once the upload is completed its bytes have been
+    checked (type, size, and then processing: the location removed), and bytes sent
+    after that would go around the checks."""
+    parts = key.split("/")
+    try:
+        att_id = UUID(parts[3]) if len(parts) == 5 and parts[2] == "att" else None
+    except ValueError:
+        att_id = None
+    if att_id is None:
+        return False
+    async with state.db.session(write=False) as db:
+        found = await db.execute(
+            select(Attachment.status).where(Attachment.id == att_id, Attachment.storage_key == key)
+        )
+        return found.scalar() == "pending"
+
+
 class StorageController(Controller):
     """Signed, expiring upload/download URLs of the local-disk store (embedded default)."""
 
@@ -202,6 +224,8 @@ class StorageController(Controller):
             signed = store.verify(key.lstrip("/"), dict(request.query_params), "put")
         except BadSignature as exc:
             raise Forbidden(str(exc)) from None
+        if not await _accepts_bytes(app_state(request), signed.key):
+            raise Forbidden("this upload is completed or gone; its URLs take no more bytes")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > signed.max_size:
             raise PayloadTooLarge(f"at most {signed.max_size} bytes may be sent to this URL")

@@ -291,6 +291,10 @@ async def _announce(
 
 
 async def delete_objects(ctx: JobContext, payload: dict[str, Any]) -> None:
+    """Delete ``keys``, and abort the ``multipart`` uploads (``[key, upload_id]``) still
+    under way: their parts, and the URLs that would take more."""
+    for key, upload_id in payload.get("multipart", []):
+        await ctx.state.store.abort_multipart(str(key), str(upload_id))
     for key in payload.get("keys", []):
         await ctx.state.store.delete(str(key))
 

@@ -7,7 +7,14 @@ from uuid import UUID
 from sqlalchemy import delete, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from tellback_server.db.models import Attachment, Conversation, EndUser, Message
+from tellback_server.db.models import (
+    Attachment,
+    Conversation,
+    EndUser,
+    IdempotencyKey,
+    Installation,
+    Message,
+)
 from tellback_server.domain.apps.services import require_app
 from tellback_server.domain.attachments.services import DELETE_JOB
 from tellback_server.domain.identity.schemas import EndUserOut
@@ -52,20 +59,42 @@ class EndUserService:
         ]
         conversations = select(Conversation.id).where(Conversation.end_user_id.in_(ids))
         on_their_messages = select(Message.id).where(Message.conversation_id.in_(conversations))
-        rows = await self.db.execute(
-            select(Attachment.storage_key, Attachment.thumbnail_key).where(
-                Attachment.app_id == app_id,
+        rows = (
+            await self.db.execute(
+                select(
+                    Attachment.storage_key,
+                    Attachment.thumbnail_key,
+                    Attachment.status,
+                    Attachment.multipart_upload_id,
+                ).where(
+                    Attachment.app_id == app_id,
+                    or_(
+                        Attachment.uploader_user_id.in_(ids),
+                        Attachment.message_id.in_(on_their_messages),
+                    ),
+                )
+            )
+        ).all()
+        keys = [k for row in rows for k in row[:2] if k]
+        # A multipart upload under way keeps its parts (and takes more) until aborted.
+        uploads = [[r[0], r[3]] for r in rows if r[2] == "pending" and r[3]]
+        for i in range(0, max(len(keys), len(uploads)), KEYS_PER_JOB):
+            batch = {"keys": keys[i : i + KEYS_PER_JOB], "multipart": uploads[i : i + KEYS_PER_JOB]}
+            await enqueue(self.db, DELETE_JOB, batch, max_attempts=20)
+        # The device context the SDK reported, and the stored answers to their requests
+        # (sealed, but holding what they wrote), go with them.
+        await self.db.execute(
+            delete(Installation).where(
+                Installation.app_id == app_id,
                 or_(
-                    Attachment.uploader_user_id.in_(ids),
-                    Attachment.message_id.in_(on_their_messages),
+                    Installation.anonymous_user_id.in_(ids),
+                    Installation.current_user_id.in_(ids),
                 ),
             )
         )
-        keys = [k for row in rows for k in row if k]
-        for i in range(0, len(keys), KEYS_PER_JOB):
-            await enqueue(
-                self.db, DELETE_JOB, {"keys": keys[i : i + KEYS_PER_JOB]}, max_attempts=20
-            )
+        await self.db.execute(
+            delete(IdempotencyKey).where(IdempotencyKey.scope.in_([f"user:{i}" for i in ids]))
+        )
         await self.db.execute(
             delete(Attachment).where(
                 Attachment.app_id == app_id,
