@@ -315,6 +315,43 @@ async def test_security_headers_on_every_console_response(api: Api, console: Con
     assert (await console.http.get("/console/static/nope.js")).status_code == 404
 
 
+async def test_routing_errors_under_console_are_console_pages(api: Api, console: Console) -> None:
+    w = await world(api)
+    cid = (await api.feedback(w.user))["id"]
+    assert (await console.sign_in(w.agent_token)).status_code == 303
+    for method, path, status in [
+        ("GET", "/console/nope", 404),
+        ("GET", "/console/c/not-a-uuid", 404),
+        ("GET", f"/console/c/{cid}/nope", 404),
+        ("GET", "/console/inbox/nope", 404),
+        ("GET", "/console/static/", 404),
+        ("GET", f"/console/c/{cid}/reply", 405),
+        ("PUT", f"/console/c/{cid}/update", 405),
+        ("DELETE", "/console/logout", 405),
+        ("POST", "/console/", 405),
+    ]:
+        r = await console.http.request(method, path)
+        assert r.status_code == status, (method, path, r.status_code)
+        assert r.headers["content-type"].startswith("text/html"), (method, path)
+        assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+        assert r.headers["x-frame-options"] == "DENY"
+        assert r.headers["cache-control"] == "no-store"
+        assert "Back to the inbox" in r.text
+        if status == 405:
+            assert r.headers["allow"], (method, path)
+    # the API's routing errors stay problem+json: its clients depend on it
+    for method, path, status in [
+        ("GET", "/v1/nope", 404),
+        ("GET", "/consoles", 404),
+        ("GET", "/v1/agent/conversations/not-a-uuid", 404),
+        ("DELETE", "/healthz", 405),
+    ]:
+        r = await api.http.request(method, path, headers=w.agent)
+        assert r.status_code == status, (method, path, r.status_code)
+        assert r.headers["content-type"] == "application/problem+json", (method, path)
+        assert "content-security-policy" not in r.headers
+
+
 def test_storage_origin_in_the_policy() -> None:
     local = Settings(secret_key="k" * 40, public_url="https://tb.example.com/base")
     assert storage_origin(local) == "https://tb.example.com"

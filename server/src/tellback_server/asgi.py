@@ -25,7 +25,7 @@ from tellback_server.domain.attachments.controllers import (
     StorageController,
 )
 from tellback_server.domain.console.controllers import ConsoleAuthController, ConsoleController
-from tellback_server.domain.console.pages import template_config
+from tellback_server.domain.console.pages import template_config, with_console_errors
 from tellback_server.domain.conversations.controllers import (
     AgentConversationsController,
     ClientConversationsController,
@@ -230,7 +230,8 @@ def create_app(
         ],
         template_config=template_config(),
         dependencies=DEPENDENCIES,
-        exception_handlers=exception_handlers(),
+        # The console's paths get its error page even for the router's 404 and 405.
+        exception_handlers=with_console_errors(exception_handlers()),
         openapi_config=openapi_config(),
         request_max_body_size=settings.max_request_body_bytes,
         request_class=TellbackRequest,

@@ -20,6 +20,7 @@ from litestar.exceptions import HTTPException
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.response import Redirect, Template
 from litestar.template.config import TemplateConfig
+from litestar.types import ExceptionHandlersMap
 
 from tellback_server.domain.console import session, views
 from tellback_server.domain.console.session import csrf_token
@@ -173,7 +174,34 @@ def error_page(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]
     page = render(request, "error.html", status=status, status_code=status, detail=detail)
     if isinstance(exc, AppError) and exc.retry_after is not None:
         page.headers["Retry-After"] = str(exc.retry_after)
+    if isinstance(exc, HTTPException) and exc.headers:
+        page.headers.update(exc.headers)  # a 405's Allow
     return page
 
 
 ERROR_HANDLERS = {AppError: error_page, HTTPException: error_page, Exception: error_page}
+
+
+def is_console_path(path: str) -> bool:
+    return path == "/console" or path.startswith("/console/")
+
+
+def with_console_errors(handlers: ExceptionHandlersMap) -> ExceptionHandlersMap:
+    """The app's exception handlers, answering the console's error page under /console.
+
+    The router's own errors (404: no such route, or a path parameter that does not
+    parse; 405: not that method) come before any controller, so only the app's
+    handlers see them, and the controllers' ``ERROR_HANDLERS`` never do: without this,
+    a mistyped console URL got the API's problem+json, without the console's headers.
+    Everywhere else the API's handler answers as before."""
+
+    def console_or(api_handler: Any) -> Any:
+        def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+            if is_console_path(request.scope["path"]):
+                return error_page(request, exc)
+            response: Response[Any] = api_handler(request, exc)
+            return response
+
+        return handle
+
+    return {key: console_or(handler) for key, handler in handlers.items()}
