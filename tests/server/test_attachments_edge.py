@@ -196,9 +196,16 @@ def png_bomb(side: int = 10_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
-def tiny_mp4(frames: int = 10, width: int = 64, height: int = 48, fps: int = 10) -> bytes:
+def tiny_mp4(
+    frames: int = 10, width: int = 64, height: int = 48, fps: int = 10, where: str | None = None
+) -> bytes:
+    """A real MP4; ``where`` (ISO 6709) recorded in it as phones do."""
     buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as container:
+    options = {"movflags": "use_metadata_tags"} if where else {}
+    with av.open(buf, "w", format="mp4", options=options) as container:
+        if where:
+            container.metadata["location"] = where
+            container.metadata["com.apple.quicktime.location.ISO6709"] = where
         stream = container.add_stream("mpeg4", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for i in range(frames):
@@ -484,6 +491,31 @@ async def test_real_small_mp4_becomes_ready_with_poster(storage_api: Api) -> Non
     original = await get(api, att["url"])
     assert original.status_code == 200
     assert original.content == video
+
+
+async def test_where_a_video_was_recorded_is_removed(storage_api: Api) -> None:
+    """A video tagged with where it was recorded is remuxed, packet for packet, without
+    its tags (the upload as sent is deleted); with the app keeping locations, or
+    without a location, it is served as sent. (The file was served as sent, location
+    and all, while the docs said container metadata was never exposed.)"""
+    api = storage_api
+    here = "+52.5200+013.4050+034.000/"
+    for keep in (False, True):
+        app = await api.create_app(keep_photo_location=keep)
+        user = await api.user_headers(app)
+        video = tiny_mp4(where=here)
+        att = await processed(
+            api, user, video, filename="clip.mp4", content_type="video/mp4", kind="video"
+        )
+        assert att["status"] == "ready", att
+        served = (await get(api, att["url"])).content
+        assert (here.encode()[:9] in served) is keep
+        with av.open(io.BytesIO(served), "r") as container:
+            assert [s.type for s in container.streams] == ["video"]
+            assert len(list(container.decode(video=0))) == 10
+        assert (att["size"] == len(video)) is keep
+        assert att["size"] == len(served)
+        assert (await api.state.store.stat(original_key(app, att["id"])) is None) is not keep
 
 
 async def test_sha256_mismatch_is_rejected_and_match_is_ready(local_api: Api) -> None:

@@ -6,8 +6,10 @@ bombs), the image must decode fully (truncated files fail), EXIF orientation
 is applied and EXIF GPS removed unless the app keeps photo locations (the
 original is then re-encoded), and a 512 px JPEG thumbnail is stored beside
 it. Videos (PyAV, whose wheels carry FFmpeg): duration, dimensions and codec
-are read and a poster frame is stored as the thumbnail; container metadata
-(including any recorded location) is never exposed. Anything that fails these
+are read and a poster frame is stored as the thumbnail; one that may carry
+where it was recorded (a location tag, a timed metadata track) is remuxed,
+packet for packet, into a container with its picture and sound alone, unless
+the app keeps locations. Anything that fails these
 checks becomes ``rejected`` with a reason — nothing is dropped silently.
 """
 
@@ -136,7 +138,40 @@ def analyse_photo(src: Path, content_type: str, workdir: Path, keep_location: bo
         return Outcome(False, f"the image could not be decoded ({type(exc).__name__})")
 
 
-def analyse_video(src: Path, workdir: Path) -> Outcome:
+# What the muxer writes a video as: its declared type's own container.
+VIDEO_FORMATS = {"video/mp4": "mp4", "video/quicktime": "mov"}
+
+
+def _located(container: Any) -> bool:
+    """Whether a video may carry where it was recorded: a location tag in the container
+    (QuickTime's ``©xyz``, read as ``location``; Apple's ``…location.ISO6709`` key) or
+    a track that is neither picture nor sound (iPhones write timed metadata tracks)."""
+    tags = [*container.metadata, *(k for s in container.streams for k in s.metadata)]
+    return any("location" in k.lower() or "xyz" in k.lower() for k in tags) or any(
+        s.type not in {"video", "audio"} for s in container.streams
+    )
+
+
+def _remuxed(src: Path, target: Path, fmt: str) -> Path:
+    """``src``'s picture and sound, packet for packet (nothing re-encoded), in a new
+    container with none of the original's tags or other tracks."""
+    with (
+        av.open(str(src), metadata_errors="ignore") as source,
+        av.open(str(target), "w", format=fmt) as out,
+    ):
+        kept = [s for s in source.streams if s.type in {"video", "audio"}]
+        streams = {s.index: out.add_stream_from_template(s) for s in kept}
+        for packet in source.demux(kept):
+            if packet.dts is None:  # (the demuxer's flush packets)
+                continue
+            packet.stream = streams[packet.stream.index]
+            out.mux(packet)
+    return target
+
+
+def analyse_video(
+    src: Path, workdir: Path, keep_location: bool = False, content_type: str = "video/mp4"
+) -> Outcome:
     try:
         with av.open(str(src), metadata_errors="ignore") as container:
             if not container.streams.video:
@@ -155,14 +190,21 @@ def analyse_video(src: Path, workdir: Path) -> Outcome:
                 break
             if poster is None:
                 return Outcome(False, "the video has no decodable frame")
-            return Outcome(
-                True,
-                width=stream.codec_context.width,
-                height=stream.codec_context.height,
-                duration_s=round(duration, 3) if duration is not None else None,
-                codec=codec,
-                thumbnail=poster,
-            )
+            located = _located(container)
+            width, height = stream.codec_context.width, stream.codec_context.height
+        rewritten = None
+        if located and not keep_location:
+            fmt = VIDEO_FORMATS.get(content_type, "mp4")
+            rewritten = _remuxed(src, workdir / "rewritten", fmt)
+        return Outcome(
+            True,
+            width=width,
+            height=height,
+            duration_s=round(duration, 3) if duration is not None else None,
+            codec=codec,
+            thumbnail=poster,
+            rewritten=rewritten,
+        )
     except (av.FFmpegError, OSError, ValueError, IndexError) as exc:
         return Outcome(False, f"the video could not be read ({type(exc).__name__})")
 
@@ -175,7 +217,7 @@ def analyse(
     if kind == "photo":
         return analyse_photo(src, content_type, workdir, keep_location)
     if kind == "video":
-        return analyse_video(src, workdir)
+        return analyse_video(src, workdir, keep_location, content_type)
     return Outcome(True)
 
 
