@@ -58,7 +58,14 @@ class AppSettings(Struct, forbid_unknown_fields=True):
     identity_mode: Literal["optional", "required"] = "optional"
     categories: list[Category] = msgspec.field(default_factory=list)
     custom_fields: list[CustomFieldDefinition] = msgspec.field(default_factory=list)
-    keep_photo_location: bool = False
+    keep_photo_location: Annotated[
+        bool,
+        Meta(
+            description="Keep where photos and videos were taken (a photo's EXIF GPS and"
+            " XMP, a video's location tags and metadata tracks). Off by default:"
+            " processing removes them."
+        ),
+    ] = False
     content_free_push: bool = False
     rate_limits: RateLimits = msgspec.field(default_factory=RateLimits)
     attachments: AttachmentLimits = msgspec.field(default_factory=AttachmentLimits)
