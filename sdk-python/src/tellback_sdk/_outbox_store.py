@@ -88,8 +88,8 @@ class OutboxStore:
             if Path(f.path).stat().st_size < 1:
                 name = f.filename or Path(f.path).name
                 ct = (f.content_type or guess_content_type(name)).lower()
-                kind = f.kind or kind_for(ct, name)
-                raise AttachmentEmptyError(filename=name, kind=kind, content_type=ct)
+                att_kind = f.kind or kind_for(ct, name)
+                raise AttachmentEmptyError(filename=name, kind=att_kind, content_type=ct)
         item_id = uuid.uuid4().hex
         folder = self.store.files_dir / item_id
         attachments = []
