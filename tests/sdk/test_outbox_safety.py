@@ -529,3 +529,25 @@ def test_a_moved_data_directory_keeps_its_queued_files(tmp_path: Path, stored: s
     with moved:
         assert moved.outbox.flush().sent == 1
     assert (fake.created, fake.upload_sizes) == (["with a log"], [3])
+
+
+def test_a_follow_up_to_a_conversation_sent_long_ago_finds_it(tmp_path: Path) -> None:
+    """The app kept the QueuedItem it got before the conversation was sent; a week
+    later the conversation's row is pruned to its ids, never deleted."""
+    fake = FakeServer()
+    with client(tmp_path, fake) as tb:
+        conv = tb.conversations.create("first report")
+        tb.outbox.flush()
+        eight_days_ago = time.time() - 8 * 86400
+        tb._core.store.query("UPDATE outbox SET updated_at = ?", (eight_days_ago,))
+        tb.conversations.create("another report")
+        tb.outbox.flush()  # each send prunes what is older than a week
+        old = tb.outbox.get(conv.id)
+        assert old is not None
+        assert (old.state, old.body) == ("sent", None)  # its text is not kept
+        follow_up = tb.messages.create(conv, "follow-up")
+        assert tb.outbox.flush().sent == 1
+        sent = tb.outbox.get(follow_up.id)
+        assert sent is not None
+        assert sent.conversation_id == old.remote_id
+    assert fake.created == ["first report", "another report", "follow-up"]

@@ -332,11 +332,19 @@ class OutboxStore:
                 "updated_at = ? WHERE id = ? AND state != 'sent'",
                 (remote_id, now, item_id),
             )
+            # A week after sending, a message's row goes, and a conversation's keeps only
+            # its local id -> server id: the app may queue a follow-up with the
+            # QueuedItem it took before the send, years later.
+            cutoff = now - SENT_RETENTION
             db.execute(
-                "DELETE FROM outbox WHERE state = 'sent' AND updated_at < ? AND id NOT IN "
-                "(SELECT substr(conversation_ref, 7) FROM outbox WHERE state != 'sent' "
-                "AND conversation_ref LIKE 'local:%')",
-                (now - SENT_RETENTION,),
+                "DELETE FROM outbox WHERE state = 'sent' AND kind = 'message' AND updated_at < ?",
+                (cutoff,),
+            )
+            db.execute(
+                "UPDATE outbox SET request = '{}', attachments = '[]', wire_body = NULL "
+                "WHERE state = 'sent' AND kind = 'conversation' AND updated_at < ? "
+                "AND request != '{}'",
+                (cutoff,),
             )
         shutil.rmtree(self.store.files_dir / item_id, ignore_errors=True)
 
