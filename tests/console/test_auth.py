@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -13,11 +14,13 @@ from structlog.testing import capture_logs
 from tellback_server.db.models import console_signouts
 from tellback_server.domain.console import session as cs
 from tellback_server.domain.console.controllers import SIGN_INS_PER_MINUTE
+from tellback_server.domain.events import streams
 from tellback_server.plugins import build_registry
 from tellback_server.ratelimit import RateLimiter
 from tellback_server.security import Sealer, b64url, hash_token
 from tests.console.conftest import BASE, Console, csrf_of, open_console, world
 from tests.server.conftest import Api, make_settings, serve_app
+from tests.server.live import live_app, sse
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -479,3 +482,22 @@ async def test_sign_in_never_redirects_off_the_console(
     )
     assert r.status_code == 303
     assert r.headers["location"] == "/console/"
+
+
+async def test_sign_out_ends_an_event_stream_already_open(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream the console opened with its cookie rechecks that session like the
+    agent's token: signing out ends it at the next check, not only its reconnect."""
+    monkeypatch.setattr(streams, "RECHECK_SECONDS", 0.0)
+    settings = make_settings(database_url, tmp_path / "data", sse_heartbeat_seconds=0.2)
+    async with live_app(settings) as live:
+        w = await world(live)
+        async with httpx.AsyncClient(base_url=str(live.http.base_url)) as http:
+            console = Console(http)
+            assert (await console.sign_in(w.agent_token)).status_code == 303
+            async with sse(http, "/v1/agent/events", {}) as stream:
+                await asyncio.sleep(0.5)
+                assert (await console.post("/console/logout")).status_code == 303
+                with pytest.raises(EOFError):
+                    await stream.next(wait=5)

@@ -270,6 +270,23 @@ async def test_a_revoked_session_ends_its_stream(
             await stream.next(wait=5)
 
 
+async def test_an_agents_stream_ends_when_its_token_is_rotated(
+    live: LiveApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recheck also asks whether the token the stream was opened with is still the
+    agent's: one taken from a lost phone, then rotated, no longer hears of new feedback.
+    (Only a disabled agent or changed apps ended it.)"""
+    monkeypatch.setattr(streams, "RECHECK_SECONDS", 0.0)
+    app = await live.create_app()
+    agent_id, agent = await live.create_agent(app)
+    async with sse(live.http, AGENT_EVENTS, agent) as stream:
+        await asyncio.sleep(0.5)
+        r = await live.http.post(f"/v1/admin/agents/{agent_id}/rotate-token", headers=live.admin)
+        assert r.status_code == 200, r.text
+        with pytest.raises(EOFError):
+            await stream.next(wait=5)
+
+
 async def test_a_disabled_agents_busy_stream_ends_too(
     database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

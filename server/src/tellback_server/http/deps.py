@@ -130,6 +130,9 @@ def _now() -> dt.datetime:
 
 
 PRINCIPAL = "principal"  # the request state's key for who is calling
+# ... and for the credential an agent's request came with (a long stream rechecks it)
+AGENT_TOKEN_HASH = "agent_token_hash"  # noqa: S105 (a state key, not a secret)
+CONSOLE_COOKIE = "console_cookie"
 Authenticator = Callable[[ASGIConnection[Any, Any, Any, Any]], Awaitable[None]]
 
 
@@ -211,6 +214,7 @@ async def _agent_token_hash(connection: ASGIConnection[Any, Any, Any, Any]) -> s
             opened = await console_session.signed_in(state.db, state.sealer, cookie)
             if opened is None:
                 raise Unauthenticated("the console session has ended; sign in again")
+            connection.scope["state"][CONSOLE_COOKIE] = cookie
             return opened.token_hash
     return hash_token(_bearer(connection, AGENT_TOKEN_PREFIX, "agent token"))
 
@@ -220,6 +224,7 @@ async def authenticate_agent(connection: ASGIConnection[Any, Any, Any, Any]) -> 
     principal = await agent_by_token_hash(app_state(connection), token_hash)
     if principal is None:
         raise Unauthenticated("the agent token is not valid")
+    connection.scope["state"][AGENT_TOKEN_HASH] = token_hash
     structlog.contextvars.bind_contextvars(agent_id=str(principal.agent_id))
     connection.scope["state"][PRINCIPAL] = principal
 

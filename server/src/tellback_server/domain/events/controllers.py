@@ -17,6 +17,7 @@ from litestar.response import Stream
 from sqlalchemy import Select, select
 
 from tellback_server.db.models import Agent, AgentApp, ClientSession
+from tellback_server.domain.console import session as console_session
 from tellback_server.domain.events.broker import Subscription
 from tellback_server.domain.events.records import EventRecord
 from tellback_server.domain.events.streams import (
@@ -31,8 +32,10 @@ from tellback_server.domain.events.streams import (
 from tellback_server.http.deps import (
     AGENT,
     AGENT_AUTH,
+    AGENT_TOKEN_HASH,
     CLIENT,
     CLIENT_AUTH,
+    CONSOLE_COOKIE,
     AgentPrincipal,
     ClientPrincipal,
     app_state,
@@ -146,14 +149,27 @@ class AgentEventsController(Controller):
         last = _last_id(request, last_event_id)
         sub = state.events.subscribe_agent(agent.agent_id, agent.app_ids)
 
+        token_hash = request.scope["state"][AGENT_TOKEN_HASH]
+        cookie = request.scope["state"].get(CONSOLE_COOKIE)
+
         async def still_valid() -> bool:
-            # Disabled, or moved to other apps: end the stream; a reconnect gets the new scope.
+            # Disabled, its token rotated, moved to other apps, or (opened with the
+            # console's cookie) signed out of the console or past the session's time:
+            # end the stream; a reconnect gets the new scope, or is refused.
+            if cookie is not None and not await console_session.signed_in(
+                state.db, state.sealer, cookie
+            ):
+                return False
             async with state.db.session(write=False) as db:
                 rows = (
                     await db.execute(
                         select(AgentApp.app_id)
                         .join(Agent, Agent.id == AgentApp.agent_id)
-                        .where(Agent.id == agent.agent_id, Agent.disabled_at.is_(None))
+                        .where(
+                            Agent.id == agent.agent_id,
+                            Agent.disabled_at.is_(None),
+                            Agent.token_hash == token_hash,
+                        )
                     )
                 ).all()
             return frozenset(r.app_id for r in rows) == agent.app_ids
