@@ -20,7 +20,13 @@ from typing import Any
 import httpx
 import pytest
 
-from tellback_sdk import AsyncMobileClient, AttachmentEmptyError, MobileClient, RetryPolicy
+from tellback_sdk import (
+    AsyncMobileClient,
+    AttachmentEmptyError,
+    MobileClient,
+    RetryPolicy,
+    _outbox_store,
+)
 from tellback_sdk._store import Store
 
 CONVERSATIONS = "/v1/client/conversations"
@@ -551,3 +557,46 @@ def test_a_follow_up_to_a_conversation_sent_long_ago_finds_it(tmp_path: Path) ->
         assert sent is not None
         assert sent.conversation_id == old.remote_id
     assert fake.created == ["first report", "another report", "follow-up"]
+
+
+async def test_a_cancelled_create_queues_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while its file is being copied (in a thread a cancel cannot stop):
+    nothing is queued and the copy goes, so an app that queues again sends it once."""
+    big = tmp_path / "log.txt"
+    big.write_text("x" * 1000)
+    copying, release = threading.Event(), threading.Event()
+    real_copy = _outbox_store._durable_copy
+
+    def slow_copy(src: Path, dest: Path) -> None:
+        copying.set()
+        release.wait(10)
+        real_copy(src, dest)
+
+    monkeypatch.setattr(_outbox_store, "_durable_copy", slow_copy)
+    fake = FakeServer()
+    async with AsyncMobileClient(
+        "http://tb.test",
+        "tbk_x",
+        data_dir=tmp_path / "sdk",
+        transport=httpx.MockTransport(fake),
+        retry_policy=QUICK,
+        auto_flush=False,
+    ) as tb:
+        task = asyncio.create_task(tb.conversations.create("app crashed", attachments=[big]))
+        await asyncio.to_thread(copying.wait, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+        files = tb._core.store.files_dir
+        for _ in range(500):  # the copying thread ends, then its copy is removed
+            if not any(files.iterdir()):
+                break
+            await asyncio.sleep(0.01)
+        assert not any(files.iterdir())
+        assert tb.outbox.pending() == []
+        await tb.conversations.create("app crashed", attachments=[big])  # queued again
+        assert (await tb.outbox.flush()).sent == 1
+    assert fake.created == ["app crashed"]

@@ -84,6 +84,11 @@ class OutboxStore:
         conversation_ref: str | None,
         files: Sequence[AttachmentFile],
     ) -> QueuedItem:
+        item_id, attachments = self.copy_files(files)
+        return self.insert(item_id, owner, kind, request, conversation_ref, attachments)
+
+    def copy_files(self, files: Sequence[AttachmentFile]) -> tuple[str, list[dict[str, Any]]]:
+        """A new item id and durable copies of its files (nothing names them yet)."""
         for f in files:  # refused now, while the user can still pick another file
             if Path(f.path).stat().st_size < 1:
                 name = f.filename or Path(f.path).name
@@ -91,31 +96,50 @@ class OutboxStore:
                 att_kind = f.kind or kind_for(ct, name)
                 raise AttachmentEmptyError(filename=name, kind=att_kind, content_type=ct)
         item_id = uuid.uuid4().hex
+        if not files:
+            return item_id, []
         folder = self.store.files_dir / item_id
         attachments = []
-        if files:
+        try:
             folder.mkdir(parents=True, exist_ok=True)
-        for n, f in enumerate(files):
-            src = Path(f.path)
-            # A copy, so the app may delete its original (a camera temp file) at once.
-            dest = folder / f"{n}-{src.name}"
-            _durable_copy(src, dest)
-            attachments.append(
-                {
-                    # Relative to files_dir: the app may move its data directory.
-                    "path": f"{item_id}/{dest.name}",
-                    "kind": f.kind,
-                    "content_type": f.content_type,
-                    "filename": f.filename or src.name,
-                    "attachment_id": None,
-                }
-            )
-        if files:
-            # The row names these copies: their directory entries reach the disk first
-            # (the folder's, and the folder's own in files_dir and data_dir, both maybe
-            # just made), or a power cut could leave a queued item without its files.
+            for n, f in enumerate(files):
+                src = Path(f.path)
+                # A copy, so the app may delete its original (a camera temp file) at once.
+                dest = folder / f"{n}-{src.name}"
+                _durable_copy(src, dest)
+                attachments.append(
+                    {
+                        # Relative to files_dir: the app may move its data directory.
+                        "path": f"{item_id}/{dest.name}",
+                        "kind": f.kind,
+                        "content_type": f.content_type,
+                        "filename": f.filename or src.name,
+                        "attachment_id": None,
+                    }
+                )
+            # The row will name these copies: their directory entries reach the disk
+            # first (the folder's, and the folder's own in files_dir and data_dir, both
+            # maybe just made), or a power cut could leave an item without its files.
             for directory in (folder, self.store.files_dir, self.store.data_dir):
                 _fsync_dir(directory)
+        except BaseException:
+            self.drop_files(item_id)
+            raise
+        return item_id, attachments
+
+    def drop_files(self, item_id: str) -> None:
+        shutil.rmtree(self.store.files_dir / item_id, ignore_errors=True)
+
+    def insert(
+        self,
+        item_id: str,
+        owner: str,
+        kind: str,
+        request: dict[str, Any],
+        conversation_ref: str | None,
+        attachments: list[dict[str, Any]],
+    ) -> QueuedItem:
+        """The item is queued from here on (its key made now, once)."""
         now = time.time()
         with self.store.tx() as db:
             db.execute(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Literal, Unpack, overload
 
 from tellback_sdk._core import RequestSpec, decode
@@ -109,16 +108,9 @@ class _AsyncConversations(AsyncAPIResource):
         check_conversation(body)
         request, files = body_of(body, fields), files_of(fields)
         if queue:
-            item = await asyncio.to_thread(
-                self._client.outbox._store.enqueue,
-                self._core.owner,
-                "conversation",
-                request,
-                None,
-                files,
+            return await self._client.outbox._enqueue(
+                self._core.owner, "conversation", request, None, files
             )
-            self._client.outbox.wake()
-            return item
         uploaded = [
             (
                 await self._client.attachments.upload(

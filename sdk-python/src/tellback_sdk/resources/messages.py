@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Literal, Unpack, overload
 
 from tellback_sdk._core import RequestSpec, decode
@@ -135,11 +134,9 @@ class _AsyncMessages(AsyncAPIResource):
         request, files = body_of(body, fields), files_of(fields)
         if queue:
             ref = conversation_ref(conversation, self._client.outbox._store)
-            item = await asyncio.to_thread(
-                self._client.outbox._store.enqueue, self._core.owner, "message", request, ref, files
+            return await self._client.outbox._enqueue(
+                self._core.owner, "message", request, ref, files
             )
-            self._client.outbox.wake()
-            return item
         target = _immediate_target(conversation, self._client.outbox._store)
         uploaded = [
             (

@@ -16,13 +16,14 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from tellback_sdk._core import RequestSpec, outbox_calls
-from tellback_sdk._outbox_store import OutboxFailure, OutboxStore, QueuedItem
+from tellback_sdk._outbox_store import AttachmentFile, OutboxFailure, OutboxStore, QueuedItem
 from tellback_sdk._retry import backoff_delay, is_retryable_status, parse_retry_after
 from tellback_sdk.errors import (
     APIConnectionError,
@@ -286,6 +287,34 @@ class AsyncOutbox(AsyncAPIResource, _OutboxBase):
         ok = self._store.retry(item_id)
         self.wake()
         return ok
+
+    async def _enqueue(
+        self,
+        owner: str,
+        kind: str,
+        request: dict[str, Any],
+        conversation_ref: str | None,
+        files: Sequence[AttachmentFile],
+    ) -> QueuedItem:
+        """Queue an item; cancelled means not queued. The copies are made in a thread
+        that a cancel cannot stop (its copies are removed when it ends); the row is
+        written here, with no await between it and the return."""
+        if files:
+            copying = asyncio.ensure_future(asyncio.to_thread(self._store.copy_files, files))
+            try:
+                item_id, attachments = await asyncio.shield(copying)
+            except asyncio.CancelledError:
+                copying.add_done_callback(self._drop_copies)
+                raise
+        else:
+            item_id, attachments = self._store.copy_files(files)
+        item = self._store.insert(item_id, owner, kind, request, conversation_ref, attachments)
+        self.wake()
+        return item
+
+    def _drop_copies(self, copying: asyncio.Future[tuple[str, list[dict[str, Any]]]]) -> None:
+        if not copying.cancelled() and copying.exception() is None:
+            self._store.drop_files(copying.result()[0])
 
     async def flush(self) -> FlushResult:
         """See ``Outbox.flush``."""
