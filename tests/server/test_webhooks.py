@@ -469,6 +469,25 @@ async def test_slow_receiver_times_out_and_is_retried(tight: Hooks) -> None:
     assert (await hooks.delivery(item["id"]))["status"] == "succeeded"
 
 
+@SQLITE_ONLY
+async def test_a_2xx_whose_body_stalls_is_a_success(tight: Hooks) -> None:
+    """The status line is the receiver's answer: one that said 200 and then stalled its
+    body past the deadline has the event, and is not sent it again (it was, as "no
+    answer"); a 503 that stalls is a 503, retried."""
+    hooks = tight
+    await hooks.create()
+    hooks.rx.then(Reply(status=200, stall=TIMEOUT_S * 3), Reply(status=503, stall=TIMEOUT_S * 3))
+    await hooks.api.feedback(hooks.user)
+    await hooks.api.feedback(hooks.user)
+    await hooks.run_jobs()
+    items = await hooks.deliveries()
+    assert sorted((i["status"], i["last_status_code"]) for i in items) == [
+        ("pending", 503),
+        ("succeeded", 200),
+    ]
+    assert len(hooks.rx.received()) == 2
+
+
 async def test_retry_after_is_honoured_and_2xx_other_than_200_is_success(hooks: Hooks) -> None:
     await hooks.create()
     hooks.rx.then(Reply(status=503, headers={"Retry-After": "600"}), Reply(status=204, body=b""))

@@ -60,6 +60,7 @@ class Reply:
     stream_bytes: int = 0
     endless: bool = False
     redirect_to: str | None = None
+    stall: float = 0.0  # seconds between the head and the body
 
 
 class WebhookReceiver:
@@ -187,6 +188,9 @@ class WebhookReceiver:
         head = f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}\r\n"
         head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
         writer.write(head.encode("latin-1"))
+        if reply.stall:
+            await writer.drain()
+            await asyncio.sleep(reply.stall)
         if reply.endless:
             while True:  # until the client hangs up (ConnectionError) or stop() cancels us
                 writer.write(b"%x\r\n%s\r\n" % (len(_CHUNK), _CHUNK))

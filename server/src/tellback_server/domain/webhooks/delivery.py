@@ -117,6 +117,8 @@ async def post(state: AppState, url: str, body: bytes, headers: dict[str, str]) 
         send_headers["host"] = parts.netloc
         extensions = {"sni_hostname": parts.hostname}
     timeout = settings.webhook_timeout_seconds
+    response: httpx.Response | None = None
+    excerpt = bytearray()
     try:
         async with asyncio.timeout(timeout):
             async with http_client(state).stream(
@@ -127,16 +129,18 @@ async def post(state: AppState, url: str, body: bytes, headers: dict[str, str]) 
                 timeout=timeout,
                 extensions=extensions,
             ) as response:
-                excerpt = bytearray()
                 async for chunk in response.aiter_raw():
                     excerpt += chunk
                     if len(excerpt) >= EXCERPT_BYTES:
                         break
-    except TimeoutError:
-        return Outcome(None, took(), f"no answer within {timeout:g} s", None)
-    except httpx.HTTPError as exc:
-        reason = f"{type(exc).__name__}: {exc}".replace("\x00", "")
-        return Outcome(None, took(), reason[:500], None)
+    except (TimeoutError, httpx.HTTPError) as exc:
+        # The status line is the answer: a receiver that said 2xx and then trickled or
+        # broke off its body has the event, and sending it again would duplicate it.
+        if response is None:
+            if isinstance(exc, TimeoutError):
+                return Outcome(None, took(), f"no answer within {timeout:g} s", None)
+            reason = f"{type(exc).__name__}: {exc}".replace("\x00", "")
+            return Outcome(None, took(), reason[:500], None)
     # PostgreSQL text cannot hold NUL: a binary answer must not break the log write.
     text = bytes(excerpt[:EXCERPT_BYTES]).decode("utf-8", "replace").replace("\x00", "\ufffd")
     code = response.status_code
