@@ -780,6 +780,31 @@ async def test_delivery_connects_to_the_checked_address_with_the_original_host(
     assert (await guarded.only_delivery())["status"] == "succeeded"
 
 
+@SQLITE_ONLY
+async def test_each_host_name_has_connections_of_its_own(
+    guarded: Hooks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delivery connects to the address it checked, so its pool would be keyed by that
+    address: a connection whose TLS certificate was verified for one name could carry a
+    request for another name on the same address. Each name gets a client of its own;
+    past MAX_CLIENTS names the least recently used is retired, then closed."""
+    state = guarded.api.state
+    monkeypatch.setattr(delivery_module, "MAX_CLIENTS", 2)
+    monkeypatch.setattr(delivery_module, "RETIRE_AFTER_S", 0.0)
+    a = await delivery_module.http_client(state, "a.example.test")
+    b = await delivery_module.http_client(state, "b.example.test")
+    assert a is not b
+    assert await delivery_module.http_client(state, "a.example.test") is a
+    await delivery_module.http_client(state, "c.example.test")  # b is the least recent
+    assert not b.is_closed  # (a send it carries may still be under way)
+    await delivery_module.http_client(state, "a.example.test")
+    assert b.is_closed
+    assert not a.is_closed
+    assert await delivery_module.http_client(state, "b.example.test") is not b
+    await delivery_module.close_http_client(state)
+    assert a.is_closed
+
+
 async def test_ssrf_guard_rechecks_at_delivery_time(
     database_url: str, tmp_path: Path, rx: WebhookReceiver
 ) -> None:

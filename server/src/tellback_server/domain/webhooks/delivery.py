@@ -15,6 +15,7 @@ import datetime as dt
 import json
 import random
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -57,21 +58,43 @@ class Outcome:
         return self.status_code is not None and 200 <= self.status_code < 300
 
 
-def http_client(state: AppState) -> httpx.AsyncClient:
-    client: httpx.AsyncClient | None = state.extras.get(_CLIENT_KEY)
-    if client is None:
-        client = httpx.AsyncClient(
-            follow_redirects=False,
-            trust_env=False,  # an operator's HTTP(S)_PROXY must not bypass the address check
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
-        )
-        state.extras[_CLIENT_KEY] = client
+# Clients kept, one per host name: a delivery connects to the address it checked, so a
+# shared pool (keyed by that address) could carry a request for one name over a
+# connection whose TLS certificate was verified for another name on the same address.
+MAX_CLIENTS = 64
+_RETIRED_KEY = "webhooks.http.retired"
+RETIRE_AFTER_S = 60.0  # an evicted client's sends end within the 10 s deadline
+
+
+async def http_client(state: AppState, hostname: str) -> httpx.AsyncClient:
+    """The client for deliveries to ``hostname`` (its connections kept alive). Past
+    MAX_CLIENTS names the least recently used client is retired, and closed a minute
+    later, when any send it carried has ended."""
+    clients: OrderedDict[str, httpx.AsyncClient] = state.extras.setdefault(
+        _CLIENT_KEY, OrderedDict()
+    )
+    retired: list[tuple[float, httpx.AsyncClient]] = state.extras.setdefault(_RETIRED_KEY, [])
+    now = time.monotonic()
+    while retired and retired[0][0] <= now:
+        await retired.pop(0)[1].aclose()
+    client = clients.get(hostname)
+    if client is not None:
+        clients.move_to_end(hostname)
+        return client
+    client = clients[hostname] = httpx.AsyncClient(
+        follow_redirects=False,
+        trust_env=False,  # an operator's HTTP(S)_PROXY must not bypass the address check
+        limits=httpx.Limits(max_connections=20, max_keepalive_connections=5),
+    )
+    while len(clients) > MAX_CLIENTS:
+        retired.append((now + RETIRE_AFTER_S, clients.popitem(last=False)[1]))
     return client
 
 
 async def close_http_client(state: AppState) -> None:
-    client: httpx.AsyncClient | None = state.extras.pop(_CLIENT_KEY, None)
-    if client is not None:
+    clients: OrderedDict[str, httpx.AsyncClient] = state.extras.pop(_CLIENT_KEY, OrderedDict())
+    retired: list[tuple[float, httpx.AsyncClient]] = state.extras.pop(_RETIRED_KEY, [])
+    for client in [*clients.values(), *(c for _, c in retired)]:
         await client.aclose()
 
 
@@ -119,9 +142,10 @@ async def post(state: AppState, url: str, body: bytes, headers: dict[str, str]) 
     timeout = settings.webhook_timeout_seconds
     response: httpx.Response | None = None
     excerpt = bytearray()
+    client = await http_client(state, parts.hostname or "")
     try:
         async with asyncio.timeout(timeout):
-            async with http_client(state).stream(
+            async with client.stream(
                 "POST",
                 target,
                 content=body,
