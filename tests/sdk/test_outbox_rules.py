@@ -173,10 +173,8 @@ async def test_login_keeps_queued_items_as_they_are(
         result = await tb.outbox.flush()
         assert faults.log.count("POST /v1/client/uploads") == 1
         assert len(set(sent)) == 1  # every attempt, before and after login: same key, bytes
-        if lost == "answer":
-            # The server answers this replay 422 "already attached" instead of replaying
-            # (it checks attachments before the key): a server bug, reported.
-            return
+        # (With the answer lost, the server replays it: the key comes before the check
+        # that finds the attachments on the message the first attempt made.)
         assert (result.sent, result.dead) == (1, 0), tb.outbox.get(item.id)
     conversations = await server.conversations(agent)
     assert [c["last_message"]["body"] for c in conversations] == ["the app froze"]

@@ -23,6 +23,7 @@ from sqlalchemy import select, update
 from tellback_server.db.models import AdminToken, IdempotencyKey
 from tellback_server.security import ADMIN_TOKEN_PREFIX, hash_token, new_token
 from tests.server.conftest import Api
+from tests.server.test_attachments_flow import uploaded
 
 PROBLEM_JSON = "application/problem+json"
 REPLAYED = "idempotent-replayed"
@@ -555,3 +556,33 @@ async def test_concurrent_creates_with_distinct_keys_all_create(api: Api) -> Non
         assert_original(r)
     assert len({r.json()["id"] for r in responses}) == N
     assert len(await items(api, "/v1/client/conversations", user)) == N
+
+
+async def test_a_retry_with_attachments_replays_instead_of_failing_its_own_checks(
+    storage_api: Api,
+) -> None:
+    """A create or a follow-up that carried attachments, committed, and lost its answer:
+    its retry finds the attachments on the message it made ("already attached") before
+    the key is looked at. The stored answer comes first, so the retry replays it (it was
+    a 422, and an SDK's outbox gave up the feedback the server had)."""
+    api = storage_api
+    app = await api.create_app()
+    user = await api.user_headers(app)
+    first_file = await uploaded(api, user, b"boot ok\n", "log", "text/plain")
+    body = {"body": "It froze", "attachment_ids": [first_file]}
+    first = await post(api, "/v1/client/conversations", body, user, "with-a-log")
+    assert_original(first)
+    assert_replay_of(await post(api, "/v1/client/conversations", body, user, "with-a-log"), first)
+    path = f"/v1/client/conversations/{first.json()['id']}/messages"
+    second_file = await uploaded(api, user, b"again\n", "log", "text/plain")
+    follow_up = {"body": "and again", "attachment_ids": [second_file]}
+    sent = await post(api, path, follow_up, user, "follow-up")
+    assert sent.status_code == 201, sent.text
+    assert_replay_of(await post(api, path, follow_up, user, "follow-up"), sent)
+    # Another request under the key is still refused as such, not replayed.
+    other = {"body": "something else", "attachment_ids": [second_file]}
+    assert_problem(await post(api, path, other, user, "follow-up"), 409, "idempotency_key_reused")
+    # Without a key the check stands.
+    r = await api.http.post(path, json=follow_up, headers=user)
+    assert_problem(r, 422, "validation_failed")
+    assert len(await items(api, path, user)) == 2

@@ -33,6 +33,7 @@ from tellback_server.db.keys import KEYS, claim
 from tellback_server.db.models import IdempotencyKey
 from tellback_server.http.deps import app_state
 from tellback_server.http.errors import (
+    AppError,
     BadRequest,
     IdempotencyKeyInProgress,
     IdempotencyKeyReused,
@@ -164,7 +165,18 @@ async def idempotent(
     now = dt.datetime.now(dt.UTC)
     sealer = app_state(request).sealer
     answer = Answer(sealer, scope, key, digest, status, now, ttl_seconds)
-    result = await produce(answer)
+    try:
+        result = await produce(answer)
+    except AppError as exc:
+        if exc.status_code >= 500:
+            raise
+        # A retry of a request that succeeded can fail the request's own checks (its
+        # attachments are on the message it made): the stored answer comes first.
+        async with app_state(request).db.session(write=False) as read:
+            stored = (await read.execute(_EXISTING, {"s": scope, "k": key})).first()
+        if stored is None or stored.expires_at <= now:
+            raise
+        raise _replay_or_refusal(stored, digest, sealer, scope, key) from None
     for _ in range(2):
         if answer.claimed is None:
             answer.claimed = await tx.run(claim, answer.produced(result))
@@ -177,22 +189,28 @@ async def idempotent(
         if existing is None:
             answer.claimed = None  # it had expired and is dropped now: take it
             continue
-        if existing.request_hash != digest:
-            raise IdempotencyKeyReused(
-                "this Idempotency-Key was used with a different request body"
-            )
-        if existing.response_status is None or existing.response_body is None:
-            # Not written by this version, which stores key and answer together.
-            raise IdempotencyKeyInProgress("a request with this Idempotency-Key is still running")
-        raise Replay(
-            Response(
-                content=sealer.open(existing.response_body, idempotency_purpose(scope, key)),
-                status_code=existing.response_status,
-                media_type="application/json",
-                headers={REPLAYED: "true"},
-            )
-        )
+        raise _replay_or_refusal(existing, digest, sealer, scope, key)
     raise IdempotencyKeyInProgress("a request with this Idempotency-Key is still running")
+
+
+def _replay_or_refusal(
+    existing: Any, digest: str, sealer: Sealer, scope: str, key: str
+) -> Exception:
+    """What a request meets whose key already holds ``existing``: the stored answer
+    (:class:`Replay`), or the error that says why not."""
+    if existing.request_hash != digest:
+        return IdempotencyKeyReused("this Idempotency-Key was used with a different request body")
+    if existing.response_status is None or existing.response_body is None:
+        # Not written by this version, which stores key and answer together.
+        return IdempotencyKeyInProgress("a request with this Idempotency-Key is still running")
+    return Replay(
+        Response(
+            content=sealer.open(existing.response_body, idempotency_purpose(scope, key)),
+            status_code=existing.response_status,
+            media_type="application/json",
+            headers={REPLAYED: "true"},
+        )
+    )
 
 
 # Core statements on the table, built once (the ORM adds nothing to these).
