@@ -470,6 +470,31 @@ async def test_slow_receiver_times_out_and_is_retried(tight: Hooks) -> None:
 
 
 @SQLITE_ONLY
+async def test_a_slow_name_lookup_counts_against_the_deadline(
+    tight: Hooks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attempt's deadline covers the lookup of the receiver's name too: a resolver
+    that hangs held the worker's slot for as long as it liked."""
+    hooks = tight
+    await hooks.create()
+
+    async def hanging(url: str, *, allow_private: bool) -> list[Any]:
+        await asyncio.sleep(TIMEOUT_S * 10)
+        return await real_resolve(url, allow_private=allow_private)
+
+    monkeypatch.setattr(delivery_module, "resolve", hanging)
+    await hooks.api.feedback(hooks.user)
+    started = time.monotonic()
+    await hooks.run_jobs()
+    assert time.monotonic() - started < TIMEOUT_S * 3
+    [item] = await hooks.deliveries()
+    assert item["status"] == "pending"
+    [attempt] = (await hooks.delivery(item["id"]))["attempt_log"]
+    assert "resolve" in attempt["error"]
+    assert hooks.rx.received() == []
+
+
+@SQLITE_ONLY
 async def test_a_2xx_whose_body_stalls_is_a_success(tight: Hooks) -> None:
     """The status line is the receiver's answer: one that said 200 and then stalled its
     body past the deadline has the event, and is not sent it again (it was, as "no

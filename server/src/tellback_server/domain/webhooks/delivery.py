@@ -124,10 +124,16 @@ async def post(state: AppState, url: str, body: bytes, headers: dict[str, str]) 
     def took() -> int:
         return round((time.perf_counter() - started) * 1000)
 
+    timeout = settings.webhook_timeout_seconds
+    # One deadline for the whole attempt, the name's lookup included.
+    deadline = asyncio.get_running_loop().time() + timeout
     try:
-        addrs = await resolve(url, allow_private=settings.webhook_allow_private)
+        async with asyncio.timeout_at(deadline):
+            addrs = await resolve(url, allow_private=settings.webhook_allow_private)
     except UnsafeUrl as exc:
         return Outcome(None, took(), f"refused: {exc}"[:500], None)
+    except TimeoutError:
+        return Outcome(None, took(), f"the host's name did not resolve within {timeout:g} s", None)
     parts = parse_url(url)
     target, extensions = url, {}
     send_headers = {**headers, "user-agent": USER_AGENT, "accept-encoding": "identity"}
@@ -139,12 +145,11 @@ async def post(state: AppState, url: str, body: bytes, headers: dict[str, str]) 
         target = parts._replace(netloc=netloc).geturl()
         send_headers["host"] = parts.netloc
         extensions = {"sni_hostname": parts.hostname}
-    timeout = settings.webhook_timeout_seconds
     response: httpx.Response | None = None
     excerpt = bytearray()
     client = await http_client(state, parts.hostname or "")
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout_at(deadline):
             async with client.stream(
                 "POST",
                 target,
