@@ -35,6 +35,7 @@ from tellback_server.domain.webhooks.ssrf import resolve as real_resolve
 from tellback_server.jobs.worker import Worker
 from tellback_server.plugins import build_registry
 from tests.server.conftest import Api, AppInfo, make_settings, serve_app
+from tests.server.test_attachments_flow import jpeg_with_gps
 from tests.server.webhook_receiver import Received, Reply, WebhookReceiver
 
 PROBLEM_JSON = "application/problem+json"
@@ -208,6 +209,44 @@ async def guarded(database_url: str, tmp_path: Path, rx: WebhookReceiver) -> Asy
 
 
 # ----- 1. registration, signing, payload -------------------------------------------------
+
+
+async def test_a_photo_sent_while_processing_is_announced_when_ready(hooks: Hooks) -> None:
+    """A message sent while its photo is still processing reaches receivers without the
+    photo's URL (its bytes still held the location); `attachment.updated` tells them
+    when it can be fetched, through the agent API. An endpoint with no filter gets it
+    (empty means all types, those added later included)."""
+    api = hooks.api
+    await hooks.create()
+    photo = jpeg_with_gps()
+    r = await api.http.post(
+        "/v1/client/uploads",
+        json={
+            "filename": "p.jpg",
+            "content_type": "image/jpeg",
+            "size": len(photo),
+            "kind": "photo",
+        },
+        headers=hooks.user,
+    )
+    assert r.status_code == 201, r.text
+    up = r.json()
+    # (the local store's URL names the configured address; this app runs in process)
+    url = up["single"]["url"].replace(api.state.settings.base_url(), str(api.http.base_url))
+    r = await api.http.put(url, content=photo, headers=up["single"]["headers"])
+    assert r.status_code == 200, r.text
+    done = f"/v1/client/uploads/{up['upload_id']}/complete"
+    assert (await api.http.post(done, json={}, headers=hooks.user)).status_code == 200
+    await api.feedback(hooks.user, attachment_ids=[up["upload_id"]])
+    await hooks.run_jobs()
+    bodies = [json.loads(req.body) for req in hooks.rx.received()]
+    assert [b["type"] for b in bodies] == ["conversation.created", "attachment.updated"]
+    [sent] = bodies[0]["data"]["message"]["attachments"]
+    assert (sent["status"], sent["url"]) == ("processing", None)
+    assert bodies[1]["data"]["attachment_id"] == up["upload_id"]
+    assert bodies[1]["data"]["status"] == "ready"
+    r = await api.http.get(f"/v1/agent/attachments/{up['upload_id']}", headers=hooks.agent)
+    assert r.json()["url"]
 
 
 async def test_secret_shown_once_and_delivery_verifies_with_standardwebhooks(hooks: Hooks) -> None:

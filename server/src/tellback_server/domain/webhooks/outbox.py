@@ -36,7 +36,14 @@ if TYPE_CHECKING:
 
 JOB_KIND = "webhook.deliver"
 # Webhooks carry the agent view of these types (unread.changed is the end user's only).
-WEBHOOK_EVENT_TYPES = ("conversation.created", "conversation.updated", "message.created")
+# attachment.updated tells a receiver that a photo or video it got without a URL (still
+# processing when its message was sent) can now be fetched.
+WEBHOOK_EVENT_TYPES = (
+    "conversation.created",
+    "conversation.updated",
+    "message.created",
+    "attachment.updated",
+)
 _DELIVERY_COLUMNS = (
     "id",
     "app_id",

@@ -9,7 +9,9 @@ from uuid import UUID
 import msgspec
 from msgspec import Meta, Struct
 
-WebhookEventType = Literal["conversation.created", "conversation.updated", "message.created"]
+WebhookEventType = Literal[
+    "conversation.created", "conversation.updated", "message.created", "attachment.updated"
+]
 Url = Annotated[str, Meta(min_length=1, max_length=2048, examples=["https://example.com/hooks"])]
 Description = Annotated[str, Meta(max_length=200)]
 EventFilter = Annotated[list[WebhookEventType], Meta(max_length=10)]
