@@ -24,6 +24,7 @@ import msgspec
 from litestar import Request, Response
 from litestar.params import HeaderParameter
 from sqlalchemy import bindparam, delete, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 from uuid_utils.compat import uuid7
@@ -171,10 +172,14 @@ async def idempotent(
         if exc.status_code >= 500:
             raise
         # A retry of a request that succeeded can fail the request's own checks (its
-        # attachments are on the message it made): the stored answer comes first.
-        async with app_state(request).db.session(write=False) as read:
-            stored = (await read.execute(_EXISTING, {"s": scope, "k": key})).first()
-        if stored is None or stored.expires_at <= now:
+        # attachments are on the message it made): the stored answer comes first. Read
+        # in this transaction (no second connection; on SQLite it also sees a key an
+        # earlier member of the write group wrote), unless it can no longer read.
+        try:
+            stored = await tx.run(_existing, scope, key, now)
+        except (SQLAlchemyError, AppError):  # (a failed statement took the transaction)
+            raise exc from None
+        if stored is None:
             raise
         raise _replay_or_refusal(stored, digest, sealer, scope, key) from None
     for _ in range(2):
