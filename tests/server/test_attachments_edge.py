@@ -635,6 +635,37 @@ async def test_a_failed_attempt_leaves_the_upload_for_the_next(local_api: Api) -
     assert await store.stat(processed_key(app, up["upload_id"])) is not None
 
 
+async def test_aborting_a_photo_while_it_is_processed_leaves_no_file(local_api: Api) -> None:
+    """An end user removes a photo from the message they are writing while the media job
+    works on it: what the job then stores has no row pointing at it, and goes."""
+    api = local_api
+    app = await api.create_app()
+    user = await api.user_headers(app)
+    up = await uploaded(
+        api, user, jpeg_with_gps(), filename="IMG.jpg", content_type="image/jpeg", kind="photo"
+    )
+    assert (await complete(api, user, up["upload_id"])).status_code == 200
+    store = api.state.store
+    real_download = store.download
+
+    async def download_then_abort(key: str, target: Path) -> None:
+        await real_download(key, target)
+        r = await api.http.delete(f"/v1/client/uploads/{up['upload_id']}", headers=user)
+        assert r.status_code == 204, r.text
+
+    store.download = download_then_abort  # type: ignore[method-assign]
+    await run_jobs(api)
+    store.download = real_download  # type: ignore[method-assign]
+    await run_jobs(api)
+    assert (await attachment(api, user, up["upload_id"])).json()["status"] == "aborted"
+    for key in (
+        original_key(app, up["upload_id"]),
+        processed_key(app, up["upload_id"]),
+        thumb_key(app, up["upload_id"]),
+    ):
+        assert await store.stat(key) is None, key
+
+
 async def test_erasing_the_user_while_their_photo_is_processed_leaves_no_file(
     local_api: Api,
 ) -> None:

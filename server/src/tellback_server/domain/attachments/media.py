@@ -284,10 +284,11 @@ async def process_attachment(ctx: JobContext, payload: dict[str, Any]) -> None:
             .returning(Attachment.message_id)
         )
         row = done.first()
-        if row is None and await db.get(Attachment, att.id) is None:
-            unneeded = written
-        elif row is None:
-            unneeded = []  # another attempt finished first: its keys are these too
+        if row is None:
+            # Erased, aborted or rejected meanwhile: nothing points at what this attempt
+            # stored. Unless another attempt made it ready first: its keys are these too.
+            now_status = await db.scalar(select(Attachment.status).where(Attachment.id == att.id))
+            unneeded = [] if now_status == "ready" else written
         if unneeded:
             await enqueue(db, DELETE_JOB, {"keys": unneeded}, max_attempts=20)
         if row is not None and row.message_id is not None:

@@ -60,6 +60,14 @@ USABLE = {"processing", "ready"}
 UNCHANGED = {"file", "log"}  # kinds whose bytes processing never rewrites
 
 
+def stored_keys(storage_key: str) -> list[str]:
+    """Every key an attachment may have stored, beside ``storage_key``: the upload as
+    sent, what processing rewrote, the thumbnail. Deleting them all leaves nothing,
+    whichever of them exist now or a processing attempt under way still writes."""
+    prefix = storage_key.rsplit("/", 1)[0]
+    return [f"{prefix}/original", f"{prefix}/processed", f"{prefix}/thumb.jpg"]
+
+
 class UploadIncomplete(AppError):
     status_code, code = 409, "upload_incomplete"
 
@@ -328,8 +336,7 @@ class AttachmentService:
         att.multipart_upload_id = None
 
     async def _schedule_delete(self, att: Attachment) -> None:
-        keys = [k for k in (att.storage_key, att.thumbnail_key) if k]
-        await enqueue(self.db, DELETE_JOB, {"keys": keys})
+        await enqueue(self.db, DELETE_JOB, {"keys": stored_keys(att.storage_key)})
 
     # ----- reading ------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from tellback_server.db.models import (
     Message,
 )
 from tellback_server.domain.apps.services import require_app
-from tellback_server.domain.attachments.services import DELETE_JOB
+from tellback_server.domain.attachments.services import DELETE_JOB, stored_keys
 from tellback_server.domain.identity.schemas import EndUserOut
 from tellback_server.domain.identity.services import user_out
 from tellback_server.http.auth_cache import auth_changed
@@ -75,7 +75,9 @@ class EndUserService:
                 )
             )
         ).all()
-        keys = [k for row in rows for k in row[:2] if k]
+        # Every key each may have: a processing attempt that commits meanwhile may have
+        # moved the row to its rewritten photo and thumbnail.
+        keys = [k for row in rows for k in stored_keys(row[0])]
         # A multipart upload under way keeps its parts (and takes more) until aborted.
         uploads = [[r[0], r[3]] for r in rows if r[2] == "pending" and r[3]]
         for i in range(0, max(len(keys), len(uploads)), KEYS_PER_JOB):
