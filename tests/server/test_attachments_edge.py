@@ -28,7 +28,7 @@ from sqlalchemy import func, select, update
 
 from tellback_server.asgi import build_state, create_app
 from tellback_server.db.models import Attachment, IdempotencyKey, Installation, Job
-from tellback_server.domain.attachments.media import expire_abandoned_uploads
+from tellback_server.domain.attachments.media import analyse_video, expire_abandoned_uploads
 from tellback_server.plugins import build_registry
 from tellback_server.settings import S3Settings, Settings
 from tellback_server.storage.local import LocalStore, SignedOp
@@ -516,6 +516,45 @@ async def test_where_a_video_was_recorded_is_removed(storage_api: Api) -> None:
         assert (att["size"] == len(video)) is keep
         assert att["size"] == len(served)
         assert (await api.state.store.stat(original_key(app, att["id"])) is None) is not keep
+
+
+def test_a_located_video_whose_sound_mp4_cannot_take_is_remuxed_all_the_same(
+    tmp_path: Path,
+) -> None:
+    """PCM sound in an ISO file: MP4's muxer refuses to copy it, QuickTime's takes it. A
+    video that plays was rejected when it carried a location (the remux failed)."""
+    buf = io.BytesIO()
+    options = {"movflags": "use_metadata_tags", "brand": "isom"}
+    with av.open(buf, "w", format="mov", options=options) as container:
+        container.metadata["location"] = "+52.5200+013.4050/"
+        video = container.add_stream("mpeg4", rate=10)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        sound = container.add_stream("pcm_alaw", rate=8000)
+        for i in range(10):
+            image = Image.new("RGB", (64, 48), (i * 8, 0, 0))
+            for packet in video.encode(av.VideoFrame.from_image(image)):  # type: ignore[no-untyped-call]
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+        ctx = sound.codec_context
+        for k in range(5):
+            frame = av.AudioFrame(format=ctx.format.name, layout=ctx.layout.name, samples=800)
+            for plane in frame.planes:
+                plane.update(bytes(plane.buffer_size))
+            frame.sample_rate, frame.pts = 8000, k * 800
+            for packet in sound.encode(frame):
+                container.mux(packet)
+        for packet in sound.encode():
+            container.mux(packet)
+    src = tmp_path / "in"
+    src.write_bytes(buf.getvalue())
+    outcome = analyse_video(src, tmp_path, keep_location=False, content_type="video/mp4")
+    assert outcome.ready, outcome.reason
+    assert outcome.rewritten is not None
+    served = outcome.rewritten.read_bytes()
+    assert b"+52.5200" not in served
+    with av.open(io.BytesIO(served), "r") as copy:
+        assert sorted(s.type for s in copy.streams) == ["audio", "video"]
 
 
 async def test_sha256_mismatch_is_rejected_and_match_is_ready(local_api: Api) -> None:

@@ -195,7 +195,20 @@ def analyse_video(
         rewritten = None
         if located and not keep_location:
             fmt = VIDEO_FORMATS.get(content_type, "mp4")
-            rewritten = _remuxed(src, workdir / "rewritten", fmt)
+            try:
+                try:
+                    rewritten = _remuxed(src, workdir / "rewritten", fmt)
+                except (av.FFmpegError, ValueError):
+                    # MP4's muxer refuses some codecs an MP4 can hold (PCM sound): QuickTime's
+                    # container, the one MP4 grew from, takes them, and players read both.
+                    rewritten = _remuxed(src, workdir / "rewritten", "mov")
+            except (av.FFmpegError, ValueError) as exc:
+                # Never served with the location in it: said so, not taken for damage.
+                return Outcome(
+                    False,
+                    "the video records where it was made, and its streams could not be"
+                    f" copied into a file without that ({type(exc).__name__})",
+                )
         return Outcome(
             True,
             width=width,
