@@ -854,7 +854,9 @@ async def test_each_host_name_has_connections_of_its_own(
     past MAX_CLIENTS names the least recently used is retired, then closed."""
     state = guarded.api.state
     monkeypatch.setattr(delivery_module, "MAX_CLIENTS", 2)
-    monkeypatch.setattr(delivery_module, "RETIRE_AFTER_S", 0.0)
+    # (closed at the next call, not a deadline and a margin later)
+    margin = -guarded.api.state.settings.webhook_timeout_seconds
+    monkeypatch.setattr(delivery_module, "RETIRE_MARGIN_S", margin)
     a = await delivery_module.http_client(state, "a.example.test")
     b = await delivery_module.http_client(state, "b.example.test")
     assert a is not b

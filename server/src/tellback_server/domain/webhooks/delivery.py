@@ -63,13 +63,13 @@ class Outcome:
 # connection whose TLS certificate was verified for another name on the same address.
 MAX_CLIENTS = 64
 _RETIRED_KEY = "webhooks.http.retired"
-RETIRE_AFTER_S = 60.0  # an evicted client's sends end within the 10 s deadline
+RETIRE_MARGIN_S = 30.0  # an evicted client is closed this long after a send's deadline
 
 
 async def http_client(state: AppState, hostname: str) -> httpx.AsyncClient:
     """The client for deliveries to ``hostname`` (its connections kept alive). Past
-    MAX_CLIENTS names the least recently used client is retired, and closed a minute
-    later, when any send it carried has ended."""
+    MAX_CLIENTS names the least recently used client is retired, and closed once any
+    send it carried is past its deadline."""
     clients: OrderedDict[str, httpx.AsyncClient] = state.extras.setdefault(
         _CLIENT_KEY, OrderedDict()
     )
@@ -87,7 +87,8 @@ async def http_client(state: AppState, hostname: str) -> httpx.AsyncClient:
         limits=httpx.Limits(max_connections=20, max_keepalive_connections=5),
     )
     while len(clients) > MAX_CLIENTS:
-        retired.append((now + RETIRE_AFTER_S, clients.popitem(last=False)[1]))
+        later = now + state.settings.webhook_timeout_seconds + RETIRE_MARGIN_S
+        retired.append((later, clients.popitem(last=False)[1]))
     return client
 
 
