@@ -227,6 +227,20 @@ def test_retry_after_stops_the_flush_instead_of_sleeping(
     assert naps == []
 
 
+def test_the_outbox_pause_is_capped_by_the_policy(tmp_path: Path) -> None:
+    """``RetryPolicy.outbox_max_retry_after`` bounds the pause the outbox keeps (it had no
+    effect: an hour's Retry-After held every flush, and a logout's, for the hour)."""
+    capped = RetryPolicy(max_retries=4, base=0.0001, cap=0.0001, outbox_max_retry_after=5.0)
+    fake = FakeServer(_pause)
+    with client(tmp_path, fake, capped) as tb:
+        tb.conversations.create("kept for later")
+        assert tb.outbox.flush().retry_after == 3600  # (what the server asked)
+        again = tb.outbox.flush()
+        assert again.retry_after is not None
+        assert 0 < again.retry_after <= 5
+        assert fake.posts == 1
+
+
 async def test_async_logout_is_not_held_by_a_retry_after(tmp_path: Path) -> None:
     fake = FakeServer(_pause)
     async with AsyncMobileClient(
@@ -261,6 +275,27 @@ def test_logout_gives_up_sending_at_its_deadline(tmp_path: Path) -> None:
         tb.conversations.create("kept for later")
         assert tb.logout(flush_timeout=1.0).discarded == 1
     assert fake.posts == 1
+
+
+def test_logouts_requests_wait_no_longer_than_its_deadline(tmp_path: Path) -> None:
+    """Each request a logout makes is given at most what is left of ``flush_timeout``
+    (a request the network held ran its 30 s read timeout, however short the deadline);
+    a flush of its own keeps the client's timeouts."""
+    reads: list[float] = []
+
+    def answer(request: httpx.Request) -> httpx.Response | None:
+        reads.append(request.extensions["timeout"]["read"])
+        return None
+
+    fake = FakeServer(answer)
+    with client(tmp_path, fake) as tb:
+        tb.conversations.create("sent by a flush")
+        assert tb.outbox.flush().sent == 1
+        tb.conversations.create("sent at logout")
+        tb.logout(flush_timeout=1.0)
+    assert reads[0] == 30.0
+    assert 0 < reads[1] <= 1.0
+    assert fake.created == ["sent by a flush", "sent at logout"]
 
 
 # ----- which answers dead-letter an item ---------------------------------------------------

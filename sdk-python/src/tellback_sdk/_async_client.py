@@ -22,6 +22,7 @@ from tellback_sdk._core import (
     ClientCore,
     RequestSpec,
     SessionState,
+    call_timeout,
     identity_of,
     outbox_calls,
     retry_wait,
@@ -191,6 +192,7 @@ class AsyncClientBase:
             content=content,
             params=spec.params,
             headers=self._core.headers(spec, token),
+            timeout=call_timeout(),
         )
 
     # ----- sessions and identity ----------------------------------------------------------

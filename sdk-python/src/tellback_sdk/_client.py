@@ -21,6 +21,7 @@ from tellback_sdk._core import (
     ClientCore,
     RequestSpec,
     SessionState,
+    call_timeout,
     identity_of,
     outbox_calls,
     retry_wait,
@@ -182,6 +183,7 @@ class SyncClientBase:
             content=content,
             params=spec.params,
             headers=self._core.headers(spec, token),
+            timeout=call_timeout(),
         )
 
     # ----- sessions and identity ----------------------------------------------------------

@@ -107,6 +107,17 @@ def outbox_calls(deadline: float | None = None) -> Iterator[None]:
         _OUTBOX_CALLS.reset(token)
 
 
+def call_timeout() -> Any:
+    """The timeout of one request: the client's own, or, for an outbox call with a
+    deadline (logout), no more than what is left of it, so that one slow request cannot
+    hold the logout past it."""
+    calls = _OUTBOX_CALLS.get()
+    if calls is None or calls.deadline is None:
+        return httpx.USE_CLIENT_DEFAULT
+    left = max(calls.deadline - time.monotonic(), 0.1)
+    return httpx.Timeout(left) if left < 30.0 else httpx.USE_CLIENT_DEFAULT
+
+
 def retry_wait(delay: float | None, status: int | None, headers: Mapping[str, str]) -> float | None:
     """``delay`` (from ``should_retry``), or None when an outbox call must stop instead of
     waiting: the server asked for a pause, or the wait would pass the deadline."""

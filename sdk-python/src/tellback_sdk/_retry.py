@@ -27,9 +27,10 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """``base``/``cap`` shape the exponential backoff; ``max_retry_after`` caps a server's
-    ``Retry-After`` for interactive calls, ``outbox_max_retry_after`` the one the outbox
-    reports (None: the full time, as the spec asks). The outbox never sleeps on it: its
-    flush stops and the next one comes after it."""
+    ``Retry-After`` for interactive calls, ``outbox_max_retry_after`` the pause the outbox
+    keeps after one (None: the full time, as the spec asks; ``FlushResult.retry_after``
+    still reports what the server asked). The outbox never sleeps on it: its flush stops
+    and no flush sends before the pause has passed."""
 
     max_retries: int = 4
     base: float = 0.5

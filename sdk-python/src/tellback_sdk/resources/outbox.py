@@ -144,6 +144,7 @@ class _OutboxBase:
     _store: OutboxStore
     _owner: str
     _give_up: tuple[int, float]  # (failures, seconds): RetryPolicy.outbox_give_up_*
+    _pause_cap: float | None  # RetryPolicy.outbox_max_retry_after
 
     def pending(self) -> list[QueuedItem]:
         return self._store.items(self._owner, "pending")
@@ -181,6 +182,8 @@ class _OutboxBase:
     def _remember_pause(self, result: FlushResult) -> FlushResult:
         wait = result.retry_after
         if wait is not None and wait > 0 and isinstance(result.stopped_by, APIStatusError):
+            if self._pause_cap is not None:  # RetryPolicy.outbox_max_retry_after
+                wait = min(wait, self._pause_cap)
             self._store.store.set(PAUSED_UNTIL, time.time() + wait)
         return result
 
@@ -206,6 +209,7 @@ class Outbox(SyncAPIResource, _OutboxBase):
         self._store = OutboxStore(client._core.store)
         policy = client._core.outbox_policy
         self._give_up = (policy.outbox_give_up_failures, policy.outbox_give_up_seconds)
+        self._pause_cap = policy.outbox_max_retry_after
         self._lock = threading.Lock()
 
     @property
@@ -275,6 +279,7 @@ class AsyncOutbox(AsyncAPIResource, _OutboxBase):
         self._store = OutboxStore(client._core.store)
         policy = client._core.outbox_policy
         self._give_up = (policy.outbox_give_up_failures, policy.outbox_give_up_seconds)
+        self._pause_cap = policy.outbox_max_retry_after
         self._lock: asyncio.Lock | None = None
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
