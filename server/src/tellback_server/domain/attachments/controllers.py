@@ -11,10 +11,8 @@ from litestar import Controller, Request, Response, delete, get, post, put
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, JSONBody
 from litestar.response import File
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from tellback_server.db.models import Attachment
 from tellback_server.domain.attachments.schemas import (
     AttachmentOut,
     UploadComplete,
@@ -22,7 +20,7 @@ from tellback_server.domain.attachments.schemas import (
     UploadCreated,
     UploadStatus,
 )
-from tellback_server.domain.attachments.services import AttachmentService
+from tellback_server.domain.attachments.services import AttachmentService, accepts_bytes
 from tellback_server.http import examples
 from tellback_server.http.deps import (
     AGENT,
@@ -42,7 +40,6 @@ from tellback_server.http.errors import (
 )
 from tellback_server.http.idempotency import IdempotencyKeyHeader, idempotent
 from tellback_server.http.openapi import example_body
-from tellback_server.state import AppState
 from tellback_server.storage.local import BadSignature, LocalStore, TooLarge
 
 
@@ -189,25 +186,6 @@ async def _idle_limited(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def _accepts_bytes(state: AppState, key: str) -> bool:
-    """Whether ``key`` (``apps/<app>/att/<id>/original``) is a ``pending`` upload's. A
-    URL stays signed for an hour, but once the upload is completed its bytes have been
-    checked (type, size, and then processing: the location removed), and bytes sent
-    after that would go around the checks."""
-    parts = key.split("/")
-    try:
-        att_id = UUID(parts[3]) if len(parts) == 5 and parts[2] == "att" else None
-    except ValueError:
-        att_id = None
-    if att_id is None:
-        return False
-    async with state.db.session(write=False) as db:
-        found = await db.execute(
-            select(Attachment.status).where(Attachment.id == att_id, Attachment.storage_key == key)
-        )
-        return found.scalar() == "pending"
-
-
 class StorageController(Controller):
     """Signed, expiring upload/download URLs of the local-disk store (embedded default)."""
 
@@ -224,7 +202,7 @@ class StorageController(Controller):
             signed = store.verify(key.lstrip("/"), dict(request.query_params), "put")
         except BadSignature as exc:
             raise Forbidden(str(exc)) from None
-        if not await _accepts_bytes(app_state(request), signed.key):
+        if not await accepts_bytes(app_state(request).db, signed.key):
             raise Forbidden("this upload is completed or gone; its URLs take no more bytes")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > signed.max_size:

@@ -20,6 +20,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from tellback_server.db.engine import Database
 from tellback_server.db.models import Attachment, Conversation, Message
 from tellback_server.domain.apps.schemas import MIB, AppSettings, KindLimits
 from tellback_server.domain.apps.services import parse_settings
@@ -66,6 +67,25 @@ def stored_keys(storage_key: str) -> list[str]:
     whichever of them exist now or a processing attempt under way still writes."""
     prefix = storage_key.rsplit("/", 1)[0]
     return [f"{prefix}/original", f"{prefix}/processed", f"{prefix}/thumb.jpg"]
+
+
+async def accepts_bytes(db: Database, key: str) -> bool:
+    """Whether ``key`` (``apps/<app>/att/<id>/original``) is a ``pending`` upload's (the
+    local store's PUT asks). A URL stays signed for an hour, but once the upload is
+    completed its bytes have been checked (type, size, and then processing: the location
+    removed), and bytes sent after that would go around the checks."""
+    parts = key.split("/")
+    try:
+        att_id = UUID(parts[3]) if len(parts) == 5 and parts[2] == "att" else None
+    except ValueError:
+        att_id = None
+    if att_id is None:
+        return False
+    async with db.session(write=False) as session:
+        found = await session.execute(
+            select(Attachment.status).where(Attachment.id == att_id, Attachment.storage_key == key)
+        )
+        return found.scalar() == "pending"
 
 
 class UploadIncomplete(AppError):
