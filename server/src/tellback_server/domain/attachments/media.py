@@ -3,9 +3,10 @@
 Photos (Pillow, HEIC/HEIF through pillow-heif): the format must be the
 declared one, the pixel count is capped before any decoding (decompression
 bombs), the image must decode fully (truncated files fail), EXIF orientation
-is applied and EXIF GPS removed unless the app keeps photo locations (the
-original is then re-encoded), and a 512 px JPEG thumbnail is stored beside
-it. Videos (PyAV, whose wheels carry FFmpeg): duration, dimensions and codec
+is applied and the location removed (EXIF GPS, and XMP, which can hold it too)
+unless the app keeps photo locations (the photo is then re-encoded and stored
+beside the upload, which is deleted once the row points at it), and a 512 px
+JPEG thumbnail is stored beside it. Videos (PyAV, whose wheels carry FFmpeg): duration, dimensions and codec
 are read and a poster frame is stored as the thumbnail; one that may carry
 where it was recorded (a location tag, a timed metadata track) is remuxed,
 packet for packet, into a container with its picture and sound alone, unless
