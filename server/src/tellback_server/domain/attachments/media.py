@@ -6,12 +6,12 @@ bombs), the image must decode fully (truncated files fail), EXIF orientation
 is applied and the location removed (EXIF GPS, and XMP, which can hold it too)
 unless the app keeps photo locations (the photo is then re-encoded and stored
 beside the upload, which is deleted once the row points at it), and a 512 px
-JPEG thumbnail is stored beside it. Videos (PyAV, whose wheels carry FFmpeg): duration, dimensions and codec
-are read and a poster frame is stored as the thumbnail; one that may carry
-where it was recorded (a location tag, a timed metadata track) is remuxed,
-packet for packet, into a container with its picture and sound alone, unless
-the app keeps locations. Anything that fails these
-checks becomes ``rejected`` with a reason — nothing is dropped silently.
+JPEG thumbnail is stored beside it. Videos (PyAV, whose wheels carry FFmpeg):
+duration, dimensions and codec are read and a poster frame is stored as the
+thumbnail; one that may carry where it was recorded (a location tag, a timed
+metadata track) is remuxed, packet for packet, into a container with its
+picture and sound alone, unless the app keeps locations. Anything that fails
+these checks becomes ``rejected`` with a reason — nothing is dropped silently.
 """
 
 from __future__ import annotations
