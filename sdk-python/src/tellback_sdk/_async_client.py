@@ -15,7 +15,7 @@ from typing import Self
 
 import httpx
 
-from tellback_sdk._client import FLUSH_TIMEOUT, LogoutResult
+from tellback_sdk._client import FLUSH_TIMEOUT, LogoutResult, forget_user
 from tellback_sdk._core import (
     ANONYMOUS,
     DEFAULT_TIMEOUT,
@@ -28,7 +28,6 @@ from tellback_sdk._core import (
     retry_wait,
 )
 from tellback_sdk._retry import RetryPolicy, may_repeat, should_retry
-from tellback_sdk._sse import forget_positions
 from tellback_sdk.errors import (
     APIConnectionError,
     APIError,
@@ -276,14 +275,7 @@ class AsyncClientBase:
         return LogoutResult(discarded=discarded)
 
     def _forget_user(self) -> int:
-        """The previous user's unsent items go (never sent as, or shown to, the next
-        user); how many is reported, and logged, so none is lost silently."""
-        discarded = self.outbox._store.purge(self._core.owner)
-        if discarded:
-            log.warning("tellback.outbox_discarded_at_logout", extra={"count": discarded})
-        self._core.new_owner()
-        forget_positions(self._core)
-        return discarded
+        return forget_user(self._core, self.outbox._store)
 
     async def logout(self, *, flush_timeout: float = FLUSH_TIMEOUT) -> LogoutResult:
         """Forget the user (see ``Client.logout``)."""

@@ -26,6 +26,7 @@ from tellback_sdk._core import (
     outbox_calls,
     retry_wait,
 )
+from tellback_sdk._outbox_store import OutboxStore
 from tellback_sdk._retry import RetryPolicy, may_repeat, should_retry
 from tellback_sdk._sse import forget_positions
 from tellback_sdk.errors import (
@@ -57,6 +58,18 @@ class LogoutResult:
     (returned by ``logout()``, and by ``identify()`` when it replaces another user)."""
 
     discarded: int
+
+
+def forget_user(core: ClientCore, outbox: OutboxStore) -> int:
+    """Logout's local part, for both clients: the previous user's unsent items go (never
+    sent as, or shown to, the next user); how many is reported, and logged, so none is
+    lost silently. Then a new owner for what comes next, and no stream positions."""
+    discarded = outbox.purge(core.owner)
+    if discarded:
+        log.warning("tellback.outbox_discarded_at_logout", extra={"count": discarded})
+    core.new_owner()
+    forget_positions(core)
+    return discarded
 
 
 class SyncClientBase:
@@ -267,14 +280,7 @@ class SyncClientBase:
         return LogoutResult(discarded=discarded)
 
     def _forget_user(self) -> int:
-        """The previous user's unsent items go (never sent as, or shown to, the next
-        user); how many is reported, and logged, so none is lost silently."""
-        discarded = self.outbox._store.purge(self._core.owner)
-        if discarded:
-            log.warning("tellback.outbox_discarded_at_logout", extra={"count": discarded})
-        self._core.new_owner()
-        forget_positions(self._core)
-        return discarded
+        return forget_user(self._core, self.outbox._store)
 
     def logout(self, *, flush_timeout: float = FLUSH_TIMEOUT) -> LogoutResult:
         """Forget the user: queued items are sent first if possible (for at most

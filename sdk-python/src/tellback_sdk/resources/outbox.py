@@ -187,6 +187,12 @@ class _OutboxBase:
             self._store.store.set(PAUSED_UNTIL, time.time() + wait)
         return result
 
+    def _stopped(self, owner: str, sent: int, dead: int, why: BaseException) -> FlushResult:
+        """The answer of a flush that stops early, ``why`` as its reason."""
+        pending = len(self._store.items(owner, "pending"))
+        err = why if isinstance(why, TellbackError) else TellbackError(str(why))
+        return FlushResult(sent, dead, pending, err)
+
     def _record(self, row: sqlite3.Row, exc: BaseException) -> str:
         """Store the failure: "stop" the flush (transient), "dead", or "gone" (the item
         was sent or discarded meanwhile, by another client on this data directory)."""
@@ -238,16 +244,13 @@ class Outbox(SyncAPIResource, _OutboxBase):
         owner = self._owner
         while (row := self._store.next_pending(owner)) is not None:
             if deadline is not None and time.monotonic() >= deadline:
-                pending = len(self._store.items(owner, "pending"))
-                return FlushResult(sent, dead, pending, _Blocked("out of time"))
+                return self._stopped(owner, sent, dead, _Blocked("out of time"))
             try:
                 self._deliver(row)
             except _EXPECTED as exc:
                 outcome = self._record(row, exc)
                 if outcome == "stop":
-                    pending = len(self._store.items(owner, "pending"))
-                    err = exc if isinstance(exc, TellbackError) else TellbackError(str(exc))
-                    return FlushResult(sent, dead, pending, err)
+                    return self._stopped(owner, sent, dead, exc)
                 dead += outcome == "dead"
                 continue
             sent += 1
@@ -340,16 +343,13 @@ class AsyncOutbox(AsyncAPIResource, _OutboxBase):
         owner = self._owner
         while (row := self._store.next_pending(owner)) is not None:
             if deadline is not None and time.monotonic() >= deadline:
-                pending = len(self._store.items(owner, "pending"))
-                return FlushResult(sent, dead, pending, _Blocked("out of time"))
+                return self._stopped(owner, sent, dead, _Blocked("out of time"))
             try:
                 await self._deliver(row)
             except _EXPECTED as exc:
                 outcome = self._record(row, exc)
                 if outcome == "stop":
-                    pending = len(self._store.items(owner, "pending"))
-                    err = exc if isinstance(exc, TellbackError) else TellbackError(str(exc))
-                    return FlushResult(sent, dead, pending, err)
+                    return self._stopped(owner, sent, dead, exc)
                 dead += outcome == "dead"
                 continue
             sent += 1
