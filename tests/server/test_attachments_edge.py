@@ -14,7 +14,7 @@ import os
 import struct
 import uuid
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -674,12 +674,12 @@ async def test_a_failed_attempt_leaves_the_upload_for_the_next(local_api: Api) -
     assert await store.stat(processed_key(app, up["upload_id"])) is not None
 
 
-async def test_aborting_a_photo_while_it_is_processed_leaves_no_file(local_api: Api) -> None:
-    """An end user removes a photo from the message they are writing while the media job
-    works on it: what the job then stores has no row pointing at it, and goes."""
-    api = local_api
-    app = await api.create_app()
-    user = await api.user_headers(app)
+async def photo_processed_while(
+    api: Api, app: AppInfo, user: dict[str, str], meanwhile: Callable[[str], Awaitable[None]]
+) -> str:
+    """A photo with a location, uploaded and completed; the media job runs, and
+    ``meanwhile(upload_id)`` once the job has downloaded it (then the jobs it queued
+    run). Checks that no file of it is left in storage; returns its id."""
     up = await uploaded(
         api, user, jpeg_with_gps(), filename="IMG.jpg", content_type="image/jpeg", kind="photo"
     )
@@ -687,22 +687,36 @@ async def test_aborting_a_photo_while_it_is_processed_leaves_no_file(local_api: 
     store = api.state.store
     real_download = store.download
 
-    async def download_then_abort(key: str, target: Path) -> None:
+    async def download_then(key: str, target: Path) -> None:
         await real_download(key, target)
-        r = await api.http.delete(f"/v1/client/uploads/{up['upload_id']}", headers=user)
-        assert r.status_code == 204, r.text
+        await meanwhile(up["upload_id"])
 
-    store.download = download_then_abort  # type: ignore[method-assign]
+    store.download = download_then  # type: ignore[method-assign]
     await run_jobs(api)
     store.download = real_download  # type: ignore[method-assign]
     await run_jobs(api)
-    assert (await attachment(api, user, up["upload_id"])).json()["status"] == "aborted"
     for key in (
         original_key(app, up["upload_id"]),
         processed_key(app, up["upload_id"]),
         thumb_key(app, up["upload_id"]),
     ):
         assert await store.stat(key) is None, key
+    return str(up["upload_id"])
+
+
+async def test_aborting_a_photo_while_it_is_processed_leaves_no_file(local_api: Api) -> None:
+    """An end user removes a photo from the message they are writing while the media job
+    works on it: what the job then stores has no row pointing at it, and goes."""
+    api = local_api
+    app = await api.create_app()
+    user = await api.user_headers(app)
+
+    async def abort(upload_id: str) -> None:
+        r = await api.http.delete(f"/v1/client/uploads/{upload_id}", headers=user)
+        assert r.status_code == 204, r.text
+
+    upload_id = await photo_processed_while(api, app, user, abort)
+    assert (await attachment(api, user, upload_id)).json()["status"] == "aborted"
 
 
 async def test_erasing_the_user_while_their_photo_is_processed_leaves_no_file(
@@ -715,28 +729,12 @@ async def test_erasing_the_user_while_their_photo_is_processed_leaves_no_file(
     token = identity_token(app.identity_secret, "erase-me", kid=app.identity_kid)
     session = await api.session(app, user_token=token)
     user = api.bearer(session["session_token"])
-    up = await uploaded(
-        api, user, jpeg_with_gps(), filename="IMG.jpg", content_type="image/jpeg", kind="photo"
-    )
-    assert (await complete(api, user, up["upload_id"])).status_code == 200
-    store = api.state.store
-    real_download = store.download
 
-    async def download_then_erase(key: str, target: Path) -> None:
-        await real_download(key, target)
+    async def erase(_: str) -> None:
         path = f"/v1/admin/apps/{app.id}/users/{session['user']['id']}"
         assert (await api.http.delete(path, headers=api.admin)).status_code == 204
 
-    store.download = download_then_erase  # type: ignore[method-assign]
-    await run_jobs(api)
-    store.download = real_download  # type: ignore[method-assign]
-    await run_jobs(api)
-    for key in (
-        original_key(app, up["upload_id"]),
-        processed_key(app, up["upload_id"]),
-        thumb_key(app, up["upload_id"]),
-    ):
-        assert await store.stat(key) is None, key
+    await photo_processed_while(api, app, user, erase)
 
 
 async def test_a_completed_uploads_url_takes_no_more_bytes(local_api: Api) -> None:
