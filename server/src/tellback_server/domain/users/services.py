@@ -62,10 +62,7 @@ class EndUserService:
         rows = (
             await self.db.execute(
                 select(
-                    Attachment.storage_key,
-                    Attachment.thumbnail_key,
-                    Attachment.status,
-                    Attachment.multipart_upload_id,
+                    Attachment.storage_key, Attachment.status, Attachment.multipart_upload_id
                 ).where(
                     Attachment.app_id == app_id,
                     or_(
@@ -77,9 +74,13 @@ class EndUserService:
         ).all()
         # Every key each may have: a processing attempt that commits meanwhile may have
         # moved the row to its rewritten photo and thumbnail.
-        keys = [k for row in rows for k in stored_keys(row[0])]
+        keys = [k for row in rows for k in stored_keys(row.storage_key)]
         # A multipart upload under way keeps its parts (and takes more) until aborted.
-        uploads = [[r[0], r[3]] for r in rows if r[2] == "pending" and r[3]]
+        uploads = [
+            [r.storage_key, r.multipart_upload_id]
+            for r in rows
+            if r.status == "pending" and r.multipart_upload_id
+        ]
         for i in range(0, max(len(keys), len(uploads)), KEYS_PER_JOB):
             batch = {"keys": keys[i : i + KEYS_PER_JOB], "multipart": uploads[i : i + KEYS_PER_JOB]}
             await enqueue(self.db, DELETE_JOB, batch, max_attempts=20)
