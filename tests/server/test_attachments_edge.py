@@ -168,6 +168,15 @@ def original_key(app: AppInfo, att_id: str) -> str:
     return f"apps/{app.id}/att/{att_id}/original"
 
 
+def kept_key(api: Api, app: AppInfo, att_id: str) -> str:
+    """Where a completed upload's bytes, as sent, are kept: at the key its URL wrote to
+    on local disk, which refuses later PUTs; on S3, whose URL cannot be revoked, at a
+    copy made at `complete`."""
+    if api.state.store.revokes_upload_urls:
+        return original_key(app, att_id)
+    return f"apps/{app.id}/att/{att_id}/sealed"
+
+
 def thumb_key(app: AppInfo, att_id: str) -> str:
     return f"apps/{app.id}/att/{att_id}/thumb.jpg"
 
@@ -515,7 +524,14 @@ async def test_where_a_video_was_recorded_is_removed(storage_api: Api) -> None:
             assert len(list(container.decode(video=0))) == 10
         assert (att["size"] == len(video)) is keep
         assert att["size"] == len(served)
-        assert (await api.state.store.stat(original_key(app, att["id"])) is None) is not keep
+        await run_jobs(api)
+        row = await db_row(api, att["id"])  # (on S3 the upload as sent is a copy: sealed)
+        served_as_sent = row.storage_key.rsplit("/", 1)[1] in {"original", "sealed"}
+        assert served_as_sent is keep
+        prefix = original_key(app, att["id"]).rsplit("/", 1)[0]
+        for name in ("original", "sealed"):
+            stored = await api.state.store.stat(f"{prefix}/{name}") is not None
+            assert stored is (keep and row.storage_key == f"{prefix}/{name}")
 
 
 def test_a_located_video_whose_sound_mp4_cannot_take_is_remuxed_all_the_same(
@@ -737,12 +753,32 @@ async def test_erasing_the_user_while_their_photo_is_processed_leaves_no_file(
     await photo_processed_while(api, app, user, erase)
 
 
-async def test_a_completed_uploads_url_takes_no_more_bytes(local_api: Api) -> None:
+async def due_now(api: Api) -> None:
+    """Play the clock forward: every queued job (a deletion waiting for upload URLs to
+    expire, a retry) is due now."""
+    async with api.state.db.session(write=True) as db:
+        await db.execute(update(Job).where(Job.status == "queued").values(run_after=func.now()))
+
+
+def late_put_taken(api: Api, r: httpx.Response) -> bool:
+    """A PUT to the URL of an upload no longer ``pending``: refused by the local store,
+    taken by S3 (a presigned URL cannot be revoked before it expires)."""
+    if api.state.store.revokes_upload_urls:
+        problem(r, 403, "forbidden")
+        return False
+    assert r.status_code == 200, r.text
+    return True
+
+
+async def test_a_completed_uploads_url_takes_no_more_bytes(storage_api: Api) -> None:
     """A PUT URL is signed for an hour, but once its upload is completed the bytes have
     been checked (type, size; then processing removed the location): bytes sent after
-    that are refused, so nothing goes around the checks. (They were taken: a `ready`
-    photo could become a page of script, or get its location back.)"""
-    api = local_api
+    that never reach the attachment, so nothing goes around the checks. The local store
+    refuses them; on S3, which takes them, the attachment is a copy made at `complete`,
+    and what the URL put is deleted once it expired. (They were served: a `ready` photo
+    could become a page of script, or get its location back.)"""
+    api = storage_api
+    store = api.state.store
     app = await api.create_app()
     user = await api.user_headers(app)
     photo = jpeg_with_gps()
@@ -753,13 +789,92 @@ async def test_a_completed_uploads_url_takes_no_more_bytes(local_api: Api) -> No
     sneaked = b"<html><script>alert(1)</script>" + b"-" * (len(photo) - 31)
     for _ in range(2):  # while processing, then once ready
         r = await put(api, up["single"]["url"], sneaked, up["single"]["headers"])
-        problem(r, 403, "forbidden")
+        taken = late_put_taken(api, r)
         await run_jobs(api)
     att = (await attachment(api, user, up["upload_id"])).json()
     served = (await get(api, att["url"])).content
     assert served.startswith(b"\xff\xd8")
     assert 0x8825 not in Image.open(io.BytesIO(served)).getexif()
-    assert await api.state.store.stat(original_key(app, up["upload_id"])) is None
+    sent_to = original_key(app, up["upload_id"])
+    assert (await store.stat(sent_to) is not None) == taken
+    await due_now(api)  # the URL has expired
+    await run_jobs(api)
+    assert await store.stat(sent_to) is None
+
+
+async def test_a_completed_files_url_cannot_change_what_agents_download(
+    storage_api: Api,
+) -> None:
+    """A file or a log, which processing never rewrites: bytes sent to its URL after
+    `complete` (more of them than were declared and checked, or other ones) are not what
+    the attachment serves."""
+    api = storage_api
+    app = await api.create_app()
+    user = await api.user_headers(app)
+    _, agent = await api.create_agent(app)
+    up = await uploaded(api, user, b"boot ok\n", filename="app.log", kind="log")
+    assert (await complete(api, user, up["upload_id"])).status_code == 200
+    conv = await api.feedback(user, attachment_ids=[up["upload_id"]])
+    r = await put(api, up["single"]["url"], b"X" * 100_000, up["single"]["headers"])
+    late_put_taken(api, r)
+    await run_jobs(api)
+    r = await api.http.get(f"/v1/agent/conversations/{conv['id']}/messages", headers=agent)
+    (shown,) = r.json()["items"][0]["attachments"]
+    assert (shown["status"], shown["size"]) == ("ready", 8)
+    assert (await get(api, shown["url"])).content == b"boot ok\n"
+
+
+async def test_both_stores_copy_an_object_and_tell_a_missing_one(
+    storage_api: Api, tmp_path: Path
+) -> None:
+    store = storage_api.state.store
+    source = tmp_path / "source"
+    source.write_bytes(b"as sent\n")
+    await store.upload_file("apps/x/att/y/original", source, "text/plain")
+    assert await store.copy("apps/x/att/y/original", "apps/x/att/y/sealed")
+    assert await store.read_head("apps/x/att/y/sealed", 100) == b"as sent\n"
+    assert not await store.copy("apps/x/att/z/original", "apps/x/att/y/sealed")
+    assert await store.read_head("apps/x/att/y/sealed", 100) == b"as sent\n"
+
+
+@pytest.mark.parametrize("leaves", ["aborted", "expired", "erased"])
+async def test_an_upload_that_left_pending_keeps_nothing_its_url_sends(
+    storage_api: Api, leaves: str
+) -> None:
+    """A single upload aborted, expired, or whose end user was erased: on S3 its URL
+    still takes bytes until it expires, and what it put is deleted then. (It stayed in
+    the bucket for good, with no row pointing at it: after an erasure, too.)"""
+    api = storage_api
+    store = api.state.store
+    app = await api.create_app()
+    token = identity_token(app.identity_secret, f"late-{leaves}", kid=app.identity_kid)
+    session = await api.session(app, user_token=token)
+    user = api.bearer(session["session_token"])
+    up = await uploaded(api, user, b"first try\n")
+    if leaves == "aborted":
+        r = await api.http.delete(f"/v1/client/uploads/{up['upload_id']}", headers=user)
+        assert r.status_code == 204, r.text
+    elif leaves == "expired":
+        async with api.state.db.session(write=True) as db:
+            await db.execute(
+                update(Attachment)
+                .where(Attachment.id == uuid.UUID(up["upload_id"]))
+                .values(expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1))
+            )
+        assert await expire_abandoned_uploads(api.state) == 1
+    else:
+        path = f"/v1/admin/apps/{app.id}/users/{session['user']['id']}"
+        assert (await api.http.delete(path, headers=api.admin)).status_code == 204
+    await run_jobs(api)
+    sent_to = original_key(app, up["upload_id"])
+    assert await store.stat(sent_to) is None
+    r = await put(api, up["single"]["url"], b"sent later\n", up["single"]["headers"])
+    assert (await store.stat(sent_to) is not None) == late_put_taken(api, r)
+    await run_jobs(api)  # not yet: the URL is still valid
+    assert (await store.stat(sent_to) is not None) == (not store.revokes_upload_urls)
+    await due_now(api)
+    await run_jobs(api)
+    assert await store.stat(sent_to) is None
 
 
 # ----- broken uploads ----------------------------------------------------------------------
@@ -857,7 +972,7 @@ async def test_path_traversal_unicode_filename_is_display_name_only(storage_api:
     assert att["status"] == "ready", att
     assert att["filename"] == "😀 x.png"
     row = await db_row(api, up["upload_id"])
-    assert row.storage_key == original_key(app, up["upload_id"])
+    assert row.storage_key == kept_key(api, app, up["upload_id"])
     assert row.thumbnail_key == thumb_key(app, up["upload_id"])
     assert row.filename == "😀 x.png"
     download = await get(api, att["url"])
@@ -1286,7 +1401,7 @@ async def test_erasing_a_user_removes_conversations_and_stored_files(storage_api
     keys = [
         processed_key(app, photo["id"]),
         thumb_key(app, photo["id"]),
-        original_key(app, stray["id"]),
+        kept_key(api, app, stray["id"]),
         original_key(app, pending["upload_id"]),
     ]
     for key in keys:
@@ -1323,7 +1438,7 @@ async def test_erasing_a_user_removes_conversations_and_stored_files(storage_api
     for key in keys:
         assert await store.stat(key) is None, key
     # the other user's file and conversation are untouched
-    assert await store.stat(original_key(app, kept["id"])) is not None
+    assert await store.stat(kept_key(api, app, kept["id"])) is not None
     r = await api.http.get(f"/v1/agent/attachments/{kept['id']}", headers=agent)
     assert r.status_code == 200
     assert (await get(api, r.json()["url"])).content == b"keep me\n"

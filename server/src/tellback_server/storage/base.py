@@ -36,6 +36,11 @@ class ObjectInfo:
 
 class ObjectStore(Protocol):
     kind: str
+    revokes_upload_urls: bool
+    """Whether a single upload's PUT URL stops taking bytes once its upload has left
+    ``pending`` (the local store asks the database on every PUT). An S3 presigned URL
+    cannot be revoked: it takes bytes until it expires, so the server copies a
+    completed upload to a key no URL names (see ``copy``)."""
 
     async def ensure_ready(self) -> None:
         """Create the bucket/directories if missing."""
@@ -68,6 +73,10 @@ class ObjectStore(Protocol):
     async def download(self, key: str, target: Path) -> None: ...
 
     async def upload_file(self, key: str, source: Path, content_type: str) -> None: ...
+
+    async def copy(self, source: str, target: str) -> bool:
+        """Copy ``source`` to ``target`` (within storage, bytes never pass through the
+        server); ``False`` when there is no ``source``."""
 
     async def delete(self, key: str) -> None: ...
 

@@ -61,6 +61,7 @@ def _check_key(key: str) -> str:
 
 class LocalStore:
     kind = "local"
+    revokes_upload_urls = True  # the PUT handler asks whether the upload is pending
 
     def __init__(self, root: Path, secret_key: str, base_url: str) -> None:
         self.root = root
@@ -246,6 +247,22 @@ class LocalStore:
         dest = self.path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(shutil.copyfile, source, dest)
+
+    async def copy(self, source: str, target: str) -> bool:
+        src, dest = self.path(source), self.path(target)
+        partial = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.tmp")
+
+        def copy() -> bool:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                shutil.copyfile(src, partial)
+            except FileNotFoundError:
+                partial.unlink(missing_ok=True)
+                return False
+            os.replace(partial, dest)  # whole or not at all, as S3's copy
+            return True
+
+        return await asyncio.to_thread(copy)
 
     async def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -21,6 +21,7 @@ from urllib.parse import quote
 
 import urllib3
 from minio import Minio
+from minio.commonconfig import CopySource
 from minio.datatypes import Part
 from minio.error import MinioException, S3Error
 
@@ -33,6 +34,7 @@ _MISSING = {"NoSuchKey", "NoSuchUpload", "NoSuchObject"}
 
 class S3Store:
     kind = "s3"
+    revokes_upload_urls = False  # a presigned PUT takes bytes until it expires
 
     def __init__(self, settings: S3Settings) -> None:
         self.bucket = settings.bucket
@@ -190,6 +192,17 @@ class S3Store:
             )
         except S3Error as exc:
             raise StorageError(f"object storage error: {exc.code}") from exc
+
+    async def copy(self, source: str, target: str) -> bool:
+        try:
+            await self._call(
+                self.client.copy_object, self.bucket, target, CopySource(self.bucket, source)
+            )
+        except S3Error as exc:
+            if exc.code in _MISSING:
+                return False
+            raise StorageError(f"object storage error: {exc.code}") from exc
+        return True
 
     async def delete(self, key: str) -> None:
         try:

@@ -34,7 +34,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from tellback_server.db.models import App, Attachment, Conversation, Message
 from tellback_server.domain.apps.services import parse_settings
-from tellback_server.domain.attachments.services import DELETE_JOB
+from tellback_server.domain.attachments.services import (
+    DELETE_JOB,
+    delete_after_urls_expire,
+    stored_keys,
+)
 from tellback_server.domain.events.records import EventDraft, emit
 from tellback_server.jobs.queue import enqueue
 from tellback_server.jobs.registry import JobContext, JobRegistry, PermanentFailure
@@ -372,11 +376,16 @@ async def expire_abandoned_uploads(state: AppState) -> int:
             await state.store.abort_multipart(att.storage_key, att.multipart_upload_id)
         await state.store.delete(att.storage_key)
         async with state.db.session(write=True) as db:
-            await db.execute(
+            expired = await db.execute(
                 update(Attachment)
                 .where(Attachment.id == att.id, Attachment.status == "pending")
                 .values(status="expired", reason="never completed", multipart_upload_id=None)
+                .returning(Attachment.method)
             )
+            # Its URL may still be signed for a while (it was handed out until now).
+            late = expired.scalar() == "single" and not state.store.revokes_upload_urls
+            if late:
+                await delete_after_urls_expire(db, stored_keys(att.storage_key))
     if rows:
         log.info("media.uploads_expired", count=len(rows))
     return len(rows)

@@ -6,6 +6,12 @@ parts); the client PUTs bytes straight to storage; ``complete`` checks that
 every byte arrived and that the leading bytes match the declared type, then
 queues ``media.process`` in the same transaction. Every state change is
 visible (``pending -> processing -> ready | rejected``, with a reason).
+
+An upload URL is signed for an hour. Where storage cannot revoke it (an S3
+presigned PUT), ``complete`` first copies a single upload to a key no URL
+names (``…/sealed``) and checks and serves that copy; a job queued for when
+the last URL has expired deletes whatever a late PUT left at the upload's key.
+(A completed multipart upload takes no more parts: its upload id is gone.)
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ MIN_PART = 8 * MIB
 MAX_PARTS = 10_000
 UPLOAD_TTL = dt.timedelta(hours=24)
 UPLOAD_URL_TTL = dt.timedelta(hours=1)
+URL_EXPIRY_MARGIN = dt.timedelta(minutes=10)  # storage's clock may run behind ours
 DOWNLOAD_URL_TTL = dt.timedelta(minutes=15)
 PROCESS_JOB = "media.process"
 DELETE_JOB = "storage.delete"
@@ -63,10 +70,21 @@ UNCHANGED = {"file", "log"}  # kinds whose bytes processing never rewrites
 
 def stored_keys(storage_key: str) -> list[str]:
     """Every key an attachment may have stored, beside ``storage_key``: the upload as
-    sent, what processing rewrote, the thumbnail. Deleting them all leaves nothing,
-    whichever of them exist now or a processing attempt under way still writes."""
+    sent, its sealed copy, what processing rewrote, the thumbnail. Deleting them all
+    leaves nothing, whichever of them exist now or a processing attempt under way still
+    writes."""
     prefix = storage_key.rsplit("/", 1)[0]
-    return [f"{prefix}/original", f"{prefix}/processed", f"{prefix}/thumb.jpg"]
+    return [f"{prefix}/{name}" for name in ("original", "sealed", "processed", "thumb.jpg")]
+
+
+async def delete_after_urls_expire(db: AsyncSession, keys: list[str]) -> None:
+    """Queue the deletion of ``keys`` for when every upload URL naming them has expired:
+    until then an S3 presigned PUT still takes bytes, whatever became of its upload
+    (completed, aborted, expired, its end user erased). URLs are handed out only while
+    an upload is ``pending``, so one hour (and a margin) from now is past the last."""
+    if keys:
+        due = _now() + UPLOAD_URL_TTL + URL_EXPIRY_MARGIN
+        await enqueue(db, DELETE_JOB, {"keys": keys}, max_attempts=20, run_after=due)
 
 
 async def accepts_bytes(db: Database, key: str) -> bool:
@@ -313,12 +331,27 @@ class AttachmentService:
             raise NotFound("this upload has expired; start a new one")
         if att.method == "multipart":
             await self._finish_multipart(att, data)
-        info = await self.store.stat(att.storage_key)
+        seal = att.method == "single" and not self.store.revokes_upload_urls
+        key = att.storage_key.rsplit("/", 1)[0] + "/sealed" if seal else att.storage_key
+        if seal and not await self.store.copy(att.storage_key, key):
+            await self.db.refresh(att)
+            if att.status != "pending":  # completed at the same time, upload deleted since
+                return await self.out(att), None
+            raise UploadIncomplete("no bytes have been uploaded")
+        info = await self.store.stat(key)
         if info is None:
             raise UploadIncomplete("no bytes have been uploaded")
         if info.size != att.size:
+            if seal:
+                await self.store.delete(key)  # the client sends the file again
             raise UploadIncomplete(f"{info.size} bytes stored, {att.size} declared")
-        head = await self.store.read_head(att.storage_key, sniff.HEAD_BYTES)
+        head = await self.store.read_head(key, sniff.HEAD_BYTES)
+        if seal:
+            # From here on the copy is the attachment; the upload as sent goes now, and
+            # again once its URL cannot have put anything there any more.
+            await enqueue(self.db, DELETE_JOB, {"keys": [att.storage_key]}, max_attempts=20)
+            await delete_after_urls_expire(self.db, [att.storage_key])
+            att.storage_key = key
         now = _now()
         att.completed_at = now
         att.multipart_upload_id = None
@@ -352,6 +385,8 @@ class AttachmentService:
         if att.multipart_upload_id:
             await self.store.abort_multipart(att.storage_key, att.multipart_upload_id)
         await self.store.delete(att.storage_key)
+        if att.method == "single" and not self.store.revokes_upload_urls:
+            await delete_after_urls_expire(self.db, stored_keys(att.storage_key))
         att.status = "aborted"
         att.multipart_upload_id = None
 

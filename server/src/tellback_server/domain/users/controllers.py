@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 from uuid import UUID
 
-from litestar import Controller, delete, get
+from litestar import Controller, Request, delete, get
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, FromQuery, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tellback_server.domain.identity.schemas import EndUserOut
 from tellback_server.domain.users.services import EndUserService
-from tellback_server.http.deps import ADMIN, ADMIN_AUTH, AdminPrincipal
+from tellback_server.http.deps import ADMIN, ADMIN_AUTH, AdminPrincipal, app_state
 from tellback_server.http.pagination import DEFAULT_LIMIT, Limit, Page
 
 
-def provide_users(db: NamedDependency[AsyncSession]) -> EndUserService:
-    return EndUserService(db)
+def provide_users(
+    request: Request[Any, Any, Any], db: NamedDependency[AsyncSession]
+) -> EndUserService:
+    return EndUserService(db, app_state(request).store)
 
 
 class AdminUsersController(Controller):

@@ -16,20 +16,26 @@ from tellback_server.db.models import (
     Message,
 )
 from tellback_server.domain.apps.services import require_app
-from tellback_server.domain.attachments.services import DELETE_JOB, stored_keys
+from tellback_server.domain.attachments.services import (
+    DELETE_JOB,
+    delete_after_urls_expire,
+    stored_keys,
+)
 from tellback_server.domain.identity.schemas import EndUserOut
 from tellback_server.domain.identity.services import user_out
 from tellback_server.http.auth_cache import auth_changed
 from tellback_server.http.errors import NotFound
 from tellback_server.http.pagination import Page, keyset_page
 from tellback_server.jobs.queue import enqueue
+from tellback_server.storage.base import ObjectStore
 
 KEYS_PER_JOB = 500
 
 
 class EndUserService:
-    def __init__(self, db: AsyncSession) -> None:
+    def __init__(self, db: AsyncSession, store: ObjectStore) -> None:
         self.db = db
+        self.store = store
 
     async def list(
         self, app_id: UUID, external_id: str | None, cursor: str | None, limit: int
@@ -62,7 +68,10 @@ class EndUserService:
         rows = (
             await self.db.execute(
                 select(
-                    Attachment.storage_key, Attachment.status, Attachment.multipart_upload_id
+                    Attachment.storage_key,
+                    Attachment.status,
+                    Attachment.method,
+                    Attachment.multipart_upload_id,
                 ).where(
                     Attachment.app_id == app_id,
                     or_(
@@ -84,6 +93,12 @@ class EndUserService:
         for i in range(0, max(len(keys), len(uploads)), KEYS_PER_JOB):
             batch = {"keys": keys[i : i + KEYS_PER_JOB], "multipart": uploads[i : i + KEYS_PER_JOB]}
             await enqueue(self.db, DELETE_JOB, batch, max_attempts=20)
+        if not self.store.revokes_upload_urls:
+            # A single upload under way keeps its URL, which puts bytes back until it
+            # expires. (Those completed, aborted or expired queued this when they did.)
+            late = [r.storage_key for r in rows if r.status == "pending" and r.method == "single"]
+            for i in range(0, len(late), KEYS_PER_JOB):
+                await delete_after_urls_expire(self.db, late[i : i + KEYS_PER_JOB])
         # The device context the SDK reported, and the stored answers to their requests
         # (sealed, but holding what they wrote), go with them.
         await self.db.execute(
