@@ -25,6 +25,7 @@ from tellback_sdk import (
     AttachmentEmptyError,
     MobileClient,
     RetryPolicy,
+    UserChangedError,
     _outbox_store,
 )
 from tellback_sdk._store import Store
@@ -189,6 +190,70 @@ def test_identify_as_another_user_never_sends_the_first_users_items(tmp_path: Pa
         assert result.discarded == 1  # reported, not lost silently
         assert tb.outbox.pending() == []
         assert tb.outbox.flush().sent == 0
+    assert fake.created == []
+
+
+def test_an_item_queued_while_the_user_logs_out_is_refused_not_left_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The queueing thread reads the owner, and another thread's logout purges that
+    owner's items before the row is written (here, while the file is copied). The item
+    stayed on disk, owned by no one: never sent, listed, nor counted by the logout. Now
+    it is refused (the caller learns it was not queued) and its copy goes."""
+    log = tmp_path / "crash.log"
+    log.write_text("boot failed\n")
+    fake = FakeServer()
+    tb = client(tmp_path, fake)
+    tb.identify(_jwt("alice"))
+    real_copy = _outbox_store._durable_copy
+
+    def copy_while_logging_out(src: Path, dest: Path) -> None:
+        real_copy(src, dest)
+        thread = threading.Thread(target=tb.logout, kwargs={"flush_timeout": 1})
+        thread.start()
+        thread.join()
+
+    monkeypatch.setattr(_outbox_store, "_durable_copy", copy_while_logging_out)
+    with tb:
+        with pytest.raises(UserChangedError):
+            tb.conversations.create("alice's report", attachments=[log])
+        monkeypatch.undo()
+        assert tb.outbox.pending() == []
+        assert tb._core.store.query("SELECT id FROM outbox") == []
+        assert not any(tb._core.store.files_dir.iterdir())
+        tb.conversations.create("the next user's report")  # queueing goes on
+        assert tb.outbox.flush().sent == 1
+    assert fake.created == ["the next user's report"]
+
+
+async def test_an_async_item_queued_while_the_user_logs_out_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = tmp_path / "crash.log"
+    log.write_text("boot failed\n")
+    fake = FakeServer()
+    async with AsyncMobileClient(
+        "http://tb.test",
+        "tbk_x",
+        data_dir=tmp_path / "sdk",
+        transport=httpx.MockTransport(fake),
+        retry_policy=QUICK,
+        auto_flush=False,
+    ) as tb:
+        await tb.identify(_jwt("alice"))
+        loop = asyncio.get_running_loop()
+        real_copy = _outbox_store._durable_copy
+
+        def copy_while_logging_out(src: Path, dest: Path) -> None:
+            real_copy(src, dest)  # (in a thread: the loop is free to log out)
+            asyncio.run_coroutine_threadsafe(tb.logout(flush_timeout=1), loop).result(10)
+
+        monkeypatch.setattr(_outbox_store, "_durable_copy", copy_while_logging_out)
+        with pytest.raises(UserChangedError):
+            await tb.conversations.create("alice's report", attachments=[log])
+        monkeypatch.undo()
+        assert tb._core.store.query("SELECT id FROM outbox") == []
+        assert not any(tb._core.store.files_dir.iterdir())
     assert fake.created == []
 
 

@@ -46,6 +46,7 @@ from tellback_sdk.errors import (
     UnprocessableEntityError,
     UnsupportedMediaTypeError,
     UploadIncompleteError,
+    UserChangedError,
 )
 from tellback_sdk.events import (
     ConversationCreated,
@@ -117,6 +118,7 @@ __all__ = [
     "UnreadChanged",
     "UnsupportedMediaTypeError",
     "UploadIncompleteError",
+    "UserChangedError",
     "__version__",
     "backoff_delay",
     "parse_event",

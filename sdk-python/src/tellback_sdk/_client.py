@@ -6,6 +6,7 @@ import contextlib
 import logging
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,10 +65,9 @@ def forget_user(core: ClientCore, outbox: OutboxStore) -> int:
     """Logout's local part, for both clients: the previous user's unsent items go (never
     sent as, or shown to, the next user); how many is reported, and logged, so none is
     lost silently. Then a new owner for what comes next, and no stream positions."""
-    discarded = outbox.purge(core.owner)
+    discarded = outbox.purge(core.owner, successor=uuid.uuid4().hex)
     if discarded:
         log.warning("tellback.outbox_discarded_at_logout", extra={"count": discarded})
-    core.new_owner()
     forget_positions(core)
     return discarded
 

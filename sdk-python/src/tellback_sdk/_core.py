@@ -22,7 +22,7 @@ import httpx
 import msgspec
 
 from tellback_sdk._retry import DEFAULT_POLICY, RetryPolicy, parse_retry_after
-from tellback_sdk._store import Store
+from tellback_sdk._store import OWNER, Store
 from tellback_sdk._version import SDK_NAME
 from tellback_sdk.types import ClientConfig, DeviceInfo, SessionCreated
 
@@ -184,7 +184,7 @@ class ClientCore:
         self.installation_id = self.store.installation_id()
         # Made now, not on first use: two threads queueing at first launch must not each
         # make an owner (the loser's item would never be flushed, listed or purged).
-        self.store.setdefault("owner", uuid.uuid4().hex)
+        self.store.setdefault(OWNER, uuid.uuid4().hex)
         device = device or default_device()
         if device.sdk is None:
             device = msgspec.structs.replace(device, sdk=SDK_NAME)
@@ -210,15 +210,10 @@ class ClientCore:
 
     @property
     def owner(self) -> str:
-        owner = self.store.get("owner")
+        owner = self.store.get(OWNER)
         if owner is None:  # only if the row was removed behind our back
-            owner = self.store.setdefault("owner", uuid.uuid4().hex)
+            owner = self.store.setdefault(OWNER, uuid.uuid4().hex)
         return str(owner)
-
-    def new_owner(self) -> str:
-        owner = uuid.uuid4().hex
-        self.store.set("owner", owner)
-        return owner
 
     # ----- sessions -----------------------------------------------------------------------
 

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from tellback_sdk._core import encode, new_idempotency_key
-from tellback_sdk._store import Store
+from tellback_sdk._store import OWNER, Store, set_in, value_in
 from tellback_sdk._uploads import guess_content_type, kind_for
-from tellback_sdk.errors import AttachmentEmptyError
+from tellback_sdk.errors import AttachmentEmptyError, UserChangedError
 
 LOCAL_PREFIX = "local:"
 SENT_RETENTION = 7 * 24 * 3600
@@ -139,9 +139,15 @@ class OutboxStore:
         conversation_ref: str | None,
         attachments: list[dict[str, Any]],
     ) -> QueuedItem:
-        """The item is queued from here on (its key made now, once)."""
+        """The item is queued from here on (its key made now, once), unless ``owner`` is no
+        longer the owner: the user logged out, on another thread, after the caller read
+        it (the purge is done; the row would be sent as no one, or as the next user).
+        Then nothing is queued and the file copies go."""
         now = time.time()
         with self.store.tx() as db:
+            if value_in(db, OWNER) != owner:
+                self.drop_files(item_id)
+                raise UserChangedError()
             db.execute(
                 "INSERT INTO outbox (id, owner, kind, conversation_ref, request, attachments, "
                 "idempotency_key, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -392,12 +398,15 @@ class OutboxStore:
         shutil.rmtree(self.store.files_dir / item_id, ignore_errors=True)
         return cur.rowcount == 1
 
-    def purge(self, owner: str) -> int:
-        """Logout: the previous user's unsent items, upload state and file copies go."""
-        rows = self.store.query("SELECT id, state FROM outbox WHERE owner = ?", (owner,))
+    def purge(self, owner: str, successor: str) -> int:
+        """Logout: the previous user's unsent items, upload state and file copies go, and
+        ``successor`` owns what comes next, in the same transaction: an item queued at
+        the same time is either purged with the rest (and counted) or refused."""
         with self.store.tx() as db:
+            rows = list(db.execute("SELECT id, state FROM outbox WHERE owner = ?", (owner,)))
             db.execute("DELETE FROM outbox WHERE owner = ?", (owner,))
             db.execute("DELETE FROM uploads WHERE owner = ?", (owner,))
+            set_in(db, OWNER, successor)
         for row in rows:
             shutil.rmtree(self.store.files_dir / row["id"], ignore_errors=True)
         return sum(1 for r in rows if r["state"] != "sent")

@@ -50,6 +50,10 @@ CREATE TABLE IF NOT EXISTS outbox (
     failing_since REAL
 );
 """
+# The kv key naming whose the queued items and upload state are: a new random owner at
+# every logout, so nothing queued by one user is ever sent as, or shown to, the next.
+OWNER = "owner"
+
 # Columns added since the first release, for data directories made before them.
 _ADDED = {
     "outbox": (
@@ -112,19 +116,12 @@ class Store:
     # ----- key/value ----------------------------------------------------------------------
 
     def get(self, key: str) -> Any:
-        rows = self.query("SELECT value FROM kv WHERE key = ?", (key,))
-        return json.loads(rows[0]["value"]) if rows else None
+        with self._lock:
+            return value_in(self._db, key)
 
     def set(self, key: str, value: Any) -> None:
         with self.tx() as db:
-            if value is None:
-                db.execute("DELETE FROM kv WHERE key = ?", (key,))
-            else:
-                db.execute(
-                    "INSERT INTO kv (key, value) VALUES (?, ?) "
-                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    (key, json.dumps(value)),
-                )
+            set_in(db, key, value)
 
     def setdefault(self, key: str, value: Any) -> Any:
         """The stored value of ``key``, first storing ``value`` if it has none, in one
@@ -144,3 +141,22 @@ class Store:
     def installation_id(self) -> str:
         """A random id made once per install (never derived from hardware)."""
         return str(self.setdefault("installation_id", uuid.uuid4().hex))
+
+
+def value_in(db: sqlite3.Connection, key: str) -> Any:
+    """The value of ``key`` (``None`` if unset), read on ``db``: within its transaction
+    when the caller holds one."""
+    row = db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+    return json.loads(row["value"]) if row else None
+
+
+def set_in(db: sqlite3.Connection, key: str, value: Any) -> None:
+    """Set (``None``: delete) ``key`` on ``db``, within the caller's transaction."""
+    if value is None:
+        db.execute("DELETE FROM kv WHERE key = ?", (key,))
+    else:
+        db.execute(
+            "INSERT INTO kv (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, json.dumps(value)),
+        )

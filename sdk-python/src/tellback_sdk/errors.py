@@ -29,6 +29,7 @@
      ├── IdentityRequiredError             an identified session expired and no user_token
      │                                     is at hand to renew it (pass one, or identify())
      └── OutboxError                       misuse of the offline outbox
+          └── UserChangedError             the user logged out while the item was queued
 
 Unknown error ``code`` values map by HTTP status (sdk-spec/errors.md), so a new
 server code never breaks a caller that catches the status class.
@@ -72,6 +73,7 @@ __all__ = [
     "UnprocessableEntityError",
     "UnsupportedMediaTypeError",
     "UploadIncompleteError",
+    "UserChangedError",
     "make_status_error",
 ]
 
@@ -249,6 +251,15 @@ class AttachmentEmptyError(AttachmentLimitError):
 
 class OutboxError(TellbackError):
     pass
+
+
+class UserChangedError(OutboxError):
+    """The user logged out (or another user was identified) on another thread while
+    this item was being queued: it was not queued, because it must never be sent as,
+    or shown to, the next user. Nothing was sent."""
+
+    def __init__(self) -> None:
+        super().__init__("the user logged out while this item was being queued; not queued")
 
 
 class IdentityRequiredError(TellbackError):
