@@ -541,7 +541,7 @@ def test_an_outage_is_not_mistaken_for_a_poison_item(tmp_path: Path) -> None:
         assert tb.outbox.dead_letters() == []
 
 
-@pytest.mark.parametrize("damage", ["directory", "gone"])
+@pytest.mark.parametrize("damage", ["directory", "gone", "symlink loop"])
 def test_an_unreadable_file_copy_dead_letters_its_item_alone(tmp_path: Path, damage: str) -> None:
     log_file = tmp_path / "a.txt"
     log_file.write_text("log")
@@ -553,6 +553,8 @@ def test_an_unreadable_file_copy_dead_letters_its_item_alone(tmp_path: Path, dam
         copy.unlink()
         if damage == "directory":  # EISDIR: unreadable, like EACCES or EIO
             copy.mkdir()
+        if damage == "symlink loop":  # ELOOP
+            copy.symlink_to(copy)
         result = tb.outbox.flush()
         assert (result.sent, result.dead, result.pending) == (1, 1, 0)
         (dead,) = tb.outbox.dead_letters()

@@ -10,6 +10,7 @@ it already holds (``GET /v1/client/uploads/{id}``).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -50,6 +51,16 @@ class Part:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+def _resolved(path: Path) -> Path:
+    """``path`` made absolute with its links followed. A link loop is the ``OSError``
+    (ELOOP) it is on Python 3.13, where 3.11 and 3.12 raise ``RuntimeError``: a caller
+    that handles unreadable files handles it too."""
+    try:
+        return path.resolve()
+    except RuntimeError as exc:
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path)) from exc
+
+
 class Source:
     """Bytes to upload, read by range so a file is never held whole in memory."""
 
@@ -63,7 +74,7 @@ class Source:
             self.size = len(data)
             self.filename = filename or "attachment"
         elif isinstance(data, str | os.PathLike):
-            self.path = Path(data).resolve()
+            self.path = _resolved(Path(data))
             stat = self.path.stat()
             self.size = stat.st_size
             self._mtime = stat.st_mtime_ns
