@@ -7,8 +7,12 @@ start with a :class:`SettingsError` naming the variable.
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
 import os
+import re
 import secrets
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,6 +27,46 @@ _FALSE = {"0", "false", "no", "off", ""}
 
 class SettingsError(ValueError):
     """A configuration value is missing or malformed; the message names the variable."""
+
+
+# Every TELLBACK_* variable the server reads (load_settings), by suffix.
+SERVER_VARIABLES = frozenset(
+    {
+        "DATA_DIR", "DATABASE_URL", "DATABASE_POOL_SIZE", "SECRET_KEY", "HOST", "PORT",
+        "PUBLIC_URL", "S3_ENDPOINT", "S3_ACCESS_KEY", "S3_SECRET_KEY", "S3_BUCKET",
+        "S3_SECURE", "S3_REGION", "APNS_HOST", "APNS_PORT", "APNS_CA_FILE", "FCM_ENDPOINT",
+        "WEBHOOK_ALLOW_PRIVATE", "LOG_FORMAT", "LOG_LEVEL", "SESSION_TTL_SECONDS",
+        "MAX_REQUEST_BODY_BYTES", "WORKER_CONCURRENCY", "WORKER_POLL_SECONDS",
+        "JOB_LEASE_SECONDS", "SSE_HEARTBEAT_SECONDS", "SESSIONS_PER_IP_PER_MINUTE",
+        "RATE_LIMIT_SYNC_SECONDS", "WEBHOOK_TIMEOUT_SECONDS", "AUTH_CACHE_SECONDS",
+    }
+)  # fmt: skip
+# TELLBACK_* variables that are someone else's, and share a shell with the server's:
+# the SDK's command line and the examples (README), the SDK's own settings.
+CLIENT_VARIABLES = frozenset(
+    {"URL", "ADMIN_TOKEN", "APP_KEY", "AGENT_TOKEN", "WEBHOOK_SECRET", "SDK_DIR"}
+)
+# The test suite's own (TELLBACK_TEST_DATABASE_URL, TELLBACK_TEST_ARTIFACTS, ...).
+_IGNORED_PREFIXES = ("TEST_",)
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """The ``TELLBACK_*`` names in the environment that nothing of Tellback reads
+    (a misspelled setting is otherwise ignored in silence), each with the closest
+    setting's name, or None. Names only: the caller never sees a value."""
+    env = os.environ if environ is None else environ
+    found: list[tuple[str, str | None]] = []
+    for name in sorted(env):
+        if not name.startswith("TELLBACK_"):
+            continue
+        suffix = name.removeprefix("TELLBACK_")
+        if suffix in SERVER_VARIABLES or suffix in CLIENT_VARIABLES:
+            continue
+        if suffix.startswith(_IGNORED_PREFIXES):
+            continue
+        close = difflib.get_close_matches(suffix, sorted(SERVER_VARIABLES), n=1, cutoff=0.6)
+        found.append((name, f"TELLBACK_{close[0]}" if close else None))
+    return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,18 +239,38 @@ def _s3(env: _Env) -> S3Settings | None:
             "TELLBACK_S3_ENDPOINT: expected host:port (set TELLBACK_S3_SECURE for https), "
             f"got {endpoint!r}"
         )
-    missing = [f"TELLBACK_S3_{k}" for k in ("ACCESS_KEY", "SECRET_KEY") if env.text(k) is None]
-    missing = [m for m in missing if env.environ.get(m, "").strip() == ""]
+    missing = [f"TELLBACK_S3_{k}" for k in ("ACCESS_KEY", "SECRET_KEY") if not env.text(f"S3_{k}")]
     if missing:
         raise SettingsError(f"{missing[0]}: required when TELLBACK_S3_ENDPOINT is set")
     return S3Settings(
         endpoint=endpoint,
         access_key=env.environ["TELLBACK_S3_ACCESS_KEY"].strip(),
         secret_key=env.environ["TELLBACK_S3_SECRET_KEY"].strip(),
-        bucket=env.text("S3_BUCKET") or "tellback",
+        bucket=_bucket("TELLBACK_S3_BUCKET", env.text("S3_BUCKET") or "tellback"),
         secure=env.get("S3_SECURE", _bool, True),
         region=env.text("S3_REGION"),
     )
+
+
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def _bucket(name: str, value: str) -> str:
+    """S3's bucket naming rules (which MinIO and SeaweedFS apply too): a bad name is
+    otherwise refused by the storage only once the server is up."""
+    rules = (
+        "3-63 characters: lowercase letters, digits, dots and hyphens, "
+        "starting and ending with a letter or digit"
+    )
+    if not _BUCKET.fullmatch(value):
+        raise SettingsError(f"{name}: not a valid S3 bucket name ({rules}), got {value!r}")
+    if ".." in value:
+        raise SettingsError(f"{name}: a bucket name has no two dots in a row, got {value!r}")
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError:
+        return value
+    raise SettingsError(f"{name}: a bucket name is not an IP address, got {value!r}")
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -264,7 +328,7 @@ def resolve_secret_key(settings: Settings) -> tuple[Settings, bool]:
         if len(key) < 32:
             raise SettingsError(f"TELLBACK_SECRET_KEY: the generated key file {path} is damaged")
         return settings.with_secret_key(key), True
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    ensure_data_dir(settings.data_dir)
     key = secrets.token_hex(32)
     # O_EXCL: two processes starting at once must agree on one key.
     try:
@@ -274,3 +338,15 @@ def resolve_secret_key(settings: Settings) -> tuple[Settings, bool]:
     with os.fdopen(fd, "w") as fh:
         fh.write(key + "\n")
     return settings.with_secret_key(key), True
+
+
+def ensure_data_dir(data_dir: Path) -> bool:
+    """Create the data dir (the SQLite file, its WAL, users' files, the generated key)
+    readable by its owner only; return False when it already existed and other users
+    may enter or read it (the caller warns: an operator's directory is not changed)."""
+    if not data_dir.exists():
+        # mkdir's mode is masked by the umask, and the parents' are not ours to choose.
+        data_dir.mkdir(parents=True, mode=0o700, exist_ok=True)
+        data_dir.chmod(0o700)
+        return True
+    return not stat.S_IMODE(data_dir.stat().st_mode) & 0o077
