@@ -1,0 +1,350 @@
+"""The `tellback` command as an operator meets it: real processes, one-line errors
+(never a traceback, never the database password), admin tokens listed and revoked,
+and what is said at start."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy.engine import make_url
+
+from tellback_server.security import hash_token
+from tests.conftest import _admin_exec, _db_url, fresh_database
+from tests.e2e.test_quickstart import Server, base_env, free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+PASSWORD = "hunter2-not-in-any-output"
+SECRET_KEY = "k" * 40
+
+
+def tellback(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tellback_server", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], expected: str) -> None:
+    """Exit non-zero, the error alone on stderr's last line, no traceback."""
+    assert result.returncode != 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: "), result.stderr[-3000:]
+    assert expected in last, last
+
+
+def env_for(tmp_path: Path, database_url: str, **extra: str) -> dict[str, str]:
+    return base_env(
+        TELLBACK_DATABASE_URL=database_url,
+        TELLBACK_DATA_DIR=str(tmp_path / "data"),
+        TELLBACK_SECRET_KEY=SECRET_KEY,
+        **extra,
+    )
+
+
+# ----- database connection mistakes -------------------------------------------------------------
+
+
+@pytest.fixture
+def refusing_postgres() -> Iterator[int]:
+    """A PostgreSQL stand-in on 127.0.0.1 that refuses every login as a server with
+    password authentication does (error 28P01), so a wrong password can be shown
+    without a server configured for passwords."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            while True:
+                header = conn.recv(8, socket.MSG_WAITALL)
+                if len(header) < 8:
+                    return
+                length, code = struct.unpack("!ii", header)
+                if length > 8:
+                    conn.recv(length - 8, socket.MSG_WAITALL)
+                if code == 80877103:  # SSLRequest: no TLS here
+                    conn.sendall(b"N")
+                    continue
+                fields = (
+                    b"SFATAL\0VFATAL\0C28P01\0"
+                    b'Mpassword authentication failed for user "tellback"\0\0'
+                )
+                conn.sendall(b"E" + struct.pack("!i", len(fields) + 4) + fields)
+                return
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            answer(conn)
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
+
+
+COMMANDS = {
+    "serve": ["serve", "--port", "0"],
+    "worker": ["worker"],
+    "migrate": ["migrate"],
+    "create-token": ["admin", "create-token"],
+    "list-tokens": ["admin", "list-tokens"],
+    "revoke-token": ["admin", "revoke-token", "cli"],
+}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_a_wrong_password_is_one_line_naming_the_variable(
+    tmp_path: Path, refusing_postgres: int, command: str
+) -> None:
+    url = f"postgresql+asyncpg://tellback:{PASSWORD}@127.0.0.1:{refusing_postgres}/tellback"
+    result = tellback(tmp_path, env_for(tmp_path, url), *COMMANDS[command])
+    assert_one_line_error(
+        result,
+        f"TELLBACK_DATABASE_URL: cannot connect to 127.0.0.1:{refusing_postgres}/tellback: "
+        'password authentication failed for user "tellback"',
+    )
+    assert PASSWORD not in result.stdout + result.stderr
+    assert "serve.listening" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "migrate", "create-token"])
+def test_a_wrong_port_is_one_line_naming_the_variable(tmp_path: Path, command: str) -> None:
+    port = free_port()  # nothing listens there
+    url = f"postgresql+asyncpg://tellback:{PASSWORD}@127.0.0.1:{port}/tellback"
+    result = tellback(tmp_path, env_for(tmp_path, url), *COMMANDS[command])
+    assert_one_line_error(
+        result, f"TELLBACK_DATABASE_URL: cannot connect to 127.0.0.1:{port}/tellback: connection"
+    )
+    assert PASSWORD not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("command", ["worker", "migrate", "create-token"])
+def test_an_unknown_database_is_one_line_naming_the_variable(
+    tmp_path: Path, pg_server_url: str, command: str
+) -> None:
+    name = f"missing_{uuid.uuid4().hex[:8]}"
+    url = _db_url(pg_server_url, name)
+    result = tellback(tmp_path, env_for(tmp_path, url), *COMMANDS[command])
+    assert_one_line_error(result, "TELLBACK_DATABASE_URL: cannot connect to ")
+    assert f'database "{name}" does not exist' in result.stderr
+    password = make_url(url).password
+    if password:
+        assert str(password) not in result.stdout + result.stderr
+
+
+def test_an_sqlite_file_that_cannot_be_opened_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    url = f"sqlite+aiosqlite:///{blocker}/tellback.db"
+    result = tellback(tmp_path, env_for(tmp_path, url), "admin", "create-token")
+    assert_one_line_error(result, f"TELLBACK_DATABASE_URL: cannot open {blocker}/tellback.db: ")
+
+
+# ----- a database that is not at this release's schema ------------------------------------------
+
+
+@pytest.fixture
+def empty_pg_database(pg_server_url: str) -> Iterator[str]:
+    name = f"cli_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin_exec(pg_server_url, f"CREATE DATABASE {name}"))
+    yield _db_url(pg_server_url, name)
+    asyncio.run(_admin_exec(pg_server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.mark.parametrize("command", ["create-token", "list-tokens", "revoke-token"])
+def test_admin_commands_refuse_a_database_never_migrated(
+    tmp_path: Path, empty_pg_database: str, command: str
+) -> None:
+    result = tellback(tmp_path, env_for(tmp_path, empty_pg_database), *COMMANDS[command])
+    assert_one_line_error(result, "TELLBACK_DATABASE_URL: database is not migrated")
+    assert "run `tellback migrate`" in result.stderr
+    assert "tba_" not in result.stdout
+
+
+@pytest.mark.parametrize("command", ["serve", "worker", "migrate", "create-token"])
+def test_a_database_of_a_newer_release_says_so(
+    tmp_path: Path, database_url: str, command: str
+) -> None:
+    """`serve` said to run `tellback migrate`, which then failed with a traceback."""
+    asyncio.run(_admin_exec(database_url, "UPDATE alembic_version SET version_num = 'f00dcafe'"))
+    result = tellback(tmp_path, env_for(tmp_path, database_url), *COMMANDS[command])
+    assert_one_line_error(
+        result, "TELLBACK_DATABASE_URL: the database was migrated by a newer Tellback release"
+    )
+    last = result.stderr.strip().splitlines()[-1]
+    assert "f00dcafe" in last
+    assert "do not downgrade" in last
+    assert "run `tellback migrate`" not in last
+
+
+# ----- admin tokens -----------------------------------------------------------------------------
+
+
+def test_admin_tokens_are_listed_and_revoked_at_once_for_a_running_server(
+    tmp_path: Path, database_url: str
+) -> None:
+    env = env_for(tmp_path, database_url)
+
+    def create(name: str) -> str:
+        result = tellback(tmp_path, env, "admin", "create-token", "--name", name)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip().splitlines()[-1]
+
+    ops, backup = create("ops"), create("backup")
+    server = Server(tmp_path, env, "--no-worker")
+    try:
+        server.wait_ready()
+
+        def status(token: str) -> int:
+            headers = {"Authorization": f"Bearer {token}"}
+            return httpx.get(f"{server.url}/v1/admin/apps", headers=headers).status_code
+
+        assert (status(ops), status(backup)) == (200, 200)
+        listed = tellback(tmp_path, env, "admin", "list-tokens")
+        assert listed.returncode == 0, listed.stderr
+        header, *rows = listed.stdout.strip().splitlines()
+        assert header.split() == ["ID", "NAME", "CREATED", "LAST", "USED", "REVOKED"]
+        assert [row.split()[1] for row in rows] == ["ops", "backup"]
+        for token in (ops, backup):
+            assert token not in listed.stdout
+            assert hash_token(token) not in listed.stdout
+        ops_id = rows[0].split()[0]
+
+        revoked = tellback(tmp_path, env, "admin", "revoke-token", ops_id)
+        assert revoked.returncode == 0, revoked.stderr
+        assert ops_id in revoked.stdout
+        # The running server refuses it on its next request; the other token still works.
+        assert (status(ops), status(backup)) == (401, 200)
+
+        by_name = tellback(tmp_path, env, "admin", "revoke-token", "backup")
+        assert by_name.returncode == 0, by_name.stderr
+        assert status(backup) == 401
+        again = tellback(tmp_path, env, "admin", "revoke-token", ops_id)
+        assert again.returncode == 0, again.stderr
+        assert "already revoked" in again.stdout
+        missing = tellback(tmp_path, env, "admin", "revoke-token", "nobody")
+        assert_one_line_error(missing, "no admin token has the id or name 'nobody'")
+
+        listed = tellback(tmp_path, env, "admin", "list-tokens", "--json")
+        assert listed.returncode == 0, listed.stderr
+        import json
+
+        tokens = json.loads(listed.stdout)
+        assert [t["name"] for t in tokens] == ["ops", "backup"]
+        assert all(t["revoked"] for t in tokens)
+        assert set(tokens[0]) == {"id", "name", "created", "last_used", "revoked"}
+    finally:
+        server.stop()
+
+
+def test_revoking_by_a_name_several_tokens_share_is_refused(
+    tmp_path: Path, database_url: str
+) -> None:
+    env = env_for(tmp_path, database_url)
+    for _ in range(2):
+        assert tellback(tmp_path, env, "admin", "create-token").returncode == 0
+    result = tellback(tmp_path, env, "admin", "revoke-token", "cli")
+    assert_one_line_error(result, "2 active admin tokens are named 'cli'")
+    listed = tellback(tmp_path, env, "admin", "list-tokens", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert '"revoked": null' in listed.stdout
+
+
+def test_serve_prints_no_first_start_token_on_postgresql(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A token printed to the stdout of a PostgreSQL deployment ends up in a log
+    collector. The embedded default still prints one (tests/e2e/test_quickstart.py)."""
+    with fresh_database(request, "postgres", tmp_path) as url:
+        server = Server(tmp_path, env_for(tmp_path, url), "--no-worker")
+        try:
+            server.wait_ready()
+        finally:
+            code, out, err = server.stop()
+        assert code == 0, err[-2000:]
+        assert "tba_" not in out + err
+        assert "serve.no_admin_token" in err
+        assert "tellback admin create-token" in err
+
+
+# ----- what is said at start --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["migrate"], ["worker", "--once"]])
+def test_unknown_tellback_variables_are_warned_of_by_name(
+    tmp_path: Path, command: list[str]
+) -> None:
+    env = base_env(
+        TELLBACK_DATA_DIR=str(tmp_path / "data"),
+        TELLBACK_S3_ENDPIONT="value-never-logged-1",
+        TELLBACK_STORAGE_URL="value-never-logged-2",
+        # Someone else's: the test suite's, the SDK's.
+        TELLBACK_TEST_DATABASE_URL="x",
+        TELLBACK_URL="http://127.0.0.1:1",
+    )
+    result = tellback(tmp_path, env, *command)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "settings.unknown_variables" in line]
+    assert len(warnings) == 1, result.stderr
+    assert "TELLBACK_S3_ENDPIONT (did you mean TELLBACK_S3_ENDPOINT?)" in warnings[0]
+    assert "TELLBACK_STORAGE_URL" in warnings[0]
+    assert "TELLBACK_TEST_DATABASE_URL" not in warnings[0]
+    assert "TELLBACK_URL" not in warnings[0].replace("TELLBACK_STORAGE_URL", "")
+    assert "value-never-logged" not in result.stdout + result.stderr
+
+
+def test_no_warning_without_unknown_variables(tmp_path: Path) -> None:
+    env = base_env(TELLBACK_DATA_DIR=str(tmp_path / "data"))
+    result = tellback(tmp_path, env, "migrate")
+    assert result.returncode == 0, result.stderr
+    assert "settings.unknown_variables" not in result.stderr
+
+
+def test_migrate_creates_the_data_dir_for_its_owner_only(tmp_path: Path) -> None:
+    result = tellback(tmp_path, base_env(), "migrate")
+    assert result.returncode == 0, result.stderr
+    data = tmp_path / "tellback-data"
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    assert (data / "tellback.db").is_file()
+    assert "settings.data_dir_not_private" not in result.stderr
+
+
+def test_an_open_data_dir_is_warned_of_and_left_as_it_is(tmp_path: Path) -> None:
+    data = tmp_path / "tellback-data"
+    data.mkdir()
+    data.chmod(0o755)
+    result = tellback(tmp_path, base_env(), "worker", "--once")
+    assert result.returncode == 0, result.stderr
+    assert "settings.data_dir_not_private" in result.stderr
+    assert stat.S_IMODE(data.stat().st_mode) == 0o755
