@@ -27,7 +27,7 @@ from PIL import Image
 from sqlalchemy import func, select, update
 
 from tellback_server.asgi import build_state, create_app
-from tellback_server.db.models import Attachment, IdempotencyKey, Installation, Job
+from tellback_server.db.models import Attachment, Event, IdempotencyKey, Installation, Job
 from tellback_server.domain.attachments.media import analyse_video, expire_abandoned_uploads
 from tellback_server.plugins import build_registry
 from tellback_server.settings import S3Settings, Settings
@@ -688,6 +688,35 @@ async def test_a_failed_attempt_leaves_the_upload_for_the_next(local_api: Api) -
     assert 0x8825 not in Image.open(io.BytesIO((await get(api, att["url"])).content)).getexif()
     assert await store.stat(original_key(app, up["upload_id"])) is None
     assert await store.stat(processed_key(app, up["upload_id"])) is not None
+
+
+async def test_processing_that_fails_for_good_rejects_the_attachment_visibly(
+    storage_api: Api,
+) -> None:
+    """The media job cannot succeed (here storage lost the upload's bytes; a file that
+    crashes or outlasts processing on every attempt ends the same way): the attachment
+    is `rejected` with a reason, and open screens hear of it, instead of staying
+    `processing` for good."""
+    api = storage_api
+    app = await api.create_app()
+    user = await api.user_headers(app)
+    up = await uploaded(api, user, png(), filename="p.png", content_type="image/png", kind="photo")
+    assert (await complete(api, user, up["upload_id"])).status_code == 200
+    conv = await api.feedback(user, attachment_ids=[up["upload_id"]])
+    await api.state.store.delete(kept_key(api, app, up["upload_id"]))
+    await run_jobs(api)
+    att = (await attachment(api, user, up["upload_id"])).json()
+    assert (att["status"], att["reason"], att["url"]) == (
+        "rejected",
+        "the server could not process this file",
+        None,
+    )
+    async with api.state.db.session(write=False) as db:
+        job = (await db.scalars(select(Job).where(Job.kind == "media.process"))).one()
+        events = list(await db.scalars(select(Event).where(Event.type == "attachment.updated")))
+    assert (job.status, job.attempts) == ("failed", 1)
+    announced = [(e.conversation_id, (e.data or {}).get("status")) for e in events]
+    assert announced == [(uuid.UUID(conv["id"]), "rejected")]
 
 
 async def photo_processed_while(

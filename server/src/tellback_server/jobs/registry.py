@@ -36,6 +36,10 @@ class JobContext:
 
 
 Handler = Callable[[JobContext, dict[str, Any]], Awaitable[None]]
+# Called once when a job has failed for good (no attempt left, a PermanentFailure, the
+# worker lost during the last attempt), with the reason: what the job was for is then
+# given a visible end (an attachment ``rejected``, say) instead of waiting for good.
+FailedHandler = Callable[[JobContext, dict[str, Any], str], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +49,10 @@ class JobKind:
     timeout_s: float = 30.0
     base_delay_s: float = 1.0
     max_delay_s: float = 300.0
+    # Errors meaning a dependency is down (object storage, say), not that this job is
+    # bad: retried without spending an attempt, waiting longer the older the job is.
+    waits_out: tuple[type[Exception], ...] = ()
+    on_failed: FailedHandler | None = None
 
 
 Periodic = Callable[["AppState"], Awaitable[Any]]
@@ -71,10 +79,14 @@ class JobRegistry:
         timeout_s: float = 30.0,
         base_delay_s: float = 1.0,
         max_delay_s: float = 300.0,
+        waits_out: tuple[type[Exception], ...] = (),
+        on_failed: FailedHandler | None = None,
     ) -> None:
         if kind in self._kinds:
             raise ValueError(f"job kind {kind!r} is already registered")
-        self._kinds[kind] = JobKind(handler, max_attempts, timeout_s, base_delay_s, max_delay_s)
+        self._kinds[kind] = JobKind(
+            handler, max_attempts, timeout_s, base_delay_s, max_delay_s, waits_out, on_failed
+        )
 
     def get(self, kind: str) -> JobKind | None:
         return self._kinds.get(kind)

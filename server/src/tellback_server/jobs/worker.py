@@ -237,19 +237,18 @@ class Worker:
             # Retaken after a lapsed lease with no budget left: the worker died (crash,
             # OOM kill) during the last allowed attempt. Do not run it again.
             log.warning("jobs.failed", attempt=job.attempts, reason="worker lost on last attempt")
-            await self._finish(job, "failed", "the worker was lost during the last attempt")
+            await self._fail(job, kind, "the worker was lost during the last attempt")
             return
-        ctx = JobContext(
-            job.id, job.kind, job.attempts, job.max_attempts, job.created_at, self.state
-        )
         heartbeat = asyncio.create_task(self._heartbeat(job.id))
         started = asyncio.get_running_loop().time()
         try:
-            await asyncio.wait_for(kind.handler(ctx, job.payload), kind.timeout_s)
+            await asyncio.wait_for(kind.handler(self._context(job), job.payload), kind.timeout_s)
         except RetryLater as exc:
             await self._retry_or_fail(job, kind, exc.reason, exc.delay)
         except PermanentFailure as exc:
-            await self._finish(job, "failed", str(exc)[:2000])
+            await self._fail(job, kind, str(exc)[:2000])
+        except kind.waits_out as exc:
+            await self._wait_out(job, f"{type(exc).__name__}: {exc}"[:2000])
         except TimeoutError:
             await self._retry_or_fail(job, kind, f"timed out after {kind.timeout_s}s", None)
         except Exception as exc:  # noqa: BLE001 (any handler error is retried)
@@ -262,12 +261,38 @@ class Worker:
         finally:
             heartbeat.cancel()
 
+    def _context(self, job: ClaimedJob) -> JobContext:
+        return JobContext(
+            job.id, job.kind, job.attempts, job.max_attempts, job.created_at, self.state
+        )
+
+    async def _fail(self, job: ClaimedJob, kind: JobKind, reason: str) -> None:
+        """The job has failed for good: what it was for gets its end first, so a crash
+        between the two leaves the job to run (and fail) again, not the end unwritten."""
+        if kind.on_failed is not None:
+            try:
+                await kind.on_failed(self._context(job), job.payload, reason)
+            except Exception as exc:  # noqa: BLE001 (then the job is retaken when its lease lapses)
+                log.warning("jobs.on_failed_error", error_type=type(exc).__name__)
+                return
+        await self._finish(job, "failed", reason)
+
+    async def _wait_out(self, job: ClaimedJob, reason: str) -> None:
+        """A dependency is down: try again later without spending an attempt, after a
+        tenth of the job's age (between 1 s and 5 minutes), so an outage of hours costs
+        a few hundred cheap tries, and the job goes on within minutes of its end."""
+        age = (_now() - job.created_at).total_seconds()
+        wait = min(300.0, max(1.0, age / 10)) * random.uniform(0.9, 1.1)  # noqa: S311
+        log.warning("jobs.waiting", attempt=job.attempts, delay_s=round(wait, 2), reason=reason)
+        self.state.metrics.jobs.labels(job.kind, "waiting").inc()
+        await self._release(job, _now() + dt.timedelta(seconds=wait), reason, uncount=True)
+
     async def _retry_or_fail(
         self, job: ClaimedJob, kind: JobKind, reason: str, delay: float | None
     ) -> None:
         if job.attempts >= min(job.max_attempts, kind.max_attempts):
             log.warning("jobs.failed", attempt=job.attempts, reason=reason[:200])
-            await self._finish(job, "failed", reason)
+            await self._fail(job, kind, reason)
             return
         wait = backoff_delay(job.attempts, kind.base_delay_s, kind.max_delay_s)
         if delay is not None:

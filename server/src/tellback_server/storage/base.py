@@ -70,7 +70,8 @@ class ObjectStore(Protocol):
 
     async def read_head(self, key: str, length: int) -> bytes: ...
 
-    async def download(self, key: str, target: Path) -> None: ...
+    async def download(self, key: str, target: Path) -> None:
+        """Raises ``FileNotFoundError`` when there is no ``key``."""
 
     async def upload_file(self, key: str, source: Path, content_type: str) -> None: ...
 

@@ -183,6 +183,8 @@ class S3Store:
         try:
             await self._call(self.client.fget_object, self.bucket, key, str(target))
         except S3Error as exc:
+            if exc.code in _MISSING:  # as on local disk: the object, not storage, is gone
+                raise FileNotFoundError(key) from exc
             raise StorageError(f"object storage error: {exc.code}") from exc
 
     async def upload_file(self, key: str, source: Path, content_type: str) -> None:

@@ -43,6 +43,7 @@ from tellback_server.domain.events.records import EventDraft, emit
 from tellback_server.jobs.queue import enqueue
 from tellback_server.jobs.registry import JobContext, JobRegistry, PermanentFailure
 from tellback_server.state import AppState
+from tellback_server.storage.base import StorageError
 
 log = structlog.get_logger("tellback.media")
 
@@ -260,7 +261,10 @@ async def process_attachment(ctx: JobContext, payload: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory(prefix="tellback-media-") as tmp:
         workdir = Path(tmp)
         src = workdir / "original"
-        await store.download(att.storage_key, src)
+        try:
+            await store.download(att.storage_key, src)
+        except FileNotFoundError:
+            raise PermanentFailure("the upload's bytes are gone from storage") from None
         outcome = await asyncio.to_thread(
             analyse, att.kind, att.content_type, src, workdir, keep_location, att.sha256
         )
@@ -318,6 +322,31 @@ async def process_attachment(ctx: JobContext, payload: dict[str, Any]) -> None:
         ready=outcome.ready,
         reason=outcome.reason,
     )
+
+
+GAVE_UP = "the server could not process this file"
+
+
+async def processing_failed(ctx: JobContext, payload: dict[str, Any], reason: str) -> None:
+    """The media job failed for good (a file that crashes or outlasts processing, its
+    bytes gone): the attachment is ``rejected`` with a reason, as a file processing
+    refuses is, instead of staying ``processing`` for good. The details stay in the
+    log; a storage outage never gets here (it is waited out)."""
+    attachment_id = UUID(str(payload["attachment_id"]))
+    async with ctx.state.db.session(write=True) as db:
+        done = await db.execute(
+            update(Attachment)
+            .where(Attachment.id == attachment_id, Attachment.status == "processing")
+            .values(status="rejected", reason=GAVE_UP)
+            .returning(Attachment)
+        )
+        att = done.scalar()
+        if att is None:
+            return  # handled meanwhile, or gone
+        await enqueue(db, DELETE_JOB, {"keys": stored_keys(att.storage_key)}, max_attempts=20)
+        if att.message_id is not None:
+            await _announce(db, att, att.message_id, "rejected", GAVE_UP)
+    log.warning("media.gave_up", attachment_id=str(attachment_id), reason=reason[:500])
 
 
 async def _announce(
@@ -392,6 +421,13 @@ async def expire_abandoned_uploads(state: AppState) -> int:
 
 
 def register(registry: JobRegistry) -> None:
-    registry.register("media.process", process_attachment, max_attempts=5, timeout_s=300)
-    registry.register(DELETE_JOB, delete_objects, max_attempts=20)
+    registry.register(
+        "media.process",
+        process_attachment,
+        max_attempts=5,
+        timeout_s=300,
+        waits_out=(StorageError,),
+        on_failed=processing_failed,
+    )
+    registry.register(DELETE_JOB, delete_objects, max_attempts=20, waits_out=(StorageError,))
     registry.periodic("uploads.expire", 600, expire_abandoned_uploads)
