@@ -28,6 +28,7 @@ import asyncpg
 import pytest
 from sqlalchemy import event, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from structlog.testing import capture_logs
 
 from tellback_server.asgi import build_state, create_app
 from tellback_server.db.models import AdminToken, Job
@@ -881,3 +882,31 @@ async def test_lapsed_lease_on_the_last_attempt_does_not_exceed_the_budget(
     assert read_lines(out) == [], "the job ran beyond its max_attempts"
     assert job.status == "failed"
     assert job.last_error
+
+
+async def test_a_job_still_running_when_the_worker_stops_is_put_back_at_once(
+    state: AppState, tmp_path: Path
+) -> None:
+    """Stopped (a deploy, a scale-down), the worker gives running jobs their grace, then
+    puts back those still running, due now, and says which: another worker takes them at
+    once, where before it waited for their leases to lapse (up to a minute), and the log
+    said only `jobs.worker_stopped`."""
+    out = tmp_path / "slow.txt"
+    job_id = await add_job(state, "test.slow_first", {"path": str(out), "seconds": 120})
+    worker = Worker(state, plugin_registry())
+    worker.stop_grace_s = 0.5
+    with capture_logs() as logs:
+        async with running(worker):
+
+            async def started() -> bool:
+                return len(read_lines(out)) == 1
+
+            await wait_until(started, within=10, what="the job's start")
+    job = await load_job(state, job_id)
+    assert (job.status, job.locked_by, job.locked_until) == ("queued", None, None)
+    assert job.run_after <= _now()
+    assert job.last_error == "the worker stopped during this attempt"
+    (abandoned,) = [e for e in logs if e["event"] == "jobs.abandoned"]
+    assert abandoned["jobs"] == [f"test.slow_first:{job_id}"]
+    assert await Worker(state, plugin_registry(), name="next").run_until_idle() == 1
+    assert (await load_job(state, job_id)).status == "done"

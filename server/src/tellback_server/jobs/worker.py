@@ -136,7 +136,8 @@ class Worker:
         self.concurrency = concurrency or state.settings.worker_concurrency
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self.lease = dt.timedelta(seconds=state.settings.job_lease_seconds)
-        self._running: set[asyncio.Task[None]] = set()
+        self._running: dict[asyncio.Task[None], ClaimedJob] = {}
+        self.stop_grace_s = 10.0  # how long running jobs get to end once stopped
         self._last_maintenance = 0.0
         self._last_periodic: dict[str, float] = {}
         self._finished: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
@@ -156,8 +157,8 @@ class Worker:
                 claimed = await self._claim_safely()
                 for job in claimed:
                     task = asyncio.create_task(self._execute(job))
-                    self._running.add(task)
-                    task.add_done_callback(self._running.discard)
+                    self._running[task] = job
+                    task.add_done_callback(self._forget)
                 await self._maintenance()
                 if claimed and len(self._running) < self.concurrency:
                     continue  # there may be more due work right now
@@ -172,12 +173,35 @@ class Worker:
         finally:
             stop_waiter.cancel()
             if self._running:
-                await asyncio.wait(self._running, timeout=10)
+                await asyncio.wait(set(self._running), timeout=self.stop_grace_s)
+            if self._running:
+                await self._abandon()
             if listener is not None:
                 listener.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await listener
             log.info("jobs.worker_stopped", worker=self.name)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._running.pop(task, None)
+
+    async def _abandon(self) -> None:
+        """Jobs still running when the stop's grace is over: cut, and put back due now, so
+        another worker takes them at once instead of when their leases lapse. (Each had
+        its try: delivery is at least once, and a cut delivery may have gone out.)"""
+        abandoned = dict(self._running)
+        for task in abandoned:
+            task.cancel()
+        await asyncio.wait(abandoned)
+        reason = "the worker stopped during this attempt"
+        for job in abandoned.values():
+            with contextlib.suppress(Exception):  # (else its lease lapses, as after a kill)
+                await self._release(job, _now(), reason)
+        log.warning(
+            "jobs.abandoned",
+            worker=self.name,
+            jobs=[f"{job.kind}:{job.id}" for job in abandoned.values()],
+        )
 
     async def run_until_idle(self, max_rounds: int = 100) -> int:
         """Run due jobs until none is left (tests and ``tellback worker --once``)."""
