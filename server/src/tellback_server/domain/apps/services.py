@@ -7,9 +7,11 @@ from typing import Any
 from uuid import UUID
 
 import msgspec
+from cryptography.exceptions import InvalidTag
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from tellback_server.db.engine import Database
 from tellback_server.db.models import App, AppIdentitySecret
 from tellback_server.domain.apps.schemas import (
     FILE_TYPES,
@@ -32,6 +34,7 @@ from tellback_server.security import (
     Sealer,
     new_token,
 )
+from tellback_server.settings import SettingsError
 
 IDENTITY_PURPOSE = "identity-secret"
 
@@ -214,3 +217,30 @@ async def identity_secrets(db: AsyncSession, sealer: Sealer, app_id: UUID) -> di
     )
     purpose = f"{IDENTITY_PURPOSE}:{app_id}"
     return {kid: sealer.open(sealed, purpose) for kid, sealed in rows}
+
+
+async def check_secret_key(db: Database, sealer: Sealer) -> None:
+    """Refuse a ``TELLBACK_SECRET_KEY`` other than the one that sealed this database's
+    secrets: with it, every identified session, push and webhook signature would fail
+    (a 500 each), and new secrets would be sealed with a key the old ones do not share.
+    A database restored without its key file, or a process started without the shared
+    key, is refused at start instead. The newest identity secret is the witness (every
+    app has one); a database with no app has nothing sealed yet."""
+    async with db.session(write=False) as session:
+        newest = (
+            await session.execute(
+                select(AppIdentitySecret.app_id, AppIdentitySecret.secret_sealed)
+                .order_by(AppIdentitySecret.created_at.desc())
+                .limit(1)
+            )
+        ).first()
+    if newest is None:
+        return
+    try:
+        sealer.open(newest.secret_sealed, f"{IDENTITY_PURPOSE}:{newest.app_id}")
+    except (InvalidTag, ValueError):
+        raise SettingsError(
+            "TELLBACK_SECRET_KEY: this database's secrets (apps' identity secrets, push "
+            "credentials, webhook secrets) were sealed with another key; start with the "
+            "key it was set up with (the embedded default keeps it in <data dir>/secret_key)"
+        ) from None
