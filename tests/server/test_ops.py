@@ -19,7 +19,7 @@ from litestar import Litestar
 from litestar.routes import HTTPRoute
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import event as sqlalchemy_event
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 from structlog.testing import capture_logs
 
 from tellback_server import cli
@@ -28,6 +28,7 @@ from tellback_server.cli import GC_YOUNG_THRESHOLD, freeze_startup_heap
 from tellback_server.db import engine
 from tellback_server.db.engine import Database
 from tellback_server.db.models import Job
+from tellback_server.jobs.queue import enqueue
 from tellback_server.jobs.registry import JobRegistry
 from tellback_server.ratelimit import RateLimiter
 from tellback_server.security import (
@@ -123,6 +124,39 @@ async def test_metrics_is_prometheus_text_counting_requests(api: Api) -> None:
     assert (await api.http.get("/healthz")).status_code == 200
     r = await api.http.get("/metrics")
     assert _request_counts(r.text)[("GET", "/healthz", "200")] == 2
+
+
+def _samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    return {
+        tuple(sorted(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    }
+
+
+async def test_metrics_report_the_job_backlog_of_every_worker(api: Api) -> None:
+    """The queue as the database holds it, so an API process reports it while the
+    workers run elsewhere (`tellback_jobs_queued` was declared, never set): jobs
+    queued by kind, and how long the longest-waiting due one has waited."""
+    now = dt.datetime.now(dt.UTC)
+    async with api.state.db.session(write=True) as db:
+        for kind, due in (
+            ("push.send", now - dt.timedelta(minutes=10)),
+            ("push.send", now),
+            ("storage.delete", now + dt.timedelta(hours=1)),  # scheduled for later
+        ):
+            await enqueue(db, kind, {}, run_after=due)
+    text = (await api.http.get("/metrics")).text
+    queued = _samples(text, "tellback_jobs_queued")
+    assert queued == {(("kind", "push.send"),): 2, (("kind", "storage.delete"),): 1}
+    (oldest,) = _samples(text, "tellback_jobs_oldest_due_seconds").values()
+    assert 600 <= oldest < 900
+    async with api.state.db.session(write=True) as db:
+        await db.execute(update(Job).values(status="done"))
+    text = (await api.http.get("/metrics")).text
+    assert _samples(text, "tellback_jobs_queued") == {}
+    assert _samples(text, "tellback_jobs_oldest_due_seconds") == {(): 0}
 
 
 def _commit_sizes(text: str) -> dict[str, tuple[float, float]]:

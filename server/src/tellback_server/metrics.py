@@ -25,12 +25,23 @@ class Metrics:
         )
         self.jobs = Counter(
             "tellback_jobs_total",
-            "Jobs finished by kind and outcome (done, retried, failed)",
+            "Job attempts this process ran, by kind and outcome (done, retried, failed, "
+            "waiting: a dependency was down)",
             ["kind", "outcome"],
             registry=self.registry,
         )
         self.jobs_queued = Gauge(
-            "tellback_jobs_queued", "Jobs waiting to run, by kind", ["kind"], registry=self.registry
+            "tellback_jobs_queued",
+            "Jobs waiting to run, by kind, across every worker (read from the database "
+            "when scraped; includes jobs scheduled for later)",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.jobs_oldest_due = Gauge(
+            "tellback_jobs_oldest_due_seconds",
+            "How long the longest-waiting due job has been due (0: none is), across "
+            "every worker: the backlog to alert on",
+            registry=self.registry,
         )
 
         self.sse_streams = Gauge(
