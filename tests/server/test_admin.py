@@ -12,11 +12,11 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.pool import QueuePool
 
 from tellback_server.asgi import create_app
-from tellback_server.db.models import App
+from tellback_server.db.models import AdminToken, App
 from tellback_server.jobs.registry import JobRegistry
 from tellback_server.settings import Settings
 from tests.server.conftest import SECRET, Api, AppInfo, identity_token, lifespan
@@ -790,3 +790,26 @@ async def test_cli_create_token(tmp_path: Path) -> None:
         assert r.status_code == 201, r.text
         r = await client.get("/v1/admin/apps", headers={"Authorization": f"Bearer {token}x"})
         assert_problem(r, 401, "unauthenticated")
+
+
+async def test_an_admin_tokens_last_use_is_kept_to_the_minute(api: Api) -> None:
+    """What `tellback admin list-tokens` shows as "last used" (nothing wrote it): set on
+    use, and written again only once the minute is past, so a busy operator script
+    does not turn every admin request into a write."""
+
+    async def last_used() -> dt.datetime | None:
+        async with api.state.db.session(write=False) as db:
+            return await db.scalar(select(AdminToken.last_used_at))
+
+    assert await last_used() is None
+    assert (await api.http.get("/v1/admin/apps", headers=api.admin)).status_code == 200
+    first = await last_used()
+    assert first is not None
+    assert abs((dt.datetime.now(dt.UTC) - first).total_seconds()) < 60
+    assert (await api.http.get("/v1/admin/apps", headers=api.admin)).status_code == 200
+    assert await last_used() == first  # within the minute: not written again
+    async with api.state.db.session(write=True) as db:
+        an_hour_ago = first - dt.timedelta(hours=1)
+        await db.execute(update(AdminToken).values(last_used_at=an_hour_ago))
+    assert (await api.http.get("/v1/admin/apps", headers=api.admin)).status_code == 200
+    assert (await last_used() or an_hour_ago) > first - dt.timedelta(seconds=1)
