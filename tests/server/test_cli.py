@@ -348,3 +348,31 @@ def test_an_open_data_dir_is_warned_of_and_left_as_it_is(tmp_path: Path) -> None
     assert result.returncode == 0, result.stderr
     assert "settings.data_dir_not_private" in result.stderr
     assert stat.S_IMODE(data.stat().st_mode) == 0o755
+
+
+@pytest.mark.parametrize("command", [("serve", "--no-worker"), ("worker", "--once")])
+def test_a_secret_key_other_than_the_databases_is_refused_at_start(
+    tmp_path: Path, database_url: str, command: tuple[str, ...]
+) -> None:
+    """A data dir restored without its `secret_key` file, or a process started without
+    the shared key: the server started, generated or took the other key, and answered
+    500 to every identified session (`InvalidTag`). Now it says which variable."""
+    env = env_for(tmp_path, database_url)
+    made = tellback(tmp_path, env, "admin", "create-token")
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip().splitlines()[-1]
+    server = Server(tmp_path, env, "--no-worker")
+    try:
+        server.wait_ready()
+        r = httpx.post(
+            f"{server.url}/v1/admin/apps",
+            json={"name": "Sealed"},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert r.status_code == 201, r.text
+    finally:
+        server.stop()
+    other = {**env, "TELLBACK_SECRET_KEY": "o" * 40}
+    refused = tellback(tmp_path, other, *command)
+    assert_one_line_error(refused, "TELLBACK_SECRET_KEY: this database's secrets")
+    assert "o" * 40 not in refused.stderr

@@ -439,6 +439,22 @@ async def _check_revision(settings: Settings) -> None:
     await _check_database(settings, hint="run `tellback migrate` (or pass --migrate)")
 
 
+async def _check_secret_key(settings: Settings) -> None:
+    """Refuse a TELLBACK_SECRET_KEY that cannot open the database's sealed secrets (a
+    data dir restored without its key file, a process started without the shared key):
+    it would answer 500 to every identified session and sign nothing right."""
+    from tellback_server.db.engine import Database
+    from tellback_server.domain.apps.services import check_secret_key
+    from tellback_server.security import Sealer
+
+    assert settings.secret_key is not None  # (resolved by _settings)
+    db = Database(settings, pool_size=1)
+    try:
+        await check_secret_key(db, Sealer(settings.secret_key))
+    finally:
+        await db.dispose()
+
+
 def uvicorn_config(app: Any, host: str, port: int) -> uvicorn.Config:
     """How ``tellback serve`` runs an app under uvicorn (the benchmark's floor app too)."""
     return uvicorn.Config(
@@ -536,6 +552,7 @@ def serve(
             await _migrate(settings)
         else:
             await _check_revision(settings)
+        await _check_secret_key(settings)
         token = await _first_start_token(settings)
         if token is not None:
             click.echo(
@@ -584,6 +601,7 @@ def worker(concurrency: int | None, plugins: tuple[str, ...], once: bool, loop: 
             await _migrate(settings)
         else:
             await _check_revision(settings)
+        await _check_secret_key(settings)
         state = build_state(settings)
         w = Worker(state, registry, concurrency=concurrency)
         freeze_startup_heap()
