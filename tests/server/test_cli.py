@@ -5,12 +5,14 @@ and what is said at start."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import stat
 import struct
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -376,3 +378,63 @@ def test_a_secret_key_other_than_the_databases_is_refused_at_start(
     refused = tellback(tmp_path, other, *command)
     assert_one_line_error(refused, "TELLBACK_SECRET_KEY: this database's secrets")
     assert "o" * 40 not in refused.stderr
+
+
+def test_a_worker_serves_its_own_metrics_when_asked(tmp_path: Path, database_url: str) -> None:
+    """`tellback worker` has no HTTP API, so the job attempts it ran never reached a
+    scrape in the production layout. `--metrics-port` serves them (127.0.0.1 unless
+    `--metrics-host` says otherwise), and stops with the worker."""
+    from tellback_server.db.engine import Database
+    from tellback_server.jobs.queue import enqueue
+    from tellback_server.settings import Settings
+
+    async def queue_one() -> None:
+        db = Database(Settings(database_url=database_url, data_dir=tmp_path / "data"))
+        try:
+            async with db.session(write=True) as session:
+                await enqueue(session, "storage.delete", {"keys": []})
+        finally:
+            await db.dispose()
+
+    asyncio.run(queue_one())
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tellback_server", "worker", "--metrics-port", str(port)],
+        cwd=tmp_path,
+        env=env_for(tmp_path, database_url),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        done = 'tellback_jobs_total{kind="storage.delete",outcome="done"} 1.0'
+        text = ""
+        for _ in range(300):
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1).text
+            except httpx.TransportError:
+                text = ""
+            if done in text:
+                break
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            time.sleep(0.1)
+        assert done in text, text[-2000:]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, proc.communicate()[1][-2000:]
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def test_a_metrics_port_in_use_is_one_line(tmp_path: Path, database_url: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = tellback(
+            tmp_path, env_for(tmp_path, database_url), "worker", "--metrics-port", str(port)
+        )
+    assert_one_line_error(result, f"--metrics-port: cannot listen on 127.0.0.1:{port}")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import gc
 import json
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import click
@@ -586,8 +587,24 @@ def serve(
     "--plugin", "plugins", multiple=True, help="module:function registering job handlers."
 )
 @click.option("--once", is_flag=True, help="Run due jobs until none is left, then exit.")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="Serve this worker's Prometheus metrics (job and webhook attempts) on this port.",
+)
+@click.option(
+    "--metrics-host", default="127.0.0.1", show_default=True, help="Address for --metrics-port."
+)
 @_LOOP_OPTION
-def worker(concurrency: int | None, plugins: tuple[str, ...], once: bool, loop: str) -> None:
+def worker(
+    concurrency: int | None,
+    plugins: tuple[str, ...],
+    once: bool,
+    metrics_port: int | None,
+    metrics_host: str,
+    loop: str,
+) -> None:
     """Run only the job worker (scale out with several of these on PostgreSQL)."""
     from tellback_server.asgi import build_state
     from tellback_server.jobs.worker import Worker
@@ -614,11 +631,35 @@ def worker(concurrency: int | None, plugins: tuple[str, ...], once: bool, loop: 
             running = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 running.add_signal_handler(sig, stop.set)
-            await w.run(stop)
+            with _metrics_server(state.metrics.registry, metrics_host, metrics_port):
+                await w.run(stop)
         finally:
             await state.db.dispose()
 
     _run(run, loop)
+
+
+@contextlib.contextmanager
+def _metrics_server(registry: Any, host: str, port: int | None) -> Iterator[None]:
+    """A worker has no HTTP API: its metrics (job and webhook attempts it ran) are served
+    on a port of their own when asked for, by prometheus_client's server in a thread.
+    Any path answers with the metrics, so a process manager may probe it as well."""
+    if port is None:
+        yield
+        return
+    from prometheus_client import start_http_server
+
+    try:
+        server, thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise SettingsError(f"--metrics-port: cannot listen on {host}:{port}: {exc}") from None
+    log.info("worker.metrics_listening", url=f"http://{host}:{port}/metrics")
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
 @main.command()
