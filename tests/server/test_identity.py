@@ -21,6 +21,7 @@ import jwt
 import pytest
 from sqlalchemy import select, text, update
 from sqlalchemy.pool import QueuePool
+from structlog.testing import capture_logs
 
 from tellback_server.db.models import ClientSession, Event
 from tellback_server.http.auth_cache import PrincipalCache
@@ -1014,10 +1015,20 @@ async def test_a_process_that_listens_again_forgets_the_checks_it_cached(
         await asyncio.sleep(0.3)
         # Control: nothing told the processes, so b still trusts its cached check.
         assert (await b.http.get("/v1/client/me", headers=headers)).status_code == 200
-        async with a.state.db.session(write=True) as db:
-            for pid in await listening_pids(a.state):
-                await db.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
-        assert await _until_refused(b, headers, within=10) < 10
+        with capture_logs() as logs:
+            async with a.state.db.session(write=True) as db:
+                for pid in await listening_pids(a.state):
+                    await db.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            assert await _until_refused(b, headers, within=10) < 10
+            # ... and each process says that it lost listening, and that it listens again.
+            for _ in range(100):
+                if sum(e["event"] == "db.listening" for e in logs) == 2:
+                    break
+                await asyncio.sleep(0.05)
+        lost = [e["listener"] for e in logs if e["event"] == "db.listen_connection_lost"]
+        back = [e["listener"] for e in logs if e["event"] == "db.listening"]
+        assert len(lost) == 2, logs
+        assert sorted(back) == sorted(lost)
 
 
 async def test_a_listen_connection_that_stops_answering_is_replaced(

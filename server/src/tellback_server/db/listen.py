@@ -73,6 +73,9 @@ async def _listen_once(dsn: str, channels: Sequence[Channel], name: str) -> None
         for channel in channels:
             await conn.add_listener(channel.name, _callback(channel.on_notify, name))
         listening = True
+        # Each time, so an operator sees listening come back after `db.listen_failed` or
+        # `db.listen_connection_lost` (a PostgreSQL restart, a failover).
+        log.info("db.listening", listener=name, channels=[c.name for c in channels])
         for channel in channels:
             if channel.on_connected is not None:
                 _safely(channel.on_connected, name)
