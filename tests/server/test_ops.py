@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 import gc
 import re
+import shutil
 import time
 import uuid
 from dataclasses import replace
@@ -37,8 +38,8 @@ from tellback_server.security import (
     SESSION_TOKEN_PREFIX,
     new_token,
 )
-from tellback_server.settings import SettingsError, load_settings
-from tests.conftest import _admin_exec
+from tellback_server.settings import S3Settings, SettingsError, load_settings
+from tests.conftest import S3_ACCESS_KEY, _admin_exec
 from tests.server.conftest import Api, AppInfo, lifespan, make_settings, serve_app
 
 PROBLEM_JSON = "application/problem+json"
@@ -86,6 +87,33 @@ async def test_readyz(api: Api) -> None:
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("application/json")
     assert r.json() == {"status": "ready"}
+
+
+async def test_readyz_tells_wrong_storage_credentials_from_storage_down(
+    s3_endpoint: str, sqlite_template: Path, tmp_path: Path
+) -> None:
+    """Wrong S3 credentials were reported as "object storage unreachable", which sent an
+    operator looking at the network. The reason is S3's error code; no key is shown."""
+    db = tmp_path / "tellback.db"
+    shutil.copyfile(sqlite_template, db)
+    wrong = S3Settings(
+        endpoint=s3_endpoint,
+        access_key=S3_ACCESS_KEY,
+        secret_key="not-the-secret-key-at-all",
+        bucket=f"tb-{uuid.uuid4().hex[:12]}",
+        secure=False,
+        region="us-east-1",
+    )
+    settings = make_settings(f"sqlite+aiosqlite:///{db}", tmp_path / "data", s3=wrong)
+    async with serve_app(settings, JobRegistry()) as api:
+        r = await api.http.get("/readyz")
+    assert r.status_code == 503, r.text
+    assert r.json()["code"] == "storage_unavailable"
+    assert r.json()["detail"] in {  # (S3 and MinIO say the first, SeaweedFS the second)
+        "object storage error: SignatureDoesNotMatch",
+        "object storage error: AccessDenied",
+    }
+    assert "not-the-secret-key-at-all" not in r.text
 
 
 def _request_counts(text: str) -> dict[tuple[str, str, str], float]:

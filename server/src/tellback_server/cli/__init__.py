@@ -29,6 +29,7 @@ from tellback_server.settings import (
     resolve_secret_key,
     unknown_variables,
 )
+from tellback_server.storage.base import StorageError
 
 T = TypeVar("T")
 log = structlog.get_logger("tellback.cli")
@@ -620,6 +621,10 @@ def worker(
             await _check_revision(settings)
         await _check_secret_key(settings)
         state = build_state(settings)
+        try:  # said at start, not first found by a job (which then waits it out)
+            await state.store.ensure_ready()
+        except StorageError as exc:
+            log.warning("storage.not_ready", error=str(exc))
         w = Worker(state, registry, concurrency=concurrency)
         freeze_startup_heap()
         try:

@@ -41,12 +41,14 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[Any]:
         )
     try:
         await state.store.ping()
-    except StorageError:
+    except StorageError as exc:
+        # Its reason (unreachable, or an S3 error code such as SignatureDoesNotMatch for
+        # wrong credentials), never a key: what an operator needs to tell the two apart.
         return problem_response(
             request,
             503,
             "storage_unavailable",
-            "object storage unreachable",
+            str(exc),
             headers={"Retry-After": "5"},
         )
     return Response(content=Health(status="ready"))
