@@ -123,6 +123,20 @@ def client(tmp_path: Path, fake: FakeServer, policy: RetryPolicy = QUICK) -> Mob
     )
 
 
+def async_client(
+    tmp_path: Path, fake: FakeServer, policy: RetryPolicy = QUICK
+) -> AsyncMobileClient:
+    """The async twin of ``client``; flushes only when a test asks."""
+    return AsyncMobileClient(
+        "http://tb.test",
+        "tbk_x",
+        data_dir=tmp_path / "sdk",
+        transport=httpx.MockTransport(fake),
+        retry_policy=policy,
+        auto_flush=False,
+    )
+
+
 def fails_for(body: str, response: Callable[[], httpx.Response]) -> Answer:
     def answer(request: httpx.Request) -> httpx.Response | None:
         return response() if json.loads(request.content)["body"] == body else None
@@ -232,14 +246,7 @@ async def test_an_async_item_queued_while_the_user_logs_out_is_refused(
     log = tmp_path / "crash.log"
     log.write_text("boot failed\n")
     fake = FakeServer()
-    async with AsyncMobileClient(
-        "http://tb.test",
-        "tbk_x",
-        data_dir=tmp_path / "sdk",
-        transport=httpx.MockTransport(fake),
-        retry_policy=QUICK,
-        auto_flush=False,
-    ) as tb:
+    async with async_client(tmp_path, fake) as tb:
         await tb.identify(_jwt("alice"))
         loop = asyncio.get_running_loop()
         real_copy = _outbox_store._durable_copy
@@ -308,14 +315,7 @@ def test_the_outbox_pause_is_capped_by_the_policy(tmp_path: Path) -> None:
 
 async def test_async_logout_is_not_held_by_a_retry_after(tmp_path: Path) -> None:
     fake = FakeServer(_pause)
-    async with AsyncMobileClient(
-        "http://tb.test",
-        "tbk_x",
-        data_dir=tmp_path / "sdk",
-        transport=httpx.MockTransport(fake),
-        retry_policy=FULL_RETRY_AFTER,
-        auto_flush=False,
-    ) as tb:
+    async with async_client(tmp_path, fake, FULL_RETRY_AFTER) as tb:
         await tb.conversations.create("kept for later")
         # Bounded so a regression fails here instead of sleeping an hour.
         result = await asyncio.wait_for(tb.outbox.flush(), 30)
@@ -678,14 +678,7 @@ async def test_a_cancelled_create_queues_nothing(
 
     monkeypatch.setattr(_outbox_store, "_durable_copy", slow_copy)
     fake = FakeServer()
-    async with AsyncMobileClient(
-        "http://tb.test",
-        "tbk_x",
-        data_dir=tmp_path / "sdk",
-        transport=httpx.MockTransport(fake),
-        retry_policy=QUICK,
-        auto_flush=False,
-    ) as tb:
+    async with async_client(tmp_path, fake) as tb:
         task = asyncio.create_task(tb.conversations.create("app crashed", attachments=[big]))
         await asyncio.to_thread(copying.wait, 10)
         task.cancel()
