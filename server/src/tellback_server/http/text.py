@@ -72,6 +72,13 @@ class TellbackRequest(Request[Any, Any, Any]):
         except (UnicodeDecodeError, LookupError) as exc:
             raise BadRequest("the form's text is not valid in its character set") from exc
         items = list(form.multi_items())
+        for k, v in items:  # (UTF-7 and unicode_escape can decode to lone surrogates)
+            try:
+                k.encode()
+                if isinstance(v, str):
+                    v.encode()
+            except UnicodeEncodeError as exc:
+                raise BadRequest("the form's text is not valid in its character set") from exc
         if not any("\x00" in k or (isinstance(v, str) and "\x00" in v) for k, v in items):
             return form
         return FormMultiDict(

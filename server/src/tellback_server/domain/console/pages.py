@@ -95,8 +95,11 @@ def secret_key(request: Request[Any, Any, Any]) -> str:
 
 
 def is_secure(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
-    """Cookies get ``Secure`` when this request came over HTTPS or the public URL is HTTPS."""
-    return session.is_secure(connection.url.scheme, app_state(connection).settings.public_url)
+    """Cookies get ``Secure`` when this request came over HTTPS or the public URL is HTTPS.
+    (The scheme from the scope: ``connection.url`` raises for a Host header whose port is
+    no port, and the request never got an answer.)"""
+    scheme = str(connection.scope.get("scheme", "http"))
+    return session.is_secure(scheme, app_state(connection).settings.public_url)
 
 
 def session_cookie(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
@@ -163,9 +166,8 @@ def error_page(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]
         detail = ""
     fragment = request.headers.get(FRAGMENT_HEADER) == "1"
     if status == 401 and request.method == "GET" and not fragment:
-        target = safe_next(
-            request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        )
+        query = request.scope.get("query_string", b"").decode("latin-1")
+        target = safe_next(request.scope["path"] + (f"?{query}" if query else ""))
         return redirect(
             request, f"{LOGIN_PATH}?{urlencode({'next': target})}" if target else LOGIN_PATH
         )

@@ -151,4 +151,6 @@ def csrf_token(secret_key: str, bound_to: str) -> str:
 def csrf_matches(secret_key: str, bound_to: str | None, given: str | None) -> bool:
     if not bound_to or not given:
         return False
-    return hmac.compare_digest(csrf_token(secret_key, bound_to), given)
+    # As bytes: compare_digest raises TypeError for a str that is not ASCII (a 500).
+    expected = csrf_token(secret_key, bound_to).encode()
+    return hmac.compare_digest(expected, given.encode("utf-8", "surrogatepass"))
