@@ -55,8 +55,17 @@ class ObjectStore(Protocol):
     async def create_multipart(self, key: str, content_type: str) -> str: ...
 
     async def presign_part(
-        self, key: str, upload_id: str, part_number: int, part_size: int, expires: dt.timedelta
-    ) -> str: ...
+        self,
+        key: str,
+        upload_id: str,
+        part_number: int,
+        part_size: int,
+        length: int,
+        expires: dt.timedelta,
+    ) -> str:
+        """A URL for part ``part_number``: ``part_size`` is the upload's part size (part
+        n starts at byte (n - 1) * part_size), ``length`` this part's own length."""
+        ...
 
     async def list_parts(self, key: str, upload_id: str) -> list[UploadedPart]: ...
 

@@ -190,8 +190,16 @@ class LocalStore:
         return upload_id
 
     async def presign_part(
-        self, key: str, upload_id: str, part_number: int, part_size: int, expires: dt.timedelta
+        self,
+        key: str,
+        upload_id: str,
+        part_number: int,
+        part_size: int,
+        length: int,
+        expires: dt.timedelta,
     ) -> str:
+        # The signed maximum is the part size, which also places the part in the file:
+        # any part may be sent short here, and complete finds what is missing.
         return self.sign(SignedOp("put", key, part_size, upload_id, part_number, "", ""), expires)
 
     async def list_parts(self, key: str, upload_id: str) -> list[UploadedPart]:

@@ -7,6 +7,11 @@ We call the private methods deliberately, pin minio to 7.2.x, and run the
 whole flow against a real S3 server (SeaweedFS) in the tests, so an SDK
 change that breaks them fails CI instead of users' uploads.
 
+minio's presigner signs the ``host`` header alone, so a presigned PUT would take
+any number of bytes, up to S3's 5 GB for one request. Upload URLs are signed here
+with ``content-length`` as well (SigV4 query signing, built from minio's own signer
+pieces): S3 refuses a body of any other length with 403 ``SignatureDoesNotMatch``.
+
 minio is synchronous (urllib3); every call runs in a worker thread.
 """
 
@@ -17,13 +22,15 @@ import datetime as dt
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlunsplit
 
 import urllib3
-from minio import Minio
+from minio import Minio, signer
+from minio import time as s3time
 from minio.commonconfig import CopySource
 from minio.datatypes import Part
 from minio.error import MinioException, S3Error
+from minio.helpers import DictType, queryencode, sha256_hash
 
 from tellback_server.settings import S3Settings
 from tellback_server.storage.base import ObjectInfo, PresignedRequest, StorageError, UploadedPart
@@ -79,7 +86,7 @@ class S3Store:
     async def presign_put(
         self, key: str, content_type: str, size: int, expires: dt.timedelta
     ) -> PresignedRequest:
-        url = await self._call(self.client.get_presigned_url, "PUT", self.bucket, key, expires)
+        url = await self._call(self._presign_put, key, size, expires, {})
         return PresignedRequest(url=url, headers={"Content-Type": content_type})
 
     async def create_multipart(self, key: str, content_type: str) -> str:
@@ -95,16 +102,59 @@ class S3Store:
         return upload_id
 
     async def presign_part(
-        self, key: str, upload_id: str, part_number: int, part_size: int, expires: dt.timedelta
+        self,
+        key: str,
+        upload_id: str,
+        part_number: int,
+        part_size: int,
+        length: int,
+        expires: dt.timedelta,
     ) -> str:
-        return await self._call(
-            self.client.get_presigned_url,
-            "PUT",
-            self.bucket,
-            key,
-            expires,
-            extra_query_params={"partNumber": str(part_number), "uploadId": upload_id},
+        query: DictType = {"partNumber": str(part_number), "uploadId": upload_id}
+        return await self._call(self._presign_put, key, length, expires, query)
+
+    def _presign_put(self, key: str, length: int, expires: dt.timedelta, query: DictType) -> str:
+        """A presigned PUT of exactly ``length`` bytes: minio's ``presign_v4`` with
+        ``content-length`` among the signed headers (AWS SigV4, query authentication)."""
+        client = self.client
+        region = client._get_region(self.bucket)
+        creds = client._provider.retrieve() if client._provider else None
+        if creds is None:  # anonymous storage: nothing to sign
+            return client.get_presigned_url(
+                "PUT", self.bucket, key, expires, extra_query_params=query
+            )
+        if creds.session_token:
+            query = {**query, "X-Amz-Security-Token": creds.session_token}
+        url = client._base_url.build(
+            method="PUT", region=region, bucket_name=self.bucket, object_name=key,
+            query_params=query,
+        )  # fmt: skip
+        date = s3time.utcnow()
+        scope = signer._get_scope(date, region, "s3")
+        headers = {"content-length": str(length), "host": url.netloc}
+        names = ";".join(headers)  # sorted, as SigV4 wants
+        signed_query = (url.query + "&" if url.query else "") + (
+            "X-Amz-Algorithm=AWS4-HMAC-SHA256"
+            f"&X-Amz-Credential={queryencode(creds.access_key + '/' + scope)}"
+            f"&X-Amz-Date={s3time.to_amz_date(date)}"
+            f"&X-Amz-Expires={int(expires.total_seconds())}"
+            f"&X-Amz-SignedHeaders={queryencode(names)}"
         )
+        canonical_request = "\n".join(
+            [
+                "PUT",
+                url.path or "/",
+                signer._get_canonical_query_string(signed_query),
+                "".join(f"{name}:{value}\n" for name, value in headers.items()),
+                names,
+                "UNSIGNED-PAYLOAD",
+            ]
+        )
+        string_to_sign = signer._get_string_to_sign(date, scope, sha256_hash(canonical_request))
+        signing_key = signer._get_signing_key(creds.secret_key, date, region, "s3")
+        signature = signer._get_signature(signing_key, string_to_sign)
+        final = url._replace(query=f"{signed_query}&X-Amz-Signature={signature}")
+        return urlunsplit(final)
 
     async def list_parts(self, key: str, upload_id: str) -> list[UploadedPart]:
         """Parts storage holds, once per part number (the last one listed wins: some

@@ -234,7 +234,12 @@ class AttachmentService:
             PartUrl(
                 part_number=n,
                 url=await self.store.presign_part(
-                    att.storage_key, att.multipart_upload_id, n, att.part_size, UPLOAD_URL_TTL
+                    att.storage_key,
+                    att.multipart_upload_id,
+                    n,
+                    att.part_size,
+                    self._expected_part_size(att, n),
+                    UPLOAD_URL_TTL,
                 ),
             )
             for n in range(1, att.part_count + 1)
