@@ -187,6 +187,25 @@ async def test_metrics_report_the_job_backlog_of_every_worker(api: Api) -> None:
     assert _samples(text, "tellback_jobs_oldest_due_seconds") == {(): 0}
 
 
+async def test_a_scrape_answers_while_the_job_table_cannot(api: Api, database_url: str) -> None:
+    """The backlog query gives up after a bound, keeping the last figures, so a scrape
+    answers (and frees its connection) while the database cannot: here a migration's
+    lock on `jobs`, which PostgreSQL makes every reader wait for."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite readers never wait for a writer (WAL)")
+    async with api.state.db.session(write=True) as db:
+        await enqueue(db, "push.send", {})
+    before = _samples((await api.http.get("/metrics")).text, "tellback_jobs_queued")
+    assert before == {(("kind", "push.send"),): 1}
+    async with api.state.db.session(write=True) as db:
+        await db.execute(text("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE"))
+        # Unbounded, the scrape would wait for the lock as long as it is held.
+        r = await asyncio.wait_for(api.http.get("/metrics"), timeout=30)
+    assert r.status_code == 200, r.text
+    assert _samples(r.text, "tellback_jobs_queued") == before
+    assert (await api.http.get("/readyz")).status_code == 200
+
+
 def _commit_sizes(text: str) -> dict[str, tuple[float, float]]:
     """``tellback_db_commit_size`` by kind: (commits, requests they carried)."""
     seen: dict[str, dict[str, float]] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from typing import Any
 
@@ -14,6 +15,8 @@ from tellback_server.http.deps import app_state
 from tellback_server.http.errors import problem_response
 from tellback_server.state import AppState
 from tellback_server.storage.base import StorageError
+
+BACKLOG_TIMEOUT_S = 2.0  # Prometheus's default scrape timeout is 10 s
 
 
 class Health(msgspec.Struct):
@@ -64,10 +67,12 @@ async def metrics(request: Request[Any, Any, Any]) -> bytes:
 async def _job_backlog(state: AppState) -> None:
     """The queue as the database holds it, so any API process reports the whole
     backlog (workers are often separate processes with no port of their own). A
-    database that cannot answer leaves the last figures (readiness reports it)."""
+    database that cannot answer within ``BACKLOG_TIMEOUT_S`` (down, or the table
+    locked) leaves the last figures, so the scrape still answers and holds no
+    connection while it waits; readiness reports the database."""
     now = dt.datetime.now(dt.UTC)
     try:
-        async with state.db.session(write=False) as db:
+        async with asyncio.timeout(BACKLOG_TIMEOUT_S), state.db.session(write=False) as db:
             counts = list(
                 await db.execute(
                     select(Job.kind, func.count(), func.min(Job.run_after))
