@@ -36,11 +36,11 @@ from tellback_server.db.models import App, Attachment, Conversation, Message
 from tellback_server.domain.apps.services import parse_settings
 from tellback_server.domain.attachments.services import (
     DELETE_JOB,
-    delete_after_urls_expire,
+    delete_keys,
+    sibling_key,
     stored_keys,
 )
 from tellback_server.domain.events.records import EventDraft, emit
-from tellback_server.jobs.queue import enqueue
 from tellback_server.jobs.registry import JobContext, JobRegistry, PermanentFailure
 from tellback_server.state import AppState
 from tellback_server.storage.base import StorageError
@@ -268,16 +268,15 @@ async def process_attachment(ctx: JobContext, payload: dict[str, Any]) -> None:
         outcome = await asyncio.to_thread(
             analyse, att.kind, att.content_type, src, workdir, keep_location, att.sha256
         )
-        prefix = att.storage_key.rsplit("/", 1)[0]
         written: list[str] = []  # what this attempt stored
         if outcome.ready and outcome.rewritten is not None:
             # A key of its own: the upload stays as sent until the row points here, so
             # an attempt that fails after this checks the same bytes (and sha256) again.
-            written.append(f"{prefix}/processed")
+            written.append(sibling_key(att.storage_key, "processed"))
             await store.upload_file(written[-1], outcome.rewritten, att.content_type)
         thumbnail_key = None
         if outcome.ready and outcome.thumbnail is not None:
-            thumbnail_key = f"{prefix}/thumb.jpg"
+            thumbnail_key = sibling_key(att.storage_key, "thumb.jpg")
             written.append(thumbnail_key)
             await store.upload_file(thumbnail_key, outcome.thumbnail, "image/jpeg")
         size = outcome.rewritten.stat().st_size if outcome.rewritten is not None else None
@@ -312,7 +311,7 @@ async def process_attachment(ctx: JobContext, payload: dict[str, Any]) -> None:
             now_status = await db.scalar(select(Attachment.status).where(Attachment.id == att.id))
             unneeded = [] if now_status == "ready" else written
         if unneeded:
-            await enqueue(db, DELETE_JOB, {"keys": unneeded}, max_attempts=20)
+            await delete_keys(db, unneeded)
         if row is not None and row.message_id is not None:
             await _announce(db, att, row.message_id, values["status"], outcome.reason)
     log.info(
@@ -343,7 +342,7 @@ async def processing_failed(ctx: JobContext, payload: dict[str, Any], reason: st
         att = done.scalar()
         if att is None:
             return  # handled meanwhile, or gone
-        await enqueue(db, DELETE_JOB, {"keys": stored_keys(att.storage_key)}, max_attempts=20)
+        await delete_keys(db, stored_keys(att.storage_key))
         if att.message_id is not None:
             await _announce(db, att, att.message_id, "rejected", GAVE_UP)
     log.warning("media.gave_up", attachment_id=str(attachment_id), reason=reason[:500])
@@ -414,7 +413,7 @@ async def expire_abandoned_uploads(state: AppState) -> int:
             # Its URL may still be signed for a while (it was handed out until now).
             late = expired.scalar() == "single" and not state.store.revokes_upload_urls
             if late:
-                await delete_after_urls_expire(db, stored_keys(att.storage_key))
+                await delete_keys(db, stored_keys(att.storage_key), after_urls_expire=True)
     if rows:
         log.info("media.uploads_expired", count=len(rows))
     return len(rows)

@@ -20,6 +20,7 @@ import datetime as dt
 import math
 import unicodedata
 from collections.abc import Iterable, Sequence
+from typing import Any
 from uuid import UUID
 
 from sqlalchemy import or_, select
@@ -68,23 +69,44 @@ USABLE = {"processing", "ready"}
 UNCHANGED = {"file", "log"}  # kinds whose bytes processing never rewrites
 
 
+KEY_NAMES = ("original", "sealed", "processed", "thumb.jpg")
+KEYS_PER_JOB = 500  # one storage.delete job's batch
+
+
+def sibling_key(storage_key: str, name: str) -> str:
+    """The key ``name`` (one of ``KEY_NAMES``) beside ``storage_key``, in the folder an
+    attachment's objects share (``apps/<app>/att/<id>/``)."""
+    return f"{storage_key.rsplit('/', 1)[0]}/{name}"
+
+
 def stored_keys(storage_key: str) -> list[str]:
     """Every key an attachment may have stored, beside ``storage_key``: the upload as
     sent, its sealed copy, what processing rewrote, the thumbnail. Deleting them all
     leaves nothing, whichever of them exist now or a processing attempt under way still
     writes."""
-    prefix = storage_key.rsplit("/", 1)[0]
-    return [f"{prefix}/{name}" for name in ("original", "sealed", "processed", "thumb.jpg")]
+    return [sibling_key(storage_key, name) for name in KEY_NAMES]
 
 
-async def delete_after_urls_expire(db: AsyncSession, keys: list[str]) -> None:
-    """Queue the deletion of ``keys`` for when every upload URL naming them has expired:
-    until then an S3 presigned PUT still takes bytes, whatever became of its upload
+async def delete_keys(
+    db: AsyncSession,
+    keys: list[str],
+    *,
+    multipart: Sequence[tuple[str, str]] = (),
+    after_urls_expire: bool = False,
+) -> None:
+    """Queue the deletion of ``keys`` and of the ``(key, upload id)`` multipart uploads,
+    in jobs of at most ``KEYS_PER_JOB`` each, committed with the caller's change.
+
+    ``after_urls_expire``: not now but once every upload URL naming them has expired.
+    Until then an S3 presigned PUT still takes bytes, whatever became of its upload
     (completed, aborted, expired, its end user erased). URLs are handed out only while
     an upload is ``pending``, so one hour (and a margin) from now is past the last."""
-    if keys:
-        due = _now() + UPLOAD_URL_TTL + URL_EXPIRY_MARGIN
-        await enqueue(db, DELETE_JOB, {"keys": keys}, max_attempts=20, run_after=due)
+    due = _now() + UPLOAD_URL_TTL + URL_EXPIRY_MARGIN if after_urls_expire else None
+    for i in range(0, max(len(keys), len(multipart)), KEYS_PER_JOB):
+        batch: dict[str, Any] = {"keys": keys[i : i + KEYS_PER_JOB]}
+        if uploads := multipart[i : i + KEYS_PER_JOB]:
+            batch["multipart"] = [list(upload) for upload in uploads]
+        await enqueue(db, DELETE_JOB, batch, max_attempts=20, run_after=due)
 
 
 async def accepts_bytes(db: Database, key: str) -> bool:
@@ -337,7 +359,7 @@ class AttachmentService:
         if att.method == "multipart":
             await self._finish_multipart(att, data)
         seal = att.method == "single" and not self.store.revokes_upload_urls
-        key = att.storage_key.rsplit("/", 1)[0] + "/sealed" if seal else att.storage_key
+        key = sibling_key(att.storage_key, "sealed") if seal else att.storage_key
         if seal and not await self.store.copy(att.storage_key, key):
             await self.db.refresh(att)
             if att.status != "pending":  # completed at the same time, upload deleted since
@@ -354,8 +376,8 @@ class AttachmentService:
         if seal:
             # From here on the copy is the attachment; the upload as sent goes now, and
             # again once its URL cannot have put anything there any more.
-            await enqueue(self.db, DELETE_JOB, {"keys": [att.storage_key]}, max_attempts=20)
-            await delete_after_urls_expire(self.db, [att.storage_key])
+            await delete_keys(self.db, [att.storage_key])
+            await delete_keys(self.db, [att.storage_key], after_urls_expire=True)
             att.storage_key = key
         now = _now()
         att.completed_at = now
@@ -384,19 +406,16 @@ class AttachmentService:
         if att.status != "pending":
             if att.message_id is not None:
                 raise ValidationFailed.field("upload_id", "this attachment is part of a message")
-            await self._schedule_delete(att)
+            await delete_keys(self.db, stored_keys(att.storage_key))
             att.status = "aborted"
             return
         if att.multipart_upload_id:
             await self.store.abort_multipart(att.storage_key, att.multipart_upload_id)
         await self.store.delete(att.storage_key)
         if att.method == "single" and not self.store.revokes_upload_urls:
-            await delete_after_urls_expire(self.db, stored_keys(att.storage_key))
+            await delete_keys(self.db, stored_keys(att.storage_key), after_urls_expire=True)
         att.status = "aborted"
         att.multipart_upload_id = None
-
-    async def _schedule_delete(self, att: Attachment) -> None:
-        await enqueue(self.db, DELETE_JOB, {"keys": stored_keys(att.storage_key)})
 
     # ----- reading ------------------------------------------------------------------------
 

@@ -16,20 +16,13 @@ from tellback_server.db.models import (
     Message,
 )
 from tellback_server.domain.apps.services import require_app
-from tellback_server.domain.attachments.services import (
-    DELETE_JOB,
-    delete_after_urls_expire,
-    stored_keys,
-)
+from tellback_server.domain.attachments.services import delete_keys, stored_keys
 from tellback_server.domain.identity.schemas import EndUserOut
 from tellback_server.domain.identity.services import user_out
 from tellback_server.http.auth_cache import auth_changed
 from tellback_server.http.errors import NotFound
 from tellback_server.http.pagination import Page, keyset_page
-from tellback_server.jobs.queue import enqueue
 from tellback_server.storage.base import ObjectStore
-
-KEYS_PER_JOB = 500
 
 
 class EndUserService:
@@ -86,19 +79,16 @@ class EndUserService:
         keys = [k for row in rows for k in stored_keys(row.storage_key)]
         # A multipart upload under way keeps its parts (and takes more) until aborted.
         uploads = [
-            [r.storage_key, r.multipart_upload_id]
+            (r.storage_key, r.multipart_upload_id)
             for r in rows
             if r.status == "pending" and r.multipart_upload_id
         ]
-        for i in range(0, max(len(keys), len(uploads)), KEYS_PER_JOB):
-            batch = {"keys": keys[i : i + KEYS_PER_JOB], "multipart": uploads[i : i + KEYS_PER_JOB]}
-            await enqueue(self.db, DELETE_JOB, batch, max_attempts=20)
+        await delete_keys(self.db, keys, multipart=uploads)
         if not self.store.revokes_upload_urls:
             # A single upload under way keeps its URL, which puts bytes back until it
             # expires. (Those completed, aborted or expired queued this when they did.)
             late = [r.storage_key for r in rows if r.status == "pending" and r.method == "single"]
-            for i in range(0, len(late), KEYS_PER_JOB):
-                await delete_after_urls_expire(self.db, late[i : i + KEYS_PER_JOB])
+            await delete_keys(self.db, late, after_urls_expire=True)
         # The device context the SDK reported, and the stored answers to their requests
         # (sealed, but holding what they wrote), go with them.
         await self.db.execute(
