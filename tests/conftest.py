@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -148,6 +150,19 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.addinivalue_line("markers", "db: runs against SQLite and PostgreSQL")
     config.addinivalue_line("markers", "slow: starts server processes")
+
+
+def tellback(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the ``tellback`` command (``python -m tellback_server``) to its end."""
+    return subprocess.run(
+        [sys.executable, "-m", "tellback_server", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 S3_ACCESS_KEY = "tellback-test-key"

@@ -23,7 +23,7 @@ import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
-from tests.conftest import _admin_exec, _db_url
+from tests.conftest import _admin_exec, _db_url, tellback
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -127,15 +127,7 @@ def test_embedded_default_quickstart(tmp_path: Path, servers: list[Server]) -> N
 
 
 def test_bad_setting_names_the_variable(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "tellback_server", "serve"],
-        cwd=tmp_path,
-        env=base_env(TELLBACK_PORT="eighty"),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = tellback(tmp_path, base_env(TELLBACK_PORT="eighty"), "serve")
     assert result.returncode != 0
     assert "TELLBACK_PORT" in result.stderr
 
@@ -153,40 +145,15 @@ def test_postgresql_migrate_then_serve(
 ) -> None:
     url = make_url(empty_pg_database).render_as_string(hide_password=False)
     env = base_env(TELLBACK_DATABASE_URL=url, TELLBACK_SECRET_KEY="k" * 40)
-    refused = subprocess.run(
-        [sys.executable, "-m", "tellback_server", "serve", "--port", str(free_port())],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    refused = tellback(tmp_path, env, "serve", "--port", str(free_port()))
     assert refused.returncode != 0
     assert "tellback migrate" in refused.stderr
-    migrated = subprocess.run(
-        [sys.executable, "-m", "tellback_server", "migrate"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    migrated = tellback(tmp_path, env, "migrate")
+    assert migrated.returncode == 0, migrated.stderr
     assert "database at revision 0" in migrated.stdout
-    token = (
-        subprocess.run(
-            [sys.executable, "-m", "tellback_server", "admin", "create-token"],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-        .stdout.strip()
-        .splitlines()[-1]
-    )
+    created = tellback(tmp_path, env, "admin", "create-token")
+    assert created.returncode == 0, created.stderr
+    token = created.stdout.strip().splitlines()[-1]
     server = Server(tmp_path, env, "--no-worker")
     servers.append(server)
     server.wait_ready()

@@ -22,25 +22,13 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from tellback_server.security import hash_token
-from tests.conftest import _admin_exec, _db_url, fresh_database
+from tests.conftest import _admin_exec, _db_url, fresh_database, tellback
 from tests.e2e.test_quickstart import Server, base_env, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 PASSWORD = "hunter2-not-in-any-output"
 SECRET_KEY = "k" * 40
-
-
-def tellback(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tellback_server", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], expected: str) -> None:
