@@ -640,6 +640,9 @@ async def main_async(args: argparse.Namespace) -> None:
         for line in lines:
             print(row(*line))
         report.write(args.report, "ingest", [report_row(*line) for line in lines])
+        failed = [name for name, ours, ceiling in lines if ours.errors or ceiling.errors]
+        if failed:  # a run whose requests failed measured something else
+            sys.exit(f"requests failed (4xx+ above) in: {', '.join(failed)}")
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

@@ -160,7 +160,7 @@ async def user_session(http: httpx.AsyncClient, app: dict[str, Any]) -> dict[str
 
 
 async def fanout(workdir: Path, devices: int, concurrency: int) -> float:
-    async with ApnsFake(topics=[TOPIC], max_records=10) as fake:
+    async with ApnsFake(topics=[TOPIC]) as fake:  # every record: its receipt times
         env = env_for(workdir, None, fake)
         token = tellback(env, "admin", "create-token").strip().splitlines()[-1]
         admin = {"Authorization": f"Bearer {token}"}
@@ -194,14 +194,14 @@ async def fanout(workdir: Path, devices: int, concurrency: int) -> float:
             stderr=subprocess.DEVNULL,
         )
         try:
-            await fake.wait_for(1, timeout=60)
-            first = time.monotonic()
             await fake.wait_for(devices, timeout=600)
-            last = time.monotonic()
         finally:
             worker.terminate()
             await worker.wait()
-        return (devices - 1) / (last - first)
+        # From the first receipt to the last, as the fake took them (the worker's start
+        # is not in it; nor is how often this task was woken to look).
+        times = sorted(n.received_at for n in fake.received)
+        return (devices - 1) / (times[-1] - times[0])
 
 
 @asynccontextmanager

@@ -28,6 +28,7 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import httpx
 import psutil
@@ -145,37 +146,38 @@ async def put_part(http: httpx.AsyncClient, client: str, url: str, part_file: Pa
     raise RuntimeError("no ETag in the part response")
 
 
+async def end_user(http: httpx.AsyncClient, server: Server) -> dict[str, str]:
+    """A new app that takes videos of any size, and an end user's session on it."""
+    admin = {"Authorization": f"Bearer {server.admin_token}"}
+    app = (await http.post("/v1/admin/apps", json={"name": "bench"}, headers=admin)).json()
+    limits = {"video": {"max_bytes": 4 * 1024**3, "content_types": ["video/mp4"]}}
+    await http.patch(
+        f"/v1/admin/apps/{app['id']}", json={"settings": {"attachments": limits}}, headers=admin
+    )
+    session = (
+        await http.post(
+            "/v1/client/sessions",
+            json={"app_key": app["app_key"], "installation_id": uuid.uuid4().hex},
+        )
+    ).json()
+    return {"Authorization": f"Bearer {session['session_token']}"}
+
+
+async def create_upload(http: httpx.AsyncClient, user: dict[str, str], size: int) -> Any:
+    body = {"filename": "screen.mp4", "content_type": "video/mp4", "size": size, "kind": "video"}
+    r = await http.post("/v1/client/uploads", headers=user, json=body)
+    r.raise_for_status()
+    return r.json()
+
+
 async def sdk_style_upload(
     server: Server, path: Path, concurrency: int, client: str, parts_dir: Path
 ) -> float:
-    admin = {"Authorization": f"Bearer {server.admin_token}"}
     size = path.stat().st_size  # noqa: ASYNC240 (once, before timing)
     async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
-        app = (await http.post("/v1/admin/apps", json={"name": "bench"}, headers=admin)).json()
-        limits = {"video": {"max_bytes": 4 * 1024**3, "content_types": ["video/mp4"]}}
-        await http.patch(
-            f"/v1/admin/apps/{app['id']}", json={"settings": {"attachments": limits}}, headers=admin
-        )
-        session = (
-            await http.post(
-                "/v1/client/sessions",
-                json={"app_key": app["app_key"], "installation_id": uuid.uuid4().hex},
-            )
-        ).json()
-        user = {"Authorization": f"Bearer {session['session_token']}"}
+        user = await end_user(http, server)
         started = time.perf_counter()
-        up = (
-            await http.post(
-                "/v1/client/uploads",
-                headers=user,
-                json={
-                    "filename": "screen.mp4",
-                    "content_type": "video/mp4",
-                    "size": size,
-                    "kind": "video",
-                },
-            )
-        ).json()
+        up = await create_upload(http, user, size)
         sem = asyncio.Semaphore(concurrency)
         etags: dict[int, str] = {}
 
@@ -199,12 +201,22 @@ def curl_put(url: str, path: Path) -> float:
     return time.perf_counter() - started
 
 
-def curl_url_local(workdir: Path, env: dict[str, str], size: int) -> str:
+def curl_url_local(server: Server, workdir: Path, env: dict[str, str], size: int) -> str:
+    """A URL for one PUT of the whole file, signed as the server signs its own. It names
+    the key of an upload just created (still ``pending``), as the local store's PUT
+    checks: the baseline pays that one read too."""
     from tellback_server.storage.local import LocalStore, SignedOp
 
+    async def pending_key() -> str:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+            up = await create_upload(http, await end_user(http, server), size)
+        url = (up["single"] or up["multipart"]["parts"][0])["url"]
+        return unquote(urlsplit(url).path.removeprefix("/v1/storage/"))
+
+    key = asyncio.run(pending_key())
     secret = (workdir / "tellback-data" / "secret_key").read_text().strip()
     store = LocalStore(workdir / "tellback-data" / "blobs", secret, env["TELLBACK_PUBLIC_URL"])
-    return store.sign(SignedOp("put", "bench/curl.bin", size, "", 0, "", ""), dt.timedelta(hours=1))
+    return store.sign(SignedOp("put", key, size, "", 0, "", ""), dt.timedelta(hours=1))
 
 
 def curl_url_s3(endpoint: str) -> str:
@@ -241,7 +253,7 @@ def run_case(
         parts = split(path, 8 * 1024 * 1024, path.parent / "parts")
         ours = asyncio.run(sdk_style_upload(server, path, concurrency, client, parts))
         rss = sampler.stop()
-        curl = curl_put(curl_url(), path)
+        curl = curl_put(curl_url(server), path)
     finally:
         server.stop()
     mib = path.stat().st_size / 1024**2
@@ -289,7 +301,7 @@ def main() -> None:
                 env_local,
                 data,
                 args.concurrency,
-                lambda: curl_url_local(local_dir, env_local, data.stat().st_size),
+                lambda server: curl_url_local(server, local_dir, env_local, data.stat().st_size),
                 args.client,
             )
         )
@@ -314,7 +326,7 @@ def main() -> None:
                     env_s3,
                     data,
                     args.concurrency,
-                    lambda: curl_url_s3(endpoint),
+                    lambda server: curl_url_s3(endpoint),
                     args.client,
                 )
             )
