@@ -51,6 +51,17 @@ def test_a_bucket_name_s3_would_refuse_is_refused_naming_the_variable(bucket: st
     assert "\n" not in str(info.value)
 
 
+def test_upload_urls_sign_their_length_unless_turned_off() -> None:
+    signed = load_settings(S3).s3
+    assert signed is not None
+    assert signed.sign_content_length
+    host_only = load_settings({**S3, "TELLBACK_S3_SIGN_CONTENT_LENGTH": "false"}).s3
+    assert host_only is not None
+    assert not host_only.sign_content_length
+    with pytest.raises(SettingsError, match=r"^TELLBACK_S3_SIGN_CONTENT_LENGTH: "):
+        load_settings({**S3, "TELLBACK_S3_SIGN_CONTENT_LENGTH": "maybe"})
+
+
 @pytest.mark.parametrize("bucket", ["tellback", "abc", "a" * 63, "my.bucket-2", "0-feedback"])
 def test_valid_bucket_names_are_kept(bucket: str) -> None:
     s3 = load_settings({**S3, "TELLBACK_S3_BUCKET": bucket}).s3

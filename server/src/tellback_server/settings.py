@@ -34,7 +34,8 @@ SERVER_VARIABLES = frozenset(
     {
         "DATA_DIR", "DATABASE_URL", "DATABASE_POOL_SIZE", "SECRET_KEY", "HOST", "PORT",
         "PUBLIC_URL", "S3_ENDPOINT", "S3_ACCESS_KEY", "S3_SECRET_KEY", "S3_BUCKET",
-        "S3_SECURE", "S3_REGION", "APNS_HOST", "APNS_PORT", "APNS_CA_FILE", "FCM_ENDPOINT",
+        "S3_SECURE", "S3_REGION", "S3_SIGN_CONTENT_LENGTH", "APNS_HOST", "APNS_PORT",
+        "APNS_CA_FILE", "FCM_ENDPOINT",
         "WEBHOOK_ALLOW_PRIVATE", "LOG_FORMAT", "LOG_LEVEL", "SESSION_TTL_SECONDS",
         "MAX_REQUEST_BODY_BYTES", "WORKER_CONCURRENCY", "WORKER_POLL_SECONDS",
         "JOB_LEASE_SECONDS", "SSE_HEARTBEAT_SECONDS", "SESSIONS_PER_IP_PER_MINUTE",
@@ -77,6 +78,9 @@ class S3Settings:
     bucket: str
     secure: bool
     region: str | None
+    # Upload URLs sign the body's length (S3 refuses any other). Off only for a proxy
+    # in front of storage that re-frames request bodies (sends them chunked).
+    sign_content_length: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +253,7 @@ def _s3(env: _Env) -> S3Settings | None:
         bucket=_bucket("TELLBACK_S3_BUCKET", env.text("S3_BUCKET") or "tellback"),
         secure=env.get("S3_SECURE", _bool, True),
         region=env.text("S3_REGION"),
+        sign_content_length=env.get("S3_SIGN_CONTENT_LENGTH", _bool, True),
     )
 
 

@@ -11,6 +11,8 @@ minio's presigner signs the ``host`` header alone, so a presigned PUT would take
 any number of bytes, up to S3's 5 GB for one request. Upload URLs are signed here
 with ``content-length`` as well (SigV4 query signing, built from minio's own signer
 pieces): S3 refuses a body of any other length with 403 ``SignatureDoesNotMatch``.
+``TELLBACK_S3_SIGN_CONTENT_LENGTH=false`` goes back to the host alone, for a proxy
+in front of storage that re-frames request bodies.
 
 minio is synchronous (urllib3); every call runs in a worker thread.
 """
@@ -30,12 +32,13 @@ from minio import time as s3time
 from minio.commonconfig import CopySource
 from minio.datatypes import Part
 from minio.error import MinioException, S3Error
-from minio.helpers import DictType, queryencode, sha256_hash
+from minio.helpers import queryencode, sha256_hash
 
 from tellback_server.settings import S3Settings
 from tellback_server.storage.base import ObjectInfo, PresignedRequest, StorageError, UploadedPart
 
 T = TypeVar("T")
+Query = dict[str, str | list[str] | tuple[str]]  # minio's DictType (7.2.1 and later)
 _MISSING = {"NoSuchKey", "NoSuchUpload", "NoSuchObject"}
 
 
@@ -45,6 +48,7 @@ class S3Store:
 
     def __init__(self, settings: S3Settings) -> None:
         self.bucket = settings.bucket
+        self.sign_content_length = settings.sign_content_length
         http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=3.0, read=60.0),
             retries=urllib3.Retry(
@@ -110,16 +114,16 @@ class S3Store:
         length: int,
         expires: dt.timedelta,
     ) -> str:
-        query: DictType = {"partNumber": str(part_number), "uploadId": upload_id}
+        query: Query = {"partNumber": str(part_number), "uploadId": upload_id}
         return await self._call(self._presign_put, key, length, expires, query)
 
-    def _presign_put(self, key: str, length: int, expires: dt.timedelta, query: DictType) -> str:
+    def _presign_put(self, key: str, length: int, expires: dt.timedelta, query: Query) -> str:
         """A presigned PUT of exactly ``length`` bytes: minio's ``presign_v4`` with
         ``content-length`` among the signed headers (AWS SigV4, query authentication)."""
         client = self.client
         region = client._get_region(self.bucket)
         creds = client._provider.retrieve() if client._provider else None
-        if creds is None:  # anonymous storage: nothing to sign
+        if creds is None or not self.sign_content_length:  # the host alone, as minio signs
             return client.get_presigned_url(
                 "PUT", self.bucket, key, expires, extra_query_params=query
             )

@@ -289,7 +289,13 @@ class AttachmentService:
         parts = await self._uploaded_parts(att)
         single = multipart = None
         if att.status == "pending":
-            done = {p.part_number for p in parts}
+            # A part of the wrong length (the local store takes any up to the part
+            # size) gets a fresh URL, to be sent again: complete would refuse it.
+            done = {
+                p.part_number
+                for p in parts
+                if p.size == self._expected_part_size(att, p.part_number)
+            }
             if att.method == "multipart" and not parts and await self._assembled(att):
                 done = set(range(1, att.part_count + 1))  # nothing left to send: complete
             single, multipart = await self._urls(att, done=done)
