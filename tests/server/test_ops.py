@@ -195,14 +195,19 @@ async def test_a_scrape_answers_while_the_job_table_cannot(api: Api, database_ur
         pytest.skip("SQLite readers never wait for a writer (WAL)")
     async with api.state.db.session(write=True) as db:
         await enqueue(db, "push.send", {})
-    before = _samples((await api.http.get("/metrics")).text, "tellback_jobs_queued")
+    scraped = (await api.http.get("/metrics")).text
+    before = _samples(scraped, "tellback_jobs_queued")
     assert before == {(("kind", "push.send"),): 1}
+    (read_at,) = _samples(scraped, "tellback_jobs_backlog_read_timestamp_seconds").values()
+    assert abs(read_at - time.time()) < 60
     async with api.state.db.session(write=True) as db:
         await db.execute(text("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE"))
         # Unbounded, the scrape would wait for the lock as long as it is held.
         r = await asyncio.wait_for(api.http.get("/metrics"), timeout=30)
     assert r.status_code == 200, r.text
     assert _samples(r.text, "tellback_jobs_queued") == before
+    # The figures kept say how old they are.
+    assert _samples(r.text, "tellback_jobs_backlog_read_timestamp_seconds") == {(): read_at}
     assert (await api.http.get("/readyz")).status_code == 200
 
 

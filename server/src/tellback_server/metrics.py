@@ -43,6 +43,12 @@ class Metrics:
             "every worker: the backlog to alert on",
             registry=self.registry,
         )
+        self.jobs_read_at = Gauge(
+            "tellback_jobs_backlog_read_timestamp_seconds",
+            "When the two job gauges were last read from the database (Unix time): a "
+            "scrape whose read failed or timed out keeps the figures before it",
+            registry=self.registry,
+        )
 
         self.sse_streams = Gauge(
             "tellback_sse_streams", "Open live event streams", registry=self.registry

@@ -67,9 +67,10 @@ async def metrics(request: Request[Any, Any, Any]) -> bytes:
 async def _job_backlog(state: AppState) -> None:
     """The queue as the database holds it, so any API process reports the whole
     backlog (workers are often separate processes with no port of their own). A
-    database that cannot answer within ``BACKLOG_TIMEOUT_S`` (down, or the table
-    locked) leaves the last figures, so the scrape still answers and holds no
-    connection while it waits; readiness reports the database."""
+    database that cannot answer within ``BACKLOG_TIMEOUT_S`` (PostgreSQL down, or the
+    table locked) leaves the last figures, with the time they were read, so the scrape
+    still answers and holds no connection while it waits; readiness reports the
+    database. (SQLite runs on the event loop and never makes a reader wait.)"""
     now = dt.datetime.now(dt.UTC)
     try:
         async with asyncio.timeout(BACKLOG_TIMEOUT_S), state.db.session(write=False) as db:
@@ -90,3 +91,4 @@ async def _job_backlog(state: AppState) -> None:
         if first_due is not None:
             oldest = max(oldest, (now - first_due).total_seconds())
     state.metrics.jobs_oldest_due.set(oldest)
+    state.metrics.jobs_read_at.set(now.timestamp())
