@@ -22,7 +22,7 @@ from tellback_server.asgi import build_state, create_app
 from tellback_server.db.models import AdminToken
 from tellback_server.jobs.registry import JobRegistry
 from tellback_server.security import ADMIN_TOKEN_PREFIX, hash_token, new_token
-from tellback_server.settings import Settings
+from tellback_server.settings import S3Settings, Settings
 from tellback_server.state import AppState
 
 SECRET = "test-secret-key-0123456789abcdef0123456789"
@@ -216,26 +216,31 @@ async def listening_backends(state: AppState) -> int:
     return len(await listening_pids(state))
 
 
+def s3_settings(endpoint: str, **overrides: Any) -> S3Settings:
+    """Settings for the test S3 server (`s3_endpoint`), in a bucket of its own."""
+    from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
+
+    return S3Settings(
+        endpoint=endpoint,
+        access_key=S3_ACCESS_KEY,
+        secret_key=S3_SECRET_KEY,
+        bucket=f"tb-{uuid.uuid4().hex[:12]}",
+        secure=False,
+        region="us-east-1",
+        **overrides,
+    )
+
+
 @pytest.fixture(params=["local", "s3"])
 async def storage_api(
     request: pytest.FixtureRequest, database_url: str, tmp_path: Path
 ) -> AsyncIterator[Api]:
     """Like `api`, with the built-in job kinds, once on local disk and once on a real S3."""
     from tellback_server.plugins import build_registry
-    from tellback_server.settings import S3Settings
-    from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
 
     overrides: dict[str, Any] = {"port": 8080}
     if request.param == "s3":
-        endpoint: str = request.getfixturevalue("s3_endpoint")
-        overrides["s3"] = S3Settings(
-            endpoint=endpoint,
-            access_key=S3_ACCESS_KEY,
-            secret_key=S3_SECRET_KEY,
-            bucket=f"tb-{uuid.uuid4().hex[:12]}",
-            secure=False,
-            region="us-east-1",
-        )
+        overrides["s3"] = s3_settings(request.getfixturevalue("s3_endpoint"))
     settings = make_settings(database_url, tmp_path / "data", **overrides)
     # Local-disk URLs point at http://127.0.0.1:8080, which the client routes to the app.
     async with serve_app(settings, build_registry(), base_url="http://127.0.0.1:8080") as api:

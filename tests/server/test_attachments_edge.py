@@ -39,6 +39,7 @@ from tests.server.conftest import (
     identity_token,
     lifespan,
     make_settings,
+    s3_settings,
 )
 from tests.server.test_attachments_flow import get, jpeg_with_gps, put, run_jobs, start_upload
 
@@ -1155,20 +1156,9 @@ async def test_s3_upload_urls_sign_the_length_unless_told_not_to(s3_endpoint: st
     re-frames bodies, signs the host alone, as minio does: S3 then takes any length
     (`complete` still checks it)."""
     from tellback_server.storage.s3 import S3Store
-    from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
 
     for sign, longer in ((True, 403), (False, 200)):
-        store = S3Store(
-            S3Settings(
-                endpoint=s3_endpoint,
-                access_key=S3_ACCESS_KEY,
-                secret_key=S3_SECRET_KEY,
-                bucket=f"tb-{uuid.uuid4().hex[:12]}",
-                secure=False,
-                region="us-east-1",
-                sign_content_length=sign,
-            )
-        )
+        store = S3Store(s3_settings(s3_endpoint, sign_content_length=sign))
         await store.ensure_ready()
         req = await store.presign_put("a/original", "text/plain", 5, dt.timedelta(minutes=5))
         async with httpx.AsyncClient() as http:
