@@ -99,8 +99,8 @@ async def test_statements_share_the_sessions_transaction(db: Database) -> None:
 
 async def test_ids_are_stored_as_the_orm_stores_them(db: Database) -> None:
     """A UUID, or its hex as the GUID type also takes it, is stored as the ORM stores it
-    (SQLite: the 16 bytes, by a shortcut for UUIDs; PostgreSQL: a uuid); the ORM finds
-    each by its id."""
+    (SQLite: the 16 bytes, by a shortcut for UUIDs; PostgreSQL: a uuid, a UUID handed
+    to asyncpg as it is by another shortcut); the ORM finds each by its id."""
     scope = f"s-{uuid.uuid4().hex}"
     as_uuid, as_hex = _row(scope, "uuid"), _row(scope, "hex")
     as_hex["id"] = as_hex["id"].hex
