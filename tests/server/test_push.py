@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +14,8 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
-from tellback_server.db.models import Job
+from tellback_server.db.base import table_of
+from tellback_server.db.models import Job, Message
 from tellback_server.dev.apns_fake import ApnsFake
 from tellback_server.dev.fcm_fake import FcmFake
 from tellback_server.domain.push import providers
@@ -367,21 +370,298 @@ async def test_fcm_quota_retry_after_is_honoured(push: Push) -> None:
     assert job.run_after >= started + dt.timedelta(seconds=119)
 
 
-async def test_rejected_credentials_fail_and_show_on_the_app(push: Push) -> None:
+async def _jobs(push: Push, kind: str = "push.send") -> list[Job]:
+    async with push.api.state.db.session(write=False) as db:
+        return list(await db.scalars(select(Job).where(Job.kind == kind)))
+
+
+async def _status(push: Push) -> dict[str, Any]:
+    r = await push.api.http.get(f"/v1/admin/apps/{push.app.id}/push", headers=push.api.admin)
+    assert r.status_code == 200, r.text
+    status: dict[str, Any] = r.json()
+    return status
+
+
+async def test_rejected_credentials_show_on_the_app_and_the_push_waits_for_new_ones(
+    push: Push, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tellback_server.domain.push import delivery
+
+    monkeypatch.setattr(delivery, "CREDENTIALS_RECHECK_S", 0.0)  # (new ones seen at once)
     await push.set_apns()
     push.apns.remove_key(next(iter(push.apns._keys)))  # the key was revoked at Apple
     await push.register(push.user)
     conv = await push.api.feedback(push.user)
     await push.reply(conv["id"])
     await push.run_jobs()
-    failed = await push.deliveries("failed")
-    assert [(d["http_status"], d["reason"]) for d in failed] == [(403, "InvalidProviderToken")]
-    status = (
-        await push.api.http.get(f"/v1/admin/apps/{push.app.id}/push", headers=push.api.admin)
-    ).json()
+    retrying = await push.deliveries("retrying")
+    assert [(d["http_status"], d["reason"]) for d in retrying] == [(403, "InvalidProviderToken")]
+    status = await _status(push)
     assert status["apns"]["configured"] is True
     assert status["apns"]["last_error"] == "InvalidProviderToken"
     assert "private_key" not in str(status)
+    # Within a minute of the refusal, queued pushes wait without asking APNs again.
+    await push.reply(conv["id"], "second")
+    await _make_due(push.api)
+    await push.run_jobs()
+    assert push.apns.attempt_count == 1
+    assert [j.status for j in await _jobs(push)] == ["queued", "queued"]
+    assert [j.attempts for j in await _jobs(push)] == [0, 0]  # (waiting spends no attempt)
+    # The operator uploads a new key: both pushes go out.
+    await push.set_apns()
+    await _make_due(push.api)
+    await push.run_jobs()
+    assert push.apns.received_count == 2
+    assert [j.status for j in await _jobs(push)] == ["done", "done"]
+    assert (await _status(push))["apns"]["last_error"] is None
+
+
+async def test_a_push_outlives_an_outage_and_is_given_up_after_a_day(push: Push) -> None:
+    await push.set_apns()
+    await push.register(push.user)
+    push.apns.fail_next(503, "ServiceUnavailable", count=None)
+    conv = await push.api.feedback(push.user)
+    await push.reply(conv["id"])
+    await push.run_jobs()
+    for _ in range(12):  # far more tries than the attempts a send job has
+        await _make_due(push.api)
+        await push.run_jobs()
+    [job] = await _jobs(push)
+    assert job.status == "queued"
+    assert push.apns.attempt_count == 13
+    async with push.api.state.db.session(write=True) as db:  # the reply is a day old
+        await db.execute(
+            update(Message)
+            .where(Message.conversation_id == uuid.UUID(conv["id"]))
+            .values(created_at=dt.datetime.now(dt.UTC) - dt.timedelta(hours=24, seconds=1))
+        )
+    await _make_due(push.api)
+    await push.run_jobs()
+    [job] = await _jobs(push)
+    assert job.status == "failed"  # seen as such in the job metrics, not "done"
+    assert "ServiceUnavailable" in str(job.last_error)
+    assert (await push.deliveries())[0]["status"] == "failed"
+
+
+async def test_a_retry_goes_only_to_whom_the_device_still_belongs(push: Push) -> None:
+    """A retry queued for one end user's phone is not sent after a logout moved the
+    device to a new anonymous user, nor to the phone of an agent disabled since."""
+    await push.set_apns()
+    installation = "install-shared-0001"
+    signed = identity_token(push.app.identity_secret, "alice", kid=push.app.identity_kid)
+    alice = await push.api.user_headers(push.app, installation_id=installation, user_token=signed)
+    await push.register(alice)
+    await push.register(push.agent)
+    conv = await push.api.feedback(alice, body="my card was charged twice")
+    push.apns.fail_next(503, "ServiceUnavailable", count=2)
+    await push.run_jobs()  # the agent's push: 503
+    await push.reply(conv["id"], "Alice, your refund for card 4242 is approved")
+    await push.run_jobs()  # Alice's push: 503
+    assert [j.status for j in await _jobs(push)] == ["queued", "queued"]
+    await push.api.session(push.app, installation_id=installation)  # logout
+    r = await push.api.http.patch(
+        f"/v1/admin/agents/{push.agent_id}", json={"disabled": True}, headers=push.api.admin
+    )
+    assert r.status_code == 200, r.text
+    await _make_due(push.api)
+    await push.run_jobs()
+    assert push.apns.received_count == 0
+    assert [j.status for j in await _jobs(push)] == ["done", "done"]
+
+
+async def test_a_token_registered_while_the_old_one_is_refused_stays_active(
+    push: Push,
+) -> None:
+    await push.set_apns()
+    old = await push.register(push.user)
+    push.apns.unregister(old)
+    push.apns.latency = 1.0
+    conv = await push.api.feedback(push.user)
+    await push.reply(conv["id"], "first")
+    worker = asyncio.create_task(push.run_jobs())
+    await asyncio.sleep(0.4)  # the send to the old token is in flight
+    fresh = await push.register(push.user)
+    await worker
+    push.apns.latency = 0.0
+    assert [d["status"] for d in await push.deliveries()] == ["invalid_token"]
+    await push.reply(conv["id"], "second")
+    await push.run_jobs()
+    assert [n.token for n in push.apns.received] == [fresh]
+
+
+async def test_recording_outcomes_keeps_the_apns_client_and_its_token(
+    push: Push, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writing when the credentials last delivered or failed is not a change of
+    credentials: one connection and one provider token (Apple refuses a new token more
+    often than every 20 minutes with 429 TooManyProviderTokenUpdates)."""
+    from tellback_server.db.models import PushCredential
+    from tellback_server.domain.push import delivery
+
+    monkeypatch.setattr(delivery, "CREDENTIALS_RECHECK_S", 0.0)
+    await push.set_apns()
+    await push.register(push.user)
+    conv = await push.api.feedback(push.user)
+    for i in range(4):
+        await push.reply(conv["id"], f"reply {i}")
+        await push.run_jobs()
+        async with push.api.state.db.session(write=True) as db:  # a minute later
+            credentials = table_of(PushCredential)
+            await db.execute(
+                update(credentials).values(
+                    last_success_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=61),
+                    updated_at=credentials.c.updated_at,
+                )
+            )
+    assert push.apns.received_count == 4
+    assert len({n.headers.get("authorization") for n in push.apns.received}) == 1
+    assert len({n.connection_id for n in push.apns.received}) == 1
+
+
+async def test_a_topic_typo_deactivates_no_device(
+    push: Push, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DeviceTokenNotForTopic for every device says the app's topic is wrong, not that
+    every token is: devices stay active, the status says so, and once the topic is
+    fixed the waiting pushes go out."""
+    from tellback_server.domain.push import delivery
+
+    monkeypatch.setattr(delivery, "CREDENTIALS_RECHECK_S", 0.0)
+    private_pem, public_pem = ApnsFake.generate_key()
+    key_id = ApnsFake.generate_key_id()
+    push.apns.add_key(TEAM, key_id, public_pem)
+    credentials = {"team_id": TEAM, "key_id": key_id, "private_key": private_pem}
+    r = await push.api.http.put(
+        f"/v1/admin/apps/{push.app.id}/push/apns",
+        json={**credentials, "topic": "com.example.feedbak"},
+        headers=push.api.admin,
+    )
+    assert r.status_code == 200, r.text
+    phones = [await push.api.user_headers(push.app) for _ in range(2)]
+    for phone in phones:
+        await push.register(phone)
+        await push.reply((await push.api.feedback(phone))["id"])
+    await push.run_jobs()
+    assert [d["status"] for d in await push.deliveries()] == ["retrying", "retrying"]
+    assert "check the app's topic" in (await _status(push))["apns"]["last_error"]
+    r = await push.api.http.put(
+        f"/v1/admin/apps/{push.app.id}/push/apns",
+        json={**credentials, "topic": TOPIC},
+        headers=push.api.admin,
+    )
+    assert r.status_code == 200, r.text
+    await _make_due(push.api)
+    await push.run_jobs()
+    assert push.apns.received_count == 2
+
+
+async def test_a_stray_token_is_deactivated_once_the_credentials_delivered(push: Push) -> None:
+    """A token of another app (DeviceTokenNotForTopic) beside working ones: deactivated."""
+    await push.set_apns()
+    await push.register(push.user)
+    stray = await push.api.user_headers(push.app)
+    token = await push.register(stray)
+    push.apns.fail_next(400, "DeviceTokenNotForTopic", token=token)
+    await push.reply((await push.api.feedback(push.user))["id"])
+    await push.run_jobs()  # the working phone proves the credentials
+    await push.reply((await push.api.feedback(stray))["id"])
+    await push.run_jobs()
+    assert [d["status"] for d in await push.deliveries()] == ["invalid_token", "sent"]
+
+
+async def test_an_fcm_404_that_is_not_unregistered_deactivates_no_device(
+    push: Push, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 404 from a wrong endpoint (here a proxy path that does not exist)."""
+    from tellback_server.db.models import Device
+
+    built = providers.FcmSender.__init__
+
+    def wrong_path(sender: providers.FcmSender, info: dict[str, Any], settings: Any) -> None:
+        built(sender, info, settings)
+        sender.client.FCM_END_POINT_BASE = f"{settings.fcm_endpoint}/proxy/v1/projects"
+
+    monkeypatch.setattr(providers.FcmSender, "__init__", wrong_path)
+    await push.set_fcm()
+    await push.register(push.user, provider="fcm")
+    await push.reply((await push.api.feedback(push.user))["id"])
+    await push.run_jobs()
+    [delivery] = await push.deliveries()
+    assert (delivery["status"], delivery["http_status"]) == ("retrying", 404)
+    assert "check the app's Firebase project" in (await _status(push))["fcm"]["last_error"]
+    async with push.api.state.db.session(write=False) as db:
+        assert (await db.scalars(select(Device.active))).all() == [True]
+
+
+async def test_an_unreachable_oauth_endpoint_is_waited_out_not_blamed_on_the_key(
+    push: Push,
+) -> None:
+    info = push.fcm.service_account("tellback-test")
+    info["token_uri"] = "http://127.0.0.1:9/token"  # nothing listens there
+    r = await push.api.http.put(
+        f"/v1/admin/apps/{push.app.id}/push/fcm",
+        json={"service_account": info},
+        headers=push.api.admin,
+    )
+    assert r.status_code == 200, r.text
+    await push.register(push.user, provider="fcm")
+    await push.reply((await push.api.feedback(push.user))["id"])
+    await push.run_jobs()
+    [delivery] = await push.deliveries()
+    assert delivery["status"] == "retrying"
+    assert delivery["reason"].startswith("cannot reach Google's token endpoint")
+    assert (await _status(push))["fcm"]["last_error"] is None
+
+
+async def test_a_hanging_fcm_leaves_the_default_threads_free(
+    push: Push, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FCM's blocking sends have threads of their own: the default pool, which storage
+    calls use, stays free while every FCM send hangs."""
+    from tellback_server.db.models import Device
+
+    monkeypatch.setattr(providers, "SEND_TIMEOUT_S", 2.0)
+    await push.set_fcm()
+    async with push.api.state.db.session(write=True) as db:
+        db.add_all(
+            Device(
+                app_id=uuid.UUID(push.app.id),
+                owner_key=f"agent:{push.agent_id}:p{i}",
+                agent_id=uuid.UUID(push.agent_id),
+                platform="android",
+                provider="fcm",
+                token=FcmFake.make_token(),
+                active=True,
+            )
+            for i in range(24)
+        )
+    push.fcm.hang_next(count=None)
+    await push.api.feedback(push.user, body="crash")
+    worker = asyncio.create_task(push.run_jobs())
+    await asyncio.sleep(0.5)
+    started = time.monotonic()
+    await asyncio.to_thread(lambda: None)
+    waited = time.monotonic() - started
+    await worker
+    assert waited < 1.0
+    assert len(await push.deliveries("retrying")) == 24
+
+
+async def test_push_outcomes_are_counted_on_metrics(push: Push) -> None:
+    await push.set_apns()
+    token = await push.register(push.user)
+    conv = await push.api.feedback(push.user)
+    await push.reply(conv["id"])
+    await push.run_jobs()
+    push.apns.unregister(token)
+    await push.reply(conv["id"], "second")
+    await push.run_jobs()
+    text = (await push.api.http.get("/metrics")).text
+    assert 'tellback_push_attempts_total{outcome="sent",provider="apns",reason="sent"} 1.0' in text
+    assert (
+        'tellback_push_attempts_total{outcome="invalid_token",provider="apns",'
+        'reason="Unregistered"} 1.0'
+    ) in text
 
 
 async def test_an_answer_without_body_times_out_and_is_retried(

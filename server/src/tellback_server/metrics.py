@@ -59,6 +59,14 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.push = Counter(
+            "tellback_push_attempts_total",
+            "Push sends by provider, outcome (sent, retrying, failed, invalid_token) and "
+            "reason: the provider's (Unregistered, QUOTA_EXCEEDED, ...) or the kind of "
+            "failure (retry: unreachable or no answer; auth_error; setup_error)",
+            ["provider", "outcome", "reason"],
+            registry=self.registry,
+        )
         self.commit_size = Histogram(
             "tellback_db_commit_size",
             "Requests whose writes one database commit carried, by kind: a SQLite write "

@@ -21,6 +21,19 @@ class RetryLater(Exception):
         self.delay = delay
 
 
+class WaitOut(Exception):
+    """Raised by a handler when what it needs is down (a push provider, the app's
+    credentials for it), not because the job is bad: the job waits it out as a kind's
+    ``waits_out`` errors do (no attempt spent, waiting longer the older the job is), and
+    no sooner than ``delay`` seconds (a provider's Retry-After). The handler bounds how
+    long by raising :class:`PermanentFailure` instead once waiting cannot help."""
+
+    def __init__(self, reason: str, delay: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.delay = delay
+
+
 class PermanentFailure(Exception):
     """Raised by a handler when retrying cannot help; the job goes straight to ``failed``."""
 

@@ -34,6 +34,7 @@ from tellback_server.jobs.registry import (
     JobRegistry,
     PermanentFailure,
     RetryLater,
+    WaitOut,
 )
 from tellback_server.state import AppState
 
@@ -271,6 +272,8 @@ class Worker:
             await self._retry_or_fail(job, kind, exc.reason, exc.delay)
         except PermanentFailure as exc:
             await self._fail(job, kind, str(exc)[:2000])
+        except WaitOut as exc:
+            await self._wait_out(job, exc.reason[:2000], exc.delay)
         except kind.waits_out as exc:
             await self._wait_out(job, f"{type(exc).__name__}: {exc}"[:2000])
         except TimeoutError:
@@ -301,12 +304,15 @@ class Worker:
                 return
         await self._finish(job, "failed", reason)
 
-    async def _wait_out(self, job: ClaimedJob, reason: str) -> None:
+    async def _wait_out(self, job: ClaimedJob, reason: str, delay: float | None = None) -> None:
         """A dependency is down: try again later without spending an attempt, after a
         tenth of the job's age (between 1 s and 5 minutes), so an outage of hours costs
-        a few hundred cheap tries, and the job goes on within minutes of its end."""
+        a few hundred cheap tries, and the job goes on within minutes of its end; no
+        sooner than ``delay`` (up to a day) if the dependency said when."""
         age = (_now() - job.created_at).total_seconds()
         wait = min(300.0, max(1.0, age / 10)) * random.uniform(0.9, 1.1)  # noqa: S311
+        if delay is not None:
+            wait = max(wait, min(delay, 86400.0))
         log.warning("jobs.waiting", attempt=job.attempts, delay_s=round(wait, 2), reason=reason)
         self.state.metrics.jobs.labels(job.kind, "waiting").inc()
         await self._release(job, _now() + dt.timedelta(seconds=wait), reason, uncount=True)

@@ -5,19 +5,22 @@ public reply notifies the end user's devices; new feedback or a user reply
 notifies the devices of the app's agents). It queues one ``push.send`` job
 per device with a dedupe key, so running the fan-out twice (at-least-once)
 does not send twice. ``push.send`` records every attempt in the delivery log
-and maps the provider's answer: an invalid token deactivates the device,
-429/5xx/network errors retry with backoff (honouring Retry-After), and
-credential errors fail the job and are shown on the app's push status.
+and maps the provider's answer: an invalid token deactivates the device;
+429/5xx/network errors, and credentials or settings the provider refuses (shown
+on the app's push status), are waited out (honouring Retry-After) until the
+notification is a day old, so a push outlives an outage or a key being replaced.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid5
 
 import structlog
 from sqlalchemy import (
@@ -50,10 +53,16 @@ from tellback_server.db.models import (
 from tellback_server.db.prepared import Prepared
 from tellback_server.domain.apps.services import parse_settings
 from tellback_server.domain.push.payloads import Notification, apns_payload, fcm_message, snippet
-from tellback_server.domain.push.providers import ApnsSender, FcmSender, Outcome
+from tellback_server.domain.push.providers import (
+    SEND_TIMEOUT_S,
+    SUSPECT_TOKEN_REASONS,
+    ApnsSender,
+    FcmSender,
+    Outcome,
+)
 from tellback_server.domain.push.services import load_credentials
 from tellback_server.jobs.queue import enqueue, enqueue_in
-from tellback_server.jobs.registry import JobContext, JobRegistry, RetryLater
+from tellback_server.jobs.registry import JobContext, JobRegistry, PermanentFailure, WaitOut
 from tellback_server.jobs.worker import backoff_delay
 from tellback_server.state import AppState
 
@@ -65,17 +74,26 @@ APNS_TTL_S = 24 * 3600
 # New or removed credentials reach running workers within this many seconds.
 CREDENTIALS_RECHECK_S = 10.0
 SEND_CONCURRENCY = 500  # streams in flight per client (APNs allows ~1000 per connection)
+# After the provider refused an app's credentials, its sends wait this long before one
+# tries them again (instead of each queued push asking the provider to refuse it too).
+REFUSED_HOLD_S = 60.0
+# Outcomes waited out: the provider or the app's setup, not the device, stands in the way.
+WAIT_KINDS = {"retry", "auth_error", "setup_error", "held"}
+
+_Key = tuple[UUID, str, str | None]  # app, provider, APNs environment
 
 
 @dataclass
 class PushClients:
     """Open provider clients, one per app/provider/environment, rebuilt when credentials change."""
 
-    clients: dict[tuple[UUID, str, str | None], tuple[dt.datetime, ApnsSender | FcmSender]] = field(
-        default_factory=dict
-    )
+    clients: dict[_Key, tuple[dt.datetime, ApnsSender | FcmSender]] = field(default_factory=dict)
     # When each client's credentials were last compared with the database.
-    checked: dict[tuple[UUID, str, str | None], float] = field(default_factory=dict)
+    checked: dict[_Key, float] = field(default_factory=dict)
+    # When the provider last refused each client's credentials (see REFUSED_HOLD_S).
+    refused: dict[_Key, float] = field(default_factory=dict)
+    # Replaced clients, closed once the sends already on them have had their time.
+    retiring: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def get(
         self, state: AppState, app_id: UUID, provider: str, environment: str | None
@@ -87,6 +105,7 @@ class PushClients:
             return cached[1]
         self.checked[key] = now
         async with state.db.session(write=False) as db:
+            # (updated_at changes with the credentials alone: _record keeps it as it is.)
             version = await db.scalar(
                 select(PushCredential.updated_at).where(
                     PushCredential.app_id == app_id, PushCredential.provider == provider
@@ -107,20 +126,39 @@ class PushClients:
             else FcmSender(secret, state.settings)
         )
         if cached is not None:
-            await cached[1].close()
+            self._retire(cached[1])
         self.clients[key] = (version, sender)
+        self.refused.pop(key, None)  # (new credentials: try them at once)
         return sender
 
     async def drop(self, app_id: UUID, provider: str, environment: str | None) -> None:
         self.checked.pop((app_id, provider, environment), None)
         cached = self.clients.pop((app_id, provider, environment), None)
         if cached is not None:
-            await cached[1].close()
+            self._retire(cached[1])
+
+    def _retire(self, sender: ApnsSender | FcmSender) -> None:
+        """Close ``sender`` once sends of other jobs already on it have had their time
+        (closing at once cut them off, and their pushes went out again on retry)."""
+
+        async def close_later() -> None:
+            try:
+                await asyncio.sleep(SEND_TIMEOUT_S + 1)
+            finally:
+                await sender.close()
+
+        task = asyncio.create_task(close_later())
+        self.retiring.add(task)
+        task.add_done_callback(self.retiring.discard)
 
     async def close(self) -> None:
         for _, sender in self.clients.values():
             await sender.close()
         self.clients.clear()
+        for task in list(self.retiring):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 def _clients(state: AppState) -> PushClients:
@@ -270,7 +308,11 @@ def _notification(facts: _Facts, audience: str, badge: int) -> Notification:
 async def _send_one(sender: ApnsSender | FcmSender, device: Device, n: Notification) -> Outcome:
     if isinstance(sender, ApnsSender):
         return await sender.send(
-            device.token, apns_payload(n), collapse_id=n.message_id, ttl_s=APNS_TTL_S
+            device.token,
+            apns_payload(n),
+            collapse_id=n.message_id,
+            ttl_s=APNS_TTL_S,
+            notification_id=uuid5(device.id, n.message_id),  # (the same on every retry)
         )
     return await sender.send(fcm_message(device.token, n))
 
@@ -281,15 +323,18 @@ async def _send_group(
     """Send to devices sharing one app/provider/environment, concurrently on one client."""
     first = devices[0]
     key = (first.app_id, first.provider, first.apns_environment)
+    provider = first.provider.upper()
     outcomes: dict[UUID, Outcome] = {}
     sem = asyncio.Semaphore(SEND_CONCURRENCY)
     for _ in range(2):
         sender = await clients.get(state, *key)
         if sender is None:
-            missing = Outcome(
-                "failed", None, f"the app has no {first.provider.upper()} credentials"
-            )
+            missing = Outcome("failed", None, f"the app has no {provider} credentials")
             return {d.id: missing for d in devices}
+        refused_at = clients.refused.get(key)
+        if refused_at is not None and time.monotonic() - refused_at < REFUSED_HOLD_S:
+            held = Outcome("held", None, f"{provider} refused the app's credentials")
+            return {d.id: held for d in devices}
 
         async def one(
             device: Device, s: ApnsSender | FcmSender = sender, sem: asyncio.Semaphore = sem
@@ -304,6 +349,23 @@ async def _send_group(
         # Mint a new provider token (a new connection) and send those once more.
         await clients.drop(*key)
         devices = expired
+    else:  # refused a fresh token too: this server's clock is off
+        for d in devices:
+            outcomes[d.id] = replace(
+                outcomes[d.id], kind="auth_error", reason="ExpiredProviderToken (check the clock)"
+            )
+    assert sender is not None  # (the loop returned otherwise)
+    if any(o.kind == "sent" for o in outcomes.values()):
+        sender.proven = True
+        clients.refused.pop(key, None)
+    elif any(o.kind == "auth_error" for o in outcomes.values()):
+        clients.refused[key] = time.monotonic()
+    if not sender.proven:  # (these credentials have not delivered anything here yet)
+        for device_id, o in outcomes.items():
+            if o.kind == "invalid_token" and o.reason in SUSPECT_TOKEN_REASONS:
+                why = f"{o.reason} before these credentials delivered anything: check the app's"
+                what = "topic" if provider == "APNS" else "Firebase project"
+                outcomes[device_id] = replace(o, kind="setup_error", reason=f"{why} {what}")
     return outcomes
 
 
@@ -330,9 +392,10 @@ async def _deliver(
     outcomes: dict[UUID, Outcome] = {}
     for group in groups.values():
         outcomes.update(await _send_group(state, clients, group, notes))
-    retry = [(d, outcomes[d.id]) for d in devices if outcomes[d.id].kind == "retry" and not final]
-    await _record(state, ctx, facts, audience, devices, outcomes, retrying={d.id for d, _ in retry})
-    return retry
+    wait = [(d, outcomes[d.id]) for d in devices if outcomes[d.id].kind in WAIT_KINDS]
+    retrying = set() if final else {d.id for d, _ in wait}
+    await _record(state, ctx, facts, audience, devices, outcomes, retrying=retrying)
+    return wait
 
 
 def _status(outcome: Outcome, retrying: bool) -> str:
@@ -354,6 +417,10 @@ async def _record(
     rows = []
     for d in devices:
         o = outcomes[d.id]
+        if o.kind == "held":
+            continue  # (nothing was sent)
+        status = _status(o, d.id in retrying)
+        state.metrics.push.labels(d.provider, status, _reason_label(o)).inc()
         rows.append(
             {
                 "app_id": d.app_id,
@@ -363,54 +430,82 @@ async def _record(
                 "job_id": ctx.job_id,
                 "provider": d.provider,
                 "audience": audience,
-                "status": _status(o, d.id in retrying),
+                "status": status,
                 "reason": o.reason,
                 "http_status": o.http_status,
                 "latency_ms": round(o.latency_ms, 2) if o.latency_ms else None,
                 "attempt": ctx.attempt,
             }
         )
-    invalid = [d.id for d in devices if outcomes[d.id].kind == "invalid_token"]
-    auth_errors = {
+    # Deactivated only if the device still has the token that was refused: the app may
+    # have registered a fresh one while the send was in flight.
+    invalid = [
+        {"b_id": d.id, "b_token": d.token}
+        for d in devices
+        if outcomes[d.id].kind == "invalid_token"
+    ]
+    setup_errors = {
         (d.app_id, d.provider): outcomes[d.id].reason
         for d in devices
-        if outcomes[d.id].kind == "auth_error"
+        if outcomes[d.id].kind in {"auth_error", "setup_error"}
     }
     sent_to = {(d.app_id, d.provider) for d in devices if outcomes[d.id].kind == "sent"}
+    credentials = table_of(PushCredential)
+    # (updated_at is the credentials' version, which PushClients compares: kept as it is.)
+    unchanged = {"updated_at": credentials.c.updated_at}
     async with state.db.session(write=True) as db:
-        await db.execute(insert(PushDelivery), rows)
+        if rows:
+            await db.execute(insert(PushDelivery), rows)
         if invalid:
-            await db.execute(
-                update(Device)
-                .where(Device.id.in_(invalid))
-                .values(
-                    active=False,
-                    deactivated_reason="the provider rejected the token",
-                    deactivated_at=now,
-                )
-            )
-        for (app_id, provider), reason in auth_errors.items():
+            await db.execute(_DEACTIVATE, [{**one, "b_at": now} for one in invalid])
+        for (app_id, provider), reason in setup_errors.items():
             log.error(
                 "push.credentials_rejected", app_id=str(app_id), provider=provider, reason=reason
             )
             await db.execute(
-                update(PushCredential)
-                .where(PushCredential.app_id == app_id, PushCredential.provider == provider)
-                .values(last_error=reason, last_error_at=now)
+                update(credentials)
+                .where(credentials.c.app_id == app_id, credentials.c.provider == provider)
+                .values(last_error=reason, last_error_at=now, **unchanged)
             )
         for app_id, provider in sent_to:
+            recorded = credentials.c.last_success_at
             await db.execute(
-                update(PushCredential)
+                update(credentials)
                 .where(
-                    PushCredential.app_id == app_id,
-                    PushCredential.provider == provider,
-                    (PushCredential.last_success_at.is_(None))
-                    | (PushCredential.last_success_at < now - dt.timedelta(seconds=60)),
+                    credentials.c.app_id == app_id,
+                    credentials.c.provider == provider,
+                    recorded.is_(None) | (recorded < now - dt.timedelta(seconds=60)),
                 )
-                .values(last_success_at=now)
+                .values(last_success_at=now, **unchanged)
             )
     if invalid:
         log.info("push.devices_deactivated", count=len(invalid))
+
+
+_DEVICES = table_of(Device)
+_DEACTIVATE = (
+    update(_DEVICES)
+    .where(
+        _DEVICES.c.id == bindparam("b_id", type_=_DEVICES.c.id.type),
+        _DEVICES.c.token == bindparam("b_token"),
+    )
+    .values(
+        active=False,
+        deactivated_reason="the provider rejected the token",
+        deactivated_at=bindparam("b_at", type_=_DEVICES.c.deactivated_at.type),
+    )
+)
+
+
+def _reason_label(o: Outcome) -> str:
+    """The metric's reason: the provider's word (``Unregistered``), else the outcome's
+    kind (our own reasons carry details that would make a label per message)."""
+    if o.reason is not None and _PROVIDER_WORD.fullmatch(o.reason):
+        return o.reason
+    return o.kind
+
+
+_PROVIDER_WORD = re.compile(r"[A-Za-z_]{1,40}")
 
 
 def _agent_phones() -> Select[tuple[Any]]:
@@ -499,12 +594,7 @@ async def fanout(ctx: JobContext, payload: dict[str, Any]) -> None:
         if audience == "user":
             stmt = stmt.where(Device.end_user_id == facts.conv.end_user_id)
         else:
-            agents = (
-                select(AgentApp.agent_id)
-                .join(Agent, Agent.id == AgentApp.agent_id)
-                .where(AgentApp.app_id == facts.conv.app_id, Agent.disabled_at.is_(None))
-            )
-            stmt = stmt.where(Device.agent_id.in_(agents))
+            stmt = stmt.where(Device.agent_id.in_(_serving_agents(facts.conv.app_id)))
         done = select(PushDelivery.device_id).where(
             PushDelivery.message_id == message_id, PushDelivery.status.in_(("sent", "skipped"))
         )
@@ -537,7 +627,7 @@ async def fanout(ctx: JobContext, payload: dict[str, Any]) -> None:
     if retry:
         async with state.db.session(write=True) as db:
             for device, outcome in retry:
-                wait = max(backoff_delay(1, 1.0, 300.0), outcome.retry_after or 0.0)
+                wait = max(backoff_delay(1, 1.0, 300.0), min(outcome.retry_after or 0.0, 86400))
                 await enqueue(
                     db,
                     SEND_JOB,
@@ -552,19 +642,48 @@ async def fanout(ctx: JobContext, payload: dict[str, Any]) -> None:
                 )
 
 
+def _serving_agents(app_id: Any) -> Select[tuple[UUID]]:
+    """The enabled agents serving the app: whose phones hear of its new feedback."""
+    return (
+        select(AgentApp.agent_id)
+        .join(Agent, Agent.id == AgentApp.agent_id)
+        .where(AgentApp.app_id == app_id, Agent.disabled_at.is_(None))
+    )
+
+
+async def _still_hears(db: AsyncSession, device: Device, facts: _Facts, audience: str) -> bool:
+    """Whether ``device`` may still hear of the message, when a retry runs: since the
+    fan-out, a logout may have moved the installation's device to a new anonymous end
+    user, or its agent been disabled or taken off the app."""
+    if audience == "user":
+        return device.end_user_id == facts.conv.end_user_id
+    serving = _serving_agents(facts.conv.app_id).where(AgentApp.agent_id == device.agent_id)
+    return device.agent_id is not None and await db.scalar(serving) is not None
+
+
 async def send(ctx: JobContext, payload: dict[str, Any]) -> None:
-    """Retry one device (queued by the fan-out after a temporary failure)."""
+    """Retry one device (queued by the fan-out after a temporary failure), until the
+    notification is a day old (APNS_TTL_S): an outage, or credentials the provider
+    refused, are waited out without spending attempts."""
     state = ctx.state
+    audience = payload["audience"]
     async with state.db.session(write=False) as db:
         device = await db.get(Device, UUID(payload["device_id"]))
         facts = await _facts(db, UUID(payload["message_id"]))
-    if device is None or facts is None or not device.active:
+        if device is None or facts is None or not device.active:
+            return
+        if not await _still_hears(db, device, facts, audience):
+            return
+    age = (dt.datetime.now(dt.UTC) - facts.message.created_at).total_seconds()
+    final = ctx.attempt >= ctx.max_attempts or age >= APNS_TTL_S
+    wait = await _deliver(state, ctx, facts, audience, [device], final=final)
+    if not wait:
         return
-    final = ctx.attempt >= ctx.max_attempts
-    retry = await _deliver(state, ctx, facts, payload["audience"], [device], final=final)
-    if retry:
-        _, outcome = retry[0]
-        raise RetryLater(outcome.reason or "provider unavailable", delay=outcome.retry_after)
+    _, outcome = wait[0]
+    reason = outcome.reason or "provider unavailable"
+    if final:
+        raise PermanentFailure(f"given up after {age / 3600:.1f} h: {reason}")
+    raise WaitOut(reason, delay=outcome.retry_after)
 
 
 async def close_clients(state: AppState) -> None:

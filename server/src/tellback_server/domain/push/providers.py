@@ -11,7 +11,8 @@ refreshes OAuth tokens; we POST through its session ourselves, because its
 `notify()` sleeps on `Retry-After` and recurses without bound, and its
 default adapter retries 502/503 inside the call. Our adapter never retries:
 the jobs outbox does, with backoff. pyfcm is synchronous, so each send runs in
-a worker thread.
+a thread of FCM's own pool (a slow FCM never takes the threads that storage
+calls run on).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import contextlib
 import json
 import ssl
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +32,7 @@ from aioapns import APNs, NotificationRequest, PushType
 from aioapns.connection import APNsProductionClientProtocol
 from aioapns.exceptions import ConnectionError as ApnsConnectionError
 from aioapns.exceptions import MaxAttemptsExceeded
+from google.auth.exceptions import TransportError
 from google.oauth2 import service_account
 from pyfcm import FCMNotification
 from requests.adapters import HTTPAdapter
@@ -55,6 +59,16 @@ APNS_AUTH = {
 FCM_INVALID_TOKEN = {"UNREGISTERED", "SENDER_ID_MISMATCH"}
 FCM_RETRY = {"UNAVAILABLE", "INTERNAL", "QUOTA_EXCEEDED"}
 FCM_AUTH = {"THIRD_PARTY_AUTH_ERROR", "PERMISSION_DENIED", "UNAUTHENTICATED"}
+# Token answers that every device gets when the app's push settings are wrong (a typo in
+# the APNs topic, a service account of another Firebase project, an endpoint that is not
+# FCM's): they deactivate a device only once the same client has delivered to another.
+# An Unregistered/410 or FCM's UNREGISTERED is about the token alone: the token was valid.
+# (NOT_FOUND: an FCM 404 that does not say UNREGISTERED.)
+SUSPECT_TOKEN_REASONS = {"BadDeviceToken", "DeviceTokenNotForTopic", "SENDER_ID_MISMATCH"} | {
+    "NOT_FOUND"
+}
+# FCM's sends are blocking calls: their own threads, as many as sends in flight are useful.
+_FCM_THREADS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="tellback-fcm")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +98,7 @@ class _AckingProtocol(APNsProductionClientProtocol):
 
 class ApnsSender:
     def __init__(self, creds: dict[str, str], sandbox: bool, settings: Settings) -> None:
+        self.proven = False  # (set once this client delivered: see SUSPECT_TOKEN_REASONS)
         ssl_context = ssl.create_default_context()
         if settings.apns_ca_file is not None:
             ssl_context.load_verify_locations(cafile=str(settings.apns_ca_file))
@@ -112,11 +127,20 @@ class ApnsSender:
         self.client.pool.protocol_class = protocol
 
     async def send(
-        self, token: str, payload: dict[str, Any], *, collapse_id: str, ttl_s: int
+        self,
+        token: str,
+        payload: dict[str, Any],
+        *,
+        collapse_id: str,
+        ttl_s: int,
+        notification_id: uuid.UUID | None = None,
     ) -> Outcome:
+        """``notification_id``: the apns-id, the same on every attempt of one notification
+        (APNs answers with it, so a retry can be matched with the first try)."""
         request = NotificationRequest(
             device_token=token,
             message=payload,
+            notification_id=None if notification_id is None else str(notification_id),
             time_to_live=ttl_s,
             collapse_key=collapse_id[:64],
             push_type=PushType.ALERT,
@@ -161,6 +185,7 @@ async def _quiet(_request: NotificationRequest, _result: Any) -> None:
 
 class FcmSender:
     def __init__(self, service_account_info: dict[str, Any], settings: Settings) -> None:
+        self.proven = False  # (set once this client delivered: see SUSPECT_TOKEN_REASONS)
         credentials = service_account.Credentials.from_service_account_info(  # type: ignore[no-untyped-call]
             service_account_info, scopes=[FCM_SCOPE]
         )
@@ -193,18 +218,29 @@ class FcmSender:
 
     async def send(self, message: dict[str, Any]) -> Outcome:
         started = time.perf_counter()
+        loop = asyncio.get_running_loop()
         try:
-            status, data, retry_after = await asyncio.to_thread(self._post, message)
+            status, data, retry_after = await loop.run_in_executor(
+                _FCM_THREADS, self._post, message
+            )
         except RequestException as exc:
             return Outcome("retry", None, f"cannot reach FCM ({type(exc).__name__})")
         except Exception as exc:  # noqa: BLE001 (credential refresh errors surface as anything)
-            return Outcome("auth_error", None, f"FCM credentials failed: {type(exc).__name__}")
+            # pyfcm raises InvalidDataError from whatever refreshing the OAuth token raised.
+            cause = exc.__cause__ or exc.__context__ or exc
+            if isinstance(cause, TransportError | RequestException | OSError):
+                return Outcome(
+                    "retry", None, f"cannot reach Google's token endpoint ({type(cause).__name__})"
+                )
+            return Outcome(
+                "auth_error", None, f"FCM credentials refused: {str(cause)[:200] or type(cause)}"
+            )
         latency = (time.perf_counter() - started) * 1000
         if status == 200:
             return Outcome("sent", 200, None, latency_ms=latency)
         code = _fcm_error_code(data)
         delay = float(retry_after) if retry_after and retry_after.isdigit() else None
-        if code in FCM_INVALID_TOKEN or status == 404:
+        if code in FCM_INVALID_TOKEN or status == 404:  # (a bare 404: SUSPECT_TOKEN_REASONS)
             return Outcome("invalid_token", status, code or "NOT_FOUND", latency_ms=latency)
         if code == "INVALID_ARGUMENT" and _about_token(data):
             return Outcome("invalid_token", status, code, latency_ms=latency)

@@ -202,7 +202,8 @@ class CredentialService:
             )
         else:
             row.sealed, row.summary, row.updated_at = sealed, summary, _now()
-            row.last_error = row.last_error_at = None
+            # (what the status says was proven or refused was of the credentials before)
+            row.last_error = row.last_error_at = row.last_success_at = None
         await self.db.flush()
 
     async def put_apns(self, app_id: UUID, data: ApnsCredentialsIn) -> PushStatus:
