@@ -295,8 +295,8 @@ async def test_unknown_position_is_a_reset_then_live(stage: Stage, tmp_path: Pat
             first = await collect(events, lambda _e: True)
             assert isinstance(first[0], Reset)
             assert first[0].reason == "last_event_id_unknown"
-            assert first[0].id is None
-            assert events.last_event_id is None  # the old position is dropped
+            assert first[0].id is not None
+            assert events.last_event_id == first[0].id  # the reset's position, not the old
             reply = await stage.reply(conv.id)
             got = await collect(events, is_unread)
     [message] = [e for e in got if isinstance(e, MessageCreated)]

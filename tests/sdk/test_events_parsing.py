@@ -156,7 +156,23 @@ def test_dedupe_max_id_and_persistence(core: ClientCore) -> None:
     assert other_user.last_id is None
 
 
+def test_a_reset_moves_the_position_to_its_id_even_backwards(core: ClientCore) -> None:
+    state = StreamState(core, "90", reconnect=True, read_timeout=45)
+    state.bind("u")
+    state.on_open()
+    feed(state, unread(95))
+    reset = 'data: {"type":"reset","data":{"reason":"last_event_id_unknown"}}'
+    [event] = feed(state, ["id: 40", "event: reset", reset, ""])
+    assert isinstance(event, Reset)
+    assert state.last_id == 40
+    assert core.store.get(state.key or "")["last"] == 40  # (a restored database: lower ids)
+    state.on_open()  # reconnects from 40: nothing for the app to reload
+    assert not state.pending
+
+
 def test_reset_forgets_the_position_and_a_blind_reconnect_is_a_reset(core: ClientCore) -> None:
+    """A server that sends a reset without an id: live from there, and the next connect
+    has no resume point."""
     state = StreamState(core, "9", reconnect=True, read_timeout=45)
     state.bind("u")
     assert state.last_id == 9  # an explicit id wins over the saved one

@@ -222,11 +222,20 @@ async def test_a_fresh_stream_gets_its_resume_point_before_any_event(live: LiveA
 async def test_unknown_or_purged_last_event_id_asks_the_client_to_reload(live: LiveApi) -> None:
     app = await live.create_app()
     user = await live.user_headers(app)
+    _, agent = await live.create_agent(app)
+    conv = await live.feedback(user)
     async with sse(live.http, CLIENT_EVENTS, {**user, "Last-Event-ID": "999999"}) as stream:
         reset = await stream.next()
     assert reset.event == "reset"
-    assert reset.id is None
     assert reset.data["data"]["reason"] == "last_event_id_unknown"
+    assert stream.bare_ids == []  # (the reset carries the resume point instead)
+    # The reset's id is where to resume after reloading: a reply while the client is
+    # away arrives when it reconnects with that id.
+    reply = await _reply(live, agent, conv["id"])
+    assert reset.id is not None
+    async with sse(live.http, CLIENT_EVENTS, {**user, "Last-Event-ID": reset.id}) as stream:
+        [missed] = await _fresh(stream, int(reset.id), 1)
+    assert missed.data["data"]["message"]["id"] == reply["id"]
     for bad in ("abc", "\u00b2", "\u0661"):  # "²" and Arabic-Indic one: str.isdigit() holds
         r = await live.http.get(CLIENT_EVENTS, params={"last_event_id": bad}, headers=user)
         assert r.status_code == 400, (bad, r.text)

@@ -196,10 +196,14 @@ class StreamState:
         except ValueError:
             return None  # not an event of this protocol: skip, like a comment
         if isinstance(event, Reset):
-            # The old position is useless (unknown, or too far behind): live from here.
-            self.last_id = None
+            # The old position is useless (unknown, or too far behind): the reset's id is
+            # the new one (a server before it had none: live from here). It replaces the
+            # saved one even if lower (a database restored from a backup has lower ids).
+            self.last_id = _numeric(sse.id)
             self.recent.clear()
             self.seen.clear()
+            if self.key is not None:
+                self.core.store.set(self.key, None)
             self._save()
             return event
         number = _numeric(sse.id or event.id)

@@ -52,7 +52,7 @@ _DOC = (
     "and `data:` (JSON `{id, type, timestamp, data}`). Resume with the `Last-Event-ID` "
     "header (or `last_event_id` query parameter); a comment heartbeat comes at least "
     "every 20 s; an `event: reset` means events were missed beyond the replay window "
-    "and the client should reload."
+    "and the client should reload, then resume from the reset's own `id:`."
 )
 
 _LastEventId = Annotated[
@@ -81,6 +81,8 @@ async def _open(
             start = await head(state.db)
         elif scope is not None:
             backlog, reset = await replay(state.db, scope, last)
+            if reset is not None:  # (the position to resume from after reloading)
+                start = await head(state.db)
     except BaseException:
         state.events.unsubscribe(sub)
         raise

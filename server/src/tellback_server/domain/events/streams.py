@@ -54,10 +54,11 @@ def frame(record: EventRecord, *, client: bool) -> bytes:
     return b"id: %d\nevent: %s\ndata: %s\n\n" % (record.id, record.type.encode(), data)
 
 
-def _reset_frame(reason: str) -> bytes:
-    # Not resumable: the client should reload what it shows, then carry on live.
+def _reset_frame(reason: str, resume_id: int) -> bytes:
+    # The client should reload what it shows, then carry on live; its old position is
+    # useless, so the reset carries the new one (the newest event id when it opened).
     data = json.dumps({"type": "reset", "data": {"reason": reason}})
-    return f"event: reset\ndata: {data}\n\n".encode()
+    return f"id: {resume_id}\nevent: reset\ndata: {data}\n\n".encode()
 
 
 async def replay(
@@ -112,11 +113,13 @@ async def stream(
 ) -> AsyncIterator[bytes]:
     try:
         # An id-only block gives a fresh client its resume point at once (EventSource
-        # keeps it as lastEventId), so a drop before the first event loses nothing.
-        start = f"id: {start_id}\n" if start_id is not None else ""
+        # keeps it as lastEventId), so a drop before the first event loses nothing; a
+        # reset carries it instead.
+        start = f"id: {start_id}\n" if start_id is not None and reset is None else ""
         yield f"retry: {RETRY_MS}\n{start}: connected\n\n".encode()
         if reset is not None:
-            yield _reset_frame(reset)
+            assert start_id is not None
+            yield _reset_frame(reset, start_id)
         sent = {r.id for r in backlog}
         for record in backlog:
             yield frame(record, client=sub.client)
