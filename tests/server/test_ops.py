@@ -40,7 +40,16 @@ from tellback_server.security import (
 )
 from tellback_server.settings import S3Settings, SettingsError, load_settings
 from tests.conftest import S3_ACCESS_KEY, _admin_exec
-from tests.server.conftest import Api, AppInfo, lifespan, make_settings, serve_app
+from tests.server.conftest import (
+    Api,
+    AppInfo,
+    _admin_token,
+    lifespan,
+    make_settings,
+    s3_settings,
+    serve_app,
+)
+from tests.server.test_storage_s3 import stalled_endpoint
 
 PROBLEM_JSON = "application/problem+json"
 UNLIMITED: dict[str, int] = {"app_per_minute": 0, "user_per_minute": 0}
@@ -114,6 +123,36 @@ async def test_readyz_tells_wrong_storage_credentials_from_storage_down(
         "object storage error: AccessDenied",
     }
     assert "not-the-secret-key-at-all" not in r.text
+
+
+async def test_a_stalled_storage_is_not_ready_within_seconds(
+    sqlite_template: Path, tmp_path: Path
+) -> None:
+    """minio's client waited 60 s for an answer, three times: /readyz and a new upload
+    answered after three minutes, long past any probe's patience. Readiness answers
+    within 3 s, and an upload (which pings storage first) 503 as fast."""
+    db = tmp_path / "tellback.db"
+    shutil.copyfile(sqlite_template, db)
+    with stalled_endpoint() as endpoint:
+        settings = make_settings(
+            f"sqlite+aiosqlite:///{db}", tmp_path / "data", s3=s3_settings(endpoint)
+        )
+        state = build_state(settings)  # (no lifespan: its bucket check would wait too)
+        app = create_app(settings, state=state)
+        transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+        async with httpx.AsyncClient(transport=transport, base_url="http://t.test") as http:
+            api = Api(http=http, state=state, admin_token=await _admin_token(state))
+            user = await api.user_headers(await api.create_app())
+            started = time.monotonic()
+            r = await asyncio.wait_for(http.get("/readyz"), 20)
+            assert time.monotonic() - started < 5
+            assert_problem(r, 503, "storage_unavailable")
+            started = time.monotonic()
+            body = {"filename": "a.png", "content_type": "image/png", "size": 10, "kind": "photo"}
+            r = await asyncio.wait_for(http.post("/v1/client/uploads", json=body, headers=user), 20)
+            assert time.monotonic() - started < 5
+            assert_problem(r, 503, "storage_unavailable")
+        await state.db.dispose()
 
 
 def _request_counts(text: str) -> dict[tuple[str, str, str], float]:

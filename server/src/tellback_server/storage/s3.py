@@ -40,6 +40,8 @@ from tellback_server.storage.base import ObjectInfo, PresignedRequest, StorageEr
 T = TypeVar("T")
 Query = dict[str, str | list[str] | tuple[str]]  # minio's DictType (7.2.1 and later)
 _MISSING = {"NoSuchKey", "NoSuchUpload", "NoSuchObject"}
+METADATA_READ_S = 10.0  # a request's calls other than transfers
+PING_S = 2.0  # readiness: connect and answer, each
 
 
 class S3Store:
@@ -49,21 +51,30 @@ class S3Store:
     def __init__(self, settings: S3Settings) -> None:
         self.bucket = settings.bucket
         self.sign_content_length = settings.sign_content_length
-        http = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=3.0, read=60.0),
-            retries=urllib3.Retry(
-                total=2, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)
-            ),
-            maxsize=16,
+
+        def client(timeout: urllib3.Timeout, retries: urllib3.Retry | bool, size: int) -> Minio:
+            http = urllib3.PoolManager(timeout=timeout, retries=retries, maxsize=size)
+            return Minio(
+                settings.endpoint,
+                access_key=settings.access_key,
+                secret_key=settings.secret_key,
+                secure=settings.secure,
+                region=settings.region,
+                http_client=http,
+            )
+
+        # Three clients, as minio takes no timeout per call. Transfers (a file in or
+        # out, a server-side copy, completing a large upload) may take a minute to
+        # answer. A request's metadata calls answer in milliseconds unless storage is
+        # stalled: 10 s, and one retry of a read (a kept-alive connection the server
+        # closed), not two of 10 s more each. The readiness ping answers within 2 s,
+        # once: a probe that waits longer than its caller is worse than a 503.
+        retries = urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504))
+        self.client = client(urllib3.Timeout(connect=3.0, read=60.0), retries, 16)
+        self._metadata = client(
+            urllib3.Timeout(connect=3.0, read=METADATA_READ_S), retries.new(read=1), 16
         )
-        self.client = Minio(
-            settings.endpoint,
-            access_key=settings.access_key,
-            secret_key=settings.secret_key,
-            secure=settings.secure,
-            region=settings.region,
-            http_client=http,
-        )
+        self._probe = client(urllib3.Timeout(connect=PING_S, read=PING_S), False, 2)
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         try:
@@ -75,15 +86,15 @@ class S3Store:
 
     async def ensure_ready(self) -> None:
         try:
-            if not await self._call(self.client.bucket_exists, self.bucket):
-                await self._call(self.client.make_bucket, self.bucket)
+            if not await self._call(self._metadata.bucket_exists, self.bucket):
+                await self._call(self._metadata.make_bucket, self.bucket)
         except S3Error as exc:
             if exc.code not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
                 raise StorageError(f"cannot create bucket: {exc.code}") from exc
 
     async def ping(self) -> None:
         try:
-            await self._call(self.client.bucket_exists, self.bucket)
+            await self._call(self._probe.bucket_exists, self.bucket)
         except S3Error as exc:
             raise StorageError(f"object storage error: {exc.code}") from exc
 
@@ -96,7 +107,7 @@ class S3Store:
     async def create_multipart(self, key: str, content_type: str) -> str:
         try:
             upload_id: str = await self._call(
-                self.client._create_multipart_upload,
+                self._metadata._create_multipart_upload,
                 self.bucket,
                 key,
                 {"Content-Type": content_type},
@@ -120,7 +131,7 @@ class S3Store:
     def _presign_put(self, key: str, length: int, expires: dt.timedelta, query: Query) -> str:
         """A presigned PUT of exactly ``length`` bytes: minio's ``presign_v4`` with
         ``content-length`` among the signed headers (AWS SigV4, query authentication)."""
-        client = self.client
+        client = self._metadata  # (a region lookup, when none is set, is a metadata call)
         region = client._get_region(self.bucket)
         creds = client._provider.retrieve() if client._provider else None
         if creds is None or not self.sign_content_length:  # the host alone, as minio signs
@@ -168,7 +179,7 @@ class S3Store:
         while True:
             try:
                 result = await self._call(
-                    self.client._list_parts,
+                    self._metadata._list_parts,
                     self.bucket,
                     key,
                     upload_id,
@@ -204,14 +215,14 @@ class S3Store:
 
     async def abort_multipart(self, key: str, upload_id: str) -> None:
         try:
-            await self._call(self.client._abort_multipart_upload, self.bucket, key, upload_id)
+            await self._call(self._metadata._abort_multipart_upload, self.bucket, key, upload_id)
         except S3Error as exc:
             if exc.code not in _MISSING:
                 raise StorageError(f"object storage error: {exc.code}") from exc
 
     async def stat(self, key: str) -> ObjectInfo | None:
         try:
-            obj = await self._call(self.client.stat_object, self.bucket, key)
+            obj = await self._call(self._metadata.stat_object, self.bucket, key)
         except S3Error as exc:
             if exc.code in _MISSING:
                 return None
@@ -220,7 +231,7 @@ class S3Store:
 
     async def read_head(self, key: str, length: int) -> bytes:
         def read() -> bytes:
-            response = self.client.get_object(self.bucket, key, offset=0, length=length)
+            response = self._metadata.get_object(self.bucket, key, offset=0, length=length)
             try:
                 data: bytes = response.read()
                 return data
@@ -262,7 +273,7 @@ class S3Store:
 
     async def delete(self, key: str) -> None:
         try:
-            await self._call(self.client.remove_object, self.bucket, key)
+            await self._call(self._metadata.remove_object, self.bucket, key)
         except S3Error as exc:
             if exc.code not in _MISSING:
                 raise StorageError(f"object storage error: {exc.code}") from exc
@@ -274,7 +285,7 @@ class S3Store:
         if filename is not None:
             headers["response-content-disposition"] = content_disposition(filename)
         return await self._call(
-            self.client.get_presigned_url,
+            self._metadata.get_presigned_url,
             "GET",
             self.bucket,
             key,

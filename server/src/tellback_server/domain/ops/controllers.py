@@ -17,6 +17,7 @@ from tellback_server.state import AppState
 from tellback_server.storage.base import StorageError
 
 BACKLOG_TIMEOUT_S = 2.0  # Prometheus's default scrape timeout is 10 s
+READY_TIMEOUT_S = 3.0  # set a probe's own timeout above it (Kubernetes' default is 1 s)
 
 
 class Health(msgspec.Struct):
@@ -30,31 +31,38 @@ async def healthz() -> Health:
 
 @get("/readyz", tags=["ops"], summary="Database (and storage) reachable")
 async def readyz(request: Request[Any, Any, Any]) -> Response[Any]:
+    # Answers within READY_TIMEOUT_S: a stalled database or storage (connections
+    # accepted, never answered) is not ready, and a probe that waits past its own
+    # timeout tells the orchestrator nothing. (A comment: the OpenAPI document shows
+    # handlers' docstrings.)
     state = app_state(request)
+    deadline = asyncio.get_running_loop().time() + READY_TIMEOUT_S
     try:
-        async with state.db.session(write=False) as db:
+        async with asyncio.timeout_at(deadline), state.db.session(write=False) as db:
             await db.execute(text("SELECT 1"))
-    except Exception:  # noqa: BLE001 (any failure means not ready)
-        return problem_response(
-            request,
-            503,
-            "service_unavailable",
-            "database unreachable",
-            headers={"Retry-After": "5"},
-        )
+    except Exception as exc:  # noqa: BLE001 (any failure means not ready)
+        detail = "database unreachable"
+        if isinstance(exc, TimeoutError):
+            detail = f"database did not answer within {READY_TIMEOUT_S:g} s"
+        return _unready(request, "service_unavailable", detail)
     try:
-        await state.store.ping()
+        async with asyncio.timeout_at(deadline):
+            await state.store.ping()
+    except TimeoutError:
+        return _unready(
+            request,
+            "storage_unavailable",
+            f"object storage did not answer within {READY_TIMEOUT_S:g} s",
+        )
     except StorageError as exc:
         # Its reason (unreachable, or an S3 error code such as SignatureDoesNotMatch for
         # wrong credentials), never a key: what an operator needs to tell the two apart.
-        return problem_response(
-            request,
-            503,
-            "storage_unavailable",
-            str(exc),
-            headers={"Retry-After": "5"},
-        )
+        return _unready(request, "storage_unavailable", str(exc))
     return Response(content=Health(status="ready"))
+
+
+def _unready(request: Request[Any, Any, Any], code: str, detail: str) -> Response[Any]:
+    return problem_response(request, 503, code, detail, headers={"Retry-After": "5"})
 
 
 @get("/metrics", tags=["ops"], summary="Prometheus metrics", media_type="text/plain; version=0.0.4")
