@@ -612,7 +612,7 @@ async def test_retries_exhausted_then_manual_replay(hooks: Hooks) -> None:
     assert r.json()["status"] == "pending"
     # While it is pending, another replay is refused.
     again = await api.http.post(f"{hooks.base}/webhook-deliveries/{did}/replay", headers=api.admin)
-    problem(again, 409, "conflict")
+    problem(again, 409, "delivery_pending")
     await hooks.run_jobs()
     replayed = hooks.rx.received()[-1]
     assert len(hooks.rx.received()) == total + 1
@@ -641,7 +641,7 @@ async def test_replay_of_pending_delivery_is_409(hooks: Hooks) -> None:
     r = await hooks.api.http.post(
         f"{hooks.base}/webhook-deliveries/{item['id']}/replay", headers=hooks.api.admin
     )
-    problem(r, 409, "conflict")
+    problem(r, 409, "delivery_pending")
     await hooks.run_jobs()
     assert len(hooks.rx.received()) == 1  # the refused replay queued nothing extra
 

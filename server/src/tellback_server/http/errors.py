@@ -88,10 +88,6 @@ class NotFound(AppError):
     status_code, code = 404, "not_found"
 
 
-class Conflict(AppError):
-    status_code, code = 409, "conflict"
-
-
 class IdempotencyKeyReused(AppError, AfterGroupCommit):
     # Seen in an earlier member's row of the same SQLite write group, it holds only
     # once that group has committed (see AfterGroupCommit).

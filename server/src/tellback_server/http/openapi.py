@@ -82,7 +82,7 @@ CONFLICT = _Error(
     "idempotency_key_reused",
     "this Idempotency-Key was used with a different request body",
     "`idempotency_key_reused`, `idempotency_key_in_progress`, or a state conflict "
-    "(`conversation_closed`, `upload_incomplete`)",
+    "(`conversation_closed`, `upload_incomplete`, `delivery_pending`)",
 )
 TOO_LARGE = _Error(
     413,

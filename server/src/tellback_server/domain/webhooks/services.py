@@ -27,10 +27,16 @@ from tellback_server.domain.webhooks.schemas import (
 )
 from tellback_server.domain.webhooks.signing import new_secret
 from tellback_server.domain.webhooks.ssrf import UnsafeUrl, resolve
-from tellback_server.http.errors import Conflict, NotFound, ValidationFailed
+from tellback_server.http.errors import AppError, NotFound, ValidationFailed
 from tellback_server.http.pagination import Page, keyset_page
 from tellback_server.jobs.queue import enqueue
 from tellback_server.security import Sealer
+
+
+class DeliveryPending(AppError):
+    """A replay of a delivery whose attempts have not ended."""
+
+    status_code, code = 409, "delivery_pending"
 
 
 def _now() -> dt.datetime:
@@ -240,7 +246,9 @@ class WebhookService:
             .returning(WebhookDelivery.id)
         )
         if started.first() is None:
-            raise Conflict("this delivery is still being attempted; replay it once it has ended")
+            raise DeliveryPending(
+                "this delivery is still being attempted; replay it once it has ended"
+            )
         await enqueue(self.db, JOB_KIND, {"delivery_id": str(d.id)}, max_attempts=len(SCHEDULE) + 1)
         await self.db.refresh(d)
         return delivery_out(d)
