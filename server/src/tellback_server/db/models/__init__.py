@@ -1,7 +1,12 @@
 """All ORM models; importing this package registers every table on the metadata."""
 
 from tellback_server.db.models.agents import Agent, AgentApp, console_signouts
-from tellback_server.db.models.apps import AdminToken, App, AppIdentitySecret
+from tellback_server.db.models.apps import (
+    AdminToken,
+    App,
+    AppIdentitySecret,
+    secret_key_checks,
+)
 from tellback_server.db.models.conversations import Attachment, Conversation, Message
 from tellback_server.db.models.events import (
     Event,
@@ -35,4 +40,5 @@ __all__ = [
     "WebhookDelivery",
     "WebhookEndpoint",
     "console_signouts",
+    "secret_key_checks",
 ]

@@ -4,10 +4,20 @@ import datetime as dt
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import ForeignKey, LargeBinary, String, UniqueConstraint
+from sqlalchemy import Column, ForeignKey, LargeBinary, String, Table, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from tellback_server.db.base import GUID, JSON, DateTimeUTC, UUIDv7AuditBase
+from tellback_server.db.base import GUID, JSON, DateTimeUTC, UUIDv7AuditBase, metadata
+
+# One row, sealed with TELLBACK_SECRET_KEY by the first process to start on the database:
+# a process started with another key is refused before it seals or opens anything, even
+# while no app (whose identity secret would tell) exists yet.
+secret_key_checks = Table(
+    "secret_key_checks",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("sealed", LargeBinary, nullable=False),
+)
 
 
 class AdminToken(UUIDv7AuditBase):

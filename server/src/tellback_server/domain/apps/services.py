@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import secrets
 from typing import Any
 from uuid import UUID
 
 import msgspec
 from cryptography.exceptions import InvalidTag
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tellback_server.db.engine import Database
-from tellback_server.db.models import App, AppIdentitySecret
+from tellback_server.db.models import App, AppIdentitySecret, secret_key_checks
 from tellback_server.domain.apps.schemas import (
     FILE_TYPES,
     IMAGE_TYPES,
@@ -219,28 +222,59 @@ async def identity_secrets(db: AsyncSession, sealer: Sealer, app_id: UUID) -> di
     return {kid: sealer.open(sealed, purpose) for kid, sealed in rows}
 
 
+KEY_CHECK = "secret_key"
+KEY_CHECK_PURPOSE = "tellback:secret-key-check"
+
+
 async def check_secret_key(db: Database, sealer: Sealer) -> None:
-    """Refuse a ``TELLBACK_SECRET_KEY`` other than the one that sealed this database's
-    secrets: with it, every identified session, push and webhook signature would fail
-    (a 500 each), and new secrets would be sealed with a key the old ones do not share.
-    A database restored without its key file, or a process started without the shared
-    key, is refused at start instead. The newest identity secret is the witness (every
-    app has one); a database with no app has nothing sealed yet."""
+    """Refuse a ``TELLBACK_SECRET_KEY`` other than the one this database was set up with:
+    with it, every identified session, push and webhook signature would fail (a 500
+    each), and new secrets would be sealed with a key the old ones do not share. A
+    database restored without its key file, or a process started without the shared
+    key, is refused at start instead.
+
+    The witness is a value the first process sealed (``secret_key_checks``); a database
+    from before it is checked with its newest identity secret, then given one. Two
+    processes starting at once on a new database with different keys: one seals the
+    witness, the other is refused."""
+    witness = await _key_witness(db)
+    if witness is None:
+        async with db.session(write=False) as session:
+            newest = (
+                await session.execute(
+                    select(AppIdentitySecret.app_id, AppIdentitySecret.secret_sealed)
+                    .order_by(AppIdentitySecret.created_at.desc())
+                    .limit(1)
+                )
+            ).first()
+        if newest is not None:
+            _must_open(sealer, newest.secret_sealed, f"{IDENTITY_PURPOSE}:{newest.app_id}")
+        sealed = sealer.seal(secrets.token_bytes(32), KEY_CHECK_PURPOSE)
+        with contextlib.suppress(IntegrityError):  # (another process sealed it first)
+            async with db.session(write=True) as session:
+                await session.execute(
+                    insert(secret_key_checks).values(name=KEY_CHECK, sealed=sealed)
+                )
+        witness = await _key_witness(db)
+        assert witness is not None
+    _must_open(sealer, witness, KEY_CHECK_PURPOSE)
+
+
+async def _key_witness(db: Database) -> bytes | None:
     async with db.session(write=False) as session:
-        newest = (
-            await session.execute(
-                select(AppIdentitySecret.app_id, AppIdentitySecret.secret_sealed)
-                .order_by(AppIdentitySecret.created_at.desc())
-                .limit(1)
-            )
-        ).first()
-    if newest is None:
-        return
+        found = await session.scalar(
+            select(secret_key_checks.c.sealed).where(secret_key_checks.c.name == KEY_CHECK)
+        )
+    return found
+
+
+def _must_open(sealer: Sealer, sealed: bytes, purpose: str) -> None:
     try:
-        sealer.open(newest.secret_sealed, f"{IDENTITY_PURPOSE}:{newest.app_id}")
+        sealer.open(sealed, purpose)
     except (InvalidTag, ValueError):
         raise SettingsError(
             "TELLBACK_SECRET_KEY: this database's secrets (apps' identity secrets, push "
             "credentials, webhook secrets) were sealed with another key; start with the "
-            "key it was set up with (the embedded default keeps it in <data dir>/secret_key)"
+            "key it was set up with (the embedded default keeps it in <data dir>/secret_key), "
+            "the same on every node"
         ) from None
