@@ -146,7 +146,8 @@ async def test_a_stalled_storage_is_not_ready_within_seconds(
             started = time.monotonic()
             r = await asyncio.wait_for(http.get("/readyz"), 20)
             assert time.monotonic() - started < 5
-            assert_problem(r, 503, "storage_unavailable")
+            detail = assert_problem(r, 503, "storage_unavailable")["detail"]
+            assert detail.startswith(f"object storage unavailable: cannot reach {endpoint}: ")
             started = time.monotonic()
             body = {"filename": "a.png", "content_type": "image/png", "size": 10, "kind": "photo"}
             r = await asyncio.wait_for(http.post("/v1/client/uploads", json=body, headers=user), 20)

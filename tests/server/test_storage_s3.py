@@ -4,15 +4,20 @@ waits on a stalled server, and what an error says."""
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
 import time
 from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
+from tellback_server.jobs.registry import JobRegistry
 from tellback_server.storage import s3
 from tellback_server.storage.base import StorageError
-from tests.server.conftest import s3_settings
+from tests.server.conftest import make_settings, s3_settings, serve_app
 
 
 @contextlib.contextmanager
@@ -39,3 +44,51 @@ async def test_metadata_calls_give_up_on_a_stalled_storage_after_one_retry(
             await store.stat("some/key")
         elapsed = time.monotonic() - started
     assert 0.9 < elapsed < 3, elapsed  # two reads of 0.5 s, not three
+
+
+def _refused_endpoint() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"  # closed: nothing listens there
+
+
+@pytest.mark.parametrize("call", ["ping", "stat"])
+async def test_a_refused_connection_says_so_with_the_address(call: str) -> None:
+    """Both a refused port and the wrong TLS setting said only `MaxRetryError`."""
+    endpoint = _refused_endpoint()
+    store = s3.S3Store(s3_settings(endpoint))
+    with pytest.raises(StorageError) as caught:
+        await (store.ping() if call == "ping" else store.stat("some/key"))
+    assert str(caught.value) == (
+        f"object storage unavailable: cannot reach {endpoint}: connection refused"
+    )
+
+
+@pytest.mark.parametrize("call", ["ping", "stat"])
+async def test_tls_to_a_plain_http_storage_names_the_setting(s3_endpoint: str, call: str) -> None:
+    store = s3.S3Store(replace(s3_settings(s3_endpoint), secure=True))
+    with pytest.raises(StorageError) as caught:
+        await (store.ping() if call == "ping" else store.stat("some/key"))
+    assert str(caught.value) == (
+        f"object storage unavailable: cannot reach {s3_endpoint}: TLS handshake failed: "
+        "WRONG_VERSION_NUMBER (is TELLBACK_S3_SECURE right?)"
+    )
+
+
+async def test_serve_says_storage_is_not_ready_in_one_line(
+    sqlite_template: Path, tmp_path: Path
+) -> None:
+    """`serve` logged `storage.not_ready` with a traceback of some sixty lines; the
+    worker, one line. Both say it in one line now."""
+    db = tmp_path / "tellback.db"
+    shutil.copyfile(sqlite_template, db)
+    endpoint = _refused_endpoint()
+    settings = make_settings(
+        f"sqlite+aiosqlite:///{db}", tmp_path / "data", s3=s3_settings(endpoint)
+    )
+    with capture_logs() as logs:
+        async with serve_app(settings, JobRegistry()):
+            pass
+    [line] = [e for e in logs if e["event"] == "storage.not_ready"]
+    assert "exc_info" not in line, line
+    assert line["error"].endswith(f"cannot reach {endpoint}: connection refused"), line

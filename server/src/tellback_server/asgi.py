@@ -175,7 +175,8 @@ def create_app(
         try:
             await app_state.store.ensure_ready()
         except StorageError as exc:
-            log.exception("storage.not_ready", error=str(exc))
+            # One line, as the worker's: the reason is all of it, a traceback ~60 lines.
+            log.error("storage.not_ready", error=str(exc))  # noqa: TRY400
         if run_worker:  # (it hears NOTIFY tellback_jobs through the app's connection)
             task = asyncio.create_task(Worker(app_state, registry, listen=False).run(stop))
         limits = None

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import socket
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -50,6 +52,7 @@ class S3Store:
 
     def __init__(self, settings: S3Settings) -> None:
         self.bucket = settings.bucket
+        self.endpoint = settings.endpoint
         self.sign_content_length = settings.sign_content_length
 
         def client(timeout: urllib3.Timeout, retries: urllib3.Retry | bool, size: int) -> Minio:
@@ -82,7 +85,9 @@ class S3Store:
         except S3Error:
             raise
         except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise StorageError(f"object storage unavailable: {type(exc).__name__}") from exc
+            raise StorageError(
+                f"object storage unavailable: cannot reach {self.endpoint}: {_cause(exc)}"
+            ) from exc
 
     async def ensure_ready(self) -> None:
         try:
@@ -292,6 +297,44 @@ class S3Store:
             expires,
             response_headers=headers,
         )
+
+
+# What a call's failure means to an operator, most telling first (TLS before the
+# connection it broke).
+_REASONS: tuple[tuple[type[BaseException], Callable[[Any], str]], ...] = (
+    (ssl.SSLCertVerificationError, lambda e: f"TLS certificate not trusted: {e.verify_message}"),
+    (ssl.SSLError, lambda e: f"TLS handshake failed: {e.reason} (is TELLBACK_S3_SECURE right?)"),
+    (ConnectionRefusedError, lambda _: "connection refused"),
+    (socket.gaierror, lambda e: f"cannot resolve the host name ({e.strerror})"),
+    (urllib3.exceptions.ReadTimeoutError, lambda _: "no answer in time (read timed out)"),
+    (urllib3.exceptions.ProtocolError, lambda _: "the connection closed without an answer"),
+)
+
+
+def _cause(exc: BaseException) -> str:
+    """What kept a call from storage, found under urllib3's wrappers (``MaxRetryError``
+    alone sent an operator to the network when the TLS setting was wrong)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and len(chain) < 8:
+        chain.append(current)
+        if isinstance(current, urllib3.exceptions.MaxRetryError) and current.reason:
+            current = current.reason
+        elif isinstance(current, urllib3.exceptions.SSLError) and current.args:
+            inner = current.args[0]
+            current = inner if isinstance(inner, BaseException) else current.__cause__
+        else:
+            current = current.__cause__ or current.__context__
+    for kind, words in _REASONS:
+        for error in chain:
+            if isinstance(error, kind):
+                return words(error)
+    for error in chain:
+        if isinstance(error, OSError) and error.strerror:
+            return error.strerror
+    if any(isinstance(error, urllib3.exceptions.ConnectTimeoutError) for error in chain):
+        return "no connection in time (connect timed out)"
+    return type(chain[-1]).__name__
 
 
 def content_disposition(filename: str) -> str:
