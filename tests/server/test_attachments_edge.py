@@ -285,6 +285,9 @@ async def test_declared_size_over_the_kind_limit_is_413(local_api: Api) -> None:
         headers=user,
     )  # fmt: skip
     problem(r, 413, "payload_too_large")
+    for size in (5 * 1024 * MIB + 1, 80 * 1024 * MIB, 2**62):  # past any app's limit too
+        r = await api.http.post("/v1/client/uploads", json={**body, "size": size}, headers=user)
+        problem(r, 413, "payload_too_large")  # (a 422 with msgspec's wording until now)
     assert await attachment_count(api) == 1
 
 
