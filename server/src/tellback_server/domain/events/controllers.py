@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from litestar import Controller, Request, get
 from litestar.di import NamedDependency
-from litestar.params import QueryParameter
+from litestar.params import HeaderParameter, QueryParameter
 from litestar.response import Stream
 from sqlalchemy import Select, select
 
@@ -59,10 +59,17 @@ _LastEventId = Annotated[
     str | None,
     QueryParameter(description="for clients that cannot send the Last-Event-ID header"),
 ]
+_LastEventIdHeader = Annotated[
+    str | None,
+    HeaderParameter(
+        name="Last-Event-ID",
+        description="the id of the last event processed: the stream replays what followed it",
+    ),
+]
 
 
-def _last_id(request: Request[Any, Any, Any], query: str | None) -> int | None:
-    return parse_last_event_id(request.headers.get("last-event-id") or query)
+def _last_id(header: str | None, query: str | None) -> int | None:
+    return parse_last_event_id(header or query)
 
 
 async def _open(
@@ -111,9 +118,10 @@ class ClientEventsController(Controller):
         request: Request[Any, Any, Any],
         client: NamedDependency[ClientPrincipal],
         last_event_id: _LastEventId = None,
+        last_event_id_header: _LastEventIdHeader = None,
     ) -> Stream:
         state = app_state(request)
-        last = _last_id(request, last_event_id)
+        last = _last_id(last_event_id_header, last_event_id)
         sub = state.events.subscribe_client(client.app_id, client.end_user_id)
 
         async def still_valid() -> bool:
@@ -146,9 +154,10 @@ class AgentEventsController(Controller):
         request: Request[Any, Any, Any],
         agent: NamedDependency[AgentPrincipal],
         last_event_id: _LastEventId = None,
+        last_event_id_header: _LastEventIdHeader = None,
     ) -> Stream:
         state = app_state(request)
-        last = _last_id(request, last_event_id)
+        last = _last_id(last_event_id_header, last_event_id)
         sub = state.events.subscribe_agent(agent.agent_id, agent.app_ids)
 
         token_hash = request.scope["state"][AGENT_TOKEN_HASH]
