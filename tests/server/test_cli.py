@@ -161,6 +161,25 @@ def test_an_sqlite_file_that_cannot_be_opened_is_one_line(tmp_path: Path) -> Non
     assert_one_line_error(result, f"TELLBACK_DATABASE_URL: cannot open {blocker}/tellback.db: ")
 
 
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (f"postgresql+asyncpg://tellback:{PASSWORD}@127.0.0.1:notaport/tb", "port is not a number"),
+        ("sqlite+aiosqlite://relative.db", "a SQLite URL is sqlite+aiosqlite:/// and"),
+        (f"postgresql+asyncpg://tellback:{PASSWORD}@db/tb?sslmode=require", "takes ssl=require"),
+        (f"postgresql+asyncpg://tellback:{PASSWORD}@x@127.0.0.1:5/tb", "percent-encode the pass"),
+    ],
+)
+def test_a_malformed_database_url_is_one_line(tmp_path: Path, url: str, expected: str) -> None:
+    """Tracebacks (ValueError, Invalid SQLite URL, TypeError from asyncpg) and, for an
+    '@' in the password, an error that named what followed it as the host."""
+    result = tellback(tmp_path, env_for(tmp_path, url), "migrate")
+    assert_one_line_error(result, "TELLBACK_DATABASE_URL: ")
+    assert expected in result.stderr
+    assert PASSWORD not in result.stdout + result.stderr
+    assert "@127.0.0.1" not in result.stderr
+
+
 # ----- a database that is not at this release's schema ------------------------------------------
 
 

@@ -144,3 +144,77 @@ def test_an_existing_open_data_dir_is_reported_not_changed(tmp_path: Path) -> No
     assert _mode(tmp_path) == 0o755
     tmp_path.chmod(0o700)
     assert ensure_data_dir(tmp_path) is True
+
+
+# ----- TELLBACK_DATABASE_URL ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "postgresql+asyncpg://tellback:pw@127.0.0.1:notaport/tellback",
+            "TELLBACK_DATABASE_URL: the port is not a number",
+        ),
+        (
+            "postgresql+asyncpg://tellback:pw@127.0.0.1:70000/tellback",
+            "TELLBACK_DATABASE_URL: the port must be from 1 to 65535, got 70000",
+        ),
+        (
+            "sqlite+aiosqlite://relative.db",
+            "TELLBACK_DATABASE_URL: a SQLite URL is sqlite+aiosqlite:/// and the file's path",
+        ),
+        (
+            "postgresql+asyncpg://tellback:pw@127.0.0.1:5432/tellback?sslmode=require",
+            "TELLBACK_DATABASE_URL: asyncpg takes ssl=require, not sslmode=require",
+        ),
+        (
+            "postgresql+asyncpg://tellback:pw@db/tellback?ssl=require&application_name=tb",
+            "TELLBACK_DATABASE_URL: asyncpg takes no 'application_name' parameter",
+        ),
+        (
+            "postgresql+asyncpg://tellback:p@ss#word@127.0.0.1:55432/tellback",
+            "TELLBACK_DATABASE_URL: more than one '@' before the host: percent-encode the "
+            "password (an '@' in it as %40",
+        ),
+    ],
+)
+def test_a_malformed_database_url_is_one_line_naming_the_variable(url: str, expected: str) -> None:
+    """Each of these was a driver's traceback (or, for an '@' in the password, an
+    error naming the rest of the password as the host)."""
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"TELLBACK_DATABASE_URL": url})
+    message = str(caught.value)
+    assert message.startswith(expected), message
+    assert "\n" not in message
+    for fragment in ("pw", "ss#word", "p@ss"):  # (no part of any password)
+        assert fragment not in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite+aiosqlite:///tellback.db",
+        "sqlite+aiosqlite:////var/lib/tellback/tellback.db",
+        "sqlite+aiosqlite:///:memory:",
+        "sqlite+aiosqlite://",
+        "postgresql+asyncpg://tellback:p%40ss%23word@127.0.0.1:55432/tellback",
+        "postgresql+asyncpg://tellback:pass#w/rd:x@db/tellback",
+        "postgresql+asyncpg://tellback@/tellback?host=/run/postgresql",
+        "postgresql+asyncpg://tellback:pw@db/tellback?ssl=require&prepared_statement_cache_size=0",
+    ],
+)
+def test_database_urls_the_engine_opens_are_kept(url: str) -> None:
+    assert load_settings({"TELLBACK_DATABASE_URL": url}).database_url == url
+
+
+def test_the_query_parameters_allowed_are_asyncpgs() -> None:
+    import inspect
+
+    import asyncpg
+
+    from tellback_server.settings import ASYNCPG_QUERY
+
+    takes = set(inspect.signature(asyncpg.connect).parameters) - {"dsn", "loop"}
+    adapter = {"async_fallback", "prepared_statement_cache_size", "prepared_statement_name_func"}
+    assert takes | adapter == ASYNCPG_QUERY

@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
 T = TypeVar("T")
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -194,13 +197,69 @@ def _choice(*options: str) -> Callable[[str, str], str]:
 
 
 def _database_url(name: str, raw: str) -> str:
+    """A URL the engine can open, checked here so that a mistake is one line naming
+    the variable, never a driver's traceback, and never shows any of the password."""
     value = raw.strip()
     if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
         raise SettingsError(
             f"{name}: expected a sqlite+aiosqlite:///path or postgresql+asyncpg://... URL, "
             f"got {value.split('://', 1)[0]!r}://..."
         )
+    if value.split("?", 1)[0].count("@") > 1:  # the first '@' ends the password
+        raise SettingsError(
+            f"{name}: more than one '@' before the host: percent-encode the password "
+            "(an '@' in it as %40, a '%' as %25: Python's urllib.parse.quote(password, "
+            "safe=''))"
+        )
+    try:
+        url = make_url(value)
+    except ValueError:  # (its text would show the port's place, which may hold a secret)
+        raise SettingsError(f"{name}: the port is not a number") from None
+    except ArgumentError:
+        raise SettingsError(
+            f"{name}: not a URL of the form scheme://user:password@host:port/name"
+        ) from None
+    if value.startswith("sqlite"):
+        if url.host or url.port or url.username or url.password:
+            raise SettingsError(
+                f"{name}: a SQLite URL is sqlite+aiosqlite:/// and the file's path "
+                "(sqlite+aiosqlite:///tellback.db, relative to the working directory, or "
+                "sqlite+aiosqlite:////var/lib/tellback/tellback.db): with two slashes the "
+                "file name is read as a host"
+            )
+        return value
+    if url.port is not None and not 1 <= url.port <= 65535:
+        raise SettingsError(f"{name}: the port must be from 1 to 65535, got {url.port}")
+    _asyncpg_query(name, url.query)
     return value
+
+
+# What a PostgreSQL URL's query may hold: SQLAlchemy passes it to ``asyncpg.connect``
+# as keywords (these are its keywords; test_settings checks them against asyncpg's),
+# but for the three its asyncpg adapter takes itself.
+ASYNCPG_QUERY = frozenset(
+    {
+        "host", "port", "user", "password", "passfile", "service", "servicefile",
+        "database", "timeout", "statement_cache_size", "max_cached_statement_lifetime",
+        "max_cacheable_statement_size", "command_timeout", "ssl", "direct_tls",
+        "connection_class", "record_class", "server_settings", "target_session_attrs",
+        "krbsrvname", "gsslib",
+        "async_fallback", "prepared_statement_cache_size", "prepared_statement_name_func",
+    }
+)  # fmt: skip
+
+
+def _asyncpg_query(name: str, query: Mapping[str, object]) -> None:
+    """libpq's parameter names (from a psql or psycopg URL) failed in asyncpg with a
+    TypeError traceback."""
+    for key, val in query.items():
+        if key == "sslmode":
+            raise SettingsError(f"{name}: asyncpg takes ssl={val}, not sslmode={val}")
+        if key not in ASYNCPG_QUERY:
+            raise SettingsError(
+                f"{name}: asyncpg takes no {key!r} parameter (the query holds "
+                "asyncpg.connect's keywords: ssl, target_session_attrs, passfile, ...)"
+            )
 
 
 def _http_url(name: str, raw: str) -> str:
