@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import regex
+
 SNIPPET_CHARS = 178
 APNS_MAX_BYTES = 4096
 
@@ -24,8 +26,21 @@ class Notification:
 
 
 def snippet(text: str | None, limit: int = SNIPPET_CHARS) -> str:
+    """``text`` on one line, cut to ``limit`` characters with an ellipsis: between two
+    grapheme clusters, never inside one (a flag, a family emoji, a letter and its
+    accent), which the lock screen would show broken."""
     flat = " ".join((text or "").split())
-    return flat if len(flat) <= limit else flat[: limit - 1].rstrip() + "…"
+    if len(flat) <= limit:
+        return flat
+    end = 0
+    for cluster in _GRAPHEME.finditer(flat, 0, limit):  # (clusters starting before the cut)
+        if cluster.end() > limit - 1:
+            break
+        end = cluster.end()
+    return flat[:end].rstrip() + "…"
+
+
+_GRAPHEME = regex.compile(r"\X")
 
 
 def custom_keys(n: Notification) -> dict[str, str]:
