@@ -470,7 +470,7 @@ def _server_notification(inp: dict[str, Any]) -> Any:
         user_name=inp["user_name"],
         user_unread=inp["badge"],
     )
-    return _notification(facts, inp["audience"], inp["badge"])
+    return _notification(facts, inp["audience"], inp["badge"], None)
 
 
 def push_payloads() -> dict[str, Any]:
@@ -501,6 +501,14 @@ def push_payloads() -> dict[str, Any]:
             {"message_body": long_text, "badge": 12},
         ),
         ("text of exactly 178 characters is not cut", {"message_body": "a" * 178}),
+        (
+            "the cut falls before a flag it would split (grapheme clusters stay whole)",
+            {"message_body": "a" * 176 + "\U0001f1e9\U0001f1ea and more"},
+        ),
+        (
+            "the cut falls before a family emoji it would split",
+            {"message_body": "a" * 175 + "\U0001f468\u200d\U0001f469\u200d\U0001f467 more"},
+        ),
         ("agent without a name: title is the app name", {"agent_name": None}),
         ("content-free mode (end user)", {"content_free": True, "badge": 3}),
         (

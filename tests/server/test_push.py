@@ -229,6 +229,27 @@ async def test_new_feedback_reaches_the_agents_phone(push: Push) -> None:
     assert payload["aps"]["badge"] == 1
 
 
+async def test_a_late_push_keeps_the_kind_its_message_had(push: Push) -> None:
+    """The push for new feedback runs after the user's follow-up (a backlog, a retry):
+    it still says new feedback, and the follow-up's says reply."""
+    await push.set_apns()
+    await push.register(push.agent)
+    conv = await push.api.feedback(push.user, body="Crash on launch")
+    r = await push.api.http.post(
+        f"/v1/client/conversations/{conv['id']}/messages",
+        json={"body": "Still crashing"},
+        headers={**push.user, "Idempotency-Key": str(uuid.uuid4())},
+    )
+    assert r.status_code == 201, r.text
+    await push.run_jobs()  # both jobs run now, after both messages
+    kinds = {
+        n.payload["aps"]["alert"]["body"]: n.payload["tellback"]["type"] for n in push.apns.received
+    }
+    assert kinds == {"Crash on launch": "conversation.created", "Still crashing": "message.created"}
+    titles = sorted(n.payload["aps"]["alert"]["title"] for n in push.apns.received)
+    assert titles == ["New feedback in Feedback Demo", "Reply from a user"]
+
+
 async def test_each_agents_badge_counts_the_conversations_to_read_in_their_own_apps(
     push: Push,
 ) -> None:

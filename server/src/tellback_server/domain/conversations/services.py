@@ -934,7 +934,7 @@ def _store_feedback(
         [(*user, listening, hooks)] = _USER.execute(db, who)
     for att in attachments:
         att.message_id = msg["id"]  # flushed at commit
-    queue_fanout_in(db, msg["id"], "agents", listening=bool(listening))
+    queue_fanout_in(db, msg["id"], "agents", listening=bool(listening), first=True)
     return _User(*user), attachments, bool(hooks)
 
 
@@ -1082,7 +1082,9 @@ async def _create_alone(
     params = {f"c_{k}": v for k, v in conv.items()}
     params.update({f"m_{k}": v for k, v in msg.items()})
     params.update({f"e_{k}": v for k, v in event.items()})
-    params.update({f"j_{k}": v for k, v in job_row(**fanout_job(msg["id"], "agents")).items()})
+    params.update(
+        {f"j_{k}": v for k, v in job_row(**fanout_job(msg["id"], "agents", first=True)).items()}
+    )
     params["notify_prefix"] = notify_prefix(tx)
     if fresh:
         params["user_updated_at"] = client.user_updated_at
@@ -1365,7 +1367,7 @@ def _store_follow_up(
         conv["status"] = "open"
     conv["agent_unread_count"] += 1
     (listening,) = target.asked
-    queue_fanout_in(db, msg["id"], "agents", listening=bool(listening))
+    queue_fanout_in(db, msg["id"], "agents", listening=bool(listening), first=False)
     _CONVERSATION_UPDATE.execute(db, {"conv_id": conv_id, **conv})
     return _NewMessage(conv, msg, target.user, attachments, 0, reopened, target.has_endpoint)
 

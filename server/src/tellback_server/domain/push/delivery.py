@@ -175,7 +175,12 @@ async def queue_fanout(db: AsyncSession, message_id: UUID, audience: str) -> Non
 
 
 def queue_fanout_in(
-    db: Session, message_id: UUID, audience: str, *, listening: bool | None = None
+    db: Session,
+    message_id: UUID,
+    audience: str,
+    *,
+    listening: bool | None = None,
+    first: bool | None = None,
 ) -> None:
     """Queue the notification job, unless no active device may hear of the message.
 
@@ -190,16 +195,17 @@ def queue_fanout_in(
         listening = bool(_ANY_DEVICE[audience].execute(db, {"message_id": message_id}))
     if not listening:
         return
-    enqueue_in(db, **fanout_job(message_id, audience))
+    enqueue_in(db, **fanout_job(message_id, audience, first=first))
 
 
-def fanout_job(message_id: UUID, audience: str) -> dict[str, Any]:
-    """The notification job of a message (``enqueue_in``'s or ``job_row``'s arguments)."""
-    return {
-        "kind": FANOUT_JOB,
-        "payload": {"message_id": str(message_id), "audience": audience},
-        "max_attempts": 10,
-    }
+def fanout_job(message_id: UUID, audience: str, *, first: bool | None = None) -> dict[str, Any]:
+    """The notification job of a message (``enqueue_in``'s or ``job_row``'s arguments).
+    ``first``: for the agents, whether the message is new feedback (``conversation.created``)
+    or a later one, as the writer knew it (when the job runs, more may have come)."""
+    payload: dict[str, Any] = {"message_id": str(message_id), "audience": audience}
+    if first is not None:
+        payload["first"] = first
+    return {"kind": FANOUT_JOB, "payload": payload, "max_attempts": 10}
 
 
 @dataclass
@@ -279,14 +285,15 @@ async def _agent_badges(db: Any, devices: list[Device]) -> dict[UUID, int]:
     return {d.id: per_agent.get(d.agent_id, 0) if d.agent_id else 0 for d in devices}
 
 
-def _notification(facts: _Facts, audience: str, badge: int) -> Notification:
+def _notification(facts: _Facts, audience: str, badge: int, first: bool | None) -> Notification:
     app_name = facts.app.name
     if audience == "user":
         kind = "message.created"
         title = app_name if facts.content_free else (facts.agent_name or app_name)
         body = "You have a new reply" if facts.content_free else facts.text
     else:
-        first = facts.conv.message_count <= 1
+        if first is None:  # (a job queued before the writer said)
+            first = facts.conv.message_count <= 1
         kind = "conversation.created" if first else "message.created"
         if facts.content_free:
             title, body = app_name, "New feedback" if first else "New reply"
@@ -377,6 +384,7 @@ async def _deliver(
     devices: list[Device],
     *,
     final: bool,
+    first: bool | None,
 ) -> list[tuple[Device, Outcome]]:
     """Send one message to ``devices``, record every outcome; return the ones to retry."""
     if audience == "user":  # (read with the facts)
@@ -384,7 +392,7 @@ async def _deliver(
     else:
         async with state.db.session(write=False) as db:
             badges = await _agent_badges(db, devices)
-    notes = {d.id: _notification(facts, audience, badges[d.id]) for d in devices}
+    notes = {d.id: _notification(facts, audience, badges[d.id], first) for d in devices}
     groups: dict[tuple[UUID, str, str | None], list[Device]] = {}
     for d in devices:
         groups.setdefault((d.app_id, d.provider, d.apns_environment), []).append(d)
@@ -623,7 +631,8 @@ async def fanout(ctx: JobContext, payload: dict[str, Any]) -> None:
     devices = [d for d, has_credentials in found if has_credentials]
     if not devices:
         return
-    retry = await _deliver(state, ctx, facts, audience, devices, final=False)
+    first = payload.get("first")
+    retry = await _deliver(state, ctx, facts, audience, devices, final=False, first=first)
     if retry:
         async with state.db.session(write=True) as db:
             for device, outcome in retry:
@@ -635,6 +644,7 @@ async def fanout(ctx: JobContext, payload: dict[str, Any]) -> None:
                         "device_id": str(device.id),
                         "message_id": str(message_id),
                         "audience": audience,
+                        **({} if first is None else {"first": first}),
                     },
                     max_attempts=7,
                     run_after=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=wait),
@@ -676,7 +686,8 @@ async def send(ctx: JobContext, payload: dict[str, Any]) -> None:
             return
     age = (dt.datetime.now(dt.UTC) - facts.message.created_at).total_seconds()
     final = ctx.attempt >= ctx.max_attempts or age >= APNS_TTL_S
-    wait = await _deliver(state, ctx, facts, audience, [device], final=final)
+    first = payload.get("first")
+    wait = await _deliver(state, ctx, facts, audience, [device], final=final, first=first)
     if not wait:
         return
     _, outcome = wait[0]
