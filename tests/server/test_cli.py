@@ -390,7 +390,8 @@ def test_a_secret_key_other_than_the_databases_is_refused_at_start(
 def test_a_worker_serves_its_own_metrics_when_asked(tmp_path: Path, database_url: str) -> None:
     """`tellback worker` has no HTTP API, so the job attempts it ran never reached a
     scrape in the production layout. `--metrics-port` serves them (127.0.0.1 unless
-    `--metrics-host` says otherwise), and stops with the worker."""
+    `--metrics-host` says otherwise), and stops with the worker. The backlog gauges,
+    which only an API process fills, are not among them (they read 0.0)."""
     from tellback_server.db.engine import Database
     from tellback_server.jobs.queue import enqueue
     from tellback_server.settings import Settings
@@ -426,6 +427,10 @@ def test_a_worker_serves_its_own_metrics_when_asked(tmp_path: Path, database_url
             assert proc.poll() is None, proc.communicate()[1][-2000:]
             time.sleep(0.1)
         assert done in text, text[-2000:]
+        # The backlog is read by API processes alone: a worker's 0 would hide it.
+        for gauge in ("tellback_jobs_queued", "tellback_jobs_oldest_due_seconds"):
+            assert gauge not in text, text  # (nor the time they were read: all three)
+        assert "# TYPE tellback_webhook_attempts_total counter" in text
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0, proc.communicate()[1][-2000:]
         with pytest.raises(httpx.TransportError):

@@ -223,12 +223,41 @@ def worker(
             running = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 running.add_signal_handler(sig, stop.set)
-            with _metrics_server(state.metrics.registry, metrics_host, metrics_port):
+            with _metrics_server(
+                _worker_registry(state.metrics.registry), metrics_host, metrics_port
+            ):
                 await w.run(stop)
         finally:
             await state.db.dispose()
 
     run_async(run, loop)
+
+
+# Gauges of the whole queue, read from the database by an API process's /metrics
+# (domain/ops): a worker never fills them, and a 0 from each worker's scrape would hide
+# the backlog from an alert on, say, max(tellback_jobs_oldest_due_seconds).
+API_ONLY_METRICS = frozenset(
+    {
+        "tellback_jobs_queued",
+        "tellback_jobs_oldest_due_seconds",
+        "tellback_jobs_backlog_read_timestamp_seconds",
+    }
+)
+
+
+def _worker_registry(registry: Any) -> Any:
+    """What ``tellback worker --metrics-port`` serves: the process's metrics but the
+    backlog gauges, which only an API process's scrape reads."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.registry import Collector
+
+    class WithoutBacklog(Collector):
+        def collect(self) -> Iterator[Any]:
+            return (m for m in registry.collect() if m.name not in API_ONLY_METRICS)
+
+    served = CollectorRegistry(auto_describe=False)
+    served.register(WithoutBacklog())
+    return served
 
 
 @contextlib.contextmanager
