@@ -307,6 +307,28 @@ def test_serve_prints_no_first_start_token_on_postgresql(
         assert "tellback admin create-token" in err
 
 
+def test_serve_on_a_port_in_use_says_so_and_starts_nothing(tmp_path: Path) -> None:
+    """`serve` announced `serve.listening`, printed the first-start token and started
+    its worker before uvicorn found the port taken (exit 3)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = tellback(
+            tmp_path,
+            base_env(TELLBACK_DATA_DIR=str(tmp_path / "data")),
+            "serve",
+            "--port",
+            str(port),
+        )
+    assert_one_line_error(result, f"TELLBACK_PORT (or --port): cannot listen on 127.0.0.1:{port}: ")
+    assert result.returncode == 1
+    assert "in use" in result.stderr
+    for started in ("serve.listening", "jobs.worker_started", "First start"):
+        assert started not in result.stderr
+    assert "tba_" not in result.stdout
+
+
 # ----- what is said at start --------------------------------------------------------------------
 
 

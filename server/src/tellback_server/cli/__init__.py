@@ -7,6 +7,7 @@ import contextlib
 import gc
 import json
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -142,6 +143,16 @@ def serve(
         else:
             await check_revision(settings)
         await refuse_foreign_secret_key(settings)
+        # Bound before anything is said or started: a port in use is one line, with no
+        # first-start token printed and no worker started to be stopped again.
+        sockets = listening_sockets(settings.host, settings.port)
+        try:
+            await _serve(sockets)
+        finally:
+            for sock in sockets:
+                sock.close()
+
+    async def _serve(sockets: list[socket.socket]) -> None:
         token = await first_start_token(settings)
         if token is not None:
             click.echo(
@@ -164,9 +175,36 @@ def serve(
         running = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             running.add_signal_handler(sig, server.request_exit)
-        await server.serve()
+        await server.serve(sockets=sockets)
 
     run_async(start, loop)
+
+
+def listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to every address ``host`` names, as asyncio's ``create_server``
+    (which uvicorn calls) binds them; a port in use is a :class:`SettingsError`."""
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError as exc:
+        raise SettingsError(f"TELLBACK_HOST (or --host): cannot resolve {host}: {exc}") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # (as asyncio: IPv4 gets a socket of its own)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise SettingsError(
+            f"TELLBACK_PORT (or --port): cannot listen on {host}:{port}: {exc.strerror or exc}"
+        ) from None
+    return sockets
 
 
 @main.command()
