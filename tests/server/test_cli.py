@@ -5,8 +5,11 @@ and what is said at start."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shlex
 import signal
 import socket
+import sqlite3
 import stat
 import struct
 import subprocess
@@ -327,6 +330,55 @@ def test_serve_on_a_port_in_use_says_so_and_starts_nothing(tmp_path: Path) -> No
     for started in ("serve.listening", "jobs.worker_started", "First start"):
         assert started not in result.stderr
     assert "tba_" not in result.stdout
+
+
+def _readme_backup_command() -> list[str]:
+    """The README's `VACUUM INTO` command (Backups), with this interpreter for `uv run
+    python`, run in the directory that holds `tellback-data`."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("### Backups", 1)[1]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    [line] = [line for line in block.splitlines() if "VACUUM INTO" in line]
+    words = shlex.split(line)
+    assert words[:3] == ["uv", "run", "python"], words
+    return [sys.executable, *words[3:]]
+
+
+def test_the_readmes_sqlite_backup_is_consistent_while_the_server_writes(tmp_path: Path) -> None:
+    """Copying the data dir with `cp -a` under load gave corrupt databases (a WAL
+    checkpoint rewrites the file): the README's command must not."""
+    command = _readme_backup_command()
+    server = Server(tmp_path, base_env(TELLBACK_DATA_DIR=str(tmp_path / "tellback-data")))
+    stop = threading.Event()
+    written: list[int] = []
+    try:
+        server.wait_ready()
+        token = server.proc.stdout.readline().strip() if server.proc.stdout else ""
+        admin = {"Authorization": f"Bearer {token}"}
+
+        def write() -> None:
+            with httpx.Client(base_url=server.url, timeout=30) as http:
+                while not stop.is_set():
+                    r = http.post("/v1/admin/apps", json={"name": "load"}, headers=admin)
+                    assert r.status_code == 201, r.text
+                    written.append(1)
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        target = tmp_path / "backup" / "tellback.db"  # (what the README's line names)
+        target.parent.mkdir()
+        for _ in range(5):
+            target.unlink(missing_ok=True)
+            subprocess.run(command, cwd=tmp_path, check=True)
+            with contextlib.closing(sqlite3.connect(target)) as copy:
+                assert copy.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+                assert copy.execute("SELECT count(*) FROM apps").fetchone()[0] >= 0
+        stop.set()
+        writer.join(30)
+        assert written
+    finally:
+        stop.set()
+        server.stop()
 
 
 # ----- what is said at start --------------------------------------------------------------------
