@@ -87,7 +87,10 @@ def main() -> int:
         assert sent is not None
         assert sent.remote_id is not None
         for message in phone.messages.list(sent.remote_id):
-            print(f"  {message.author.type}: {message.body} ({len(message.attachments)} file)")
+            files = len(message.attachments)
+            print(
+                f"  {message.author.type}: {message.body} ({files} file{'' if files == 1 else 's'})"
+            )
     return 0
 
 

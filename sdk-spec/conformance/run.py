@@ -1,12 +1,13 @@
 """Black-box conformance scenarios against any Tellback server.
 
-    python sdk-spec/conformance/run.py --base-url http://127.0.0.1:8080 --admin-token tba_...
+    uv run python sdk-spec/conformance/run.py --base-url http://127.0.0.1:8080 --admin-token tba_...
 
 Runs the flows every SDK depends on through the public HTTP API only (the admin API
 sets up a fresh app and agent): sessions (anonymous and identified), feedback with
 idempotent replay, uploads (single, multipart with resume), an agent reply, the read
 marker and unread count, a live event over SSE, and problem+json errors. Prints a
-pass/fail table; the exit code is 1 if any scenario failed, 2 if setup failed.
+pass/fail table; the exit code is 1 if any scenario failed, 2 if setup failed or the
+command line is wrong (an ``--only`` that names no scenario).
 
 Needs only the standard library and httpx. A native SDK team runs it in CI against
 a local `tellback serve` to check the server their SDK is tested against, and reuses
@@ -474,6 +475,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", help="run scenarios whose name contains this")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     args = parser.parse_args(argv)
+    unmatched = [o for o in args.only or [] if not any(o in name for name, _ in SCENARIOS)]
+    if unmatched:  # (exits 2: 1 says a scenario failed)
+        parser.error(
+            f"--only {unmatched[0]!r} names no scenario; they are: "
+            + "; ".join(name for name, _ in SCENARIOS)
+        )
     try:
         results = run(args.base_url.rstrip("/"), args.admin_token, args.only)
     except (CheckFailed, httpx.HTTPError) as exc:

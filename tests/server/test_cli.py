@@ -381,6 +381,53 @@ def test_the_readmes_sqlite_backup_is_consistent_while_the_server_writes(tmp_pat
         server.stop()
 
 
+@pytest.fixture
+def embedded_server(tmp_path: Path) -> Iterator[tuple[Server, str]]:
+    """A `tellback serve` on the embedded default, and its first-start admin token."""
+    server = Server(tmp_path, base_env(TELLBACK_DATA_DIR=str(tmp_path / "tellback-data")))
+    try:
+        server.wait_ready()
+        assert server.proc.stdout is not None
+        yield server, server.proc.stdout.readline().strip()
+    finally:
+        server.stop()
+
+
+def test_conformance_only_naming_no_scenario_is_a_usage_error(
+    embedded_server: tuple[Server, str],
+) -> None:
+    """`--only typo` crashed with `max() arg is an empty sequence` and exit 1, which
+    means "a scenario failed"."""
+    server, token = embedded_server
+    root = Path(__file__).parents[2]
+    result = subprocess.run(
+        [sys.executable, str(root / "sdk-spec" / "conformance" / "run.py"),
+         "--base-url", server.url, "--admin-token", token, "--only", "no-such-scenario"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "--only 'no-such-scenario' names no scenario; they are: session: anonymous" in (
+        result.stderr
+    )
+
+
+def test_the_mobile_example_counts_its_files_in_english(
+    embedded_server: tuple[Server, str],
+) -> None:
+    server, token = embedded_server
+    root = Path(__file__).parents[2]
+    result = subprocess.run(
+        [sys.executable, str(root / "examples" / "mobile_simulation.py")],
+        env=base_env(TELLBACK_URL=server.url, TELLBACK_ADMIN_TOKEN=token),
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "(1 file)" in result.stdout, result.stdout
+    assert "(0 files)" in result.stdout, result.stdout
+    assert "(0 file)" not in result.stdout
+
+
 # ----- what is said at start --------------------------------------------------------------------
 
 
