@@ -27,6 +27,7 @@ from uuid import UUID
 import asyncpg
 import pytest
 from sqlalchemy import event, func, insert, select, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession
 from structlog.testing import capture_logs
 
@@ -248,6 +249,22 @@ async def enqueue_then_fail(state: AppState, **kwargs: Any) -> None:
         db.add(AdminToken(name="doomed", token_hash=hash_token("tbadm_doomed")))
         await enqueue(db, "test.append", {"path": "/nonexistent", "line": "x"}, **kwargs)
         raise RuntimeError("the request failed")
+
+
+async def test_the_listen_connection_takes_the_urls_asyncpg_keywords(database_url: str) -> None:
+    """TELLBACK_DATABASE_URL's query holds asyncpg.connect's keywords (``ssl=require``
+    for TLS, ``command_timeout``): the LISTEN connection's DSN sent them to PostgreSQL
+    as settings, which refused the connection, so workers never heard a NOTIFY."""
+    if database_url.startswith("sqlite"):
+        pytest.skip("SQLite has no LISTEN")
+    keywords = {"ssl": "disable", "command_timeout": "30"}  # (the test server has no TLS)
+    url = make_url(database_url).update_query_dict(keywords).render_as_string(False)
+    assert "sslmode=disable" in asyncpg_dsn(url)
+    connection = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        assert await connection.fetchval("select 1") == 1
+    finally:
+        await connection.close()
 
 
 async def test_enqueue_commits_and_rolls_back_with_the_callers_data(state: AppState) -> None:

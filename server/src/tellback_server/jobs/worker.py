@@ -428,4 +428,25 @@ class Worker:
 
 
 def asyncpg_dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    """``TELLBACK_DATABASE_URL`` as a DSN for ``asyncpg.connect`` (the LISTEN connection).
+    The URL's query holds ``asyncpg.connect``'s keywords (SQLAlchemy passes them so);
+    a DSN names them libpq's way, and sends what it does not know to PostgreSQL as
+    settings, which refuses them: ``ssl`` becomes ``sslmode``, and keywords a DSN has
+    no name for (timeouts, statement caches) are left out."""
+    parsed = make_url(url)
+    query: dict[str, str | tuple[str, ...]] = {}
+    for key, value in parsed.query.items():
+        if key == "ssl":
+            text = str(value).lower()
+            query["sslmode"] = {"true": "require", "false": "disable"}.get(text, text)
+        elif key in _DSN_KEYS:
+            query[key] = value
+    dsn = parsed.set(drivername="postgresql", query=query)
+    return dsn.render_as_string(hide_password=False)
+
+
+# What asyncpg reads from a DSN's query by name (the rest would become server settings).
+_DSN_KEYS = frozenset(
+    {"host", "port", "user", "password", "passfile", "service", "database"}
+    | {"target_session_attrs", "krbsrvname", "gsslib"}
+)
