@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import select, update
 
 from tellback_server.db.base import table_of
-from tellback_server.db.models import Job, Message
+from tellback_server.db.models import Device, Job, Message
 from tellback_server.dev.apns_fake import ApnsFake
 from tellback_server.dev.fcm_fake import FcmFake
 from tellback_server.domain.push import providers
@@ -73,6 +73,23 @@ class Push:
         r = await self.api.http.put(path, json=body, headers=headers)
         assert r.status_code == 200, r.text
         return token
+
+    async def add_agent_phones(self, tokens: list[str], provider: str = "apns") -> None:
+        """Many phones of the agent at once, written directly (a register each is slow)."""
+        async with self.api.state.db.session(write=True) as db:
+            db.add_all(
+                Device(
+                    app_id=uuid.UUID(self.app.id),
+                    owner_key=f"agent:{self.agent_id}:p{i}",
+                    agent_id=uuid.UUID(self.agent_id),
+                    platform="ios" if provider == "apns" else "android",
+                    provider=provider,
+                    token=token,
+                    apns_environment="production" if provider == "apns" else None,
+                    active=True,
+                )
+                for i, token in enumerate(tokens)
+            )
 
     async def reply(self, conversation_id: str, body: str = "Fixed in 2.3.2") -> dict[str, Any]:
         r = await self.api.http.post(
@@ -594,8 +611,6 @@ async def test_an_fcm_404_that_is_not_unregistered_deactivates_no_device(
     push: Push, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A 404 from a wrong endpoint (here a proxy path that does not exist)."""
-    from tellback_server.db.models import Device
-
     built = providers.FcmSender.__init__
 
     def wrong_path(sender: providers.FcmSender, info: dict[str, Any], settings: Any) -> None:
@@ -639,23 +654,9 @@ async def test_a_hanging_fcm_leaves_the_default_threads_free(
 ) -> None:
     """FCM's blocking sends have threads of their own: the default pool, which storage
     calls use, stays free while every FCM send hangs."""
-    from tellback_server.db.models import Device
-
     monkeypatch.setattr(providers, "SEND_TIMEOUT_S", 2.0)
     await push.set_fcm()
-    async with push.api.state.db.session(write=True) as db:
-        db.add_all(
-            Device(
-                app_id=uuid.UUID(push.app.id),
-                owner_key=f"agent:{push.agent_id}:p{i}",
-                agent_id=uuid.UUID(push.agent_id),
-                platform="android",
-                provider="fcm",
-                token=FcmFake.make_token(),
-                active=True,
-            )
-            for i in range(24)
-        )
+    await push.add_agent_phones([FcmFake.make_token() for _ in range(24)], "fcm")
     push.fcm.hang_next(count=None)
     await push.api.feedback(push.user, body="crash")
     worker = asyncio.create_task(push.run_jobs())
@@ -770,29 +771,12 @@ async def test_a_fanout_to_many_stale_tokens_does_not_stall_the_connection(
 ) -> None:
     """~1,300 `410` bodies exhaust HTTP/2 flow control unless the client returns credit;
     then every later error on the connection would hang (aioapns never does it)."""
-    import uuid as uuid_mod
-
-    from tellback_server.db.models import Device
-
     monkeypatch.setattr(providers, "SEND_TIMEOUT_S", 3.0)
     await push.set_apns()
     stale = [ApnsFake.make_token() for _ in range(1500)]
     for token in stale:
         push.apns.unregister(token)
-    async with push.api.state.db.session(write=True) as db:
-        db.add_all(
-            Device(
-                app_id=uuid_mod.UUID(push.app.id),
-                owner_key=f"agent:{push.agent_id}:p{i}",
-                agent_id=uuid_mod.UUID(push.agent_id),
-                platform="ios",
-                provider="apns",
-                token=token,
-                apns_environment="production",
-                active=True,
-            )
-            for i, token in enumerate(stale)
-        )
+    await push.add_agent_phones(stale)
     await push.api.feedback(push.user, body="Crash on launch")
     await push.run_jobs()
     invalid = 0
