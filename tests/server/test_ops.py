@@ -370,6 +370,18 @@ async def test_openapi_31_lists_every_v1_path(tmp_path: Path) -> None:
     for method, path in served:
         operation = doc["paths"][path][method]
         assert operation.get("responses"), (method, path)
+    # A body that may be left out is documented so (generated clients would force one).
+    optional = {
+        (method, path)
+        for path, item in doc["paths"].items()
+        for method, operation in item.items()
+        if method in HTTP_METHODS and operation.get("requestBody", {}).get("required") is False
+    }
+    assert optional == {
+        ("post", "/v1/client/uploads/{upload_id}/complete"),
+        ("post", "/v1/admin/apps/{app_id}/rotate-keys"),
+        ("post", "/v1/admin/apps/{app_id}/webhooks/{webhook_id}/rotate-secret"),
+    }
 
 
 # ----- rate limits ------------------------------------------------------------------------------

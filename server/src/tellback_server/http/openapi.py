@@ -18,7 +18,7 @@ from litestar import Litestar
 from litestar.enums import RequestEncodingType
 from litestar.handlers import HTTPRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.openapi.spec import Example
+from litestar.openapi.spec import Example, Operation
 from litestar.params import BodyKwarg
 
 from tellback_server.http.deps import Authenticate
@@ -159,6 +159,21 @@ def document_responses(app: Litestar) -> None:
             for error in _errors(handler, route.path):
                 responses.setdefault(error.status, error.spec())
             handler.responses = responses
+            data = handler.parsed_fn_signature.parameters.get("data")
+            if data is not None and data.has_default:
+                handler.operation_class = _OptionalBody
+
+
+class _OptionalBody(Operation):
+    """An operation whose body may be left out (``data: T | None = None``), which
+    Litestar documents as required: generated clients would force one."""
+
+    def to_schema(self) -> dict[str, Any]:
+        schema = super().to_schema()
+        body = schema.get("requestBody")
+        if isinstance(body, dict):
+            body["required"] = False
+        return schema
 
 
 def example_body(summary: str, value: dict[str, Any]) -> BodyKwarg:
