@@ -187,7 +187,8 @@ def session_identified(ctx: Context) -> str:
             "user_token": expired,
         },
     )
-    expect(r, 401, "an expired token")
+    problem = expect(r, 401, "an expired token")
+    check(problem["code"] == "unauthenticated", "expired token -> unauthenticated")
     return f"sub {sub}"
 
 
