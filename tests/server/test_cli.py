@@ -332,6 +332,17 @@ def test_serve_on_a_port_in_use_says_so_and_starts_nothing(tmp_path: Path) -> No
     assert "tba_" not in result.stdout
 
 
+@pytest.mark.parametrize("port", ["0", "65536"])
+def test_serve_refuses_a_port_out_of_range_as_tellback_port_does(tmp_path: Path, port: str) -> None:
+    """`--port 0` served on 8080 (the default), where `TELLBACK_PORT=0` is refused."""
+    result = tellback(
+        tmp_path, base_env(TELLBACK_DATA_DIR=str(tmp_path / "data")), "serve", "--port", port
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Invalid value for '--port'" in result.stderr
+    assert "serve.listening" not in result.stderr
+
+
 def _readme_backup_command() -> list[str]:
     """The README's `VACUUM INTO` command (Backups), with this interpreter for `uv run
     python`, run in the directory that holds `tellback-data`."""

@@ -106,7 +106,12 @@ def _warn_about_links_and_storage(settings: Settings) -> None:
 
 @main.command()
 @click.option("--host", default=None, help="Bind address (default TELLBACK_HOST or 127.0.0.1).")
-@click.option("--port", type=int, default=None, help="Port (default TELLBACK_PORT or 8080).")
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="Port (default TELLBACK_PORT or 8080).",
+)
 @click.option("--no-worker", is_flag=True, help="Do not run the job worker in this process.")
 @click.option(
     "--migrate/--no-migrate",
@@ -134,7 +139,11 @@ def serve(
     if host is not None or port is not None:
         from dataclasses import replace
 
-        settings = replace(settings, host=host or settings.host, port=port or settings.port)
+        settings = replace(
+            settings,
+            host=host or settings.host,  # an empty --host is the default, as TELLBACK_HOST=
+            port=settings.port if port is None else port,
+        )
     migrate_first = settings.is_sqlite if do_migrate is None else do_migrate
 
     async def start() -> None:
