@@ -382,6 +382,34 @@ async def test_openapi_31_lists_every_v1_path(tmp_path: Path) -> None:
         ("post", "/v1/admin/apps/{app_id}/rotate-keys"),
         ("post", "/v1/admin/apps/{app_id}/webhooks/{webhook_id}/rotate-secret"),
     }
+    # The headers clients act on are declared where they are sent (none were).
+    assert set(doc["components"]["headers"]) == {
+        "X-Request-Id",
+        "Retry-After",
+        "Idempotent-Replayed",
+    }
+    replayable = set()
+    for path, item in doc["paths"].items():
+        for method, operation in item.items():
+            if method not in HTTP_METHODS or not path.startswith("/v1/"):
+                continue
+            keyed = any(p["name"] == "Idempotency-Key" for p in operation.get("parameters", ()))
+            for status, response in operation["responses"].items():
+                headers = response.get("headers", {})
+                assert "X-Request-Id" in headers, (method, path, status)
+                if status in ("409", "429", "503"):
+                    assert headers["Retry-After"] == {"$ref": "#/components/headers/Retry-After"}
+                if status.startswith("2") and "Idempotent-Replayed" in headers:
+                    replayable.add((method, path))
+                if not keyed:
+                    assert "Idempotent-Replayed" not in headers, (method, path, status)
+    assert replayable >= {
+        ("post", "/v1/client/conversations"),
+        ("post", "/v1/client/conversations/{conversation_id}/messages"),
+        ("post", "/v1/client/uploads"),
+        ("post", "/v1/agent/conversations/{conversation_id}/messages"),
+        ("post", "/v1/admin/apps"),
+    }
 
 
 # ----- rate limits ------------------------------------------------------------------------------

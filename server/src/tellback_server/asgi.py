@@ -50,7 +50,7 @@ from tellback_server.http.auth_cache import AUTH_CHANGED, PrincipalCache
 from tellback_server.http.deps import DEPENDENCIES
 from tellback_server.http.errors import exception_handlers
 from tellback_server.http.middleware import request_id_middleware
-from tellback_server.http.openapi import document_responses
+from tellback_server.http.openapi import RESPONSE_HEADERS, document_responses
 from tellback_server.http.text import TellbackRequest, refuse_nul_in_url
 from tellback_server.jobs.notify import JobNotifier
 from tellback_server.jobs.registry import JobRegistry
@@ -135,7 +135,8 @@ def openapi_config() -> OpenAPIConfig:
         path="/schema",
         render_plugins=[ScalarRenderPlugin()],
         components=Components(
-            security_schemes={"sessionToken": bearer, "agentToken": bearer, "adminToken": bearer}
+            security_schemes={"sessionToken": bearer, "agentToken": bearer, "adminToken": bearer},
+            headers=dict(RESPONSE_HEADERS),
         ),
         use_handler_docstrings=True,
     )

@@ -6,7 +6,9 @@ with a path id, 409 on idempotent creates, 413/415/422 with a body, 429 where
 rate limits apply, 503 everywhere (database or storage outage). Handlers that
 build their own response (idempotent creates return stored bytes) declare
 their real success model as ``response_model``; it replaces the ``string``
-Litestar would infer.
+Litestar would infer. Every response declares the headers clients act on
+(:data:`RESPONSE_HEADERS`): ``X-Request-Id``, ``Retry-After`` on 409/429/503,
+``Idempotent-Replayed`` on an idempotent create's success.
 """
 
 from __future__ import annotations
@@ -18,13 +20,36 @@ from litestar import Litestar
 from litestar.enums import RequestEncodingType
 from litestar.handlers import HTTPRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.openapi.spec import Example, Operation
+from litestar.openapi.spec import Example, OpenAPIHeader, Operation, Schema
+from litestar.openapi.spec.enums import OpenAPIType
 from litestar.params import BodyKwarg
 
 from tellback_server.http.deps import Authenticate
 from tellback_server.http.errors import Problem
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+#: Response headers, declared once in ``components.headers`` and referenced by each
+#: response that carries them.
+RESPONSE_HEADERS = {
+    "X-Request-Id": OpenAPIHeader(
+        schema=Schema(type=OpenAPIType.STRING),
+        description="The request's id: the caller's own `X-Request-Id` when it is 1-128 "
+        "letters, digits or `._:-`, otherwise a new one. A problem's `request_id` is the "
+        "same value; quote it in support requests.",
+    ),
+    "Retry-After": OpenAPIHeader(
+        schema=Schema(type=OpenAPIType.INTEGER, minimum=0),
+        description="Seconds to wait before trying again (`rate_limited`, "
+        "`service_unavailable`, `storage_unavailable`, `idempotency_key_in_progress`).",
+    ),
+    "Idempotent-Replayed": OpenAPIHeader(
+        schema=Schema(type=OpenAPIType.STRING, enum=["true"]),
+        description="`true` when this is the stored answer to an earlier request with the "
+        "same `Idempotency-Key` and body: nothing new was created.",
+    ),
+}
+_RETRY_AFTER_STATUSES = frozenset({"409", "429", "503"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,11 +185,35 @@ def document_responses(app: Litestar) -> None:
                 responses.setdefault(error.status, error.spec())
             handler.responses = responses
             data = handler.parsed_fn_signature.parameters.get("data")
-            if data is not None and data.has_default:
-                handler.operation_class = _OptionalBody
+            optional_body = data is not None and data.has_default
+            handler.operation_class = _WithOptionalBody if optional_body else _WithHeaders
 
 
-class _OptionalBody(Operation):
+def _header(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/headers/{name}"}
+
+
+class _WithHeaders(Operation):
+    """An operation whose responses declare the headers they carry, which Litestar's
+    ``ResponseSpec`` cannot say."""
+
+    def to_schema(self) -> dict[str, Any]:
+        schema = super().to_schema()
+        idempotent = any(
+            isinstance(p, dict) and p.get("name") == "Idempotency-Key"
+            for p in schema.get("parameters", ())
+        )
+        for status, response in schema.get("responses", {}).items():
+            headers = response.setdefault("headers", {})
+            headers["X-Request-Id"] = _header("X-Request-Id")
+            if status in _RETRY_AFTER_STATUSES:
+                headers["Retry-After"] = _header("Retry-After")
+            if idempotent and status.startswith("2"):
+                headers["Idempotent-Replayed"] = _header("Idempotent-Replayed")
+        return schema
+
+
+class _WithOptionalBody(_WithHeaders):
     """An operation whose body may be left out (``data: T | None = None``), which
     Litestar documents as required: generated clients would force one."""
 
