@@ -64,9 +64,9 @@ FCM_AUTH = {"THIRD_PARTY_AUTH_ERROR", "PERMISSION_DENIED", "UNAUTHENTICATED"}
 # FCM's): they deactivate a device only once the same client has delivered to another.
 # An Unregistered/410 or FCM's UNREGISTERED is about the token alone: the token was valid.
 # (NOT_FOUND: an FCM 404 that does not say UNREGISTERED.)
-SUSPECT_TOKEN_REASONS = {"BadDeviceToken", "DeviceTokenNotForTopic", "SENDER_ID_MISMATCH"} | {
-    "NOT_FOUND"
-}
+SUSPECT_TOKEN_REASONS = frozenset(
+    {"BadDeviceToken", "DeviceTokenNotForTopic", "SENDER_ID_MISMATCH", "NOT_FOUND"}
+)
 # FCM's sends are blocking calls: their own threads, as many as sends in flight are useful.
 _FCM_THREADS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="tellback-fcm")
 
