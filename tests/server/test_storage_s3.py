@@ -3,6 +3,7 @@ waits on a stalled server, and what an error says."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import socket
@@ -44,6 +45,30 @@ async def test_metadata_calls_give_up_on_a_stalled_storage_after_one_retry(
             await store.stat("some/key")
         elapsed = time.monotonic() - started
     assert 0.9 < elapsed < 3, elapsed  # two reads of 0.5 s, not three
+
+
+async def test_a_stalled_storage_holds_neither_the_default_threads_nor_the_probe(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every storage call ran in asyncio's default pool (``cpu_count + 4`` threads):
+    a few calls stalled on storage held it, so a DNS lookup (a webhook, APNs) or any
+    other ``to_thread`` waited for their timeout, and the readiness probe, which
+    answers within 2 s, queued behind them."""
+    monkeypatch.setattr(s3, "METADATA_READ_S", 4.0)
+    with stalled_endpoint() as endpoint:
+        store = s3.S3Store(s3_settings(endpoint))
+        stalled = [asyncio.create_task(store.stat(f"k{i}")) for i in range(16)]
+        await asyncio.sleep(0.3)  # every call is in its thread, waiting for an answer
+        started = time.monotonic()
+        await asyncio.to_thread(lambda: None)
+        assert time.monotonic() - started < 1.0
+        started = time.monotonic()
+        with pytest.raises(StorageError):
+            await store.ping()
+        assert time.monotonic() - started < s3.PING_S + 1.0
+        for task in stalled:
+            with pytest.raises(StorageError):
+                await task
 
 
 def _refused_endpoint() -> str:

@@ -14,16 +14,22 @@ pieces): S3 refuses a body of any other length with 403 ``SignatureDoesNotMatch`
 ``TELLBACK_S3_SIGN_CONTENT_LENGTH=false`` goes back to the host alone, for a proxy
 in front of storage that re-frames request bodies.
 
-minio is synchronous (urllib3); every call runs in a worker thread.
+minio is synchronous (urllib3); every call runs in a worker thread of its own
+client's pool (transfers, metadata, the readiness probe), as many threads as the
+client has connections. Not asyncio's default pool: a stalled storage would hold
+its few threads (``cpu_count + 4``), which DNS lookups (webhooks, APNs) and every
+other ``to_thread`` share, and a probe would queue behind a stalled transfer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import socket
 import ssl
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, urlunsplit
@@ -78,10 +84,20 @@ class S3Store:
             urllib3.Timeout(connect=3.0, read=METADATA_READ_S), retries.new(read=1), 16
         )
         self._probe = client(urllib3.Timeout(connect=PING_S, read=PING_S), False, 2)
+        self._threads = {
+            id(self.client): ThreadPoolExecutor(16, thread_name_prefix="tellback-s3"),
+            id(self._metadata): ThreadPoolExecutor(16, thread_name_prefix="tellback-s3-meta"),
+            id(self._probe): ThreadPoolExecutor(2, thread_name_prefix="tellback-s3-probe"),
+        }
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn`` (a client's method, or a function of ours that uses ``_metadata``) in
+        a thread of that client's pool."""
+        owner = getattr(fn, "__self__", self._metadata)
+        threads = self._threads.get(id(owner), self._threads[id(self._metadata)])
+        call = functools.partial(fn, *args, **kwargs)
         try:
-            return await asyncio.to_thread(fn, *args, **kwargs)
+            return await asyncio.get_running_loop().run_in_executor(threads, call)
         except S3Error:
             raise
         except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
