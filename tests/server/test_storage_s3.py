@@ -71,6 +71,26 @@ async def test_a_stalled_storage_holds_neither_the_default_threads_nor_the_probe
                 await task
 
 
+async def test_a_start_on_a_stalled_storage_waits_for_the_probe_alone(
+    sqlite_template: Path, tmp_path: Path
+) -> None:
+    """The start's bucket check went through the metadata client: two reads of 10 s
+    on a stalled storage before `serve` answered anything."""
+    db = tmp_path / "tellback.db"
+    shutil.copyfile(sqlite_template, db)
+    with stalled_endpoint() as endpoint:
+        settings = make_settings(
+            f"sqlite+aiosqlite:///{db}", tmp_path / "data", s3=s3_settings(endpoint)
+        )
+        started = time.monotonic()
+        with capture_logs() as logs:
+            async with serve_app(settings, JobRegistry()):
+                elapsed = time.monotonic() - started
+    assert elapsed < s3.PING_S + 2.0, elapsed
+    [line] = [e for e in logs if e["event"] == "storage.not_ready"]
+    assert f"cannot reach {endpoint}" in line["error"], line
+
+
 def _refused_endpoint() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

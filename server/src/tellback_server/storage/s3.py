@@ -106,6 +106,8 @@ class S3Store:
             ) from exc
 
     async def ensure_ready(self) -> None:
+        # The probe first: a stalled storage held a start for two metadata reads (20 s).
+        await self.ping()
         try:
             if not await self._call(self._metadata.bucket_exists, self.bucket):
                 await self._call(self._metadata.make_bucket, self.bucket)
