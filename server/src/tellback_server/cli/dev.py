@@ -38,7 +38,7 @@ APNS_HINTS = {
 FCM_HINTS = {
     "UNAUTHENTICATED": "the access token was not issued by this sink: upload its service account",
     "PERMISSION_DENIED": "the URL's project id is not the service account's project_id",
-    "INVALID_ARGUMENT": "FCM would reject this message (see the fake's error message)",
+    "INVALID_ARGUMENT": "FCM would reject this message for the reason above",
 }
 
 
@@ -287,6 +287,7 @@ class _Printer:
                         "provider": "fcm",
                         "status": record.status,
                         "error": record.error_code,
+                        "error_message": record.error_message,
                         "project_id": record.project_id,
                         "token": record.token,
                         "message": record.message,
@@ -405,6 +406,8 @@ def format_fcm(record: FcmMessage) -> list[str]:
         f"{_clock(record.received_wall)}  FCM   {outcome}  {target}  project {record.project_id}"
     ]
     pad = " " * 10
+    if record.status not in (200, 0) and record.error_message:
+        lines.append(f"{pad}error:    {record.error_message}")
     if record.status not in (200, 0) and record.error_code in FCM_HINTS:
         lines.append(f"{pad}hint: {FCM_HINTS[record.error_code or '']}")
     notification = record.notification

@@ -149,6 +149,8 @@ class FcmMessage:
     client_email: str | None  # service account behind the access token
     received_at: float  # time.monotonic()
     received_wall: float  # time.time()
+    # The error's "message" as answered (e.g. INVALID_REGISTRATION_TEXT), on errors
+    error_message: str | None = None
 
     @property
     def accepted(self) -> bool:
@@ -694,6 +696,7 @@ class FcmFake(Recorder[FcmMessage, _Failure]):
             client_email=client_email,
             received_at=received_at,
             received_wall=received_wall,
+            error_message=_error_message(response.body) if response is not None else None,
         )
         self._record(record, record.accepted)
         return response
@@ -936,6 +939,13 @@ def _error_code(body: dict[str, Any]) -> str | None:
             return str(detail["errorCode"])
     status = error.get("status")
     return str(status) if status else None
+
+
+def _error_message(body: dict[str, Any]) -> str | None:
+    error = body.get("error")
+    if not isinstance(error, dict) or not error.get("message"):
+        return None
+    return str(error["message"])
 
 
 def _oauth_error(error: str, description: str) -> _Response:
