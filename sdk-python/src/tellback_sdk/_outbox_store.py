@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tellback_sdk._core import encode, new_idempotency_key
-from tellback_sdk._store import OWNER, Store, set_in, value_in
+from tellback_sdk._store import OWNER, PRIVATE_FILE, Store, private_dir, set_in, value_in
 from tellback_sdk._uploads import guess_content_type, kind_for
 from tellback_sdk.errors import AttachmentEmptyError, UserChangedError
 
@@ -101,7 +101,8 @@ class OutboxStore:
         folder = self.store.files_dir / item_id
         attachments = []
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            private_dir(self.store.files_dir)
+            private_dir(folder)
             for n, f in enumerate(files):
                 src = Path(f.path)
                 # A copy, so the app may delete its original (a camera temp file) at once.
@@ -413,6 +414,9 @@ class OutboxStore:
 
 
 def _durable_copy(src: Path, dest: Path) -> None:
+    # Made 0600 before a byte is written (copyfile keeps the mode of a file it
+    # overwrites): a user's photo, readable by this user only.
+    os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE))
     shutil.copyfile(src, dest)
     fd = os.open(dest, os.O_RDONLY)
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import sqlite3
 import tempfile
@@ -63,6 +64,36 @@ _ADDED = {
 }
 
 
+DB_NAME = "tellback-sdk.db"
+PRIVATE_DIR = 0o700
+PRIVATE_FILE = 0o600
+
+
+def private_dir(path: Path) -> None:
+    """Make (or, as the SDK's own, tighten) a directory only this user can enter."""
+    path.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    _chmod(path, PRIVATE_DIR)
+
+
+def _private_file(db_path: Path) -> None:
+    """Create the database file 0600 before SQLite opens it: SQLite then gives its
+    ``-wal`` and ``-shm`` files the database file's mode. Files an older SDK made with
+    the umask's mode (0644) are tightened."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(db_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE))
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        path = db_path.with_name(db_path.name + suffix)
+        if path.exists():
+            _chmod(path, PRIVATE_FILE)
+
+
+def _chmod(path: Path, mode: int) -> None:
+    if os.name != "posix":  # Windows keeps a user's profile private by ACLs, not modes
+        return
+    if path.stat().st_mode & 0o777 != mode:
+        path.chmod(mode)
+
+
 class Store:
     def __init__(self, data_dir: str | Path | None) -> None:
         self._tmp: str | None = None
@@ -71,12 +102,15 @@ class Store:
             self._tmp = tempfile.mkdtemp(prefix="tellback-sdk-")
             data_dir = self._tmp
         self.data_dir = Path(data_dir).expanduser()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # The session token and copies of users' files live here: readable by this user
+        # only. A directory the app made is the app's to set (it may be shared with its
+        # other files); what the SDK makes in it is private whatever the umask.
+        self.data_dir.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
         self.files_dir = self.data_dir / "outbox-files"
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(
-            self.data_dir / "tellback-sdk.db", check_same_thread=False, isolation_level=None
-        )
+        db_path = self.data_dir / DB_NAME
+        _private_file(db_path)
+        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
