@@ -504,14 +504,22 @@ def claim_in(
             raise ValidationFailed.field(f"attachment_ids[{i}]", "unknown attachment id") from None
     if len(set(parsed)) != len(parsed):
         raise ValidationFailed.field("attachment_ids", "an attachment is listed twice")
+    # Locked, and read afresh once locked: two messages naming one upload at once (on
+    # two processes) would otherwise both see it unattached and both take it. In id
+    # order, so two claims of the same uploads wait for each other rather than deadlock.
+    # (SQLite has no FOR UPDATE: its single writer serialises the claims.)
     rows = {
         a.id: a
         for a in db.scalars(
-            select(Attachment).where(
+            select(Attachment)
+            .where(
                 Attachment.id.in_(parsed),
                 Attachment.app_id == app_id,
                 Attachment.uploader_user_id == uploader_user_id,
             )
+            .order_by(Attachment.id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
         )
     }
     claimed = []
