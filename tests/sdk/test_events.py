@@ -21,6 +21,7 @@ from tellback_sdk import (
     APIConnectionError,
     AsyncClient,
     AsyncEventStream,
+    AttachmentUpdated,
     Client,
     ConversationUpdated,
     LiveEvent,
@@ -31,6 +32,7 @@ from tellback_sdk import (
 from tests.sdk.conftest import FAST, NO_LIMITS, AsyncFaultTransport, Faults, Live
 from tests.server.conftest import AppInfo, make_settings
 from tests.server.live import LiveApi, live_app
+from tests.server.test_attachments_flow import jpeg_with_gps, run_jobs
 
 EVENTS = "/v1/client/events"
 
@@ -135,6 +137,44 @@ async def test_async_stream_gets_the_agent_reply_live_and_typed(
     assert ids == sorted(ids)
     assert events.last_event_id == str(ids[-1])
     assert all(e.timestamp is not None and e.timestamp.tzinfo is not None for e in got)
+
+
+class ToPort(httpx.AsyncHTTPTransport):
+    def __init__(self, port: int) -> None:
+        super().__init__()
+        self.port = port
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        request.url = request.url.copy_with(port=self.port)
+        return await super().handle_async_request(request)
+
+
+async def test_a_processed_photo_arrives_as_a_typed_attachment_updated(
+    stage: Stage, tmp_path: Path
+) -> None:
+    photo = tmp_path / "shot.jpg"
+    photo.write_bytes(jpeg_with_gps())
+    # Upload URLs name the settings' address (port 8080); the live server has its own.
+    live_port = httpx.URL(stage.url).port or 80
+    async with client(stage, tmp_path / "sdk", transport=ToPort(live_port)) as tb:
+        conv = await tb.conversations.create("See the photo", attachments=[photo])
+        (attachment,) = conv.last_message.attachments if conv.last_message else []
+        async with tb.events.stream() as events:
+            await events.connect()
+            await run_jobs(stage.api)  # the media job: checks, strips, thumbnails
+            got = await collect(events, lambda e: isinstance(e, AttachmentUpdated))
+        event = got[-1]
+        assert isinstance(event, AttachmentUpdated)
+        assert (event.attachment_id, event.status, event.data.reason) == (
+            attachment.id,
+            "ready",
+            None,
+        )
+        assert (event.data.conversation_id, event.data.message_id) == (
+            conv.id,
+            conv.last_message.id if conv.last_message else None,
+        )
+        assert (await tb.attachments.get(event.attachment_id)).status == "ready"
 
 
 def test_sync_stream_gets_the_reply_and_stops_from_another_thread(

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from tellback_sdk import (
+    AttachmentUpdated,
     AuthenticationError,
     BadRequestError,
     Client,
@@ -25,6 +26,7 @@ from tellback_sdk import (
 )
 from tellback_sdk._core import ClientCore
 from tellback_sdk._sse import SSEDecoder, StreamState
+from tellback_sdk.cli import describe
 
 CONV = {
     "id": "c1",
@@ -294,6 +296,27 @@ def test_message_created_shortcuts() -> None:
     assert isinstance(event, MessageCreated)
     assert event.message.body == "hi"
     assert event.conversation.status == "open"
+
+
+def test_attachment_updated_is_typed() -> None:
+    """As the server's media job announces a processed photo (no URL in it)."""
+    data = {
+        "attachment_id": "a1",
+        "message_id": "m1",
+        "conversation_id": "c1",
+        "status": "rejected",
+        "reason": "not a photo",
+    }
+    decoder = SSEDecoder()
+    (raw,) = [e for line in frame(9, "attachment.updated", data) if (e := decoder.feed(line))]
+    event = parse_event(raw.data, event=raw.event, id=raw.id)
+    assert isinstance(event, AttachmentUpdated)
+    assert (event.id, event.attachment_id, event.status) == ("9", "a1", "rejected")
+    assert (event.data.message_id, event.data.conversation_id) == ("m1", "c1")
+    assert event.data.reason == "not a photo"
+    assert describe(event) == (
+        "attachment.updated #9 conversation=c1 attachment=a1 status=rejected reason=not a photo"
+    )
 
 
 @pytest.mark.parametrize("renewing", [False, True])

@@ -49,6 +49,7 @@ from tellback_sdk.errors import (
     UserChangedError,
 )
 from tellback_sdk.events import (
+    AttachmentUpdated,
     ConversationCreated,
     ConversationUpdated,
     LiveEvent,
@@ -79,6 +80,7 @@ __all__ = [
     "AttachmentLimitError",
     "AttachmentTooLargeError",
     "AttachmentTypeNotAllowedError",
+    "AttachmentUpdated",
     "AuthenticationError",
     "BadRequestError",
     "Client",

@@ -23,6 +23,7 @@ import msgspec
 from tellback_sdk._client import Client
 from tellback_sdk.errors import TellbackError
 from tellback_sdk.events import (
+    AttachmentUpdated,
     ConversationCreated,
     ConversationUpdated,
     LiveEvent,
@@ -132,6 +133,12 @@ def describe(event: LiveEvent) -> str:
         return f"{head} conversation={event.conversation.id} status={event.conversation.status}"
     if isinstance(event, UnreadChanged):
         return f"{head} unread={event.unread_count} conversation={event.data.conversation_id}"
+    if isinstance(event, AttachmentUpdated):
+        why = f" reason={event.data.reason}" if event.data.reason else ""
+        return (
+            f"{head} conversation={event.data.conversation_id} "
+            f"attachment={event.attachment_id} status={event.status}{why}"
+        )
     if isinstance(event, Reset):
         return f"{head} reason={event.reason}: events were missed, reload"
     if isinstance(event, UnknownEvent):

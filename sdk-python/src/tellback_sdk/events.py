@@ -31,6 +31,8 @@ from msgspec import Struct
 from tellback_sdk.types import Conversation, Message
 
 __all__ = [
+    "AttachmentData",
+    "AttachmentUpdated",
     "ConversationCreated",
     "ConversationData",
     "ConversationMessageData",
@@ -61,6 +63,14 @@ class UnreadData(Struct, kw_only=True, frozen=True):
     unread_count: int  # the user's total: the app badge
     conversation_id: str
     conversation_unread_count: int
+
+
+class AttachmentData(Struct, kw_only=True, frozen=True):
+    attachment_id: str
+    message_id: str
+    conversation_id: str
+    status: str  # ready | rejected
+    reason: str | None = None  # why it was rejected
 
 
 class ResetData(Struct, kw_only=True, frozen=True):
@@ -123,6 +133,22 @@ class UnreadChanged(LiveEvent, kw_only=True, frozen=True):
         return self.data.unread_count
 
 
+class AttachmentUpdated(LiveEvent, kw_only=True, frozen=True):
+    """A photo or video on one of the user's messages finished processing: ``ready``, or
+    ``rejected`` with a ``reason``. It carries no URL (URLs expire; events are replayed
+    for days): fetch the attachment (``attachments.get``) or the messages again."""
+
+    data: AttachmentData
+
+    @property
+    def attachment_id(self) -> str:
+        return self.data.attachment_id
+
+    @property
+    def status(self) -> str:
+        return self.data.status
+
+
 class Reset(LiveEvent, kw_only=True, frozen=True):
     """Events were missed: refetch conversations and the unread count, then carry on."""
 
@@ -145,6 +171,7 @@ KNOWN: dict[str, type[LiveEvent]] = {
     "message.created": MessageCreated,
     "conversation.updated": ConversationUpdated,
     "unread.changed": UnreadChanged,
+    "attachment.updated": AttachmentUpdated,
     "reset": Reset,
 }
 
