@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import select
+from sqlalchemy import func, select
 
-from tellback_server.db.models import Attachment, Message
+from tellback_server.db.models import Attachment, Job, Message
 from tellback_server.plugins import build_registry
 from tests.server.conftest import Api, make_settings, processes, serve_app
 
@@ -116,3 +116,37 @@ async def test_an_upload_named_by_two_messages_at_once_joins_one(
             ):
                 wrong.append((n, codes(*answers), len(listing)))
         assert not wrong, (f"{len(wrong)} of {rounds(database_url)} rounds wrong", outcomes, wrong)
+
+
+# ----- complete racing abort ---------------------------------------------------------------
+
+
+async def test_complete_racing_abort_ends_in_one_answer(database_url: str, tmp_path: Path) -> None:
+    """``complete`` and ``DELETE`` of one upload at once: either complete wins (200, and
+    the abort after it aborts the completed upload: 204) or the abort wins (204, and the
+    complete after it is told the upload was aborted: 404). The upload ends aborted
+    either way, never ``processing`` with its bytes gone, and nothing answers 5xx."""
+    async with two_apis(database_url, tmp_path) as (a, b):
+        app = await a.create_app(rate_limits=UNLIMITED)
+        user = await a.user_headers(app)
+        outcomes: Counter[tuple[Any, ...]] = Counter()
+        for _ in range(rounds(database_url)):
+            upload_id = await uploaded_log(a, user)
+            done, aborted = await asyncio.gather(
+                a.http.post(f"/v1/client/uploads/{upload_id}/complete", json={}, headers=user),
+                b.http.delete(f"/v1/client/uploads/{upload_id}", headers=user),
+            )
+            async with a.state.db.session(write=False) as db:
+                status = await db.scalar(
+                    select(Attachment.status).where(Attachment.id == uuid.UUID(upload_id))
+                )
+                jobs = await db.scalar(
+                    select(func.count())
+                    .select_from(Job)
+                    .where(Job.dedupe_key == f"media.process:{upload_id}")
+                )
+            code = done.json().get("code") if done.status_code >= 400 else None
+            outcomes[(done.status_code, code, aborted.status_code, status, jobs)] += 1
+        # (complete, its error code, abort, the upload's status, processing jobs queued)
+        right = {(200, None, 204, "aborted", 1), (404, "not_found", 204, "aborted", 0)}
+        assert set(outcomes) <= right, outcomes

@@ -180,17 +180,32 @@ class AttachmentService:
 
     # ----- uploads (end users) ------------------------------------------------------------
 
-    async def _own_upload(self, client: ClientPrincipal, upload_id: UUID) -> Attachment:
-        att = await self.db.scalar(
-            select(Attachment).where(
-                Attachment.id == upload_id,
-                Attachment.app_id == client.app_id,
-                Attachment.uploader_user_id == client.end_user_id,
-            )
+    async def _own_upload(
+        self, client: ClientPrincipal, upload_id: UUID, *, lock: bool = False
+    ) -> Attachment:
+        stmt = select(Attachment).where(
+            Attachment.id == upload_id,
+            Attachment.app_id == client.app_id,
+            Attachment.uploader_user_id == client.end_user_id,
         )
+        if lock:  # (SQLite has no FOR UPDATE: its single writer serialises the requests)
+            stmt = stmt.with_for_update().execution_options(populate_existing=True)
+        att = await self.db.scalar(stmt)
         if att is None:
             raise NotFound("no such upload")
         return att
+
+    @staticmethod
+    def _to_complete(att: Attachment) -> bool:
+        """Whether ``att`` is still to be completed; False if it already was (completing
+        twice is harmless). Raises 404 for an upload aborted or expired."""
+        if att.status in {"aborted", "expired"}:
+            raise NotFound(f"this upload was {att.status}; start a new one")
+        if att.status != "pending":
+            return False
+        if att.expires_at <= _now():
+            raise NotFound("this upload has expired; start a new one")
+        return True
 
     async def create_upload(self, client: ClientPrincipal, data: UploadCreate) -> UploadCreated:
         settings = parse_settings(client.app_settings)
@@ -354,44 +369,41 @@ class AttachmentService:
     ) -> tuple[AttachmentOut, str | None]:
         """Verify and queue processing. Returns the attachment and, if its bytes are not
         what the type claims, the rejection reason (the caller answers 415 but the
-        rejection itself is committed, so the user and agents can see it)."""
+        rejection itself is committed, so the user and agents can see it).
+
+        Storage is checked without a lock (assembling a large upload takes a while);
+        the row is then locked and its status read again before it changes. An abort
+        at the same time (another process) holds that lock while it deletes the bytes,
+        so either it aborted first (404, whatever storage answered meanwhile) or it
+        comes after this complete and aborts the completed upload."""
         att = await self._own_upload(client, upload_id)
-        if att.status in {"aborted", "expired"}:
-            raise NotFound(f"this upload was {att.status}; start a new one")
-        if att.status != "pending":
-            return await self.out(att), None  # completing twice is harmless
-        if att.expires_at <= _now():
-            raise NotFound("this upload has expired; start a new one")
-        if att.method == "multipart":
-            await self._finish_multipart(att, data)
+        if not self._to_complete(att):
+            return await self.out(att), None
         seal = att.method == "single" and not self.store.revokes_upload_urls
-        key = sibling_key(att.storage_key, "sealed") if seal else att.storage_key
-        if seal and not await self.store.copy(att.storage_key, key):
-            await self.db.refresh(att)
-            if att.status != "pending":  # completed at the same time, upload deleted since
+        try:
+            key, head = await self._stored_head(att, data, seal=seal)
+        except Exception:
+            # Bytes missing or unreadable because an abort deleted them: its answer
+            # (or a complete at the same time finished, and its copy went).
+            att = await self._own_upload(client, upload_id, lock=True)
+            if not self._to_complete(att):
                 return await self.out(att), None
-            raise UploadIncomplete("no bytes have been uploaded")
-        info = await self.store.stat(key)
-        if info is None:
-            raise UploadIncomplete("no bytes have been uploaded")
-        if info.size != att.size:
-            if seal:
-                await self.store.delete(key)  # the client sends the file again
-            raise UploadIncomplete(f"{info.size} bytes stored, {att.size} declared")
-        head = await self.store.read_head(key, sniff.HEAD_BYTES)
+            raise
+        att = await self._own_upload(client, upload_id, lock=True)
+        if not self._to_complete(att):
+            return await self.out(att), None  # completed at the same time
         if seal:
             # From here on the copy is the attachment; the upload as sent goes now, and
             # again once its URL cannot have put anything there any more.
             await delete_keys(self.db, [att.storage_key])
             await delete_keys(self.db, [att.storage_key], after_urls_expire=True)
             att.storage_key = key
-        now = _now()
-        att.completed_at = now
+        att.completed_at = _now()
         att.multipart_upload_id = None
         if not sniff.matches(att.content_type, head):
             reason = f"the file's content is not {att.content_type}"
             att.status, att.reason = "rejected", reason
-            await self.store.delete(att.storage_key)
+            await self.store.delete(att.storage_key)  # (one call under the lock)
             await self.db.flush()
             return await self.out(att), reason
         att.status = "processing"
@@ -407,8 +419,31 @@ class AttachmentService:
         )
         return await self.out(att), None
 
+    async def _stored_head(
+        self, att: Attachment, data: UploadComplete, *, seal: bool
+    ) -> tuple[str, bytes]:
+        """Check that storage holds all of ``att``'s bytes (assembling a multipart
+        upload, copying a single one to its sealed key if ``seal``); returns the key
+        that is to be the attachment and its leading bytes."""
+        if att.method == "multipart":
+            await self._finish_multipart(att, data)
+        key = sibling_key(att.storage_key, "sealed") if seal else att.storage_key
+        if seal and not await self.store.copy(att.storage_key, key):
+            raise UploadIncomplete("no bytes have been uploaded")
+        info = await self.store.stat(key)
+        if info is None:
+            raise UploadIncomplete("no bytes have been uploaded")
+        if info.size != att.size:
+            if seal:
+                await self.store.delete(key)  # the client sends the file again
+            raise UploadIncomplete(f"{info.size} bytes stored, {att.size} declared")
+        return key, await self.store.read_head(key, sniff.HEAD_BYTES)
+
     async def abort(self, client: ClientPrincipal, upload_id: UUID) -> None:
-        att = await self._own_upload(client, upload_id)
+        # Locked across the deletion (a storage call or two, a few ms): a complete at
+        # the same time then sees either the upload still pending with its bytes, or
+        # aborted, never pending with its bytes gone.
+        att = await self._own_upload(client, upload_id, lock=True)
         if att.status != "pending":
             if att.message_id is not None:
                 raise ValidationFailed.field("upload_id", "this attachment is part of a message")
