@@ -24,7 +24,12 @@ from litestar.params import FromPath
 from litestar.response import Template
 
 from tellback_server.domain.console import session as cs
-from tellback_server.domain.console.inbox import conversation_context, inbox_page, update_from_form
+from tellback_server.domain.console.inbox import (
+    app_labels,
+    conversation_context,
+    inbox_page,
+    update_from_form,
+)
 from tellback_server.domain.console.pages import (
     ERROR_HANDLERS,
     LOGIN_PATH,
@@ -248,12 +253,14 @@ class ConsoleController(Controller):
     ) -> Template:
         filters = InboxFilters.parse(dict(request.query_params.items()))
         items, next_cursor = await inbox_page(conversations, agent, filters)
+        labels = await app_labels(conversations.db, agent)
         return render(
             request,
             template,
             filters=filters,
             items=items,
-            app_ids=sorted(str(a) for a in agent.app_ids),
+            apps=sorted(((str(a), label) for a, label in labels.items()), key=lambda a: a[1]),
+            app_labels=labels,
             next_query=filters.query(cursor=next_cursor) if next_cursor else None,
             rows_query=filters.query(cursor=filters.cursor),
         )

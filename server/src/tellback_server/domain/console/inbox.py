@@ -1,4 +1,5 @@
-"""The console's reads and form decoding, all through ``ConversationService.agent_*``."""
+"""The console's reads and form decoding: conversations through
+``ConversationService.agent_*``, and the names of the agent's own apps."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ from typing import Any
 from uuid import UUID
 
 import msgspec
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from tellback_server.db.models import App
 from tellback_server.domain.agents.services import teammates
 from tellback_server.domain.console.views import (
     PRIORITIES,
@@ -19,6 +23,7 @@ from tellback_server.domain.console.views import (
     context_sections,
     map_url,
     scalar,
+    short_id,
 )
 from tellback_server.domain.conversations.schemas import (
     AgentConversation,
@@ -49,6 +54,21 @@ async def inbox_page(
         limit=PAGE,
     )
     return list(page.items), page.next_cursor
+
+
+async def app_labels(db: AsyncSession, agent: AgentPrincipal) -> dict[UUID, str]:
+    """What the console calls each of the agent's apps: its name, with the id's first
+    characters when another of them has the same name (names need not be unique)."""
+    if not agent.app_ids:
+        return {}
+    rows = (await db.execute(select(App.id, App.name).where(App.id.in_(agent.app_ids)))).all()
+    count: dict[str, int] = {}
+    for row in rows:
+        count[row.name] = count.get(row.name, 0) + 1
+    return {
+        row.id: row.name if count[row.name] == 1 else f"{row.name} ({short_id(row.id)})"
+        for row in rows
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +110,7 @@ async def conversation_context(
 ) -> dict[str, Any]:
     detail = await conversations.agent_get(agent, conversation_id)
     team = await teammates(conversations.db, agent, detail.app_id)
+    apps = await app_labels(conversations.db, agent)
     names = {t.id: t.name for t in team}
     messages = list(detail.messages)
     cursor = detail.messages_next_cursor
@@ -101,6 +122,7 @@ async def conversation_context(
         cursor = page.next_cursor
     return {
         "c": detail,
+        "app_name": apps.get(detail.app_id) or short_id(detail.app_id),
         "messages": [message_view(m, detail.location) for m in messages],
         "truncated": cursor is not None,
         "context_sections": context_sections(detail.context),
