@@ -32,3 +32,19 @@ def test_send_list_show(live: Live, tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main([*common, "flush"]) == 0
     assert "sent 1" in capsys.readouterr().out
     assert main(["--url", live.url, "--app-key", "", "list"]) == 2
+
+
+def test_send_prints_only_its_result(
+    live: Live, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Upload progress stays off stdout: `id=$(tellback-sdk send ...)` gets the line alone
+    (rich's bar, stopped where it cannot redraw, wrote an empty line first)."""
+    app = live.create_app()
+    photo = tmp_path / "p.png"
+    photo.write_bytes(png())
+    common = ["--url", live.url, "--app-key", app["app_key"], "--data-dir", str(tmp_path / "d")]
+    assert main([*common, "send", "With a photo", "--photo", str(photo)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("sent "), repr(captured.out)
+    assert captured.out.count("\n") == 1
+    assert captured.err.strip() == ""

@@ -67,8 +67,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _progress_printer(name: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
-    if Progress is not None:
-        bar = Progress(transient=True)
+    # Progress goes to stderr, out of the way of what the command prints. rich's bar
+    # only on a terminal: elsewhere it cannot redraw, and stopping it wrote an empty
+    # line (to stdout, where it used to draw, before `sent <id>`).
+    if Progress is not None and Console is not None:
+        if not sys.stderr.isatty():
+            return lambda _sent, _total: None, lambda: None
+        bar = Progress(transient=True, console=Console(stderr=True))
         bar.start()
         task = bar.add_task(f"uploading {name}", total=None)
 
