@@ -68,11 +68,14 @@ def main() -> int:
     with httpx.Client(
         base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=10
     ) as http:
-        while True:
-            answer_open_conversations(http)
-            if args.once:
-                return 0
-            time.sleep(args.interval)
+        try:
+            while True:
+                answer_open_conversations(http)
+                if args.once:
+                    return 0
+                time.sleep(args.interval)
+        except KeyboardInterrupt:  # Ctrl-C is how it stops; a reply cut short is retried
+            return 0  # by the next run with the same key
 
 
 if __name__ == "__main__":

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
 
+from tellback_sdk import Client
 from tests.sdk.conftest import Live
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,3 +42,28 @@ def test_mobile_simulation_then_agent_bot(live: Live) -> None:
     r = httpx.get(f"{live.url}/v1/agent/conversations/{conv['id']}", headers=agent)
     authors = [m["author"]["type"] for m in r.json()["messages"]]
     assert authors == ["user", "user", "agent"]
+
+
+def test_agent_bot_stops_quietly_on_ctrl_c(live: Live, tmp_path: Path) -> None:
+    app = live.create_app()
+    with Client(live.url, app["app_key"], data_dir=tmp_path) as tb:
+        tb.conversations.create("It crashed on start")
+    token = live.create_agent(app["id"])["Authorization"].removeprefix("Bearer ")
+    bot = subprocess.Popen(
+        [sys.executable, str(ROOT / "examples" / "agent_bot.py"), "--interval", "0.2"],
+        env={**os.environ, "TELLBACK_URL": live.url, "TELLBACK_AGENT_TOKEN": token},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert bot.stdout is not None
+        assert bot.stdout.readline().startswith("answered ")  # it is in its loop
+        bot.send_signal(signal.SIGINT)
+        out, err = bot.communicate(timeout=30)
+    finally:
+        if bot.poll() is None:
+            bot.kill()
+            bot.wait()
+    assert (bot.returncode, err) == (0, ""), err
+    assert "Traceback" not in out
