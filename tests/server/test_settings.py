@@ -156,6 +156,24 @@ def test_an_existing_open_data_dir_is_reported_not_changed(tmp_path: Path) -> No
             "postgresql+asyncpg://tellback:pw@127.0.0.1:notaport/tellback",
             "TELLBACK_DATABASE_URL: the port is not a number",
         ),
+        (  # libpq's form, as psql and pg_dump take it
+            "postgresql://tellback:pw@db:5432/tellback",
+            "TELLBACK_DATABASE_URL: expected a sqlite+aiosqlite:///path or "
+            "postgresql+asyncpg://... URL, got 'postgresql'://... "
+            "(write postgresql+asyncpg://..., the driver Tellback uses)",
+        ),
+        (
+            "postgres+psycopg://tellback:pw@db/tellback",
+            "TELLBACK_DATABASE_URL: expected a sqlite+aiosqlite:///path or "
+            "postgresql+asyncpg://... URL, got 'postgres+psycopg'://... "
+            "(write postgresql+asyncpg://..., the driver Tellback uses)",
+        ),
+        (
+            "sqlite:///tellback.db",
+            "TELLBACK_DATABASE_URL: expected a sqlite+aiosqlite:///path or "
+            "postgresql+asyncpg://... URL, got 'sqlite'://... "
+            "(write sqlite+aiosqlite://..., the driver Tellback uses)",
+        ),
         (
             "postgresql+asyncpg://tellback:pw@127.0.0.1:70000/tellback",
             "TELLBACK_DATABASE_URL: the port must be from 1 to 65535, got 70000",

@@ -196,14 +196,26 @@ def _choice(*options: str) -> Callable[[str, str], str]:
     return parse
 
 
+# The scheme Tellback's driver needs, by the database a URL's scheme names.
+_DRIVER_SCHEMES = {
+    "postgresql": "postgresql+asyncpg",
+    "postgres": "postgresql+asyncpg",
+    "sqlite": "sqlite+aiosqlite",
+}
+
+
 def _database_url(name: str, raw: str) -> str:
     """A URL the engine can open, checked here so that a mistake is one line naming
     the variable, never a driver's traceback, and never shows any of the password."""
     value = raw.strip()
     if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+        scheme = value.split("://", 1)[0]
+        # A libpq-style URL (psql's, pg_dump's, psycopg's) names another driver or none.
+        hint = _DRIVER_SCHEMES.get(scheme.split("+", 1)[0].lower())
         raise SettingsError(
             f"{name}: expected a sqlite+aiosqlite:///path or postgresql+asyncpg://... URL, "
-            f"got {value.split('://', 1)[0]!r}://..."
+            f"got {scheme!r}://..."
+            + (f" (write {hint}://..., the driver Tellback uses)" if hint else "")
         )
     if value.split("?", 1)[0].count("@") > 1:  # the first '@' ends the password
         raise SettingsError(
