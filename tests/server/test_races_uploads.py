@@ -10,6 +10,7 @@ count on, whichever request wins.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -20,7 +21,7 @@ from typing import Any
 import httpx
 from sqlalchemy import func, select
 
-from tellback_server.db.models import Attachment, Job, Message
+from tellback_server.db.models import Attachment, Device, Job, Message
 from tellback_server.plugins import build_registry
 from tests.server.conftest import Api, make_settings, processes, serve_app
 
@@ -150,3 +151,52 @@ async def test_complete_racing_abort_ends_in_one_answer(database_url: str, tmp_p
         # (complete, its error code, abort, the upload's status, processing jobs queued)
         right = {(200, None, 204, "aborted", 1), (404, "not_found", 204, "aborted", 0)}
         assert set(outcomes) <= right, outcomes
+
+
+# ----- one push token, two installations ---------------------------------------------------
+
+
+async def register(api: Api, user: dict[str, str], token: str) -> httpx.Response:
+    body = {"platform": "ios", "push_provider": "apns", "push_token": token}
+    return await api.http.put("/v1/client/devices/current", json=body, headers=user)
+
+
+async def holders(api: Api, *tokens: str) -> list[int]:
+    """How many devices hold each token."""
+    async with api.state.db.session(write=False) as db:
+        rows = await db.scalars(
+            select(Device.token).where(Device.provider == "apns", Device.token.in_(tokens))
+        )
+        held = Counter(rows)
+    return [held[t] for t in tokens]
+
+
+async def test_one_push_token_registered_by_two_installations_at_once(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The same token from two installations at once (a phone handed on, restored from a
+    backup): both answered 200, and the token ends on exactly one device, not on two and
+    not on none. Then the two swap tokens at once: both 200, each token on one device."""
+    async with two_apis(database_url, tmp_path) as (a, b):
+        app = await a.create_app(rate_limits=UNLIMITED)
+        same: Counter[tuple[Any, ...]] = Counter()
+        swap: Counter[tuple[Any, ...]] = Counter()
+        for _ in range(rounds(database_url)):
+            users = [await a.user_headers(app) for _ in range(2)]
+            token = secrets.token_hex(32)
+            answers = await asyncio.gather(
+                register(a, users[0], token), register(b, users[1], token)
+            )
+            same[(*codes(*answers), *await holders(a, token))] += 1
+
+            # Each holds a token of its own, then they exchange them at once.
+            mine, theirs = secrets.token_hex(32), secrets.token_hex(32)
+            for user, t in zip(users, (mine, theirs), strict=True):
+                assert (await register(a, user, t)).status_code == 200
+            answers = await asyncio.gather(
+                register(a, users[0], theirs), register(b, users[1], mine)
+            )
+            swap[(*codes(*answers), *await holders(a, mine, theirs))] += 1
+        # (the two answers, how many devices hold each token)
+        assert set(same) == {(200, 200, 1)}, same
+        assert set(swap) == {(200, 200, 1, 1)}, swap

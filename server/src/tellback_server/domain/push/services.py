@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 from typing import Any
 from uuid import UUID
@@ -10,7 +11,7 @@ from uuid import UUID
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from google.oauth2 import service_account
-from sqlalchemy import delete, select
+from sqlalchemy import and_, delete, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from uuid_utils.compat import uuid7
@@ -65,15 +66,49 @@ def _check_pairing(data: DeviceRegister) -> str | None:
     return None
 
 
+def _token_lock(provider: str, token: str) -> int:
+    """The key of a push token's advisory lock: 64 bits of a hash (a collision only
+    makes two registrations wait for each other)."""
+    digest = hashlib.blake2b(f"device-token:{provider}:{token}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "big", signed=True)
+
+
 class DeviceService:
     def __init__(self, db: AsyncSession) -> None:
         self.db = db
+
+    async def _lock(self, owner_key: str, provider: str, token: str) -> None:
+        """PostgreSQL: wait for any registration under way of this token or touching
+        the rows this one changes (SQLite's single writer serialises them already).
+
+        The token's advisory lock covers the row no one has written yet: two
+        installations registering a new token at once would both insert it, and the
+        second hit the (provider, token) unique constraint. The row locks, taken in id
+        order, cover two installations swapping tokens: each deletes the other's row
+        and updates its own, which in any other order deadlocks. Every registration
+        takes its one advisory lock before any row lock, so the two kinds cannot wait
+        on each other in a circle."""
+        if self.db.get_bind().dialect.name != "postgresql":
+            return
+        await self.db.execute(select(func.pg_advisory_xact_lock(_token_lock(provider, token))))
+        await self.db.execute(
+            select(Device.id)
+            .where(
+                or_(
+                    Device.owner_key == owner_key,
+                    and_(Device.provider == provider, Device.token == token),
+                )
+            )
+            .order_by(Device.id)
+            .with_for_update()
+        )
 
     async def _upsert(
         self, owner_key: str, app_id: UUID, data: DeviceRegister, **owner: Any
     ) -> DeviceOut:
         environment = _check_pairing(data)
         now = _now()
+        await self._lock(owner_key, data.push_provider, data.push_token)
         # A token that moved to another installation leaves the old one.
         await self.db.execute(
             delete(Device).where(
