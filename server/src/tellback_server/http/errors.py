@@ -347,7 +347,28 @@ def _hinted(orig: BaseException | None) -> bool:
     return any(hint in text for hint in _UNAVAILABLE_HINTS)
 
 
+# PostgreSQL gave up on the transaction because of another one (a deadlock between
+# writes of the same rows, a serialization failure): nothing was written, and the
+# same request sent again succeeds. Lock order keeps these rare (identity/services.py
+# `lock_end_users`); they are answered as the outage they are to the caller.
+_COLLISIONS = frozenset({"40P01", "40001"})
+
+
+def is_collision(exc: BaseException) -> bool:
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    return getattr(orig, "sqlstate", None) in _COLLISIONS
+
+
 def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    if is_collision(exc):
+        log.warning("db.collision", error=brief_db_error(exc))
+        return problem_response(
+            request,
+            503,
+            "service_unavailable",
+            "the request collided with another one changing the same data; retry it",
+            headers={"Retry-After": "1"},
+        )
     if is_database_unavailable(exc):
         # One line, no traceback: an outage fails every request until it ends, and a
         # rendered traceback each (about 0.7 s on a console) would hold the server up.

@@ -105,7 +105,6 @@ from tellback_server.domain.push.delivery import (
     fanout_job,
     queue_fanout_in,
     user_listens,
-    user_unread_total,
 )
 from tellback_server.domain.webhooks.outbox import (
     DELIVERY_PARAMS,
@@ -115,7 +114,7 @@ from tellback_server.domain.webhooks.outbox import (
     planned_deliveries,
 )
 from tellback_server.http.deps import AgentPrincipal, ClientPrincipal, SessionUser
-from tellback_server.http.errors import AppError, NotFound, ValidationFailed
+from tellback_server.http.errors import AppError, NotFound, Unauthenticated, ValidationFailed
 from tellback_server.http.idempotency import Answer
 from tellback_server.http.pagination import (
     Page,
@@ -351,6 +350,12 @@ class ConversationService:
             raise NotFound("no such message in this conversation")
         if conv.user_read_at is not None and conv.user_read_at >= message.created_at:
             return  # markers only move forward
+        if self.db.get_bind().dialect.name == "postgresql":  # the total: as a reply does
+            await self.db.execute(
+                select(EndUser.id)
+                .where(EndUser.id == client.end_user_id)
+                .with_for_update(key_share=True)
+            )
         conv.user_read_at = message.created_at
         conv.user_unread_count = int(
             await self.db.scalar(
@@ -762,7 +767,14 @@ def _user_select(*asked: Any) -> Select[Any]:
 _USER_SELECT = _user_select(
     agents_listen().label("agents_listen"), any_endpoint().label("any_endpoint")
 )
-_USER = Prepared(_USER_SELECT)
+# The same, when the user still writes as themself (SQLite: its writer lock serializes).
+_LIVE_USER = Prepared(_USER_SELECT.where(_USERS.c.merged_into_id.is_(None)))
+# A write by an end user who signed in as another (their anonymous user was merged into
+# that one) or was erased after the session was checked: the SDK's new session sends it
+# again, as the user they are now.
+SESSION_ENDED = (
+    "this session's user has signed in as another user or was erased; create a new session"
+)
 # A new feedback on PostgreSQL to an app with webhooks (_create_alone) reads the end user
 # and the endpoints themselves (its statement asks whether an agent listens).
 _FEEDBACK_READ = Prepared(_user_select(endpoints_of().label("endpoints")))
@@ -892,20 +904,59 @@ def _detail(apps: int) -> Prepared:
     return Prepared(_inbox(apps, *_DETAIL).where(_CONVS.c.id == conv_id))
 
 
+def _gated_insert(
+    gate: Any, model: type[Any], columns: Sequence[str], names: str, *where: Any
+) -> Any:
+    """INSERT INTO ``model``'s table ``columns`` from parameters ``<names><column>``, with
+    no row when ``gate`` (a CTE, or None) has none or ``where`` does not hold."""
+    table = table_of(model)
+    values = select(*(bindparam(f"{names}{k}", type_=table.c[k].type) for k in columns))
+    if gate is not None:
+        values = values.select_from(gate)
+    return insert(table).from_select(list(columns), values.where(*where))
+
+
+def _user_gate(prefix: str, *, fresh: bool) -> Any:
+    """A row when the end user (``c_end_user_id``) still writes as themself: not merged
+    into the user they signed in as, not erased. It locks them (``FOR KEY SHARE``, as
+    the feedback's own foreign key does, only first): a merge or an erasure
+    (identity/services.py ``lock_end_users``) waits for the write, or the write for it
+    and then finds no row (PostgreSQL reads the changed user again). With ``fresh``,
+    only when the user is as the session's check read them (``user_updated_at``:
+    every change of theirs moves it) and the app (``c_app_id``) has no enabled webhook
+    endpoint: what a feedback written without a read of its own (``_create_alone``)
+    took for granted."""
+    users, conversations = _USERS, table_of(Conversation)
+    user_id = bindparam(f"{prefix}c_end_user_id", type_=conversations.c.end_user_id.type)
+    holds = [users.c.id == user_id, users.c.merged_into_id.is_(None)]
+    if fresh:
+        app_id = bindparam(f"{prefix}c_app_id", type_=conversations.c.app_id.type)
+        seen = bindparam(f"{prefix}user_updated_at", type_=users.c.updated_at.type)
+        holds += [users.c.updated_at == seen, ~any_endpoint(app_id)]
+    return (
+        select(literal(1).label("live"))
+        .select_from(users)
+        .where(*holds)
+        .with_for_update(of=users, read=True, key_share=True)
+    )
+
+
 def _insert_both() -> Prepared:
     """PostgreSQL: the conversation and its first message, inserted by a statement that
-    reads the end user (``_USER``): one round trip for three statements. Data-modifying CTEs
-    run whether or not the query refers to them; the query does not see their rows,
-    nor does it need to. Parameters ``c_<column>``, ``m_<column>``, ``id``, ``app_id``;
-    the message's foreign key is checked at the end of the statement."""
-    conversations, messages = table_of(Conversation), table_of(Message)
-    conv = insert(conversations).values(
-        {k: bindparam(f"c_{k}", type_=conversations.c[k].type) for k in _CONVERSATION_COLUMNS}
+    reads the end user (``_USER_SELECT``): one round trip for three statements. Nothing is
+    written and no row comes back unless the user still writes as themself
+    (:func:`_user_gate`). Data-modifying CTEs run whether or not the query refers to
+    them; the query does not see their rows, nor does it need to. Parameters
+    ``c_<column>``, ``m_<column>``, ``id``, ``app_id``; the message's foreign key is
+    checked at the end of the statement."""
+    gate = _user_gate("", fresh=False).cte("live")
+    conv = _gated_insert(gate, Conversation, _CONVERSATION_COLUMNS, "c_")
+    message = _gated_insert(gate, Message, _MESSAGE_COLUMNS, "m_")
+    return Prepared(
+        _USER_SELECT.where(exists(select(gate.c.live))).add_cte(
+            gate, conv.cte("new_conversation"), message.cte("new_message")
+        )
     )
-    message = insert(messages).values(
-        {k: bindparam(f"m_{k}", type_=messages.c[k].type) for k in _MESSAGE_COLUMNS}
-    )
-    return Prepared(_USER_SELECT.add_cte(conv.cte("new_conversation"), message.cte("new_message")))
 
 
 _INSERT_BOTH = _insert_both()
@@ -927,40 +978,19 @@ def _store_feedback(
     if db.get_bind().dialect.name == "postgresql":
         both = {f"c_{k}": v for k, v in conv.items()}
         both.update({f"m_{k}": v for k, v in msg.items()}, **who)
-        [(*user, listening, hooks)] = _INSERT_BOTH.execute(db, both)
+        found = _INSERT_BOTH.execute(db, both)
     else:  # SQLite has no data-modifying CTEs (and no round trips to save)
-        _INSERT_CONVERSATION.execute(db, conv)
-        _INSERT_MESSAGE.execute(db, msg)
-        [(*user, listening, hooks)] = _USER.execute(db, who)
+        found = _LIVE_USER.execute(db, who)
+        if found:
+            _INSERT_CONVERSATION.execute(db, conv)
+            _INSERT_MESSAGE.execute(db, msg)
+    if not found:  # merged into the user they signed in as, or erased, since the check
+        raise Unauthenticated(SESSION_ENDED)
+    [(*user, listening, hooks)] = found
     for att in attachments:
         att.message_id = msg["id"]  # flushed at commit
     queue_fanout_in(db, msg["id"], "agents", listening=bool(listening), first=True)
     return _User(*user), attachments, bool(hooks)
-
-
-def _gated_insert(
-    gate: Any, model: type[Any], columns: Sequence[str], names: str, *where: Any
-) -> Any:
-    """INSERT INTO ``model``'s table ``columns`` from parameters ``<names><column>``, with
-    no row when ``gate`` (a CTE, or None) has none or ``where`` does not hold."""
-    table = table_of(model)
-    values = select(*(bindparam(f"{names}{k}", type_=table.c[k].type) for k in columns))
-    if gate is not None:
-        values = values.select_from(gate)
-    return insert(table).from_select(list(columns), values.where(*where))
-
-
-def _fresh_gate(prefix: str) -> Any:
-    """A row when the end user (``c_end_user_id``) is as the session's check read them
-    (``user_updated_at``: every change of theirs moves it) and the app (``c_app_id``)
-    has no enabled webhook endpoint: what a feedback written without a read of its own
-    (``_create_alone``) took for granted."""
-    users, conversations = _USERS, table_of(Conversation)
-    user_id = bindparam(f"{prefix}c_end_user_id", type_=conversations.c.end_user_id.type)
-    app_id = bindparam(f"{prefix}c_app_id", type_=conversations.c.app_id.type)
-    seen = bindparam(f"{prefix}user_updated_at", type_=users.c.updated_at.type)
-    unchanged = exists().where(users.c.id == user_id, users.c.updated_at == seen)
-    return select(literal(1).label("fresh")).where(unchanged, ~any_endpoint(app_id))
 
 
 def _new_feedback(count: int, *, keyed: bool, hooked: bool, fresh: bool = False) -> Prepared:
@@ -975,7 +1005,9 @@ def _new_feedback(count: int, *, keyed: bool, hooked: bool, fresh: bool = False)
     write). ``keyed``: also the idempotency key with its answer (``db/keys.py``), which
     every other row of that feedback depends on: when its key is taken, none of them is
     written and no row comes back for it. ``fresh`` (not with ``hooked``): nothing of it
-    is written, and no row comes back, either unless :func:`_fresh_gate` holds.
+    is written, and no row comes back, either unless the user is as the session's check
+    read them; nor, in any case, unless the user still writes as themself
+    (:func:`_user_gate`).
     Otherwise one row for each: its index, its event's id and whether its push job was
     queued. Parameters ``c_``, ``m_``, ``e_`` and ``j_<column>``, with ``keyed``
     ``key_<column>``, with ``fresh`` ``user_updated_at``, and ``notify_prefix``
@@ -989,7 +1021,7 @@ def _new_feedback(count: int, *, keyed: bool, hooked: bool, fresh: bool = False)
     events, conversations = table_of(Event), table_of(Conversation)
     for i in range(count):
         prefix = member_name(i, "")
-        gate = _fresh_gate(prefix).cte(f"{prefix}fresh") if fresh else None
+        gate = _user_gate(prefix, fresh=fresh).cte(f"{prefix}live")
         if keyed:
             gate = answer_cte(prefix, gate)
         rows = partial(_gated_insert, gate)
@@ -1055,7 +1087,7 @@ async def _create_alone(
     For an app with no webhook endpoint, as the session's check found it, that one
     statement is all (``fresh``): the views take the end user as that check read them
     (``ClientPrincipal.user``, when it kept them), and the statement writes only if
-    both still hold (:func:`_fresh_gate`); a request it carries never takes a
+    both still hold (:func:`_user_gate`); a request it carries never takes a
     connection of its own. Otherwise a read comes first: the end user (for the views)
     and the app's endpoints (for the deliveries). One or two round trips where a
     transaction takes four or more (BEGIN, two statements, the endpoints and
@@ -1188,9 +1220,13 @@ _MESSAGE_TARGET = tuple(
 )
 
 
-def _conversation_read(*asked: Any) -> Prepared:
+def _conversation_read(*asked: Any, lock_user: bool = False) -> Prepared:
     """The conversation (``id``), locked on PostgreSQL, its end user as the views show
-    them, whether the app has webhooks, then ``asked`` (one column each)."""
+    them, whether the app has webhooks, then ``asked`` (one column each). With
+    ``lock_user``, the end user is locked too (``FOR NO KEY UPDATE``, which their own
+    writes' ``FOR KEY SHARE`` does not wait for): changes of their unread total then
+    go one at a time, each seeing the one before."""
+    lock = {"of": [_CONVS, _USERS], "key_share": True} if lock_user else {"of": _CONVS}
     return Prepared(
         select(
             *(_CONVS.c[k] for k in _MESSAGE_TARGET),
@@ -1200,7 +1236,7 @@ def _conversation_read(*asked: Any) -> Prepared:
         )
         .select_from(_CONVS.join(_USERS, _USERS.c.id == _CONVS.c.end_user_id))
         .where(_CONVS.c.id == bindparam("id", type_=_CONVS.c.id.type))
-        .with_for_update(of=_CONVS)  # SQLite has no FOR UPDATE: its writer lock serializes
+        .with_for_update(**lock)  # SQLite has no FOR UPDATE: its writer lock serializes
     )
 
 
@@ -1225,19 +1261,14 @@ def _read_target(db: Session, statement: Prepared, params: dict[str, Any]) -> _T
     return _Target(conv, _User(*row[width:users]), bool(row[users]), tuple(row[users + 1 :]))
 
 
-def _reply_read() -> Prepared:
-    """Asked along for a reply: the user's unread total across the app, and whether any
-    device of theirs may hear of it."""
-    unread = user_unread_total(_CONVS.c.app_id, _CONVS.c.end_user_id)
-    return _conversation_read(
-        unread.label("unread_total"), user_listens(_CONVS.c.end_user_id).label("user_listens")
-    )
-
-
-_REPLY_READ = _reply_read()
+# A reply: the end user locked along (their unread total changes), and whether any device
+# of theirs may hear of it.
+_REPLY_READ = _conversation_read(
+    user_listens(_CONVS.c.end_user_id).label("user_listens"), lock_user=True
+)
 # Asked along for a follow-up: whether an agent's phone may hear of it (``app_id``).
 _FOLLOW_UP_READ = _conversation_read(agents_listen().label("agents_listen"))
-_CONVERSATION_UPDATE = Prepared(
+_CONVERSATION_UPDATE_STATEMENT = (
     update(_CONVS)
     .where(_CONVS.c.id == bindparam("conv_id", type_=_CONVS.c.id.type))
     .values(
@@ -1255,6 +1286,38 @@ _CONVERSATION_UPDATE = Prepared(
                 "updated_at",
             )
         }
+    )
+)
+_CONVERSATION_UPDATE = Prepared(_CONVERSATION_UPDATE_STATEMENT)
+
+
+def _reply_update() -> Prepared:
+    """The conversation's update, returning the end user's unread total after it: the
+    other conversations' counts as this statement finds them (it runs after the reply
+    locked the user: every change before it has committed) and this one's new count.
+    Read along with the conversation instead, a reply that waited for the lock still
+    saw the counts from before the wait."""
+    others = table_of(Conversation).alias("others")
+    theirs = (
+        select(func.coalesce(func.sum(others.c.user_unread_count), 0))
+        .where(
+            others.c.app_id == _CONVS.c.app_id,
+            others.c.end_user_id == _CONVS.c.end_user_id,
+            others.c.id != _CONVS.c.id,
+        )
+        .scalar_subquery()
+    )
+    total = (theirs + _CONVS.c.user_unread_count).label("unread_total")
+    return Prepared(_CONVERSATION_UPDATE_STATEMENT.returning(total))
+
+
+_REPLY_UPDATE = _reply_update()
+# SQLite (whose RETURNING SQLAlchemy writes unqualified, which a subquery would read as
+# its own columns): the total read after the update, in the writer's transaction.
+_UNREAD_TOTAL = Prepared(
+    select(func.coalesce(func.sum(_CONVS.c.user_unread_count), 0)).where(
+        _CONVS.c.app_id == bindparam("app_id", type_=_CONVS.c.app_id.type),
+        _CONVS.c.end_user_id == bindparam("end_user_id", type_=_CONVS.c.end_user_id.type),
     )
 )
 
@@ -1307,7 +1370,7 @@ def _store_reply(
     target = _read_target(db, _REPLY_READ, {"id": conv_id})
     if target is None or target.conv["app_id"] not in agent.app_ids:
         raise NotFound("no such conversation")
-    conv, (unread_total, listening) = target.conv, target.asked
+    conv, (listening,) = target.conv, target.asked
     attachments = claim_in(db, conv["app_id"], None, data.attachment_ids)
     msg = _insert_message(
         db,
@@ -1327,9 +1390,12 @@ def _store_reply(
             conv["status"] = "pending"
         conv["user_unread_count"] += 1
         conv["agent_unread_count"] = 0
-        unread_total += 1
         queue_fanout_in(db, msg["id"], "user", listening=bool(listening))
-    _CONVERSATION_UPDATE.execute(db, {"conv_id": conv_id, **conv})
+    if db.get_bind().dialect.name == "postgresql":
+        [(unread_total,)] = _REPLY_UPDATE.execute(db, {"conv_id": conv_id, **conv})
+    else:
+        _CONVERSATION_UPDATE.execute(db, {"conv_id": conv_id, **conv})
+        [(unread_total,)] = _UNREAD_TOTAL.execute(db, conv)
     return _NewMessage(
         conv, msg, target.user, attachments, int(unread_total), answered, target.has_endpoint
     )
@@ -1346,6 +1412,10 @@ def _store_follow_up(
     target = _read_target(db, _FOLLOW_UP_READ, {"id": conv_id, "app_id": client.app_id})
     owner = (client.app_id, client.end_user_id)
     if target is None or (target.conv["app_id"], target.conv["end_user_id"]) != owner:
+        # A merge moves the conversation to the user signed in as, an erasure deletes
+        # it: a message sent meanwhile goes again with the SDK's new session.
+        if not _LIVE_USER.execute(db, {"id": client.end_user_id, "app_id": client.app_id}):
+            raise Unauthenticated(SESSION_ENDED)
         raise NotFound("no such conversation")
     conv = target.conv
     if conv["status"] == "closed":

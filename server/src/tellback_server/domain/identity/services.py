@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from uuid import UUID
 
 import msgspec
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from uuid_utils.compat import uuid7
@@ -53,6 +53,40 @@ from tellback_server.http.idempotency import idempotency_purpose
 from tellback_server.security import SESSION_TOKEN_PREFIX, Sealer, hash_token, new_token
 
 MAX_ATTRIBUTES = 50
+
+
+async def lock_end_users(db: AsyncSession, ids: list[UUID]) -> None:
+    """PostgreSQL: lock end users for a change of who they are (a merge, an erasure),
+    with what their writes lock, in the order those writes lock them: conversations
+    (a follow-up locks its conversation first), then attachments (a message claims its
+    uploads next), then the end users (a write's own rows take ``FOR KEY SHARE`` on
+    them last; a feedback's gate takes it under the same rule: see
+    conversations/services.py ``_user_gate``). Writes already under way finish first;
+    later ones wait, then find the user changed or gone and are refused (401). The
+    statements after this one see every write that finished. SQLite's single writer
+    already runs each alone."""
+    if db.get_bind().dialect.name != "postgresql":
+        return
+    await db.execute(
+        select(Conversation.id)
+        .where(Conversation.end_user_id.in_(ids))
+        .order_by(Conversation.id)
+        .with_for_update()
+    )
+    theirs = select(Message.id).where(
+        Message.conversation_id.in_(
+            select(Conversation.id).where(Conversation.end_user_id.in_(ids))
+        )
+    )
+    await db.execute(
+        select(Attachment.id)
+        .where(or_(Attachment.uploader_user_id.in_(ids), Attachment.message_id.in_(theirs)))
+        .order_by(Attachment.id)
+        .with_for_update()
+    )
+    await db.execute(
+        select(EndUser.id).where(EndUser.id.in_(ids)).order_by(EndUser.id).with_for_update()
+    )
 
 
 def _now() -> dt.datetime:
@@ -164,9 +198,12 @@ class IdentityService:
             )
             .on_conflict_do_nothing(index_elements=["app_id", "installation_id"])
         )
+        # Locked: two first sessions at once must agree on its anonymous user (each
+        # made one, and revoked the other's session), and on who uses it now.
         inst = await self.db.scalar(
             select(Installation)
             .where(Installation.app_id == app_id, Installation.installation_id == installation_id)
+            .with_for_update()
             .execution_options(populate_existing=True)
         )
         assert inst is not None
@@ -222,7 +259,10 @@ class IdentityService:
     async def _merge(self, anon_id: UUID, user: EndUser) -> None:
         if anon_id == user.id:
             return
-        anon = await self.db.get(EndUser, anon_id)
+        # Feedback the anonymous user is sending now is theirs before the merge, or
+        # refused after it: never left behind with the retired user.
+        await lock_end_users(self.db, [anon_id])
+        anon = await self.db.get(EndUser, anon_id, populate_existing=True)
         if anon is None or anon.external_id is not None:
             return
         # A user writes only in their own conversations: their messages are found through

@@ -18,7 +18,7 @@ from tellback_server.db.models import (
 from tellback_server.domain.apps.services import require_app
 from tellback_server.domain.attachments.services import delete_keys, stored_keys
 from tellback_server.domain.identity.schemas import EndUserOut
-from tellback_server.domain.identity.services import user_out
+from tellback_server.domain.identity.services import lock_end_users, user_out
 from tellback_server.http.auth_cache import auth_changed
 from tellback_server.http.errors import NotFound
 from tellback_server.http.pagination import Page, keyset_page
@@ -56,6 +56,10 @@ class EndUserService:
             user_id,
             *await self.db.scalars(select(EndUser.id).where(EndUser.merged_into_id == user_id)),
         ]
+        # Their writes under way finish first (and are erased too); later ones are
+        # refused. Without it a write and the erasure deadlocked (a 500 to one of them),
+        # or a write failed its foreign key once the user was gone.
+        await lock_end_users(self.db, ids)
         conversations = select(Conversation.id).where(Conversation.end_user_id.in_(ids))
         on_their_messages = select(Message.id).where(Message.conversation_id.in_(conversations))
         rows = (
