@@ -7,9 +7,10 @@ is applied and the location removed (EXIF GPS, and XMP, which can hold it too)
 unless the app keeps photo locations (the photo is then re-encoded and stored
 beside the upload, which is deleted once the row points at it), and a 512 px
 JPEG thumbnail is stored beside it. Videos (PyAV, whose wheels carry FFmpeg):
-duration, dimensions and codec are read and a poster frame is stored as the
-thumbnail; one that may carry where it was recorded (a location tag, a timed
-metadata track) is remuxed, packet for packet, into a container with its
+duration, dimensions and codec are read, the pixel count is capped as a photo's
+is before any frame is decoded, and a poster frame is stored as the thumbnail;
+one that may carry where it was recorded (a location tag, a timed metadata
+track) is remuxed, packet for packet, into a container with its
 picture and sound alone, unless the app keeps locations. Anything that fails
 these checks becomes ``rejected`` with a reason — nothing is dropped silently.
 """
@@ -189,6 +190,14 @@ def analyse_video(
             elif stream.duration is not None and stream.time_base is not None:
                 duration = float(stream.duration * stream.time_base)
             codec = stream.codec_context.name
+            # Its declared size, checked before any frame is decoded (a frame is held
+            # whole, then copied to RGB: an 8000x8000 picture in an 8.5 KB file took
+            # half a gigabyte), against the cap photos have.
+            width, height = stream.codec_context.width, stream.codec_context.height
+            if width * height > MAX_PIXELS:
+                return Outcome(False, f"the video is too large ({width}x{height} pixels)")
+            # And FFmpeg's own cap, per frame, for a frame larger than the stream declared.
+            stream.codec_context.options = {"max_pixels": str(MAX_PIXELS)}
             poster = None
             for frame in container.decode(stream):
                 picture = frame.to_image()  # type: ignore[no-untyped-call]
