@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import resource
 import signal
 import socket
 import sys
@@ -24,7 +25,7 @@ from tellback_server.cli.database import (
     refuse_foreign_secret_key,
 )
 from tellback_server.cli.dev import dev
-from tellback_server.http.server import Server
+from tellback_server.http.server import GuardedHttpToolsProtocol, Server
 from tellback_server.settings import Settings, SettingsError
 from tellback_server.storage.base import StorageError
 
@@ -56,6 +57,7 @@ def uvicorn_config(app: Any, host: str, port: int) -> uvicorn.Config:
         lifespan="on",
         timeout_graceful_shutdown=10,
         server_header=False,
+        http=GuardedHttpToolsProtocol,
     )
 
 
@@ -175,6 +177,7 @@ def serve(
         log.info(
             "serve.listening",
             url=f"http://{settings.host}:{settings.port}",
+            open_files=raise_open_file_limit(),
             database="sqlite" if settings.is_sqlite else "postgresql",
             worker=not no_worker,
             loop=type(asyncio.get_running_loop()).__module__.partition(".")[0],
@@ -187,6 +190,23 @@ def serve(
         await server.serve(sockets=sockets)
 
     run_async(start, loop)
+
+
+def raise_open_file_limit() -> int:
+    """The soft limit on open files raised to the hard one (as Go's runtime and nginx's
+    ``worker_rlimit_nofile`` do): every connection, event stream and database
+    connection takes a descriptor, and a service manager's usual soft limit (1,024)
+    lets a few hundred slow clients stop the process from accepting anything, health
+    probes included. Returns the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return int(soft)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError):
+        return int(soft)
+    return wanted
 
 
 def listening_sockets(host: str, port: int) -> list[socket.socket]:
@@ -260,6 +280,7 @@ def worker(
         except StorageError as exc:
             log.warning("storage.not_ready", error=str(exc))
         w = Worker(state, registry, concurrency=concurrency)
+        raise_open_file_limit()
         freeze_startup_heap()
         try:
             if once:
