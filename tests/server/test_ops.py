@@ -487,6 +487,35 @@ async def test_user_rate_limit(api: Api, monkeypatch: pytest.MonkeyPatch) -> Non
     assert r.status_code == 200, r.text
 
 
+async def test_one_user_flooding_past_their_limit_leaves_the_app_to_the_others(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The app's bucket was charged before the user's was checked: one session sending
+    fast spent the app's whole budget with requests refused anyway, and every other
+    user of the app got 429 (the review: 15 of 44 polls of a quiet user refused)."""
+    monkeypatch.setattr(api.state.limiter, "hit", StoppedClockHit(api.state.limiter))
+    app = await api.create_app(rate_limits={"app_per_minute": 60, "user_per_minute": 6})
+    flooder, quiet = await api.user_headers(app), await api.user_headers(app)
+    statuses = [
+        (await api.http.get("/v1/client/unread", headers=flooder)).status_code for _ in range(40)
+    ]
+    assert statuses.count(200) < 5, statuses
+    assert statuses.count(429) > 35, statuses
+    for _ in range(2):  # within the quiet user's own burst
+        r = await api.http.get("/v1/client/unread", headers=quiet)
+        assert r.status_code == 200, r.text
+
+
+class StoppedClockHit:
+    """The limiter's ``hit`` with time standing still: what a burst admits, exactly."""
+
+    def __init__(self, limiter: RateLimiter) -> None:
+        self._hit = limiter.hit
+
+    def __call__(self, key: str, per_minute: int, now: float | None = None) -> int | None:
+        return self._hit(key, per_minute, 1000.0)
+
+
 async def test_app_rate_limit_covers_all_users(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     clock = ShiftedClock(api.state.limiter)
     monkeypatch.setattr(api.state.limiter, "hit", clock.hit)

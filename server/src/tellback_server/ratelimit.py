@@ -74,6 +74,16 @@ class RateLimiter:
             pending[key] = pending.get(key, 0.0) + interval
         return None
 
+    def refund(self, key: str, per_minute: int) -> None:
+        """Take back one request :meth:`hit` admitted for ``key``, which another limit
+        then refused: what was not served is not counted."""
+        if per_minute <= 0 or key not in self._tat:
+            return
+        interval = 60.0 / per_minute
+        self._tat[key] -= interval
+        if self._pending is not None and key in self._pending:
+            self._pending[key] -= interval
+
     # ----- sharing (SharedLimits) ----------------------------------------------------------
 
     def share(self) -> None:

@@ -326,12 +326,18 @@ def enforce_rate_limits(
     settings: dict[str, Any],
     user_scope: str | None,
 ) -> None:
-    """The app's bucket, then (``user_scope``, ``ClientPrincipal.scope``) the end user's."""
+    """The end user's bucket (``user_scope``, ``ClientPrincipal.scope``), then the
+    app's, each counting only requests the other lets through: one session flooding
+    past its own limit spent the app's budget first, and every other user of the app
+    got 429 (the app key is public, a session costs nothing)."""
     limits = settings.get("rate_limits") or {}
     limiter = app_state(request).limiter
-    wait = limiter.hit(f"app:{app_id}", int(limits.get("app_per_minute", 6000)))
-    if wait is None and user_scope is not None:
-        wait = limiter.hit(user_scope, int(limits.get("user_per_minute", 120)))
+    user_rate = int(limits.get("user_per_minute", 120))
+    wait = None if user_scope is None else limiter.hit(user_scope, user_rate)
+    if wait is None:
+        wait = limiter.hit(f"app:{app_id}", int(limits.get("app_per_minute", 6000)))
+        if wait is not None and user_scope is not None:
+            limiter.refund(user_scope, user_rate)
     if wait is not None:
         raise RateLimited("too many requests; retry after the given delay", retry_after=wait)
 
