@@ -53,6 +53,14 @@ class Metrics:
         self.sse_streams = Gauge(
             "tellback_sse_streams", "Open live event streams", registry=self.registry
         )
+        self.sse_capped = Counter(
+            "tellback_sse_streams_capped_total",
+            "Live event streams a cap ended or refused, by stream (client, agent), action "
+            "(ended: its holder's oldest, to make room for a new one; refused) and cap "
+            "(end_user, agent, address, process)",
+            ["stream", "action", "cap"],
+            registry=self.registry,
+        )
         self.webhooks = Counter(
             "tellback_webhook_attempts_total",
             "Webhook delivery attempts by outcome (succeeded, retried, failed, refused)",

@@ -122,7 +122,8 @@ class ClientEventsController(Controller):
     ) -> Stream:
         state = app_state(request)
         last = _last_id(last_event_id_header, last_event_id)
-        sub = state.events.subscribe_client(client.app_id, client.end_user_id)
+        address = request.client.host if request.client is not None else None
+        sub = state.events.subscribe_client(client.app_id, client.end_user_id, address)
 
         async def still_valid() -> bool:
             async with state.db.session(write=False) as db:

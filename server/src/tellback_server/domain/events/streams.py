@@ -139,6 +139,8 @@ async def stream(
                 yield b": ping\n\n"
                 continue
             if live is None:
+                if sub.farewell is not None:
+                    yield sub.farewell
                 return
             if live.id in sent:
                 sent.discard(live.id)
