@@ -18,6 +18,7 @@ from sqlalchemy import make_url, select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from tellback_server.db.models.ops import rate_limits
+from tellback_server.http.deps import address_key
 from tellback_server.ratelimit import SharedLimits
 from tellback_server.settings import SettingsError, load_settings
 from tests.server.conftest import Api, processes
@@ -187,3 +188,20 @@ def test_the_sync_interval_is_a_setting() -> None:
     assert load_settings({"TELLBACK_RATE_LIMIT_SYNC_SECONDS": "0"}).rate_limit_sync_seconds == 0
     with pytest.raises(SettingsError, match="TELLBACK_RATE_LIMIT_SYNC_SECONDS"):
         load_settings({"TELLBACK_RATE_LIMIT_SYNC_SECONDS": "soon"})
+
+
+@pytest.mark.parametrize(
+    ("host", "key"),
+    [
+        ("203.0.113.7", "203.0.113.7"),
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:fffe", "2001:db8:1:2::/64"),
+        ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+        ("::ffff:203.0.113.7", "203.0.113.7"),
+        ("testclient", "testclient"),
+    ],
+)
+def test_an_ipv6_client_is_limited_by_its_64(host: str, key: str) -> None:
+    """New sessions were limited per address: an IPv6 host picks any of its /64's
+    2**64 addresses, and had as many budgets."""
+    assert address_key(host) == key

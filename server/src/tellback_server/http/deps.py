@@ -8,6 +8,7 @@ settled before it, from the hashed bearer token (:class:`Authenticate`).
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -342,6 +343,21 @@ def enforce_rate_limits(
         raise RateLimited("too many requests; retry after the given delay", retry_after=wait)
 
 
+def address_key(host: str) -> str:
+    """Whom a per-address limit counts: an IPv4 address, or an IPv6 address's /64 (one
+    host, or one home or mobile customer, holds a whole /64 and picks its addresses
+    in it at will: per address, it would have 2**64 budgets)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
 def enforce_address_limit(request: ASGIConnection[Any, Any, Any, Any]) -> None:
     """Session creation per client address, before the app's own bucket is touched.
 
@@ -354,7 +370,7 @@ def enforce_address_limit(request: ASGIConnection[Any, Any, Any, Any]) -> None:
     client = request.client
     if per_minute <= 0 or client is None:
         return
-    wait = state.limiter.hit(f"ip:{client.host}", per_minute)
+    wait = state.limiter.hit(f"ip:{address_key(client.host)}", per_minute)
     if wait is not None:
         raise RateLimited(
             "too many new sessions from this address; retry after the given delay",
