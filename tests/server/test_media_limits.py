@@ -4,16 +4,33 @@ one end user may have under way, a processing attempt that outlasts its time."""
 
 from __future__ import annotations
 
+import datetime as dt
 import io
+import uuid
 from fractions import Fraction
 from pathlib import Path
 
 import av
 from PIL import Image
+from sqlalchemy import inspect, select, update
 
-from tellback_server.domain.attachments.media import MAX_PIXELS, analyse_video
+from tellback_server.db.models import Attachment
+from tellback_server.domain.attachments.media import (
+    MAX_PIXELS,
+    analyse_video,
+    expire_abandoned_uploads,
+)
 from tests.server.conftest import Api
-from tests.server.test_attachments_edge import local_api, processed
+from tests.server.test_attachments_edge import (
+    attachment,
+    complete,
+    kept_key,
+    local_api,
+    processed,
+    thumb_key,
+    uploaded,
+)
+from tests.server.test_attachments_flow import run_jobs
 
 __all__ = ["local_api"]  # (the fixture, used here)
 
@@ -76,3 +93,100 @@ async def test_an_uploaded_video_over_the_pixel_cap_is_rejected_with_a_reason(
     assert att["reason"] == f"the video is too large ({SIDE}x{SIDE} pixels)"
     assert att["url"] is None
     assert att["thumbnail_url"] is None
+
+
+# ----- completed uploads never attached ----------------------------------------------------
+
+
+async def completed_days_ago(api: Api, att_id: str, days: float) -> None:
+    async with api.state.db.session(write=True) as db:
+        await db.execute(
+            update(Attachment)
+            .where(Attachment.id == uuid.UUID(att_id))
+            .values(completed_at=dt.datetime.now(dt.UTC) - dt.timedelta(days=days))
+        )
+
+
+async def test_a_completed_upload_never_attached_is_deleted_after_a_week(
+    storage_api: Api,
+) -> None:
+    api = storage_api
+    store = api.state.store
+    app = await api.create_app()
+    user = await api.user_headers(app)
+    photo = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 120, 240)).save(photo, "PNG")
+    ids = {}
+    for name in ("stale", "recent", "attached"):
+        att = await processed(
+            api,
+            user,
+            photo.getvalue(),
+            filename=f"{name}.png",
+            content_type="image/png",
+            kind="photo",
+        )
+        assert att["status"] == "ready", att
+        ids[name] = att["id"]
+    await api.feedback(user, attachment_ids=[ids["attached"]])
+    await completed_days_ago(api, ids["stale"], 7.01)
+    await completed_days_ago(api, ids["recent"], 6.9)  # an outbox may still send it
+    await completed_days_ago(api, ids["attached"], 30)
+
+    assert await expire_abandoned_uploads(api.state) == 1
+    await run_jobs(api)
+    stale = (await attachment(api, user, ids["stale"])).json()
+    assert stale["status"] == "expired", stale
+    assert "never attached" in stale["reason"]
+    assert stale["url"] is None
+    assert await store.stat(kept_key(api, app, ids["stale"])) is None
+    assert await store.stat(thumb_key(app, ids["stale"])) is None
+    for name in ("recent", "attached"):
+        assert (await attachment(api, user, ids[name])).json()["status"] == "ready"
+        assert await store.stat(kept_key(api, app, ids[name])) is not None
+        assert await store.stat(thumb_key(app, ids[name])) is not None
+    # it cannot be attached any more, and says why
+    r = await api.http.post(
+        "/v1/client/conversations",
+        json={"body": "late", "attachment_ids": [ids["stale"]]},
+        headers=user,
+    )
+    assert r.status_code == 422, r.text
+    assert "never attached" in r.text
+    assert await expire_abandoned_uploads(api.state) == 0
+
+
+async def test_expiry_goes_on_until_nothing_due_is_left(local_api: Api) -> None:
+    """More than one batch (500) due at once: all of them in one run, not 500 per
+    10 minutes (72,000 a day, fewer than one end user can make)."""
+    api = local_api
+    app = await api.create_app()
+    user = await api.user_headers(app)
+    pending = await uploaded(api, user, b"never completed\n")
+    done = await uploaded(api, user, b"never attached\n")
+    assert (await complete(api, user, done["upload_id"])).status_code == 200
+    await run_jobs(api)
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=8)
+    async with api.state.db.session(write=True) as db:
+        for template_id in (pending["upload_id"], done["upload_id"]):
+            template = await db.scalar(
+                select(Attachment).where(Attachment.id == uuid.UUID(template_id))
+            )
+            assert template is not None
+            columns = {
+                c.key: getattr(template, c.key)
+                for c in inspect(Attachment).column_attrs
+                if c.key not in {"id", "created_at", "updated_at"}
+            }
+            for _ in range(520):
+                new_id = uuid.uuid4()
+                key = f"apps/{app.id}/att/{new_id}/original"
+                db.add(Attachment(**{**columns, "id": new_id, "storage_key": key}))
+        await db.execute(update(Attachment).values(expires_at=long_ago, completed_at=long_ago))
+        await db.execute(
+            update(Attachment).where(Attachment.status == "pending").values(completed_at=None)
+        )
+    assert await expire_abandoned_uploads(api.state) == 2 * 521
+    async with api.state.db.session(write=False) as db:
+        statuses = list(await db.scalars(select(Attachment.status)))
+    assert statuses == ["expired"] * (2 * 521)

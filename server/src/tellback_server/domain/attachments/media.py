@@ -397,15 +397,24 @@ async def delete_objects(ctx: JobContext, payload: dict[str, Any]) -> None:
         await ctx.state.store.delete(str(key))
 
 
-async def expire_abandoned_uploads(state: AppState) -> int:
-    """Abort uploads never completed within their 24 h and free their storage."""
-    now = dt.datetime.now(dt.UTC)
+EXPIRY_BATCH = 500  # rows per transaction of the expiry
+# How long a completed upload waits for the message that attaches it. An SDK's outbox
+# completes its uploads and sends the message in one flush, and keeps that message
+# through every failure it retries (offline, 429, 5xx) and past a dead letter the user
+# retries: a week outlasts any such wait by days, and bounds what uploads never
+# attached keep of storage. (A module constant, not a setting.)
+UNATTACHED_TTL = dt.timedelta(days=7)
+NEVER_ATTACHED = "never attached to a message within 7 days of its upload"
+
+
+async def _expire_pending(state: AppState, now: dt.datetime) -> int:
+    """Abort at most ``EXPIRY_BATCH`` uploads never completed within their 24 h."""
     async with state.db.session(write=False) as db:
         rows = list(
             await db.scalars(
                 select(Attachment)
                 .where(Attachment.status == "pending", Attachment.expires_at <= now)
-                .limit(500)
+                .limit(EXPIRY_BATCH)
             )
         )
     for att in rows:
@@ -423,9 +432,60 @@ async def expire_abandoned_uploads(state: AppState) -> int:
             late = expired.scalar() == "single" and not state.store.revokes_upload_urls
             if late:
                 await delete_keys(db, stored_keys(att.storage_key), after_urls_expire=True)
-    if rows:
-        log.info("media.uploads_expired", count=len(rows))
     return len(rows)
+
+
+async def _expire_unattached(state: AppState, now: dt.datetime) -> int:
+    """Expire at most ``EXPIRY_BATCH`` completed uploads no message took within
+    ``UNATTACHED_TTL``, their stored objects deleted by jobs committed with the change.
+    A message claiming one at the same moment locks it first: whichever commits first
+    wins, and the other sees it attached, or expired."""
+    due = (
+        select(Attachment.id)
+        .where(
+            Attachment.status.in_(("processing", "ready")),
+            Attachment.message_id.is_(None),
+            Attachment.completed_at <= now - UNATTACHED_TTL,
+        )
+        .limit(EXPIRY_BATCH)
+    )
+    async with state.db.session(write=True) as db:
+        ids = list(await db.scalars(due))
+        if not ids:
+            return 0
+        done = await db.execute(
+            update(Attachment)
+            .where(
+                Attachment.id.in_(ids),
+                Attachment.status.in_(("processing", "ready")),
+                Attachment.message_id.is_(None),
+            )
+            .values(status="expired", reason=NEVER_ATTACHED)
+            .returning(Attachment.storage_key)
+        )
+        keys = [key for (storage_key,) in done for key in stored_keys(storage_key)]
+        if keys:
+            await delete_keys(db, keys)
+    return len(ids)
+
+
+async def expire_abandoned_uploads(state: AppState) -> int:
+    """Abort uploads never completed within their 24 h, and expire completed ones never
+    attached within ``UNATTACHED_TTL``, freeing their storage. Batch after batch, each
+    its own small transactions, until a pass finds none left of what was due when it
+    began: one batch per run would fall behind uploads made faster than it."""
+    now = dt.datetime.now(dt.UTC)
+    pending = unattached = 0
+    while True:
+        found = await _expire_pending(state, now)
+        pending += found
+        more = await _expire_unattached(state, now)
+        unattached += more
+        if found < EXPIRY_BATCH and more < EXPIRY_BATCH:
+            break
+    if pending or unattached:
+        log.info("media.uploads_expired", count=pending, unattached=unattached)
+    return pending + unattached
 
 
 def register(registry: JobRegistry) -> None:

@@ -567,6 +567,8 @@ def claim_in(
             raise ValidationFailed.field(field, "already attached to a message")
         if att.status == "rejected":
             raise ValidationFailed.field(field, f"the attachment was rejected: {att.reason}")
+        if att.status == "expired" and att.completed_at is not None:
+            raise ValidationFailed.field(field, f"the upload expired: {att.reason}; send it again")
         if att.status not in USABLE:
             raise ValidationFailed.field(field, "upload not completed yet")
         claimed.append(att)
