@@ -1069,3 +1069,34 @@ def test_a_check_read_before_the_cache_was_emptied_is_not_kept() -> None:
     assert cache.get("hash") is None
     cache.put("hash", "alice", later, cache.generation)
     assert cache.get("hash") == "alice"
+
+
+async def test_sessions_ended_a_week_ago_are_purged(api: Api) -> None:
+    """Nothing deleted a session row: every new installation's first session added
+    one for good (an address may create 300 a minute)."""
+    from tellback_server.domain.identity.retention import purge_sessions
+
+    app = await api.create_app()
+    tokens = {
+        name: (await api.session(app))["session_token"]
+        for name in ("live", "old", "recent", "revoked")
+    }
+    now = dt.datetime.now(dt.UTC)
+    async with api.state.db.session(write=True) as db:
+        for name, values in {
+            "old": {"expires_at": now - dt.timedelta(days=8)},
+            "recent": {"expires_at": now - dt.timedelta(days=6)},
+            "revoked": {"revoked_at": now - dt.timedelta(days=8)},
+        }.items():
+            await db.execute(
+                update(ClientSession)
+                .where(ClientSession.token_hash == hash_token(tokens[name]))
+                .values(**values)
+            )
+    await purge_sessions(api.state)
+    async with api.state.db.session(write=False) as db:
+        kept = set(await db.scalars(select(ClientSession.token_hash)))
+    assert {name for name, token in tokens.items() if hash_token(token) in kept} == {
+        "live",
+        "recent",
+    }

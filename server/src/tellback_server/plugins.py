@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 from tellback_server.domain.attachments.media import register as register_media
 from tellback_server.domain.events.retention import register as register_events
+from tellback_server.domain.identity.retention import register as register_sessions
 from tellback_server.domain.push.delivery import register as register_push
 from tellback_server.domain.webhooks.delivery import register as register_webhooks
 from tellback_server.jobs.registry import JobRegistry
@@ -20,6 +21,7 @@ def build_registry(plugins: Iterable[str] = ()) -> JobRegistry:
     register_push(registry)
     register_webhooks(registry)
     register_events(registry)
+    register_sessions(registry)
     for spec in plugins:
         module_name, _, attr = spec.partition(":")
         if not module_name or not attr:
