@@ -38,6 +38,7 @@ from tellback_server.http.deps import (
     CONSOLE_COOKIE,
     AgentPrincipal,
     ClientPrincipal,
+    address_key,
     app_state,
 )
 from tellback_server.state import AppState
@@ -122,7 +123,8 @@ class ClientEventsController(Controller):
     ) -> Stream:
         state = app_state(request)
         last = _last_id(last_event_id_header, last_event_id)
-        address = request.client.host if request.client is not None else None
+        # (an IPv6 client by its /64, as the session limit counts it)
+        address = address_key(request.client.host) if request.client is not None else None
         sub = state.events.subscribe_client(client.app_id, client.end_user_id, address)
 
         async def still_valid() -> bool:
