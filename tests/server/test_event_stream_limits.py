@@ -16,7 +16,8 @@ from tellback_sdk._core import ClientCore
 from tellback_sdk._retry import RetryPolicy
 from tellback_sdk._sse import StreamState
 from tellback_server.domain.events.broker import EventBroker
-from tests.server.conftest import make_settings
+from tellback_server.jobs.registry import JobRegistry
+from tests.server.conftest import make_settings, serve_app
 from tests.server.live import LiveApi, SseReader, live_app, sse
 
 CLIENT_EVENTS = "/v1/client/events"
@@ -218,3 +219,31 @@ def test_the_process_cap_leaves_half_the_descriptors_to_everything_else() -> Non
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     if soft == resource.RLIM_INFINITY or soft >= 10_000:
         assert EventBroker().max_streams == 5000
+
+
+async def test_a_stream_dropped_before_its_first_byte_is_not_counted_for_ever(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The subscription was released by the stream's own `finally`, which a client
+    gone before the response started never reached (the generator never ran): it
+    stayed counted, and enough of them would have held the caps shut."""
+    import gc
+    import uuid
+
+    from tellback_server.domain.events.controllers import _open
+
+    async with serve_app(make_settings(database_url, tmp_path / "data"), JobRegistry()) as api:
+        broker = api.state.events
+        before = broker.subscriptions
+        sub = broker.subscribe_client(uuid.uuid4(), uuid.uuid4(), "203.0.113.9")
+
+        async def valid() -> bool:
+            return True
+
+        response = await _open(api.state, sub, None, None, valid)
+        assert broker.subscriptions == before + 1
+        del response
+        gc.collect()
+        assert broker.subscriptions == before
+        broker.unsubscribe(sub)  # the stream's own end, had it run: counted once
+        assert broker.subscriptions == before

@@ -101,6 +101,7 @@ class Subscription:
         self.seq = seq  # the order streams opened in: the lowest is the oldest
         self.queue: asyncio.Queue[EventRecord | None] = asyncio.Queue(QUEUE_SIZE)
         self.ended = False
+        self.released = False  # unsubscribed: counted no more
         self.farewell: bytes | None = None  # the stream's last bytes, when it ends
 
     @property
@@ -225,6 +226,10 @@ class EventBroker:
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
+        """Forget ``sub``; once only (its stream's end, or the stream dropped unread)."""
+        if sub.released:
+            return
+        sub.released = True
         index = self._by_user if sub.client else self._by_app
         keys = [sub.key] if sub.client else list(sub.app_ids)
         for key in keys:

@@ -8,6 +8,7 @@ periodic credential re-check use short sessions of their own.
 from __future__ import annotations
 
 import datetime as dt
+import weakref
 from typing import Annotated, Any
 
 from litestar import Controller, Request, get
@@ -103,6 +104,9 @@ async def _open(
         heartbeat_s=state.settings.sse_heartbeat_seconds,
         recheck=recheck,
     )
+    # A client gone before its stream's first byte: the generator never starts, so its
+    # `finally` never runs, and the subscription would count against the caps for ever.
+    weakref.finalize(content, state.events.unsubscribe, sub)
     return Stream(content=content, media_type="text/event-stream", headers=_HEADERS)
 
 
