@@ -171,13 +171,14 @@ def serve(
             )
             click.echo(token)
             sys.stdout.flush()
+        open_files = raise_open_file_limit()  # (before the app: its stream cap reads it)
         app = create_app(settings, registry=build_registry(plugins), run_worker=not no_worker)
         freeze_startup_heap()
         config = uvicorn_config(app, settings.host, settings.port)
         log.info(
             "serve.listening",
             url=f"http://{settings.host}:{settings.port}",
-            open_files=raise_open_file_limit(),
+            open_files=open_files,
             database="sqlite" if settings.is_sqlite else "postgresql",
             worker=not no_worker,
             loop=type(asyncio.get_running_loop()).__module__.partition(".")[0],
