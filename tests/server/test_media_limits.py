@@ -190,3 +190,33 @@ async def test_expiry_goes_on_until_nothing_due_is_left(local_api: Api) -> None:
     async with api.state.db.session(write=False) as db:
         statuses = list(await db.scalars(select(Attachment.status)))
     assert statuses == ["expired"] * (2 * 521)
+
+
+# ----- uploads under way per end user ------------------------------------------------------
+
+
+async def test_an_end_user_may_have_twenty_uploads_under_way(local_api: Api) -> None:
+    api = local_api
+    # (a request rate that is not what answers 429 here)
+    app = await api.create_app(rate_limits={"user_per_minute": 6000})
+    user = await api.user_headers(app)
+    other = await api.user_headers(app)
+    body = {"filename": "a.txt", "content_type": "text/plain", "size": 10, "kind": "file"}
+    ids = []
+    for _ in range(20):
+        r = await api.http.post("/v1/client/uploads", json=body, headers=user)
+        assert r.status_code == 201, r.text
+        ids.append(r.json()["upload_id"])
+    r = await api.http.post("/v1/client/uploads", json=body, headers=user)
+    assert r.status_code == 429, r.text
+    assert r.json()["code"] == "rate_limited"
+    assert "20 uploads are under way" in r.json()["detail"]
+    assert int(r.headers["retry-after"]) > 0
+    # another end user is not held up
+    r = await api.http.post("/v1/client/uploads", json=body, headers=other)
+    assert r.status_code == 201, r.text
+    # one completed (or aborted) makes room for the next
+    r = await api.http.delete(f"/v1/client/uploads/{ids[0]}", headers=user)
+    assert r.status_code == 204, r.text
+    r = await api.http.post("/v1/client/uploads", json=body, headers=user)
+    assert r.status_code == 201, r.text

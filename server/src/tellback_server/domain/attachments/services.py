@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
@@ -50,6 +50,7 @@ from tellback_server.http.errors import (
     AppError,
     NotFound,
     PayloadTooLarge,
+    RateLimited,
     UnsupportedMediaType,
     ValidationFailed,
 )
@@ -66,6 +67,11 @@ DOWNLOAD_URL_TTL = dt.timedelta(minutes=15)
 PROCESS_JOB = "media.process"
 DELETE_JOB = "storage.delete"
 USABLE = {"processing", "ready"}
+# Uploads one end user may have under way (``pending``) at once; the next is 429 with
+# Retry-After, which an outbox retries. An SDK sends one item's files (at most 20 on a
+# message) at a time. (A module constant, not a setting.)
+MAX_PENDING_PER_USER = 20
+PENDING_RETRY_AFTER_S = 60
 UNCHANGED = {"file", "log"}  # kinds whose bytes processing never rewrites
 
 
@@ -220,6 +226,7 @@ class AttachmentService:
             raise PayloadTooLarge(
                 f"a {data.kind} may be at most {limits.max_bytes} bytes; this one is {data.size}"
             )
+        await self._check_pending(client)
         method, part_size, part_count = plan(data.size)
         if method == "single":
             # Presigning is offline; make sure storage is there before promising a URL.
@@ -256,6 +263,27 @@ class AttachmentService:
             single=single,
             multipart=multipart,
         )
+
+    async def _check_pending(self, client: ClientPrincipal) -> None:
+        """At most ``MAX_PENDING_PER_USER`` uploads under way per end user: each holds
+        storage (a multipart upload's parts) for up to 24 h. A soft cap: two creates at
+        the same moment may both pass it, by one."""
+        under_way = await self.db.scalar(
+            select(func.count())
+            .select_from(Attachment)
+            .where(
+                Attachment.app_id == client.app_id,
+                Attachment.uploader_user_id == client.end_user_id,
+                Attachment.status == "pending",
+                Attachment.expires_at > _now(),
+            )
+        )
+        if (under_way or 0) >= MAX_PENDING_PER_USER:
+            raise RateLimited(
+                f"{under_way} uploads are under way (at most {MAX_PENDING_PER_USER}):"
+                " complete or abort one, or try again later",
+                retry_after=PENDING_RETRY_AFTER_S,
+            )
 
     async def _urls(
         self, att: Attachment, done: set[int]
