@@ -286,6 +286,34 @@ class OutboxStore:
                 "UPDATE outbox SET attachments = ? WHERE id = ?", (json.dumps(atts), item_id)
             )
 
+    def upload_again(self, item_id: str, indexes: Sequence[int]) -> bool:
+        """The item's own uploads at ``indexes`` are gone from the server (an upload no
+        message took expires after days, e.g. on a phone offline since it uploaded):
+        forget their ids, so the next attempt uploads the kept copies again, and thaw
+        the body that named them. Once per upload: False (nothing changed) when
+        ``indexes`` is empty or names one already uploaded again."""
+        with self.store.tx() as db:
+            raw = db.execute(
+                "SELECT attachments FROM outbox WHERE id = ? AND state = 'pending'", (item_id,)
+            ).fetchone()
+            if raw is None or not indexes:
+                return False
+            atts = json.loads(raw["attachments"])
+            if any(not 0 <= i < len(atts) or atts[i].get("uploaded_again") for i in indexes):
+                return False
+            for i in indexes:
+                atts[i]["attachment_id"] = None
+                atts[i]["uploaded_again"] = True
+            db.execute(
+                "UPDATE outbox SET attachments = ?, wire_body = NULL WHERE id = ?",
+                (json.dumps(atts), item_id),
+            )
+            return True
+
+    def fresh(self, item_id: str) -> sqlite3.Row | None:
+        """The item's row as stored now."""
+        return self._row(item_id)
+
     def wire_body(self, item_id: str) -> bytes:
         """The bytes to send, frozen on first use so every resend is byte-identical."""
         with self.store.tx() as db:

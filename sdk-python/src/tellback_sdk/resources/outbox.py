@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import logging
+import re
 import sqlite3
 import threading
 import time
@@ -31,6 +33,7 @@ from tellback_sdk.errors import (
     AttachmentLimitError,
     IdentityRequiredError,
     TellbackError,
+    UnprocessableEntityError,
 )
 from tellback_sdk.resources._base import AsyncAPIResource, SyncAPIResource
 
@@ -138,6 +141,7 @@ def server_failed_on_it(exc: BaseException) -> bool:
 
 
 _EXPECTED = (TellbackError, _Dependency, OSError)
+_ATTACHMENT_FIELD = re.compile(r"attachment_ids\[(\d+)\]")
 
 
 class _OutboxBase:
@@ -158,6 +162,24 @@ class _OutboxBase:
     def discard(self, item_id: str) -> bool:
         """Drop a pending or dead item for good (e.g. the user deleted the draft)."""
         return self._store.discard(item_id)
+
+    def _upload_again(self, row: sqlite3.Row, exc: UnprocessableEntityError) -> sqlite3.Row:
+        """The item's row to send again when ``exc`` says one of its own uploads is gone
+        from the server (expired unattached, or unknown): that file goes up again, once.
+        Otherwise ``exc`` stands (the item is dead, as any 422 makes it)."""
+        own = len(json.loads(row["request"]).get("attachment_ids") or [])
+        gone = [
+            int(m.group(1)) - own
+            for e in exc.errors
+            if (m := _ATTACHMENT_FIELD.fullmatch(e.field)) is not None
+            and int(m.group(1)) >= own
+            and ("expired" in e.message or "unknown attachment id" in e.message)
+        ]
+        fresh = self._store.fresh(row["id"]) if self._store.upload_again(row["id"], gone) else None
+        if fresh is None:
+            raise exc
+        log.info("upload of outbox item %s gone from the server: sending it again", row["id"])
+        return fresh
 
     def _finish(self, row: sqlite3.Row, response_content: bytes) -> None:
         created = msgspec.json.decode(response_content, type=_Created)
@@ -260,20 +282,26 @@ class Outbox(SyncAPIResource, _OutboxBase):
         path = self._path(row)
         if path is None:
             raise _Blocked("its conversation is not sent yet")
-        for index, att in enumerate(self._store.attachments(row)):
-            if att["attachment_id"] is None:
-                uploaded = self._client.attachments.upload(
-                    att["path"],
-                    kind=att["kind"],
-                    content_type=att["content_type"],
-                    filename=att["filename"],
-                )
-                self._store.set_attachment_id(row["id"], index, uploaded.id)
-        body = self._store.wire_body(row["id"])
-        self._store.note_attempt(row["id"])
-        spec = RequestSpec("POST", path, content=body, idempotency_key=row["idempotency_key"])
-        response = self._client._call(spec, self._core.outbox_policy)
-        self._finish(row, response.content)
+        while True:
+            for index, att in enumerate(self._store.attachments(row)):
+                if att["attachment_id"] is None:
+                    uploaded = self._client.attachments.upload(
+                        att["path"],
+                        kind=att["kind"],
+                        content_type=att["content_type"],
+                        filename=att["filename"],
+                    )
+                    self._store.set_attachment_id(row["id"], index, uploaded.id)
+            body = self._store.wire_body(row["id"])
+            self._store.note_attempt(row["id"])
+            spec = RequestSpec("POST", path, content=body, idempotency_key=row["idempotency_key"])
+            try:
+                response = self._client._call(spec, self._core.outbox_policy)
+            except UnprocessableEntityError as exc:
+                row = self._upload_again(row, exc)
+                continue
+            self._finish(row, response.content)
+            return
 
 
 class AsyncOutbox(AsyncAPIResource, _OutboxBase):
@@ -359,20 +387,26 @@ class AsyncOutbox(AsyncAPIResource, _OutboxBase):
         path = self._path(row)
         if path is None:
             raise _Blocked("its conversation is not sent yet")
-        for index, att in enumerate(self._store.attachments(row)):
-            if att["attachment_id"] is None:
-                uploaded = await self._client.attachments.upload(
-                    att["path"],
-                    kind=att["kind"],
-                    content_type=att["content_type"],
-                    filename=att["filename"],
-                )
-                self._store.set_attachment_id(row["id"], index, uploaded.id)
-        body = self._store.wire_body(row["id"])
-        self._store.note_attempt(row["id"])
-        spec = RequestSpec("POST", path, content=body, idempotency_key=row["idempotency_key"])
-        response = await self._client._call(spec, self._core.outbox_policy)
-        self._finish(row, response.content)
+        while True:
+            for index, att in enumerate(self._store.attachments(row)):
+                if att["attachment_id"] is None:
+                    uploaded = await self._client.attachments.upload(
+                        att["path"],
+                        kind=att["kind"],
+                        content_type=att["content_type"],
+                        filename=att["filename"],
+                    )
+                    self._store.set_attachment_id(row["id"], index, uploaded.id)
+            body = self._store.wire_body(row["id"])
+            self._store.note_attempt(row["id"])
+            spec = RequestSpec("POST", path, content=body, idempotency_key=row["idempotency_key"])
+            try:
+                response = await self._client._call(spec, self._core.outbox_policy)
+            except UnprocessableEntityError as exc:
+                row = self._upload_again(row, exc)
+                continue
+            self._finish(row, response.content)
+            return
 
     # ----- background flushing ------------------------------------------------------------
 
