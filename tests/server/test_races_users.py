@@ -223,3 +223,74 @@ async def test_a_deadlock_is_a_503_to_send_again(database_url: str, tmp_path: Pa
     assert isinstance(error, Exception)
     assert is_collision(error), repr(error)
     assert not is_collision(ValueError("40P01"))
+
+
+async def _held(database_url: str, conversation: str) -> Any:
+    """A connection of our own holding ``conversation`` locked, as a slow write would."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(database_url)
+    conn = await engine.connect()
+    await conn.execute(
+        text("SELECT 1 FROM conversations WHERE id = :id FOR UPDATE"),
+        {"id": uuid.UUID(conversation)},
+    )
+    return engine, conn
+
+
+async def test_a_sign_in_and_an_erasure_of_the_user_signed_in_as(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Found by a review of the fixes above: an erasure that waited for the user's
+    writes while a sign-in merged an anonymous user into them left that user's row
+    (name, email) behind, answering 204; a sign-in whose merge waited while the user
+    it signed in as was erased failed a foreign key (500)."""
+    async with processes(database_url, tmp_path) as (a, b):
+        app = await a.create_app()
+        token = identity_token(app.identity_secret, "erased", kid=app.identity_kid)
+        for merge_waits in (False, True):
+            known = await a.session(app, user_token=token)
+            mine = (await a.feedback(a.bearer(known["session_token"]), "mine"))["id"]
+            installation = uuid.uuid4().hex
+            anonymous = await a.session(app, installation_id=installation)
+            anon = a.bearer(anonymous["session_token"])
+            theirs = (await a.feedback(anon, "before signing in"))["id"]
+            await a.http.patch("/v1/client/me", json={"name": "Anon"}, headers=anon)
+            erase = b.http.delete(
+                f"/v1/admin/apps/{app.id}/users/{known['user']['id']}", headers=b.admin
+            )
+            engine, held = await _held(database_url, theirs if merge_waits else mine)
+            try:
+                if merge_waits:  # the merge waits; the erasure goes through meanwhile
+                    login = asyncio.ensure_future(
+                        _login_status(a, app, installation, token, expect=503)
+                    )
+                    await asyncio.sleep(0.3)
+                    assert (await erase).status_code == 204
+                else:  # the erasure waits; the sign-in merges meanwhile
+                    erased = asyncio.ensure_future(erase)
+                    await asyncio.sleep(0.3)
+                    login = asyncio.ensure_future(_login_status(a, app, installation, token))
+                    await asyncio.sleep(0.3)
+            finally:
+                await held.rollback()
+                await held.close()
+                await engine.dispose()
+            await login
+            if not merge_waits:
+                assert (await erased).status_code == 204
+            async with a.state.db.session(write=False) as db:
+                named = await db.scalar(
+                    select(func.count()).where(
+                        EndUser.app_id == uuid.UUID(app.id), EndUser.name == "Anon"
+                    )
+                )
+            assert named == (1 if merge_waits else 0)  # kept only if never merged
+            async with a.state.db.session(write=True) as db:  # start the next round clean
+                await db.execute(text("DELETE FROM end_users WHERE name = 'Anon'"))
+
+
+async def _login_status(
+    api: Api, app: AppInfo, installation: str, token: str, expect: int = 201
+) -> None:
+    await api.session(app, installation_id=installation, user_token=token, expect=expect)

@@ -48,7 +48,12 @@ from tellback_server.domain.identity.schemas import (
 from tellback_server.domain.identity.tokens import InvalidIdentityToken, verify_identity_token
 from tellback_server.http.auth_cache import auth_changed
 from tellback_server.http.deps import ClientPrincipal
-from tellback_server.http.errors import NotFound, Unauthenticated, ValidationFailed
+from tellback_server.http.errors import (
+    NotFound,
+    ServiceUnavailable,
+    Unauthenticated,
+    ValidationFailed,
+)
 from tellback_server.http.idempotency import idempotency_purpose
 from tellback_server.security import SESSION_TOKEN_PREFIX, Sealer, hash_token, new_token
 
@@ -265,6 +270,16 @@ class IdentityService:
         anon = await self.db.get(EndUser, anon_id, populate_existing=True)
         if anon is None or anon.external_id is not None:
             return
+        # The user signed in as, read before any lock, may have been erased since: the
+        # conversations would move to no one (a foreign key's 500). Kept until commit.
+        if self.db.get_bind().dialect.name == "postgresql" and not await self.db.scalar(
+            select(EndUser.id)
+            .where(EndUser.id == user.id)
+            .with_for_update(read=True, key_share=True)
+        ):
+            raise ServiceUnavailable(
+                "the user signing in was erased meanwhile; retry", retry_after=1
+            )
         # A user writes only in their own conversations: their messages are found through
         # them (messages.author_user_id has no index), so before the conversations move.
         await self.db.execute(

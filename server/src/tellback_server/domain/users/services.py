@@ -52,14 +52,18 @@ class EndUserService:
         )
         if user is None:
             raise NotFound("no such end user")
-        ids = [
-            user_id,
-            *await self.db.scalars(select(EndUser.id).where(EndUser.merged_into_id == user_id)),
-        ]
+        merged = select(EndUser.id).where(EndUser.merged_into_id == user_id)
+        ids = [user_id, *await self.db.scalars(merged)]
         # Their writes under way finish first (and are erased too); later ones are
         # refused. Without it a write and the erasure deadlocked (a 500 to one of them),
         # or a write failed its foreign key once the user was gone.
         await lock_end_users(self.db, ids)
+        # A sign-in that merged an anonymous user into them while this waited: that
+        # user goes too (once the user is locked, no merge into them can finish).
+        meanwhile = [i for i in await self.db.scalars(merged) if i not in ids]
+        if meanwhile:
+            await lock_end_users(self.db, meanwhile)
+            ids += meanwhile
         conversations = select(Conversation.id).where(Conversation.end_user_id.in_(ids))
         on_their_messages = select(Message.id).where(Message.conversation_id.in_(conversations))
         rows = (
