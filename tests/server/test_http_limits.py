@@ -24,6 +24,8 @@ async def _ok(scope: dict[str, Any], receive: Any, send: Any) -> None:
             await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
         return
+    if scope["path"] == "/slow":
+        await asyncio.sleep(1.5)  # three times the head's timeout in these tests
     await send(
         {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}
     )
@@ -132,3 +134,23 @@ def test_serve_raises_its_open_file_limit_to_the_hard_one() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     expected = hard if hard != resource.RLIM_INFINITY else 1 << 20
     assert limit == now == expected
+
+
+async def test_a_pipelined_head_waiting_behind_a_slow_request_is_not_cut(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by a review: a head pipelined behind a running request cannot be read
+    (uvicorn stops reading meanwhile), so its clock ran out, and the 408 cut the first
+    request's response."""
+    async with _serving(monkeypatch) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n"
+            b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n"
+            b"GET /b HTTP/1.1\r\nho"
+        )
+        await asyncio.sleep(0.3)
+        writer.write(b"st: x\r\nconnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    assert answer.count(b"HTTP/1.1 200") == 3, answer

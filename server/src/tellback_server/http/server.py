@@ -96,6 +96,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
+        if (self.cycle is not None and not self.cycle.response_complete) or self.pipeline:
+            # A pipelined head waits for the requests before it (uvicorn stops reading
+            # meanwhile): its time starts over rather than cut their responses.
+            self._await_head()
+            return
         if not self.transport.is_closing():
             self.transport.write(
                 b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
