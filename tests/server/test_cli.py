@@ -107,7 +107,8 @@ def refusing_postgres() -> Iterator[int]:
 
 
 COMMANDS = {
-    "serve": ["serve", "--port", "0"],
+    # A port nothing listens on: these commands fail before serve would bind it.
+    "serve": ["serve", "--port", str(free_port())],
     "worker": ["worker"],
     "migrate": ["migrate"],
     "create-token": ["admin", "create-token"],
